@@ -1,0 +1,30 @@
+import importlib.util
+
+import pytest
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = _has_cuda()
+    has_trt = importlib.util.find_spec("tensorrt") is not None and has_cuda
+    skip_gpu = pytest.mark.skip(reason="needs CUDA; none on this machine")
+    skip_trt = pytest.mark.skip(reason="needs the tensorrt package and a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+        if "tensorrt" in item.keywords and not has_trt:
+            item.add_marker(skip_trt)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test session shares one throwaway cache folder, never the user's."""
+    cache = tmp_path_factory.getbasetemp() / "edgetl-cache"
+    monkeypatch.setenv("EDGETL_CACHE_DIR", str(cache))
