@@ -1,0 +1,468 @@
+"""The model catalog: every torchvision ImageNet-1K classification weight entry, as a :class:`ModelCard`.
+
+All figures (acc@1, acc@5, params, GFLOPs, file size, minimum input size, resize, crop, mean and
+std) are read from torchvision's own weights metadata (``Weights.meta`` and ``Weights.transforms``),
+never typed by hand. The head's module path and the ordered trunk blocks are derived from the
+architecture itself, built on the meta device without weights.
+
+Importing torch and torchvision takes seconds, so the catalog is cached as JSON keyed by the
+torchvision version; a warm cache answers without importing torch at all.
+
+Names resolve like timm's registry: ``resnet50`` is the DEFAULT weights, ``resnet50.IMAGENET1K_V1``
+a specific tag. An unknown name raises :class:`~edgetl.errors.UnknownNameError` with suggestions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import logging
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgetl._io import atomic_write_json, cache_dir
+from edgetl.errors import UnknownNameError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+_CATALOG_SCHEMA = 3
+_METRICS_KEY = "ImageNet-1K"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image must be prepared for a model: enough for firmware to do it without torchvision."""
+
+    resize_size: int
+    crop_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    layout: str = "NCHW"
+    color_order: str = "RGB"
+    scale: float = 1.0 / 255.0
+
+    def at_resolution(self, resolution: int | None) -> Preprocess:
+        """Return the same preprocessing rescaled to a crop of ``resolution`` pixels (ratio kept)."""
+        if resolution is None or resolution == self.crop_size:
+            return self
+        resize = round(resolution * self.resize_size / self.crop_size)
+        return Preprocess(resize, resolution, self.mean, self.std, self.interpolation)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """One pretrained weight entry of torchvision's catalog, with everything edgetl needs to know.
+
+    Attributes:
+        name: the builder name, e.g. ``resnet50``.
+        weights: the weights tag, e.g. ``IMAGENET1K_V2``.
+        is_default: whether this tag is the builder's DEFAULT weights.
+        top1, top5: ImageNet-1K accuracy (%) from torchvision's metadata; ``None`` for weights that
+            have no classifier accuracy (``vgg16.IMAGENET1K_FEATURES``).
+        params: number of parameters.
+        gflops: GFLOPs per image at ``preprocess.crop_size`` (torchvision's ``_ops``).
+        file_mb: size of the weights file in MB (torchvision's ``_file_size``).
+        min_size: the smallest (H, W) the architecture accepts.
+        preprocess: resize, crop, mean, std and interpolation of the evaluation transform.
+        head_path: dotted module path of the classifier layer (the one to replace).
+        block_paths: dotted module paths of the trunk's blocks, input to output, for partial freezing.
+        family: the architecture family, e.g. ``resnet``, ``efficientnet``, ``vit``.
+        url: where torchvision downloads the weights from.
+        recipe: the training recipe's URL.
+    """
+
+    name: str
+    weights: str
+    is_default: bool
+    top1: float | None
+    top5: float | None
+    params: int
+    gflops: float
+    file_mb: float
+    min_size: tuple[int, int]
+    preprocess: Preprocess
+    head_path: str
+    block_paths: tuple[str, ...]
+    family: str
+    url: str = ""
+    recipe: str = ""
+    num_classes: int = 1000
+    categories: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def id(self) -> str:
+        """``name.WEIGHTS``, the unambiguous identifier of this entry."""
+        return f"{self.name}.{self.weights}"
+
+    @property
+    def resolution(self) -> int:
+        """The crop size the published accuracy was measured at."""
+        return self.preprocess.crop_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["preprocess"] = self.preprocess.to_dict()
+        d["min_size"] = list(self.min_size)
+        d["block_paths"] = list(self.block_paths)
+        d["categories"] = list(self.categories)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelCard:
+        d = dict(d)
+        d["preprocess"] = Preprocess.from_dict(d["preprocess"])
+        d["min_size"] = tuple(d["min_size"])
+        d["block_paths"] = tuple(d["block_paths"])
+        d["categories"] = tuple(d.get("categories", ()))
+        return cls(**d)
+
+    def summary(self) -> dict[str, Any]:
+        """The public, JSON-friendly view used by ``edgetl models --json``."""
+        return {
+            "model": self.name,
+            "weights": self.weights,
+            "default": self.is_default,
+            "top1": self.top1,
+            "top5": self.top5,
+            "params_m": round(self.params / 1e6, 3),
+            "gflops": self.gflops,
+            "file_mb": self.file_mb,
+            "resolution": self.resolution,
+            "family": self.family,
+            "head": self.head_path,
+            "blocks": len(self.block_paths),
+        }
+
+
+def _family(name: str) -> str:
+    for prefix in (
+        "efficientnet_v2",
+        "efficientnet",
+        "mobilenet_v2",
+        "mobilenet_v3",
+        "resnext",
+        "wide_resnet",
+        "resnet",
+        "regnet_x",
+        "regnet_y",
+        "convnext",
+        "swin_v2",
+        "swin",
+        "vit",
+        "maxvit",
+        "densenet",
+        "shufflenet_v2",
+        "squeezenet",
+        "mnasnet",
+        "vgg",
+        "alexnet",
+        "googlenet",
+        "inception",
+    ):
+        if name.startswith(prefix):
+            return prefix
+    return name
+
+
+# --- building architectures without weights ---------------------------------------------------
+
+
+@contextlib.contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Register every new parameter and buffer on the meta device (as accelerate's init_empty_weights).
+
+    Some constructors (RegNet) compute with real tensors, so ``with torch.device("meta")`` cannot
+    build them; moving each parameter to meta as it is registered works for every architecture.
+    """
+    import torch
+
+    register_parameter = torch.nn.Module.register_parameter
+    register_buffer = torch.nn.Module.register_buffer
+
+    def _param(module, name, param):
+        if param is not None:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    def _buffer(module, name, tensor, persistent=True):
+        if tensor is not None:
+            tensor = tensor.to("meta")
+        register_buffer(module, name, tensor, persistent=persistent)
+
+    torch.nn.Module.register_parameter = _param
+    torch.nn.Module.register_buffer = _buffer
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register_parameter
+        torch.nn.Module.register_buffer = register_buffer
+
+
+def build_architecture(
+    name: str, meta: bool = False, resolution: int | None = None, **kwargs: Any
+) -> torch.nn.Module:
+    """Build a catalog architecture with random (or, with ``meta=True``, no) weights, in eval mode.
+
+    Args:
+        name: a builder name or card id (``resnet50`` or ``resnet50.IMAGENET1K_V2``).
+        meta: put parameters on the meta device: no memory, no initialisation cost.
+        resolution: the input size, for architectures whose shape depends on it (ViT, MaxViT).
+        **kwargs: passed to the torchvision builder (e.g. ``num_classes``).
+    """
+    builder = get_card(name).name
+    if resolution is not None:
+        kwargs.update(input_size_kwargs(builder, resolution))
+    return _build(builder, meta, **kwargs)
+
+
+def input_size_kwargs(builder: str, resolution: int) -> dict[str, Any]:
+    """Builder arguments that fix the input size of architectures with positional embeddings."""
+    if builder.startswith("vit_"):
+        return {"image_size": resolution}
+    if builder.startswith("maxvit"):
+        return {"input_size": (resolution, resolution)}
+    return {}
+
+
+def _build(builder: str, meta: bool, **kwargs: Any) -> torch.nn.Module:
+    import torch
+    from torchvision import models
+
+    if builder in ("googlenet", "inception_v3"):
+        # as torchvision builds them with pretrained weights: no auxiliary heads at inference
+        kwargs = {"aux_logits": False, "init_weights": False, "transform_input": True, **kwargs}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        if meta:
+            try:
+                with torch.device("meta"):
+                    model = models.get_model(builder, weights=None, **kwargs)
+            except (NotImplementedError, RuntimeError):
+                with _params_on_meta():
+                    model = models.get_model(builder, weights=None, **kwargs)
+        else:
+            model = models.get_model(builder, weights=None, **kwargs)
+    return model.eval()
+
+
+def get_submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """Return the submodule at a dotted ``path``."""
+    return model.get_submodule(path)
+
+
+def replace_head(model: torch.nn.Module, card: ModelCard, num_classes: int) -> torch.nn.Module:
+    """Replace the classifier layer at ``card.head_path`` with a fresh one for ``num_classes``.
+
+    The new layer keeps the old one's input width, dtype and device. Returns the new layer.
+    """
+    import torch
+
+    old = model.get_submodule(card.head_path)
+    param = next(old.parameters())
+    if isinstance(old, torch.nn.Linear):
+        new = torch.nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    elif isinstance(old, torch.nn.Conv2d):  # SqueezeNet's classifier is a 1x1 convolution
+        new = torch.nn.Conv2d(old.in_channels, num_classes, kernel_size=old.kernel_size, stride=old.stride)
+    else:
+        raise TypeError(f"cannot replace a head of type {type(old).__name__} at {card.head_path}")
+    new = new.to(device=param.device, dtype=param.dtype)
+    parent_path, _, attr = card.head_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, new)
+    return new
+
+
+def _has_params(module: torch.nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _derive_layout(model: torch.nn.Module) -> tuple[str, tuple[str, ...]]:
+    """Find the classifier layer and the ordered trunk blocks of a torchvision classifier."""
+    import torch
+
+    head = ""
+    for path, module in model.named_modules():
+        out = getattr(module, "out_features", None) or getattr(module, "out_channels", None)
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and out == 1000:
+            head = path
+    if not head:
+        raise ValueError("no classifier layer with 1000 outputs found")
+
+    expandable = (torch.nn.Sequential, torch.nn.ModuleList)
+    blocks: list[str] = []
+
+    def walk(module: torch.nn.Module, prefix: str) -> None:
+        for child_name, child in module.named_children():
+            path = f"{prefix}{child_name}"
+            if child_name.lower().startswith("aux") or not _has_params(child):
+                continue
+            if path == head:
+                continue
+            parts = [c for c in child.children() if _has_params(c)]
+            is_container = type(child).__name__ == "Encoder" or (
+                isinstance(child, expandable)
+                and (any(any(True for _ in c.children()) for c in parts) or len(parts) >= 4)
+            )
+            if is_container or head.startswith(path + "."):
+                walk(child, path + ".")
+            else:
+                blocks.append(path)
+
+    walk(model, "")
+    return head, tuple(blocks)
+
+
+# --- reading torchvision's metadata ------------------------------------------------------------
+
+
+def _metric(value: Any) -> float | None:
+    """An accuracy figure, or ``None`` where torchvision publishes NaN (feature-only weights)."""
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _interp_name(mode: Any) -> str:
+    return str(getattr(mode, "value", mode)).lower()
+
+
+def _cards_from_torchvision() -> list[ModelCard]:
+    from torchvision import models
+
+    cards: list[ModelCard] = []
+    for name in models.list_models(module=models):
+        enum = models.get_model_weights(name)
+        entries = [w for w in enum if _METRICS_KEY in w.meta.get("_metrics", {})]
+        if not entries:
+            continue
+        default = enum.DEFAULT
+        model = _build(name, meta=True)
+        head, blocks = _derive_layout(model)
+        for w in entries:
+            meta = w.meta
+            tf = w.transforms()
+            metrics = meta["_metrics"][_METRICS_KEY]
+            crop = tf.crop_size[0] if isinstance(tf.crop_size, (list, tuple)) else tf.crop_size
+            resize = tf.resize_size[0] if isinstance(tf.resize_size, (list, tuple)) else tf.resize_size
+            cards.append(
+                ModelCard(
+                    name=name,
+                    weights=w.name,
+                    is_default=w == default,
+                    top1=_metric(metrics["acc@1"]),
+                    top5=_metric(metrics["acc@5"]),
+                    params=int(meta["num_params"]),
+                    gflops=float(meta.get("_ops", 0.0)),
+                    file_mb=float(meta.get("_file_size", 0.0)),
+                    min_size=tuple(meta.get("min_size", (1, 1))),
+                    preprocess=Preprocess(
+                        resize_size=int(resize),
+                        crop_size=int(crop),
+                        mean=tuple(float(x) for x in tf.mean),
+                        std=tuple(float(x) for x in tf.std),
+                        interpolation=_interp_name(tf.interpolation),
+                    ),
+                    head_path=head,
+                    block_paths=blocks,
+                    family=_family(name),
+                    url=w.url,
+                    recipe=str(meta.get("recipe", "")),
+                    categories=tuple(meta.get("categories") or ()),
+                )
+            )
+    return cards
+
+
+@lru_cache(maxsize=1)
+def torchvision_version() -> str:
+    """The installed torchvision version, read without importing it."""
+    return metadata.version("torchvision")
+
+
+def _cache_file() -> Path:
+    return cache_dir("catalog") / f"torchvision-{torchvision_version()}-v{_CATALOG_SCHEMA}.json"
+
+
+@lru_cache(maxsize=1)
+def _cards() -> tuple[ModelCard, ...]:
+    path = _cache_file()
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+            return tuple(ModelCard.from_dict(d) for d in data["cards"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable catalog cache %s: %s", path, exc)
+    log.info("building the model catalog from torchvision %s (cached afterwards)", torchvision_version())
+    cards = _cards_from_torchvision()
+    atomic_write_json(path, {"torchvision": torchvision_version(), "cards": [c.to_dict() for c in cards]})
+    return tuple(cards)
+
+
+def list_models(pattern: str | None = None, default_only: bool = False) -> list[ModelCard]:
+    """List the catalog's cards, optionally filtered.
+
+    Args:
+        pattern: a glob matched against the model name and the ``name.WEIGHTS`` id (``"resnet*"``).
+        default_only: keep only each builder's DEFAULT weights.
+
+    Returns:
+        The matching cards, sorted by name and weights tag.
+    """
+    cards = list(_cards())
+    if pattern:
+        pat = pattern.lower()
+        cards = [c for c in cards if fnmatch.fnmatch(c.name, pat) or fnmatch.fnmatch(c.id.lower(), pat)]
+    if default_only:
+        cards = [c for c in cards if c.is_default]
+    return sorted(cards, key=lambda c: (c.name, c.weights))
+
+
+def get_card(name: str) -> ModelCard:
+    """Resolve a model name to its card.
+
+    ``resnet50`` (and ``resnet50.DEFAULT``) give the DEFAULT weights; ``resnet50.IMAGENET1K_V1``
+    a specific tag (case-insensitive).
+
+    Raises:
+        UnknownNameError: the name is not in the catalog; the message lists the closest names.
+    """
+    cards = _cards()
+    arch, _, tag = name.strip().partition(".")
+    arch = arch.lower()
+    tag = tag.upper()
+    matches = [c for c in cards if c.name == arch]
+    if not matches:
+        raise UnknownNameError("model", name, sorted({c.name for c in cards}), hint="see `edgetl models`")
+    if not tag or tag == "DEFAULT":
+        return next(c for c in matches if c.is_default)
+    for card in matches:
+        if card.weights == tag:
+            return card
+    raise UnknownNameError(
+        "weights", f"{arch}.{tag}", [c.id for c in matches], hint=f"tags of {arch}: " + ", ".join(
+            c.weights for c in matches
+        )
+    )
