@@ -1,0 +1,355 @@
+"""Per-op cost trace of a model, recorded on the meta device without weights.
+
+One forward pass at batch 1 runs under a ``TorchDispatchMode`` on meta tensors, so every aten op is
+seen with its shapes but nothing is computed or allocated. For each op that does work the trace keeps:
+
+- ``cls``: the op class, one of :data:`OP_CLASSES` (conv, depthwise/grouped conv, matmul/linear,
+  attention, norm, elementwise/activation, pool, data movement);
+- ``flops``: from ``torch.utils.flop_counter.flop_registry`` (2 FLOPs per multiply-accumulate) where
+  torch has a formula, else one FLOP per output element;
+- ``weight``: elements of parameters the op reads (counted once per op);
+- ``act_in`` / ``act_out``: elements of activations read and written;
+- ``fused``: whether an inference runtime fuses it into the conv/matmul that produced its input.
+
+Fusion follows what TensorRT and ONNX Runtime do at inference: BatchNorm after a convolution is folded
+into it; an activation (ReLU, SiLU, GELU, ...) or a same-shape residual add whose input comes from a
+conv/matmul chain is fused into that kernel. Broadcast multiplies (squeeze-excitation), LayerNorm and
+softmax stay separate kernels. View ops (reshape, transpose, expand, ...) cost nothing.
+
+Peak live activation elements come from tracking when each output is freed during the pass.
+
+Traces are cached as JSON under the cache folder, keyed by torch version, architecture and resolution;
+activations and FLOPs scale linearly with batch, weights do not (see :mod:`edgetl.predict`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import weakref
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import metadata
+from typing import Any
+
+from edgetl._io import atomic_write_json, cache_dir
+from edgetl.catalog import ModelCard, build_architecture, get_card
+
+log = logging.getLogger(__name__)
+
+_TRACE_SCHEMA = 3
+
+OP_CLASSES: tuple[str, ...] = (
+    "conv",
+    "depthwise",
+    "matmul",
+    "attention",
+    "norm",
+    "elementwise",
+    "pool",
+    "data_movement",
+)
+COMPUTE_CLASSES = frozenset({"conv", "depthwise", "matmul"})
+
+_FREE_OPS = frozenset(
+    {
+        "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "select", "slice",
+        "unsqueeze", "squeeze", "alias", "split", "split_with_sizes", "as_strided", "as_strided_",
+        "detach", "lift_fresh", "lift_fresh_copy", "empty", "empty_like", "new_empty", "new_zeros",
+        "zeros", "zeros_like", "ones", "ones_like", "scalar_tensor", "full", "arange", "unbind",
+        "_reshape_alias", "unflatten", "flatten", "chunk", "narrow", "dim", "sym_size", "clone_meta",
+        "_local_scalar_dense", "is_same_size", "new_ones", "new_full", "fill_", "zero_",
+    }
+)
+_CONV_OPS = frozenset({"convolution", "conv2d", "_convolution", "cudnn_convolution", "mkldnn_convolution"})
+_MATMUL_OPS = frozenset({"mm", "addmm", "linear", "matmul", "einsum", "baddbmm_linear"})
+_ATTENTION_OPS = frozenset(
+    {
+        "bmm", "baddbmm", "_softmax", "_safe_softmax", "softmax", "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
+        "scaled_dot_product_attention", "_scaled_dot_product_attention_math",
+    }
+)
+_FOLDED_NORMS = frozenset(
+    {"native_batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "batch_norm"}
+)
+_NORM_OPS = _FOLDED_NORMS | frozenset({"native_layer_norm", "native_group_norm", "layer_norm", "group_norm"})
+_POOL_OPS = frozenset(
+    {
+        "max_pool2d_with_indices", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d",
+        "mean", "adaptive_max_pool2d", "amax", "sum",
+    }
+)
+_MOVE_OPS = frozenset(
+    {
+        "cat", "constant_pad_nd", "roll", "index", "clone", "copy_", "_to_copy", "stack", "pad",
+        "index_select", "gather", "contiguous", "repeat", "upsample_nearest2d", "channel_shuffle",
+        "pixel_shuffle",
+    }
+)
+_UNARY_FUSABLE = frozenset(
+    {
+        "relu", "relu_", "silu", "silu_", "gelu", "gelu_", "hardswish", "hardswish_", "hardsigmoid",
+        "hardsigmoid_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "hardtanh", "hardtanh_",
+        "clamp_min", "clamp_min_", "leaky_relu", "leaky_relu_", "elu", "elu_", "mish",
+    }
+)
+_BINARY_FUSABLE = frozenset({"add", "add_", "mul", "mul_", "sub", "sub_"})
+
+
+def classify(op: str, args: tuple[Any, ...]) -> str | None:
+    """Return the op class of an aten op name, or ``None`` for an op that costs nothing (a view)."""
+    if op in _FREE_OPS:
+        return None
+    if op in _CONV_OPS:
+        groups = args[8] if len(args) > 8 else 1
+        return "depthwise" if isinstance(groups, int) and groups > 1 else "conv"
+    if op in _MATMUL_OPS:
+        return "matmul"
+    if op in _ATTENTION_OPS:
+        return "attention"
+    if op in _NORM_OPS:
+        return "norm"
+    if op in _POOL_OPS:
+        return "pool"
+    if op in _MOVE_OPS:
+        return "data_movement"
+    return "elementwise"
+
+
+@dataclass
+class OpCost:
+    """The cost of one op at batch 1. Element counts, not bytes: the precision sets the byte width."""
+
+    op: str
+    cls: str
+    flops: float
+    weight: int
+    act_in: int
+    act_out: int
+    fused: bool
+
+    def to_row(self) -> list[Any]:
+        return [self.op, self.cls, self.flops, self.weight, self.act_in, self.act_out, int(self.fused)]
+
+    @classmethod
+    def from_row(cls, row: list[Any]) -> OpCost:
+        return cls(row[0], row[1], float(row[2]), int(row[3]), int(row[4]), int(row[5]), bool(row[6]))
+
+
+@dataclass
+class CostTrace:
+    """The per-op cost of one architecture at one resolution, batch 1."""
+
+    model: str
+    resolution: int
+    torch_version: str
+    params: int
+    peak_activation: int
+    input_elements: int
+    ops: list[OpCost] = field(default_factory=list)
+
+    @property
+    def flops(self) -> float:
+        """Total FLOPs per image."""
+        return sum(o.flops for o in self.ops)
+
+    @property
+    def kernels(self) -> int:
+        """Number of kernels an inference runtime would launch (ops that are not fused)."""
+        return sum(1 for o in self.ops if not o.fused)
+
+    def by_class(self) -> dict[str, dict[str, float]]:
+        """FLOPs, activation elements and kernel count per op class (unfused ops only for kernels)."""
+        out = {c: {"flops": 0.0, "act": 0.0, "weight": 0.0, "kernels": 0.0} for c in OP_CLASSES}
+        for o in self.ops:
+            d = out[o.cls]
+            d["flops"] += o.flops
+            d["weight"] += o.weight
+            if not o.fused:
+                d["act"] += o.act_in + o.act_out
+                d["kernels"] += 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": _TRACE_SCHEMA,
+            "model": self.model,
+            "resolution": self.resolution,
+            "torch_version": self.torch_version,
+            "params": self.params,
+            "peak_activation": self.peak_activation,
+            "input_elements": self.input_elements,
+            "ops": [o.to_row() for o in self.ops],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CostTrace:
+        if d.get("schema") != _TRACE_SCHEMA:
+            raise ValueError("old trace schema")
+        return cls(
+            model=d["model"],
+            resolution=d["resolution"],
+            torch_version=d["torch_version"],
+            params=d["params"],
+            peak_activation=d["peak_activation"],
+            input_elements=d["input_elements"],
+            ops=[OpCost.from_row(r) for r in d["ops"]],
+        )
+
+
+def _numel(t: Any) -> int:
+    return int(t.numel())
+
+
+def trace_module(model: Any, resolution: int | tuple[int, int], name: str = "model") -> CostTrace:
+    """Trace an ``nn.Module`` (ideally on the meta device) at batch 1 and return its per-op costs.
+
+    Args:
+        model: the module; it is moved to the meta device if it is not there.
+        resolution: input size, an int for square inputs or (H, W).
+        name: a label stored in the trace.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from torch.utils.flop_counter import flop_registry
+
+    h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
+    if any(p.device.type != "meta" for p in model.parameters()):
+        model = model.to("meta")
+    model.eval()
+    params = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
+    n_params = sum(p.numel() for p in model.parameters())
+
+    ops: list[OpCost] = []
+    live = [0, 0]  # current, peak activation elements
+
+    def _free(n: int) -> None:
+        live[0] -= n
+
+    def _track(t: Any) -> None:
+        n = _numel(t)
+        live[0] += n
+        live[1] = max(live[1], live[0])
+        weakref.finalize(t, _free, n)
+
+    class _Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            name = func.overloadpacket.__name__
+            flat_in = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+            flat_out = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+            is_weight = [id(a) in params or getattr(a, "_et_w", False) for a in flat_in]
+            cls = classify(name, args)
+            if cls is None:
+                # views and constants: propagate weight-ness and the fusion root, cost nothing
+                src = flat_in[0] if flat_in else None
+                for o in flat_out:
+                    if src is not None and (id(src) in params or getattr(src, "_et_w", False)):
+                        o._et_w = True
+                    elif src is not None:
+                        o._et_root = getattr(src, "_et_root", None)
+                return out
+            acts = [a for a, wt in zip(flat_in, is_weight, strict=True) if not wt]
+            weight = sum(_numel(a) for a, wt in zip(flat_in, is_weight, strict=True) if wt)
+            act_in = sum(_numel(a) for a in acts)
+            act_out = sum(_numel(o) for o in flat_out[:1])
+            packet = func.overloadpacket
+            if packet in flop_registry:
+                try:
+                    flops = float(flop_registry[packet](*args, **kwargs, out_val=out))
+                except Exception:  # a formula that does not accept these arguments
+                    flops = float(act_out)
+            else:
+                flops = float(act_out) if cls != "data_movement" else 0.0
+
+            roots = [getattr(a, "_et_root", None) for a in acts]
+            root = next((r for r in roots if r is not None), None)
+            fused = False
+            if root is not None:
+                if name in _FOLDED_NORMS or name in _UNARY_FUSABLE:
+                    fused = True
+                elif name in _BINARY_FUSABLE and len(acts) <= 2:
+                    shapes = {tuple(a.shape) for a in acts}
+                    fused = len(shapes) == 1 or len(acts) == 1
+            idx = len(ops)
+            ops.append(OpCost(name, cls, flops, weight, act_in, act_out, fused))
+            new_root = root if fused else (idx if cls in COMPUTE_CLASSES else None)
+            inplace = name.endswith("_")
+            for o in flat_out[:1]:
+                o._et_root = new_root
+                if not inplace:
+                    _track(o)
+            return out
+
+    prev = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # trace the real matmuls, not the fused fast path
+    try:
+        x = torch.empty(1, 3, h, w, device="meta")
+        _track(x)
+        with torch.no_grad(), _Mode():
+            model(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(prev)
+    return CostTrace(
+        model=name,
+        resolution=h,
+        torch_version=torch_version(),
+        params=n_params,
+        peak_activation=live[1],
+        input_elements=3 * h * w,
+        ops=ops,
+    )
+
+
+@lru_cache(maxsize=1)
+def torch_version() -> str:
+    """The installed torch version, read without importing torch."""
+    return metadata.version("torch")
+
+
+def _cache_path(arch: str, resolution: int):
+    return cache_dir("cost", f"torch-{torch_version()}-v{_TRACE_SCHEMA}") / f"{arch}_{resolution}.json"
+
+
+def cached_trace(arch: str, resolution: int) -> CostTrace | None:
+    """Return the cached trace of ``arch`` at ``resolution``, or ``None``."""
+    path = _cache_path(arch, resolution)
+    if not path.exists():
+        return None
+    try:
+        return CostTrace.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class TraceError(Exception):
+    """A model that could not be traced (internal; select lists it with the reason)."""
+
+
+def trace_model(model: str | ModelCard, resolution: int | None = None) -> CostTrace:
+    """Return the cost trace of a catalog model, from the cache or by tracing it on the meta device.
+
+    Args:
+        model: a catalog name (``resnet50``, ``resnet50.IMAGENET1K_V1``) or a :class:`ModelCard`.
+        resolution: the square input size; defaults to the card's crop size.
+
+    Raises:
+        UnknownNameError: the model is not in the catalog.
+        TraceError: the architecture cannot run at that resolution.
+    """
+    card = model if isinstance(model, ModelCard) else get_card(model)
+    res = int(resolution or card.resolution)
+    hit = cached_trace(card.name, res)
+    if hit is not None:
+        return hit
+    log.debug("tracing %s at %d px on the meta device", card.name, res)
+    try:
+        trace = trace_module(build_architecture(card.id, meta=True, resolution=res), res, name=card.name)
+    except Exception as exc:  # the architecture rejects this input size, or an op has no meta kernel
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TraceError(f"{card.name} at {res}px: {reason}") from exc
+    atomic_write_json(_cache_path(card.name, res), trace.to_dict(), indent=None)
+    return trace
