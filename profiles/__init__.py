@@ -1,1 +1,1 @@
-"""Built-in device profiles, one YAML file per device (shipped as ``edgetl.profiles``)."""
+"""Built-in device profiles, one YAML file per device (shipped as ``edgetl.profile_data``)."""
