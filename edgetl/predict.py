@@ -1,0 +1,235 @@
+"""Latency and memory prediction from a :class:`~edgetl.cost.CostTrace` and a device profile.
+
+Latency is a per-op roofline. For every op that the runtime launches as its own kernel (ops fused
+into a preceding conv/matmul are free, see :mod:`edgetl.cost`)::
+
+    t_op = max(FLOPs * B / (peak[precision] * eff[class]),  bytes / (bandwidth * eff[bandwidth]))
+           + kernel_overhead
+
+    bytes = (weight_elements + (act_in + act_out) * B) * bytes_per_element[precision]
+
+with ``B`` the batch size, ``peak`` the device's dense peak in GFLOP/s for the precision,
+``eff[class]`` the fraction of peak the device reaches on that op class, and bytes per element
+4 / 2 / 1 for fp32 / fp16 / int8. The model's latency is the sum over ops.
+
+Memory is what the deployed model needs resident::
+
+    memory = params * bytes_per_element + peak_live_activations * B * bytes_per_element
+             + runtime_overhead
+
+The predictor's error against real measurements is published by ``tools/bench/predictor_accuracy.py``
+and checked against the profiles' reference measurements in the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from edgetl.cost import OP_CLASSES, CostTrace
+
+if TYPE_CHECKING:
+    from edgetl.profiles import DeviceProfile
+
+BYTES_PER_ELEMENT: dict[str, int] = {"fp32": 4, "fp16": 2, "int8": 1}
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """The device parameters the predictor uses, in SI units (FLOP/s, B/s, s)."""
+
+    peak_flops: float
+    bandwidth: float
+    efficiency: dict[str, float]
+    kernel_overhead: float
+
+    @classmethod
+    def from_profile(cls, profile: DeviceProfile, precision: str) -> Roofline:
+        """Read the roofline of ``profile`` at ``precision`` (the profile must support it)."""
+        profile.check_precision(precision)
+        eff = profile.efficiency
+        return cls(
+            peak_flops=profile.peak_gflops(precision) * 1e9,
+            bandwidth=profile.memory.bandwidth_gbs.value * 1e9 * eff.bandwidth,
+            efficiency={c: float(getattr(eff, c)) for c in OP_CLASSES},
+            kernel_overhead=profile.kernel_overhead_us.value * 1e-6,
+        )
+
+
+@dataclass
+class LatencyPrediction:
+    """Predicted latency of one batch, with its breakdown per op class (milliseconds)."""
+
+    latency_ms: float
+    batch: int
+    precision: str
+    kernels: int
+    compute_bound_ms: float
+    memory_bound_ms: float
+    overhead_ms: float
+    by_class_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def fps(self) -> float:
+        """Images per second at this batch size."""
+        return 1000.0 * self.batch / self.latency_ms if self.latency_ms > 0 else float("inf")
+
+
+@dataclass
+class MemoryPrediction:
+    """Predicted resident memory of the deployed model (MB = 1e6 bytes)."""
+
+    memory_mb: float
+    weights_mb: float
+    activations_mb: float
+    runtime_mb: float
+
+
+def predict_latency(
+    trace: CostTrace, profile: DeviceProfile | Roofline, precision: str, batch: int = 1
+) -> LatencyPrediction:
+    """Predict the latency of one batch of ``trace``'s model on a device.
+
+    Args:
+        trace: the model's cost trace (batch 1).
+        profile: a device profile, or a :class:`Roofline` read from one.
+        precision: ``fp32``, ``fp16`` or ``int8``.
+        batch: the batch size.
+    """
+    roof = profile if isinstance(profile, Roofline) else Roofline.from_profile(profile, precision)
+    bpe = BYTES_PER_ELEMENT[precision]
+    total = compute_bound = memory_bound = overhead = 0.0
+    kernels = 0
+    by_class = dict.fromkeys(OP_CLASSES, 0.0)
+    for op in trace.ops:
+        if op.fused:
+            continue
+        t_compute = op.flops * batch / (roof.peak_flops * roof.efficiency[op.cls])
+        t_memory = (op.weight + (op.act_in + op.act_out) * batch) * bpe / roof.bandwidth
+        t = max(t_compute, t_memory) + roof.kernel_overhead
+        if t_compute >= t_memory:
+            compute_bound += t_compute
+        else:
+            memory_bound += t_memory
+        overhead += roof.kernel_overhead
+        by_class[op.cls] += t
+        total += t
+        kernels += 1
+    return LatencyPrediction(
+        latency_ms=total * 1e3,
+        batch=batch,
+        precision=precision,
+        kernels=kernels,
+        compute_bound_ms=compute_bound * 1e3,
+        memory_bound_ms=memory_bound * 1e3,
+        overhead_ms=overhead * 1e3,
+        by_class_ms={k: v * 1e3 for k, v in by_class.items() if v},
+    )
+
+
+def predict_memory(
+    trace: CostTrace, profile: DeviceProfile, precision: str, batch: int = 1
+) -> MemoryPrediction:
+    """Predict the resident memory of ``trace``'s model on a device at ``precision`` and ``batch``."""
+    bpe = BYTES_PER_ELEMENT[precision]
+    weights = trace.params * bpe / 1e6
+    acts = trace.peak_activation * batch * bpe / 1e6
+    runtime = float(profile.memory.runtime_overhead_mb.value)
+    return MemoryPrediction(weights + acts + runtime, weights, acts, runtime)
+
+
+def model_size_mb(params: int, precision: str) -> float:
+    """Size of the weights at ``precision`` in MB (1e6 bytes)."""
+    return params * BYTES_PER_ELEMENT[precision] / 1e6
+
+
+def features(trace: CostTrace, batch: int = 1) -> dict[str, Any]:
+    """Per-op-class features used when fitting a profile to measurements."""
+    out: dict[str, Any] = {f"flops_{c}": 0.0 for c in OP_CLASSES}
+    out["bytes_elements"] = 0.0
+    out["kernels"] = 0
+    for op in trace.ops:
+        if op.fused:
+            continue
+        out[f"flops_{op.cls}"] += op.flops * batch
+        out["bytes_elements"] += op.weight + (op.act_in + op.act_out) * batch
+        out["kernels"] += 1
+    return out
+
+
+@dataclass
+class RooflineFit:
+    """Device parameters fitted to measured latencies (see :func:`fit_roofline`)."""
+
+    efficiency: dict[str, float]
+    bandwidth_efficiency: float
+    kernel_overhead_us: float
+    ratios: list[float]  # predicted / measured for each fitted sample
+
+    def within(self, tolerance: float) -> float:
+        """Fraction of fitted samples whose prediction is within ``tolerance`` (0.2 = ±20%)."""
+        ok = sum(1 for r in self.ratios if abs(r - 1.0) <= tolerance)
+        return ok / len(self.ratios) if self.ratios else 0.0
+
+
+def fit_roofline(
+    samples: list[tuple[CostTrace, int, float]],
+    peak_flops: float,
+    bandwidth: float,
+    precision: str = "fp32",
+) -> RooflineFit:
+    """Fit per-op-class efficiencies, the bandwidth efficiency and the per-kernel overhead.
+
+    The fit minimises the squared log-ratio of predicted to measured latency (a relative error, so a
+    0.5 ms model weighs as much as a 50 ms one), first with a non-negative linear model over per-class
+    features to find a start, then with the full roofline (the ``max`` of compute and memory time).
+
+    Args:
+        samples: ``(trace, batch, measured_ms)`` triples.
+        peak_flops: the device's peak at ``precision`` in FLOP/s (efficiencies are relative to it).
+        bandwidth: peak memory bandwidth in B/s.
+        precision: the precision the samples were measured at.
+    """
+    import numpy as np
+    from scipy.optimize import least_squares, nnls
+
+    classes = list(OP_CLASSES)
+    bpe = BYTES_PER_ELEMENT[precision]
+    measured = np.array([m for _, _, m in samples]) * 1e-3
+    feats = [features(t, b) for t, b, _ in samples]
+
+    # linear start: t = sum_c flops_c * a_c + bytes * b + kernels * k, weighted by 1/measured
+    design = np.array(
+        [[f[f"flops_{c}"] for c in classes] + [f["bytes_elements"] * bpe, f["kernels"]] for f in feats]
+    )
+    w = 1.0 / measured
+    coef, _ = nnls(design * w[:, None], measured * w)
+    eff0 = []
+    for i in range(len(classes)):
+        has = design[:, i].sum() > 0
+        eff0.append(min(1.0, 1.0 / (coef[i] * peak_flops)) if coef[i] > 0 and has else 0.5)
+    bw0 = min(1.0, 1.0 / (coef[len(classes)] * bandwidth)) if coef[len(classes)] > 0 else 0.5
+    k0 = max(coef[-1], 1e-7)
+    x0 = np.log(np.array([*eff0, bw0, k0]))
+
+    def predict_all(x: Any) -> Any:
+        eff = dict(zip(classes, np.exp(x[: len(classes)]), strict=True))
+        roof = Roofline(peak_flops, bandwidth * float(np.exp(x[len(classes)])), eff, float(np.exp(x[-1])))
+        return np.array([predict_latency(t, roof, precision, b).latency_ms * 1e-3 for t, b, _ in samples])
+
+    def residuals(x: Any) -> Any:
+        return np.log(predict_all(x) / measured)
+
+    lower = np.log(np.array([1e-4] * len(classes) + [1e-3, 1e-8]))
+    upper = np.log(np.array([1.0] * len(classes) + [1.0, 1e-2]))
+    x0 = np.clip(x0, lower + 1e-9, upper - 1e-9)
+    result = least_squares(residuals, x0, bounds=(lower, upper), loss="soft_l1", f_scale=0.2)
+    x = result.x
+    ratios = list(predict_all(x) / measured)
+    return RooflineFit(
+        efficiency={c: float(np.exp(v)) for c, v in zip(classes, x[: len(classes)], strict=True)},
+        bandwidth_efficiency=float(np.exp(x[len(classes)])),
+        kernel_overhead_us=float(np.exp(x[-1]) * 1e6),
+        ratios=[float(r) for r in ratios],
+    )

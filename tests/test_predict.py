@@ -1,0 +1,59 @@
+import pytest
+
+from edgetl import cost
+from edgetl.predict import Roofline, model_size_mb, predict_latency, predict_memory
+from edgetl.profiles import list_profiles, load_profile
+
+
+def _trace(ops):
+    return cost.CostTrace("toy", 8, "x", params=1000, peak_activation=500, input_elements=192, ops=ops)
+
+
+def test_roofline_arithmetic_by_hand():
+    roof = Roofline(
+        peak_flops=1e9, bandwidth=1e9, efficiency=dict.fromkeys(cost.OP_CLASSES, 0.5), kernel_overhead=1e-6
+    )
+    ops = [
+        cost.OpCost("convolution", "conv", flops=1e6, weight=100, act_in=50, act_out=50, fused=False),
+        cost.OpCost("relu_", "elementwise", flops=50, weight=0, act_in=50, act_out=50, fused=True),
+        cost.OpCost("mean", "pool", flops=10, weight=0, act_in=2e5, act_out=10, fused=False),
+    ]
+    pred = predict_latency(_trace(ops), roof, "fp32", batch=1)
+    conv = max(1e6 / 0.5e9, (100 + 100) * 4 / 1e9) + 1e-6  # compute bound
+    pool = max(10 / 0.5e9, (2e5 + 10) * 4 / 1e9) + 1e-6  # memory bound
+    assert pred.latency_ms == pytest.approx((conv + pool) * 1e3)
+    assert pred.kernels == 2
+    assert pred.fps == pytest.approx(1000 / pred.latency_ms)
+
+
+def test_batch_scales_activations_not_weights():
+    roof = Roofline(1e12, 1e9, dict.fromkeys(cost.OP_CLASSES, 1.0), 0.0)
+    ops = [cost.OpCost("addmm", "matmul", flops=2e3, weight=1_000_000, act_in=1000, act_out=1000, fused=False)]
+    one = predict_latency(_trace(ops), roof, "fp32", 1).latency_ms
+    eight = predict_latency(_trace(ops), roof, "fp32", 8).latency_ms
+    assert one < eight < 8 * one  # weight traffic is shared by the batch
+
+
+def test_memory_and_size_shrink_with_precision():
+    profile = load_profile("x86-avx2")
+    trace = cost.trace_model("resnet18", 64)
+    fp32 = predict_memory(trace, profile, "fp32")
+    int8 = predict_memory(trace, profile, "int8")
+    assert int8.weights_mb == pytest.approx(fp32.weights_mb / 4)
+    assert fp32.memory_mb == pytest.approx(fp32.weights_mb + fp32.activations_mb + fp32.runtime_mb)
+    assert model_size_mb(trace.params, "fp16") == pytest.approx(trace.params * 2 / 1e6)
+
+
+def _references():
+    for profile in list_profiles():
+        for ref in profile.reference:
+            yield pytest.param(profile, ref, id=f"{profile.name}-{ref.model}-{ref.precision}")
+
+
+@pytest.mark.parametrize(("profile", "ref"), list(_references()))
+def test_prediction_of_every_published_reference_is_within_2x(profile, ref):
+    trace = cost.trace_model(ref.model, ref.resolution)
+    pred = predict_latency(trace, profile, ref.precision, ref.batch).latency_ms
+    ratio = pred / ref.latency_ms
+    where = f"{profile.name} {ref.model} {ref.precision}"
+    assert 0.5 <= ratio <= 2.0, f"{where}: predicted {pred:.2f} ms, published {ref.latency_ms} ms"
