@@ -1,0 +1,358 @@
+"""The ``edgetl`` command line. Each command parses options, calls the Python API and renders the result.
+
+Exit codes: 0 success, 1 user error (one line, no traceback), 2 usage error, 3 budget missed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+
+from edgetl.errors import ConstraintError, EdgetlError
+
+log = logging.getLogger("edgetl")
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _stdout_console():
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+        console.width = 200
+    return console
+
+
+def emit_json(obj: Any) -> None:
+    """Print one JSON document on stdout and nothing else."""
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+class EdgetlGroup(click.Group):
+    """A click group that turns :class:`EdgetlError` into a one-line message and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EdgetlError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=EdgetlGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgetl")
+@click.option(
+    "--profiles",
+    "profiles_dir",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="Extra folder of device profile YAML files (also EDGETL_PROFILE_PATH).",
+)
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+def cli(profiles_dir: tuple[str, ...], verbose: int) -> None:
+    """edgetl: pick a backbone for an edge device, fine-tune it, export and validate it."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        handlers=[RichHandler(console=_stderr_console(), show_time=False, show_path=False)],
+    )
+    if profiles_dir:
+        extra = os.pathsep.join(profiles_dir)
+        current = os.environ.get("EDGETL_PROFILE_PATH")
+        os.environ["EDGETL_PROFILE_PATH"] = extra + (os.pathsep + current if current else "")
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+@cli.command("models")
+@click.option("--filter", "pattern", default=None, help="Glob on the model name or id, e.g. 'resnet*'.")
+@click.option("--default-only", is_flag=True, help="Only each model's DEFAULT weights.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def models_cmd(pattern: str | None, default_only: bool, as_json: bool) -> None:
+    """List the catalog: every torchvision ImageNet-1K weight entry."""
+    from edgetl.catalog import list_models
+
+    cards = list_models(pattern, default_only=default_only)
+    if as_json:
+        emit_json([c.summary() for c in cards])
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{len(cards)} catalog entries (torchvision ImageNet-1K weights)")
+    for col in ("model", "weights", "default", "top-1", "top-5", "params (M)", "GFLOPs", "file MB", "res", "head"):
+        table.add_column(col, justify="left" if col in ("model", "weights", "head") else "right")
+    for c in cards:
+        table.add_row(
+            c.name, c.weights, "✓" if c.is_default else "", _pct(c.top1), _pct(c.top5),
+            f"{c.params / 1e6:.1f}", f"{c.gflops:.2f}", f"{c.file_mb:.1f}", str(c.resolution), c.head_path,
+        )
+    _stdout_console().print(table)
+
+
+@cli.command("select")
+@click.option("--device", "-d", required=True, help="Device profile name or alias (jetson, rpi, x86, ...).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Deployment precision [default: fp16 where the device has it, else fp32].")
+@click.option("--resolution", type=int, default=None, help="Input size for every model [default: each model's own].")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--max-latency-ms", type=float, default=None)
+@click.option("--max-memory-mb", type=float, default=None, help="[default: the profile's model memory budget]")
+@click.option("--max-size-mb", type=float, default=None)
+@click.option("--min-accuracy", type=float, default=None, help="Minimum ImageNet top-1 (%).")
+@click.option("--top", type=int, default=15, show_default=True, help="Rows to show (0 = all).")
+@click.option("--filter", "pattern", default=None, help="Only catalog entries matching this glob.")
+@click.option("--default-weights", is_flag=True, help="Only each model's DEFAULT weights.")
+@click.option("--json", "as_json", is_flag=True, help="Print the ranked rows as one JSON list on stdout.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write the rows as CSV.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the Pareto bubble chart (PNG).")
+def select_cmd(device, precision, resolution, batch, max_latency_ms, max_memory_mb, max_size_mb,
+               min_accuracy, top, pattern, default_weights, as_json, csv_path, plot_path) -> None:
+    """Rank pretrained backbones for a device by predicted latency, memory, size and top-1."""
+    from edgetl.select import select
+
+    with _progress("tracing models (cached afterwards)") as advance:
+        ranking = select(
+            device=device, precision=precision, resolution=resolution, batch=batch,
+            max_latency_ms=max_latency_ms, max_memory_mb=max_memory_mb, max_size_mb=max_size_mb,
+            min_accuracy=min_accuracy, top=top or None, models=pattern, all_weights=not default_weights,
+            progress=advance,
+        )
+    for model_id, reason in ranking.skipped:
+        click.echo(f"warning: could not predict {model_id}: {reason}", err=True)
+    if plot_path:
+        ranking.plot(plot_path)
+        click.echo(f"wrote {plot_path}", err=True)
+    if csv_path:
+        ranking.to_csv(csv_path)
+        click.echo(f"wrote {csv_path}", err=True)
+    if not ranking.rows:
+        raise ConstraintError(ranking.no_fit_message())
+    if as_json:
+        emit_json(ranking.to_json())
+        return
+    _print_ranking(ranking)
+
+
+def _print_ranking(ranking) -> None:
+    from rich.table import Table
+
+    p = ranking.profile
+    title = (
+        f"{p.name} · {ranking.precision} · batch {ranking.batch} · predicted by the roofline model"
+        f" · constraints: {ranking.constraints.describe()}"
+    )
+    table = Table(title=title)
+    cols = ("#", "model", "weights", "top-1", "params (M)", "GFLOPs", f"size MB ({ranking.precision})",
+            "latency ms", "FPS", "memory MB", "Pareto", "fits")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("model", "weights") else "right")
+    for i, r in enumerate(ranking.rows, 1):
+        d = r.to_dict()
+        table.add_row(
+            str(i), d["model"], d["weights"], f"{d['top1']:.2f}", f"{d['params_m']:.1f}", f"{d['gflops']:.2f}",
+            f"{d['size_mb']:.1f}", f"{d['latency_ms']:.2f}", f"{d['fps']:.0f}", f"{d['memory_mb']:.0f}",
+            "★" if d["pareto"] else "", "✓" if d["fits"] else "✗",
+        )
+    console = _stdout_console()
+    console.print(table)
+    n_fit = sum(1 for r in ranking.candidates if r.fits)
+    console.print(
+        f"best: [bold]{ranking.best.card.id}[/bold] · {n_fit} of {len(ranking.candidates)} entries fit"
+    )
+
+
+class _progress:
+    """A rich progress bar on stderr, shown only when there is real work (a cold cache)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar = None
+        self.task = None
+
+    def __enter__(self):
+        import time
+
+        start = time.monotonic()
+
+        def advance(done: int, total: int, name: str) -> None:
+            if self.bar is None and time.monotonic() - start > 0.5 and done < total:
+                from rich.progress import Progress
+
+                self.bar = Progress(console=_stderr_console(), transient=True)
+                self.bar.start()
+                self.task = self.bar.add_task(self.label, total=total)
+            if self.bar is not None:
+                self.bar.update(self.task, completed=done, description=f"{self.label} {name}")
+
+        return advance
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _peak(profile, precision: str) -> str:
+    fig = profile.compute.get(precision)
+    return "—" if fig is None else f"{fig.value:,.0f}"
+
+
+def _profile_file(profile) -> str:
+    from edgetl.profiles import builtin_profile_dir
+
+    path = profile.path
+    if path is None:
+        return ""
+    return f"built-in/{path.name}" if path.parent == builtin_profile_dir() else str(path)
+
+
+@cli.command("devices")
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as one JSON list on stdout.")
+def devices_cmd(as_json: bool) -> None:
+    """List the device profiles (built-in, user folder, EDGETL_PROFILE_PATH / --profiles)."""
+    from edgetl.profiles import list_profiles, profile_search_path
+
+    profiles = list_profiles()
+    if as_json:
+        emit_json([p.model_dump(mode="json") for p in profiles])
+        return
+    from rich.table import Table
+
+    table = Table(
+        title=f"{len(profiles)} device profiles",
+        caption="peaks are dense GFLOP/s (GOP/s for int8); search path, later wins: "
+        + ", ".join(str(p) for p in profile_search_path()),
+    )
+    for col in ("name", "aliases", "family", "runtime", "precisions", "fp32", "fp16", "int8",
+                "RAM GB", "BW GB/s", "refs", "file"):
+        right = col in ("fp32", "fp16", "int8", "RAM GB", "BW GB/s", "refs")
+        table.add_column(col, justify="right" if right else "left", overflow="fold")
+    for p in profiles:
+        table.add_row(
+            p.name, ", ".join(p.aliases), p.family, p.runtime, ", ".join(p.precisions),
+            _peak(p, "fp32"), _peak(p, "fp16"), _peak(p, "int8"),
+            f"{p.memory.ram_mb.value / 1024:g}", f"{p.memory.bandwidth_gbs.value:g}",
+            str(len(p.reference)), _profile_file(p),
+        )
+    _stdout_console().print(table)
+
+
+@cli.command("finetune")
+@click.option("--model", "-m", default=None, help="Catalog model name or id, e.g. resnet18 (see `edgetl models`).")
+@click.option("--data", default=None, type=click.Path(exists=True),
+              help="Folder of class folders, a folder with train/ and val/, or a CSV of path,label.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--weights", default="imagenet", show_default=True, help="imagenet, none, or a state_dict PATH.")
+@click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
+              help="Offline folder of torchvision weights files [default: $EDGETL_WEIGHTS_DIR].")
+@click.option("--strategy", type=click.Choice(["auto", "linear", "partial", "full"]), default="auto", show_default=True)
+@click.option("--unfreeze", type=int, default=None, help="Blocks to train with --strategy partial [default: last quarter].")
+@click.option("--domain", type=click.Choice(["auto", "similar", "different"]), default="auto", show_default=True,
+              help="Similarity of the images to ImageNet (auto: measured).")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="The head's learning rate.")
+@click.option("--layer-decay", type=float, default=0.7, show_default=True, help="LR factor per block downwards.")
+@click.option("--weight-decay", type=float, default=0.05, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--resolution", type=int, default=None, help="Input size [default: the model's].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--val-split", type=float, default=0.2, show_default=True)
+@click.option("--test-split", type=float, default=0.0, show_default=True)
+@click.option("--augment", type=click.Choice(["none", "light", "strong"]), default=None,
+              help="[default: none for the linear probe, light otherwise]")
+@click.option("--balance", is_flag=True, help="Sample classes equally often.")
+@click.option("--on-bad-image", type=click.Choice(["skip", "error"]), default="skip", show_default=True)
+@click.option("--workers", type=int, default=0, show_default=True, help="Data-loading processes.")
+@click.option("--patience", type=int, default=5, show_default=True, help="Early-stopping patience (epochs).")
+@click.option("--deterministic", is_flag=True, help="Deterministic algorithms only.")
+@click.option("--no-feature-cache", is_flag=True, help="Run the backbone every epoch even for the linear probe.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document on stdout.")
+def finetune_cmd(model, data, out, weights, weights_dir, strategy, unfreeze, domain, epochs, lr, layer_decay,
+                 weight_decay, batch_size, resolution, device, resume, seed, val_split, test_split, augment, balance,
+                 on_bad_image, workers, patience, deterministic, no_feature_cache, as_json) -> None:
+    """Fine-tune a backbone on your images and write RUN_DIR (weights, metrics, plots)."""
+    from edgetl.finetune.api import finetune
+
+    err = _stderr_console()
+
+    def show_decision(decision) -> None:
+        err.print(f"[bold]strategy:[/bold] {decision.strategy} — {decision.reason}")
+
+    result = finetune(
+        model, data, out, weights=weights, weights_dir=weights_dir, strategy=strategy, unfreeze=unfreeze,
+        domain=domain, epochs=epochs, lr=lr, layer_decay=layer_decay, weight_decay=weight_decay,
+        batch_size=batch_size, resolution=resolution, device=device, resume=resume, seed=seed,
+        val_split=val_split, test_split=test_split, augment=augment, balance=balance, on_bad_image=on_bad_image,
+        workers=workers, patience=patience, deterministic=deterministic,
+        feature_cache=False if no_feature_cache else None, progress=True, on_decision=show_decision,
+    )
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    from rich.table import Table
+
+    table = Table(title=f"finetune {result.model}", show_header=False)
+    table.add_row("strategy", f"{result.strategy.strategy} ({result.strategy.reason})")
+    for label, value in (("val accuracy", result.val_accuracy), ("test accuracy", result.test_accuracy)):
+        table.add_row(label, "—" if value is None else f"{100 * value:.1f}%")
+    early = " (early stop)" if result.stopped_early else ""
+    table.add_row("best epoch", f"{result.best_epoch} of {result.epochs_run}{early}")
+    table.add_row("feature cache", "yes" if result.feature_cache else "no")
+    table.add_row("skipped images", str(len(result.skipped)))
+    table.add_row("run dir", str(result.run_dir))
+    table.add_row("time", f"{result.seconds:.1f} s")
+    _stdout_console().print(table)
+    for path, reason in result.skipped[:10]:
+        err.print(f"skipped {path}: {reason}")
+
+
+@cli.group("weights")
+def weights_group() -> None:
+    """Pretrained weights for offline (air-gapped) machines."""
+
+
+@weights_group.command("pull")
+@click.argument("model")
+@click.option("--dir", "dest", type=click.Path(file_okay=False), default=None,
+              help="Destination folder [default: $EDGETL_WEIGHTS_DIR or ~/.cache/torch/hub/checkpoints].")
+@click.option("--json", "as_json", is_flag=True, help="Print the file path as JSON.")
+def weights_pull_cmd(model: str, dest: str | None, as_json: bool) -> None:
+    """Download MODEL's ImageNet weights (hash-checked) to copy to an offline machine."""
+    from edgetl.weights import pull_weights
+
+    path = pull_weights(model, dest, progress=not as_json)
+    if as_json:
+        emit_json({"model": model, "file": str(path)})
+    else:
+        click.echo(f"{path}\ncopy it into ~/.cache/torch/hub/checkpoints or $EDGETL_WEIGHTS_DIR on the offline machine")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="edgetl")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""Rank the catalog's pretrained backbones for a device: constraints, ordering and the Pareto front.
+
+For each catalog entry the model's cost trace (:mod:`edgetl.cost`) is fed to the predictor
+(:mod:`edgetl.predict`) with the device profile, giving latency, memory and size at the chosen precision.
+Entries that meet every constraint are ranked first, most accurate first, ties to the lower latency.
+The Pareto front is the set of entries that no other entry beats on both ImageNet top-1 and latency.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgetl._io import atomic_write_text
+from edgetl.catalog import ModelCard, list_models
+from edgetl.cost import TraceError, trace_model
+from edgetl.errors import ConstraintError
+from edgetl.predict import PRECISIONS, model_size_mb, predict_latency, predict_memory
+from edgetl.profiles import DeviceProfile, load_profile
+
+log = logging.getLogger(__name__)
+
+JSON_KEYS = (
+    "model", "weights", "top1", "params_m", "gflops", "size_mb", "latency_ms", "memory_mb", "fps",
+    "pareto", "fits",
+)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Limits a candidate must meet. ``None`` means no limit."""
+
+    max_latency_ms: float | None = None
+    max_memory_mb: float | None = None
+    max_size_mb: float | None = None
+    min_accuracy: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_latency_ms", "max_memory_mb", "max_size_mb"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConstraintError(f"{name.replace('_', '-')} must be a positive number, got {value}")
+        if self.min_accuracy is not None and not 0 <= self.min_accuracy <= 100:
+            raise ConstraintError(
+                f"min-accuracy is an ImageNet top-1 in percent (0-100), got {self.min_accuracy}"
+            )
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_latency_ms is not None:
+            parts.append(f"latency <= {self.max_latency_ms:g} ms")
+        if self.max_memory_mb is not None:
+            parts.append(f"memory <= {self.max_memory_mb:g} MB")
+        if self.max_size_mb is not None:
+            parts.append(f"size <= {self.max_size_mb:g} MB")
+        if self.min_accuracy is not None:
+            parts.append(f"top-1 >= {self.min_accuracy:g}%")
+        return ", ".join(parts) or "none"
+
+
+@dataclass
+class RankedModel:
+    """One catalog entry with its predicted figures on the device."""
+
+    card: ModelCard
+    resolution: int
+    latency_ms: float
+    memory_mb: float
+    size_mb: float
+    fps: float
+    pareto: bool = False
+    failures: list[str] = field(default_factory=list)
+    miss: float = 0.0  # sum of relative constraint violations, to find the nearest misses
+    measured_ms: float | None = None
+
+    @property
+    def fits(self) -> bool:
+        """Whether the entry meets every constraint."""
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON row: exactly :data:`JSON_KEYS`."""
+        c = self.card
+        return {
+            "model": c.name,
+            "weights": c.weights,
+            "top1": c.top1,
+            "params_m": round(c.params / 1e6, 3),
+            "gflops": c.gflops,
+            "size_mb": round(self.size_mb, 3),
+            "latency_ms": round(self.latency_ms, 4),
+            "memory_mb": round(self.memory_mb, 2),
+            "fps": round(self.fps, 2),
+            "pareto": self.pareto,
+            "fits": self.fits,
+        }
+
+
+@dataclass
+class Ranking:
+    """The result of :func:`select`: every candidate, ranked, plus what could not be predicted.
+
+    ``rows`` holds the candidates that meet the constraints, best first (cut to ``top``);
+    ``candidates`` holds all of them in the same order, fitting ones first.
+    """
+
+    profile: DeviceProfile
+    precision: str
+    batch: int
+    constraints: Constraints
+    candidates: list[RankedModel]
+    top: int | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def rows(self) -> list[RankedModel]:
+        """The candidates that fit, best first, at most ``top`` of them."""
+        fitting = [r for r in self.candidates if r.fits]
+        return fitting[: self.top] if self.top else fitting
+
+    @property
+    def best(self) -> RankedModel:
+        """The most accurate candidate that meets every constraint."""
+        rows = self.rows
+        if not rows:
+            raise ConstraintError(self.no_fit_message())
+        return rows[0]
+
+    @property
+    def pareto_front(self) -> list[RankedModel]:
+        """Pareto-optimal candidates (top-1 vs latency), fastest first."""
+        return sorted((r for r in self.candidates if r.pareto), key=lambda r: r.latency_ms)
+
+    def nearest_misses(self, n: int = 3) -> list[RankedModel]:
+        """The ``n`` candidates that come closest to meeting the constraints."""
+        misses = [r for r in self.candidates if not r.fits]
+        return sorted(misses, key=lambda r: (r.miss, -r.card.top1))[:n]
+
+    def no_fit_message(self) -> str:
+        parts = [
+            f"{r.card.name} ({'; '.join(r.failures)})" for r in self.nearest_misses(3)
+        ]
+        return (
+            f"no model meets the constraints on {self.profile.name} at {self.precision} "
+            f"({self.constraints.describe()}); nearest misses: " + ", ".join(parts)
+            + "; relax a constraint or try another precision"
+        )
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """The ranked rows as JSON-ready dicts with exactly :data:`JSON_KEYS`."""
+        return [r.to_dict() for r in self.rows]
+
+    def to_csv(self, path: str | os.PathLike[str] | None = None) -> str:
+        """Write the ranked rows as CSV (to ``path`` if given) and return the text."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(JSON_KEYS), lineterminator="\n")
+        writer.writeheader()
+        for row in self.to_json():
+            writer.writerow(row)
+        text = buf.getvalue()
+        if path is not None:
+            atomic_write_text(path, text)
+        return text
+
+    def plot(self, path: str | os.PathLike[str], label_top: int = 8) -> Path:
+        """Write the Pareto bubble chart (latency vs top-1, bubble area ~ size) to ``path``."""
+        from edgetl.plots import plot_pareto
+
+        return plot_pareto(self, path, label_top=label_top)
+
+
+def _violations(row: RankedModel, c: Constraints) -> tuple[list[str], float]:
+    failures: list[str] = []
+    miss = 0.0
+    checks = (
+        (c.max_latency_ms, row.latency_ms, "latency", "ms", True),
+        (c.max_memory_mb, row.memory_mb, "memory", "MB", True),
+        (c.max_size_mb, row.size_mb, "size", "MB", True),
+        (c.min_accuracy, row.card.top1, "top-1", "%", False),
+    )
+    for limit, value, name, unit, is_max in checks:
+        if limit is None:
+            continue
+        bad = value > limit if is_max else value < limit
+        if bad:
+            failures.append(
+                f"{name} {value:.3g} {unit} {'>' if is_max else '<'} {limit:g} {unit}"
+            )
+            miss += abs(value - limit) / max(abs(limit), 1e-9)
+    return failures, miss
+
+
+def _mark_pareto(rows: Sequence[RankedModel]) -> None:
+    best_acc = -math.inf
+    for r in sorted(rows, key=lambda r: (r.latency_ms, -r.card.top1)):
+        if r.card.top1 > best_acc:
+            r.pareto = True
+            best_acc = r.card.top1
+
+
+def default_precision(profile: DeviceProfile) -> str:
+    """fp16 where the device supports it (GPUs), else fp32."""
+    return "fp16" if "fp16" in profile.precisions else "fp32"
+
+
+def select(
+    device: str | DeviceProfile = "jetson",
+    precision: str | None = None,
+    resolution: int | None = None,
+    batch: int = 1,
+    max_latency_ms: float | None = None,
+    max_memory_mb: float | None = None,
+    max_size_mb: float | None = None,
+    min_accuracy: float | None = None,
+    top: int | None = None,
+    models: str | None = None,
+    all_weights: bool = True,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Ranking:
+    """Rank the catalog's pretrained backbones for a device.
+
+    Args:
+        device: a profile name or alias (``jetson``, ``rpi``, ``x86``), a YAML path, or a profile.
+        precision: ``fp32``, ``fp16`` or ``int8``; defaults to fp16 where supported, else fp32.
+        resolution: input size for every model; defaults to each model's own evaluation crop.
+        batch: batch size for latency and memory.
+        max_latency_ms, max_memory_mb, max_size_mb, min_accuracy: constraints (``None`` = no limit).
+            ``max_memory_mb`` defaults to the profile's model memory budget.
+        top: keep at most this many fitting rows in ``Ranking.rows``.
+        models: a glob to restrict the catalog (``"resnet*"``).
+        all_weights: rank every weights tag; ``False`` keeps only each model's DEFAULT weights.
+        progress: called as ``progress(done, total, model)`` while traces are computed.
+
+    Returns:
+        A :class:`Ranking`. It is not an error for nothing to fit: ``Ranking.best`` raises then.
+
+    Raises:
+        UnknownNameError: unknown device.
+        ProfileError: the device does not support ``precision``.
+        ConstraintError: a constraint is not a valid number.
+    """
+    profile = device if isinstance(device, DeviceProfile) else load_profile(device)
+    precision = (precision or default_precision(profile)).lower()
+    if precision not in PRECISIONS:
+        raise ConstraintError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+    profile.check_precision(precision)
+    if batch < 1:
+        raise ConstraintError(f"batch must be at least 1, got {batch}")
+    if resolution is not None and not 16 <= resolution <= 4096:
+        raise ConstraintError(f"resolution must be between 16 and 4096 pixels, got {resolution}")
+    if max_memory_mb is None:
+        max_memory_mb = float(profile.memory.model_budget_mb.value)
+    constraints = Constraints(max_latency_ms, max_memory_mb, max_size_mb, min_accuracy)
+
+    cards = list_models(models, default_only=not all_weights)
+    if not cards:
+        raise ConstraintError(f"no catalog model matches '{models}'; see `edgetl models`")
+    unranked = [c.id for c in cards if c.top1 is None]
+    if unranked:
+        log.info("not ranked (no published ImageNet top-1): %s", ", ".join(unranked))
+    cards = [c for c in cards if c.top1 is not None]
+    candidates: list[RankedModel] = []
+    skipped: list[tuple[str, str]] = []
+    for i, card in enumerate(cards):
+        if progress:
+            progress(i, len(cards), card.id)
+        res = resolution or card.resolution
+        try:
+            trace = trace_model(card, res)
+        except TraceError as exc:
+            skipped.append((card.id, str(exc)))
+            continue
+        lat = predict_latency(trace, profile, precision, batch)
+        mem = predict_memory(trace, profile, precision, batch)
+        row = RankedModel(
+            card=card,
+            resolution=res,
+            latency_ms=lat.latency_ms,
+            memory_mb=mem.memory_mb,
+            size_mb=model_size_mb(trace.params, precision),
+            fps=lat.fps,
+        )
+        row.failures, row.miss = _violations(row, constraints)
+        candidates.append(row)
+    if progress:
+        progress(len(cards), len(cards), "")
+    for model_id, reason in skipped:
+        log.warning("could not predict %s: %s", model_id, reason)
+    _mark_pareto(candidates)
+    candidates.sort(key=lambda r: (not r.fits, -r.card.top1, r.latency_ms))
+    return Ranking(profile, precision, batch, constraints, candidates, top, skipped)
