@@ -25,6 +25,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Each test session shares one throwaway cache folder, never the user's."""
-    cache = tmp_path_factory.getbasetemp() / "edgetl-cache"
-    monkeypatch.setenv("EDGETL_CACHE_DIR", str(cache))
+    """Each test session shares one throwaway cache and config folder, never the user's."""
+    base = tmp_path_factory.getbasetemp()
+    monkeypatch.setenv("EDGETL_CACHE_DIR", str(base / "edgetl-cache"))
+    monkeypatch.setenv("EDGETL_CONFIG_DIR", str(base / "edgetl-config"))
+    monkeypatch.delenv("EDGETL_PROFILE_PATH", raising=False)

@@ -1,0 +1,55 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgetl.calibrate import calibrate, measure_bandwidth, read_cpu
+from edgetl.cli import cli
+from edgetl.profiles import load_profile, user_profile_dir
+from edgetl.select import select
+
+TINY = ("resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5")
+
+
+def test_read_cpu_and_bandwidth():
+    cpu = read_cpu()
+    assert cpu.cores >= 1 and cpu.ghz > 0 and cpu.ram_mb > 0
+    assert measure_bandwidth(megabytes=32, repeats=2) > 0.1
+
+
+@pytest.mark.slow
+def test_calibrate_writes_a_valid_profile_that_select_finds():
+    result = calibrate(name="ci-box", models=TINY, rounds=5, resolution=64, threads=1)
+    assert result.path == user_profile_dir() / "ci-box.yaml"
+    profile = load_profile("ci-box")
+    assert profile.runtime == "onnxruntime" and profile.calibrated["threads"] == 1
+    assert {r.model for r in profile.reference} == set(TINY)
+    assert all(r.metric == "min" and r.resolution == 64 for r in profile.reference)
+    assert all(0 < v <= 1 for v in profile.efficiency.model_dump().values() if isinstance(v, float))
+    # the fit reproduces what it was fitted to within a factor of two
+    assert all(0.5 < r < 2.0 for r in result.ratios.values()), result.ratios
+    ranking = select(device="ci-box", models="mobilenet*", resolution=64)
+    assert ranking.rows
+
+
+@pytest.mark.slow
+def test_select_measure_shows_predicted_and_measured(tmp_path):
+    out = CliRunner().invoke(
+        cli, ["select", "--device", "x86", "--filter", "squeezenet*", "--resolution", "64",
+              "--measure", "2", "--threads", "1", "--json"],
+    )
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.stdout)
+    assert all(r["measured_ms"] > 0 for r in rows[:2])
+    out = CliRunner().invoke(
+        cli, ["select", "--device", "x86", "--filter", "squeezenet*", "--resolution", "64", "--measure", "1"],
+    )
+    assert out.exit_code == 0, out.output
+    assert "measured ms (here)" in out.stdout and "not this machine" in out.stdout
+
+
+def test_calibrate_rejects_bad_name():
+    from edgetl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="slug"):
+        calibrate(name="My Box")
