@@ -1,0 +1,94 @@
+"""Publish the latency predictor's error on this machine.
+
+Calibrates a profile of this machine on edgetl's calibration models, then predicts and measures
+held-out catalog models the fit never saw (batch 1, 224x224, ONNX Runtime fp32, interleaved, minimum
+of many runs). Prints predicted vs measured per model, the share within ±10% and ±20%, and the
+Spearman rank correlation; side by side with the naive predictor (one ms-per-GFLOP constant fitted on
+the same calibration runs).
+
+    python tools/bench/predictor_accuracy.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from scipy.stats import spearmanr
+
+from edgetl.calibrate import CALIBRATION_MODELS, calibrate
+from edgetl.catalog import get_card
+from edgetl.cost import trace_model
+from edgetl.measure import measure_models
+from edgetl.predict import predict_latency
+from edgetl.profiles import load_profile
+
+HELD_OUT = (
+    "resnet34", "resnet101", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v3_large", "efficientnet_b1",
+    "efficientnet_b2", "regnet_y_400mf", "regnet_x_800mf", "regnet_y_800mf", "mnasnet0_5", "mnasnet1_0",
+    "shufflenet_v2_x0_5", "squeezenet1_0", "densenet121", "googlenet", "alexnet", "vgg11", "swin_t",
+    "vit_b_16",
+)
+
+
+def _share_within(ratios: list[float], tol: float) -> float:
+    return 100.0 * sum(1 for r in ratios if abs(r - 1) <= tol) / len(ratios)
+
+
+def _report(name: str, ratios: list[float], predicted: list[float], measured: list[float]) -> str:
+    rho = spearmanr(predicted, measured).statistic
+    return (
+        f"{name:<28} within ±10%: {_share_within(ratios, 0.1):5.1f}%   within ±20%: {_share_within(ratios, 0.2):5.1f}%"
+        f"   Spearman: {rho:.3f}   median |error|: {100 * statistics.median(abs(r - 1) for r in ratios):.1f}%"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=30, help="timed runs per model")
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--models", nargs="*", default=list(HELD_OUT), help="held-out models to predict")
+    args = parser.parse_args()
+
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        cal = calibrate(
+            name="bench-local", out=Path(tmp) / "bench-local.yaml", threads=args.threads, rounds=args.rounds,
+            resolution=args.resolution,
+        )
+        profile = load_profile(str(cal.path))
+    print(f"calibrated on {len(CALIBRATION_MODELS)} models in {cal.seconds:.0f} s; fit ratios (pred/meas):")
+    print("  " + ", ".join(f"{m} {r:.2f}" for m, r in cal.ratios.items()))
+
+    # the naive way: one ms-per-GFLOP constant, least squares on the calibration runs
+    cal_flops = [trace_model(m, args.resolution).flops / 1e9 for m in cal.measurements]
+    cal_ms = [m.min_ms for m in cal.measurements.values()]
+    ms_per_gflop = sum(f * t for f, t in zip(cal_flops, cal_ms, strict=True)) / sum(f * f for f in cal_flops)
+
+    held = [m for m in args.models if get_card(m).name not in {get_card(c).name for c in CALIBRATION_MODELS}]
+    measured = measure_models(held, resolution=args.resolution, threads=args.threads, rounds=args.rounds)
+    rows = []
+    for m in held:
+        trace = trace_model(m, args.resolution)
+        pred = predict_latency(trace, profile, "fp32", 1).latency_ms
+        naive = trace.flops / 1e9 * ms_per_gflop
+        rows.append((m, trace.flops / 1e9, pred, naive, measured[m].min_ms, measured[m].cv))
+
+    print(f"\nheld-out models, batch 1, {args.resolution}x{args.resolution}, ONNX Runtime fp32, {args.threads} threads")
+    print(f"{'model':<22}{'GFLOP':>8}{'predicted':>11}{'naive':>9}{'measured':>10}{'ratio':>8}{'naive r':>9}{'CV':>6}")
+    for m, gf, pred, naive, meas, cv in rows:
+        print(f"{m:<22}{gf:8.2f}{pred:11.2f}{naive:9.2f}{meas:10.2f}{pred / meas:8.2f}{naive / meas:9.2f}{cv:6.2f}")
+    ratios = [p / t for _, _, p, _, t, _ in rows]
+    naive_ratios = [n / t for _, _, _, n, t, _ in rows]
+    print()
+    print(_report("edgetl roofline (fitted)", ratios, [r[2] for r in rows], [r[4] for r in rows]))
+    print(_report("naive ms-per-GFLOP", naive_ratios, [r[3] for r in rows], [r[4] for r in rows]))
+    print(f"\ntotal {time.monotonic() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
