@@ -1,8 +1,7 @@
 """Measure catalog architectures for real on this machine with ONNX Runtime.
 
-Latency does not depend on the values of the weights, so each architecture is built without
-pretrained weights, filled with small random values (never uninitialised memory, whose NaNs and
-denormals would distort timings), exported to ONNX once and cached. Models are then timed
+Latency does not depend on the values of the weights, so each architecture is built with random
+weights, exported to ONNX once and cached (:func:`edgetl.export.onnx.cached_catalog_onnx`). Models are then timed
 round-robin (interleaved), and the figure used is the minimum over many runs: on a shared machine
 the median moves by up to 2x between runs while the minimum is stable to about 10%.
 """
@@ -16,9 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgetl._io import cache_dir
-from edgetl.catalog import build_architecture, get_card
-from edgetl.cost import torch_version
+from edgetl.catalog import get_card
 
 log = logging.getLogger(__name__)
 
@@ -39,40 +36,11 @@ class Measurement:
     threads: int | None = None
 
 
-def _fill_random_(model) -> None:
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.fill_(1.0)
-            elif b.is_floating_point():
-                b.zero_()
-
-
 def architecture_onnx(model: str, resolution: int | None = None) -> Path:
-    """Return an ONNX file of a catalog architecture with random weights, exported once and cached.
+    """Return an ONNX file of a catalog architecture with random weights, exported once and cached."""
+    from edgetl.export.onnx import cached_catalog_onnx
 
-    Args:
-        model: a catalog name or id.
-        resolution: the square input size (default: the card's evaluation crop).
-    """
-    from edgetl.export.onnx import export_onnx
-
-    card = get_card(model)
-    res = int(resolution or card.resolution)
-    path = cache_dir("onnx", f"torch-{torch_version()}") / f"{card.name}_{res}.onnx"
-    if path.exists():
-        return path
-    net = build_architecture(card.id, meta=True, resolution=res)
-    net = net.to_empty(device="cpu")
-    _fill_random_(net)
-    log.info("exporting %s at %d px for timing", card.name, res)
-    export_onnx(net.eval(), path, resolution=res, check=False, simplify=False)
-    return path
+    return cached_catalog_onnx(model, resolution).path
 
 
 def host_id() -> str:

@@ -17,9 +17,9 @@ def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs CUDA; none on this machine")
     skip_trt = pytest.mark.skip(reason="needs the tensorrt package and a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords and not has_cuda:
+        if item.get_closest_marker("gpu") and not has_cuda:
             item.add_marker(skip_gpu)
-        if "tensorrt" in item.keywords and not has_trt:
+        if item.get_closest_marker("tensorrt") and not has_trt:
             item.add_marker(skip_trt)
 
 

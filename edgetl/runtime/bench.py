@@ -1,0 +1,407 @@
+"""Latency benchmarks of runners: percentiles, spread, throughput and peak memory.
+
+Timings on a shared machine are noisy: other tenants take the cores and the median of one model can
+move by 2x between runs. So:
+
+- :func:`benchmark` times one runner after a warm-up and reports the coefficient of variation (CV);
+  above 10% the result is flagged ``unstable`` and a warning is logged, as trtexec does.
+- :func:`benchmark_interleaved` times several runners round-robin, in a shuffled order each round,
+  so a burst of load hits every model alike. Compare models (or calibrate a predictor) on ``min`` or
+  a low percentile (``result.percentile(10)``) of such a run, not on one model's median.
+
+Python's garbage collector is paused while timing (as :mod:`timeit` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import resource
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl.errors import ConfigError
+from edgetl.runtime.base import Runner
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHAPE = (1, 3, 224, 224)
+CV_THRESHOLD = 0.1
+
+Shape = Sequence[int]
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Latency statistics of one runner, in milliseconds.
+
+    Attributes:
+        name: the runner's name.
+        backend: ``onnxruntime``, ``torch`` or ``tensorrt``.
+        shape: the input shape (NCHW).
+        batch: images per inference (``shape[0]``).
+        iterations: timed inferences.
+        warmup: untimed inferences before them.
+        p50, p90, p99, mean, min, max, std: latency statistics (ms).
+        cv: coefficient of variation, ``std / mean``.
+        throughput: images per second, ``batch / mean``.
+        peak_rss_mb: the process's peak resident memory while the benchmark ran (MB). On Linux the
+            high-water mark is reset when the benchmark starts; elsewhere it is the peak since the
+            process started.
+        unstable: ``cv`` is above the threshold (10%): the figures are noisy.
+        times_ms: every timed latency, in the order measured.
+    """
+
+    name: str
+    backend: str
+    shape: tuple[int, ...]
+    batch: int
+    iterations: int
+    warmup: int
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    min: float
+    max: float
+    std: float
+    cv: float
+    throughput: float
+    peak_rss_mb: float
+    unstable: bool
+    times_ms: tuple[float, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def from_times(
+        cls,
+        times_s: Sequence[float],
+        *,
+        name: str = "",
+        backend: str = "",
+        shape: Shape = DEFAULT_SHAPE,
+        warmup: int = 0,
+        peak_rss_mb: float = 0.0,
+        cv_threshold: float = CV_THRESHOLD,
+    ) -> BenchResult:
+        """Summarise latencies given in seconds."""
+        if len(times_s) == 0:
+            raise ConfigError("no timings to summarise; run at least one iteration")
+        ms = np.asarray(times_s, dtype=np.float64) * 1e3
+        p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
+        mean = float(ms.mean())
+        std = float(ms.std(ddof=1)) if ms.size > 1 else 0.0
+        cv = std / mean if mean > 0 else 0.0
+        shape = tuple(int(d) for d in shape)
+        batch = shape[0] if shape else 1
+        return cls(
+            name=name,
+            backend=backend,
+            shape=shape,
+            batch=batch,
+            iterations=int(ms.size),
+            warmup=warmup,
+            p50=p50,
+            p90=p90,
+            p99=p99,
+            mean=mean,
+            min=float(ms.min()),
+            max=float(ms.max()),
+            std=std,
+            cv=cv,
+            throughput=batch / (mean / 1e3) if mean > 0 else float("inf"),
+            peak_rss_mb=peak_rss_mb,
+            unstable=cv > cv_threshold,
+            times_ms=tuple(float(v) for v in ms),
+        )
+
+    def percentile(self, q: float) -> float:
+        """The ``q``-th percentile (0-100) of the latencies, in ms (e.g. ``percentile(10)``)."""
+        if not 0 <= q <= 100:
+            raise ConfigError(f"a percentile is between 0 and 100, got {q}")
+        return float(np.percentile(np.asarray(self.times_ms), q))
+
+    def to_dict(self, include_times: bool = False) -> dict[str, Any]:
+        """A JSON-friendly dict; latencies in ms, rounded to microseconds."""
+        d: dict[str, Any] = {
+            "name": self.name,
+            "backend": self.backend,
+            "shape": list(self.shape),
+            "batch": self.batch,
+            "iterations": self.iterations,
+            "warmup": self.warmup,
+        }
+        for key in ("p50", "p90", "p99", "mean", "min", "max", "std"):
+            d[f"{key}_ms"] = round(getattr(self, key), 4)
+        d["cv"] = round(self.cv, 4)
+        d["throughput"] = round(self.throughput, 2)
+        d["peak_rss_mb"] = round(self.peak_rss_mb, 1)
+        d["unstable"] = self.unstable
+        if include_times:
+            d["times_ms"] = [round(t, 4) for t in self.times_ms]
+        return d
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+_PROC_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak-RSS mark to its current RSS (Linux ``clear_refs``); False elsewhere."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident set size in MB (``VmHWM``, else ``getrusage().ru_maxrss``)."""
+    hwm = _vm_hwm_mb()
+    if hwm is not None:
+        return hwm
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / (1024.0 * 1024.0) if sys.platform == "darwin" else maxrss / 1024.0
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def random_input(shape: Shape, seed: int = 0) -> np.ndarray:
+    """A standard-normal float32 NCHW batch (normalised images look like this to a network)."""
+    _check_shape(shape)
+    return np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
+
+
+def _check_shape(shape: Shape) -> None:
+    if len(shape) == 0 or any(int(d) < 1 for d in shape):
+        raise ConfigError(f"input shape must be positive dimensions such as (1, 3, 224, 224), got {tuple(shape)}")
+
+
+def _check_counts(iterations: int, warmup: int) -> None:
+    if iterations < 1:
+        raise ConfigError(f"iterations must be at least 1, got {iterations}")
+    if warmup < 0:
+        raise ConfigError(f"warmup must be 0 or more, got {warmup}")
+
+
+def _warn_unstable(result: BenchResult, threshold: float) -> None:
+    if result.unstable:
+        log.warning(
+            "%s: timings are unstable (CV %.0f%% > %.0f%%): the machine is busy or throttling; "
+            "trust min (%.3f ms) or a low percentile, or run more iterations",
+            result.name, 100 * result.cv, 100 * threshold, result.min,
+        )
+
+
+def benchmark(
+    runner: Runner,
+    shape: Shape = DEFAULT_SHAPE,
+    iterations: int = 100,
+    warmup: int = 10,
+    feed: Mapping[str, np.ndarray] | np.ndarray | None = None,
+    seed: int = 0,
+    cv_threshold: float = CV_THRESHOLD,
+) -> BenchResult:
+    """Time ``iterations`` inferences of a runner after ``warmup`` untimed ones.
+
+    An inactive runner is activated for the benchmark (its load counts towards the peak memory) and
+    deactivated afterwards; an active one is left active.
+
+    Args:
+        runner: any :class:`~edgetl.runtime.base.Runner`.
+        shape: the NCHW input shape; the batch is ``shape[0]``.
+        iterations: timed inferences.
+        warmup: untimed inferences first (allocations, kernel selection, caches).
+        feed: the input to use instead of random data of ``shape``.
+        seed: seed of the random input.
+        cv_threshold: the CV above which the result is flagged unstable and a warning is logged.
+
+    Returns:
+        The latency statistics.
+    """
+    _check_counts(iterations, warmup)
+    if feed is None:
+        feed = random_input(shape, seed)
+    elif isinstance(feed, np.ndarray):
+        shape = feed.shape
+    else:
+        feed = dict(feed)
+        shape = next(iter(feed.values())).shape
+    reset_peak_rss()
+    with _activated([runner]):
+        for _ in range(warmup):
+            runner.infer(feed)
+        times: list[float] = []
+        with _gc_paused():
+            for _ in range(iterations):
+                runner.infer(feed)
+                times.append(runner.inference_times[-1])
+    result = BenchResult.from_times(
+        times, name=runner.name, backend=runner.backend, shape=shape, warmup=warmup,
+        peak_rss_mb=peak_rss_mb(), cv_threshold=cv_threshold,
+    )
+    _warn_unstable(result, cv_threshold)
+    return result
+
+
+def benchmark_interleaved(
+    runners: Mapping[str, Runner],
+    shape: Shape | Mapping[str, Shape] = DEFAULT_SHAPE,
+    rounds: int = 30,
+    iterations_per_round: int = 1,
+    warmup: int = 5,
+    shuffle: bool = True,
+    seed: int = 0,
+    cv_threshold: float = CV_THRESHOLD,
+) -> dict[str, BenchResult]:
+    """Time several runners round-robin, so that load on a shared machine hits them all alike.
+
+    Every runner is activated and warmed up first. Then each round runs every runner
+    ``iterations_per_round`` times, in a fresh random order per round (``shuffle``) or in a rotating
+    order, so that no model always runs right after the same neighbour.
+
+    Args:
+        runners: runners by label (the label names the result).
+        shape: one NCHW shape for all, or a shape per label (models at their own resolution).
+        rounds: how many rounds; each runner gets ``rounds * iterations_per_round`` timed runs.
+        iterations_per_round: consecutive runs of one runner within a round.
+        warmup: untimed runs per runner before the first round.
+        shuffle: randomise the order in each round (seeded); otherwise rotate it.
+        seed: seed of the order and of the random inputs.
+        cv_threshold: the CV above which a result is flagged unstable.
+
+    Returns:
+        A :class:`BenchResult` per label; ``peak_rss_mb`` is the process's peak over the whole run.
+    """
+    if not runners:
+        raise ConfigError("benchmark_interleaved needs at least one runner")
+    _check_counts(rounds * iterations_per_round, warmup)
+    if rounds < 1 or iterations_per_round < 1:
+        raise ConfigError("rounds and iterations_per_round must be at least 1")
+    labels = list(runners)
+    if isinstance(shape, Mapping):
+        missing = [label for label in labels if label not in shape]
+        if missing:
+            raise ConfigError(f"no input shape given for {', '.join(missing)}")
+        shapes = {label: tuple(shape[label]) for label in labels}
+    else:
+        shapes = {label: tuple(shape) for label in labels}
+    feeds = {label: random_input(shapes[label], seed) for label in labels}
+    rng = np.random.default_rng(seed)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+
+    reset_peak_rss()
+    with _activated(list(runners.values())):
+        for label in labels:
+            for _ in range(warmup):
+                runners[label].infer(feeds[label])
+        with _gc_paused():
+            for r in range(rounds):
+                if shuffle:
+                    order = [labels[i] for i in rng.permutation(len(labels))]
+                else:
+                    order = labels[r % len(labels):] + labels[: r % len(labels)]
+                for label in order:
+                    runner = runners[label]
+                    for _ in range(iterations_per_round):
+                        runner.infer(feeds[label])
+                        times[label].append(runner.inference_times[-1])
+    peak = peak_rss_mb()
+    results: dict[str, BenchResult] = {}
+    for label in labels:
+        result = BenchResult.from_times(
+            times[label], name=label, backend=runners[label].backend, shape=shapes[label], warmup=warmup,
+            peak_rss_mb=peak, cv_threshold=cv_threshold,
+        )
+        _warn_unstable(result, cv_threshold)
+        results[label] = result
+    return results
+
+
+@contextlib.contextmanager
+def _activated(runners: Sequence[Runner]) -> Iterator[None]:
+    """Activate the inactive runners for the block, then deactivate just those."""
+    started: list[Runner] = []
+    try:
+        for runner in runners:
+            if not runner.is_active:
+                runner.activate()
+                started.append(runner)
+        yield
+    finally:
+        for runner in reversed(started):
+            runner.deactivate()
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+def onnx_input_shape(
+    path: str | Path, batch: int | None = None, resolution: int | None = None
+) -> tuple[int, int, int, int]:
+    """The NCHW input shape to feed an ONNX file, from its graph and the sizes asked for.
+
+    A fixed dimension is used as it is (asking for another size is an error); a dynamic batch
+    defaults to 1; a dynamic height/width needs ``resolution``.
+
+    Raises:
+        ConfigError: the model's input is not NCHW, or conflicts with ``batch``/``resolution``.
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"ONNX model {path} does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ConfigError(f"{path} is not a readable ONNX model: {str(exc).splitlines()[0][:200]}") from exc
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ConfigError(f"{path} has {len(inputs)} inputs; edgetl benchmarks single-input image models")
+    dims = [d.dim_value if d.dim_value > 0 else None for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        raise ConfigError(f"{path}'s input '{inputs[0].name}' has {len(dims)} dimensions; expected NCHW")
+    n, c, h, w = dims
+    if c is None:
+        raise ConfigError(f"{path}'s input has a dynamic channel dimension; export it with a fixed one")
+    if batch is not None and n is not None and batch != n:
+        raise ConfigError(f"{path} has a fixed batch of {n}; use --batch {n} or export with a dynamic batch")
+    if resolution is not None and h is not None and w is not None and (h, w) != (resolution, resolution):
+        raise ConfigError(f"{path} takes {h}x{w} images; drop --resolution or re-export at {resolution}")
+    if h is None or w is None:
+        if resolution is None:
+            raise ConfigError(f"{path} has a dynamic image size; pass --resolution")
+        h, w = h or resolution, w or resolution
+    return (n or batch or 1, c, h, w)
