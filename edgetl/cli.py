@@ -124,8 +124,12 @@ def models_cmd(pattern: str | None, default_only: bool, as_json: bool) -> None:
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write the rows as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write the Pareto bubble chart (PNG).")
+@click.option("--measure", "measure_n", type=int, default=None, is_flag=False, flag_value=5,
+              help="Also time the top N (default 5) for real on this machine with ONNX Runtime.")
+@click.option("--threads", type=int, default=None, help="Threads for --measure [default: the profile's, else all].")
 def select_cmd(device, precision, resolution, batch, max_latency_ms, max_memory_mb, max_size_mb,
-               min_accuracy, top, pattern, default_weights, as_json, csv_path, plot_path) -> None:
+               min_accuracy, top, pattern, default_weights, as_json, csv_path, plot_path, measure_n,
+               threads) -> None:
     """Rank pretrained backbones for a device by predicted latency, memory, size and top-1."""
     from edgetl.select import select
 
@@ -146,13 +150,48 @@ def select_cmd(device, precision, resolution, batch, max_latency_ms, max_memory_
         click.echo(f"wrote {csv_path}", err=True)
     if not ranking.rows:
         raise ConstraintError(ranking.no_fit_message())
+    measured_note = None
+    if measure_n:
+        measured_note = _measure_ranking(ranking, measure_n, threads, quiet=as_json)
     if as_json:
-        emit_json(ranking.to_json())
+        rows = ranking.to_json()
+        if measure_n:
+            for row, r in zip(rows, ranking.rows, strict=True):
+                row["measured_ms"] = None if r.measured_ms is None else round(r.measured_ms, 4)
+        emit_json(rows)
         return
-    _print_ranking(ranking)
+    _print_ranking(ranking, measured=bool(measure_n))
+    if measured_note:
+        _stdout_console().print(measured_note)
 
 
-def _print_ranking(ranking) -> None:
+def _measure_ranking(ranking, n: int, threads: int | None, quiet: bool) -> str:
+    """Time the top ``n`` rows on this machine and attach ``measured_ms``; return a note for the user."""
+    from edgetl.calibrate import is_this_machine
+    from edgetl.measure import measure_models
+
+    rows = ranking.rows[:n]
+    p = ranking.profile
+    if threads is None and is_this_machine(p):
+        threads = p.calibrated.get("threads")
+    with _progress("exporting for measurement") as advance:
+        results = measure_models(
+            [r.card.id for r in rows], resolution=None, batch=ranking.batch, threads=threads, progress=advance
+        )
+    for r in rows:
+        r.measured_ms = results[r.card.id].min_ms
+    notes = [f"measured here with ONNX Runtime CPU fp32 (minimum of {results[rows[0].card.id].runs} interleaved runs)"]
+    if not is_this_machine(p):
+        notes.append(
+            f"'{p.name}' is not this machine: the measurement is of this machine, the prediction of {p.name}; "
+            "run `edgetl device calibrate` for a profile of this machine"
+        )
+    elif ranking.precision != "fp32":
+        notes.append(f"the prediction is at {ranking.precision}, the measurement at fp32")
+    return "note: " + "; ".join(notes)
+
+
+def _print_ranking(ranking, measured: bool = False) -> None:
     from rich.table import Table
 
     p = ranking.profile
@@ -161,17 +200,23 @@ def _print_ranking(ranking) -> None:
         f" · constraints: {ranking.constraints.describe()}"
     )
     table = Table(title=title)
-    cols = ("#", "model", "weights", "top-1", "params (M)", "GFLOPs", f"size MB ({ranking.precision})",
-            "latency ms", "FPS", "memory MB", "Pareto", "fits")
+    cols = ["#", "model", "weights", "top-1", "params (M)", "GFLOPs", f"size MB ({ranking.precision})",
+            "latency ms", "FPS", "memory MB", "Pareto", "fits"]
+    if measured:
+        cols[8:8] = ["measured ms (here)", "pred/meas"]
     for col in cols:
         table.add_column(col, justify="left" if col in ("model", "weights") else "right")
     for i, r in enumerate(ranking.rows, 1):
         d = r.to_dict()
-        table.add_row(
+        cells = [
             str(i), d["model"], d["weights"], f"{d['top1']:.2f}", f"{d['params_m']:.1f}", f"{d['gflops']:.2f}",
             f"{d['size_mb']:.1f}", f"{d['latency_ms']:.2f}", f"{d['fps']:.0f}", f"{d['memory_mb']:.0f}",
             "★" if d["pareto"] else "", "✓" if d["fits"] else "✗",
-        )
+        ]
+        if measured:
+            m = r.measured_ms
+            cells[8:8] = ["" if m is None else f"{m:.2f}", "" if m is None else f"{r.latency_ms / m:.2f}"]
+        table.add_row(*cells)
     console = _stdout_console()
     console.print(table)
     n_fit = sum(1 for r in ranking.candidates if r.fits)
@@ -347,6 +392,151 @@ def weights_pull_cmd(model: str, dest: str | None, as_json: bool) -> None:
         emit_json({"model": model, "file": str(path)})
     else:
         click.echo(f"{path}\ncopy it into ~/.cache/torch/hub/checkpoints or $EDGETL_WEIGHTS_DIR on the offline machine")
+
+
+@cli.command("bench")
+@click.argument("target", metavar="MODEL|FILE.onnx")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
+              show_default=True)
+@click.option("--batch", type=int, default=None, help="Images per inference [default: 1, or the file's fixed batch].")
+@click.option("--resolution", type=int, default=None,
+              help="Input size [default: the model's own resolution, or the file's input size].")
+@click.option("--iterations", type=int, default=100, show_default=True, help="Timed inferences.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed inferences first.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads [default: all cores].")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True,
+              help="TensorRT engine precision (tensorrt runtime only; int8 needs a QDQ model).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def bench_cmd(target, runtime, batch, resolution, iterations, warmup, threads, precision, as_json) -> None:
+    """Time a catalog model (exported with random weights) or an ONNX file on this machine.
+
+    Reports latency percentiles, throughput, peak memory and the coefficient of variation; a CV
+    above 10% means the machine was busy and the figures are noisy (trust min then).
+    """
+    from pathlib import Path
+
+    from edgetl.errors import ConfigError
+    from edgetl.runtime import make_runner
+    from edgetl.runtime.bench import benchmark, onnx_input_shape
+
+    for label, value in (("--batch", batch), ("--resolution", resolution), ("--threads", threads)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{label} must be at least 1, got {value}")
+    err = _stderr_console()
+    is_file = target.lower().endswith((".onnx", ".engine", ".plan", ".trt")) or Path(target).is_file()
+    info: dict[str, Any] = {"model": target, "runtime": runtime, "threads": threads}
+    if is_file:
+        path = Path(target)
+        if runtime == "torch":
+            raise ConfigError(
+                f"--runtime torch runs catalog models in PyTorch, not files; time {path.name} with "
+                "--runtime onnxruntime or tensorrt"
+            )
+        if not path.is_file():
+            raise ConfigError(f"{path} does not exist")
+        if path.suffix.lower() == ".onnx":
+            shape = onnx_input_shape(path, batch, resolution)
+        elif resolution is None:
+            raise ConfigError(f"pass --resolution to time the engine {path.name}")
+        else:
+            shape = (batch or 1, 3, resolution, resolution)
+        info.update(model=path.name, source="file", file=str(path))
+    else:
+        from edgetl.catalog import get_card
+
+        card = get_card(target)
+        res = resolution or card.resolution
+        shape = (batch or 1, 3, res, res)
+        info.update(model=card.name, source="catalog", weights="none (random init)")
+        if runtime == "torch":
+            from edgetl.weights import load_model
+
+            path = load_model(card, weights=None, resolution=res).model
+        else:
+            from edgetl.export.onnx import cached_catalog_onnx
+
+            with err.status(f"exporting {card.name} at {res}px to ONNX"):
+                report = cached_catalog_onnx(card.id, resolution=res)
+            path = report.path
+            info["onnx"] = {"nodes_exported": report.nodes_exported, "nodes": report.nodes,
+                            "opset": report.opset, "exporter": report.exporter}
+    kwargs: dict[str, Any] = {}
+    if runtime in ("onnxruntime", "torch"):
+        kwargs["threads"] = threads
+    else:
+        kwargs.update(precision=precision, max_batch=max(8, shape[0]))
+        if threads is not None:
+            err.print("[yellow]--threads has no effect with --runtime tensorrt[/]")
+    runner = make_runner(runtime, path, name=info["model"], **kwargs)
+    with err.status(f"timing {info['model']} on {runtime}: {warmup} warm-up + {iterations} runs"):
+        result = benchmark(runner, shape=shape, iterations=iterations, warmup=warmup)
+    if as_json:
+        emit_json({**info, **result.to_dict()})
+        return
+    _print_bench(info, result)
+
+
+def _print_bench(info: dict[str, Any], result) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{info['model']} on {info['runtime']}", show_header=False, title_justify="left")
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("input", "x".join(str(d) for d in result.shape))
+    table.add_row("threads", "all" if info.get("threads") is None else str(info["threads"]))
+    if "onnx" in info:
+        onnx_info = info["onnx"]
+        table.add_row("onnx nodes", f"{onnx_info['nodes']} (exported {onnx_info['nodes_exported']})")
+    table.add_row("iterations", f"{result.iterations} (+{result.warmup} warm-up)")
+    for key in ("p50", "p90", "p99", "mean", "min", "max"):
+        table.add_row(f"{key} ms", f"{getattr(result, key):.3f}")
+    cv_style = "red" if result.unstable else "green"
+    table.add_row("CV", f"[{cv_style}]{100 * result.cv:.1f}%[/]")
+    table.add_row("throughput", f"{result.throughput:.1f} img/s")
+    table.add_row("peak RSS", f"{result.peak_rss_mb:.0f} MB")
+    _stdout_console().print(table)
+
+
+@cli.group("device")
+def device_group() -> None:
+    """Device profiles of this machine."""
+
+
+@device_group.command("calibrate")
+@click.option("--name", default="local", show_default=True, help="Profile name (then usable as --device NAME).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="YAML file to write [default: the user profile folder, where --device finds it].")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime threads [default: all cores].")
+@click.option("--rounds", type=int, default=25, show_default=True, help="Timed runs per model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document on stdout.")
+def device_calibrate_cmd(name: str, out: str | None, threads: int | None, rounds: int, as_json: bool) -> None:
+    """Measure this machine and write a device profile fitted to it."""
+    from edgetl.calibrate import calibrate
+
+    with _progress("calibrating") as advance:
+        result = calibrate(name=name, out=out, threads=threads, rounds=rounds, progress=advance)
+    summary = {
+        "profile": result.profile.name,
+        "path": str(result.path),
+        "seconds": round(result.seconds, 1),
+        "models": {
+            m: {"measured_ms": round(meas.min_ms, 3), "cv": round(meas.cv, 3), "fit_ratio": round(result.ratios[m], 3)}
+            for m, meas in result.measurements.items()
+        },
+    }
+    if as_json:
+        emit_json(summary)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"calibration of {result.profile.calibrated['cpu']} ({result.seconds:.0f} s)")
+    for col in ("model", "measured ms (min)", "CV", "fitted / measured"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for m, d in summary["models"].items():
+        table.add_row(m, f"{d['measured_ms']:.2f}", f"{d['cv']:.2f}", f"{d['fit_ratio']:.2f}")
+    console = _stdout_console()
+    console.print(table)
+    console.print(f"wrote {result.path}; use it with --device {result.profile.name}")
 
 
 def main() -> None:
