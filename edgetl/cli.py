@@ -309,7 +309,8 @@ def devices_cmd(as_json: bool) -> None:
 @click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
               help="Offline folder of torchvision weights files [default: $EDGETL_WEIGHTS_DIR].")
 @click.option("--strategy", type=click.Choice(["auto", "linear", "partial", "full"]), default="auto", show_default=True)
-@click.option("--unfreeze", type=int, default=None, help="Blocks to train with --strategy partial [default: last quarter].")
+@click.option("--unfreeze", type=int, default=None,
+              help="Blocks to train with --strategy partial [default: the last quarter].")
 @click.option("--domain", type=click.Choice(["auto", "similar", "different"]), default="auto", show_default=True,
               help="Similarity of the images to ImageNet (auto: measured).")
 @click.option("--epochs", type=int, default=10, show_default=True)
@@ -328,7 +329,8 @@ def devices_cmd(as_json: bool) -> None:
 @click.option("--balance", is_flag=True, help="Sample classes equally often.")
 @click.option("--on-bad-image", type=click.Choice(["skip", "error"]), default="skip", show_default=True)
 @click.option("--workers", type=int, default=0, show_default=True, help="Data-loading processes.")
-@click.option("--patience", type=int, default=5, show_default=True, help="Early-stopping patience (epochs).")
+@click.option("--patience", type=int, default=5, show_default=True,
+              help="Stop after N epochs without a better val accuracy (0: never).")
 @click.option("--deterministic", is_flag=True, help="Deterministic algorithms only.")
 @click.option("--no-feature-cache", is_flag=True, help="Run the backbone every epoch even for the linear probe.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document on stdout.")
@@ -358,8 +360,8 @@ def finetune_cmd(model, data, out, weights, weights_dir, strategy, unfreeze, dom
         return
     from rich.table import Table
 
-    table = Table(title=f"finetune {result.model}", show_header=False)
-    table.add_row("strategy", f"{result.strategy.strategy} ({result.strategy.reason})")
+    table = Table(title=f"finetune {result.model} (weights: {result.weights})", show_header=False)
+    table.add_row("strategy", f"{result.strategy.strategy}: {result.strategy.reason}")
     for label, value in (("val accuracy", result.val_accuracy), ("test accuracy", result.test_accuracy)):
         table.add_row(label, "—" if value is None else f"{100 * value:.1f}%")
     early = " (early stop)" if result.stopped_early else ""

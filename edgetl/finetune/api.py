@@ -1,0 +1,785 @@
+"""``finetune()``: train a catalog backbone on a folder of images and write a run folder.
+
+RUN_DIR after a run::
+
+    config.yaml               the resolved options (what --resume reuses)
+    splits.json               the train/val/test files and labels, and the skipped files
+    model.safetensors         the best weights (highest validation accuracy)
+    checkpoint.json           model, weights source, classes, strategy, resolution, preprocess,
+                              per-epoch metrics, final metrics: what load_trained_model() reads
+    last.safetensors          weights after the last finished epoch (for --resume)
+    last.optim.safetensors    AdamW state after the last finished epoch
+    last.json                 loop, scheduler and optimizer scalars after the last finished epoch
+    metrics.json              per-epoch metrics, final val/test accuracy, per-class accuracy, confusion
+    curves.png, confusion.png the training curves and the confusion matrix
+
+Nothing is ever pickled: tensors go to safetensors, everything else to JSON/YAML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgetl._io import atomic_write_json, atomic_write_text
+from edgetl.catalog import get_card
+from edgetl.errors import CheckpointError, ConfigError, TrainingInterrupted
+from edgetl.finetune import checkpoint as ckpt
+from edgetl.finetune.strategy import DomainEstimate, StrategyDecision
+
+if TYPE_CHECKING:
+    import torch
+
+    from edgetl.finetune.model import TrainedModel
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+SPLITS_FILE = "splits.json"
+CURVES_PNG = "curves.png"
+CONFUSION_PNG = "confusion.png"
+
+# Options that define the training computation; --resume takes them from config.yaml.
+_RUN_OPTIONS = (
+    "model", "data", "weights", "weights_dir", "strategy", "unfreeze", "domain", "epochs", "lr",
+    "layer_decay", "weight_decay", "warmup_epochs", "label_smoothing", "batch_size", "resolution", "seed",
+    "val_split", "test_split", "augment", "balance", "on_bad_image", "patience", "deterministic",
+    "feature_cache",
+)
+
+
+@dataclass
+class RunResult:
+    """What :func:`finetune` returns.
+
+    Attributes:
+        run_dir: the run folder.
+        checkpoint: the best weights (``RUN_DIR/model.safetensors``).
+        model: the catalog id of the backbone.
+        classes: class names in output order.
+        strategy: the strategy used and why.
+        val_accuracy, test_accuracy: final accuracy of the best weights (None without that split).
+        best_epoch: the epoch whose weights were kept.
+        epochs_run: epochs finished (fewer than asked after an early stop).
+        stopped_early: whether early stopping ended the run.
+        feature_cache: whether the linear probe trained on cached features.
+        weights: the starting weights (``imagenet``, ``none`` or a PATH).
+        skipped: unreadable images left out, as ``(path, reason)``.
+        metrics: the content of ``metrics.json``.
+        resumed_from: the epoch a resumed run started from (None for a fresh run).
+        seconds: wall-clock time of the call.
+    """
+
+    run_dir: Path
+    checkpoint: Path
+    model: str
+    classes: list[str]
+    strategy: StrategyDecision
+    val_accuracy: float | None
+    test_accuracy: float | None
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    feature_cache: bool
+    weights: str = "imagenet"
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    resumed_from: int | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly summary (``edgetl finetune --json``)."""
+        return {
+            "run_dir": str(self.run_dir),
+            "checkpoint": str(self.checkpoint),
+            "model": self.model,
+            "weights": self.weights,
+            "classes": self.classes,
+            "strategy": self.strategy.to_dict(),
+            "val_accuracy": self.val_accuracy,
+            "test_accuracy": self.test_accuracy,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "stopped_early": self.stopped_early,
+            "feature_cache": self.feature_cache,
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            "resumed_from": self.resumed_from,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def load_trained_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> TrainedModel:
+    """Load a run's best fine-tuned model (see :func:`edgetl.finetune.model.load_trained_model`).
+
+    Returns:
+        A :class:`~edgetl.finetune.model.TrainedModel`: an ``nn.Module`` in eval mode with ``card``,
+        ``classes``, ``preprocess``, ``resolution`` and ``metrics``.
+    """
+    from edgetl.finetune.model import load_trained_model as _load
+
+    return _load(run_dir, device)
+
+
+# --- options -------------------------------------------------------------------------------------
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} has no {CONFIG_FILE}: it is not an edgetl run folder to resume")
+    try:
+        return dict(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"{path} is not valid YAML ({exc})") from exc
+
+
+def _resume_options(run_dir: Path, given: dict[str, Any]) -> dict[str, Any]:
+    saved = _read_config(run_dir)
+    if not (run_dir / ckpt.LAST_META).is_file():
+        raise CheckpointError(f"{run_dir} has no finished epoch to resume from; start the run again without --resume")
+    if given.get("model") and get_card(given["model"]).id != saved.get("model"):
+        raise ConfigError(
+            f"{run_dir} was trained with {saved.get('model')}, not {given['model']}; "
+            "omit --model to resume it, or choose another --out"
+        )
+    if given.get("data") and str(Path(given["data"]).expanduser().resolve()) != saved.get("data"):
+        raise ConfigError(
+            f"{run_dir} was trained on {saved.get('data')}, not {given['data']}; omit --data to resume it"
+        )
+    opts = dict(given)
+    opts.update({k: saved[k] for k in _RUN_OPTIONS if k in saved})
+    return opts
+
+
+def _check_fresh(run_dir: Path) -> None:
+    if (run_dir / ckpt.LAST_META).exists() or (run_dir / ckpt.BEST_META).exists():
+        raise CheckpointError(
+            f"{run_dir} already holds a run; resume it with --resume, or choose another --out"
+        )
+
+
+def _splits_digest(splits: Any) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(splits.classes).encode())
+    for name in ("train", "val", "test"):
+        for path, label in getattr(splits, name):
+            h.update(f"{name}\0{path}\0{label}\n".encode())
+    return h.hexdigest()
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def finetune(
+    model: str | None = None,
+    data: str | os.PathLike[str] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    weights: str = "imagenet",
+    weights_dir: str | os.PathLike[str] | None = None,
+    strategy: str = "auto",
+    unfreeze: int | None = None,
+    domain: str = "auto",
+    epochs: int = 10,
+    lr: float = 1e-3,
+    layer_decay: float = 0.7,
+    weight_decay: float = 0.05,
+    warmup_epochs: float = 1.0,
+    label_smoothing: float = 0.0,
+    batch_size: int = 32,
+    resolution: int | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    seed: int = 0,
+    val_split: float = 0.2,
+    test_split: float = 0.0,
+    augment: str | None = None,
+    balance: bool = False,
+    on_bad_image: str = "skip",
+    workers: int = 0,
+    patience: int | None = 5,
+    deterministic: bool = False,
+    feature_cache: bool | None = None,
+    progress: bool = True,
+    callbacks: tuple[Callable[[int, dict[str, Any]], None], ...] = (),
+    on_decision: Callable[[StrategyDecision], None] | None = None,
+    checkpoint_interval: float = 30.0,
+) -> RunResult:
+    """Fine-tune a catalog backbone on an image dataset and write the run folder ``out``.
+
+    Args:
+        model: catalog name or id (``resnet18``, ``mobilenet_v3_small.IMAGENET1K_V1``).
+        data: a folder of class folders, a folder with ``train/`` and ``val/``, or a CSV
+            (see :func:`edgetl.data.scan_dataset`).
+        out: the run folder to write.
+        weights: ``imagenet``, ``none`` or a PATH to a state_dict (see :mod:`edgetl.weights`).
+        weights_dir: offline folder of torchvision weights files (default ``$EDGETL_WEIGHTS_DIR``).
+        strategy: ``auto``, ``linear``, ``partial`` or ``full`` (see :mod:`edgetl.finetune.strategy`).
+        unfreeze: blocks to train under ``partial`` (default: the last quarter).
+        domain: ``auto``, ``similar`` or ``different`` (for the auto strategy).
+        epochs: maximum epochs.
+        lr: the head's peak learning rate (the backbone's is 10x smaller at the top block).
+        layer_decay: LR factor from one block to the one below.
+        weight_decay: AdamW weight decay (not on norms, biases, embeddings).
+        warmup_epochs: linear warm-up length.
+        label_smoothing: cross-entropy label smoothing.
+        batch_size: images per step (per process under torchrun).
+        resolution: input size (default: the card's crop size).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        resume: continue the run in ``out`` from its last finished epoch, with its saved options.
+        seed: seed of the split, the initialisation and every epoch's randomness.
+        val_split, test_split: held-out fractions (see :func:`edgetl.data.scan_dataset`).
+        augment: ``none``, ``light`` or ``strong``; default ``none`` for the linear probe (so its
+            features can be cached), ``light`` otherwise.
+        balance: sample classes equally often.
+        on_bad_image: ``skip`` or ``error``.
+        workers: data-loading processes.
+        patience: early-stopping patience in epochs (None or 0: off).
+        deterministic: deterministic algorithms only.
+        feature_cache: train the linear probe on cached features; None means whenever possible.
+        progress: show progress bars on stderr.
+        callbacks: called with ``(epoch, record)`` after each finished (and saved) epoch.
+        on_decision: called with the strategy decision before training starts.
+        checkpoint_interval: write checkpoints at most this often (seconds); the final epoch, an early
+            stop, Ctrl-C and errors always write them. 0 writes after every epoch.
+
+    Returns:
+        The run's result: accuracies, best epoch, checkpoint path, strategy and reason.
+
+    Raises:
+        DataError, WeightsError, ConfigError, CheckpointError: bad input (one-line message).
+        TrainingInterrupted: Ctrl-C; the last finished epoch is saved (exit code 130 in the CLI).
+    """
+    if out is None:
+        raise ConfigError("finetune needs an output folder (out=... / --out RUN_DIR)")
+    run_dir = Path(out).expanduser()
+    given = {k: v for k, v in locals().items() if k in _RUN_OPTIONS}
+    if resume:
+        opts = _resume_options(run_dir, given)
+    else:
+        if not model or not data:
+            raise ConfigError("finetune needs a model and a dataset (--model NAME --data DIR)")
+        _check_fresh(run_dir)
+        opts = dict(given)
+        opts["model"] = get_card(model).id
+        opts["data"] = str(Path(data).expanduser().resolve())
+    opts.update(device=device, workers=workers)
+    return _Run(run_dir, opts, resume, progress, callbacks, on_decision, checkpoint_interval).run()
+
+
+class _Run:
+    """One fine-tuning run, step by step (kept in one object so the steps can share their state)."""
+
+    def __init__(self, run_dir: Path, opts: dict[str, Any], resume: bool, progress: bool,
+                 callbacks: tuple[Callable[..., None], ...], on_decision: Callable[[StrategyDecision], None] | None,
+                 checkpoint_interval: float = 30.0):
+        self.run_dir = run_dir
+        self.opts = opts
+        self.resume = resume
+        self.progress = progress
+        self.callbacks = callbacks
+        self.on_decision = on_decision
+        self.start = time.perf_counter()
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_val: Any = None
+        self.checkpoint_interval = checkpoint_interval
+        self._pending_best: dict[str, Any] | None = None
+        self._pending_last: tuple[Any, Any, dict[str, Any]] | None = None
+        self._last_write = time.monotonic()
+
+    # -- setup --
+
+    def run(self) -> RunResult:
+        import torch
+
+        from edgetl.finetune.distributed import init_distributed, shutdown
+        from edgetl.finetune.trainer import resolve_device, seed_everything
+
+        o = self.opts
+        self.device = resolve_device(o["device"])
+        self.dist = init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        try:
+            seed_everything(int(o["seed"]), bool(o["deterministic"]))
+            self._check_options()
+            return self._run()
+        finally:
+            torch.use_deterministic_algorithms(deterministic)  # leave the process as it was
+            shutdown(self.dist)
+
+    def _check_options(self) -> None:
+        o = self.opts
+        for key in ("epochs", "batch_size"):
+            if int(o[key]) < 1:
+                raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {o[key]}")
+        if o.get("workers", 0) < 0:
+            raise ConfigError(f"--workers must be >= 0, got {o['workers']}")
+        if o["resolution"] is not None and int(o["resolution"]) < 16:
+            raise ConfigError(f"--resolution must be >= 16 pixels, got {o['resolution']}")
+
+    def _write_config(self) -> None:
+        import yaml
+
+        atomic_write_text(self.run_dir / CONFIG_FILE, yaml.safe_dump(
+            {k: self.opts[k] for k in _RUN_OPTIONS}, sort_keys=False))
+
+    def _run(self) -> RunResult:
+        import torch
+
+        from edgetl import data as D
+        from edgetl.catalog import replace_head
+        from edgetl.finetune.strategy import apply_strategy
+        from edgetl.weights import load_model
+
+        o, main = self.opts, self.dist.is_main
+        card = self.card = get_card(o["model"])
+        res = int(o["resolution"] or card.resolution)
+        if card.family not in ("vit", "maxvit") and res < card.min_size[0]:
+            raise ConfigError(
+                f"{card.name} needs inputs of at least {card.min_size[0]} px; --resolution {res} is too small"
+            )
+        o["resolution"] = res
+
+        splits = self.splits = D.scan_dataset(
+            o["data"], o["val_split"], o["test_split"], int(o["seed"]), o["on_bad_image"]
+        )
+        self.classes = splits.classes
+        digest = _splits_digest(splits)
+        resume_meta = None
+        if self.resume:
+            resume_meta, resume_weights, resume_optim = ckpt.load_last(self.run_dir)
+            if resume_meta.get("splits_digest") != digest:
+                raise CheckpointError(
+                    f"the dataset {o['data']} changed since {self.run_dir} was started (files or classes differ); "
+                    "start a new run instead of --resume"
+                )
+
+        loaded = self.loaded = load_model(card, o["weights"], o["weights_dir"], resolution=res, progress=self.progress)
+        self.preprocess = card.preprocess.at_resolution(res)
+        self.eval_tf = D.build_transform(card.preprocess, res, train=False)
+
+        # A resumed run keeps its decision: the domain is not measured again.
+        decision = self._decide(loaded) if resume_meta is None else _decision_from_dict(resume_meta["strategy"])
+        self.decision = decision
+        log.info("strategy: %s", decision.reason)
+        if self.on_decision is not None and main:
+            self.on_decision(decision)
+        if o["augment"] is None:
+            o["augment"] = "none" if decision.strategy == "linear" else "light"
+        if main and not self.resume:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._write_config()
+            atomic_write_json(self.run_dir / SPLITS_FILE, _splits_json(splits))
+
+        net = self.net = loaded.model
+        torch.manual_seed(int(o["seed"]))
+        replace_head(net, card, len(self.classes))
+        self.plan = apply_strategy(net, card, decision)
+        net.to(self.device)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            net.to(memory_format=torch.channels_last)
+        self.use_cache = self._use_feature_cache(res)
+
+        train_loader, val_loader, forward = self._loaders()
+        trainer = self._trainer_ref = self._trainer(forward, steps_per_epoch=len(train_loader))
+        state = None
+        if resume_meta is not None:
+            state = self._restore(trainer, resume_meta, resume_weights, resume_optim)
+        self.resumed_from = state.epoch if state is not None else None
+        self.digest = digest
+        try:
+            try:
+                state = trainer.fit(train_loader, val_loader, state)
+            finally:
+                self._flush()  # keep the last finished epoch, whatever stopped the run
+        except TrainingInterrupted as exc:
+            done = exc.epochs_done
+            hint = (
+                f"epoch {done} is saved in {self.run_dir}; resume with "
+                f"`edgetl finetune --out {self.run_dir} --resume` (Python: finetune(out=..., resume=True))"
+                if done else f"no epoch finished, so nothing was saved; start the run again (out={self.run_dir})"
+            )
+            raise TrainingInterrupted(done, int(o["epochs"]), hint) from exc
+        return self._finish(trainer, state, val_loader)
+
+    def _decide(self, loaded: Any) -> StrategyDecision:
+        from edgetl import data as D
+        from edgetl.finetune.strategy import DOMAIN_SAMPLE_IMAGES, choose_strategy, estimate_domain
+
+        o = self.opts
+        domain = None
+        if o["strategy"] == "auto":
+            if o["domain"] == "auto" and loaded.pretrained:
+                records = list(self.splits.train)
+                random.Random(int(o["seed"])).shuffle(records)
+                sample = records[:DOMAIN_SAMPLE_IMAGES]
+                loader = D.make_loader(sample, self.eval_tf, int(o["batch_size"]), shuffle=False,
+                                       num_workers=int(o["workers"]), device=self.device, seed=int(o["seed"]))
+                loaded.model.to(self.device)
+                domain = estimate_domain("auto", loaded.model, loader, self.device)
+            else:
+                domain = estimate_domain(o["domain"], loaded.model if loaded.pretrained else None)
+        return choose_strategy(
+            o["strategy"], len(self.card.block_paths), len(self.splits.train), len(self.classes), domain,
+            o["unfreeze"],
+        )
+
+    def _use_feature_cache(self, res: int) -> bool:
+        import torch
+
+        from edgetl.finetune.features import head_is_output
+
+        o = self.opts
+        wanted = o["feature_cache"]
+        reasons = []
+        if self.decision.strategy != "linear":
+            reasons.append(f"the strategy is {self.decision.strategy}, not linear")
+        if o["augment"] != "none":
+            reasons.append(f"augmentation is {o['augment']}")
+        if not reasons:
+            example = torch.zeros(1, 3, res, res, device=self.device)
+            if not head_is_output(self.net, self.card.head_path, example):
+                reasons.append(f"{self.card.name}'s head is not its last layer")
+        if reasons:
+            if wanted:
+                raise ConfigError(
+                    f"the feature cache needs the linear strategy without augmentation: {'; '.join(reasons)}"
+                )
+            if self.decision.strategy == "linear":
+                log.info("linear probe without feature cache: %s", "; ".join(reasons))
+            return False
+        return wanted is None or bool(wanted)
+
+    def _train_sampler(self, size: int, labels: list[int], distributed: bool) -> Any:
+        from edgetl.finetune.distributed import EpochSampler
+
+        o = self.opts
+        weights = None
+        if o["balance"]:
+            counts = Counter(labels)
+            weights = [1.0 / counts[y] for y in labels]
+        if distributed and self.dist.enabled and weights is None:
+            from torch.utils.data import DistributedSampler
+
+            return DistributedSampler(range(size), num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                      shuffle=True, seed=int(o["seed"]))
+        world = self.dist.world_size if distributed else 1
+        rank = self.dist.rank if distributed else 0
+        return EpochSampler(size, int(o["seed"]), weights, world, rank)
+
+    def _image_loader(self, records: list, transform: Any, sampler: Any, drop_last: bool = False) -> Any:
+        from edgetl import data as D
+
+        o = self.opts
+        return D.make_loader(
+            records, transform, int(o["batch_size"]), shuffle=False, num_workers=int(o["workers"]),
+            device=self.device, sampler=sampler, seed=int(o["seed"]), on_bad_image=o["on_bad_image"],
+            drop_last=drop_last, skipped=self.splits.skipped,
+        )
+
+    def _eval_loader(self, records: list) -> Any:
+        from edgetl.finetune.distributed import ShardSampler
+
+        if not records:
+            return None
+        sampler = ShardSampler(len(records), self.dist.world_size, self.dist.rank) if self.dist.enabled else None
+        return self._image_loader(records, self.eval_tf, sampler)
+
+    def _features(self, records: list, name: str) -> Any:
+        from edgetl.finetune.features import extract_features
+
+        loader = self._eval_loader(records)
+        if loader is None:
+            return None
+        from edgetl.finetune.trainer import ProgressDisplay
+
+        t0 = time.perf_counter()
+        with ProgressDisplay(self.progress and self.dist.is_main) as bar:
+            bar.start(f"caching {name} features", len(loader))
+            cache = extract_features(
+                self.net, self.card.head_path, loader, self.device,
+                amp_dtype=self._amp_dtype(), channels_last=self.device.type == "cuda",
+                disk_dir=self.run_dir / ".feature_cache", name=name, dist=self.dist,
+                progress=lambda _done: bar.update(),
+            )
+        log.info("cached %d %s features of size %d in %.1f s", len(cache), name, cache.dim, time.perf_counter() - t0)
+        return cache
+
+    def _amp_dtype(self) -> Any:
+        import torch
+
+        if self.device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def _loaders(self) -> tuple[Any, Any, Any]:
+        from edgetl import data as D
+        from edgetl.finetune.features import FeatureBatches
+
+        o = self.opts
+        bs = int(o["batch_size"])
+        labels = [y for _, y in self.splits.train]
+        if self.use_cache:
+            train_cache = self._features(self.splits.train, "train")
+            self.val_cache = self._features(self.splits.val, "val")
+            sampler = self._train_sampler(len(train_cache), train_cache.labels.tolist(), distributed=False)
+            train = FeatureBatches(train_cache, bs, sampler)
+            val = FeatureBatches(self.val_cache, bs) if self.val_cache is not None else None
+            return train, val, self.net.get_submodule(self.card.head_path)
+        train_tf = D.build_transform(self.card.preprocess, o["resolution"], train=True, augment=o["augment"])
+        sampler = self._train_sampler(len(self.splits.train), labels, distributed=True)
+        # A last batch of one image breaks BatchNorm in training mode: drop it in that case only.
+        drop_last = len(sampler) % bs == 1 and self.decision.strategy != "linear"
+        train = self._image_loader(self.splits.train, train_tf, sampler, drop_last=drop_last)
+        val = self._eval_loader(self.splits.val)
+        forward = self.net
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            forward = DistributedDataParallel(self.net, device_ids=ids)
+        return train, val, forward
+
+    def _trainer(self, forward: Any, steps_per_epoch: int) -> Any:
+        import torch
+
+        from edgetl.finetune.distributed import DistInfo
+        from edgetl.finetune.strategy import build_param_groups
+        from edgetl.finetune.trainer import TrainConfig, Trainer, make_scheduler
+
+        o = self.opts
+        config = TrainConfig(
+            epochs=int(o["epochs"]), lr=float(o["lr"]), layer_decay=float(o["layer_decay"]),
+            weight_decay=float(o["weight_decay"]), warmup_epochs=float(o["warmup_epochs"]),
+            patience=o["patience"], label_smoothing=float(o["label_smoothing"]), seed=int(o["seed"]),
+            deterministic=bool(o["deterministic"]), progress=self.progress and self.dist.is_main,
+        )
+        config.validate()
+        groups = build_param_groups(self.net, self.plan, config.lr, config.layer_decay, config.weight_decay)
+        fused = self.device.type == "cuda" and not config.deterministic
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=fused or None)
+        scheduler = make_scheduler(optimizer, steps_per_epoch, config.epochs, config.warmup_epochs)
+        # The cached probe trains the same head on the same features on every rank: no reductions.
+        dist = DistInfo() if self.use_cache else self.dist
+        return Trainer(
+            self.net, optimizer, scheduler, config, self.device, len(self.classes), forward_module=forward,
+            dist=dist, on_best=self._on_best, on_epoch_end=self._on_epoch_end, callbacks=self.callbacks,
+        )
+
+    # -- checkpoints --
+
+    def _meta(self) -> dict[str, Any]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        import torch
+
+        from edgetl.catalog import torchvision_version
+
+        o = self.opts
+        try:
+            edgetl_version = version("edgetl")
+        except PackageNotFoundError:  # running from a source tree
+            edgetl_version = "unknown"
+
+        return {
+            "edgetl_version": edgetl_version,
+            "torch_version": torch.__version__,
+            "torchvision_version": torchvision_version(),
+            "model": self.card.id,
+            "model_name": self.card.name,
+            "family": self.card.family,
+            "head_path": self.card.head_path,
+            "arch_kwargs": self.loaded.arch_kwargs,
+            "weights": self.loaded.describe(),
+            "num_classes": len(self.classes),
+            "classes": list(self.classes),
+            "strategy": self.decision.to_dict(),
+            "resolution": int(o["resolution"]),
+            "preprocess": self.preprocess.to_dict(),
+            "feature_cache": self.use_cache,
+            "world_size": self.dist.world_size,
+            "config": {k: o[k] for k in _RUN_OPTIONS},
+        }
+
+    def _state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.net.state_dict().items()}
+
+    # Checkpoints are snapshotted in memory after every epoch and written to disk when the last write is
+    # at least `checkpoint_interval` seconds old, after the final epoch, and when training stops on an
+    # interruption or an error. Epochs of the cached linear probe take milliseconds; writing the whole
+    # backbone after each of them would cost more than the training.
+
+    def _on_best(self, epoch: int, record: dict[str, Any]) -> None:
+        self.best_state = _snapshot(self._state_dict())
+        self.best_val = self._trainer_ref.last_eval
+        self._pending_best = {**self._meta(), "epoch": epoch, "epoch_metrics": record}
+
+    def _on_epoch_end(self, state: Any) -> None:
+        trainer = self._trainer_ref
+        sched = {k: v for k, v in trainer.scheduler.state_dict().items() if k != "lr_lambdas"}
+        meta = {
+            **self._meta(),
+            "epoch": state.epoch,
+            "splits_digest": self.digest,
+            "fit": json.loads(json.dumps(state.to_dict())),
+            "scheduler": sched,
+            "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+        }
+        self._pending_last = (_snapshot(self._state_dict()), _snapshot(trainer.optimizer.state_dict()), meta)
+        done = state.epoch >= int(self.opts["epochs"]) or state.stopped_early
+        if done or time.monotonic() - self._last_write >= self.checkpoint_interval:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the pending best and last checkpoints (rank 0 only)."""
+        if self.dist.is_main:
+            if self._pending_best is not None and self.best_state is not None:
+                ckpt.save_best(self.run_dir, self.best_state, self._pending_best)
+            if self._pending_last is not None:
+                ckpt.save_last(self.run_dir, *self._pending_last)
+        self._pending_best = self._pending_last = None
+        self._last_write = time.monotonic()
+
+    def _restore(self, trainer: Any, meta: dict[str, Any], weights: dict[str, Any], optim: dict[str, Any]) -> Any:
+        from edgetl.finetune.trainer import FitState
+
+        missing, unexpected = self.net.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{self.run_dir / ckpt.LAST_WEIGHTS} does not match the model ({len(missing)} missing keys)"
+            )
+        try:
+            trainer.optimizer.load_state_dict(optim)
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"the optimizer state in {self.run_dir} does not match the model: {exc}") from exc
+        sched = dict(meta["scheduler"])
+        sched["lr_lambdas"] = [None] * len(trainer.optimizer.param_groups)
+        trainer.scheduler.load_state_dict(sched)
+        if trainer.scaler is not None and meta.get("scaler"):
+            trainer.scaler.load_state_dict(meta["scaler"])
+        state = FitState.from_dict(meta["fit"])
+        log.info("resuming %s from epoch %d of %d", self.run_dir, state.epoch, int(self.opts["epochs"]))
+        return state
+
+    # -- the end --
+
+    def _finish(self, trainer: Any, state: Any, val_loader: Any) -> RunResult:
+        from edgetl.finetune.distributed import barrier
+
+        o = self.opts
+        val = self.best_val
+        if self.best_state is None:  # the best epoch came before a resume: read it back
+            _, best = ckpt.load_best(self.run_dir)
+            self.best_state = best
+            val = None
+        self.net.load_state_dict(self.best_state)
+        if val is None and val_loader is not None:
+            val = trainer.evaluate(val_loader)
+        test = None
+        if self.splits.test:
+            if self.use_cache:
+                from edgetl.finetune.features import FeatureBatches
+
+                cache = self._features(self.splits.test, "test")
+                test = trainer.evaluate(FeatureBatches(cache, int(o["batch_size"])))
+            else:
+                test = trainer.evaluate(self._eval_loader(self.splits.test))
+        final = val if test is None else test
+        classes = self.classes
+        skipped = [(str(p), r) for p, r in self.splits.skipped]
+        metrics = {
+            "model": self.card.id,
+            "strategy": self.decision.to_dict(),
+            "feature_cache": self.use_cache,
+            "world_size": self.dist.world_size,
+            "epochs": state.history,
+            "best_epoch": state.best_epoch,
+            "epochs_run": state.epoch,
+            "stopped_early": state.stopped_early,
+            "val_accuracy": val.accuracy if val else None,
+            "test_accuracy": test.accuracy if test else None,
+            "val": val.to_dict(classes) if val else None,
+            "test": test.to_dict(classes) if test else None,
+            "per_class_accuracy": final.per_class(classes) if final else None,
+            "confusion_matrix": final.confusion if final else None,
+            "confusion_split": ("test" if test else "val") if final else None,
+            "classes": classes,
+            "dataset": self.splits.summary(),
+            "skipped_images": len(skipped),
+        }
+        if self.dist.is_main:
+            from edgetl.plots import plot_confusion_matrix, plot_training_curves
+
+            atomic_write_json(self.run_dir / METRICS_FILE, metrics)
+            plot_training_curves(state.history, self.run_dir / CURVES_PNG)
+            if final is not None:
+                title = f"confusion matrix ({metrics['confusion_split']}, epoch {state.best_epoch})"
+                plot_confusion_matrix(final.confusion, classes, self.run_dir / CONFUSION_PNG, title=title)
+            summary = {k: metrics[k] for k in ("val_accuracy", "test_accuracy", "best_epoch", "epochs_run",
+                                                "per_class_accuracy", "confusion_matrix", "confusion_split")}
+            ckpt.update_best_meta(self.run_dir, final_metrics=summary, history=state.history)
+        barrier(self.dist)
+        return RunResult(
+            run_dir=self.run_dir,
+            checkpoint=self.run_dir / ckpt.BEST_WEIGHTS,
+            model=self.card.id,
+            classes=classes,
+            strategy=self.decision,
+            val_accuracy=metrics["val_accuracy"],
+            test_accuracy=metrics["test_accuracy"],
+            best_epoch=state.best_epoch,
+            epochs_run=state.epoch,
+            stopped_early=state.stopped_early,
+            feature_cache=self.use_cache,
+            weights=self.loaded.weights,
+            skipped=skipped,
+            metrics=metrics,
+            resumed_from=self.resumed_from,
+            seconds=time.perf_counter() - self.start,
+        )
+
+
+def _snapshot(obj: Any) -> Any:
+    """A deep copy of a (nested) state dict with every tensor copied to the CPU."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
+
+
+def _decision_from_dict(d: dict[str, Any]) -> StrategyDecision:
+    d = dict(d)
+    dom = d.get("domain")
+    if dom:
+        dom = {k: v for k, v in dom.items() if k != "reason"}
+        d["domain"] = DomainEstimate(**dom)
+    return StrategyDecision(**d)
+
+
+def _splits_json(splits: Any) -> dict[str, Any]:
+    return {
+        "classes": list(splits.classes),
+        "source": splits.source,
+        **{name: [[str(p), int(y)] for p, y in getattr(splits, name)] for name in ("train", "val", "test")},
+        "skipped": [[str(p), r] for p, r in splits.skipped],
+    }

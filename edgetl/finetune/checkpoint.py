@@ -1,0 +1,205 @@
+"""Checkpoints: safetensors weights plus a JSON state, written atomically, read without unpickling.
+
+A run folder holds two checkpoints:
+
+- ``model.safetensors`` + ``checkpoint.json``: the best weights (what ``edgetl export`` loads).
+- ``last.safetensors`` + ``last.optim.safetensors`` + ``last.json``: the state after the last
+  finished epoch, for ``--resume``. Optimizer tensors (AdamW's moments and step counts) go into
+  ``last.optim.safetensors``; scalars (param-group settings, scheduler, grad-scaler, early-stopping
+  state) into ``last.json``.
+
+Each file is written atomically. The tensor files carry a random ``token`` in their safetensors
+metadata that the JSON file repeats, and the JSON file is written last, so a checkpoint whose files
+come from different saves (a crash between two writes) is detected instead of silently mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgetl._io import atomic_write_bytes, atomic_write_json
+from edgetl.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT = "edgetl.checkpoint"
+VERSION = 1
+BEST_WEIGHTS = "model.safetensors"
+BEST_META = "checkpoint.json"
+LAST_WEIGHTS = "last.safetensors"
+LAST_OPTIM = "last.optim.safetensors"
+LAST_META = "last.json"
+
+
+def _to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return save(flat, metadata=metadata)
+
+
+def write_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Write ``tensors`` as a safetensors file atomically; return its sha256."""
+    data = _to_bytes(tensors, metadata)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file: (tensors on the CPU, metadata).
+
+    Raises:
+        CheckpointError: the file is missing or not a valid safetensors file.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            meta = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+    return tensors, meta
+
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a checkpoint's JSON state.
+
+    Raises:
+        CheckpointError: the file is missing, not JSON, or not an edgetl checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; is {path.parent} an edgetl run folder?")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an edgetl checkpoint (no format: {FORMAT})")
+    if int(meta.get("version", 0)) > VERSION:
+        raise CheckpointError(f"{path} was written by a newer edgetl (checkpoint version {meta['version']})")
+    return meta
+
+
+# --- optimizer state -----------------------------------------------------------------------------
+
+
+def split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and JSON scalars."""
+    import torch
+
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "state_scalars": scalars}
+
+
+def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Rebuild an ``optimizer.state_dict()`` from :func:`split_optimizer_state`'s two halves."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, entry in meta.get("state_scalars", {}).items():
+        state.setdefault(int(idx), {}).update(entry)
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+# --- whole checkpoints ---------------------------------------------------------------------------
+
+
+def save_best(run_dir: str | os.PathLike[str], model_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write the best checkpoint (``model.safetensors`` + ``checkpoint.json``); return the weights path."""
+    run_dir = Path(run_dir)
+    token = secrets.token_hex(8)
+    digest = write_tensors(run_dir / BEST_WEIGHTS, model_state, {"format": FORMAT, "token": token})
+    atomic_write_json(
+        run_dir / BEST_META,
+        {"format": FORMAT, "version": VERSION, **meta, "token": token,
+         "weights_file": BEST_WEIGHTS, "weights_sha256": digest},
+    )
+    return run_dir / BEST_WEIGHTS
+
+
+def update_best_meta(run_dir: str | os.PathLike[str], **fields: Any) -> None:
+    """Add or replace fields in ``checkpoint.json`` (e.g. the final test metrics)."""
+    path = Path(run_dir) / BEST_META
+    meta = read_json(path)
+    meta.update(fields)
+    atomic_write_json(path, meta)
+
+
+def save_last(
+    run_dir: str | os.PathLike[str],
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    meta: dict[str, Any],
+) -> Path:
+    """Write the resume checkpoint (``last.safetensors``, ``last.optim.safetensors``, ``last.json``)."""
+    run_dir = Path(run_dir)
+    token = secrets.token_hex(8)
+    opt_tensors, opt_meta = split_optimizer_state(optimizer_state)
+    write_tensors(run_dir / LAST_OPTIM, opt_tensors, {"format": FORMAT, "token": token})
+    write_tensors(run_dir / LAST_WEIGHTS, model_state, {"format": FORMAT, "token": token})
+    atomic_write_json(
+        run_dir / LAST_META,
+        {"format": FORMAT, "version": VERSION, **meta, "optimizer": opt_meta, "token": token,
+         "weights_file": LAST_WEIGHTS, "optimizer_file": LAST_OPTIM},
+    )
+    return run_dir / LAST_WEIGHTS
+
+
+def _check_token(path: Path, file_meta: dict[str, str], token: str | None) -> None:
+    if token is not None and file_meta.get("token") != token:
+        raise CheckpointError(
+            f"{path} does not belong to the checkpoint described beside it (the run stopped while "
+            "saving); start the run again without --resume"
+        )
+
+
+def load_best(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read the best checkpoint: (JSON state, weights). Never unpickles anything."""
+    run_dir = Path(run_dir)
+    meta = read_json(run_dir / BEST_META)
+    path = run_dir / meta.get("weights_file", BEST_WEIGHTS)
+    tensors, file_meta = read_tensors(path)
+    _check_token(path, file_meta, meta.get("token"))
+    return meta, tensors
+
+
+def load_last(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """Read the resume checkpoint: (JSON state, model weights, optimizer state_dict)."""
+    run_dir = Path(run_dir)
+    meta = read_json(run_dir / LAST_META)
+    weights_path = run_dir / meta.get("weights_file", LAST_WEIGHTS)
+    optim_path = run_dir / meta.get("optimizer_file", LAST_OPTIM)
+    weights, wmeta = read_tensors(weights_path)
+    _check_token(weights_path, wmeta, meta.get("token"))
+    opt_tensors, ometa = read_tensors(optim_path)
+    _check_token(optim_path, ometa, meta.get("token"))
+    return meta, weights, join_optimizer_state(opt_tensors, meta["optimizer"])

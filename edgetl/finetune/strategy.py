@@ -1,0 +1,419 @@
+"""Which layers to train, and how fast: the auto strategy, freezing, and layer-wise LR groups.
+
+The auto strategy follows the classic transfer-learning table (CS231n, "Transfer Learning"):
+
+=========  =====================  ==========================
+           similar to ImageNet    different from ImageNet
+=========  =====================  ==========================
+small      linear probe           partial (last blocks)
+large      partial (last blocks)  full fine-tune
+=========  =====================  ==========================
+
+*Small* means fewer than :data:`SMALL_MAX_IMAGES` training images, or fewer than
+:data:`SMALL_MAX_PER_CLASS` per class on average. Around 100 images per class is where fine-tuning a
+whole ImageNet backbone (millions of weights) stops overfitting badly, and where linear probes stop
+gaining from more data; the per-class rule keeps a 50-class set of 1,500 images "small".
+
+*Similar* is measured, with ``domain="auto"``, as the pretrained model's confidence on the user's
+images: the mean max-softmax of its ImageNet head over a sample of training images. A classifier is
+confident on images like its training distribution and spreads its probability on images unlike it
+(Hendrycks & Gimpel, "A Baseline for Detecting Misclassified and Out-of-Distribution Examples",
+ICLR 2017). ImageNet models score well above :data:`DOMAIN_CONFIDENCE_THRESHOLD` (0.5) on natural
+photos of ImageNet-like objects, and below it on X-rays, spectrograms, satellite tiles, documents and
+synthetic shapes. Without pretrained weights there is nothing to transfer, so the domain counts as
+different.
+
+Freezing: frozen parameters get ``requires_grad=False``, and frozen modules are locked in eval mode:
+their ``train()`` is overridden, so ``model.train()`` cannot switch them back. Frozen BatchNorm
+layers therefore never update their running statistics, and frozen dropout/stochastic depth is off.
+Under the linear probe everything but the head is frozen, so the backbone is a fixed function of the
+image and its features can be cached (:mod:`edgetl.finetune.features`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import types
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from edgetl.catalog import ModelCard
+from edgetl.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "linear", "partial", "full")
+DOMAINS = ("auto", "similar", "different")
+SMALL_MAX_IMAGES = 1000
+SMALL_MAX_PER_CLASS = 100
+DOMAIN_CONFIDENCE_THRESHOLD = 0.5
+DOMAIN_SAMPLE_IMAGES = 256
+BACKBONE_LR_SCALE = 0.1
+
+_TABLE = {
+    ("small", "similar"): "linear",
+    ("small", "different"): "partial",
+    ("large", "similar"): "partial",
+    ("large", "different"): "full",
+}
+_NO_DECAY_NAMES = ("pos_embedding", "class_token", "relative_position_bias_table", "cls_token", "pos_embed")
+
+
+@dataclass(frozen=True)
+class DomainEstimate:
+    """How similar the user's images are to ImageNet, and how that was decided.
+
+    Attributes:
+        domain: ``similar`` or ``different``.
+        source: ``user`` (``--domain`` given), ``measured`` or ``no-pretrained-weights``.
+        confidence: mean max-softmax of the ImageNet head over ``samples`` images (when measured).
+        threshold: the confidence above which the domain counts as similar.
+        samples: how many images were measured.
+    """
+
+    domain: Literal["similar", "different"]
+    source: str
+    confidence: float | None = None
+    threshold: float = DOMAIN_CONFIDENCE_THRESHOLD
+    samples: int = 0
+
+    @property
+    def reason(self) -> str:
+        if self.source == "user":
+            return f"domain {self.domain} (given)"
+        if self.source == "no-pretrained-weights":
+            return "domain counts as different (no pretrained weights)"
+        cmp = ">=" if self.domain == "similar" else "<"
+        return (
+            f"domain {self.domain} (ImageNet confidence {self.confidence:.2f} {cmp} {self.threshold:.2f} "
+            f"over {self.samples} images)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class StrategyDecision:
+    """The fine-tuning strategy to use and why.
+
+    Attributes:
+        strategy: ``linear``, ``partial`` or ``full``.
+        unfreeze: how many trunk blocks train (0 for linear, all for full).
+        num_blocks: how many trunk blocks the model has.
+        requested: what was asked for (``auto`` or an explicit strategy).
+        size: ``small`` or ``large`` (the dataset-size class), when auto decided.
+        domain: the domain estimate, when auto decided.
+        reason: one human-readable sentence.
+    """
+
+    strategy: str
+    unfreeze: int
+    num_blocks: int
+    requested: str
+    reason: str
+    size: str | None = None
+    domain: DomainEstimate | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["domain"] = self.domain.to_dict() if self.domain else None
+        return d
+
+
+def default_unfreeze(num_blocks: int) -> int:
+    """The number of blocks partial fine-tuning trains by default: the last quarter, at least 1."""
+    return max(1, math.ceil(num_blocks / 4))
+
+
+def dataset_size_class(num_train: int, num_classes: int) -> tuple[str, str]:
+    """Classify a training set as ``small`` or ``large``; return the class and the reason."""
+    per_class = num_train / max(1, num_classes)
+    if num_train < SMALL_MAX_IMAGES or per_class < SMALL_MAX_PER_CLASS:
+        why = (
+            f"{num_train} training images < {SMALL_MAX_IMAGES}"
+            if num_train < SMALL_MAX_IMAGES
+            else f"{per_class:.0f} images per class < {SMALL_MAX_PER_CLASS}"
+        )
+        return "small", f"small dataset ({why})"
+    return "large", f"large dataset ({num_train} training images, {per_class:.0f} per class)"
+
+
+def choose_strategy(
+    requested: str,
+    num_blocks: int,
+    num_train: int = 0,
+    num_classes: int = 1,
+    domain: DomainEstimate | None = None,
+    unfreeze: int | None = None,
+) -> StrategyDecision:
+    """Decide the strategy: an explicit one, or ``auto`` from dataset size and domain similarity.
+
+    Args:
+        requested: ``auto``, ``linear``, ``partial`` or ``full``.
+        num_blocks: the number of trunk blocks (``len(card.block_paths)``).
+        num_train: training images (auto only).
+        num_classes: classes (auto only).
+        domain: the domain estimate (auto only; see :func:`estimate_domain`).
+        unfreeze: blocks to train under partial (default: :func:`default_unfreeze`).
+
+    Raises:
+        ConfigError: unknown strategy, ``auto`` without a domain, or an impossible ``unfreeze``.
+    """
+    if requested not in STRATEGIES:
+        raise ConfigError(f"unknown strategy '{requested}'; choose one of {', '.join(STRATEGIES)}")
+    if unfreeze is not None and not 1 <= unfreeze <= num_blocks:
+        raise ConfigError(f"--unfreeze {unfreeze} is out of range: this model has {num_blocks} blocks (1-{num_blocks})")
+    size = None
+    if requested == "auto":
+        if domain is None:
+            raise ConfigError("the auto strategy needs a domain estimate")
+        size, size_reason = dataset_size_class(num_train, num_classes)
+        strategy = _TABLE[(size, domain.domain)]
+        reason = f"{size_reason}, {domain.reason} -> {strategy}"
+    else:
+        strategy, reason = requested, f"requested (--strategy {requested})"
+    if strategy == "linear":
+        n = 0
+    elif strategy == "full":
+        n = num_blocks
+    else:
+        n = unfreeze if unfreeze is not None else default_unfreeze(num_blocks)
+        reason += f", training the last {n} of {num_blocks} blocks"
+    if unfreeze is not None and strategy != "partial":
+        log.warning("--unfreeze %d is ignored: the strategy is %s", unfreeze, strategy)
+    return StrategyDecision(strategy, n, num_blocks, requested, reason, size, domain if requested == "auto" else None)
+
+
+def mean_max_softmax(
+    model: nn.Module, batches: Any, device: Any = "cpu", max_images: int = DOMAIN_SAMPLE_IMAGES
+) -> tuple[float, int]:
+    """Mean max-softmax probability of ``model``'s outputs over up to ``max_images`` images.
+
+    Args:
+        model: a classifier with its pretrained head (run in eval mode).
+        batches: an iterable of ``(images, labels)`` or image tensors.
+        device: where to run.
+        max_images: stop after this many images.
+
+    Returns:
+        (mean confidence, number of images measured).
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for batch in batches:
+            images = batch[0] if isinstance(batch, (list, tuple)) else batch
+            images = images[: max_images - count].to(device)
+            probs = torch.softmax(model(images).float(), dim=1)
+            total += probs.max(dim=1).values.sum().item()
+            count += images.shape[0]
+            if count >= max_images:
+                break
+    model.train(was_training)
+    return (total / count if count else 0.0), count
+
+
+def estimate_domain(
+    requested: str,
+    model: nn.Module | None = None,
+    batches: Any = None,
+    device: Any = "cpu",
+    threshold: float = DOMAIN_CONFIDENCE_THRESHOLD,
+    max_images: int = DOMAIN_SAMPLE_IMAGES,
+) -> DomainEstimate:
+    """Decide whether the images are similar to ImageNet.
+
+    Args:
+        requested: ``similar``, ``different`` or ``auto``.
+        model: the pretrained model with its ImageNet head, or None without pretrained weights.
+        batches: training images (eval transform), needed for ``auto`` with a model.
+        device: where to run the measurement.
+        threshold: mean max-softmax at or above which the domain is similar.
+        max_images: how many images to measure.
+    """
+    if requested not in DOMAINS:
+        raise ConfigError(f"unknown domain '{requested}'; choose one of {', '.join(DOMAINS)}")
+    if requested != "auto":
+        return DomainEstimate(requested, "user", threshold=threshold)  # type: ignore[arg-type]
+    if model is None:
+        return DomainEstimate("different", "no-pretrained-weights", threshold=threshold)
+    confidence, n = mean_max_softmax(model, batches, device, max_images)
+    domain = "similar" if confidence >= threshold else "different"
+    return DomainEstimate(domain, "measured", confidence, threshold, n)  # type: ignore[arg-type]
+
+
+# --- freezing ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FreezePlan:
+    """What trains and what is frozen in a model, derived from a decision and its card.
+
+    Attributes:
+        strategy: ``linear``, ``partial`` or ``full``.
+        head_path: the (new) classifier layer; always trains.
+        trainable_blocks: trunk blocks that train, input to output.
+        frozen_blocks: trunk blocks that are frozen.
+        locked: module paths locked in eval mode (frozen blocks; under linear, the whole trunk).
+    """
+
+    strategy: str
+    head_path: str
+    trainable_blocks: tuple[str, ...]
+    frozen_blocks: tuple[str, ...]
+    locked: tuple[str, ...]
+
+    def block_of(self, param_name: str) -> str | None:
+        """The block (or the head) a parameter belongs to, or None for a parameter in no block."""
+        for path in (self.head_path, *self.trainable_blocks, *self.frozen_blocks):
+            if param_name.startswith(path + "."):
+                return path
+        return None
+
+
+def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """``train()`` of a frozen module: it and its children stay in eval mode."""
+    from torch import nn
+
+    return nn.Module.train(self, False)
+
+
+def _trunk_roots(model: nn.Module, head_path: str) -> list[str]:
+    """The smallest set of module paths that covers everything except the head."""
+    roots: list[str] = []
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = prefix + name
+            if path == head_path:
+                continue
+            if head_path.startswith(path + "."):
+                walk(child, path + ".")
+            else:
+                roots.append(path)
+
+    walk(model, "")
+    return roots
+
+
+def apply_strategy(model: nn.Module, card: ModelCard, decision: StrategyDecision) -> FreezePlan:
+    """Freeze ``model`` for ``decision`` in place and lock its frozen modules in eval mode.
+
+    The model must already have its new head at ``card.head_path``.
+
+    Returns:
+        The plan, for building parameter groups.
+    """
+    blocks = tuple(card.block_paths)
+    n = decision.unfreeze if decision.strategy != "full" else len(blocks)
+    trainable = blocks[len(blocks) - n :] if n else ()
+    frozen = blocks[: len(blocks) - n]
+    if decision.strategy == "linear":
+        locked = tuple(_trunk_roots(model, card.head_path))
+    elif decision.strategy == "partial":
+        locked = frozen
+    else:
+        locked = ()
+    plan = FreezePlan(decision.strategy, card.head_path, trainable, frozen, locked)
+    for name, param in model.named_parameters():
+        owner = plan.block_of(name)
+        param.requires_grad_(decision.strategy == "full" or owner == card.head_path or owner in trainable)
+    # A BatchNorm layer outside every block (rare) is locked too when all its parameters are frozen.
+    from torch import nn
+
+    extra = [
+        path
+        for path, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and not any(p.requires_grad for p in module.parameters())
+        and not any(path == lk or path.startswith(lk + ".") for lk in locked)
+    ]
+    plan = FreezePlan(plan.strategy, plan.head_path, trainable, frozen, (*locked, *extra))
+    for path in plan.locked:
+        module = model.get_submodule(path)
+        module.train = types.MethodType(_frozen_train, module)  # type: ignore[method-assign]
+        module.train(False)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("strategy %s: %d of %d parameters train (%d blocks + head)",
+             decision.strategy, n_train, n_all, len(trainable))
+    return plan
+
+
+# --- parameter groups ----------------------------------------------------------------------------
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    from torch import nn
+
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+    names: set[str] = set()
+    for mod_name, module in model.named_modules():
+        for p_name, param in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if isinstance(module, norms) or param.ndim <= 1 or p_name in _NO_DECAY_NAMES:
+                names.add(full)
+    return names
+
+
+def build_param_groups(
+    model: nn.Module,
+    plan: FreezePlan,
+    lr: float,
+    layer_decay: float = 0.7,
+    weight_decay: float = 0.05,
+    backbone_lr_scale: float = BACKBONE_LR_SCALE,
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups: the head at ``lr``, trainable blocks at a smaller, decaying LR.
+
+    The top (last) trainable block trains at ``lr * backbone_lr_scale``; each block below it at
+    ``layer_decay`` times the one above. Parameters in no block (ViT's position embedding and class
+    token) train, under full fine-tuning only, at the bottom block's LR. Norm layers, biases and
+    embeddings get no weight decay.
+
+    Returns:
+        Groups with ``params``, ``lr``, ``weight_decay`` and a ``name`` (``head``, a block path or
+        ``other``, suffixed ``/decay`` or ``/no_decay``), head first then blocks top-down.
+    """
+    if lr <= 0:
+        raise ConfigError(f"--lr must be > 0, got {lr}")
+    if not 0 < layer_decay <= 1:
+        raise ConfigError(f"--layer-decay must be in (0, 1], got {layer_decay}")
+    no_decay = _no_decay_names(model)
+    blocks_top_down = list(reversed(plan.trainable_blocks))
+    scale = {plan.head_path: 1.0}
+    for depth, block in enumerate(blocks_top_down):
+        scale[block] = backbone_lr_scale * layer_decay**depth
+    bottom = backbone_lr_scale * layer_decay ** max(0, len(blocks_top_down) - 1)
+    order = [plan.head_path, *blocks_top_down, "other"]
+    buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        owner = plan.block_of(name) or "other"
+        buckets.setdefault((owner, name not in no_decay), []).append(param)
+    groups = []
+    for owner in order:
+        for decay in (True, False):
+            params = buckets.get((owner, decay))
+            if not params:
+                continue
+            s = scale.get(owner, bottom)
+            groups.append(
+                {
+                    "params": params,
+                    "lr": lr * s,
+                    "weight_decay": weight_decay if decay else 0.0,
+                    "name": f"{owner}/{'decay' if decay else 'no_decay'}",
+                }
+            )
+    return groups

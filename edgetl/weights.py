@@ -1,0 +1,390 @@
+"""Pretrained weights: find them, load them safely, and pull them for air-gapped machines.
+
+``--weights`` takes ``imagenet`` (the catalog entry's torchvision weights), ``none`` (random init)
+or a PATH to a state_dict file (``.pth``/``.pt`` or ``.safetensors``).
+
+Where ImageNet weights come from, in order:
+
+1. ``weights_dir`` (the ``--weights-dir`` option) or ``$EDGETL_WEIGHTS_DIR``: a folder of files named
+   like the basenames of torchvision's URLs (``resnet18-f37072fd.pth``). When such a folder is set,
+   loading is offline: nothing is downloaded.
+2. torchvision's own cache, ``torch.hub.get_dir()/checkpoints`` (``~/.cache/torch/hub/checkpoints``).
+3. A download into that cache (``torch.hub.download_url_to_file`` with the sha256 prefix check),
+   unless a weights folder is set or ``$EDGETL_OFFLINE=1``.
+
+The file is then read by torchvision's real loader, ``Weights.get_state_dict`` (``torch.hub``'s
+``load_state_dict_from_url``, ``check_hash=True``), always with ``weights_only=True``: loading weights
+never unpickles arbitrary objects.
+
+How a file is verified:
+
+- Downloads are checked against the sha256 prefix in torchvision's file name (as torchvision does).
+- A file that is already in the torch hub cache is trusted, as torchvision trusts it.
+- A file placed by hand in the weights folder is hashed and compared with that prefix. A match is
+  logged as verified. On a mismatch the policy ``$EDGETL_VERIFY_WEIGHTS`` decides: ``warn`` (the
+  default) logs a warning and uses the file, because it was read with ``weights_only=True`` and must
+  still match the architecture key for key and shape for shape; ``strict`` refuses it; ``off`` skips
+  hashing. ``strict`` also hashes files from the torch hub cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from edgetl._io import atomic_path, sha256_file
+from edgetl.catalog import ModelCard, get_card
+from edgetl.errors import WeightsError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR_ENV = "EDGETL_WEIGHTS_DIR"
+OFFLINE_ENV = "EDGETL_OFFLINE"
+VERIFY_ENV = "EDGETL_VERIFY_WEIGHTS"
+VERIFY_POLICIES = ("warn", "strict", "off")
+
+# torch.hub's HASH_REGEX: the sha256 prefix torchvision puts in its file names.
+_HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
+_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A 1000-class (or randomly initialised) network and where its weights came from.
+
+    Attributes:
+        model: the network in eval mode, with the catalog's original head.
+        card: the catalog entry.
+        weights: ``imagenet``, ``none`` or the PATH given.
+        pretrained: whether the weights are pretrained (domain measurement needs the ImageNet head).
+        arch_kwargs: the keyword arguments the torchvision builder was called with; rebuilding the
+            architecture for a checkpoint needs the same ones.
+        file: the weights file that was read, if any.
+        sha256: that file's sha256, when it was hashed.
+        verified: how the file was checked (``sha256-prefix``, ``torch-hub-cache``, ``architecture``, ...).
+    """
+
+    model: torch.nn.Module
+    card: ModelCard
+    weights: str
+    pretrained: bool
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    file: Path | None = None
+    sha256: str | None = None
+    verified: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly description of the weights, for checkpoints and reports."""
+        return {
+            "weights": self.weights,
+            "pretrained": self.pretrained,
+            "file": str(self.file) if self.file else None,
+            "sha256": self.sha256,
+            "verified": self.verified,
+        }
+
+
+def weights_file_name(card: ModelCard) -> str:
+    """The file name torchvision stores ``card``'s weights under (the basename of its URL)."""
+    if not card.url:
+        raise WeightsError(f"{card.id} has no download URL in torchvision's metadata; use --weights PATH")
+    return os.path.basename(urlparse(card.url).path)
+
+
+def expected_hash_prefix(file_name: str) -> str | None:
+    """The sha256 prefix in a torchvision weights file name (``resnet18-f37072fd.pth`` -> ``f37072fd``)."""
+    match = _HASH_REGEX.search(file_name)
+    return match.group(1) if match and match.group(1) else None
+
+
+def hub_checkpoints_dir() -> Path:
+    """torchvision's weights cache: ``torch.hub.get_dir()/checkpoints``."""
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def resolve_weights_dir(weights_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The offline weights folder: ``weights_dir`` if given, else ``$EDGETL_WEIGHTS_DIR``, else None."""
+    value = weights_dir if weights_dir is not None else os.environ.get(WEIGHTS_DIR_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def _verify_policy() -> str:
+    policy = os.environ.get(VERIFY_ENV, "warn").strip().lower() or "warn"
+    if policy not in VERIFY_POLICIES:
+        raise WeightsError(f"${VERIFY_ENV}={policy!r} is not one of {', '.join(VERIFY_POLICIES)}")
+    return policy
+
+
+def find_weights_file(card: ModelCard, weights_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """Return the local file holding ``card``'s ImageNet weights, or None if none is on this machine."""
+    name = weights_file_name(card)
+    folders = [d for d in (resolve_weights_dir(weights_dir), hub_checkpoints_dir()) if d is not None]
+    for folder in folders:
+        candidate = folder / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _missing_message(card: ModelCard, weights_dir: Path | None) -> str:
+    name = weights_file_name(card)
+    looked = ", ".join(str(d) for d in (weights_dir, hub_checkpoints_dir()) if d is not None)
+    return (
+        f"no pretrained weights for {card.id} on this machine ({name} is not in {looked}); "
+        f"on a connected machine run `edgetl weights pull {card.id}` and copy {name} into "
+        f"~/.cache/torch/hub/checkpoints or ${WEIGHTS_DIR_ENV}, or pass --weights PATH, "
+        "or --weights none to train from scratch"
+    )
+
+
+def _download(card: ModelCard, folder: Path, progress: bool) -> Path:
+    import torch.hub
+
+    name = weights_file_name(card)
+    dst = folder / name
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s to %s", card.url, dst)
+    try:
+        with atomic_path(dst) as tmp:
+            # download_url_to_file checks the sha256 prefix and removes a file that does not match.
+            torch.hub.download_url_to_file(card.url, str(tmp), expected_hash_prefix(name), progress=progress)
+    except RuntimeError as exc:
+        raise WeightsError(f"downloaded weights for {card.id} are corrupt: {exc}") from exc
+    except OSError as exc:
+        raise WeightsError(f"cannot download weights for {card.id} ({exc}); {_missing_message(card, None)}") from exc
+    return dst
+
+
+def pull_weights(name: str, dir: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
+    """Download a catalog model's ImageNet weights, for copying to an air-gapped machine.
+
+    The file keeps torchvision's name and is checked against the sha256 prefix in that name. A file
+    that is already there and matches is not downloaded again.
+
+    Args:
+        name: a catalog name or id (``resnet18``, ``resnet50.IMAGENET1K_V2``).
+        dir: the destination folder; default ``$EDGETL_WEIGHTS_DIR`` or torchvision's hub cache.
+        progress: show a download progress bar on stderr.
+
+    Returns:
+        The path of the weights file.
+
+    Raises:
+        WeightsError: the download failed or the file does not match its hash.
+    """
+    card = get_card(name)
+    folder = Path(dir).expanduser() if dir is not None else resolve_weights_dir() or hub_checkpoints_dir()
+    dst = folder / weights_file_name(card)
+    prefix = expected_hash_prefix(dst.name)
+    if dst.is_file() and (prefix is None or sha256_file(dst).startswith(prefix)):
+        log.info("%s is already in %s", dst.name, folder)
+        return dst
+    return _download(card, folder, progress)
+
+
+def _check_file(card: ModelCard, path: Path, from_weights_dir: bool) -> tuple[str | None, str]:
+    """Apply the verification policy to a local weights file; return (sha256, how it was verified)."""
+    policy = _verify_policy()
+    if policy == "off" or (not from_weights_dir and policy != "strict"):
+        return None, "torch-hub-cache" if not from_weights_dir else "architecture"
+    digest = sha256_file(path)
+    prefix = expected_hash_prefix(path.name)
+    if prefix is None or digest.startswith(prefix):
+        return digest, "sha256-prefix" if prefix else "architecture"
+    if policy == "strict":
+        raise WeightsError(
+            f"{path} does not match the sha256 prefix {prefix} of torchvision's {card.id} weights "
+            f"(sha256 {digest[:12]}...); pull it again with `edgetl weights pull {card.id}`, "
+            f"or set {VERIFY_ENV}=warn to accept a file that matches the architecture"
+        )
+    log.warning(
+        "%s does not match the sha256 prefix %s of torchvision's file; using it because it loads as "
+        "plain tensors that match the architecture (set %s=strict to refuse such files)",
+        path, prefix, VERIFY_ENV,
+    )
+    return digest, "architecture (sha256 prefix mismatch)"
+
+
+def arch_kwargs_for(card: ModelCard, pretrained: bool, resolution: int | None = None) -> dict[str, Any]:
+    """The builder keyword arguments edgetl uses for ``card``'s architecture.
+
+    They mirror what torchvision's builders set when given weights (``transform_input`` for GoogLeNet
+    and Inception, the image size of ViT and MaxViT), drop auxiliary classifiers (fine-tuning trains
+    one head), and size ViT/MaxViT for ``resolution``.
+    """
+    kwargs: dict[str, Any] = {}
+    if card.family in ("googlenet", "inception"):
+        kwargs.update(aux_logits=False, transform_input=pretrained, init_weights=not pretrained)
+    size = resolution or card.min_size[0]
+    if card.family == "vit":
+        kwargs["image_size"] = int(size)
+    elif card.family == "maxvit":
+        kwargs["input_size"] = (int(size), int(size))
+    return kwargs
+
+
+def build_network(card: ModelCard, arch_kwargs: dict[str, Any], num_classes: int | None = None) -> torch.nn.Module:
+    """Build ``card``'s architecture with random weights and the given builder arguments, in eval mode."""
+    from edgetl.catalog import build_architecture
+
+    kwargs = dict(arch_kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        return build_architecture(card.id, **kwargs)
+    except (ValueError, AssertionError, RuntimeError) as exc:
+        raise WeightsError(f"cannot build {card.name} with {kwargs}: {exc}") from exc
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a state_dict from ``.safetensors`` or a torch file, without unpickling arbitrary objects.
+
+    Raises:
+        WeightsError: the file is missing, unreadable or not a flat dict of tensors.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist; pass a .pth/.pt/.safetensors state_dict")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # any parse error means the file is not usable weights
+        raise WeightsError(f"cannot read weights from {path}: {str(exc).splitlines()[0]}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} does not hold a state_dict (a flat mapping of names to tensors)")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def _fix_keys(card: ModelCard, state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Adapt a torchvision state_dict to the network built with :func:`arch_kwargs_for`."""
+    fixed: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        match = _DENSENET_KEY.match(key)
+        if match:
+            key = match.group(1) + match.group(2)
+        if key.startswith(("AuxLogits.", "aux1.", "aux2.")) and not getattr(model, "aux_logits", True):
+            continue
+        fixed[key] = value
+    pos = fixed.get("encoder.pos_embedding")
+    own = getattr(getattr(model, "encoder", None), "pos_embedding", None)
+    if pos is not None and own is not None and pos.shape != own.shape:
+        from collections import OrderedDict
+
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
+        fixed = dict(interpolate_embeddings(model.image_size, model.patch_size, OrderedDict(fixed)))
+    return fixed
+
+
+def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, card: ModelCard,
+               allow_head_mismatch: bool) -> None:
+    own = model.state_dict()
+    head_prefix = card.head_path + "."
+    if allow_head_mismatch:
+        for key in [k for k in state if k.startswith(head_prefix)]:
+            if key in own and own[key].shape != state[key].shape:
+                log.info("ignoring %s from %s: its head has a different number of classes", key, source)
+                state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
+                break
+    missing = [k for k in own if k not in state and not (allow_head_mismatch and k.startswith(head_prefix))]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
+        raise WeightsError(
+            f"{source} does not match the {card.name} architecture: {'; '.join(parts)}; "
+            f"pass weights saved from {card.name}, or --weights none"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def load_model(
+    name: str | ModelCard,
+    weights: str | os.PathLike[str] | None = "imagenet",
+    weights_dir: str | os.PathLike[str] | None = None,
+    resolution: int | None = None,
+    progress: bool = False,
+) -> LoadedModel:
+    """Build a catalog model with its ImageNet head and the requested weights, in eval mode.
+
+    Args:
+        name: a catalog name or id, or a :class:`ModelCard`.
+        weights: ``imagenet``, ``none`` (or None), or a PATH to a state_dict file.
+        weights_dir: an offline folder of torchvision weights files (default ``$EDGETL_WEIGHTS_DIR``).
+        resolution: the training resolution (sizes ViT's position embeddings; others ignore it).
+        progress: show a progress bar if weights have to be downloaded.
+
+    Returns:
+        The network and a record of where its weights came from.
+
+    Raises:
+        WeightsError: the weights are not on this machine (and cannot or may not be downloaded),
+            are corrupt, or do not match the architecture. The message says how to get them.
+    """
+    card = name if isinstance(name, ModelCard) else get_card(name)
+    spec = "none" if weights is None else str(weights)
+    kind = spec.lower() if spec.lower() in ("imagenet", "none", "pretrained", "default") else "path"
+    pretrained = kind != "none"
+    kwargs = arch_kwargs_for(card, pretrained=pretrained, resolution=resolution)
+    model = build_network(card, kwargs)
+    if kind == "none":
+        return LoadedModel(model, card, "none", False, kwargs, verified="random init")
+
+    if kind == "path":
+        path = Path(spec).expanduser()
+        state = _fix_keys(card, load_state_dict_file(path), model)
+        _load_into(model, state, str(path), card, allow_head_mismatch=True)
+        return LoadedModel(model.eval(), card, str(path), True, kwargs, path, None, "architecture")
+
+    from torchvision import models
+
+    wdir = resolve_weights_dir(weights_dir)
+    offline = wdir is not None or os.environ.get(OFFLINE_ENV, "").strip() not in ("", "0", "false", "no")
+    path = find_weights_file(card, wdir)
+    if path is None:
+        if offline:
+            raise WeightsError(_missing_message(card, wdir))
+        path = _download(card, hub_checkpoints_dir(), progress)
+    from_weights_dir = wdir is not None and path.parent.resolve() == wdir.resolve()
+    digest, how = _check_file(card, path, from_weights_dir)
+    enum = models.get_model_weights(card.name)[card.weights]
+    try:
+        # The file exists, so torch.hub reads it and downloads nothing.
+        state = enum.get_state_dict(
+            model_dir=str(path.parent), file_name=path.name, map_location="cpu",
+            progress=False, check_hash=True, weights_only=True,
+        )
+    except Exception as exc:  # a truncated or foreign file: say which and how to replace it
+        raise WeightsError(
+            f"cannot read {path} ({str(exc).splitlines()[0][:200]}); delete it and run "
+            f"`edgetl weights pull {card.id}`"
+        ) from exc
+    _load_into(model, _fix_keys(card, state, model), str(path), card, allow_head_mismatch=False)
+    log.info("loaded %s weights from %s (%s)", card.id, path, how)
+    return LoadedModel(model.eval(), card, "imagenet", True, kwargs, path, digest, how)

@@ -1,0 +1,178 @@
+"""End-to-end fine-tuning runs on the tiny demo dataset (mobilenet_v3_small, weights=None, 32 px, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from edgetl.cli import cli
+from edgetl.data import make_demo_dataset
+from edgetl.errors import CheckpointError, TrainingInterrupted
+from edgetl.finetune.api import finetune, load_trained_model
+
+MODEL = "mobilenet_v3_small"
+COMMON = dict(weights="none", resolution=32, batch_size=16, device="cpu", progress=False, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models at 32 px gain nothing from intra-op threads, and lose a lot when cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune-data") / "demo"
+    return make_demo_dataset(root, num_classes=4, train_per_class=8, val_per_class=4, test_per_class=2, size=32)
+
+
+def test_run_dir_outputs_and_metrics(demo, tmp_path):
+    out = tmp_path / "run"
+    result = finetune(MODEL, demo, out, strategy="partial", unfreeze=2, epochs=2, **COMMON)
+    for name in ("config.yaml", "metrics.json", "curves.png", "confusion.png", "model.safetensors",
+                 "checkpoint.json", "last.safetensors", "last.json", "last.optim.safetensors", "splits.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("epochs", "val_accuracy", "test_accuracy", "per_class_accuracy", "confusion_matrix", "best_epoch"):
+        assert key in metrics, key
+    assert len(metrics["epochs"]) == 2
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_s", "lr"):
+        assert key in metrics["epochs"][0], key
+    classes = sorted(d.name for d in (demo / "train").iterdir())
+    assert metrics["classes"] == classes and set(metrics["per_class_accuracy"]) == set(classes)
+    assert metrics["confusion_split"] == "test"
+    matrix = metrics["confusion_matrix"]
+    assert sum(map(sum, matrix)) == 8 and len(matrix) == 4
+    assert metrics["test_accuracy"] == pytest.approx(sum(matrix[i][i] for i in range(4)) / 8)
+    assert result.test_accuracy == metrics["test_accuracy"]
+    assert result.val_accuracy == metrics["val"]["accuracy"]
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model"] == "mobilenet_v3_small.IMAGENET1K_V1" and config["strategy"] == "partial"
+    assert config["resolution"] == 32 and config["augment"] == "light"
+
+    ckpt = json.loads((out / "checkpoint.json").read_text())
+    assert ckpt["classes"] == classes
+    assert ckpt["strategy"]["strategy"] == "partial" and ckpt["strategy"]["unfreeze"] == 2
+    assert ckpt["preprocess"]["crop_size"] == 32 and ckpt["weights"]["weights"] == "none"
+    assert ckpt["final_metrics"]["test_accuracy"] == metrics["test_accuracy"]
+
+    # the best checkpoint is what load_trained_model returns, and reproduces the reported accuracy
+    trained = load_trained_model(out)
+    assert not trained.training and trained.classes == ckpt["classes"] and trained.resolution == 32
+    assert trained.example_input(2).shape == (2, 3, 32, 32)
+    assert trained(trained.example_input(2)).shape == (2, 4)
+    assert trained.metrics["test_accuracy"] == metrics["test_accuracy"]
+
+
+def test_checkpoint_loads_without_unpickling(demo, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    finetune(MODEL, demo, out, strategy="linear", epochs=1, **COMMON)
+    state = load_file(out / "model.safetensors")  # plain safetensors
+    assert state["classifier.3.weight"].shape == (4, 1024)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint must never be unpickled")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    trained = load_trained_model(out)
+    assert torch.equal(trained.network.classifier[3].weight, state["classifier.3.weight"])
+    from edgetl.finetune import checkpoint
+
+    meta, _, optim = checkpoint.load_last(out)
+    assert meta["epoch"] == 1 and optim["state"] and "exp_avg" in optim["state"][0]
+
+
+def test_interrupt_and_resume_matches_an_uninterrupted_run(demo, tmp_path):
+    opts = dict(strategy="partial", unfreeze=3, epochs=2, augment="light", **COMMON)
+    full = finetune(MODEL, demo, tmp_path / "full", **opts)
+
+    def interrupt_after_first_epoch(epoch, record):
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered to this process
+
+    out = tmp_path / "interrupted"
+    with pytest.raises(TrainingInterrupted) as info:
+        finetune(MODEL, demo, out, callbacks=(interrupt_after_first_epoch,), **opts)
+    assert info.value.exit_code == 130
+    assert info.value.epochs_done == 1 and "--resume" in str(info.value)
+    assert json.loads((out / "last.json").read_text())["epoch"] == 1
+
+    with pytest.raises(CheckpointError, match="--resume"):
+        finetune(MODEL, demo, out, **opts)  # a run folder is never overwritten by accident
+
+    resumed = finetune(out=out, resume=True, device="cpu", progress=False)
+    assert resumed.resumed_from == 1 and resumed.epochs_run == 2
+
+    a, b = load_file(tmp_path / "full" / "last.safetensors"), load_file(out / "last.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed.metrics["epochs"] == full.metrics["epochs"] or [
+        {k: v for k, v in e.items() if k not in ("seconds", "images_per_s")} for e in resumed.metrics["epochs"]
+    ] == [{k: v for k, v in e.items() if k not in ("seconds", "images_per_s")} for e in full.metrics["epochs"]]
+    assert resumed.val_accuracy == full.val_accuracy and resumed.test_accuracy == full.test_accuracy
+
+
+def test_feature_cache_probe_matches_the_naive_loop(demo, tmp_path):
+    opts = dict(strategy="linear", epochs=3, lr=3e-3, **COMMON)
+    cached = finetune(MODEL, demo, tmp_path / "cached", **opts)
+    naive = finetune(MODEL, demo, tmp_path / "naive", feature_cache=False, **opts)
+    assert cached.feature_cache and not naive.feature_cache
+    assert cached.strategy.strategy == "linear" and cached.metrics["epochs"][0]["train_images"] == 32
+    assert cached.val_accuracy == pytest.approx(naive.val_accuracy, abs=1 / 16 + 1e-9)
+    assert cached.test_accuracy == pytest.approx(naive.test_accuracy, abs=1 / 8 + 1e-9)
+    a, b = load_file(tmp_path / "cached" / "last.safetensors"), load_file(tmp_path / "naive" / "last.safetensors")
+    assert torch.allclose(a["classifier.3.weight"], b["classifier.3.weight"], atol=1e-4)
+    assert torch.equal(a["classifier.0.weight"], b["classifier.0.weight"])  # frozen
+    assert torch.equal(a["features.1.block.0.1.running_mean"], b["features.1.block.0.1.running_mean"])
+
+
+def test_cli_finetune_json(demo, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, [
+        "finetune", "--model", MODEL, "--data", str(demo), "--out", str(out), "--weights", "none",
+        "--epochs", "1", "--resolution", "32", "--batch-size", "16", "--device", "cpu", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["strategy"]["strategy"] == "partial"  # small dataset, no pretrained weights -> different
+    assert "no pretrained weights" in doc["strategy"]["reason"]
+    assert doc["run_dir"] == str(out) and doc["skipped"] == []
+    assert (out / "model.safetensors").is_file()
+
+
+def test_auto_strategy_measures_the_domain_with_pretrained_weights(demo, tmp_path, monkeypatch):
+    from edgetl.catalog import build_architecture, get_card
+    from edgetl.weights import weights_file_name
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    torch.manual_seed(5)  # random "ImageNet" weights: the ImageNet head is unsure of every image
+    torch.save(build_architecture(MODEL).state_dict(), folder / weights_file_name(get_card(MODEL)))
+    monkeypatch.setenv("EDGETL_WEIGHTS_DIR", str(folder))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    opts = {**COMMON, "weights": "imagenet"}
+    result = finetune(MODEL, demo, tmp_path / "run", strategy="auto", domain="auto", epochs=1, **opts)
+    domain = result.strategy.domain
+    assert domain.source == "measured" and domain.samples == 32 and domain.confidence < 0.5
+    assert result.strategy.strategy == "partial" and "ImageNet confidence" in result.strategy.reason
+    ckpt = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert ckpt["weights"]["file"] == str(folder / weights_file_name(get_card(MODEL)))
+    assert ckpt["strategy"]["domain"]["source"] == "measured"

@@ -1,0 +1,221 @@
+"""Strategy choice, freezing (BatchNorm locked in eval mode) and layer-wise parameter groups."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from edgetl.catalog import build_architecture, get_card, replace_head
+from edgetl.errors import ConfigError
+from edgetl.finetune.strategy import (
+    DOMAIN_CONFIDENCE_THRESHOLD,
+    SMALL_MAX_IMAGES,
+    DomainEstimate,
+    apply_strategy,
+    build_param_groups,
+    choose_strategy,
+    default_unfreeze,
+    estimate_domain,
+)
+from edgetl.finetune.trainer import TrainConfig, Trainer, make_scheduler
+
+SIMILAR = DomainEstimate("similar", "user")
+DIFFERENT = DomainEstimate("different", "user")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models at 32 px gain nothing from intra-op threads, and lose a lot when cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    ("num_train", "domain", "expected", "words"),
+    [
+        (400, SIMILAR, "linear", ["small dataset", "400 training images < 1000", "domain similar"]),
+        (400, DIFFERENT, "partial", ["small dataset", "domain different"]),
+        (20_000, SIMILAR, "partial", ["large dataset", "domain similar"]),
+        (20_000, DIFFERENT, "full", ["large dataset", "domain different"]),
+    ],
+)
+def test_auto_strategy_follows_the_table(num_train, domain, expected, words):
+    decision = choose_strategy("auto", num_blocks=10, num_train=num_train, num_classes=10, domain=domain)
+    assert decision.strategy == expected
+    assert decision.requested == "auto"
+    assert decision.reason.endswith(f"-> {expected}") or f"-> {expected}," in decision.reason
+    for word in words:
+        assert word in decision.reason
+    assert decision.unfreeze == {"linear": 0, "partial": default_unfreeze(10), "full": 10}[expected]
+    assert decision.to_dict()["domain"]["domain"] == domain.domain
+
+
+def test_small_means_few_images_or_few_per_class():
+    many_classes = choose_strategy("auto", 10, num_train=5_000, num_classes=100, domain=SIMILAR)
+    assert many_classes.size == "small" and "50 images per class < 100" in many_classes.reason
+    at_threshold = choose_strategy("auto", 10, num_train=SMALL_MAX_IMAGES, num_classes=2, domain=SIMILAR)
+    assert at_threshold.size == "large"
+
+
+def test_explicit_strategy_and_unfreeze():
+    d = choose_strategy("partial", num_blocks=10, unfreeze=4)
+    assert (d.strategy, d.unfreeze, d.requested) == ("partial", 4, "partial")
+    assert "requested" in d.reason and "last 4 of 10 blocks" in d.reason
+    assert default_unfreeze(10) == 3 and default_unfreeze(14) == 4 and default_unfreeze(2) == 1
+    with pytest.raises(ConfigError, match="out of range"):
+        choose_strategy("partial", num_blocks=10, unfreeze=11)
+    with pytest.raises(ConfigError, match="unknown strategy"):
+        choose_strategy("everything", num_blocks=10)
+
+
+class _FixedLogits(nn.Module):
+    """A 'classifier' whose logits put ``p`` on class 0 for every image (softmax of log-probabilities)."""
+
+    def __init__(self, p: float, classes: int = 1000) -> None:
+        super().__init__()
+        rest = (1 - p) / (classes - 1)
+        self.register_buffer("logits", torch.log(torch.tensor([p] + [rest] * (classes - 1))))
+
+    def forward(self, x):
+        return self.logits.expand(x.shape[0], -1)
+
+
+def test_domain_measured_from_imagenet_confidence():
+    batches = [(torch.zeros(8, 3, 8, 8), torch.zeros(8, dtype=torch.long))] * 4
+    similar = estimate_domain("auto", _FixedLogits(0.9), batches, max_images=20)
+    assert similar.domain == "similar" and similar.source == "measured"
+    assert similar.confidence == pytest.approx(0.9, abs=1e-5) and similar.samples == 20
+    assert "0.90 >= 0.50" in similar.reason
+    different = estimate_domain("auto", _FixedLogits(0.2), batches)
+    assert different.domain == "different" and different.confidence < DOMAIN_CONFIDENCE_THRESHOLD
+    no_weights = estimate_domain("auto", None)
+    assert no_weights.domain == "different" and "no pretrained weights" in no_weights.reason
+    assert estimate_domain("similar").source == "user"
+
+
+def _resnet(num_classes: int = 3) -> tuple[nn.Module, object]:
+    card = get_card("resnet18")
+    torch.manual_seed(0)
+    model = build_architecture("resnet18")
+    replace_head(model, card, num_classes)
+    return model, card
+
+
+def test_requires_grad_per_strategy_resnet():
+    for strategy, trainable_prefixes in (
+        ("linear", ("fc.",)),
+        ("partial", ("fc.", "layer4.0.", "layer4.1.")),
+        ("full", ("",)),
+    ):
+        model, card = _resnet()
+        unfreeze = 2 if strategy == "partial" else None
+        apply_strategy(model, card, choose_strategy(strategy, len(card.block_paths), unfreeze=unfreeze))
+        for name, p in model.named_parameters():
+            assert p.requires_grad == name.startswith(trainable_prefixes), (strategy, name)
+
+
+def test_vit_params_outside_blocks_train_only_under_full():
+    card = get_card("vit_b_16")
+    for strategy, expected in (("partial", False), ("full", True)):
+        model = build_architecture("vit_b_16", meta=True)
+        replace_head(model, card, 5)
+        plan = apply_strategy(model, card, choose_strategy(strategy, len(card.block_paths), unfreeze=3))
+        params = dict(model.named_parameters())
+        assert params["encoder.pos_embedding"].requires_grad is expected
+        assert params["class_token"].requires_grad is expected
+        assert params["heads.head.weight"].requires_grad
+        assert params["encoder.ln.weight"].requires_grad  # the top block
+        assert params["encoder.layers.encoder_layer_11.mlp.0.weight"].requires_grad
+        assert params["encoder.layers.encoder_layer_9.mlp.0.weight"].requires_grad is expected
+        if strategy == "partial":
+            assert plan.trainable_blocks == card.block_paths[-3:]
+
+
+def test_frozen_batchnorm_running_stats_are_bitwise_unchanged():
+    model, card = _resnet()
+    plan = apply_strategy(model, card, choose_strategy("partial", len(card.block_paths), unfreeze=2))
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    frozen = {n for n in bns if not n.startswith("layer4.")}
+    before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in bns.items()}
+
+    model.train()  # must not wake the frozen layers up
+    assert all(not bns[n].training for n in frozen)
+    assert all(bns[n].training for n in bns if n not in frozen)
+
+    groups = build_param_groups(model, plan, lr=1e-2)
+    optimizer = torch.optim.AdamW(groups)
+    trainer = Trainer(model, optimizer, make_scheduler(optimizer, 3, 1, 0), TrainConfig(epochs=1, progress=False),
+                      torch.device("cpu"), num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g) * 3 + 1, torch.tensor([0, 1, 2, 0])) for _ in range(3)]
+    trainer.train_one_epoch(batches)
+
+    for name in bns:
+        after = bns[name].state_dict()
+        same = all(torch.equal(before[name][k], after[k]) for k in after)
+        if name in frozen:
+            assert same, f"frozen {name} changed"
+            assert after["num_batches_tracked"].item() == 0
+        else:
+            assert not same, f"trainable {name} did not update its statistics"
+
+
+def test_linear_probe_locks_the_whole_trunk_in_eval_mode():
+    card = get_card("mobilenet_v3_small")
+    model = build_architecture("mobilenet_v3_small")
+    replace_head(model, card, 4)
+    plan = apply_strategy(model, card, choose_strategy("linear", len(card.block_paths)))
+    model.train()
+    assert model.classifier[3].training  # the head
+    assert not model.classifier[2].training  # the dropout before it: frozen part of the trunk
+    assert not model.features.training and not any(m.training for m in model.features.modules())
+    assert "classifier.2" in plan.locked and "classifier.3" not in plan.locked
+
+
+def test_param_groups_lr_decay_and_no_weight_decay_on_norms_and_biases():
+    model, card = _resnet()
+    plan = apply_strategy(model, card, choose_strategy("partial", len(card.block_paths), unfreeze=3))
+    groups = build_param_groups(model, plan, lr=1e-3, layer_decay=0.5, weight_decay=0.05)
+    by_name = {g["name"]: g for g in groups}
+    assert [g["name"] for g in groups] == [
+        "fc/decay", "fc/no_decay",
+        "layer4.1/decay", "layer4.1/no_decay",
+        "layer4.0/decay", "layer4.0/no_decay",
+        "layer3.1/decay", "layer3.1/no_decay",
+    ]
+    assert by_name["fc/decay"]["lr"] == pytest.approx(1e-3)
+    assert by_name["layer4.1/decay"]["lr"] == pytest.approx(1e-4)
+    assert by_name["layer4.0/decay"]["lr"] == pytest.approx(5e-5)
+    assert by_name["layer3.1/no_decay"]["lr"] == pytest.approx(2.5e-5)
+    params = dict(model.named_parameters())
+    ids = {name: {id(p) for p in g["params"]} for name, g in by_name.items()}
+    assert id(params["fc.weight"]) in ids["fc/decay"] and id(params["fc.bias"]) in ids["fc/no_decay"]
+    assert id(params["layer4.1.conv1.weight"]) in ids["layer4.1/decay"]
+    assert id(params["layer4.1.bn1.weight"]) in ids["layer4.1/no_decay"]
+    assert id(params["layer4.1.bn1.bias"]) in ids["layer4.1/no_decay"]
+    for g in groups:
+        assert g["weight_decay"] == (0.05 if g["name"].endswith("/decay") else 0.0)
+    # exactly the trainable parameters, each once
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ConfigError, match="layer-decay"):
+        build_param_groups(model, plan, lr=1e-3, layer_decay=1.5)
+
+
+def test_warmup_then_cosine_schedule():
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched = make_scheduler(opt, steps_per_epoch=10, epochs=5, warmup_epochs=1)
+    lrs = []
+    for _ in range(50):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
+    assert lrs[-1] < 0.01
