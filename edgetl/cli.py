@@ -541,6 +541,165 @@ def device_calibrate_cmd(name: str, out: str | None, threads: int | None, rounds
     console.print(f"wrote {result.path}; use it with --device {result.profile.name}")
 
 
+@cli.command("export")
+@click.argument("source", metavar="RUN_DIR|MODEL")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "auto"]), default="auto", show_default=True,
+              help="auto: build what the device can run, ship the fastest within the accuracy budget.")
+@click.option("--device", "-d", default="x86", show_default=True, help="Target device profile (name, alias or YAML).")
+@click.option("--weights", default=None,
+              help="With a catalog MODEL instead of RUN_DIR: imagenet, a state_dict PATH, or none (random).")
+@click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
+              help="Offline folder of torchvision weights files [default: $EDGETL_WEIGHTS_DIR].")
+@click.option("--resolution", type=int, default=None, help="Input size of a catalog MODEL [default: its own].")
+@click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Class folders to measure accuracy on [default: the run's validation split].")
+@click.option("--calib-data", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Images to calibrate INT8 on [default: 200 of the run's training images, stratified].")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True)
+@click.option("--calib-size", type=int, default=200, show_default=True, help="Calibration images.")
+@click.option("--int8-mode", type=click.Choice(["auto", "static", "dynamic"]), default="auto", show_default=True,
+              help="auto: dynamic for linear-heavy models (ViT), static QDQ otherwise.")
+@click.option("--exclude-op-types", default="", help="Comma-separated op types to keep in float, e.g. Add,Mul.")
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--no-simplify", is_flag=True, help="Skip onnxslim (it takes ~40 s on a ViT-B).")
+@click.option("--tensorrt", is_flag=True, help="Also build model.engine here (TensorRT and the device's GPU).")
+@click.option("--c-header", is_flag=True, help="Also write model_data.h (the ONNX bytes as a C array).")
+@click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True, help="Top-1 points.")
+@click.option("--max-latency-ms", type=float, default=None, help="Latency budget (p50 measured here).")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime threads for timing [default: all cores].")
+@click.option("--rounds", type=int, default=60, show_default=True, help="Timed runs per candidate (interleaved).")
+@click.option("--force", is_flag=True, help="Replace an existing --out folder (swapped atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON document on stdout.")
+def export_cmd(source, out, precision, device, weights, weights_dir, resolution, data, calib_data, calib_method,
+               calib_size, int8_mode, exclude_op_types, opset, no_simplify, tensorrt, c_header, max_accuracy_drop,
+               max_latency_ms, threads, rounds, force, as_json) -> None:
+    """Export RUN_DIR (or a catalog MODEL with --weights) to an artifact folder: ONNX, INT8/FP16, manifest."""
+    from edgetl.errors import BudgetExceededError
+    from edgetl.export.api import export
+
+    err = _stderr_console()
+    with err.status("exporting") as status:
+        artifact = export(
+            source, out, precision=precision, device=device, weights=weights, weights_dir=weights_dir,
+            resolution=resolution, data=data, calib_data=calib_data, calib_method=calib_method,
+            calib_size=calib_size, int8_mode=int8_mode,
+            exclude_op_types=[op.strip() for op in exclude_op_types.split(",") if op.strip()],
+            opset=opset, simplify=not no_simplify, tensorrt=tensorrt, c_header=c_header,
+            max_accuracy_drop=max_accuracy_drop, max_latency_ms=max_latency_ms, threads=threads,
+            bench_rounds=rounds, force=force, check=False, progress=lambda msg: status.update(msg),
+        )
+    if as_json:
+        emit_json(artifact.to_dict())
+    else:
+        _print_artifact(artifact)
+    if artifact.failures:
+        raise BudgetExceededError(f"{'; '.join(artifact.failures)}; the artifact is in {artifact.path} for inspection")
+
+
+def _ms(value: Any) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _print_artifact(artifact) -> None:
+    from rich.table import Table
+
+    m = artifact.manifest
+    table = Table(title=f"{artifact.path} · {m['source']['model_name']} · device {m['device']['name']}")
+    for col in ("precision", "mode", "size MB", "min ms", "p50 ms", "predicted ms", "top-1", "agreement",
+                "drop pts", "shipped", "why"):
+        table.add_column(col, justify="left" if col in ("precision", "mode", "why") else "right")
+    for c in artifact.candidates:
+        lat, acc = c.get("latency") or {}, c.get("accuracy") or {}
+        agree = acc.get("top1_agreement", (c.get("parity") or {}).get("top1_agreement"))
+        table.add_row(
+            c["precision"], c["mode"], f"{(c['file_bytes'] or 0) / 1e6:.2f}", _ms(lat.get("min_ms")),
+            _ms(lat.get("p50_ms")), _ms(c.get("predicted_ms")),
+            "—" if acc.get("top1") is None else f"{acc['top1']:.2f}",
+            "—" if agree is None else f"{100 * agree:.1f}%",
+            "—" if acc.get("drop_pts") is None else f"{acc['drop_pts']:.2f}",
+            "✓" if c["chosen"] else "", c.get("rejected") or c.get("note") or "",
+        )
+    console = _stdout_console()
+    console.print(table)
+    onnx_info, acc, lat = m["onnx"], artifact.accuracy, artifact.latency
+    console.print(
+        f"ONNX opset {onnx_info['opset']}, {onnx_info['nodes_before_simplify']} -> "
+        f"{onnx_info['nodes_after_simplify']} nodes after onnxslim; fp32 parity max |diff| "
+        f"{m['candidates'][0]['parity']['max_abs_diff']:.2g}"
+    )
+    if acc.get("measured"):
+        console.print(f"accuracy ({acc['images']} images): fp32 {acc['fp32_top1']:.2f}% -> {artifact.precision} "
+                      f"{acc['top1']:.2f}% (drop {acc['drop_pts']:.2f} pts, budget {acc['max_drop_pts']:g})")
+    else:
+        console.print(f"accuracy: not measured ({acc['reason']})")
+    if lat.get("note"):
+        console.print(f"note: {lat['note']}")
+    if m.get("tensorrt"):
+        t = m["tensorrt"]
+        console.print(f"TensorRT {t['tensorrt_version']} {t['precision']} engine for {t['gpu']} "
+                      f"(compute capability {t['compute_capability']})")
+    state = "[green]passed[/]" if artifact.passed else "[red]FAILED[/]: " + "; ".join(artifact.failures)
+    console.print(f"shipped [bold]{artifact.precision}[/] · files: {', '.join(artifact.files)} · {state}")
+
+
+@cli.command("validate")
+@click.argument("artifact", metavar="ARTIFACT_DIR", type=click.Path(file_okay=False))
+@click.option("--device", "-d", default=None, help="Device profile [default: the one the artifact was exported for].")
+@click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Class folders (named like labels.json) to measure top-1 accuracy on.")
+@click.option("--max-latency-ms", type=float, default=None, help="Latency budget; a miss exits with code 3.")
+@click.option("--budget-metric", type=click.Choice(["min", "p50", "p90", "p99"]), default="p50", show_default=True)
+@click.option("--iterations", type=int, default=100, show_default=True)
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--threads", type=int, default=None, help="ONNX Runtime threads [default: all cores].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document on stdout.")
+def validate_cmd(artifact, device, data, max_latency_ms, budget_metric, iterations, warmup, threads, as_json) -> None:
+    """Verify ARTIFACT_DIR's hashes, measure latency (and accuracy with --data) against the budgets."""
+    from edgetl.validate import validate
+
+    with _stderr_console().status(f"validating {artifact}"):
+        report = validate(artifact, device=device, data=data, max_latency_ms=max_latency_ms,
+                          budget_metric=budget_metric, iterations=iterations, warmup=warmup, threads=threads,
+                          check=False)
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        _print_validation(report)
+    report.raise_for_budget()
+
+
+def _print_validation(report) -> None:
+    from rich.table import Table
+
+    lat, mem = report.latency, report.memory
+    table = Table(title=f"validate {report.artifact} · {report.device} · {report.precision}", show_header=False)
+    table.add_column("check", style="bold")
+    table.add_column("value")
+    table.add_row("files", f"{len(report.files)} files, sha256 ok")
+    table.add_row("runtime here", f"{lat['runtime']} (threads: {lat['threads'] or 'all'})")
+    table.add_row("latency ms", f"p50 {lat['p50_ms']:.3f} · p90 {lat['p90_ms']:.3f} · p99 {lat['p99_ms']:.3f} · "
+                                f"min {lat['min_ms']:.3f} (CV {100 * lat['cv']:.0f}%)")
+    if lat.get("predicted_ms") is not None:
+        table.add_row(f"predicted on {lat['predicted_for']}", f"{lat['predicted_ms']:.3f} ms")
+    if lat["budget_ms"] is not None:
+        verdict = "[green]pass[/]" if lat["pass"] else "[red]FAIL[/]"
+        table.add_row("latency budget",
+                      f"{lat['judged_ms']:.4g} ms ({lat['budget_metric']}) vs {lat['budget_ms']:g} ms: {verdict}")
+    if mem["runtime_mb"] is not None:
+        verdict = "[green]pass[/]" if mem["pass"] else "[red]FAIL[/]"
+        table.add_row("memory", f"{mem['runtime_mb']:.1f} MB vs budget {mem['budget_mb']:g} MB: {verdict}")
+    if report.accuracy:
+        table.add_row("accuracy", f"top-1 {report.accuracy['top1']:.2f}% on {report.accuracy['images']} images")
+    table.add_row("result", "[green]passed[/]" if report.passed else "[red]FAILED[/]: " + "; ".join(report.failures))
+    console = _stdout_console()
+    console.print(table)
+    for note in report.notes:
+        console.print(f"note: {note}")
+
+
+_BUILD_STAGES = ("select", "finetune", "export", "validate")
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="edgetl")

@@ -1,0 +1,737 @@
+"""``export()``: turn a fine-tuned run (or a catalog classifier) into a self-describing artifact folder.
+
+The steps, all in a hidden folder beside ``out`` that is renamed into place at the end:
+
+1. load the model (``load_trained_model`` for a run, ``edgetl.weights.load_model`` for a catalog name);
+2. export FP32 ONNX (checker, shape inference, onnxslim) and check parity with PyTorch on the
+   evaluation images: max |diff| <= 1e-4 and 100% top-1 agreement;
+3. build the precision candidates: FP16 (``keep_io_types``), INT8 static QDQ calibrated on a
+   stratified sample of the training images (or ``calib_data``), or INT8 dynamic for linear-heavy models;
+4. measure each candidate's accuracy on the evaluation images and its latency on this machine
+   (interleaved runs; ranked on the minimum), and predict its latency on the target device;
+5. keep the fastest candidate within the accuracy budget (``precision="auto"``), or the one asked for;
+6. optionally build a TensorRT engine and a C header; write labels, preprocessing and the manifest
+   with every file's sha256; publish the folder.
+
+A missed budget (accuracy drop, latency) raises :class:`~edgetl.errors.BudgetExceededError` (exit 3)
+only after the artifact is written and its manifest records the failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgetl.errors import BudgetExceededError, ConfigError, ExportError
+from edgetl.export import bundle
+from edgetl.export.evaluate import EvalSet, Record
+
+if TYPE_CHECKING:
+    import torch
+
+    from edgetl.catalog import ModelCard, Preprocess
+    from edgetl.profiles import DeviceProfile
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8", "auto")
+FP32_ATOL = 1e-4
+FP16_RTOL = 1e-2
+FP16_ATOL = 1e-3
+SPEED_MARGIN = 0.10
+"""A lower precision must be this much faster (on the minimum and the 25th percentile of its latency)
+to replace a higher one: on a shared machine a smaller difference is within the noise."""
+
+
+@dataclass
+class Artifact:
+    """What :func:`export` wrote.
+
+    Attributes:
+        path: the artifact folder.
+        manifest: the content of ``manifest.json``.
+        precision: the precision of ``model.onnx`` (``fp32``, ``fp16`` or ``int8``).
+        accuracy: fp32 and artifact top-1, agreement, drop and budget (see the manifest).
+        latency: the latency report (device, runtime, p50/p90/p99/min, prediction, budget, pass).
+        candidates: every precision that was built, with its latency, accuracy and why it was (not) chosen.
+        failures: the budgets that were missed (empty when the export passed).
+    """
+
+    path: Path
+    manifest: dict[str, Any]
+    precision: str
+    accuracy: dict[str, Any]
+    latency: dict[str, Any]
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / bundle.MODEL_FILE
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return dict(self.manifest.get("files", {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "passed": self.passed, "failures": list(self.failures), **self.manifest}
+
+
+@dataclass
+class _Source:
+    model: torch.nn.Module
+    kind: str
+    card: ModelCard
+    classes: list[str]
+    preprocess: Preprocess
+    resolution: int
+    description: dict[str, Any]
+    eval_set: EvalSet | None
+    train_records: list[Record]
+
+
+@dataclass
+class _Candidate:
+    precision: str
+    path: Path
+    mode: str
+    quant: dict[str, Any] | None = None
+    parity: dict[str, Any] | None = None
+    accuracy: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
+    predicted_ms: float | None = None
+    rejected: str | None = None
+    chosen: bool = False
+    note: str | None = None
+
+    def rank_latency(self, by: str, stat: str = "min") -> float:
+        if by == "predicted" and self.predicted_ms is not None:
+            return self.predicted_ms
+        return float(self.latency[f"{stat}_ms"]) if self.latency else float("inf")
+
+    def beats(self, other: _Candidate, by: str) -> bool:
+        """Faster than ``other`` by the margin on the minimum and on the 25th percentile (one lucky run
+        on a noisy machine must not decide)."""
+        stats = ("min",) if by == "predicted" else ("min", "p25")
+        return all(self.rank_latency(by, s) < other.rank_latency(by, s) * (1 - SPEED_MARGIN) for s in stats)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            "mode": self.mode,
+            "file_bytes": self.path.stat().st_size if self.path.exists() else None,
+            "latency": self.latency,
+            "predicted_ms": None if self.predicted_ms is None else round(self.predicted_ms, 4),
+            "accuracy": self.accuracy,
+            "parity": self.parity,
+            "quantization": self.quant,
+            "within_budget": self.rejected is None,
+            "rejected": self.rejected,
+            "chosen": self.chosen,
+            "note": self.note,
+        }
+
+
+# --- options and source --------------------------------------------------------------------------
+
+
+def _check_options(precision: str, calib_method: str, max_accuracy_drop: float, opset: int,
+                   calib_size: int, bench_rounds: int, exclude_op_types: Sequence[str], int8_mode: str) -> None:
+    from edgetl.export.quantize import CALIB_METHODS, INT8_MODES, _check_exclude
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
+    if calib_method not in CALIB_METHODS:
+        raise ConfigError(f"unknown calibration method '{calib_method}'; use one of {', '.join(CALIB_METHODS)}")
+    if int8_mode not in INT8_MODES:
+        raise ConfigError(f"unknown INT8 mode '{int8_mode}'; use one of {', '.join(INT8_MODES)}")
+    if max_accuracy_drop < 0:
+        raise ConfigError(f"--max-accuracy-drop is in points and must be >= 0, got {max_accuracy_drop}")
+    if not 7 <= opset <= 25:
+        raise ConfigError(f"opset {opset} is out of range; 17 is safe for ONNX Runtime and TensorRT 8.6+")
+    if calib_size < 1:
+        raise ConfigError(f"--calib-size must be at least 1, got {calib_size}")
+    if bench_rounds < 1:
+        raise ConfigError(f"bench rounds must be at least 1, got {bench_rounds}")
+    _check_exclude(exclude_op_types)
+
+
+def _is_run_dir(source: str | os.PathLike[str]) -> bool:
+    return Path(source).expanduser().exists()
+
+
+def _load_source(source: str | os.PathLike[str], weights: str | None, weights_dir: str | os.PathLike[str] | None,
+                 resolution: int | None, data: str | os.PathLike[str] | None) -> _Source:
+    from edgetl.catalog import get_card
+    from edgetl.export.evaluate import folder_eval_set, run_eval_set, run_train_records
+
+    if _is_run_dir(source):
+        if weights is not None:
+            raise ConfigError(f"{source} is a run folder: it has its own weights; drop --weights")
+        from edgetl.finetune.api import load_trained_model
+
+        trained = load_trained_model(source, device="cpu")
+        if resolution is not None and resolution != trained.resolution:
+            raise ConfigError(
+                f"{source} was trained at {trained.resolution}px; export it at that resolution (drop --resolution)"
+            )
+        eval_set = folder_eval_set(data, trained.classes) if data else run_eval_set(source)
+        meta = trained.checkpoint
+        description = {
+            "kind": "run",
+            "run_dir": str(Path(source).expanduser().resolve()),
+            "model": trained.card.id,
+            "model_name": trained.card.name,
+            "family": trained.card.family,
+            "weights": meta.get("weights"),
+            "strategy": (meta.get("strategy") or {}).get("strategy"),
+            "epoch": meta.get("epoch"),
+            "run_metrics": {k: v for k, v in trained.metrics.items() if k in ("val_accuracy", "test_accuracy")},
+        }
+        return _Source(
+            model=trained.network.eval(), kind="run", card=trained.card, classes=list(trained.classes),
+            preprocess=trained.preprocess, resolution=trained.resolution, description=description,
+            eval_set=eval_set, train_records=run_train_records(source),
+        )
+
+    if weights is None:
+        card = get_card(str(source))  # an unknown name says so, with suggestions
+        raise ConfigError(
+            f"'{source}' is not a run folder; to export the ImageNet classifier {card.name} itself, "
+            "pass --weights imagenet (or a state_dict PATH, or none for random weights)"
+        )
+    from edgetl.weights import load_model
+
+    card = get_card(str(source))
+    res = int(resolution or card.resolution)
+    if res < max(card.min_size):
+        raise ConfigError(f"{card.name} needs an input of at least {card.min_size[0]}x{card.min_size[1]}; got {res}")
+    loaded = load_model(card, weights=weights, weights_dir=weights_dir, resolution=res)
+    classes = list(card.categories) or [f"class_{i}" for i in range(card.num_classes)]
+    preprocess = card.preprocess.at_resolution(res)
+    description = {
+        "kind": "catalog",
+        "model": card.id,
+        "model_name": card.name,
+        "family": card.family,
+        "weights": loaded.describe(),
+    }
+    if not loaded.pretrained:
+        log.warning("exporting %s with random weights: its accuracy means nothing (fine for timing)", card.name)
+    return _Source(
+        model=loaded.model.eval(), kind="catalog", card=card, classes=classes, preprocess=preprocess,
+        resolution=res, description=description, eval_set=folder_eval_set(data, classes) if data else None,
+        train_records=[],
+    )
+
+
+def _reduce_range(profile: DeviceProfile) -> bool:
+    """7-bit weights on x86 CPUs without VNNI (ONNX Runtime's U8S8 AVX2 path can saturate)."""
+    x86 = profile.family == "x86" or profile.has_isa("avx2") or profile.has_isa("sse4_2")
+    vnni = profile.has_isa("avx512_vnni") or profile.has_isa("avx_vnni") or profile.has_isa("amx_int8")
+    return x86 and not vnni
+
+
+def _fast_fp16(profile: DeviceProfile) -> bool:
+    return "fp16" in profile.precisions and profile.runtime == "tensorrt"
+
+
+def _versions() -> dict[str, str | None]:
+    import edgetl
+
+    versions: dict[str, str | None] = {"edgetl": edgetl.__version__, "python": platform.python_version()}
+    for pkg in ("torch", "torchvision", "onnx", "onnxruntime", "onnxslim"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return versions
+
+
+# --- the steps -----------------------------------------------------------------------------------
+
+
+def _calibration(src: _Source, calib_data: str | os.PathLike[str] | None, calib_size: int,
+                 seed: int) -> tuple[list[Record], str] | None:
+    from edgetl.export.evaluate import folder_calibration_records, stratified_sample
+
+    if calib_data is not None:
+        records, where = folder_calibration_records(calib_data), str(calib_data)
+    elif src.train_records:
+        records, where = src.train_records, f"training images of {src.description.get('run_dir')}"
+    else:
+        return None
+    sample = stratified_sample(records, calib_size, seed)
+    return sample, f"{len(sample)} of {len(records)} {where} (stratified, eval transform)"
+
+
+def _build_candidates(src: _Source, fp32_path: Path, work: Path, wanted: list[str], profile: DeviceProfile,
+                      int8_mode: str, calib: tuple[list[Record], str] | None, calib_method: str,
+                      exclude_op_types: Sequence[str], explicit: bool, say: Callable[[str], None],
+                      skipped: list[str]) -> list[_Candidate]:
+    from edgetl.export import quantize
+    from edgetl.export.evaluate import image_batches
+
+    candidates = [_Candidate("fp32", fp32_path, "fp32")]
+    if "fp16" in wanted:
+        say("converting to FP16")
+        report = quantize.convert_fp16(fp32_path, work / "fp16.onnx")
+        candidates.append(_Candidate("fp16", report.path, "fp16", quant=report.to_dict()))
+    if "int8" in wanted:
+        mode = quantize.resolve_int8_mode(int8_mode, fp32_path)
+        reduce_range = _reduce_range(profile)
+        if mode == "static" and calib is None:
+            msg = ("static INT8 needs calibration images and a catalog model has no training split: "
+                   "pass --calib-data DIR")
+            if explicit:
+                raise ConfigError(msg)
+            log.warning("skipping the INT8 candidate: %s", msg)
+            skipped.append(f"int8: {msg}")
+        elif mode == "static":
+            records, where = calib
+            say(f"calibrating INT8 ({calib_method}) on {len(records)} images")
+            batches = (x for x, _ in image_batches(records, src.preprocess, src.resolution, batch_size=16))
+            report = quantize.quantize_int8_static(
+                fp32_path, work / "int8.onnx", batches, calib_method=calib_method, per_channel=True,
+                reduce_range=reduce_range, symmetric_activations=profile.runtime == "tensorrt",
+                exclude_op_types=exclude_op_types,
+            )
+            quant = {**report.to_dict(), "calibration_data": where}
+            candidates.append(_Candidate("int8", report.path, "static", quant=quant))
+        else:
+            say("quantizing INT8 (dynamic)")
+            report = quantize.quantize_int8_dynamic(
+                fp32_path, work / "int8.onnx", reduce_range=reduce_range, exclude_op_types=exclude_op_types,
+            )
+            candidates.append(_Candidate("int8", report.path, "dynamic", quant=report.to_dict()))
+    for c in candidates:
+        if c.quant:
+            c.quant.pop("path", None)
+    return candidates
+
+
+def _evaluate(src: _Source, candidates: list[_Candidate], threads: int | None,
+              say: Callable[[str], None]) -> dict[str, Any]:
+    """Parity with torch and accuracy of every candidate on the evaluation images (decoded once)."""
+    import torch
+
+    from edgetl.export.evaluate import agreement, collect_logits, image_batches, random_batches, top1
+    from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
+
+    if src.eval_set is not None and len(src.eval_set):
+        say(f"evaluating on {len(src.eval_set)} images ({src.eval_set.source})")
+        batches: Any = image_batches(src.eval_set.records, src.preprocess, src.resolution)
+        labelled = True
+    else:
+        say("checking parity on random inputs (no labelled images)")
+        batches = random_batches(src.resolution)
+        labelled = False
+
+    def torch_fn(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return src.model(torch.from_numpy(x)).float().numpy()
+
+    runners = {c.precision: OnnxRuntimeRunner(c.path, providers="cpu", threads=threads, name=c.precision)
+               for c in candidates}
+    for runner in runners.values():
+        runner.activate()
+    try:
+        models: dict[str, Callable[[np.ndarray], np.ndarray]] = {"torch": torch_fn}
+        for name, runner in runners.items():
+            models[name] = lambda x, r=runner: r.infer(x)["logits"]
+        logits, labels = collect_logits(batches, models)
+    finally:
+        for runner in runners.values():
+            runner.deactivate()
+
+    ref = logits["torch"]
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    fp32_top1 = top1(ref, labels) if labelled else None
+    for c in candidates:
+        got = logits[c.precision]
+        diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+        agree = agreement(got, ref)
+        if c.precision == "fp32":
+            atol, need_agree = FP32_ATOL, 1.0
+        elif c.precision == "fp16":
+            atol, need_agree = FP16_ATOL + FP16_RTOL * scale, None
+        else:
+            atol, need_agree = None, None
+        passed = (atol is None or float(diff.max()) <= atol) and (need_agree is None or agree >= need_agree)
+        c.parity = {
+            "images": len(ref),
+            "inputs": "evaluation images" if labelled else "random normal inputs",
+            "max_abs_diff": float(diff.max()),
+            "mean_abs_diff": float(diff.mean()),
+            "top1_agreement": agree,
+            "atol": atol,
+            "passed": passed,
+        }
+        if labelled:
+            acc = top1(got, labels)
+            c.accuracy = {"fp32_top1": round(fp32_top1, 4), "top1": round(acc, 4), "top1_agreement": round(agree, 6),
+                          "drop_pts": round(fp32_top1 - acc, 4), "images": len(ref)}
+    return {
+        "measured": labelled,
+        "source": src.eval_set.source if labelled else None,
+        "images": len(ref),
+        "fp32_top1": None if fp32_top1 is None else round(fp32_top1, 4),
+        "torch_onnx_max_abs_diff": candidates[0].parity["max_abs_diff"],
+    }
+
+
+def _measure(candidates: list[_Candidate], resolution: int, threads: int | None, rounds: int,
+             say: Callable[[str], None]) -> None:
+    from edgetl.runtime.bench import benchmark_interleaved
+    from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
+
+    live = [c for c in candidates if c.rejected is None or c.precision == "fp32"]
+    say(f"timing {', '.join(c.precision for c in live)} on this machine ({rounds} interleaved runs each)")
+    runners = {c.precision: OnnxRuntimeRunner(c.path, providers="cpu", threads=threads, name=c.precision)
+               for c in live}
+    # Blocks of 3 runs per candidate and round: the idle thread pool of the session timed just before
+    # still spins for a moment and would tax the first run after it.
+    results = benchmark_interleaved(runners, (1, 3, resolution, resolution), rounds=max(1, -(-rounds // 3)),
+                                    iterations_per_round=3, warmup=3)
+    for c in live:
+        r = results[c.precision]
+        c.latency = {f"{k}_ms": round(getattr(r, k), 4) for k in ("min", "p50", "p90", "p99", "mean")}
+        c.latency["p25_ms"] = round(r.percentile(25), 4)
+        c.latency.update(cv=round(r.cv, 4), runs=r.iterations)
+
+
+def _predict(card: ModelCard, resolution: int, profile: DeviceProfile, precision: str) -> float | None:
+    from edgetl.cost import trace_model
+    from edgetl.predict import predict_latency
+
+    if not profile.supports(precision):
+        return None
+    try:
+        trace = trace_model(card, resolution)
+    except Exception as exc:  # TraceError and others: a prediction is informative, never fail on it
+        log.info("no latency prediction for %s: %s", card.name, exc)
+        return None
+    return float(predict_latency(trace, profile, precision, 1).latency_ms)
+
+
+def _choose(candidates: list[_Candidate], rank_by: str, max_drop: float) -> _Candidate:
+    for c in candidates:
+        if c.parity and not c.parity["passed"] and c.precision != "fp32":
+            c.rejected = (f"parity with PyTorch failed (max |diff| {c.parity['max_abs_diff']:.3g} > "
+                          f"{c.parity['atol']:.3g})")
+        elif c.accuracy and c.accuracy["drop_pts"] > max_drop:
+            c.rejected = f"accuracy drop {c.accuracy['drop_pts']:.2f} pts > budget {max_drop:g} pts"
+    best = candidates[0]
+    for c in candidates[1:]:
+        if c.rejected is None and c.beats(best, rank_by):
+            best = c
+    for c in candidates:
+        if c is not best and c.rejected is None:
+            faster = c.rank_latency(rank_by) < best.rank_latency(rank_by)
+            c.note = (f"faster on the minimum, but not by {100 * SPEED_MARGIN:.0f}% on both min and p25" if faster
+                      else f"slower than {best.precision} ({rank_by})")
+    best.chosen = True
+    return best
+
+
+# --- the API -------------------------------------------------------------------------------------
+
+
+def export(
+    run_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    precision: str = "auto",
+    device: str = "x86",
+    *,
+    weights: str | None = None,
+    weights_dir: str | os.PathLike[str] | None = None,
+    resolution: int | None = None,
+    data: str | os.PathLike[str] | None = None,
+    calib_data: str | os.PathLike[str] | None = None,
+    calib_method: str = "minmax",
+    calib_size: int = 200,
+    int8_mode: str = "auto",
+    exclude_op_types: Sequence[str] = (),
+    opset: int = 17,
+    simplify: bool = True,
+    tensorrt: bool = False,
+    c_header: bool = False,
+    max_accuracy_drop: float = 1.0,
+    max_latency_ms: float | None = None,
+    threads: int | None = None,
+    bench_rounds: int = 60,
+    force: bool = False,
+    check: bool = True,
+    seed: int = 0,
+    candidates_dir: str | os.PathLike[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Artifact:
+    """Export a fine-tuned run (or a catalog classifier) to an artifact folder.
+
+    Args:
+        run_dir: the ``--out`` folder of ``edgetl finetune``, or a catalog name together with ``weights``.
+        out: the artifact folder to write.
+        precision: ``fp32``, ``fp16``, ``int8`` or ``auto`` (build the candidates the device can run,
+            ship the fastest one within the accuracy budget).
+        device: the target device profile (name, alias or YAML path).
+        weights: for a catalog name: ``imagenet``, a state_dict PATH, or ``none`` (random, for timing).
+        weights_dir: offline folder of torchvision weights files (default ``$EDGETL_WEIGHTS_DIR``).
+        resolution: input size for a catalog model (default: its own); a run keeps its training size.
+        data: a folder of class folders to measure accuracy on, instead of the run's validation split.
+        calib_data: a folder of images to calibrate INT8 on (default: a stratified sample of the
+            run's training images).
+        calib_method: ``minmax``, ``entropy`` or ``percentile``.
+        calib_size: calibration images.
+        int8_mode: ``auto`` (dynamic for linear-heavy models, else static), ``static`` or ``dynamic``.
+        exclude_op_types: op types to keep in float when quantizing (e.g. ``["Add"]``).
+        opset: the ONNX opset.
+        simplify: simplify the graph with onnxslim (takes ~40 s on a ViT-B; seconds on CNNs).
+        tensorrt: also build ``model.engine`` here (needs TensorRT and the target's GPU).
+        c_header: also write ``model_data.h`` (the ONNX bytes as a C array).
+        max_accuracy_drop: the largest allowed top-1 drop from FP32, in points.
+        max_latency_ms: a latency budget (judged on the p50 measured here, or on the prediction for
+            a TensorRT device measured without TensorRT).
+        threads: ONNX Runtime intra-op threads for measuring (default: all cores).
+        bench_rounds: timed runs per candidate (interleaved, in blocks of 3).
+        force: replace an existing ``out`` (swapped atomically).
+        check: raise :class:`BudgetExceededError` when a budget is missed (after writing the artifact).
+        seed: seed of the calibration sample.
+        candidates_dir: also copy every candidate's ONNX file here (``fp32.onnx``, ``int8.onnx``...), outside
+            the artifact, e.g. to compare them (``tools/bench/export_speed.py`` does).
+        progress: called with a short message at each step.
+
+    Returns:
+        The :class:`Artifact`.
+
+    Raises:
+        BudgetExceededError: (with ``check``) a budget was missed; the artifact is written and its
+            manifest says so. The exception's ``artifact`` attribute holds the :class:`Artifact`.
+        ExportError, ConfigError, CheckpointError, DataError, ProfileError, BackendUnavailableError:
+            the export failed; nothing is left at ``out`` (an existing folder is left intact).
+    """
+    from edgetl.calibrate import is_this_machine
+    from edgetl.export.onnx import export_onnx
+    from edgetl.export.tensorrt import engine_precision, require_tensorrt
+    from edgetl.profiles import load_profile
+
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        log.info(message)
+        if progress is not None:
+            progress(message)
+
+    _check_options(precision, calib_method, max_accuracy_drop, opset, calib_size, bench_rounds, exclude_op_types,
+                   int8_mode)
+    profile = load_profile(device)
+    if precision != "auto":
+        profile.check_precision(precision)
+    out_path = bundle.check_destination(out, force)
+    say("loading the model")
+    src = _load_source(run_dir, weights, weights_dir, resolution, data)
+    if tensorrt:
+        guess = "int8" if precision == "int8" else ("fp16" if "fp16" in profile.precisions else "fp32")
+        require_tensorrt(guess, src.resolution, out_path)
+    if threads is None and is_this_machine(profile) and profile.calibrated:
+        threads = profile.calibrated.get("threads")
+
+    if precision == "auto":
+        wanted = ["fp32"] + (["fp16"] if _fast_fp16(profile) else []) + (["int8"] if profile.supports("int8") else [])
+    else:
+        wanted = [precision]
+    calib = _calibration(src, calib_data, calib_size, seed) if "int8" in wanted else None
+
+    with bundle.staging_dir(out_path) as stage:
+        work = stage / ".work"
+        work.mkdir()
+        skipped: list[str] = []
+        say(f"exporting {src.card.name} to ONNX (opset {opset})")
+        onnx_report = export_onnx(src.model, work / "fp32.onnx", resolution=src.resolution, opset=opset,
+                                  dynamic_batch=True, check=True, simplify=simplify)
+        candidates = _build_candidates(src, onnx_report.path, work, wanted, profile, int8_mode, calib, calib_method,
+                                       exclude_op_types, precision != "auto", say, skipped)
+        evaluation = _evaluate(src, candidates, threads, say)
+        fp32 = candidates[0]
+        if not fp32.parity["passed"]:
+            p = fp32.parity
+            raise ExportError(
+                f"the FP32 ONNX model does not reproduce PyTorch: max |diff| {p['max_abs_diff']:.3g} "
+                f"(limit {FP32_ATOL:g}), top-1 agreement {100 * p['top1_agreement']:.1f}% (need 100%)"
+            )
+        if precision != "auto":
+            candidates = [c for c in candidates if c.precision in ("fp32", precision)]
+        if precision == "fp16" and not candidates[-1].parity["passed"]:
+            p = candidates[-1].parity
+            raise ExportError(
+                f"the FP16 model differs from PyTorch by {p['max_abs_diff']:.3g} (> {p['atol']:.3g}); "
+                "export in fp32 or int8"
+            )
+
+        rank_by = "measured" if profile.runtime == "onnxruntime" else "predicted"
+        for c in candidates:
+            c.predicted_ms = _predict(src.card, src.resolution, profile, c.precision)
+        _measure(candidates, src.resolution, threads, bench_rounds, say)
+        if precision == "auto":
+            chosen = _choose(candidates, rank_by, max_accuracy_drop)
+        else:
+            chosen = next(c for c in candidates if c.precision == precision)
+            chosen.chosen = True
+            for c in candidates:
+                if not c.chosen:
+                    c.note = "reference (not shipped)"
+
+        failures: list[str] = []
+        accuracy = _accuracy_section(chosen, evaluation, max_accuracy_drop)
+        if accuracy.get("pass") is False:
+            failures.append(
+                f"accuracy drop {accuracy['drop_pts']:.2f} pts (fp32 {accuracy['fp32_top1']:.2f}% -> "
+                f"{chosen.precision} {accuracy['top1']:.2f}%) exceeds the budget of {max_accuracy_drop:g} pts"
+            )
+        here = is_this_machine(profile)
+        latency = _latency_section(chosen, profile, here, rank_by, threads, max_latency_ms)
+        if latency["pass"] is False:
+            failures.append(
+                f"latency {latency['judged_ms']:.3f} ms ({latency['judged_on']}) exceeds the budget of "
+                f"{max_latency_ms:g} ms"
+            )
+
+        say("writing the artifact")
+        bundle.copy_file(chosen.path, stage / bundle.MODEL_FILE)
+        bundle.write_labels(stage, src.classes)
+        bundle.write_preprocess(stage, src.preprocess, src.resolution)
+        engine_info = None
+        if tensorrt:
+            from edgetl.export.tensorrt import build_tensorrt_engine
+
+            eng_precision = engine_precision(chosen.precision, chosen.mode, list(profile.precisions))
+            say(f"building a {eng_precision} TensorRT engine (minutes)")
+            onnx_for_engine = chosen.path if eng_precision == "int8" else fp32.path
+            engine_info = build_tensorrt_engine(onnx_for_engine, stage / bundle.ENGINE_FILE, eng_precision)
+        in_shape = onnx_report.input_shapes["input"]
+        out_shape = onnx_report.output_shapes["logits"]
+        if c_header:
+            bundle.write_c_header(stage, stage / bundle.MODEL_FILE, in_shape, out_shape, len(src.classes),
+                                  chosen.precision, src.card.name)
+        manifest = {
+            "format": bundle.ARTIFACT_FORMAT,
+            "version": bundle.ARTIFACT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": {**_versions(), "tensorrt": engine_info["tensorrt_version"] if engine_info else None},
+            "source": {**src.description, "resolution": src.resolution, "num_classes": len(src.classes)},
+            "precision": chosen.precision,
+            "requested_precision": precision,
+            "onnx": {
+                "opset": onnx_report.opset,
+                "exporter": onnx_report.exporter,
+                "nodes_before_simplify": onnx_report.nodes_exported,
+                "nodes_after_simplify": onnx_report.nodes,
+                "simplified": onnx_report.simplified,
+                "simplify_error": onnx_report.simplify_error,
+                "input": {"name": "input", "shape": in_shape, "dtype": "float32", "layout": "NCHW"},
+                "output": {"name": "logits", "shape": out_shape, "dtype": "float32"},
+                "dynamic_batch": onnx_report.dynamic_batch,
+                "nodes": sum(chosen.quant["op_counts"].values()) if chosen.quant else onnx_report.nodes,
+            },
+            "quantization": chosen.quant,
+            "device": {
+                "name": profile.name,
+                "runtime": profile.runtime,
+                "precisions": list(profile.precisions),
+                "this_machine": here,
+                "reduce_range": _reduce_range(profile) if chosen.precision == "int8" else None,
+            },
+            "parity": chosen.parity,
+            "accuracy": accuracy,
+            "latency": latency,
+            "candidates": [c.to_dict() for c in candidates],
+            "selection": {
+                "rule": ("fastest candidate within the accuracy budget; a lower precision must be at least "
+                         f"{100 * SPEED_MARGIN:.0f}% faster on both the minimum and the 25th percentile")
+                if precision == "auto" else f"precision {precision} was requested",
+                "ranked_on": "min and p25 latency measured here" if rank_by == "measured"
+                else f"latency predicted on {profile.name} (no {profile.runtime} here)",
+                "skipped": skipped,
+            },
+            "tensorrt": engine_info,
+            "status": "failed" if failures else "passed",
+            "failures": failures,
+            "export_seconds": round(time.perf_counter() - start, 2),
+        }
+        import shutil
+
+        if candidates_dir is not None:
+            for c in candidates:
+                bundle.copy_file(c.path, Path(candidates_dir) / f"{c.precision}.onnx")
+        shutil.rmtree(work)
+        manifest = bundle.write_manifest(stage, manifest)
+        bundle.publish(stage, out_path, force)
+
+    artifact = Artifact(
+        path=out_path, manifest=manifest, precision=chosen.precision, accuracy=accuracy, latency=latency,
+        candidates=manifest["candidates"], failures=failures,
+    )
+    log.info("wrote %s (%s) in %.1f s", out_path, chosen.precision, time.perf_counter() - start)
+    if failures and check:
+        error = BudgetExceededError(f"{'; '.join(failures)}; the artifact is written to {out_path} for inspection")
+        error.artifact = artifact  # type: ignore[attr-defined]
+        raise error
+    return artifact
+
+
+def _accuracy_section(chosen: _Candidate, evaluation: dict[str, Any], max_drop: float) -> dict[str, Any]:
+    if not evaluation["measured"]:
+        return {
+            "measured": False,
+            "reason": "no labelled images (a catalog model without --data): only parity on random inputs",
+            "top1_agreement_random_inputs": chosen.parity["top1_agreement"],
+            "max_drop_pts": max_drop,
+            "pass": None,
+        }
+    acc = dict(chosen.accuracy or {})
+    return {
+        "measured": True,
+        "source": evaluation["source"],
+        **acc,
+        "max_drop_pts": max_drop,
+        "pass": acc["drop_pts"] <= max_drop,
+    }
+
+
+def _latency_section(chosen: _Candidate, profile: DeviceProfile, here: bool, rank_by: str,
+                     threads: int | None, budget: float | None) -> dict[str, Any]:
+    lat = chosen.latency or {}
+    judged_on = "p50 measured here" if rank_by == "measured" or chosen.predicted_ms is None else "predicted"
+    judged = lat.get("p50_ms") if judged_on.startswith("p50") else chosen.predicted_ms
+    section = {
+        "device": profile.name,
+        "runtime": profile.runtime,
+        "measured_on": "this machine (the device's calibrated profile)" if here else "this machine",
+        "measured_with": "onnxruntime CPUExecutionProvider",
+        "threads": threads,
+        "batch": 1,
+        **lat,
+        "predicted_ms": None if chosen.predicted_ms is None else round(chosen.predicted_ms, 4),
+        "predicted_for": profile.name,
+        "judged_on": judged_on,
+        "judged_ms": judged,
+        "budget_ms": budget,
+        "pass": None if budget is None or judged is None else bool(judged <= budget),
+    }
+    if not here:
+        section["note"] = (f"this machine is not {profile.name}: the measurement is of this machine, the "
+                           f"prediction of {profile.name}")
+    return section

@@ -1,0 +1,205 @@
+"""Images for the export and validate stages: evaluation sets, calibration samples, batches, top-1.
+
+- The evaluation set of a run is its validation split (``splits.json``), or its test split when it
+  has no validation split; ``--data DIR`` (a folder of class folders named like the labels) replaces it.
+- The calibration sample is a stratified sample of the run's training images, or of the images
+  under ``--calib-data DIR`` (stratified by their parent folder), prepared with the eval transform.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl.errors import CheckpointError, DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS_FILE = "splits.json"
+EVAL_BATCH = 32
+
+Record = tuple[Path, int]
+
+
+@dataclass
+class EvalSet:
+    """Labelled images to measure top-1 on.
+
+    Attributes:
+        records: ``(path, label)`` pairs; labels index the artifact's classes.
+        source: where they came from, e.g. ``val split of RUN_DIR`` or ``DIR``.
+    """
+
+    records: list[Record]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def read_run_splits(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The run's ``splits.json`` (train/val/test records and class names).
+
+    Raises:
+        CheckpointError: the run folder has no readable splits.json.
+    """
+    path = Path(run_dir) / SPLITS_FILE
+    try:
+        splits = json.loads(path.read_text())
+    except OSError as exc:
+        raise CheckpointError(f"{path} is missing: the run folder is incomplete; re-run `edgetl finetune`") from exc
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); re-run `edgetl finetune`") from exc
+    return splits
+
+
+def _records(items: Sequence[Sequence[Any]]) -> list[Record]:
+    return [(Path(p), int(y)) for p, y in items]
+
+
+def run_eval_set(run_dir: str | os.PathLike[str]) -> EvalSet | None:
+    """The run's validation split (or its test split), or None when it has neither."""
+    splits = read_run_splits(run_dir)
+    for split in ("val", "test"):
+        records = _records(splits.get(split) or [])
+        if records:
+            return EvalSet(records, f"{split} split of {run_dir}")
+    return None
+
+
+def run_train_records(run_dir: str | os.PathLike[str]) -> list[Record]:
+    """The run's training records."""
+    return _records(read_run_splits(run_dir).get("train") or [])
+
+
+def folder_eval_set(data: str | os.PathLike[str], classes: Sequence[str]) -> EvalSet:
+    """Every image of a folder of class folders (or of its ``val/`` folder), labelled by folder name.
+
+    Raises:
+        DataError: the folder does not exist, holds no class folders, or has a class the model lacks.
+    """
+    from edgetl.data import IMG_EXTENSIONS
+
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise DataError(f"evaluation data {root} is not a folder; pass a folder of class folders")
+    for name in ("val", "valid", "validation", "test"):
+        if (root / name).is_dir():
+            root = root / name
+            break
+    index = {c: i for i, c in enumerate(classes)}
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(f"{root} has no class folders; put each class's images in a folder named like its label")
+    unknown = [p.name for p in folders if p.name not in index]
+    if unknown:
+        shown = ", ".join(unknown[:5])
+        raise DataError(
+            f"{root} has class folders the model does not know ({shown}); folder names must be among the "
+            f"{len(classes)} labels in labels.json"
+        )
+    records: list[Record] = []
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith("."):
+                records.append((path, index[folder.name]))
+    if not records:
+        raise DataError(f"{root} holds no images ({', '.join(IMG_EXTENSIONS)})")
+    return EvalSet(records, str(Path(data)))
+
+
+def stratified_sample(records: Sequence[Record], size: int, seed: int = 0) -> list[Record]:
+    """Up to ``size`` records, taken from each label in turn (shuffled with ``seed``), so classes are balanced."""
+    by_label: dict[int, list[Record]] = defaultdict(list)
+    for record in records:
+        by_label[record[1]].append(record)
+    rng = random.Random(seed)
+    pools = []
+    for label in sorted(by_label):
+        pool = list(by_label[label])
+        rng.shuffle(pool)
+        pools.append(pool)
+    sample: list[Record] = []
+    depth = 0
+    while len(sample) < size and any(depth < len(p) for p in pools):
+        for pool in pools:
+            if depth < len(pool) and len(sample) < size:
+                sample.append(pool[depth])
+        depth += 1
+    return sample
+
+
+def folder_calibration_records(data: str | os.PathLike[str]) -> list[Record]:
+    """Every image under ``data`` (recursively), labelled by its parent folder for stratification.
+
+    Raises:
+        DataError: the folder does not exist or holds no images.
+    """
+    from edgetl.data import IMG_EXTENSIONS
+
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise DataError(f"calibration data {root} is not a folder; pass a folder of images (--calib-data DIR)")
+    parents: dict[Path, int] = {}
+    records: list[Record] = []
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in IMG_EXTENSIONS and path.is_file() and not path.name.startswith("."):
+            records.append((path, parents.setdefault(path.parent, len(parents))))
+    if not records:
+        raise DataError(f"{root} holds no images ({', '.join(IMG_EXTENSIONS)}) to calibrate INT8 on")
+    return records
+
+
+def image_batches(records: Sequence[Record], preprocess: Any, resolution: int,
+                  batch_size: int = EVAL_BATCH) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Decode and prepare images with the eval transform; yield ``(NCHW float32, labels)`` batches.
+
+    Unreadable files are skipped with a warning (see :func:`edgetl.data.make_loader`).
+    """
+    from edgetl.data import build_transform, make_loader
+
+    transform = build_transform(preprocess, resolution, train=False)
+    loader = make_loader(list(records), transform, batch_size, shuffle=False)
+    for images, labels in loader:
+        yield images.numpy().astype(np.float32, copy=False), labels.numpy()
+
+
+def random_batches(resolution: int, count: int = 8, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Standard-normal inputs (what normalised images look like to a network), for parity without images."""
+    x = np.random.default_rng(seed).standard_normal((count, 3, resolution, resolution), dtype=np.float32)
+    return [(x, np.full(count, -1, dtype=np.int64))]
+
+
+def collect_logits(
+    batches: Iterator[tuple[np.ndarray, np.ndarray]] | Sequence[tuple[np.ndarray, np.ndarray]],
+    models: dict[str, Callable[[np.ndarray], np.ndarray]],
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Run every model on every batch (each batch is decoded once); return logits by name and the labels."""
+    outputs: dict[str, list[np.ndarray]] = {name: [] for name in models}
+    labels: list[np.ndarray] = []
+    for x, y in batches:
+        labels.append(y)
+        for name, fn in models.items():
+            outputs[name].append(np.asarray(fn(x), dtype=np.float32))
+    if not labels:
+        raise DataError("no image could be read for evaluation; check the images")
+    return {k: np.concatenate(v) for k, v in outputs.items()}, np.concatenate(labels)
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent."""
+    return float(100.0 * np.mean(logits.argmax(1) == labels))
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction (0-1) of inputs whose arg-max class is the same in ``a`` and ``b``."""
+    return float(np.mean(a.argmax(1) == b.argmax(1)))

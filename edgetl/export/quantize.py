@@ -1,0 +1,428 @@
+"""Reduced-precision ONNX models: FP16 conversion and INT8 quantization (dynamic, and static QDQ).
+
+- **FP16** (:func:`convert_fp16`): ``onnxruntime.transformers.float16`` converts weights and ops to
+  float16 and keeps the graph's inputs and outputs float32 (``keep_io_types``), so the artifact's
+  contract (input ``input`` NCHW float32, output ``logits`` float32) holds at every precision.
+- **INT8 dynamic** (:func:`quantize_int8_dynamic`): weights of MatMul/Gemm in int8, activations
+  quantized on the fly. Suits linear-heavy models (ViT, Swin, ConvNeXt's pointwise layers).
+- **INT8 static** (:func:`quantize_int8_static`): ONNX Runtime's ``quantize_static`` in QDQ format
+  with per-channel weight scales, calibrated on real images, after ``quant_pre_process`` (symbolic
+  shape inference and graph optimization). QDQ is also what TensorRT takes for explicit INT8.
+
+Which integer types: on an ONNX Runtime CPU target, uint8 activations and int8 weights (U8S8, the
+fast path of MLAS); ``reduce_range`` (7-bit weights) where the CPU lacks VNNI, since the AVX2 U8S8
+multiply can saturate. For TensorRT, symmetric int8 activations and weights (zero points of 0),
+which is all TensorRT accepts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl._io import atomic_path
+from edgetl.errors import ConfigError, ExportError
+
+log = logging.getLogger(__name__)
+
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+INT8_MODES = ("auto", "static", "dynamic")
+_DYNAMIC_OP_TYPES = ("MatMul", "Gemm")
+_WEIGHTED_LINEAR = ("MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """What a conversion did.
+
+    Attributes:
+        precision: ``fp16`` or ``int8``.
+        mode: ``fp16``, ``static`` or ``dynamic``.
+        path: the file written.
+        file_bytes: its size.
+        seconds: wall time of the conversion (pre-processing and calibration included).
+        format: ``QDQ`` for static INT8, ``QOperator``-free dynamic ops for dynamic INT8, else None.
+        per_channel: per-channel weight scales.
+        reduce_range: 7-bit weights (CPUs without VNNI).
+        activation_type, weight_type: ``uint8``/``int8``.
+        calib_method: ``minmax``, ``entropy`` or ``percentile`` (static only).
+        calib_images: images the calibration saw (static only).
+        calib_fallback: why the calibration method asked for was replaced by minmax, if it was.
+        exclude_op_types: op types left in float.
+        op_counts: node count by op type of the result.
+    """
+
+    precision: str
+    mode: str
+    path: Path
+    file_bytes: int
+    seconds: float
+    format: str | None = None
+    per_channel: bool | None = None
+    reduce_range: bool | None = None
+    activation_type: str | None = None
+    weight_type: str | None = None
+    calib_method: str | None = None
+    calib_images: int | None = None
+    calib_fallback: str | None = None
+    exclude_op_types: list[str] = field(default_factory=list)
+    op_counts: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def _op_counts(model: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return (text or type(exc).__name__)[:limit]
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """Keep ONNX Runtime's quantizer quiet: it prints progress to stdout (which must stay clean for
+    ``--json``) and logs warnings on the root logger. What it printed is logged at debug level."""
+    import io
+    import warnings
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    buf = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+        if buf.getvalue().strip():
+            log.debug("onnxruntime.quantization output:\n%s", buf.getvalue().strip())
+
+
+def is_linear_heavy(onnx_path: str | os.PathLike[str]) -> bool:
+    """Whether a model's weighted layers are mostly MatMul/Gemm rather than Conv (ViT, Swin, ConvNeXt).
+
+    Such models quantize well dynamically (int8 weights, activations quantized at run time); conv
+    networks need static calibration to gain speed.
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    weights = {i.name for i in model.graph.initializer}
+    linear = sum(1 for n in model.graph.node if n.op_type in _WEIGHTED_LINEAR and any(i in weights for i in n.input))
+    conv = sum(1 for n in model.graph.node if n.op_type == "Conv")
+    return linear > conv
+
+
+def resolve_int8_mode(mode: str, onnx_path: str | os.PathLike[str]) -> str:
+    """``auto`` -> ``dynamic`` for linear-heavy models, ``static`` otherwise; others are checked and returned."""
+    if mode not in INT8_MODES:
+        raise ConfigError(f"unknown INT8 mode '{mode}'; use one of {', '.join(INT8_MODES)}")
+    if mode != "auto":
+        return mode
+    return "dynamic" if is_linear_heavy(onnx_path) else "static"
+
+
+# --- FP16 ----------------------------------------------------------------------------------------
+
+
+def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str],
+                 op_block_list: Sequence[str] | None = None) -> QuantReport:
+    """Convert an FP32 ONNX model to FP16, keeping float32 inputs and outputs.
+
+    Args:
+        src: the FP32 model.
+        dst: the file to write (atomically).
+        op_block_list: op types to keep in FP32 (default: the converter's own list of ops that
+            lack FP16 kernels or lose accuracy, e.g. Resize, TopK, RandomNormal).
+
+    Returns:
+        A :class:`QuantReport` with ``mode="fp16"``.
+
+    Raises:
+        ExportError: the converter fails or writes a model that does not pass the ONNX checker.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    start = time.perf_counter()
+    model = onnx.load(str(src))
+    try:
+        with _quiet_logs():
+            half = convert_float_to_float16(
+                model, keep_io_types=True, op_block_list=list(op_block_list) if op_block_list else None
+            )
+        _toposort(half.graph)  # the converter appends its input Casts at the end of the graph
+        onnx.checker.check_model(half)
+    except Exception as exc:  # the converter raises plain exceptions on graphs it cannot handle
+        raise ExportError(f"cannot convert {src} to FP16: {_one_line(exc)}") from exc
+    dst = Path(dst)
+    with atomic_path(dst) as tmp:
+        onnx.save_model(half, str(tmp))
+    return QuantReport(
+        precision="fp16", mode="fp16", path=dst, file_bytes=dst.stat().st_size,
+        seconds=time.perf_counter() - start, activation_type="float32 io / float16 inside",
+        weight_type="float16", op_counts=_op_counts(half),
+    )
+
+
+def _toposort(graph: Any) -> None:
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs (Kahn's algorithm)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:  # a cycle or a dangling input: leave the order to the checker to report
+            ordered.extend(pending)
+            break
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+    copies = [type(n)() for n in ordered]
+    for copy, node in zip(copies, ordered, strict=True):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+# --- INT8 ----------------------------------------------------------------------------------------
+
+
+def _single_images(batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    for batch in batches:
+        for i in range(len(batch)):
+            yield batch[i : i + 1]
+
+
+def _calibration_reader(batches: Iterable[np.ndarray], input_name: str) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):
+        """Feeds NCHW float32 batches to the calibrator and counts the images it saw."""
+
+        def __init__(self) -> None:
+            self._it = iter(batches)
+            self.images = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._it, None)
+            if batch is None:
+                return None
+            batch = np.ascontiguousarray(batch, dtype=np.float32)
+            self.images += int(batch.shape[0])
+            return {input_name: batch}
+
+    return _Reader()
+
+
+def _name_nodes(model: Any) -> None:
+    """Give every node a unique name (the quantizer's include/exclude lists address nodes by name)."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
+def _preprocess(src: Path, dst: Path) -> None:
+    """ORT's quant_pre_process: symbolic shape inference, graph optimization, ONNX shape inference."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        with _quiet_logs():
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+    except Exception as exc:  # symbolic shape inference gives up on some graphs: try without it
+        log.info("quant_pre_process with symbolic shape inference failed (%s); retrying without it", _one_line(exc))
+        try:
+            with _quiet_logs():
+                quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+        except Exception as exc2:
+            raise ExportError(f"ONNX Runtime's quant_pre_process fails on {src}: {_one_line(exc2)}") from exc2
+
+
+def _check_exclude(exclude_op_types: Sequence[str]) -> list[str]:
+    out = []
+    for op in exclude_op_types:
+        op = op.strip()
+        if not op:
+            continue
+        if not op[0].isupper():
+            raise ConfigError(f"'{op}' is not an ONNX op type; op types are spelled like Conv, MatMul, Add")
+        out.append(op)
+    return out
+
+
+def quantize_int8_static(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    calibration: Iterable[np.ndarray],
+    calib_method: str = "minmax",
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    symmetric_activations: bool = False,
+    exclude_op_types: Sequence[str] = (),
+) -> QuantReport:
+    """Static INT8 quantization in QDQ format, calibrated on images.
+
+    Runs ``quant_pre_process`` first, then ``quantize_static`` with per-channel weight scales.
+
+    Args:
+        src: the FP32 model (input ``input``).
+        dst: the QDQ model to write (atomically).
+        calibration: NCHW float32 batches, prepared as at inference (the eval transform).
+        calib_method: ``minmax``, ``entropy`` or ``percentile`` (99.999th).
+        per_channel: per-output-channel weight scales (what MobileNets need).
+        reduce_range: quantize weights to 7 bits (x86 CPUs without VNNI).
+        symmetric_activations: int8 activations with zero point 0 (TensorRT); else uint8 (ORT CPU).
+        exclude_op_types: op types to keep in float (e.g. ``["Add", "Mul"]``).
+
+    Returns:
+        A :class:`QuantReport` with ``mode="static"``.
+
+    Raises:
+        ConfigError: an unknown method, or no calibration images.
+        ExportError: pre-processing or quantization fails.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantType
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if calib_method not in methods:
+        raise ConfigError(f"unknown calibration method '{calib_method}'; use one of {', '.join(CALIB_METHODS)}")
+    excluded = _check_exclude(exclude_op_types)
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    activation = QuantType.QInt8 if symmetric_activations else QuantType.QUInt8
+    extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": symmetric_activations}
+    if calib_method == "percentile":
+        extra["CalibPercentile"] = 99.999
+    with tempfile.TemporaryDirectory(prefix="edgetl-quant-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        _preprocess(src, pre)
+        model = onnx.load(str(pre))
+        _name_nodes(model)
+        onnx.save_model(model, str(pre))
+        input_name = model.graph.input[0].name
+        exclude_nodes = [n.name for n in model.graph.node if n.op_type in excluded]
+        batches = [np.ascontiguousarray(b, dtype=np.float32) for b in calibration]  # kept for a retry
+        if not batches or sum(len(b) for b in batches) == 0:
+            raise ConfigError("no calibration images: pass --calib-data DIR with some images")
+        out = Path(tmp) / "int8.onnx"
+        used, fallback = calib_method, None
+        try:
+            images = _quantize_static(pre, out, batches, input_name, calib_method, methods, per_channel,
+                                      reduce_range, activation, exclude_nodes, extra)
+        except Exception as exc:  # ORT's quantizer raises ValueError/RuntimeError/... on odd graphs
+            if calib_method == "minmax":
+                raise ExportError(f"ONNX Runtime static quantization failed: {_one_line(exc)}") from exc
+            # The histogram calibrators fail on degenerate activation ranges ("Too many bins for data range").
+            fallback = f"{calib_method} calibration failed ({_one_line(exc, 120)}); used minmax"
+            log.warning("%s", fallback)
+            used = "minmax"
+            try:
+                images = _quantize_static(pre, out, batches, input_name, "minmax", methods, per_channel,
+                                          reduce_range, activation, exclude_nodes, extra)
+            except Exception as exc2:
+                raise ExportError(f"ONNX Runtime static quantization failed: {_one_line(exc2)}") from exc2
+        quantized = onnx.load(str(out))
+        with atomic_path(dst) as tmp_dst:
+            onnx.save_model(quantized, str(tmp_dst))
+    log.info("static INT8 (%s, %d calibration images) -> %s", used, images, dst)
+    return QuantReport(
+        precision="int8", mode="static", path=dst, file_bytes=dst.stat().st_size,
+        seconds=time.perf_counter() - start, format="QDQ", per_channel=per_channel, reduce_range=reduce_range,
+        activation_type="int8" if symmetric_activations else "uint8", weight_type="int8",
+        calib_method=used, calib_images=images, calib_fallback=fallback, exclude_op_types=excluded,
+        op_counts=_op_counts(quantized),
+    )
+
+
+def _quantize_static(pre: Path, out: Path, batches: list[np.ndarray], input_name: str, method: str,
+                     methods: dict[str, Any], per_channel: bool, reduce_range: bool, activation: Any,
+                     exclude_nodes: list[str], extra: dict[str, Any]) -> int:
+    """One quantize_static call; returns the number of calibration images it saw."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    # The histogram calibrators stack activations across batches: feed them equal shapes.
+    feed = _single_images(batches) if method != "minmax" else iter(batches)
+    reader = _calibration_reader(feed, input_name)
+    with _quiet_logs():
+        quantize_static(
+            str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+            reduce_range=reduce_range, activation_type=activation, weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude_nodes or None, calibrate_method=methods[method], extra_options=extra,
+        )
+    return reader.images
+
+
+def quantize_int8_dynamic(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    per_channel: bool = False,
+    reduce_range: bool = False,
+    exclude_op_types: Sequence[str] = (),
+) -> QuantReport:
+    """Dynamic INT8 quantization of MatMul/Gemm weights (activations are quantized at run time).
+
+    Args:
+        src: the FP32 model.
+        dst: the file to write (atomically).
+        per_channel: per-channel weight scales.
+        reduce_range: 7-bit weights (x86 CPUs without VNNI).
+        exclude_op_types: of MatMul/Gemm, the ones to keep in float.
+
+    Returns:
+        A :class:`QuantReport` with ``mode="dynamic"``.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    excluded = _check_exclude(exclude_op_types)
+    ops = [op for op in _DYNAMIC_OP_TYPES if op not in excluded]
+    if not ops:
+        raise ConfigError("dynamic INT8 quantizes MatMul and Gemm only, and both are excluded; drop --exclude-op-types")
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    with tempfile.TemporaryDirectory(prefix="edgetl-quant-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        _preprocess(src, pre)
+        model = onnx.load(str(pre))
+        _name_nodes(model)
+        onnx.save_model(model, str(pre))
+        out = Path(tmp) / "int8.onnx"
+        try:
+            with _quiet_logs():
+                quantize_dynamic(str(pre), str(out), op_types_to_quantize=ops, per_channel=per_channel,
+                                 reduce_range=reduce_range, weight_type=QuantType.QInt8)
+        except Exception as exc:
+            raise ExportError(f"ONNX Runtime dynamic quantization failed: {_one_line(exc)}") from exc
+        quantized = onnx.load(str(out))
+        with atomic_path(dst) as tmp_dst:
+            onnx.save_model(quantized, str(tmp_dst))
+    return QuantReport(
+        precision="int8", mode="dynamic", path=dst, file_bytes=dst.stat().st_size,
+        seconds=time.perf_counter() - start, format="dynamic (MatMulInteger/DynamicQuantizeLinear)",
+        per_channel=per_channel, reduce_range=reduce_range, activation_type="uint8 (dynamic)",
+        weight_type="int8", exclude_op_types=excluded, op_counts=_op_counts(quantized),
+    )

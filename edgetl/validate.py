@@ -1,0 +1,268 @@
+"""``validate()``: verify an artifact folder, then measure its latency (and accuracy) against budgets.
+
+Order of the checks:
+
+1. **Hashes first.** Every file the manifest lists must exist and match its sha256; a missing or
+   changed file is an :class:`~edgetl.errors.ArtifactError` (exit 1), e.g.
+   ``sha256 mismatch for model.onnx``. ``validation.json`` is not hashed: validate writes it.
+2. **Latency**, measured here with the runtime the device profile names: ONNX Runtime (CPU) for CPU
+   profiles, TensorRT (``model.engine``) where TensorRT and a GPU exist, else ONNX Runtime with a
+   note. When the profile is not this machine, the report says so and shows the latency predicted
+   on that device (from the source architecture's cost trace) next to the measurement here.
+3. **Accuracy** on ``data`` (a folder of class folders named like ``labels.json``), when given.
+4. **Budgets:** ``max_latency_ms``, and the profile's model memory budget. A miss raises
+   :class:`~edgetl.errors.BudgetExceededError` (exit 3) naming the value and the budget, after the
+   report is written to ``validation.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from edgetl._io import atomic_write_json
+from edgetl.errors import BudgetExceededError, ConfigError
+from edgetl.export import bundle
+
+log = logging.getLogger(__name__)
+
+BUDGET_METRICS = ("min", "p50", "p90", "p99")
+
+
+@dataclass
+class ValidationReport:
+    """The result of :func:`validate`.
+
+    Attributes:
+        artifact: the artifact folder.
+        device: the profile's name; ``runtime`` the runtime that measured here.
+        this_machine: whether the profile describes this machine.
+        hashes_ok: every file matched its sha256 (always True in a returned report: a mismatch raises).
+        latency: measured statistics (ms), the prediction on the device, and the budget verdict.
+        memory: the runtime's resident memory for the model (MB) and the profile's budget.
+        accuracy: top-1 on ``data`` (None without data).
+        failures: the budgets that were missed, one sentence each.
+        notes: things the reader should know (another device, a fallback runtime).
+    """
+
+    artifact: Path
+    device: str
+    runtime: str
+    this_machine: bool
+    precision: str
+    hashes_ok: bool
+    files: dict[str, str]
+    latency: dict[str, Any]
+    memory: dict[str, Any]
+    accuracy: dict[str, Any] | None = None
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    created: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "artifact": str(self.artifact),
+            "created": self.created,
+            "device": self.device,
+            "runtime": self.runtime,
+            "this_machine": self.this_machine,
+            "precision": self.precision,
+            "hashes_ok": self.hashes_ok,
+            "files": self.files,
+            "latency": self.latency,
+            "memory": self.memory,
+            "accuracy": self.accuracy,
+            "passed": self.passed,
+            "failures": list(self.failures),
+            "notes": list(self.notes),
+        }
+
+    def raise_for_budget(self) -> None:
+        """Raise :class:`BudgetExceededError` (exit 3) if a budget was missed."""
+        if self.failures:
+            raise BudgetExceededError("; ".join(self.failures))
+
+
+def _vm_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _runner(folder: Path, runtime: str, threads: int | None) -> tuple[Any, str, list[str]]:
+    """The runner for the profile's runtime, falling back to ONNX Runtime CPU where TensorRT is missing."""
+    from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
+
+    notes: list[str] = []
+    if runtime == "tensorrt":
+        from edgetl.runtime.tensorrt import tensorrt_available
+
+        engine = folder / bundle.ENGINE_FILE
+        if tensorrt_available() and engine.is_file():
+            from edgetl.runtime.tensorrt import TensorRTRunner
+
+            return TensorRTRunner(engine, name="tensorrt"), "tensorrt", notes
+        why = "no model.engine in the artifact" if tensorrt_available() else "TensorRT is not available here"
+        notes.append(f"the device runs TensorRT, but {why}: measured with ONNX Runtime on the CPU instead")
+    runner = OnnxRuntimeRunner(folder / bundle.MODEL_FILE, providers="cpu", threads=threads, name="onnxruntime")
+    return runner, "onnxruntime", notes
+
+
+def _predicted_ms(manifest: dict[str, Any], profile: Any) -> float | None:
+    from edgetl.cost import trace_model
+    from edgetl.predict import predict_latency
+
+    source = manifest.get("source") or {}
+    precision = manifest.get("precision", "fp32")
+    if not profile.supports(precision):
+        return None
+    try:
+        trace = trace_model(source.get("model") or source.get("model_name"), source.get("resolution"))
+        return float(predict_latency(trace, profile, precision, 1).latency_ms)
+    except Exception as exc:  # unknown model or untraceable architecture: the prediction is optional
+        log.info("no latency prediction: %s", exc)
+        return None
+
+
+def _accuracy(folder: Path, data: str | os.PathLike[str], runner_threads: int | None) -> dict[str, Any]:
+    from edgetl.catalog import Preprocess
+    from edgetl.export.evaluate import collect_logits, folder_eval_set, image_batches, top1
+    from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
+
+    classes = json.loads((folder / bundle.LABELS_FILE).read_text())
+    pre_doc = json.loads((folder / bundle.PREPROCESS_FILE).read_text())
+    preprocess = Preprocess.from_dict(pre_doc["preprocess"])
+    eval_set = folder_eval_set(data, classes)
+    with OnnxRuntimeRunner(folder / bundle.MODEL_FILE, providers="cpu", threads=runner_threads) as runner:
+        batches = image_batches(eval_set.records, preprocess, preprocess.crop_size)
+        logits, labels = collect_logits(batches, {"artifact": lambda x: runner.infer(x)["logits"]})
+    return {"data": str(data), "images": len(labels), "top1": round(top1(logits["artifact"], labels), 4)}
+
+
+def validate(
+    artifact: str | os.PathLike[str],
+    device: str | None = None,
+    data: str | os.PathLike[str] | None = None,
+    max_latency_ms: float | None = None,
+    *,
+    budget_metric: str = "p50",
+    iterations: int = 100,
+    warmup: int = 10,
+    threads: int | None = None,
+    write: bool = True,
+    check: bool = True,
+) -> ValidationReport:
+    """Verify an artifact's files, measure its latency (and accuracy with ``data``), judge the budgets.
+
+    Args:
+        artifact: the artifact folder written by ``edgetl export``.
+        device: the device profile (default: the one the artifact was exported for).
+        data: a folder of class folders (named like ``labels.json``) to measure top-1 on.
+        max_latency_ms: the latency budget. It is judged on ``budget_metric`` of the measurement,
+            or, for a TensorRT device measured here without TensorRT, on the predicted latency.
+        budget_metric: ``min``, ``p50``, ``p90`` or ``p99``.
+        iterations, warmup: timed and untimed inferences.
+        threads: ONNX Runtime intra-op threads (default: the calibrated profile's, else all cores).
+        write: write the report to ``ARTIFACT/validation.json``.
+        check: raise :class:`BudgetExceededError` when a budget is missed (after writing the report).
+
+    Returns:
+        The :class:`ValidationReport`.
+
+    Raises:
+        ArtifactError: a missing or tampered file (checked before anything runs).
+        BudgetExceededError: (with ``check``) a budget was missed.
+    """
+    from edgetl.calibrate import is_this_machine
+    from edgetl.profiles import load_profile
+    from edgetl.runtime.bench import benchmark, peak_rss_mb, reset_peak_rss
+
+    if budget_metric not in BUDGET_METRICS:
+        raise ConfigError(f"unknown budget metric '{budget_metric}'; use one of {', '.join(BUDGET_METRICS)}")
+    if max_latency_ms is not None and max_latency_ms <= 0:
+        raise ConfigError(f"--max-latency-ms must be positive, got {max_latency_ms}")
+    if iterations < 1 or warmup < 0:
+        raise ConfigError("iterations must be >= 1 and warmup >= 0")
+    folder = Path(artifact).expanduser()
+    manifest = bundle.verify_files(folder)
+    files = {name: rec["sha256"] for name, rec in manifest["files"].items()}
+
+    profile = load_profile(device or manifest.get("device", {}).get("name") or "x86")
+    here = is_this_machine(profile)
+    if threads is None and here and profile.calibrated:
+        threads = profile.calibrated.get("threads")
+    notes: list[str] = []
+    if not here:
+        notes.append(
+            f"'{profile.name}' is not this machine: latency is measured here, and predicted for {profile.name}; "
+            "run `edgetl device calibrate` for a profile of this machine"
+        )
+    runner, runtime, runner_notes = _runner(folder, profile.runtime, threads)
+    notes += runner_notes
+    resolution = int((manifest.get("source") or {}).get("resolution") or manifest["onnx"]["input"]["shape"][-1])
+    shape = (1, 3, resolution, resolution)
+
+    rss_before = _vm_rss_mb()
+    reset_peak_rss()
+    result = benchmark(runner, shape=shape, iterations=iterations, warmup=warmup)
+    peak = peak_rss_mb()
+    memory_mb = None if rss_before is None else max(peak - rss_before, 0.0)
+
+    predicted = None if here else _predicted_ms(manifest, profile)
+    judge_predicted = runtime != profile.runtime and predicted is not None
+    measured = float(getattr(result, budget_metric))
+    judged = predicted if judge_predicted else measured
+    latency: dict[str, Any] = {
+        "runtime": runtime,
+        "threads": threads,
+        "shape": list(shape),
+        **{f"{k}_ms": round(getattr(result, k), 4) for k in ("min", "p50", "p90", "p99", "mean")},
+        "cv": round(result.cv, 4),
+        "iterations": result.iterations,
+        "predicted_ms": None if predicted is None else round(predicted, 4),
+        "predicted_for": None if predicted is None else profile.name,
+        "budget_ms": max_latency_ms,
+        "budget_metric": f"predicted on {profile.name}" if judge_predicted else f"{budget_metric} measured here",
+        "judged_ms": round(judged, 4),
+        "pass": None if max_latency_ms is None else bool(judged <= max_latency_ms),
+    }
+    failures: list[str] = []
+    if latency["pass"] is False:
+        what = latency["budget_metric"]
+        failures.append(f"latency {judged:.4g} ms ({what}) exceeds the budget of {max_latency_ms:g} ms")
+
+    budget_mb = float(profile.memory.model_budget_mb.value)
+    memory = {
+        "runtime_mb": None if memory_mb is None else round(memory_mb, 1),
+        "model_file_mb": round((folder / bundle.MODEL_FILE).stat().st_size / 2**20, 3),
+        "budget_mb": budget_mb,
+        "pass": None if memory_mb is None else bool(memory_mb <= budget_mb),
+    }
+    if memory["pass"] is False:
+        failures.append(f"memory {memory_mb:.1f} MB exceeds {profile.name}'s model budget of {budget_mb:g} MB")
+
+    accuracy = _accuracy(folder, data, threads) if data is not None else None
+    report = ValidationReport(
+        artifact=folder, device=profile.name, runtime=runtime, this_machine=here,
+        precision=str(manifest.get("precision")), hashes_ok=True, files=files, latency=latency, memory=memory,
+        accuracy=accuracy, failures=failures, notes=notes,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    if write:
+        atomic_write_json(folder / bundle.VALIDATION_FILE, report.to_dict())
+    if check:
+        report.raise_for_budget()
+    return report
