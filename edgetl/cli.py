@@ -700,6 +700,92 @@ def _print_validation(report) -> None:
 
 
 _BUILD_STAGES = ("select", "finetune", "export", "validate")
+
+
+@cli.command("build")
+@click.argument("pipeline", metavar="PIPELINE.yaml", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Output folder [default: the build file's out:, else build/ beside it].")
+@click.option("--force", is_flag=True, help="Rerun every stage, even those whose inputs did not change.")
+@click.option("--rerun", type=click.Choice(_BUILD_STAGES), multiple=True,
+              help="Rerun this stage (repeatable); later stages rerun if its output changes.")
+@click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
+              help="Offline folder of torchvision weights files [default: weights_dir:, else $EDGETL_WEIGHTS_DIR].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document on stdout.")
+def build_cmd(pipeline, out, force, rerun, weights_dir, as_json) -> None:
+    """Run select -> finetune -> export -> validate from PIPELINE.yaml, skipping unchanged stages.
+
+    Writes OUT/report.md. Exit code 3 when a budget (accuracy drop, latency, memory) is missed.
+    """
+    from edgetl.pipeline import build
+
+    err = _stderr_console()
+    result = build(pipeline, out=out, force=True if force else list(rerun), weights_dir=weights_dir, check=False,
+                   progress=lambda msg: err.print(msg, highlight=False), progress_bars=True)
+    _finish_build(result, as_json)
+
+
+@cli.command("demo")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default="edgetl-demo", show_default=True,
+              help="Folder for the synthetic dataset, the build file and the build.")
+@click.option("--epochs", type=int, default=8, show_default=True, help="Training epochs.")
+@click.option("--train-per-class", type=int, default=48, show_default=True,
+              help="Synthetic training images per class (validation gets a third, test a sixth).")
+@click.option("--device", "-d", default=None, help="Target profile [default: x86-avx2, or raspberry-pi-5 on Arm].")
+@click.option("--force", is_flag=True, help="Rerun every stage.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document on stdout.")
+def demo_cmd(out, epochs, train_per_class, device, force, as_json) -> None:
+    """Run the whole pipeline offline on a synthetic dataset (CPU, random weights, 64 px): a few minutes."""
+    from edgetl.demo import run_demo
+
+    err = _stderr_console()
+    result = run_demo(out, epochs=epochs, train_per_class=train_per_class, device=device, force=force, check=False,
+                      progress=lambda msg: err.print(msg, highlight=False), progress_bars=True)
+    _finish_build(result, as_json)
+
+
+def _finish_build(result, as_json: bool) -> None:
+    """Render a BuildResult, then exit 3 if a budget was missed."""
+    from edgetl.errors import BudgetExceededError
+
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"edgetl build · {result.out}")
+        for col in ("stage", "status", "why", "time", "result"):
+            table.add_column(col, justify="right" if col == "time" else "left")
+        for s in result.stages:
+            table.add_row(s.name, s.status, s.reason, "—" if s.skipped else f"{s.seconds:.1f} s",
+                          _stage_result(s.name, s.summary))
+        console = _stdout_console()
+        console.print(table)
+        console.print(f"artifact: {result.artifact}\nreport:   {result.report}")
+        if result.passed:
+            console.print("[green]passed[/]")
+    if result.failures:
+        raise BudgetExceededError(f"{'; '.join(result.failures)} (see {result.report})")
+
+
+def _stage_result(name: str, s: dict[str, Any]) -> str:
+    def pct(v: float | None) -> str:
+        return "—" if v is None else f"{100 * v:.1f}%"
+
+    if name == "select":
+        return f"{s.get('model')} ({s.get('fitting')} of {s.get('candidates')} fit)"
+    if name == "finetune":
+        return f"{s.get('strategy')}, val {pct(s.get('val_accuracy'))}, test {pct(s.get('test_accuracy'))}"
+    if name == "export":
+        drop = s.get("drop_pts")
+        return f"{s.get('precision')}" + ("" if drop is None else f", drop {drop:.2f} pts")
+    if name == "validate":
+        budget = s.get("budget_ms")
+        verdict = "pass" if s.get("passed") else "FAIL"
+        return f"p50 {s.get('p50_ms')} ms" + ("" if budget is None else f" vs {budget:g} ms") + f": {verdict}"
+    return ""
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="edgetl")
