@@ -22,6 +22,16 @@ __version__ = "0.1.0"
 _API = {
     "select": "edgetl.select",
     "Ranking": "edgetl.select",
+    "finetune": "edgetl.finetune.api",
+    "RunResult": "edgetl.finetune.api",
+    "load_trained_model": "edgetl.finetune.api",
+    "export": "edgetl.export.api",
+    "Artifact": "edgetl.export.api",
+    "validate": "edgetl.validate",
+    "ValidationReport": "edgetl.validate",
+    "build": "edgetl.pipeline",
+    "BuildResult": "edgetl.pipeline",
+    "make_demo_dataset": "edgetl.data",
     "list_models": "edgetl.catalog",
     "get_card": "edgetl.catalog",
     "ModelCard": "edgetl.catalog",
@@ -29,6 +39,7 @@ _API = {
     "list_profiles": "edgetl.profiles",
     "DeviceProfile": "edgetl.profiles",
     "EdgetlError": "edgetl.errors",
+    "BudgetExceededError": "edgetl.errors",
 }
 
 __all__ = sorted(_API)
