@@ -650,19 +650,22 @@ def _print_artifact(artifact) -> None:
 @click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
               help="Class folders (named like labels.json) to measure top-1 accuracy on.")
 @click.option("--max-latency-ms", type=float, default=None, help="Latency budget; a miss exits with code 3.")
+@click.option("--max-memory-mb", type=float, default=None,
+              help="Memory budget; a miss exits with code 3 [default: the profile's model memory budget].")
 @click.option("--budget-metric", type=click.Choice(["min", "p50", "p90", "p99"]), default="p50", show_default=True)
 @click.option("--iterations", type=int, default=100, show_default=True)
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document on stdout.")
-def validate_cmd(artifact, device, data, max_latency_ms, budget_metric, iterations, warmup, threads, as_json) -> None:
+def validate_cmd(artifact, device, data, max_latency_ms, max_memory_mb, budget_metric, iterations, warmup, threads,
+                 as_json) -> None:
     """Verify ARTIFACT_DIR's hashes, measure latency (and accuracy with --data) against the budgets."""
     from edgetl.validate import validate
 
     with _stderr_console().status(f"validating {artifact}"):
         report = validate(artifact, device=device, data=data, max_latency_ms=max_latency_ms,
-                          budget_metric=budget_metric, iterations=iterations, warmup=warmup, threads=threads,
-                          check=False)
+                          max_memory_mb=max_memory_mb, budget_metric=budget_metric, iterations=iterations,
+                          warmup=warmup, threads=threads, check=False)
     if as_json:
         emit_json(report.to_dict())
     else:

@@ -285,3 +285,53 @@ def test_bad_options_fail_before_any_work(run_dir, tmp_path):
         export(run_dir, tmp_path / "a", precision="int8", device="jetson-nano")
     assert not (tmp_path / "a").exists()
     assert export_api.PRECISIONS == ("fp32", "fp16", "int8", "auto")
+
+
+@pytest.mark.slow
+def test_cli_quantization_options_reach_the_manifest(run_dir, tmp_path):
+    out = tmp_path / "vnni"
+    result = CliRunner().invoke(cli, [
+        "export", str(run_dir), "--out", str(out), "--precision", "int8", "--device", "x86-avx512-vnni",
+        "--calib-method", "percentile", "--exclude-op-types", "Add", "--opset", "18", "--rounds", "2",
+    ])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    quant = manifest["quantization"]
+    assert quant["reduce_range"] is False  # VNNI: full 8-bit weights
+    assert quant["calib_method"] == "percentile" and "Add" in quant["exclude_op_types"]
+    assert manifest["onnx"]["opset"] == 18
+    assert "Add" in quant["op_counts"]  # the residual adds stayed in float
+
+
+def test_out_that_holds_the_run_is_refused(run_dir):
+    with pytest.raises(ConfigError, match="holds the run"):
+        export(run_dir, run_dir.parent, precision="fp32", force=True, **FAST)
+    assert (run_dir / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_unlabelled_int8_must_agree_with_fp32(tmp_path, monkeypatch):
+    """A catalog classifier with calibration images but no labels: agreement with FP32 gates INT8."""
+    calib = make_demo_dataset(tmp_path / "calib", num_classes=2, train_per_class=8, val_per_class=0, size=32)
+    real = quantize.quantize_int8_static
+
+    def broken(src, dst, *args, **kwargs):
+        report = real(src, dst, *args, **kwargs)
+        model = onnx.load(str(dst))
+        logits = model.graph.output[0].name
+        bias = np.zeros(1000, dtype=np.float32)
+        bias[999] = 1e4  # every image becomes class 999
+        model.graph.initializer.append(onnx.numpy_helper.from_array(bias, "sabotage_bias"))
+        for node in model.graph.node:
+            node.output[:] = ["pre_bias" if o == logits else o for o in node.output]
+        model.graph.node.append(onnx.helper.make_node("Add", ["pre_bias", "sabotage_bias"], [logits]))
+        onnx.save(model, str(dst))
+        return report
+
+    monkeypatch.setattr(quantize, "quantize_int8_static", broken)
+    artifact = export("resnet18", tmp_path / "auto", precision="auto", weights="none", resolution=32,
+                      calib_data=calib, simplify=False, **FAST)
+    int8 = next(c for c in artifact.candidates if c["precision"] == "int8")
+    assert artifact.precision == "fp32"
+    assert int8["parity"]["inputs"] == "calibration images" and int8["parity"]["min_top1_agreement"] == 0.99
+    assert not int8["parity"]["passed"] and "agreement" in int8["rejected"]

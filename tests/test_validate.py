@@ -73,7 +73,33 @@ def test_latency_budget_miss_exits_3_naming_the_values(copy):
     report = json.loads((copy / "validation.json").read_text())  # written before exiting
     measured = report["latency"]["judged_ms"]
     assert report["latency"]["pass"] is False and report["latency"]["budget_ms"] == 0.0001
-    assert f"latency {measured:.4g} ms (p50 measured here) exceeds the budget of 0.0001 ms" in result.stderr
+    assert f"latency {measured:.4g} ms (predicted on x86-avx2) exceeds the budget of 0.0001 ms" in result.stderr
+
+
+def test_a_fast_machine_does_not_pass_a_budget_the_device_misses(copy):
+    free = validate(copy, device="raspberry-pi-4", iterations=5, warmup=1, write=False)
+    predicted, here = free.latency["predicted_ms"], free.latency["min_ms"]
+    assert predicted > here  # a Pi 4 is slower than this machine
+    budget = (predicted + here) / 2
+    with pytest.raises(BudgetExceededError, match="predicted on raspberry-pi-4"):
+        validate(copy, device="raspberry-pi-4", max_latency_ms=budget, iterations=5, warmup=1)
+
+
+def test_an_unlisted_engine_is_refused_not_run(copy):
+    (copy / "model.engine").write_bytes(b"not an engine")
+    result = _invoke(copy, *FAST)
+    assert result.exit_code == 1
+    assert "model.engine" in result.stderr and "not in manifest.json" in result.stderr
+
+
+def test_a_device_without_the_artifacts_precision_is_an_error(tmp_path, artifact):
+    manifest = json.loads((artifact.path / "manifest.json").read_text())
+    dest = tmp_path / "int8-labelled"
+    shutil.copytree(artifact.path, dest)
+    manifest["precision"] = "int8"  # the manifest is not among the hashed files
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    result = _invoke(dest, "--device", "jetson-nano", *FAST)
+    assert result.exit_code == 1 and "does not run" in result.stderr and "fp16" in result.stderr
 
 
 def test_json_is_pure_json(copy):

@@ -282,7 +282,7 @@ def _calibration(src: _Source, calib_data: str | os.PathLike[str] | None, calib_
 def _build_candidates(src: _Source, fp32_path: Path, work: Path, wanted: list[str], profile: DeviceProfile,
                       int8_mode: str, calib: tuple[list[Record], str] | None, calib_method: str,
                       exclude_op_types: Sequence[str], explicit: bool, say: Callable[[str], None],
-                      skipped: list[str]) -> list[_Candidate]:
+                      skipped: list[str], calib_given: bool = False) -> list[_Candidate]:
     from edgetl.export import quantize
     from edgetl.export.evaluate import image_batches
 
@@ -293,6 +293,19 @@ def _build_candidates(src: _Source, fp32_path: Path, work: Path, wanted: list[st
         candidates.append(_Candidate("fp16", report.path, "fp16", quant=report.to_dict()))
     if "int8" in wanted:
         mode = quantize.resolve_int8_mode(int8_mode, fp32_path)
+        if profile.runtime == "tensorrt" and mode == "dynamic":
+            if int8_mode == "dynamic":
+                raise ConfigError(
+                    f"{profile.name} runs TensorRT, whose ONNX parser takes INT8 only as Q/DQ pairs, not dynamic "
+                    "quantization (MatMulInteger); use --int8-mode static"
+                )
+            mode = "static"  # a linear-heavy model still gets QDQ for TensorRT
+        if calib_given and mode == "dynamic":
+            if int8_mode == "dynamic":
+                raise ConfigError("--calib-data calibrates static INT8, and --int8-mode dynamic needs none; "
+                                  "drop one of them")
+            say("calibration images given: static INT8 for this linear-heavy model")
+            mode = "static"
         reduce_range = _reduce_range(profile)
         if mode == "static" and calib is None:
             msg = ("static INT8 needs calibration images and a catalog model has no training split: "
@@ -324,8 +337,8 @@ def _build_candidates(src: _Source, fp32_path: Path, work: Path, wanted: list[st
     return candidates
 
 
-def _evaluate(src: _Source, candidates: list[_Candidate], threads: int | None,
-              say: Callable[[str], None]) -> dict[str, Any]:
+def _evaluate(src: _Source, candidates: list[_Candidate], threads: int | None, max_drop: float,
+              calib: tuple[list[Record], str] | None, say: Callable[[str], None]) -> dict[str, Any]:
     """Parity with torch and accuracy of every candidate on the evaluation images (decoded once)."""
     import torch
 
@@ -336,6 +349,10 @@ def _evaluate(src: _Source, candidates: list[_Candidate], threads: int | None,
         say(f"evaluating on {len(src.eval_set)} images ({src.eval_set.source})")
         batches: Any = image_batches(src.eval_set.records, src.preprocess, src.resolution)
         labelled = True
+    elif calib is not None:
+        say(f"checking agreement with PyTorch on {len(calib[0])} calibration images (no labelled images)")
+        batches = ((x, np.full(len(x), -1)) for x, _ in image_batches(calib[0], src.preprocess, src.resolution))
+        labelled = False
     else:
         say("checking parity on random inputs (no labelled images)")
         batches = random_batches(src.resolution)
@@ -369,12 +386,17 @@ def _evaluate(src: _Source, candidates: list[_Candidate], threads: int | None,
             atol, need_agree = FP32_ATOL, 1.0
         elif c.precision == "fp16":
             atol, need_agree = FP16_ATOL + FP16_RTOL * scale, None
+        elif labelled:
+            atol, need_agree = None, None  # judged on its measured accuracy drop
         else:
-            atol, need_agree = None, None
+            # No labels: a drop of d points needs at least d% of the images to disagree with FP32, so
+            # agreement >= 1 - budget/100 keeps INT8 within the accuracy budget.
+            atol, need_agree = None, 1.0 - max_drop / 100.0
         passed = (atol is None or float(diff.max()) <= atol) and (need_agree is None or agree >= need_agree)
         c.parity = {
             "images": len(ref),
-            "inputs": "evaluation images" if labelled else "random normal inputs",
+            "inputs": "evaluation images" if labelled else ("calibration images" if calib else "random normal inputs"),
+            "min_top1_agreement": need_agree,
             "max_abs_diff": float(diff.max()),
             "mean_abs_diff": float(diff.mean()),
             "top1_agreement": agree,
@@ -431,8 +453,12 @@ def _predict(card: ModelCard, resolution: int, profile: DeviceProfile, precision
 def _choose(candidates: list[_Candidate], rank_by: str, max_drop: float) -> _Candidate:
     for c in candidates:
         if c.parity and not c.parity["passed"] and c.precision != "fp32":
-            c.rejected = (f"parity with PyTorch failed (max |diff| {c.parity['max_abs_diff']:.3g} > "
-                          f"{c.parity['atol']:.3g})")
+            p = c.parity
+            if p["atol"] is not None and p["max_abs_diff"] > p["atol"]:
+                c.rejected = f"parity with PyTorch failed (max |diff| {p['max_abs_diff']:.3g} > {p['atol']:.3g})"
+            else:
+                c.rejected = (f"top-1 agreement with PyTorch {100 * p['top1_agreement']:.1f}% on {p['inputs']} < "
+                              f"{100 * p['min_top1_agreement']:.1f}% (no labels: agreement bounds the drop)")
         elif c.accuracy and c.accuracy["drop_pts"] > max_drop:
             c.rejected = f"accuracy drop {c.accuracy['drop_pts']:.2f} pts > budget {max_drop:g} pts"
     best = candidates[0]
@@ -496,7 +522,8 @@ def export(
             run's training images).
         calib_method: ``minmax``, ``entropy`` or ``percentile``.
         calib_size: calibration images.
-        int8_mode: ``auto`` (dynamic for linear-heavy models, else static), ``static`` or ``dynamic``.
+        int8_mode: ``auto`` (dynamic for linear-heavy models, unless ``calib_data`` is given or the
+            device runs TensorRT; else static), ``static`` or ``dynamic``.
         exclude_op_types: op types to keep in float when quantizing (e.g. ``["Add"]``).
         opset: the ONNX opset.
         simplify: simplify the graph with onnxslim (takes ~40 s on a ViT-B; seconds on CNNs).
@@ -541,10 +568,12 @@ def export(
     if precision != "auto":
         profile.check_precision(precision)
     out_path = bundle.check_destination(out, force)
+    bundle.check_not_inside(out_path, {"the run": run_dir if _is_run_dir(run_dir) else None, "--data": data,
+                                       "--calib-data": calib_data})
     say("loading the model")
     src = _load_source(run_dir, weights, weights_dir, resolution, data)
     if tensorrt:
-        guess = "int8" if precision == "int8" else ("fp16" if "fp16" in profile.precisions else "fp32")
+        guess = precision if precision != "auto" else ("fp16" if "fp16" in profile.precisions else "fp32")
         require_tensorrt(guess, src.resolution, out_path)
     if threads is None and is_this_machine(profile) and profile.calibrated:
         threads = profile.calibrated.get("threads")
@@ -563,8 +592,9 @@ def export(
         onnx_report = export_onnx(src.model, work / "fp32.onnx", resolution=src.resolution, opset=opset,
                                   dynamic_batch=True, check=True, simplify=simplify)
         candidates = _build_candidates(src, onnx_report.path, work, wanted, profile, int8_mode, calib, calib_method,
-                                       exclude_op_types, precision != "auto", say, skipped)
-        evaluation = _evaluate(src, candidates, threads, say)
+                                       exclude_op_types, precision != "auto", say, skipped,
+                                       calib_given=calib_data is not None)
+        evaluation = _evaluate(src, candidates, threads, max_accuracy_drop, calib, say)
         fp32 = candidates[0]
         if not fp32.parity["passed"]:
             p = fp32.parity

@@ -62,6 +62,18 @@ def check_destination(out: str | os.PathLike[str], force: bool) -> Path:
     return out
 
 
+def check_not_inside(out: Path, inputs: dict[str, str | os.PathLike[str] | None]) -> None:
+    """Refuse an ``out`` that is, or holds, one of the inputs: replacing it would delete them."""
+    target = out.expanduser().resolve()
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        src = Path(path).expanduser().resolve()
+        if src == target or target in src.parents:
+            raise ConfigError(f"--out {out} holds {what} ({path}); writing the artifact there would replace it, "
+                              "choose another folder")
+
+
 @contextlib.contextmanager
 def staging_dir(out: Path) -> Iterator[Path]:
     """A hidden temporary folder beside ``out``; removed if the block raises or nothing publishes it."""
@@ -237,6 +249,13 @@ def verify_files(folder: str | os.PathLike[str], manifest: dict[str, Any] | None
                 f"sha256 mismatch for {name} in {folder}: the file changed after export "
                 f"(expected {str(record.get('sha256'))[:12]}..., got {digest[:12]}...); re-export the artifact"
             )
+    unlisted = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                      and p.name not in files and p.name not in (MANIFEST_FILE, VALIDATION_FILE))
+    if unlisted:
+        raise ArtifactError(
+            f"{', '.join(unlisted)} in {folder} is not in manifest.json: it was added after export and is not "
+            "verified; remove it or re-export the artifact"
+        )
     return manifest
 
 

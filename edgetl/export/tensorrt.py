@@ -21,14 +21,17 @@ ENGINE_FILE = "model.engine"
 
 
 def engine_precision(artifact_precision: str, int8_mode: str | None, profile_precisions: list[str]) -> str:
-    """The engine's precision for an artifact: INT8 from a QDQ model, else FP16 where the device has it.
+    """The engine's precision for an artifact: the artifact's own, INT8 only from a QDQ model.
 
-    A dynamically quantized model has no Q/DQ pairs TensorRT could use, so its engine is built from
-    the FP32 graph in FP16 instead.
+    An FP32 artifact gets an FP32 engine and an FP16 one an FP16 engine, so the engine computes what
+    the artifact's accuracy was measured on. A dynamically quantized model has no Q/DQ pairs TensorRT
+    could use, so its engine is built from the FP32 graph, in FP16 where the device has it.
     """
-    if artifact_precision == "int8" and int8_mode == "static":
-        return "int8"
-    return "fp16" if "fp16" in profile_precisions else "fp32"
+    if artifact_precision == "int8":
+        if int8_mode == "static":
+            return "int8"
+        return "fp16" if "fp16" in profile_precisions else "fp32"
+    return artifact_precision
 
 
 def trtexec_command(onnx_name: str, precision: str, resolution: int, max_batch: int = 8,
