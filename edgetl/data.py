@@ -707,6 +707,7 @@ def __getattr__(name: str) -> Any:
 
 @functools.cache
 def _torch_classes() -> dict[str, type]:
+    import torch
     from torch.utils.data import DataLoader, Dataset
 
     class ImageDataset(Dataset):
@@ -721,6 +722,10 @@ def _torch_classes() -> dict[str, type]:
             transform: applied to the RGB PIL image (e.g. from :func:`build_transform`); None keeps the image.
             on_bad_image: ``"skip"`` or ``"error"``.
             background: the colour transparent pixels are composited on.
+            seed: if given, each image's random augmentation is drawn from a generator seeded by
+                ``(seed, epoch, index)`` (see :meth:`set_epoch`), the same in any worker process and
+                with any number of workers; persistent workers never see a reseeded loader, so
+                seeding per image is what makes a resumed run draw the same crops.
         """
 
         __qualname__ = "ImageDataset"
@@ -731,12 +736,27 @@ def _torch_classes() -> dict[str, type]:
             transform: Callable[[Image.Image], Any] | None = None,
             on_bad_image: str = "skip",
             background: tuple[int, int, int] = ALPHA_BACKGROUND,
+            seed: int | None = None,
         ) -> None:
             _check_choice("on_bad_image", on_bad_image, ON_BAD_IMAGE)
             self.records = [(str(p), int(y)) for p, y in records]
             self.transform = transform
             self.on_bad_image = on_bad_image
             self.background = background
+            self.seed = seed
+            # in shared memory, so that worker processes (persistent or not) see set_epoch()
+            self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+        def set_epoch(self, epoch: int) -> None:
+            """Select the epoch whose augmentation :meth:`__getitem__` draws (with ``seed``)."""
+            self._epoch.fill_(int(epoch))
+
+        def _transform(self, image: Image.Image, index: int) -> Any:
+            if self.seed is None:
+                return self.transform(image)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.seed * 1_000_003 + int(self._epoch) * 7_919 + index * 104_729) % 2**63)
+                return self.transform(image)
 
         def __len__(self) -> int:
             return len(self.records)
@@ -748,7 +768,7 @@ def _torch_classes() -> dict[str, type]:
                 if self.on_bad_image == "error":
                     raise DataError(f"cannot decode image {path}: {reason}; replace or remove the file")
                 return BadSample(path, reason)
-            return (self.transform(image) if self.transform is not None else image), label
+            return (self._transform(image, index) if self.transform is not None else image), label
 
         @property
         def targets(self) -> list[int]:
@@ -824,7 +844,9 @@ def make_loader(
         transform: from :func:`build_transform`.
         batch_size: images per batch (a batch is smaller when it held an unreadable file).
         shuffle: reshuffle every epoch (seeded by ``seed``); ignored with ``balance`` or ``sampler``.
-        num_workers: decoding processes; workers are persistent across epochs when > 0.
+        num_workers: decoding processes; workers are persistent across epochs when > 0. A loader that
+            shuffles or samples seeds each image's augmentation from (seed, epoch, index), so the crops
+            do not depend on the number of workers and a resumed run draws the same ones.
         device: the training device; memory is pinned when it is a CUDA device.
         balance: draw classes equally often with a :class:`~torch.utils.data.WeightedRandomSampler`.
         sampler: a custom sampler (e.g. a ``DistributedSampler``); exclusive with ``balance``.
@@ -845,7 +867,8 @@ def make_loader(
     if balance and sampler is not None:
         raise ValueError("pass either balance=True or a sampler, not both")
     classes = _torch_classes()
-    dataset = classes["ImageDataset"](records, transform, on_bad_image="skip")
+    random_order = shuffle or sampler is not None or balance
+    dataset = classes["ImageDataset"](records, transform, on_bad_image="skip", seed=seed if random_order else None)
     if balance:
         sampler = balanced_sampler(dataset.targets, seed=seed)
     generator = torch.Generator().manual_seed(seed)

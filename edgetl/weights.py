@@ -72,6 +72,8 @@ class LoadedModel:
         file: the weights file that was read, if any.
         sha256: that file's sha256, when it was hashed.
         verified: how the file was checked (``sha256-prefix``, ``torch-hub-cache``, ``architecture``, ...).
+        imagenet_head: whether the head holds trained ImageNet weights (False for a weights file with
+            another class count, whose head is left out and stays random).
     """
 
     model: torch.nn.Module
@@ -82,6 +84,11 @@ class LoadedModel:
     file: Path | None = None
     sha256: str | None = None
     verified: str = ""
+    imagenet_head: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.imagenet_head is None:
+            object.__setattr__(self, "imagenet_head", self.pretrained)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-friendly description of the weights, for checkpoints and reports."""
@@ -191,7 +198,16 @@ def pull_weights(name: str, dir: str | os.PathLike[str] | None = None, progress:
     if dst.is_file() and (prefix is None or sha256_file(dst).startswith(prefix)):
         log.info("%s is already in %s", dst.name, folder)
         return dst
+    if _offline_env():
+        raise WeightsError(
+            f"{OFFLINE_ENV} is set, so {dst.name} is not downloaded; pull it on a connected machine and copy it "
+            f"into {folder}"
+        )
     return _download(card, folder, progress)
+
+
+def _offline_env() -> bool:
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def _check_file(card: ModelCard, path: Path, from_weights_dir: bool) -> tuple[str | None, str]:
@@ -300,14 +316,17 @@ def _fix_keys(card: ModelCard, state: dict[str, torch.Tensor], model: torch.nn.M
 
 
 def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, card: ModelCard,
-               allow_head_mismatch: bool) -> None:
+               allow_head_mismatch: bool) -> bool:
+    """Load ``state`` into ``model`` strictly; return whether the head was left out (another class count)."""
     own = model.state_dict()
     head_prefix = card.head_path + "."
+    head_dropped = False
     if allow_head_mismatch:
         for key in [k for k in state if k.startswith(head_prefix)]:
             if key in own and own[key].shape != state[key].shape:
                 log.info("ignoring %s from %s: its head has a different number of classes", key, source)
                 state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
+                head_dropped = True
                 break
     missing = [k for k in own if k not in state and not (allow_head_mismatch and k.startswith(head_prefix))]
     unexpected = [k for k in state if k not in own]
@@ -322,6 +341,7 @@ def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
             f"pass weights saved from {card.name}, or --weights none"
         )
     model.load_state_dict(state, strict=False)
+    return head_dropped
 
 
 def load_model(
@@ -359,13 +379,14 @@ def load_model(
     if kind == "path":
         path = Path(spec).expanduser()
         state = _fix_keys(card, load_state_dict_file(path), model)
-        _load_into(model, state, str(path), card, allow_head_mismatch=True)
-        return LoadedModel(model.eval(), card, str(path), True, kwargs, path, None, "architecture")
+        head_dropped = _load_into(model, state, str(path), card, allow_head_mismatch=True)
+        return LoadedModel(model.eval(), card, str(path), True, kwargs, path, None, "architecture",
+                           imagenet_head=not head_dropped)
 
     from torchvision import models
 
     wdir = resolve_weights_dir(weights_dir)
-    offline = wdir is not None or os.environ.get(OFFLINE_ENV, "").strip() not in ("", "0", "false", "no")
+    offline = wdir is not None or _offline_env()
     path = find_weights_file(card, wdir)
     if path is None:
         if offline:

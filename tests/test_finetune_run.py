@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from edgetl.cli import cli
 from edgetl.data import make_demo_dataset
-from edgetl.errors import CheckpointError, TrainingInterrupted
+from edgetl.errors import CheckpointError, ConfigError, TrainingInterrupted
 from edgetl.finetune.api import finetune, load_trained_model
 
 MODEL = "mobilenet_v3_small"
@@ -99,8 +99,9 @@ def test_checkpoint_loads_without_unpickling(demo, tmp_path, monkeypatch):
     assert meta["epoch"] == 1 and optim["state"] and "exp_avg" in optim["state"][0]
 
 
-def test_interrupt_and_resume_matches_an_uninterrupted_run(demo, tmp_path):
-    opts = dict(strategy="partial", unfreeze=3, epochs=2, augment="light", **COMMON)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_interrupt_and_resume_matches_an_uninterrupted_run(demo, tmp_path, workers):
+    opts = dict(strategy="partial", unfreeze=3, epochs=2, augment="light", **COMMON, workers=workers)
     full = finetune(MODEL, demo, tmp_path / "full", **opts)
 
     def interrupt_after_first_epoch(epoch, record):
@@ -117,7 +118,10 @@ def test_interrupt_and_resume_matches_an_uninterrupted_run(demo, tmp_path):
     with pytest.raises(CheckpointError, match="--resume"):
         finetune(MODEL, demo, out, **opts)  # a run folder is never overwritten by accident
 
-    resumed = finetune(out=out, resume=True, device="cpu", progress=False)
+    with pytest.raises(ConfigError, match=r"epochs=2 \(given 5\)"):
+        finetune(out=out, resume=True, device="cpu", progress=False, epochs=5)  # not silently ignored
+
+    resumed = finetune(out=out, resume=True, device="cpu", progress=False, workers=workers)
     assert resumed.resumed_from == 1 and resumed.epochs_run == 2
 
     a, b = load_file(tmp_path / "full" / "last.safetensors"), load_file(out / "last.safetensors")
@@ -176,3 +180,9 @@ def test_auto_strategy_measures_the_domain_with_pretrained_weights(demo, tmp_pat
     ckpt = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
     assert ckpt["weights"]["file"] == str(folder / weights_file_name(get_card(MODEL)))
     assert ckpt["strategy"]["domain"]["source"] == "measured"
+
+
+def test_without_pretrained_weights_domain_similar_still_counts_as_different(demo, tmp_path):
+    result = finetune(MODEL, demo, tmp_path / "run", strategy="auto", domain="similar", epochs=1, **COMMON)
+    assert result.strategy.strategy == "partial"  # small data, different domain: not a probe of random features
+    assert "no pretrained weights" in result.strategy.reason

@@ -143,3 +143,14 @@ def test_cli_offline_error_is_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 1
     lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "edgetl weights pull resnet18" in lines[0]
+
+
+def test_pull_refuses_to_download_under_edgetl_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGETL_OFFLINE", "1")
+    (tmp_path / "w").mkdir()
+    stale = tmp_path / "w" / "resnet18-f37072fd.pth"
+    stale.write_bytes(b"not the weights")  # present, but its bytes do not match the name's sha256 prefix
+    result = CliRunner().invoke(cli, ["weights", "pull", "resnet18", "--dir", str(tmp_path / "w")])
+    assert result.exit_code == 1
+    assert "EDGETL_OFFLINE is set" in result.stderr and "resnet18-f37072fd.pth" in result.stderr
+    assert stale.read_bytes() == b"not the weights"

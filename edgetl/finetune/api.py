@@ -19,6 +19,7 @@ Nothing is ever pickled: tensors go to safetensors, everything else to JSON/YAML
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -158,9 +159,29 @@ def _resume_options(run_dir: Path, given: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"{run_dir} was trained on {saved.get('data')}, not {given['data']}; omit --data to resume it"
         )
+    defaults = {k: v.default for k, v in inspect.signature(finetune).parameters.items()}
+    changed = [
+        k for k in _RUN_OPTIONS
+        if k not in ("model", "data") and k in saved and given.get(k) != defaults.get(k)
+        and not _same_option(given.get(k), saved[k])
+    ]
+    if changed:
+        was = ", ".join(f"{k}={saved[k]!r} (given {given[k]!r})" for k in changed)
+        raise ConfigError(
+            f"--resume continues {run_dir} with the options it was started with, and these differ: {was}; "
+            "drop them to resume, or start a new run in another --out"
+        )
     opts = dict(given)
     opts.update({k: saved[k] for k in _RUN_OPTIONS if k in saved})
     return opts
+
+
+def _same_option(given: Any, saved: Any) -> bool:
+    if given == saved:
+        return True
+    if isinstance(given, (int, float)) and isinstance(saved, (int, float)) and not isinstance(given, bool):
+        return float(given) == float(saved)
+    return str(given) == str(saved)
 
 
 def _check_fresh(run_dir: Path) -> None:
@@ -266,6 +287,9 @@ def finetune(
         raise ConfigError("finetune needs an output folder (out=... / --out RUN_DIR)")
     run_dir = Path(out).expanduser()
     given = {k: v for k, v in locals().items() if k in _RUN_OPTIONS}
+    for k in ("weights", "weights_dir"):  # path-like options are kept (and saved) as strings
+        if isinstance(given.get(k), os.PathLike):
+            given[k] = os.fspath(given[k])
     if resume:
         opts = _resume_options(run_dir, given)
     else:
@@ -342,6 +366,7 @@ class _Run:
 
         from edgetl import data as D
         from edgetl.catalog import replace_head
+        from edgetl.finetune.distributed import barrier
         from edgetl.finetune.strategy import apply_strategy
         from edgetl.weights import load_model
 
@@ -368,7 +393,11 @@ class _Run:
                     "start a new run instead of --resume"
                 )
 
+        if self.dist.enabled and not main:
+            barrier(self.dist)  # rank 0 fetches the weights (if they must be downloaded) before the others read them
         loaded = self.loaded = load_model(card, o["weights"], o["weights_dir"], resolution=res, progress=self.progress)
+        if self.dist.enabled and main:
+            barrier(self.dist)
         self.preprocess = card.preprocess.at_resolution(res)
         self.eval_tf = D.build_transform(card.preprocess, res, train=False)
 
@@ -424,7 +453,9 @@ class _Run:
         o = self.opts
         domain = None
         if o["strategy"] == "auto":
-            if o["domain"] == "auto" and loaded.pretrained:
+            if o["domain"] == "auto" and loaded.pretrained and not loaded.imagenet_head:
+                domain = estimate_domain("auto", loaded.model, imagenet_head=False)
+            elif o["domain"] == "auto" and loaded.pretrained:
                 records = list(self.splits.train)
                 random.Random(int(o["seed"])).shuffle(records)
                 sample = records[:DOMAIN_SAMPLE_IMAGES]
@@ -432,8 +463,14 @@ class _Run:
                                        num_workers=int(o["workers"]), device=self.device, seed=int(o["seed"]))
                 loaded.model.to(self.device)
                 domain = estimate_domain("auto", loaded.model, loader, self.device)
+            elif not loaded.pretrained:
+                # random weights hold nothing to transfer, whatever the images are like
+                if o["domain"] == "similar":
+                    log.warning("--domain similar is ignored without pretrained weights: the domain counts as "
+                                "different")
+                domain = estimate_domain("auto", None)
             else:
-                domain = estimate_domain(o["domain"], loaded.model if loaded.pretrained else None)
+                domain = estimate_domain(o["domain"], loaded.model)
         return choose_strategy(
             o["strategy"], len(self.card.block_paths), len(self.splits.train), len(self.classes), domain,
             o["unfreeze"],
@@ -702,6 +739,12 @@ class _Run:
         final = val if test is None else test
         classes = self.classes
         skipped = [(str(p), r) for p, r in self.splits.skipped]
+        if self.dist.enabled:  # each rank saw only its shard's unreadable files
+            import torch.distributed as torch_dist
+
+            gathered: list[Any] = [None] * self.dist.world_size
+            torch_dist.all_gather_object(gathered, skipped)
+            skipped = sorted({(p, r) for part in gathered for p, r in part})
         metrics = {
             "model": self.card.id,
             "strategy": self.decision.to_dict(),

@@ -74,6 +74,25 @@ def read_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
     return tensors, meta
 
 
+def tensors_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of a safetensors file's tensors (names, dtypes, shapes, values), not of its metadata.
+
+    Two trainings that produce the same weights have the same digest, although each checkpoint
+    carries its own random token.
+    """
+    import hashlib
+
+    import torch
+
+    tensors, _ = read_tensors(path)
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a checkpoint's JSON state.
 

@@ -61,7 +61,8 @@ _TABLE = {
     ("large", "similar"): "partial",
     ("large", "different"): "full",
 }
-_NO_DECAY_NAMES = ("pos_embedding", "class_token", "relative_position_bias_table", "cls_token", "pos_embed")
+_NO_DECAY_NAMES = ("pos_embedding", "class_token", "relative_position_bias_table", "cls_token", "pos_embed",
+                   "layer_scale", "logit_scale")
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ class DomainEstimate:
 
     Attributes:
         domain: ``similar`` or ``different``.
-        source: ``user`` (``--domain`` given), ``measured`` or ``no-pretrained-weights``.
+        source: ``user`` (``--domain`` given), ``measured``, ``no-pretrained-weights`` or
+            ``no-imagenet-head`` (a weights file whose head was left out).
         confidence: mean max-softmax of the ImageNet head over ``samples`` images (when measured).
         threshold: the confidence above which the domain counts as similar.
         samples: how many images were measured.
@@ -88,6 +90,9 @@ class DomainEstimate:
             return f"domain {self.domain} (given)"
         if self.source == "no-pretrained-weights":
             return "domain counts as different (no pretrained weights)"
+        if self.source == "no-imagenet-head":
+            return ("domain counts as different (the weights file has another head, so the ImageNet confidence "
+                    "cannot be measured; pass --domain similar if the images are like ImageNet)")
         cmp = ">=" if self.domain == "similar" else "<"
         return (
             f"domain {self.domain} (ImageNet confidence {self.confidence:.2f} {cmp} {self.threshold:.2f} "
@@ -229,6 +234,7 @@ def estimate_domain(
     device: Any = "cpu",
     threshold: float = DOMAIN_CONFIDENCE_THRESHOLD,
     max_images: int = DOMAIN_SAMPLE_IMAGES,
+    imagenet_head: bool = True,
 ) -> DomainEstimate:
     """Decide whether the images are similar to ImageNet.
 
@@ -239,6 +245,8 @@ def estimate_domain(
         device: where to run the measurement.
         threshold: mean max-softmax at or above which the domain is similar.
         max_images: how many images to measure.
+        imagenet_head: whether ``model``'s head holds trained ImageNet weights; without them the
+            confidence cannot be measured and ``auto`` counts the domain as different.
     """
     if requested not in DOMAINS:
         raise ConfigError(f"unknown domain '{requested}'; choose one of {', '.join(DOMAINS)}")
@@ -246,6 +254,8 @@ def estimate_domain(
         return DomainEstimate(requested, "user", threshold=threshold)  # type: ignore[arg-type]
     if model is None:
         return DomainEstimate("different", "no-pretrained-weights", threshold=threshold)
+    if not imagenet_head:
+        return DomainEstimate("different", "no-imagenet-head", threshold=threshold)
     confidence, n = mean_max_softmax(model, batches, device, max_images)
     domain = "similar" if confidence >= threshold else "different"
     return DomainEstimate(domain, "measured", confidence, threshold, n)  # type: ignore[arg-type]

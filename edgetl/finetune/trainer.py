@@ -417,9 +417,15 @@ class Trainer:
         import torch
 
         s = epoch_seed(self.config.seed, epoch)
-        random.seed(s)
-        np.random.seed(s % 2**32)
-        torch.manual_seed(s)
+        # Each rank draws its own augmentation and dropout (still a function of seed, epoch and rank, so a
+        # resumed run draws the same); the shuffling generator below stays shared, as the shards need.
+        r = s + 1_000_003 * self.dist.rank if self.dist.enabled else s
+        random.seed(r)
+        np.random.seed(r % 2**32)
+        torch.manual_seed(r)
+        dataset = getattr(loader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
