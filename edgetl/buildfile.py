@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edgetl.errors import ConfigError, did_you_mean
+from edgetl.errors import ConfigError, EdgetlError, did_you_mean
 
 
 class _Strict(BaseModel):
@@ -93,6 +93,8 @@ class ValidateOptions(_Strict):
     """The validation budget (see ``edgetl validate``)."""
 
     max_latency_ms: float | None = Field(None, gt=0, description="[default: constraints.max_latency_ms]")
+    max_memory_mb: float | None = Field(
+        None, gt=0, description="[default: constraints.max_memory_mb, else the profile's model memory budget]")
     budget_metric: Literal["min", "p50", "p90", "p99"] = "p50"
     data: Path | None = Field(None, description="class folders to measure top-1 on [default: DATA/test if present]")
     iterations: int = Field(100, ge=1)
@@ -250,6 +252,27 @@ def load_build_config(path: str | os.PathLike[str]) -> BuildConfig:
         got = "an empty file" if data is None else f"a {type(data).__name__}"
         raise ConfigError(f"{path}: expected a mapping with at least `device:` and `data:`, got {got}")
     return config_from_dict(data, source=str(path), base=path.parent)
+
+
+def check_names(config: BuildConfig, source: str) -> None:
+    """Resolve the device and the model now, so a typo fails before any stage runs, naming the field.
+
+    Raises:
+        ConfigError: ``SOURCE: device: unknown device 'raspbery-pi-5'; did you mean ...``.
+    """
+    from edgetl.catalog import get_card
+    from edgetl.profiles import load_profile
+
+    for field, resolve in (("device", load_profile), ("model", get_card)):
+        value = getattr(config, field)
+        if field == "model" and value == "auto":
+            continue
+        try:
+            resolve(value)
+        except EdgetlError as exc:
+            raise ConfigError(f"{source}: {field}: {exc}") from None
+    if not Path(config.data).exists():
+        raise ConfigError(f"{source}: data: {config.data} does not exist; point it at your image folder or CSV")
 
 
 def config_from_dict(data: dict[str, Any], source: str = "build config",

@@ -61,8 +61,8 @@ from pathlib import Path
 from typing import Any
 
 from edgetl._io import atomic_write_json, sha256_file
-from edgetl.buildfile import BuildConfig, config_from_dict, load_build_config
-from edgetl.errors import BudgetExceededError, ConfigError, EdgetlError
+from edgetl.buildfile import BuildConfig, check_names, config_from_dict, load_build_config
+from edgetl.errors import BudgetExceededError, CheckpointError, ConfigError, EdgetlError, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -538,8 +538,15 @@ class _Build:
             from edgetl.catalog import get_card
             from edgetl.weights import find_weights_file
 
-            path = find_weights_file(get_card(model), cfg.weights_dir)
-            return {"imagenet": None if path is None else _file_entry(path, path.parent, "stat")}
+            card = get_card(model)
+            path = find_weights_file(card, cfg.weights_dir)
+            # torchvision's file name carries a sha256 prefix: it names the bytes, wherever they come from
+            # (a download into the hub cache on the first build, or a pulled file), so a download does
+            # not change the key; a different file at the same place does.
+            entry = {"weights": card.id, "file": Path(card.url).name}
+            if path is not None and cfg.weights_dir is not None:
+                entry["local"] = _file_entry(path, path.parent, "stat")
+            return {"imagenet": entry}
         path = Path(spec)
         if not path.is_file():
             from edgetl.errors import WeightsError
@@ -578,14 +585,32 @@ class _Build:
         def show(decision: Any) -> None:
             self.say(f"finetune: strategy {decision.strategy} — {decision.reason}")
 
-        result = finetune(
-            model, str(cfg.data), self.run_dir, weights=f.weights, weights_dir=_str(cfg.weights_dir),
-            strategy=f.strategy, unfreeze=f.unfreeze, domain=f.domain, epochs=f.epochs, lr=f.lr,
-            layer_decay=f.layer_decay, weight_decay=f.weight_decay, batch_size=f.batch_size,
-            resolution=f.resolution, device=f.device, resume=resume, seed=f.seed, val_split=f.val_split,
-            test_split=f.test_split, augment=f.augment, balance=f.balance, on_bad_image=f.on_bad_image,
-            workers=f.workers, patience=f.patience, progress=self.progress_bars, on_decision=show,
-        )
+        def train(resume: bool) -> Any:
+            return finetune(
+                model, str(cfg.data), self.run_dir, weights=f.weights, weights_dir=_str(cfg.weights_dir),
+                strategy=f.strategy, unfreeze=f.unfreeze, domain=f.domain, epochs=f.epochs, lr=f.lr,
+                layer_decay=f.layer_decay, weight_decay=f.weight_decay, batch_size=f.batch_size,
+                resolution=f.resolution, device=f.device, resume=resume, seed=f.seed, val_split=f.val_split,
+                test_split=f.test_split, augment=f.augment, balance=f.balance, on_bad_image=f.on_bad_image,
+                workers=f.workers, patience=f.patience, progress=self.progress_bars, on_decision=show,
+            )
+
+        try:
+            try:
+                result = train(resume)
+            except CheckpointError as exc:
+                if not resume:
+                    raise
+                # killed between two checkpoint writes: nothing consistent to resume from
+                log.warning("cannot resume %s (%s); training from the start", self.run_dir, exc)
+                self.say(f"finetune: the interrupted run cannot be resumed ({exc}); training from the start")
+                shutil.rmtree(self.run_dir)
+                resume = False
+                result = train(False)
+        except TrainingInterrupted as exc:
+            raise TrainingInterrupted(
+                exc.epochs_done, exc.epochs_total, f"run `edgetl build {self.source}` again to resume"
+            ) from None
         summary = {
             "model": result.model,
             "strategy": result.strategy.strategy,
@@ -596,7 +621,9 @@ class _Build:
             "epochs_run": result.epochs_run,
             "_resumed": resume,
         }
-        digest = _digest([sha256_file(result.checkpoint), result.classes])
+        from edgetl.finetune.checkpoint import tensors_digest
+
+        digest = _digest([tensors_digest(result.checkpoint), result.classes])
         return summary, digest
 
     # export
@@ -657,11 +684,15 @@ class _Build:
     def _validation_budget(self) -> float | None:
         return self.config.validate_.max_latency_ms or self.config.constraints.max_latency_ms
 
+    def _memory_budget(self) -> float | None:
+        return self.config.validate_.max_memory_mb or self.config.constraints.max_memory_mb
+
     def _validate_parts(self, export_digest: str) -> dict[str, Any]:
         cfg = self.config
         data = self._validation_data()
         options = cfg.validate_.model_dump(mode="json")
-        options.update(max_latency_ms=self._validation_budget(), data=None if data is None else str(data))
+        options.update(max_latency_ms=self._validation_budget(), max_memory_mb=self._memory_budget(),
+                       data=None if data is None else str(data))
         return {
             "artifact": export_digest,
             "options": options,
@@ -679,7 +710,8 @@ class _Build:
         v = self.config.validate_
         report = validate(
             self.artifact_dir, device=self.config.device, data=self._validation_data(),
-            max_latency_ms=self._validation_budget(), budget_metric=v.budget_metric, iterations=v.iterations,
+            max_latency_ms=self._validation_budget(), max_memory_mb=self._memory_budget(),
+            budget_metric=v.budget_metric, iterations=v.iterations,
             warmup=v.warmup, threads=v.threads, write=True, check=False,
         )
         lat = report.latency
@@ -758,6 +790,7 @@ def build(
         updates["weights_dir"] = Path(weights_dir).expanduser().resolve()
     if updates:
         cfg = cfg.model_copy(update=updates)
+    check_names(cfg, source)
     result = _Build(cfg, source, force_set, progress, progress_bars).run()
     if check and result.failures:
         error = BudgetExceededError(f"{'; '.join(result.failures)} (see {result.report})")

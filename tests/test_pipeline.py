@@ -91,6 +91,21 @@ def test_missing_and_wrong_values_are_one_line_each(tmp_path):
     assert "select.precision" in msg and "export.precision" in msg
 
 
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("device", "raspbery-pi-5", "did you mean 'raspberry-pi-5'"),
+    ("model", "resnt18", "did you mean"),
+    ("data", "no-such-folder", "does not exist"),
+])
+def test_a_bad_name_fails_before_any_stage_naming_the_field(tmp_path, field, value, words):
+    _tiny_data(tmp_path / "data")
+    path = _write(tmp_path, {**TINY, field: value})
+    with pytest.raises(ConfigError) as info:
+        build(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: {field}: ") and words in msg and "\n" not in msg
+    assert not (tmp_path / "build" / STATE_FILE).exists()  # nothing ran
+
+
 def test_invalid_yaml_names_the_line(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("device: x86\ndata: [unclosed\n")
@@ -202,6 +217,11 @@ def test_unchanged_build_skips_touch_reruns_force_reruns_all(first_build):
     res = runner.invoke(cli, ["build", str(path), "--rerun", "validate", "--json"])
     assert res.exit_code == 0, res.output
     assert [s["status"] for s in json.loads(res.stdout)["stages"]] == ["skipped", "skipped", "skipped", "ran"]
+
+    # the same seed on the CPU trains the same weights: export and validate see nothing new
+    res = runner.invoke(cli, ["build", str(path), "--rerun", "finetune", "--json"])
+    assert res.exit_code == 0, res.output
+    assert [s["status"] for s in json.loads(res.stdout)["stages"]] == ["skipped", "ran", "skipped", "skipped"]
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ earlier ones). Rules:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -136,3 +137,6 @@ def test_every_readme_command_runs(tmp_path):
     assert (work / "artifacts" / "textures" / "model_data.h").is_file()
     assert (work / "firmware" / "include" / "model_data.h").is_file()
     assert (work / "pareto.png").is_file() and (work / "ranking.csv").is_file()
+    # after the demo nothing changed, so `--rerun validate` reruns validate alone, as the README says
+    statuses = {s["stage"]: s["status"] for s in json.loads((work / "build.json").read_text())["stages"]}
+    assert statuses == {"select": "skipped", "finetune": "skipped", "export": "skipped", "validate": "ran"}

@@ -63,11 +63,24 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=cli_env(cwd), capture_output=True, text=True, timeout=600)
 
 
+def _assert_readable_modes(tree: Path) -> None:
+    """Installed files get the mode open() gives (0666 less the umask), not mkstemp's private 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in tree.rglob("*"):
+        if path.is_file():
+            assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+
+
 @pytest.mark.slow
 def test_build_artifact_sh_copies_into_firmware_and_stops_on_exit_3(project):
     script = str(ROOT / "tools" / "build_artifact.sh")
+    (project / "fw" / "model").mkdir(parents=True)
+    (project / "fw" / "model" / "model.engine").write_bytes(b"an older artifact's engine")
     done = _run(["bash", script, "pipeline.yaml", "fw"], project)
     assert done.returncode == 0, done.stderr
+    assert not (project / "fw" / "model" / "model.engine").exists()  # model/ is replaced whole
+    _assert_readable_modes(project / "fw")
     artifact = project / "build" / "artifact"
     header = project / "fw" / "include" / "model_data.h"
     assert header.read_bytes() == (artifact / "model_data.h").read_bytes()
@@ -98,6 +111,7 @@ def test_api_example_does_the_same_through_python(project):
     artifact = project / "build" / "artifact"
     assert (project / "fw-api" / "include" / "model_data.h").read_bytes() == (artifact / "model_data.h").read_bytes()
     assert (project / "fw-api" / "model" / "model.onnx").read_bytes() == (artifact / "model.onnx").read_bytes()
+    _assert_readable_modes(project / "fw-api")
     assert json.loads((project / "fw-api" / "model" / "labels.json").read_text()) == ["checker", "stripes"]
 
     bad = _run([sys.executable, example, "missing.yaml", "fw-api"], project)

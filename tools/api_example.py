@@ -4,8 +4,8 @@
 
 Runs ``edgetl.build`` (select -> finetune -> export -> validate, skipping unchanged stages), stops with
 exit code 3 when the model misses a budget (the firmware tree is left untouched), and otherwise copies
-the artifact into ``FIRMWARE_DIR/model/`` and ``model_data.h`` into ``FIRMWARE_DIR/include/``, each file
-written under a temporary name and renamed.
+the artifact into ``FIRMWARE_DIR/model/`` (assembled beside it and swapped in whole, so no file of an older
+artifact survives) and ``model_data.h`` into ``FIRMWARE_DIR/include/`` (a temporary name, then a rename).
 """
 
 from __future__ import annotations
@@ -21,6 +21,12 @@ import edgetl
 from edgetl.errors import EdgetlError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def install_file(src: Path, dest_dir: Path) -> Path:
     """Copy ``src`` into ``dest_dir`` atomically: a temporary name in the same folder, then a rename."""
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -28,11 +34,31 @@ def install_file(src: Path, dest_dir: Path) -> Path:
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, dest_dir / src.name)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return dest_dir / src.name
+
+
+def install_folder(files: list[Path], dest: Path) -> None:
+    """Put exactly ``files`` in ``dest``: assembled in a hidden folder beside it and swapped in whole."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        os.chmod(stage, 0o777 & ~_umask())
+        for file in files:
+            install_file(file, stage)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(stage, dest)
+            shutil.rmtree(old)
+        else:
+            os.replace(stage, dest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {result.artifact} has no model_data.h; set 'export: {{c_header: true}}' in {args.pipeline}",
               file=sys.stderr)
         return 1
-    for file in sorted(result.artifact.iterdir()):
-        if file.is_file() and file.name != header.name:
-            install_file(file, args.firmware / "model")
+    files = [f for f in sorted(result.artifact.iterdir()) if f.is_file() and f.name != header.name]
+    install_folder(files, args.firmware / "model")
     install_file(header, args.firmware / "include")
     latency = result.validation["latency"]
     print(f"copied {result.artifact} into {args.firmware}: {result.model}, p50 {latency['p50_ms']} ms here")

@@ -8,7 +8,8 @@
 # (pass it to build somewhere else). The script copies
 #   BUILD_OUT/artifact/*            -> FIRMWARE_DIR/model/       (model.onnx, labels.json, preprocess.json, manifest.json, ...)
 #   BUILD_OUT/artifact/model_data.h -> FIRMWARE_DIR/include/model_data.h
-# Each file is copied to a temporary name and renamed, so the firmware tree never holds half a file.
+# model/ is assembled beside its place and swapped in whole, and model_data.h is copied to a temporary
+# name and renamed, so the firmware tree never holds half a file or a file of an older artifact.
 #
 # Exit codes: those of edgetl (1 user error, 3 budget missed: the firmware tree is left untouched).
 # EDGETL overrides the command (default: edgetl), e.g. EDGETL="python -m edgetl".
@@ -44,18 +45,32 @@ if [[ ! -f "$artifact/model_data.h" ]]; then
   exit 1
 fi
 
+mode=$(printf '%o' $((0666 & ~$(umask))))
 install_file() {  # install_file SRC DEST_DIR: copy atomically (temporary name, then rename)
   local tmp
   tmp=$(mktemp "$2/.$(basename "$1").XXXXXX")
   cp "$1" "$tmp"
+  chmod "$mode" "$tmp"  # mktemp makes 0600
   mv -f "$tmp" "$2/$(basename "$1")"
 }
 
-mkdir -p "$firmware/model" "$firmware/include"
+# model/ is assembled beside its place and swapped in whole: no file of an older artifact survives
+mkdir -p "$firmware/include"
+stage=$(mktemp -d "$firmware/.model.XXXXXX")
+trap 'rm -rf "$stage"' EXIT
+chmod "$(printf '%o' $((0777 & ~$(umask))))" "$stage"
 for file in "$artifact"/*; do
   if [[ -f "$file" && "$(basename "$file")" != model_data.h ]]; then
-    install_file "$file" "$firmware/model"
+    install_file "$file" "$stage"
   fi
 done
+if [[ -e "$firmware/model" ]]; then
+  old="$firmware/.model.old.$$"
+  mv "$firmware/model" "$old"
+  mv "$stage" "$firmware/model"
+  rm -rf "$old"
+else
+  mv "$stage" "$firmware/model"
+fi
 install_file "$artifact/model_data.h" "$firmware/include"
 echo "copied $artifact into $firmware (model/ and include/model_data.h)"
