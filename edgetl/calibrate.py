@@ -160,6 +160,7 @@ def calibrate(
     rounds: int = 25,
     resolution: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    measurements: dict[str, Measurement] | None = None,
 ) -> CalibrationResult:
     """Measure this machine and write a device profile fitted to it.
 
@@ -172,6 +173,9 @@ def calibrate(
         rounds: timed runs per model.
         resolution: time every model at this input size (default: each model's own, as select predicts).
         progress: called as ``progress(done, total, step)``.
+        measurements: timings of ``models`` made on this machine already (by
+            :func:`edgetl.measure.measure_models` with the same ``threads``); they are fitted instead of
+            timing the models again, e.g. to fit on timings interleaved with other models.
 
     Returns:
         A :class:`CalibrationResult`.
@@ -187,10 +191,16 @@ def calibrate(
         progress(0, len(models) + 2, "memory bandwidth")
     bandwidth = measure_bandwidth()
     overhead_mb = _runtime_overhead_mb()
-    measurements = measure_models(
-        models, resolution=resolution, threads=threads, rounds=rounds,
-        progress=(lambda d, t, m: progress(d + 1, t + 2, m)) if progress else None,
-    )
+    if measurements is None:
+        measurements = measure_models(
+            models, resolution=resolution, threads=threads, rounds=rounds,
+            progress=(lambda d, t, m: progress(d + 1, t + 2, m)) if progress else None,
+        )
+    else:
+        missing = [m for m in models if m not in measurements]
+        if missing:
+            raise ConfigError(f"no measurement given for {', '.join(missing)}")
+        measurements = {m: measurements[m] for m in models}
     peak_fp32 = threads * cpu.ghz * cpu.simd_lanes_fp32 * 2 * 2
     samples = [(trace_model(m, meas.resolution), 1, meas.min_ms) for m, meas in measurements.items()]
     fit = fit_roofline(samples, peak_fp32 * 1e9, bandwidth * 1e9, "fp32")
