@@ -95,7 +95,7 @@ def measure_models(
         shapes[name] = (batch, 3, res, res)
     if progress:
         progress(len(models), len(models), "timing")
-    results = benchmark_interleaved(runners, shapes, rounds=rounds, warmup=warmup, cv_threshold=10.0)
+    results = benchmark_interleaved(runners, shapes, rounds=rounds, warmup=warmup, cv_threshold=10.0, settle=1)
     return {
         name: Measurement(
             model=name,

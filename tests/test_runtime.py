@@ -339,6 +339,10 @@ def test_benchmark_interleaved_runs_every_model_alike(tiny_onnx, static_onnx):
     assert results["static"].batch == 2
     rotated = benchmark_interleaved({"a": runners["dynamic"]}, (1, 3, 32, 32), rounds=3, shuffle=False, warmup=0)
     assert rotated["a"].iterations == 3
+    before = len(runners["static"].inference_times)
+    settled = benchmark_interleaved(runners, shapes, rounds=2, iterations_per_round=2, warmup=0, settle=1)
+    assert settled["static"].iterations == 4  # the settle runs are not timed
+    assert len(runners["static"].inference_times) - before == 6
     with pytest.raises(ConfigError, match="no input shape"):
         benchmark_interleaved(runners, {"dynamic": (1, 3, 32, 32)}, rounds=1)
     with pytest.raises(ConfigError):

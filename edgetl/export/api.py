@@ -425,10 +425,10 @@ def _measure(candidates: list[_Candidate], resolution: int, threads: int | None,
     say(f"timing {', '.join(c.precision for c in live)} on this machine ({rounds} interleaved runs each)")
     runners = {c.precision: OnnxRuntimeRunner(c.path, providers="cpu", threads=threads, name=c.precision)
                for c in live}
-    # Blocks of 3 runs per candidate and round: the idle thread pool of the session timed just before
-    # still spins for a moment and would tax the first run after it.
+    # Blocks of 3 timed runs per candidate and round, after an untimed one: the idle thread pool of the
+    # session timed just before still spins for a moment and would tax the first run after it.
     results = benchmark_interleaved(runners, (1, 3, resolution, resolution), rounds=max(1, -(-rounds // 3)),
-                                    iterations_per_round=3, warmup=3)
+                                    iterations_per_round=3, warmup=3, settle=1)
     for c in live:
         r = results[c.precision]
         c.latency = {f"{k}_ms": round(getattr(r, k), 4) for k in ("min", "p50", "p90", "p99", "mean")}

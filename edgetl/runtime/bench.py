@@ -6,7 +6,8 @@ move by 2x between runs. So:
 - :func:`benchmark` times one runner after a warm-up and reports the coefficient of variation (CV);
   above 10% the result is flagged ``unstable`` and a warning is logged, as trtexec does.
 - :func:`benchmark_interleaved` times several runners round-robin, in a shuffled order each round,
-  so a burst of load hits every model alike. Compare models (or calibrate a predictor) on ``min`` or
+  so a burst of load hits every model alike; an untimed settle run at the start of each block keeps
+  the previous session's spinning threads out of the timings. Compare models (or calibrate a predictor) on ``min`` or
   a low percentile (``result.percentile(10)``) of such a run, not on one model's median.
 
 Python's garbage collector is paused while timing (as :mod:`timeit` does).
@@ -283,12 +284,18 @@ def benchmark_interleaved(
     shuffle: bool = True,
     seed: int = 0,
     cv_threshold: float = CV_THRESHOLD,
+    settle: int = 0,
 ) -> dict[str, BenchResult]:
     """Time several runners round-robin, so that load on a shared machine hits them all alike.
 
     Every runner is activated and warmed up first. Then each round runs every runner
     ``iterations_per_round`` times, in a fresh random order per round (``shuffle``) or in a rotating
     order, so that no model always runs right after the same neighbour.
+
+    After a run, ONNX Runtime's intra-op threads spin for a while waiting for more work, and they
+    compete for the cores with whichever session runs next: on 2 cores that doubled the time of a
+    ResNet-18 run that directly followed another model. ``settle`` untimed runs at the start of each
+    block absorb that hand-over, so the timed runs see what consecutive runs see.
 
     Args:
         runners: runners by label (the label names the result).
@@ -299,12 +306,15 @@ def benchmark_interleaved(
         shuffle: randomise the order in each round (seeded); otherwise rotate it.
         seed: seed of the order and of the random inputs.
         cv_threshold: the CV above which a result is flagged unstable.
+        settle: untimed runs of a runner before its timed runs in each round.
 
     Returns:
         A :class:`BenchResult` per label; ``peak_rss_mb`` is the process's peak over the whole run.
     """
     if not runners:
         raise ConfigError("benchmark_interleaved needs at least one runner")
+    if settle < 0:
+        raise ConfigError("settle must be >= 0")
     _check_counts(rounds * iterations_per_round, warmup)
     if rounds < 1 or iterations_per_round < 1:
         raise ConfigError("rounds and iterations_per_round must be at least 1")
@@ -333,6 +343,8 @@ def benchmark_interleaved(
                     order = labels[r % len(labels):] + labels[: r % len(labels)]
                 for label in order:
                     runner = runners[label]
+                    for _ in range(settle):
+                        runner.infer(feeds[label])
                     for _ in range(iterations_per_round):
                         runner.infer(feeds[label])
                         times[label].append(runner.inference_times[-1])

@@ -62,7 +62,8 @@ def bench_model(name: str, args: argparse.Namespace, work: Path, calib: Path) ->
     shape = (1, 3, args.resolution, args.resolution)
     # Blocks of a few consecutive runs per runner: the idle ONNX Runtime / OpenMP pools of the runner
     # before still spin for a moment, which would otherwise tax whichever runner comes next.
-    results = benchmark_interleaved(runners, shape, rounds=args.rounds, iterations_per_round=args.block, warmup=5)
+    results = benchmark_interleaved(runners, shape, rounds=args.rounds, iterations_per_round=args.block, warmup=5,
+                                    settle=1)
     sizes = {p: (candidates / f"{p}.onnx").stat().st_size for p in ("fp32", "int8")}
     shipped = sha256_file(artifact.model_path)
     same = [p for p in ("fp32", "int8") if sha256_file(candidates / f"{p}.onnx") == shipped]
