@@ -251,7 +251,8 @@ def finetune(
         unfreeze: blocks to train under ``partial`` (default: the last quarter).
         domain: ``auto``, ``similar`` or ``different`` (for the auto strategy).
         epochs: maximum epochs.
-        lr: the head's peak learning rate (the backbone's is 10x smaller at the top block).
+        lr: the head's peak learning rate (the backbone's is 10x smaller at the top block, unless the
+            weights are random: then the backbone starts at ``lr`` too).
         layer_decay: LR factor from one block to the one below.
         weight_decay: AdamW weight decay (not on norms, biases, embeddings).
         warmup_epochs: linear warm-up length.
@@ -596,7 +597,7 @@ class _Run:
         import torch
 
         from edgetl.finetune.distributed import DistInfo
-        from edgetl.finetune.strategy import build_param_groups
+        from edgetl.finetune.strategy import BACKBONE_LR_SCALE, build_param_groups
         from edgetl.finetune.trainer import TrainConfig, Trainer, make_scheduler
 
         o = self.opts
@@ -607,7 +608,10 @@ class _Run:
             deterministic=bool(o["deterministic"]), progress=self.progress and self.dist.is_main,
         )
         config.validate()
-        groups = build_param_groups(self.net, self.plan, config.lr, config.layer_decay, config.weight_decay)
+        # The backbone's smaller LR protects pretrained features; random weights have none to protect.
+        backbone_scale = BACKBONE_LR_SCALE if self.loaded.pretrained else 1.0
+        groups = build_param_groups(self.net, self.plan, config.lr, config.layer_decay, config.weight_decay,
+                                    backbone_lr_scale=backbone_scale)
         fused = self.device.type == "cuda" and not config.deterministic
         optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=fused or None)
         scheduler = make_scheduler(optimizer, steps_per_epoch, config.epochs, config.warmup_epochs)
