@@ -30,3 +30,14 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("EDGETL_CACHE_DIR", str(base / "edgetl-cache"))
     monkeypatch.setenv("EDGETL_CONFIG_DIR", str(base / "edgetl-config"))
     monkeypatch.delenv("EDGETL_PROFILE_PATH", raising=False)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models at 32 px gain nothing from intra-op threads, and lose a lot when cores are shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

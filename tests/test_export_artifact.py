@@ -22,12 +22,7 @@ FAST = dict(bench_rounds=3, device="x86")
 LAYOUT = {"model.onnx", "labels.json", "preprocess.json", "manifest.json"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +143,19 @@ def test_fp16_keeps_float32_io(run_dir, tmp_path):
     assert artifact.latency["judged_on"] == "predicted" and artifact.latency["predicted_ms"] > 0
 
 
+def _add_logit_bias(path, num_classes: int, cls: int) -> None:
+    """Add a large bias to one class's logit in the ONNX file at ``path``: a broken quantized model."""
+    model = onnx.load(str(path))
+    logits = model.graph.output[0].name
+    bias = np.zeros(num_classes, dtype=np.float32)
+    bias[cls] = 1e4
+    model.graph.initializer.append(onnx.numpy_helper.from_array(bias, "sabotage_bias"))
+    for node in model.graph.node:
+        node.output[:] = ["pre_bias" if o == logits else o for o in node.output]
+    model.graph.node.append(onnx.helper.make_node("Add", ["pre_bias", "sabotage_bias"], [logits]))
+    onnx.save(model, str(path))
+
+
 def _labelled_by_fp32(run_dir, dest):
     """The run's val images, filed under the class the FP32 model predicts: FP32 top-1 is 100% there."""
     from edgetl.data import build_transform, load_rgb
@@ -176,15 +184,7 @@ def test_accuracy_drop_over_budget_exits_3_with_the_artifact_written(run_dir, tm
     def biased(src, dst, *args, **kwargs):
         """The real quantization, then a large bias on the class FP32 predicts least: a broken INT8 model."""
         report = real(src, dst, *args, **kwargs)
-        model = onnx.load(str(dst))
-        logits = model.graph.output[0].name
-        bias = np.zeros(3, dtype=np.float32)
-        bias[rare] = 1e4
-        model.graph.initializer.append(onnx.numpy_helper.from_array(bias, "sabotage_bias"))
-        for node in model.graph.node:
-            node.output[:] = ["pre_bias" if o == logits else o for o in node.output]
-        model.graph.node.append(onnx.helper.make_node("Add", ["pre_bias", "sabotage_bias"], [logits]))
-        onnx.save(model, str(dst))
+        _add_logit_bias(dst, num_classes=3, cls=rare)
         return report
 
     monkeypatch.setattr(quantize, "quantize_int8_static", biased)
@@ -317,15 +317,7 @@ def test_unlabelled_int8_must_agree_with_fp32(tmp_path, monkeypatch):
 
     def broken(src, dst, *args, **kwargs):
         report = real(src, dst, *args, **kwargs)
-        model = onnx.load(str(dst))
-        logits = model.graph.output[0].name
-        bias = np.zeros(1000, dtype=np.float32)
-        bias[999] = 1e4  # every image becomes class 999
-        model.graph.initializer.append(onnx.numpy_helper.from_array(bias, "sabotage_bias"))
-        for node in model.graph.node:
-            node.output[:] = ["pre_bias" if o == logits else o for o in node.output]
-        model.graph.node.append(onnx.helper.make_node("Add", ["pre_bias", "sabotage_bias"], [logits]))
-        onnx.save(model, str(dst))
+        _add_logit_bias(dst, num_classes=1000, cls=999)  # every image becomes class 999
         return report
 
     monkeypatch.setattr(quantize, "quantize_int8_static", broken)

@@ -10,13 +10,7 @@ from edgetl.catalog import build_architecture, get_card, replace_head
 from edgetl.finetune.distributed import EpochSampler, ShardSampler
 from edgetl.finetune.features import FeatureBatches, extract_features, head_is_output
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batches(n=10, bs=4, res=32):

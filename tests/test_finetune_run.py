@@ -22,13 +22,7 @@ MODEL = "mobilenet_v3_small"
 COMMON = dict(weights="none", resolution=32, batch_size=16, device="cpu", progress=False, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models at 32 px gain nothing from intra-op threads, and lose a lot when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

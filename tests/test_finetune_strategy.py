@@ -26,13 +26,7 @@ SIMILAR = DomainEstimate("similar", "user")
 DIFFERENT = DomainEstimate("different", "user")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models at 32 px gain nothing from intra-op threads, and lose a lot when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize(
