@@ -235,6 +235,18 @@ def _calibration_reader(batches: Iterable[np.ndarray], input_name: str) -> Any:
     return _Reader()
 
 
+def _prepared(src: Path, tmp: Path) -> tuple[Path, Any]:
+    """``src`` pre-processed for quantization with a name on every node, saved in ``tmp``; (path, model)."""
+    import onnx
+
+    pre = tmp / "pre.onnx"
+    _preprocess(src, pre)
+    model = onnx.load(str(pre))
+    _name_nodes(model)
+    onnx.save_model(model, str(pre))
+    return pre, model
+
+
 def _name_nodes(model: Any) -> None:
     """Give every node a unique name (the quantizer's include/exclude lists address nodes by name)."""
     seen: set[str] = set()
@@ -318,11 +330,7 @@ def quantize_int8_static(
     if calib_method == "percentile":
         extra["CalibPercentile"] = 99.999
     with tempfile.TemporaryDirectory(prefix="edgetl-quant-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        _preprocess(src, pre)
-        model = onnx.load(str(pre))
-        _name_nodes(model)
-        onnx.save_model(model, str(pre))
+        pre, model = _prepared(src, Path(tmp))
         input_name = model.graph.input[0].name
         exclude_nodes = [n.name for n in model.graph.node if n.op_type in excluded]
         batches = [np.ascontiguousarray(b, dtype=np.float32) for b in calibration]  # kept for a retry
@@ -405,11 +413,7 @@ def quantize_int8_dynamic(
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     with tempfile.TemporaryDirectory(prefix="edgetl-quant-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        _preprocess(src, pre)
-        model = onnx.load(str(pre))
-        _name_nodes(model)
-        onnx.save_model(model, str(pre))
+        pre, _ = _prepared(src, Path(tmp))
         out = Path(tmp) / "int8.onnx"
         try:
             with _quiet_logs():
