@@ -4,15 +4,17 @@ Order of the checks:
 
 1. **Hashes first.** Every file the manifest lists must exist and match its sha256; a missing or
    changed file is an :class:`~edgetl.errors.ArtifactError` (exit 1), e.g.
-   ``sha256 mismatch for model.onnx``. ``validation.json`` is not hashed: validate writes it.
+   ``sha256 mismatch for model.onnx``, and so is a file the manifest does not list (added after
+   export, so unverified). ``validation.json`` is not hashed: validate writes it.
 2. **Latency**, measured here with the runtime the device profile names: ONNX Runtime (CPU) for CPU
    profiles, TensorRT (``model.engine``) where TensorRT and a GPU exist, else ONNX Runtime with a
    note. When the profile is not this machine, the report says so and shows the latency predicted
    on that device (from the source architecture's cost trace) next to the measurement here.
 3. **Accuracy** on ``data`` (a folder of class folders named like ``labels.json``), when given.
-4. **Budgets:** ``max_latency_ms``, and the profile's model memory budget. A miss raises
-   :class:`~edgetl.errors.BudgetExceededError` (exit 3) naming the value and the budget, after the
-   report is written to ``validation.json``.
+4. **Budgets:** ``max_latency_ms`` (judged on the measurement on the device itself, on the device's
+   predicted latency elsewhere) and ``max_memory_mb`` (default: the profile's model memory budget).
+   A miss raises :class:`~edgetl.errors.BudgetExceededError` (exit 3) naming the value and the
+   budget, after the report is written to ``validation.json``.
 """
 
 from __future__ import annotations
@@ -175,8 +177,9 @@ def validate(
         artifact: the artifact folder written by ``edgetl export``.
         device: the device profile (default: the one the artifact was exported for).
         data: a folder of class folders (named like ``labels.json``) to measure top-1 on.
-        max_latency_ms: the latency budget. It is judged on ``budget_metric`` of the measurement,
-            or, for a TensorRT device measured here without TensorRT, on the predicted latency.
+        max_latency_ms: the latency budget. On the device itself (a profile calibrated on this
+            machine) it is judged on ``budget_metric`` of the measurement; elsewhere on the latency
+            predicted for the device, when the model can be traced (else on the measurement here).
         max_memory_mb: the memory budget for the runtime with the model loaded (default: the
             profile's model memory budget).
         budget_metric: ``min``, ``p50``, ``p90`` or ``p99``.
