@@ -327,3 +327,9 @@ def test_unlabelled_int8_must_agree_with_fp32(tmp_path, monkeypatch):
     assert artifact.precision == "fp32"
     assert int8["parity"]["inputs"] == "calibration images" and int8["parity"]["min_top1_agreement"] == 0.99
     assert not int8["parity"]["passed"] and "agreement" in int8["rejected"]
+
+    with pytest.raises(BudgetExceededError, match=r"agrees with PyTorch on 0\.0% of the calibration images"):
+        export("resnet18", tmp_path / "int8", precision="int8", weights="none", resolution=32,
+               calib_data=calib, simplify=False, **FAST)
+    manifest = json.loads((tmp_path / "int8" / "manifest.json").read_text())  # written for inspection
+    assert manifest["status"] == "failed" and manifest["accuracy"]["pass"] is False
