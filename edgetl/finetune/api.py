@@ -480,7 +480,7 @@ class _Run:
     def _use_feature_cache(self, res: int) -> bool:
         import torch
 
-        from edgetl.finetune.features import head_is_output
+        from edgetl.finetune.features import DEFAULT_MAX_MEMORY_MB, head_is_output
 
         o = self.opts
         wanted = o["feature_cache"]
@@ -489,6 +489,15 @@ class _Run:
             reasons.append(f"the strategy is {self.decision.strategy}, not linear")
         if o["augment"] != "none":
             reasons.append(f"augmentation is {o['augment']}")
+        if not reasons and self.dist.enabled:
+            # under torchrun every rank gathers all features in memory (the disk spill is single-process)
+            head = self.net.get_submodule(self.card.head_path)
+            dim = getattr(head, "in_features", None) or getattr(head, "in_channels", None)
+            images = len(self.splits.train) + len(self.splits.val) + len(self.splits.test)
+            mb = (dim or 0) * 4 * images / 2**20
+            if mb > DEFAULT_MAX_MEMORY_MB:
+                reasons.append(f"its features would take {mb:.0f} MB in memory on every rank "
+                               f"(over {DEFAULT_MAX_MEMORY_MB} MB)")
         if not reasons:
             example = torch.zeros(1, 3, res, res, device=self.device)
             if not head_is_output(self.net, self.card.head_path, example):
@@ -496,7 +505,8 @@ class _Run:
         if reasons:
             if wanted:
                 raise ConfigError(
-                    f"the feature cache needs the linear strategy without augmentation: {'; '.join(reasons)}"
+                    f"the feature cache cannot be used: {'; '.join(reasons)} (it needs the linear strategy, no "
+                    "augmentation and a head that is the last layer)"
                 )
             if self.decision.strategy == "linear":
                 log.info("linear probe without feature cache: %s", "; ".join(reasons))
