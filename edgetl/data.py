@@ -745,11 +745,12 @@ def _torch_classes() -> dict[str, type]:
             self.background = background
             self.seed = seed
             # in shared memory, so that worker processes (persistent or not) see set_epoch()
-            self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+            self._epoch = None if seed is None else torch.zeros((), dtype=torch.int64).share_memory_()
 
         def set_epoch(self, epoch: int) -> None:
             """Select the epoch whose augmentation :meth:`__getitem__` draws (with ``seed``)."""
-            self._epoch.fill_(int(epoch))
+            if self._epoch is not None:
+                self._epoch.fill_(int(epoch))
 
         def _transform(self, image: Image.Image, index: int) -> Any:
             if self.seed is None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl._io import atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from edgetl._io import atomic_path, atomic_write_json, atomic_write_text, sha256_file, umask
 from edgetl.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -116,13 +116,11 @@ def publish(stage: Path, out: Path, force: bool) -> None:
 
 
 def _default_permissions(folder: Path) -> None:
-    """Temporary files are private (0600); a published artifact gets the usual umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
+    """mkdtemp makes the staging folder private (0700); a published artifact gets the umask's mode.
+
+    Its files already have theirs: they are written through :func:`edgetl._io.atomic_path`.
+    """
+    folder.chmod(0o777 & ~umask())
 
 
 def _fsync_dir(path: Path) -> None:

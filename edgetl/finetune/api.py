@@ -454,9 +454,13 @@ class _Run:
         o = self.opts
         domain = None
         if o["strategy"] == "auto":
-            if o["domain"] == "auto" and loaded.pretrained and not loaded.imagenet_head:
-                domain = estimate_domain("auto", loaded.model, imagenet_head=False)
-            elif o["domain"] == "auto" and loaded.pretrained:
+            if not loaded.pretrained:
+                # random weights hold nothing to transfer, whatever the images are like
+                if o["domain"] == "similar":
+                    log.warning("--domain similar is ignored without pretrained weights: the domain counts as "
+                                "different")
+                domain = estimate_domain("auto", None)
+            elif o["domain"] == "auto" and loaded.imagenet_head:
                 records = list(self.splits.train)
                 random.Random(int(o["seed"])).shuffle(records)
                 sample = records[:DOMAIN_SAMPLE_IMAGES]
@@ -464,14 +468,8 @@ class _Run:
                                        num_workers=int(o["workers"]), device=self.device, seed=int(o["seed"]))
                 loaded.model.to(self.device)
                 domain = estimate_domain("auto", loaded.model, loader, self.device)
-            elif not loaded.pretrained:
-                # random weights hold nothing to transfer, whatever the images are like
-                if o["domain"] == "similar":
-                    log.warning("--domain similar is ignored without pretrained weights: the domain counts as "
-                                "different")
-                domain = estimate_domain("auto", None)
-            else:
-                domain = estimate_domain(o["domain"], loaded.model)
+            else:  # given by the user, or auto with a head that cannot measure it
+                domain = estimate_domain(o["domain"], loaded.model, imagenet_head=bool(loaded.imagenet_head))
         return choose_strategy(
             o["strategy"], len(self.card.block_paths), len(self.splits.train), len(self.classes), domain,
             o["unfreeze"],

@@ -417,8 +417,9 @@ class Trainer:
         import torch
 
         s = epoch_seed(self.config.seed, epoch)
-        # Each rank draws its own augmentation and dropout (still a function of seed, epoch and rank, so a
-        # resumed run draws the same); the shuffling generator below stays shared, as the shards need.
+        # Augmentation is seeded per image (ImageDataset.set_epoch); this global seed drives dropout, which
+        # each rank draws on its own, still as a function of seed, epoch and rank so a resumed run draws
+        # the same. The shuffling generator below stays shared, as the shards need.
         r = s + 1_000_003 * self.dist.rank if self.dist.enabled else s
         random.seed(r)
         np.random.seed(r % 2**32)
