@@ -8,101 +8,27 @@ resolve against the build file's folder. See :mod:`edgetl.pipeline` for what a b
 from __future__ import annotations
 
 import os
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edgetl.errors import ConfigError, EdgetlError, did_you_mean
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Constraints(_Strict):
-    """What the selected model must meet on the device (``None``: no limit)."""
-
-    max_latency_ms: float | None = Field(None, gt=0, description="predicted latency at batch 1")
-    max_memory_mb: float | None = Field(None, gt=0, description="predicted memory [default: the profile's budget]")
-    max_size_mb: float | None = Field(None, gt=0, description="file size at the precision")
-    min_accuracy: float | None = Field(None, ge=0, le=100, description="ImageNet top-1 in percent")
+from edgetl.catalog import get_card
+from edgetl.errors import ConfigError, EdgetlError
+from edgetl.options import (
+    Constraints,
+    ExportOptions,
+    FinetuneOptions,
+    SelectOptions,
+    StageOptions,
+    ValidateOptions,
+    format_errors,
+)
+from edgetl.profiles import load_profile
 
 
-class SelectOptions(_Strict):
-    """How ``model: auto`` ranks the catalog (see ``edgetl select``)."""
-
-    models: str | None = Field(None, description="glob over the catalog, e.g. 'mobilenet*'")
-    all_weights: bool = Field(False, description="rank every weights tag, not only each model's DEFAULT")
-    precision: Literal["fp32", "fp16", "int8"] | None = Field(
-        None, description="precision of the prediction [default: export.precision, else the device's default]")
-    top: int = Field(10, ge=1, description="rows of the selection table in the report")
-
-
-class FinetuneOptions(_Strict):
-    """Fine-tuning options (see ``edgetl finetune``)."""
-
-    weights: str = Field("imagenet", description="imagenet, none, or a state_dict PATH")
-    strategy: Literal["auto", "linear", "partial", "full"] = "auto"
-    unfreeze: int | None = Field(None, ge=0)
-    domain: Literal["auto", "similar", "different"] = "auto"
-    epochs: int = Field(10, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    layer_decay: float = Field(0.7, gt=0, le=1)
-    weight_decay: float = Field(0.05, ge=0)
-    batch_size: int = Field(32, ge=1)
-    resolution: int | None = Field(None, ge=16, le=4096)
-    val_split: float = Field(0.2, ge=0, lt=1)
-    test_split: float = Field(0.0, ge=0, lt=1)
-    augment: Literal["none", "light", "strong"] | None = None
-    balance: bool = False
-    patience: int | None = Field(5, ge=1)
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train (not the target device)")
-    workers: int = Field(0, ge=0)
-    on_bad_image: Literal["skip", "error"] = "skip"
-
-
-class CalibrationOptions(_Strict):
-    """INT8 calibration."""
-
-    data: Path | None = Field(None, description="images to calibrate on [default: the run's training images]")
-    method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    size: int = Field(200, ge=1, description="calibration images (a stratified sample)")
-
-
-class ExportOptions(_Strict):
-    """Export options (see ``edgetl export``)."""
-
-    precision: Literal["fp32", "fp16", "int8", "auto"] = "auto"
-    calibration: CalibrationOptions = CalibrationOptions()
-    int8_mode: Literal["auto", "static", "dynamic"] = "auto"
-    opset: int = Field(17, ge=7, le=25)
-    simplify: bool = True
-    tensorrt: bool = Field(False, description="build model.engine here: only on the device itself")
-    c_header: bool = Field(False, description="also write model_data.h")
-    max_accuracy_drop: float = Field(1.0, ge=0, description="top-1 points lost to quantization, at most")
-    rounds: int = Field(30, ge=1, description="interleaved timing rounds per precision candidate")
-    threads: int | None = Field(None, ge=1)
-
-
-class ValidateOptions(_Strict):
-    """The validation budget (see ``edgetl validate``)."""
-
-    max_latency_ms: float | None = Field(None, gt=0, description="[default: constraints.max_latency_ms]")
-    max_memory_mb: float | None = Field(
-        None, gt=0, description="[default: constraints.max_memory_mb, else the profile's model memory budget]")
-    budget_metric: Literal["min", "p50", "p90", "p99"] = "p50"
-    data: Path | None = Field(None, description="class folders to measure top-1 on [default: DATA/test if present]")
-    iterations: int = Field(100, ge=1)
-    warmup: int = Field(10, ge=0)
-    threads: int | None = Field(None, ge=1)
-
-
-class BuildConfig(_Strict):
+class BuildConfig(StageOptions):
     """A build file: the device and its constraints, the model, the data, and each stage's options."""
 
     device: str = Field(description="target device profile: a name, an alias or a YAML path")
@@ -117,7 +43,7 @@ class BuildConfig(_Strict):
     validate_: ValidateOptions = Field(ValidateOptions(), alias="validate")
     out: Path = Field(Path("build"), description="output folder")
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True)
 
     @field_validator("device", "model")
     @classmethod
@@ -168,64 +94,9 @@ class BuildConfig(_Strict):
         return self.model_dump(mode="json", by_alias=True)
 
 
-def _field_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model that holds the field at ``loc`` (by YAML key names)."""
-    model: Any = BuildConfig
-    for part in loc:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return None
-        fields = {f.alias or name: f for name, f in model.model_fields.items()}
-        f = fields.get(part)
-        if f is None:
-            return None
-        model = _unwrap(f.annotation)
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-def _unwrap(tp: Any) -> Any:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
-        return args[0]
-    return tp
-
-
-def _keys_of(model: type[BaseModel]) -> list[str]:
-    return [f.alias or name for name, f in model.model_fields.items()]
-
-
-def _describe(error: dict[str, Any]) -> str:
-    loc = tuple(str(p) for p in error.get("loc", ()))
-    where = ".".join(loc) or "(top level)"
-    kind = error.get("type", "")
-    msg = str(error.get("msg", "")).removeprefix("Value error, ")
-    given = error.get("input")
-    if kind == "extra_forbidden":
-        parent = _field_model(loc[:-1]) or BuildConfig
-        allowed = _keys_of(parent)
-        hint = did_you_mean(loc[-1], allowed, n=1)
-        maybe = f"did you mean '{hint[0]}'? " if hint else ""
-        return f"{where}: unknown key; {maybe}remove or rename it (allowed here: {', '.join(allowed)})"
-    if kind == "missing":
-        example = {"device": "x86  # see `edgetl devices`", "data": "path/to/images"}.get(loc[-1], "...")
-        return f"{where}: required; add `{loc[-1]}: {example}`"
-    if kind == "model_type" or kind == "dict_type":
-        parent = _field_model(loc)
-        keys = ", ".join(_keys_of(parent)) if parent else "..."
-        return f"{where}: expected a mapping ({keys}), got {given!r}"
-    if msg[:1].isupper() and not msg[:2].isupper():
-        msg = msg[0].lower() + msg[1:]
-    if isinstance(given, (int, float, str, bool)) and kind != "value_error":
-        msg = f"{msg} (got {given!r})"
-    return f"{where}: {msg}" if loc else msg
-
-
 def format_config_error(exc: ValidationError, source: str, limit: int = 3) -> str:
     """One line: ``file: field: what is wrong; how to fix it`` (unknown keys first: they explain the rest)."""
-    errors = sorted(exc.errors(include_url=False), key=lambda e: e.get("type") != "extra_forbidden")
-    text = " | ".join(_describe(e) for e in errors[:limit])
-    if len(errors) > limit:
-        text += f" (and {len(errors) - limit} more)"
-    return f"{source}: " + " ".join(text.split())
+    return format_errors(exc, BuildConfig, source, limit)
 
 
 def load_build_config(path: str | os.PathLike[str]) -> BuildConfig:
@@ -260,9 +131,6 @@ def check_names(config: BuildConfig, source: str) -> None:
     Raises:
         ConfigError: ``SOURCE: device: unknown device 'raspbery-pi-5'; did you mean ...``.
     """
-    from edgetl.catalog import get_card
-    from edgetl.profiles import load_profile
-
     for field, resolve in (("device", load_profile), ("model", get_card)):
         value = getattr(config, field)
         if field == "model" and value == "auto":

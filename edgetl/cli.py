@@ -1,6 +1,9 @@
 """The ``edgetl`` command line. Each command parses options, calls the Python API and renders the result.
 
 Exit codes: 0 success, 1 user error (one line, no traceback), 2 usage error, 3 budget missed.
+
+The stage options are generated from :mod:`edgetl.options`. The API modules are imported inside the
+commands: they import torch, and ``edgetl --help`` must start in a fraction of a second on any machine.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from typing import Any
 
 import click
 
-from edgetl.errors import ConstraintError, EdgetlError
+from edgetl.cli_options import cli_options, parse
+from edgetl.errors import BudgetExceededError, ConfigError, ConstraintError, EdgetlError
+from edgetl.options import TABLE_ROWS, Constraints, ExportOptions, FinetuneOptions, SelectOptions, ValidateOptions
 
 log = logging.getLogger("edgetl")
 
@@ -109,37 +114,23 @@ def models_cmd(pattern: str | None, default_only: bool, as_json: bool) -> None:
 
 @cli.command("select")
 @click.option("--device", "-d", required=True, help="Device profile name or alias (jetson, rpi, x86, ...).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
-              help="Deployment precision [default: fp16 where the device has it, else fp32].")
-@click.option("--resolution", type=int, default=None, help="Input size for every model [default: each model's own].")
-@click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--max-latency-ms", type=float, default=None)
-@click.option("--max-memory-mb", type=float, default=None, help="[default: the profile's model memory budget]")
-@click.option("--max-size-mb", type=float, default=None)
-@click.option("--min-accuracy", type=float, default=None, help="Minimum ImageNet top-1 (%).")
-@click.option("--top", type=int, default=15, show_default=True, help="Rows to show (0 = all).")
-@click.option("--filter", "pattern", default=None, help="Only catalog entries matching this glob.")
-@click.option("--default-weights", is_flag=True, help="Only each model's DEFAULT weights.")
-@click.option("--json", "as_json", is_flag=True, help="Print the ranked rows as one JSON list on stdout.")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write the rows as CSV.")
+@cli_options(SelectOptions)
+@cli_options(Constraints)
+@click.option("--json", "as_json", is_flag=True, help="Print every ranked row as one JSON list on stdout.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write every ranked row as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write the Pareto bubble chart (PNG).")
 @click.option("--measure", "measure_n", type=int, default=None, is_flag=False, flag_value=5,
               help="Also time the top N (default 5) for real on this machine with ONNX Runtime.")
 @click.option("--threads", type=int, default=None, help="Threads for --measure [default: the profile's, else all].")
-def select_cmd(device, precision, resolution, batch, max_latency_ms, max_memory_mb, max_size_mb,
-               min_accuracy, top, pattern, default_weights, as_json, csv_path, plot_path, measure_n,
-               threads) -> None:
+def select_cmd(device, as_json, csv_path, plot_path, measure_n, threads, **kwargs) -> None:
     """Rank pretrained backbones for a device by predicted latency, memory, size and top-1."""
     from edgetl.select import select
 
+    options, constraints = parse(SelectOptions, kwargs), parse(Constraints, kwargs)
     with _progress("tracing models (cached afterwards)") as advance:
-        ranking = select(
-            device=device, precision=precision, resolution=resolution, batch=batch,
-            max_latency_ms=max_latency_ms, max_memory_mb=max_memory_mb, max_size_mb=max_size_mb,
-            min_accuracy=min_accuracy, top=top or None, models=pattern, all_weights=not default_weights,
-            progress=advance,
-        )
+        ranking = select(device, options, constraints, progress=advance)
     for model_id, reason in ranking.skipped:
         click.echo(f"warning: could not predict {model_id}: {reason}", err=True)
     if plot_path:
@@ -206,7 +197,7 @@ def _print_ranking(ranking, measured: bool = False) -> None:
         cols[8:8] = ["measured ms (here)", "pred/meas"]
     for col in cols:
         table.add_column(col, justify="left" if col in ("model", "weights") else "right")
-    for i, r in enumerate(ranking.rows, 1):
+    for i, r in enumerate(ranking.rows[: ranking.top or TABLE_ROWS], 1):
         d = r.to_dict()
         cells = [
             str(i), d["model"], d["weights"], f"{d['top1']:.2f}", f"{d['params_m']:.1f}", f"{d['gflops']:.2f}",
@@ -305,54 +296,23 @@ def devices_cmd(as_json: bool) -> None:
 @click.option("--data", default=None, type=click.Path(exists=True),
               help="Folder of class folders, a folder with train/ and val/, or a CSV of path,label.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
-@click.option("--weights", default="imagenet", show_default=True, help="imagenet, none, or a state_dict PATH.")
 @click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
-              help="Offline folder of torchvision weights files [default: $EDGETL_WEIGHTS_DIR].")
-@click.option("--strategy", type=click.Choice(["auto", "linear", "partial", "full"]), default="auto", show_default=True)
-@click.option("--unfreeze", type=int, default=None,
-              help="Blocks to train with --strategy partial [default: the last quarter].")
-@click.option("--domain", type=click.Choice(["auto", "similar", "different"]), default="auto", show_default=True,
-              help="Similarity of the images to ImageNet (auto: measured).")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="The head's learning rate.")
-@click.option("--layer-decay", type=float, default=0.7, show_default=True, help="LR factor per block downwards.")
-@click.option("--weight-decay", type=float, default=0.05, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--resolution", type=int, default=None, help="Input size [default: the model's].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+              help="Offline folder of pretrained weights files [default: $EDGETL_WEIGHTS_DIR].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--val-split", type=float, default=0.2, show_default=True)
-@click.option("--test-split", type=float, default=0.0, show_default=True)
-@click.option("--augment", type=click.Choice(["none", "light", "strong"]), default=None,
-              help="[default: none for the linear probe, light otherwise]")
-@click.option("--balance", is_flag=True, help="Sample classes equally often.")
-@click.option("--on-bad-image", type=click.Choice(["skip", "error"]), default="skip", show_default=True)
-@click.option("--workers", type=int, default=0, show_default=True, help="Data-loading processes.")
-@click.option("--patience", type=int, default=5, show_default=True,
-              help="Stop after N epochs without a better val accuracy (0: never).")
-@click.option("--deterministic", is_flag=True, help="Deterministic algorithms only.")
-@click.option("--no-feature-cache", is_flag=True, help="Run the backbone every epoch even for the linear probe.")
+@cli_options(FinetuneOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document on stdout.")
-def finetune_cmd(model, data, out, weights, weights_dir, strategy, unfreeze, domain, epochs, lr, layer_decay,
-                 weight_decay, batch_size, resolution, device, resume, seed, val_split, test_split, augment, balance,
-                 on_bad_image, workers, patience, deterministic, no_feature_cache, as_json) -> None:
+def finetune_cmd(model, data, out, weights_dir, resume, as_json, **kwargs) -> None:
     """Fine-tune a backbone on your images and write RUN_DIR (weights, metrics, plots)."""
     from edgetl.finetune.api import finetune
 
+    options = parse(FinetuneOptions, kwargs)
     err = _stderr_console()
 
     def show_decision(decision) -> None:
         err.print(f"[bold]strategy:[/bold] {decision.strategy} — {decision.reason}")
 
-    result = finetune(
-        model, data, out, weights=weights, weights_dir=weights_dir, strategy=strategy, unfreeze=unfreeze,
-        domain=domain, epochs=epochs, lr=lr, layer_decay=layer_decay, weight_decay=weight_decay,
-        batch_size=batch_size, resolution=resolution, device=device, resume=resume, seed=seed,
-        val_split=val_split, test_split=test_split, augment=augment, balance=balance, on_bad_image=on_bad_image,
-        workers=workers, patience=patience, deterministic=deterministic,
-        feature_cache=False if no_feature_cache else None, progress=True, on_decision=show_decision,
-    )
+    result = finetune(model, data, out, options, weights_dir=weights_dir, resume=resume, progress=True,
+                      on_decision=show_decision)
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return
     if as_json:
@@ -417,7 +377,6 @@ def bench_cmd(target, runtime, batch, resolution, iterations, warmup, threads, p
     """
     from pathlib import Path
 
-    from edgetl.errors import ConfigError
     from edgetl.runtime import make_runner
     from edgetl.runtime.bench import benchmark, onnx_input_shape
 
@@ -544,51 +503,26 @@ def device_calibrate_cmd(name: str, out: str | None, threads: int | None, rounds
 @cli.command("export")
 @click.argument("source", metavar="RUN_DIR|MODEL")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "auto"]), default="auto", show_default=True,
-              help="auto: build what the device can run, ship the fastest within the accuracy budget.")
 @click.option("--device", "-d", default="x86", show_default=True, help="Target device profile (name, alias or YAML).")
 @click.option("--weights", default=None,
               help="With a catalog MODEL instead of RUN_DIR: imagenet, a state_dict PATH, or none (random).")
 @click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
-              help="Offline folder of torchvision weights files [default: $EDGETL_WEIGHTS_DIR].")
+              help="Offline folder of pretrained weights files [default: $EDGETL_WEIGHTS_DIR].")
 @click.option("--resolution", type=int, default=None, help="Input size of a catalog MODEL [default: its own].")
 @click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
               help="Class folders to measure accuracy on [default: the run's validation split].")
-@click.option("--calib-data", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Images to calibrate INT8 on [default: 200 of the run's training images, stratified].")
-@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
-              show_default=True)
-@click.option("--calib-size", type=int, default=200, show_default=True, help="Calibration images.")
-@click.option("--int8-mode", type=click.Choice(["auto", "static", "dynamic"]), default="auto", show_default=True,
-              help="auto: dynamic for linear-heavy models (ViT), static QDQ otherwise.")
-@click.option("--exclude-op-types", default="", help="Comma-separated op types to keep in float, e.g. Add,Mul.")
-@click.option("--opset", type=int, default=17, show_default=True)
-@click.option("--no-simplify", is_flag=True, help="Skip onnxslim (it takes ~40 s on a ViT-B).")
-@click.option("--tensorrt", is_flag=True, help="Also build model.engine here (TensorRT and the device's GPU).")
-@click.option("--c-header", is_flag=True, help="Also write model_data.h (the ONNX bytes as a C array).")
-@click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True, help="Top-1 points.")
-@click.option("--max-latency-ms", type=float, default=None, help="Latency budget (p50 measured here).")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime threads for timing [default: all cores].")
-@click.option("--rounds", type=int, default=60, show_default=True, help="Timed runs per candidate (interleaved).")
+@cli_options(ExportOptions)
 @click.option("--force", is_flag=True, help="Replace an existing --out folder (swapped atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON document on stdout.")
-def export_cmd(source, out, precision, device, weights, weights_dir, resolution, data, calib_data, calib_method,
-               calib_size, int8_mode, exclude_op_types, opset, no_simplify, tensorrt, c_header, max_accuracy_drop,
-               max_latency_ms, threads, rounds, force, as_json) -> None:
+def export_cmd(source, out, device, weights, weights_dir, resolution, data, force, as_json, **kwargs) -> None:
     """Export RUN_DIR (or a catalog MODEL with --weights) to an artifact folder: ONNX, INT8/FP16, manifest."""
-    from edgetl.errors import BudgetExceededError
     from edgetl.export.api import export
 
-    err = _stderr_console()
-    with err.status("exporting") as status:
+    options = parse(ExportOptions, kwargs)
+    with _stderr_console().status("exporting") as status:
         artifact = export(
-            source, out, precision=precision, device=device, weights=weights, weights_dir=weights_dir,
-            resolution=resolution, data=data, calib_data=calib_data, calib_method=calib_method,
-            calib_size=calib_size, int8_mode=int8_mode,
-            exclude_op_types=[op.strip() for op in exclude_op_types.split(",") if op.strip()],
-            opset=opset, simplify=not no_simplify, tensorrt=tensorrt, c_header=c_header,
-            max_accuracy_drop=max_accuracy_drop, max_latency_ms=max_latency_ms, threads=threads,
-            bench_rounds=rounds, force=force, check=False, progress=lambda msg: status.update(msg),
+            source, out, options, device=device, weights=weights, weights_dir=weights_dir, resolution=resolution,
+            data=data, force=force, check=False, progress=lambda msg: status.update(msg),
         )
     if as_json:
         emit_json(artifact.to_dict())
@@ -647,25 +581,15 @@ def _print_artifact(artifact) -> None:
 @cli.command("validate")
 @click.argument("artifact", metavar="ARTIFACT_DIR", type=click.Path(file_okay=False))
 @click.option("--device", "-d", default=None, help="Device profile [default: the one the artifact was exported for].")
-@click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Class folders (named like labels.json) to measure top-1 accuracy on.")
-@click.option("--max-latency-ms", type=float, default=None, help="Latency budget; a miss exits with code 3.")
-@click.option("--max-memory-mb", type=float, default=None,
-              help="Memory budget; a miss exits with code 3 [default: the profile's model memory budget].")
-@click.option("--budget-metric", type=click.Choice(["min", "p50", "p90", "p99"]), default="p50", show_default=True)
-@click.option("--iterations", type=int, default=100, show_default=True)
-@click.option("--warmup", type=int, default=10, show_default=True)
-@click.option("--threads", type=int, default=None, help="ONNX Runtime threads [default: all cores].")
+@cli_options(ValidateOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document on stdout.")
-def validate_cmd(artifact, device, data, max_latency_ms, max_memory_mb, budget_metric, iterations, warmup, threads,
-                 as_json) -> None:
+def validate_cmd(artifact, device, as_json, **kwargs) -> None:
     """Verify ARTIFACT_DIR's hashes, measure latency (and accuracy with --data) against the budgets."""
     from edgetl.validate import validate
 
+    options = parse(ValidateOptions, kwargs)
     with _stderr_console().status(f"validating {artifact}"):
-        report = validate(artifact, device=device, data=data, max_latency_ms=max_latency_ms,
-                          max_memory_mb=max_memory_mb, budget_metric=budget_metric, iterations=iterations,
-                          warmup=warmup, threads=threads, check=False)
+        report = validate(artifact, device, options, check=False)
     if as_json:
         emit_json(report.to_dict())
     else:
@@ -749,7 +673,6 @@ def demo_cmd(out, epochs, train_per_class, device, force, as_json) -> None:
 
 def _finish_build(result, as_json: bool) -> None:
     """Render a BuildResult, then exit 3 if a budget was missed."""
-    from edgetl.errors import BudgetExceededError
 
     if as_json:
         emit_json(result.to_dict())

@@ -63,6 +63,7 @@ from typing import Any
 from edgetl._io import atomic_write_json, sha256_file
 from edgetl.buildfile import BuildConfig, check_names, config_from_dict, load_build_config
 from edgetl.errors import BudgetExceededError, CheckpointError, ConfigError, EdgetlError, TrainingInterrupted
+from edgetl.options import TABLE_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -446,6 +447,9 @@ class _Build:
             return cfg.export.precision
         return default_precision(self.profile)
 
+    def _select_resolution(self) -> int | None:
+        return self.config.select.resolution or self.config.finetune.resolution
+
     # select
 
     def _select_parts(self) -> dict[str, Any]:
@@ -453,7 +457,7 @@ class _Build:
         return {
             "options": {"model": cfg.model, "select": cfg.select.model_dump(mode="json"),
                         "constraints": cfg.constraints.model_dump(mode="json"),
-                        "precision": self._select_precision(), "resolution": cfg.finetune.resolution},
+                        "precision": self._select_precision(), "resolution": self._select_resolution()},
             "device": self.profile.model_dump(mode="json"),
             "versions": self.versions,
         }
@@ -466,14 +470,10 @@ class _Build:
         from edgetl.catalog import get_card
         from edgetl.select import select
 
-        cfg, c = self.config, self.config.constraints
+        cfg = self.config
         precision = self._select_precision()
-        ranking = select(
-            device=self.profile, precision=precision, resolution=cfg.finetune.resolution,
-            max_latency_ms=c.max_latency_ms, max_memory_mb=c.max_memory_mb, max_size_mb=c.max_size_mb,
-            min_accuracy=c.min_accuracy, top=cfg.select.top, models=cfg.select.models,
-            all_weights=cfg.select.all_weights,
-        )
+        options = cfg.select.model_copy(update={"precision": precision, "resolution": self._select_resolution()})
+        ranking = select(self.profile, options, cfg.constraints)
         n_fit = sum(1 for r in ranking.candidates if r.fits)
         if cfg.model == "auto":
             best = ranking.best  # raises ConstraintError naming the nearest misses when nothing fits
@@ -496,12 +496,13 @@ class _Build:
         folder = self.out / SELECT_DIR
         chosen = None if row is None else {**row.to_dict(), "id": row.card.id, "resolution": row.resolution,
                                            "failures": list(row.failures)}
-        rows = [{**r.to_dict(), "id": r.card.id, "chosen": r.card.id == card.id} for r in ranking.rows]
+        rows = [{**r.to_dict(), "id": r.card.id, "chosen": r.card.id == card.id}
+                for r in ranking.rows[: options.top or TABLE_ROWS]]
         doc = {
             "device": self.profile.name,
             "precision": precision,
             "batch": ranking.batch,
-            "resolution": cfg.finetune.resolution,
+            "resolution": options.resolution,
             "constraints": ranking.constraints.describe(),
             "model": card.id,
             "reason": reason,
@@ -524,10 +525,8 @@ class _Build:
     # finetune
 
     def _finetune_options(self) -> dict[str, Any]:
-        opts = self.config.finetune.model_dump(mode="json")
-        opts.pop("device")
-        opts.pop("workers")
-        return opts
+        # where and how fast it trains does not change what it learns
+        return self.config.finetune.model_dump(mode="json", exclude={"device", "workers", "checkpoint_interval"})
 
     def _weights_input(self, model: str) -> Any:
         cfg = self.config
@@ -570,7 +569,7 @@ class _Build:
         from edgetl.finetune.api import finetune
         from edgetl.finetune.checkpoint import LAST_META
 
-        cfg, f = self.config, self.config.finetune
+        cfg = self.config
         model = self.state.get("select")["summary"]["model"]
         key = self.state.get("finetune").get("key")
         resume = (
@@ -586,14 +585,8 @@ class _Build:
             self.say(f"finetune: strategy {decision.strategy} — {decision.reason}")
 
         def train(resume: bool) -> Any:
-            return finetune(
-                model, str(cfg.data), self.run_dir, weights=f.weights, weights_dir=_str(cfg.weights_dir),
-                strategy=f.strategy, unfreeze=f.unfreeze, domain=f.domain, epochs=f.epochs, lr=f.lr,
-                layer_decay=f.layer_decay, weight_decay=f.weight_decay, batch_size=f.batch_size,
-                resolution=f.resolution, device=f.device, resume=resume, seed=f.seed, val_split=f.val_split,
-                test_split=f.test_split, augment=f.augment, balance=f.balance, on_bad_image=f.on_bad_image,
-                workers=f.workers, patience=f.patience, progress=self.progress_bars, on_decision=show,
-            )
+            return finetune(model, str(cfg.data), self.run_dir, cfg.finetune, weights_dir=_str(cfg.weights_dir),
+                            resume=resume, progress=self.progress_bars, on_decision=show)
 
         try:
             try:
@@ -653,14 +646,10 @@ class _Build:
     def _run_export(self, prev: dict[str, Any]) -> tuple[dict[str, Any], str]:
         from edgetl.export.api import export
 
-        cfg, e = self.config, self.config.export
+        cfg = self.config
         artifact = export(
-            self.run_dir, self.artifact_dir, precision=e.precision, device=cfg.device,
-            weights_dir=_str(cfg.weights_dir), calib_data=_str(e.calibration.data),
-            calib_method=e.calibration.method, calib_size=e.calibration.size, int8_mode=e.int8_mode,
-            opset=e.opset, simplify=e.simplify, tensorrt=e.tensorrt, c_header=e.c_header,
-            max_accuracy_drop=e.max_accuracy_drop, threads=e.threads, bench_rounds=e.rounds, force=True,
-            check=False, progress=lambda msg: self.say(f"export: {msg}"),
+            self.run_dir, self.artifact_dir, cfg.export, device=cfg.device, weights_dir=_str(cfg.weights_dir),
+            force=True, check=False, progress=lambda msg: self.say(f"export: {msg}"),
         )
         acc = artifact.accuracy
         summary = {
@@ -707,13 +696,10 @@ class _Build:
     def _run_validate(self, prev: dict[str, Any]) -> tuple[dict[str, Any], str]:
         from edgetl.validate import validate
 
-        v = self.config.validate_
-        report = validate(
-            self.artifact_dir, device=self.config.device, data=self._validation_data(),
-            max_latency_ms=self._validation_budget(), max_memory_mb=self._memory_budget(),
-            budget_metric=v.budget_metric, iterations=v.iterations,
-            warmup=v.warmup, threads=v.threads, write=True, check=False,
-        )
+        options = self.config.validate_.model_copy(update={
+            "data": self._validation_data(), "max_latency_ms": self._validation_budget(),
+            "max_memory_mb": self._memory_budget()})
+        report = validate(self.artifact_dir, self.config.device, options, write=True, check=False)
         lat = report.latency
         summary = {
             "passed": report.passed,

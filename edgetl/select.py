@@ -22,7 +22,8 @@ from edgetl._io import atomic_write_text
 from edgetl.catalog import ModelCard, list_models
 from edgetl.cost import TraceError, trace_model
 from edgetl.errors import ConstraintError
-from edgetl.predict import PRECISIONS, model_size_mb, predict_latency, predict_memory
+from edgetl.options import Constraints, SelectOptions, documented, resolve, split_overrides
+from edgetl.predict import model_size_mb, predict_latency, predict_memory
 from edgetl.profiles import DeviceProfile, load_profile
 
 log = logging.getLogger(__name__)
@@ -31,38 +32,6 @@ JSON_KEYS = (
     "model", "weights", "top1", "params_m", "gflops", "size_mb", "latency_ms", "memory_mb", "fps",
     "pareto", "fits",
 )
-
-
-@dataclass(frozen=True)
-class Constraints:
-    """Limits a candidate must meet. ``None`` means no limit."""
-
-    max_latency_ms: float | None = None
-    max_memory_mb: float | None = None
-    max_size_mb: float | None = None
-    min_accuracy: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("max_latency_ms", "max_memory_mb", "max_size_mb"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ConstraintError(f"{name.replace('_', '-')} must be a positive number, got {value}")
-        if self.min_accuracy is not None and not 0 <= self.min_accuracy <= 100:
-            raise ConstraintError(
-                f"min-accuracy is an ImageNet top-1 in percent (0-100), got {self.min_accuracy}"
-            )
-
-    def describe(self) -> str:
-        parts = []
-        if self.max_latency_ms is not None:
-            parts.append(f"latency <= {self.max_latency_ms:g} ms")
-        if self.max_memory_mb is not None:
-            parts.append(f"memory <= {self.max_memory_mb:g} MB")
-        if self.max_size_mb is not None:
-            parts.append(f"size <= {self.max_size_mb:g} MB")
-        if self.min_accuracy is not None:
-            parts.append(f"top-1 >= {self.min_accuracy:g}%")
-        return ", ".join(parts) or "none"
 
 
 @dataclass
@@ -210,75 +179,74 @@ def default_precision(profile: DeviceProfile) -> str:
     return "fp16" if "fp16" in profile.precisions else "fp32"
 
 
+@documented(SelectOptions)
 def select(
     device: str | DeviceProfile = "jetson",
-    precision: str | None = None,
-    resolution: int | None = None,
-    batch: int = 1,
-    max_latency_ms: float | None = None,
-    max_memory_mb: float | None = None,
-    max_size_mb: float | None = None,
-    min_accuracy: float | None = None,
-    top: int | None = None,
-    models: str | None = None,
-    all_weights: bool = True,
+    options: SelectOptions | None = None,
+    constraints: Constraints | None = None,
+    *,
     progress: Callable[[int, int, str], None] | None = None,
+    **kwargs: Any,
 ) -> Ranking:
     """Rank the catalog's pretrained backbones for a device.
 
     Args:
         device: a profile name or alias (``jetson``, ``rpi``, ``x86``), a YAML path, or a profile.
-        precision: ``fp32``, ``fp16`` or ``int8``; defaults to fp16 where supported, else fp32.
-        resolution: input size for every model; defaults to each model's own evaluation crop.
-        batch: batch size for latency and memory.
-        max_latency_ms, max_memory_mb, max_size_mb, min_accuracy: constraints (``None`` = no limit).
-            ``max_memory_mb`` defaults to the profile's model memory budget.
-        top: keep at most this many fitting rows in ``Ranking.rows``.
-        models: a glob to restrict the catalog (``"resnet*"``).
-        all_weights: rank every weights tag; ``False`` keeps only each model's DEFAULT weights.
+        options: how to rank (:class:`~edgetl.options.SelectOptions`).
+        constraints: what a model must meet (:class:`~edgetl.options.Constraints`); ``max_memory_mb``
+            defaults to the profile's model memory budget.
         progress: called as ``progress(done, total, model)`` while traces are computed.
+        **kwargs: fields of either model, e.g. ``select("jetson", precision="fp16", max_latency_ms=5)``.
 
     Returns:
         A :class:`Ranking`. It is not an error for nothing to fit: ``Ranking.best`` raises then.
 
     Raises:
         UnknownNameError: unknown device.
-        ProfileError: the device does not support ``precision``.
-        ConstraintError: a constraint is not a valid number.
+        ProfileError: the device does not support the precision.
+        ConfigError: an option or constraint is not valid.
     """
+    given, limits = split_overrides(kwargs, SelectOptions, Constraints, where="select()")
+    opts = resolve(SelectOptions, options, given, "select()")
+    limits = resolve(Constraints, constraints, limits, "select()")
     profile = device if isinstance(device, DeviceProfile) else load_profile(device)
-    precision = (precision or default_precision(profile)).lower()
-    if precision not in PRECISIONS:
-        raise ConstraintError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+    precision = opts.precision or default_precision(profile)
     profile.check_precision(precision)
-    if batch < 1:
-        raise ConstraintError(f"batch must be at least 1, got {batch}")
-    if resolution is not None and not 16 <= resolution <= 4096:
-        raise ConstraintError(f"resolution must be between 16 and 4096 pixels, got {resolution}")
-    if max_memory_mb is None:
-        max_memory_mb = float(profile.memory.model_budget_mb.value)
-    constraints = Constraints(max_latency_ms, max_memory_mb, max_size_mb, min_accuracy)
+    if limits.max_memory_mb is None:
+        limits = limits.model_copy(update={"max_memory_mb": float(profile.memory.model_budget_mb.value)})
+    cards = _ranked_cards(opts)
+    candidates, skipped = _predict_all(cards, profile, precision, opts, limits, progress)
+    _mark_pareto(candidates)
+    candidates.sort(key=lambda r: (not r.fits, -r.card.top1, r.latency_ms))
+    return Ranking(profile, precision, opts.batch, limits, candidates, opts.top, skipped)
 
-    cards = list_models(models, default_only=not all_weights)
+
+def _ranked_cards(opts: SelectOptions) -> list[ModelCard]:
+    cards = list_models(opts.models, default_only=not opts.all_weights)
     if not cards:
-        raise ConstraintError(f"no catalog model matches '{models}'; see `edgetl models`")
+        raise ConstraintError(f"no catalog model matches '{opts.models}'; see `edgetl models`")
     unranked = [c.id for c in cards if c.top1 is None]
     if unranked:
         log.info("not ranked (no published ImageNet top-1): %s", ", ".join(unranked))
-    cards = [c for c in cards if c.top1 is not None]
+    return [c for c in cards if c.top1 is not None]
+
+
+def _predict_all(cards: Sequence[ModelCard], profile: DeviceProfile, precision: str, opts: SelectOptions,
+                 limits: Constraints, progress: Callable[[int, int, str], None] | None,
+                 ) -> tuple[list[RankedModel], list[tuple[str, str]]]:
     candidates: list[RankedModel] = []
     skipped: list[tuple[str, str]] = []
     for i, card in enumerate(cards):
         if progress:
             progress(i, len(cards), card.id)
-        res = resolution or card.resolution
+        res = opts.resolution or card.resolution
         try:
             trace = trace_model(card, res)
         except TraceError as exc:
             skipped.append((card.id, str(exc)))
             continue
-        lat = predict_latency(trace, profile, precision, batch)
-        mem = predict_memory(trace, profile, precision, batch)
+        lat = predict_latency(trace, profile, precision, opts.batch)
+        mem = predict_memory(trace, profile, precision, opts.batch)
         row = RankedModel(
             card=card,
             resolution=res,
@@ -287,12 +255,10 @@ def select(
             size_mb=model_size_mb(trace.params, precision),
             fps=lat.fps,
         )
-        row.failures, row.miss = _violations(row, constraints)
+        row.failures, row.miss = _violations(row, limits)
         candidates.append(row)
     if progress:
         progress(len(cards), len(cards), "")
     for model_id, reason in skipped:
         log.warning("could not predict %s: %s", model_id, reason)
-    _mark_pareto(candidates)
-    candidates.sort(key=lambda r: (not r.fits, -r.card.top1, r.latency_ms))
-    return Ranking(profile, precision, batch, constraints, candidates, top, skipped)
+    return candidates, skipped

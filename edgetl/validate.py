@@ -28,12 +28,21 @@ from pathlib import Path
 from typing import Any
 
 from edgetl._io import atomic_write_json
-from edgetl.errors import BudgetExceededError, ConfigError, ProfileError
+from edgetl.calibrate import is_this_machine
+from edgetl.catalog import Preprocess
+from edgetl.cost import trace_model
+from edgetl.errors import BudgetExceededError, ProfileError
 from edgetl.export import bundle
+from edgetl.export.evaluate import collect_logits, folder_eval_set, image_batches, top1
+from edgetl.options import ValidateOptions, documented, resolve
+from edgetl.predict import predict_latency
+from edgetl.profiles import DeviceProfile, load_profile
+from edgetl.runtime.bench import benchmark, peak_rss_mb, reset_peak_rss
+from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
+from edgetl.runtime.tensorrt import TensorRTRunner, tensorrt_available
 
 log = logging.getLogger(__name__)
 
-BUDGET_METRICS = ("min", "p50", "p90", "p99")
 
 
 @dataclass
@@ -109,16 +118,10 @@ def _runner(folder: Path, runtime: str, threads: int | None, files: dict[str, st
 
     Only files the manifest lists (and whose hashes were checked) are run.
     """
-    from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
-
     notes: list[str] = []
     if runtime == "tensorrt":
-        from edgetl.runtime.tensorrt import tensorrt_available
-
         engine = folder / bundle.ENGINE_FILE
         if tensorrt_available() and bundle.ENGINE_FILE in files:
-            from edgetl.runtime.tensorrt import TensorRTRunner
-
             return TensorRTRunner(engine, name="tensorrt"), "tensorrt", notes
         why = "no model.engine in the artifact" if tensorrt_available() else "TensorRT is not available here"
         notes.append(f"the device runs TensorRT, but {why}: measured with ONNX Runtime on the CPU instead")
@@ -127,9 +130,6 @@ def _runner(folder: Path, runtime: str, threads: int | None, files: dict[str, st
 
 
 def _predicted_ms(manifest: dict[str, Any], profile: Any) -> float | None:
-    from edgetl.cost import trace_model
-    from edgetl.predict import predict_latency
-
     source = manifest.get("source") or {}
     precision = manifest.get("precision", "fp32")
     if not profile.supports(precision):
@@ -143,10 +143,6 @@ def _predicted_ms(manifest: dict[str, Any], profile: Any) -> float | None:
 
 
 def _accuracy(folder: Path, data: str | os.PathLike[str], runner_threads: int | None) -> dict[str, Any]:
-    from edgetl.catalog import Preprocess
-    from edgetl.export.evaluate import collect_logits, folder_eval_set, image_batches, top1
-    from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
-
     classes = json.loads((folder / bundle.LABELS_FILE).read_text())
     pre_doc = json.loads((folder / bundle.PREPROCESS_FILE).read_text())
     preprocess = Preprocess.from_dict(pre_doc["preprocess"])
@@ -157,34 +153,28 @@ def _accuracy(folder: Path, data: str | os.PathLike[str], runner_threads: int | 
     return {"data": str(data), "images": len(labels), "top1": round(top1(logits["artifact"], labels), 4)}
 
 
+@documented(ValidateOptions)
 def validate(
     artifact: str | os.PathLike[str],
     device: str | None = None,
-    data: str | os.PathLike[str] | None = None,
-    max_latency_ms: float | None = None,
+    options: ValidateOptions | None = None,
     *,
-    max_memory_mb: float | None = None,
-    budget_metric: str = "p50",
-    iterations: int = 100,
-    warmup: int = 10,
-    threads: int | None = None,
     write: bool = True,
     check: bool = True,
+    **kwargs: Any,
 ) -> ValidationReport:
     """Verify an artifact's files, measure its latency (and accuracy with ``data``), judge the budgets.
+
+    The latency budget is judged on ``budget_metric`` of the measurement on the device itself (a
+    profile calibrated on this machine); elsewhere on the latency predicted for the device, when the
+    model can be traced (else on the measurement here). The memory budget defaults to the profile's
+    model memory budget.
 
     Args:
         artifact: the artifact folder written by ``edgetl export``.
         device: the device profile (default: the one the artifact was exported for).
-        data: a folder of class folders (named like ``labels.json``) to measure top-1 on.
-        max_latency_ms: the latency budget. On the device itself (a profile calibrated on this
-            machine) it is judged on ``budget_metric`` of the measurement; elsewhere on the latency
-            predicted for the device, when the model can be traced (else on the measurement here).
-        max_memory_mb: the memory budget for the runtime with the model loaded (default: the
-            profile's model memory budget).
-        budget_metric: ``min``, ``p50``, ``p90`` or ``p99``.
-        iterations, warmup: timed and untimed inferences.
-        threads: ONNX Runtime intra-op threads (default: the calibrated profile's, else all cores).
+        options: what to measure and the budgets (:class:`~edgetl.options.ValidateOptions`); its fields
+            may also be given as keyword arguments (``validate(folder, max_latency_ms=30)``).
         write: write the report to ``ARTIFACT/validation.json``.
         check: raise :class:`BudgetExceededError` when a budget is missed (after writing the report).
 
@@ -195,88 +185,28 @@ def validate(
         ArtifactError: a missing or tampered file (checked before anything runs).
         BudgetExceededError: (with ``check``) a budget was missed.
     """
-    from edgetl.calibrate import is_this_machine
-    from edgetl.profiles import load_profile
-    from edgetl.runtime.bench import benchmark, peak_rss_mb, reset_peak_rss
-
-    if budget_metric not in BUDGET_METRICS:
-        raise ConfigError(f"unknown budget metric '{budget_metric}'; use one of {', '.join(BUDGET_METRICS)}")
-    if max_latency_ms is not None and max_latency_ms <= 0:
-        raise ConfigError(f"--max-latency-ms must be positive, got {max_latency_ms}")
-    if max_memory_mb is not None and max_memory_mb <= 0:
-        raise ConfigError(f"--max-memory-mb must be positive, got {max_memory_mb}")
-    if iterations < 1 or warmup < 0:
-        raise ConfigError("iterations must be >= 1 and warmup >= 0")
+    opts = resolve(ValidateOptions, options, kwargs, "validate()")
     folder = Path(artifact).expanduser()
     manifest = bundle.verify_files(folder)
     files = {name: rec["sha256"] for name, rec in manifest["files"].items()}
-
     profile = load_profile(device or manifest.get("device", {}).get("name") or "x86")
     here = is_this_machine(profile)
+    threads = opts.threads
     if threads is None and here and profile.calibrated:
         threads = profile.calibrated.get("threads")
-    notes: list[str] = []
-    if not here:
-        notes.append(
-            f"'{profile.name}' is not this machine: latency is measured here, and predicted for {profile.name}; "
-            "run `edgetl device calibrate` for a profile of this machine"
-        )
-    precision = str(manifest.get("precision"))
-    if not profile.supports(precision):
-        raise ProfileError(
-            f"the artifact is {precision}, which {profile.name} does not run (it supports "
-            f"{', '.join(profile.precisions)}); export for it with --device {profile.name}"
-        )
+    notes = [] if here else [
+        f"'{profile.name}' is not this machine: latency is measured here, and predicted for {profile.name}; "
+        "run `edgetl device calibrate` for a profile of this machine"
+    ]
+    precision = _check_precision(manifest, profile)
     runner, runtime, runner_notes = _runner(folder, profile.runtime, threads, files)
     notes += runner_notes
-    resolution = int((manifest.get("source") or {}).get("resolution") or manifest["onnx"]["input"]["shape"][-1])
-    shape = (1, 3, resolution, resolution)
-
-    rss_before = _vm_rss_mb()
-    reset_peak_rss()
-    result = benchmark(runner, shape=shape, iterations=iterations, warmup=warmup)
-    peak = peak_rss_mb()
-    memory_mb = None if rss_before is None else max(peak - rss_before, 0.0)
-
-    # Elsewhere than on the device, the device's predicted latency is the estimate of it: a fast
-    # workstation must not pass a budget the device would miss.
-    predicted = None if here else _predicted_ms(manifest, profile)
-    judge_predicted = predicted is not None
-    if not here and predicted is None:
-        notes.append(f"no latency prediction for {profile.name}: the budget is judged on the measurement here")
-    measured = float(getattr(result, budget_metric))
-    judged = predicted if judge_predicted else measured
-    latency: dict[str, Any] = {
-        "runtime": runtime,
-        "threads": threads,
-        "shape": list(shape),
-        **{f"{k}_ms": round(getattr(result, k), 4) for k in ("min", "p50", "p90", "p99", "mean")},
-        "cv": round(result.cv, 4),
-        "iterations": result.iterations,
-        "predicted_ms": None if predicted is None else round(predicted, 4),
-        "predicted_for": None if predicted is None else profile.name,
-        "budget_ms": max_latency_ms,
-        "budget_metric": f"predicted on {profile.name}" if judge_predicted else f"{budget_metric} measured here",
-        "judged_ms": round(judged, 4),
-        "pass": None if max_latency_ms is None else bool(judged <= max_latency_ms),
-    }
-    failures: list[str] = []
-    if latency["pass"] is False:
-        what = latency["budget_metric"]
-        failures.append(f"latency {judged:.4g} ms ({what}) exceeds the budget of {max_latency_ms:g} ms")
-
-    budget_mb = float(max_memory_mb if max_memory_mb is not None else profile.memory.model_budget_mb.value)
-    memory = {
-        "runtime_mb": None if memory_mb is None else round(memory_mb, 1),
-        "model_file_mb": round((folder / bundle.MODEL_FILE).stat().st_size / 2**20, 3),
-        "budget_mb": budget_mb,
-        "pass": None if memory_mb is None else bool(memory_mb <= budget_mb),
-    }
-    if memory["pass"] is False:
-        whose = "the" if max_memory_mb is not None else f"{profile.name}'s model"
-        failures.append(f"memory {memory_mb:.1f} MB exceeds {whose} budget of {budget_mb:g} MB")
-
-    accuracy = _accuracy(folder, data, threads) if data is not None else None
+    result, shape, memory_mb = _time(runner, manifest, opts)
+    latency = _latency_verdict(result, opts, manifest, profile, here, notes)
+    latency.update(runtime=runtime, threads=threads, shape=list(shape))
+    memory = _memory_verdict(memory_mb, folder, opts, profile)
+    failures = [f for f in (latency.pop("failure"), memory.pop("failure")) if f]
+    accuracy = _accuracy(folder, opts.data, threads) if opts.data is not None else None
     report = ValidationReport(
         artifact=folder, device=profile.name, runtime=runtime, this_machine=here,
         precision=precision, hashes_ok=True, files=files, latency=latency, memory=memory,
@@ -288,3 +218,66 @@ def validate(
     if check:
         report.raise_for_budget()
     return report
+
+
+def _check_precision(manifest: dict[str, Any], profile: DeviceProfile) -> str:
+    precision = str(manifest.get("precision"))
+    if not profile.supports(precision):
+        raise ProfileError(
+            f"the artifact is {precision}, which {profile.name} does not run (it supports "
+            f"{', '.join(profile.precisions)}); export for it with --device {profile.name}"
+        )
+    return precision
+
+
+def _time(runner: Any, manifest: dict[str, Any], opts: ValidateOptions) -> tuple[Any, tuple[int, ...], float | None]:
+    """Time the model at batch 1; also return the memory the runtime took with the model loaded."""
+    resolution = int((manifest.get("source") or {}).get("resolution") or manifest["onnx"]["input"]["shape"][-1])
+    shape = (1, 3, resolution, resolution)
+    rss_before = _vm_rss_mb()
+    reset_peak_rss()
+    result = benchmark(runner, shape=shape, iterations=opts.iterations, warmup=opts.warmup)
+    peak = peak_rss_mb()
+    return result, shape, None if rss_before is None else max(peak - rss_before, 0.0)
+
+
+def _latency_verdict(result: Any, opts: ValidateOptions, manifest: dict[str, Any], profile: DeviceProfile,
+                     here: bool, notes: list[str]) -> dict[str, Any]:
+    # Elsewhere than on the device, the device's predicted latency is the estimate of it: a fast
+    # workstation must not pass a budget the device would miss.
+    predicted = None if here else _predicted_ms(manifest, profile)
+    if not here and predicted is None:
+        notes.append(f"no latency prediction for {profile.name}: the budget is judged on the measurement here")
+    judged = predicted if predicted is not None else float(getattr(result, opts.budget_metric))
+    budget = opts.max_latency_ms
+    metric = f"predicted on {profile.name}" if predicted is not None else f"{opts.budget_metric} measured here"
+    passed = None if budget is None else bool(judged <= budget)
+    return {
+        **{f"{k}_ms": round(getattr(result, k), 4) for k in ("min", "p50", "p90", "p99", "mean")},
+        "cv": round(result.cv, 4),
+        "iterations": result.iterations,
+        "predicted_ms": None if predicted is None else round(predicted, 4),
+        "predicted_for": None if predicted is None else profile.name,
+        "budget_ms": budget,
+        "budget_metric": metric,
+        "judged_ms": round(judged, 4),
+        "pass": passed,
+        "failure": f"latency {judged:.4g} ms ({metric}) exceeds the budget of {budget:g} ms" if passed is False
+        else None,
+    }
+
+
+def _memory_verdict(memory_mb: float | None, folder: Path, opts: ValidateOptions,
+                    profile: DeviceProfile) -> dict[str, Any]:
+    given = opts.max_memory_mb
+    budget_mb = float(given if given is not None else profile.memory.model_budget_mb.value)
+    passed = None if memory_mb is None else bool(memory_mb <= budget_mb)
+    whose = "the" if given is not None else f"{profile.name}'s model"
+    return {
+        "runtime_mb": None if memory_mb is None else round(memory_mb, 1),
+        "model_file_mb": round((folder / bundle.MODEL_FILE).stat().st_size / 2**20, 3),
+        "budget_mb": budget_mb,
+        "pass": passed,
+        "failure": f"memory {memory_mb:.1f} MB exceeds {whose} budget of {budget_mb:g} MB" if passed is False
+        else None,
+    }

@@ -17,8 +17,9 @@ from edgetl.export import api as export_api
 from edgetl.export import quantize
 from edgetl.export.api import export
 from edgetl.finetune.api import finetune
+from edgetl.options import EXPORT_PRECISIONS
 
-FAST = dict(bench_rounds=3, device="x86")
+FAST = dict(rounds=3, device="x86")
 LAYOUT = {"model.onnx", "labels.json", "preprocess.json", "manifest.json"}
 
 
@@ -134,7 +135,7 @@ def test_auto_picks_a_candidate_within_budget(run_dir, tmp_path):
 
 @pytest.mark.slow
 def test_fp16_keeps_float32_io(run_dir, tmp_path):
-    artifact = export(run_dir, tmp_path / "fp16", precision="fp16", device="jetson-orin-nano", bench_rounds=3)
+    artifact = export(run_dir, tmp_path / "fp16", precision="fp16", device="jetson-orin-nano", rounds=3)
     model = onnx.load(str(artifact.path / "model.onnx"))
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
@@ -200,15 +201,14 @@ def test_accuracy_drop_over_budget_exits_3_with_the_artifact_written(run_dir, tm
 
 
 def test_failed_export_leaves_nothing_and_keeps_an_existing_folder(run_dir, tmp_path, monkeypatch):
-    from edgetl.export import onnx as onnx_export
 
-    real = onnx_export.export_onnx
+    real = export_api.export_onnx
 
     def export_then_fail(model, path, *args, **kwargs):
         real(model, path, *args, **kwargs)  # the staging folder now holds a real ONNX file
         raise ExportError("export failed (injected)")
 
-    monkeypatch.setattr(onnx_export, "export_onnx", export_then_fail)
+    monkeypatch.setattr(export_api, "export_onnx", export_then_fail)
     out = tmp_path / "new"
     with pytest.raises(ExportError, match="injected"):
         export(run_dir, out, precision="fp32", simplify=False, **FAST)
@@ -255,7 +255,7 @@ def test_tensorrt_missing_exits_1_with_the_trtexec_hint(run_dir, tmp_path):
 @pytest.mark.tensorrt
 def test_tensorrt_engine_build(run_dir, tmp_path):
     artifact = export(run_dir, tmp_path / "trt", precision="fp16", device="jetson-orin-nano", tensorrt=True,
-                      bench_rounds=3)
+                      rounds=3)
     assert (artifact.path / "model.engine").stat().st_size > 0
     info = artifact.manifest["tensorrt"]
     assert info["precision"] == "fp16" and info["tensorrt_version"] and "." in info["compute_capability"]
@@ -267,7 +267,7 @@ def test_catalog_model_needs_weights_and_exports_imagenet_labels(tmp_path):
     with pytest.raises(ConfigError, match="--weights imagenet"):
         export("resnet18", tmp_path / "x", precision="fp32")
     artifact = export("resnet18", tmp_path / "cat", precision="fp32", weights="none", resolution=32,
-                      bench_rounds=2, simplify=False)
+                      rounds=2, simplify=False)
     labels = json.loads((artifact.path / "labels.json").read_text())
     assert len(labels) == 1000 and labels[0] == "tench"
     assert artifact.accuracy["measured"] is False and artifact.manifest["parity"]["passed"]
@@ -284,7 +284,7 @@ def test_bad_options_fail_before_any_work(run_dir, tmp_path):
     with pytest.raises(ProfileError, match="int8"):
         export(run_dir, tmp_path / "a", precision="int8", device="jetson-nano")
     assert not (tmp_path / "a").exists()
-    assert export_api.PRECISIONS == ("fp32", "fp16", "int8", "auto")
+    assert EXPORT_PRECISIONS == ("fp32", "fp16", "int8", "auto")
 
 
 @pytest.mark.slow
@@ -322,7 +322,7 @@ def test_unlabelled_int8_must_agree_with_fp32(tmp_path, monkeypatch):
 
     monkeypatch.setattr(quantize, "quantize_int8_static", broken)
     artifact = export("resnet18", tmp_path / "auto", precision="auto", weights="none", resolution=32,
-                      calib_data=calib, simplify=False, **FAST)
+                      calibration={"data": calib}, simplify=False, **FAST)
     int8 = next(c for c in artifact.candidates if c["precision"] == "int8")
     assert artifact.precision == "fp32"
     assert int8["parity"]["inputs"] == "calibration images" and int8["parity"]["min_top1_agreement"] == 0.99
@@ -330,6 +330,6 @@ def test_unlabelled_int8_must_agree_with_fp32(tmp_path, monkeypatch):
 
     with pytest.raises(BudgetExceededError, match=r"agrees with PyTorch on 0\.0% of the calibration images"):
         export("resnet18", tmp_path / "int8", precision="int8", weights="none", resolution=32,
-               calib_data=calib, simplify=False, **FAST)
+               calibration={"data": calib}, simplify=False, **FAST)
     manifest = json.loads((tmp_path / "int8" / "manifest.json").read_text())  # written for inspection
     assert manifest["status"] == "failed" and manifest["accuracy"]["pass"] is False

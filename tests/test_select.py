@@ -5,7 +5,7 @@ from click.testing import CliRunner
 
 import edgetl
 from edgetl.cli import cli
-from edgetl.errors import ConstraintError, ProfileError, UnknownNameError
+from edgetl.errors import ConfigError, ConstraintError, ProfileError, UnknownNameError
 from edgetl.select import JSON_KEYS, select
 
 SMALL = "resnet*"  # keeps the tests to a few traces
@@ -62,7 +62,7 @@ def test_unknown_device_suggests():
 
 @pytest.mark.parametrize("kwargs", [{"max_latency_ms": -1}, {"min_accuracy": 120}, {"batch": 0}])
 def test_invalid_constraints(kwargs):
-    with pytest.raises(ConstraintError):
+    with pytest.raises(ConfigError):
         select(device="jetson", models=SMALL, **kwargs)
 
 

@@ -20,7 +20,7 @@ FAST = ["--iterations", "5", "--warmup", "1"]
 def artifact(tmp_path_factory):
     """resnet18's ImageNet classifier with random weights at 32 px, exported in FP32."""
     out = tmp_path_factory.mktemp("validate") / "artifact"
-    return export("resnet18", out, precision="fp32", weights="none", resolution=32, bench_rounds=2, simplify=False)
+    return export("resnet18", out, precision="fp32", weights="none", resolution=32, rounds=2, simplify=False)
 
 
 @pytest.fixture

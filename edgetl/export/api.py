@@ -22,8 +22,9 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -32,19 +33,41 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+import edgetl
+from edgetl.calibrate import is_this_machine
+from edgetl.catalog import ModelCard, Preprocess, get_card
+from edgetl.cost import trace_model
 from edgetl.errors import BudgetExceededError, ConfigError, ExportError
-from edgetl.export import bundle
-from edgetl.export.evaluate import EvalSet, Record
+from edgetl.export import bundle, quantize
+from edgetl.export.evaluate import (
+    EvalSet,
+    Record,
+    agreement,
+    collect_logits,
+    folder_calibration_records,
+    folder_eval_set,
+    image_batches,
+    random_batches,
+    run_eval_set,
+    run_train_records,
+    stratified_sample,
+    top1,
+)
+from edgetl.export.onnx import export_onnx
+from edgetl.export.tensorrt import build_tensorrt_engine, engine_precision, require_tensorrt
+from edgetl.finetune.model import load_trained_model
+from edgetl.options import ExportOptions, documented, resolve
+from edgetl.predict import predict_latency
+from edgetl.profiles import DeviceProfile, load_profile
+from edgetl.runtime.bench import benchmark_interleaved
+from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
+from edgetl.weights import load_model
 
 if TYPE_CHECKING:
     import torch
 
-    from edgetl.catalog import ModelCard, Preprocess
-    from edgetl.profiles import DeviceProfile
-
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8", "auto")
 FP32_ATOL = 1e-4
 FP16_RTOL = 1e-2
 FP16_ATOL = 1e-3
@@ -149,41 +172,16 @@ class _Candidate:
 # --- options and source --------------------------------------------------------------------------
 
 
-def _check_options(precision: str, calib_method: str, max_accuracy_drop: float, opset: int,
-                   calib_size: int, bench_rounds: int, exclude_op_types: Sequence[str], int8_mode: str) -> None:
-    from edgetl.export.quantize import CALIB_METHODS, INT8_MODES, _check_exclude
-
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
-    if calib_method not in CALIB_METHODS:
-        raise ConfigError(f"unknown calibration method '{calib_method}'; use one of {', '.join(CALIB_METHODS)}")
-    if int8_mode not in INT8_MODES:
-        raise ConfigError(f"unknown INT8 mode '{int8_mode}'; use one of {', '.join(INT8_MODES)}")
-    if max_accuracy_drop < 0:
-        raise ConfigError(f"--max-accuracy-drop is in points and must be >= 0, got {max_accuracy_drop}")
-    if not 7 <= opset <= 25:
-        raise ConfigError(f"opset {opset} is out of range; 17 is safe for ONNX Runtime and TensorRT 8.6+")
-    if calib_size < 1:
-        raise ConfigError(f"--calib-size must be at least 1, got {calib_size}")
-    if bench_rounds < 1:
-        raise ConfigError(f"bench rounds must be at least 1, got {bench_rounds}")
-    _check_exclude(exclude_op_types)
-
-
 def _is_run_dir(source: str | os.PathLike[str]) -> bool:
     return Path(source).expanduser().exists()
 
 
 def _load_source(source: str | os.PathLike[str], weights: str | None, weights_dir: str | os.PathLike[str] | None,
                  resolution: int | None, data: str | os.PathLike[str] | None) -> _Source:
-    from edgetl.catalog import get_card
-    from edgetl.export.evaluate import folder_eval_set, run_eval_set, run_train_records
 
     if _is_run_dir(source):
         if weights is not None:
             raise ConfigError(f"{source} is a run folder: it has its own weights; drop --weights")
-        from edgetl.finetune.api import load_trained_model
-
         trained = load_trained_model(source, device="cpu")
         if resolution is not None and resolution != trained.resolution:
             raise ConfigError(
@@ -214,8 +212,6 @@ def _load_source(source: str | os.PathLike[str], weights: str | None, weights_di
             f"'{source}' is not a run folder; to export the ImageNet classifier {card.name} itself, "
             "pass --weights imagenet (or a state_dict PATH, or none for random weights)"
         )
-    from edgetl.weights import load_model
-
     card = get_card(str(source))
     res = int(resolution or card.resolution)
     if res < max(card.min_size):
@@ -251,8 +247,6 @@ def _fast_fp16(profile: DeviceProfile) -> bool:
 
 
 def _versions() -> dict[str, str | None]:
-    import edgetl
-
     versions: dict[str, str | None] = {"edgetl": edgetl.__version__, "python": platform.python_version()}
     for pkg in ("torch", "torchvision", "onnx", "onnxruntime", "onnxslim"):
         try:
@@ -267,8 +261,6 @@ def _versions() -> dict[str, str | None]:
 
 def _calibration(src: _Source, calib_data: str | os.PathLike[str] | None, calib_size: int,
                  seed: int) -> tuple[list[Record], str] | None:
-    from edgetl.export.evaluate import folder_calibration_records, stratified_sample
-
     if calib_data is not None:
         records, where = folder_calibration_records(calib_data), str(calib_data)
     elif src.train_records:
@@ -279,71 +271,77 @@ def _calibration(src: _Source, calib_data: str | os.PathLike[str] | None, calib_
     return sample, f"{len(sample)} of {len(records)} {where} (stratified, eval transform)"
 
 
-def _build_candidates(src: _Source, fp32_path: Path, work: Path, wanted: list[str], profile: DeviceProfile,
-                      int8_mode: str, calib: tuple[list[Record], str] | None, calib_method: str,
-                      exclude_op_types: Sequence[str], explicit: bool, say: Callable[[str], None],
-                      skipped: list[str], calib_given: bool = False) -> list[_Candidate]:
-    from edgetl.export import quantize
-    from edgetl.export.evaluate import image_batches
-
+def _build_candidates(src: _Source, fp32_path: Path, work: Path, job: _Job,
+                      calib: tuple[list[Record], str] | None) -> list[_Candidate]:
     candidates = [_Candidate("fp32", fp32_path, "fp32")]
-    if "fp16" in wanted:
-        say("converting to FP16")
+    if "fp16" in job.wanted:
+        job.say("converting to FP16")
         report = quantize.convert_fp16(fp32_path, work / "fp16.onnx")
         candidates.append(_Candidate("fp16", report.path, "fp16", quant=report.to_dict()))
-    if "int8" in wanted:
-        mode = quantize.resolve_int8_mode(int8_mode, fp32_path)
-        if profile.runtime == "tensorrt" and mode == "dynamic":
-            if int8_mode == "dynamic":
-                raise ConfigError(
-                    f"{profile.name} runs TensorRT, whose ONNX parser takes INT8 only as Q/DQ pairs, not dynamic "
-                    "quantization (MatMulInteger); use --int8-mode static"
-                )
-            mode = "static"  # a linear-heavy model still gets QDQ for TensorRT
-        if calib_given and mode == "dynamic":
-            if int8_mode == "dynamic":
-                raise ConfigError("--calib-data calibrates static INT8, and --int8-mode dynamic needs none; "
-                                  "drop one of them")
-            say("calibration images given: static INT8 for this linear-heavy model")
-            mode = "static"
-        reduce_range = _reduce_range(profile)
-        if mode == "static" and calib is None:
-            msg = ("static INT8 needs calibration images and a catalog model has no training split: "
-                   "pass --calib-data DIR")
-            if explicit:
-                raise ConfigError(msg)
-            log.warning("skipping the INT8 candidate: %s", msg)
-            skipped.append(f"int8: {msg}")
-        elif mode == "static":
-            records, where = calib
-            say(f"calibrating INT8 ({calib_method}) on {len(records)} images")
-            batches = (x for x, _ in image_batches(records, src.preprocess, src.resolution, batch_size=16))
-            report = quantize.quantize_int8_static(
-                fp32_path, work / "int8.onnx", batches, calib_method=calib_method, per_channel=True,
-                reduce_range=reduce_range, symmetric_activations=profile.runtime == "tensorrt",
-                exclude_op_types=exclude_op_types,
-            )
-            quant = {**report.to_dict(), "calibration_data": where}
-            candidates.append(_Candidate("int8", report.path, "static", quant=quant))
-        else:
-            say("quantizing INT8 (dynamic)")
-            report = quantize.quantize_int8_dynamic(
-                fp32_path, work / "int8.onnx", reduce_range=reduce_range, exclude_op_types=exclude_op_types,
-            )
-            candidates.append(_Candidate("int8", report.path, "dynamic", quant=report.to_dict()))
+    if "int8" in job.wanted:
+        int8 = _int8_candidate(src, fp32_path, work, job, calib)
+        if int8 is not None:
+            candidates.append(int8)
     for c in candidates:
         if c.quant:
             c.quant.pop("path", None)
     return candidates
 
 
+def _int8_mode(job: _Job, fp32_path: Path) -> str:
+    """The INT8 mode asked for, adjusted to the device and the calibration data (or an error)."""
+    asked, profile = job.opts.int8_mode, job.profile
+    mode = quantize.resolve_int8_mode(asked, fp32_path)
+    if profile.runtime == "tensorrt" and mode == "dynamic":
+        if asked == "dynamic":
+            raise ConfigError(
+                f"{profile.name} runs TensorRT, whose ONNX parser takes INT8 only as Q/DQ pairs, not dynamic "
+                "quantization (MatMulInteger); use --int8-mode static"
+            )
+        mode = "static"  # a linear-heavy model still gets QDQ for TensorRT
+    if job.opts.calibration.data is not None and mode == "dynamic":
+        if asked == "dynamic":
+            raise ConfigError("--calib-data calibrates static INT8, and --int8-mode dynamic needs none; "
+                              "drop one of them")
+        job.say("calibration images given: static INT8 for this linear-heavy model")
+        mode = "static"
+    return mode
+
+
+def _int8_candidate(src: _Source, fp32_path: Path, work: Path, job: _Job,
+                    calib: tuple[list[Record], str] | None) -> _Candidate | None:
+    mode, opts = _int8_mode(job, fp32_path), job.opts
+    reduce_range = _reduce_range(job.profile)
+    if mode == "static" and calib is None:
+        msg = ("static INT8 needs calibration images and a catalog model has no training split: "
+               "pass --calib-data DIR")
+        if opts.precision != "auto":
+            raise ConfigError(msg)
+        log.warning("skipping the INT8 candidate: %s", msg)
+        job.skipped.append(f"int8: {msg}")
+        return None
+    if mode == "dynamic":
+        job.say("quantizing INT8 (dynamic)")
+        report = quantize.quantize_int8_dynamic(
+            fp32_path, work / "int8.onnx", reduce_range=reduce_range, exclude_op_types=opts.exclude_op_types,
+        )
+        return _Candidate("int8", report.path, "dynamic", quant=report.to_dict())
+    records, where = calib
+    method = opts.calibration.method
+    job.say(f"calibrating INT8 ({method}) on {len(records)} images")
+    batches = (x for x, _ in image_batches(records, src.preprocess, src.resolution, batch_size=16))
+    report = quantize.quantize_int8_static(
+        fp32_path, work / "int8.onnx", batches, calib_method=method, per_channel=True,
+        reduce_range=reduce_range, symmetric_activations=job.profile.runtime == "tensorrt",
+        exclude_op_types=opts.exclude_op_types,
+    )
+    return _Candidate("int8", report.path, "static", quant={**report.to_dict(), "calibration_data": where})
+
+
 def _evaluate(src: _Source, candidates: list[_Candidate], threads: int | None, max_drop: float,
               calib: tuple[list[Record], str] | None, say: Callable[[str], None]) -> dict[str, Any]:
     """Parity with torch and accuracy of every candidate on the evaluation images (decoded once)."""
-    import torch
-
-    from edgetl.export.evaluate import agreement, collect_logits, image_batches, random_batches, top1
-    from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
+    import torch  # deferred: torch is heavy, and only the evaluation step runs the PyTorch model
 
     if src.eval_set is not None and len(src.eval_set):
         say(f"evaluating on {len(src.eval_set)} images ({src.eval_set.source})")
@@ -418,7 +416,6 @@ def _evaluate(src: _Source, candidates: list[_Candidate], threads: int | None, m
 
 def _measure(candidates: list[_Candidate], resolution: int, threads: int | None, rounds: int,
              say: Callable[[str], None]) -> None:
-    from edgetl.runtime.bench import benchmark_interleaved
     from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 
     live = [c for c in candidates if c.rejected is None or c.precision == "fp32"]
@@ -437,9 +434,6 @@ def _measure(candidates: list[_Candidate], resolution: int, threads: int | None,
 
 
 def _predict(card: ModelCard, resolution: int, profile: DeviceProfile, precision: str) -> float | None:
-    from edgetl.cost import trace_model
-    from edgetl.predict import predict_latency
-
     if not profile.supports(precision):
         return None
     try:
@@ -477,66 +471,77 @@ def _choose(candidates: list[_Candidate], rank_by: str, max_drop: float) -> _Can
 # --- the API -------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Job:
+    """One export: the options, the target and where the artifact goes."""
+
+    opts: ExportOptions
+    profile: DeviceProfile
+    out_path: Path
+    progress: Callable[[str], None] | None
+    threads: int | None = None
+    skipped: list[str] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
+
+    def say(self, message: str) -> None:
+        log.info(message)
+        if self.progress is not None:
+            self.progress(message)
+
+    @property
+    def wanted(self) -> list[str]:
+        """The precisions to build: the one asked for, or under auto every one the device runs."""
+        if self.opts.precision != "auto":
+            return [self.opts.precision]
+        fp16 = ["fp16"] if _fast_fp16(self.profile) else []
+        return ["fp32", *fp16, *(["int8"] if self.profile.supports("int8") else [])]
+
+    @property
+    def rank_by(self) -> str:
+        return "measured" if self.profile.runtime == "onnxruntime" else "predicted"
+
+
+@dataclass
+class _Verdict:
+    """The shipped candidate judged against the budgets."""
+
+    accuracy: dict[str, Any]
+    latency: dict[str, Any]
+    here: bool
+    failures: list[str]
+
+
+@documented(ExportOptions)
 def export(
-    run_dir: str | os.PathLike[str],
+    source: str | os.PathLike[str],
     out: str | os.PathLike[str],
-    precision: str = "auto",
-    device: str = "x86",
+    options: ExportOptions | None = None,
     *,
+    device: str = "x86",
     weights: str | None = None,
     weights_dir: str | os.PathLike[str] | None = None,
     resolution: int | None = None,
     data: str | os.PathLike[str] | None = None,
-    calib_data: str | os.PathLike[str] | None = None,
-    calib_method: str = "minmax",
-    calib_size: int = 200,
-    int8_mode: str = "auto",
-    exclude_op_types: Sequence[str] = (),
-    opset: int = 17,
-    simplify: bool = True,
-    tensorrt: bool = False,
-    c_header: bool = False,
-    max_accuracy_drop: float = 1.0,
-    max_latency_ms: float | None = None,
-    threads: int | None = None,
-    bench_rounds: int = 60,
     force: bool = False,
     check: bool = True,
-    seed: int = 0,
     candidates_dir: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    **kwargs: Any,
 ) -> Artifact:
     """Export a fine-tuned run (or a catalog classifier) to an artifact folder.
 
     Args:
-        run_dir: the ``--out`` folder of ``edgetl finetune``, or a catalog name together with ``weights``.
+        source: the ``--out`` folder of ``edgetl finetune``, or a catalog name together with ``weights``.
         out: the artifact folder to write.
-        precision: ``fp32``, ``fp16``, ``int8`` or ``auto`` (build the candidates the device can run,
-            ship the fastest one within the accuracy budget).
+        options: how to build and judge it (:class:`~edgetl.options.ExportOptions`); its fields may also
+            be given as keyword arguments (``export(run, out, precision="int8")``).
         device: the target device profile (name, alias or YAML path).
         weights: for a catalog name: ``imagenet``, a state_dict PATH, or ``none`` (random, for timing).
-        weights_dir: offline folder of torchvision weights files (default ``$EDGETL_WEIGHTS_DIR``).
+        weights_dir: offline folder of pretrained weights files (default ``$EDGETL_WEIGHTS_DIR``).
         resolution: input size for a catalog model (default: its own); a run keeps its training size.
         data: a folder of class folders to measure accuracy on, instead of the run's validation split.
-        calib_data: a folder of images to calibrate INT8 on (default: a stratified sample of the
-            run's training images).
-        calib_method: ``minmax``, ``entropy`` or ``percentile``.
-        calib_size: calibration images.
-        int8_mode: ``auto`` (dynamic for linear-heavy models, unless ``calib_data`` is given or the
-            device runs TensorRT; else static), ``static`` or ``dynamic``.
-        exclude_op_types: op types to keep in float when quantizing (e.g. ``["Add"]``).
-        opset: the ONNX opset.
-        simplify: simplify the graph with onnxslim (takes ~40 s on a ViT-B; seconds on CNNs).
-        tensorrt: also build ``model.engine`` here (needs TensorRT and the target's GPU).
-        c_header: also write ``model_data.h`` (the ONNX bytes as a C array).
-        max_accuracy_drop: the largest allowed top-1 drop from FP32, in points.
-        max_latency_ms: a latency budget (judged on the p50 measured here, or on the prediction for
-            a TensorRT device measured without TensorRT).
-        threads: ONNX Runtime intra-op threads for measuring (default: all cores).
-        bench_rounds: timed runs per candidate (interleaved, in blocks of 3).
         force: replace an existing ``out`` (swapped atomically).
         check: raise :class:`BudgetExceededError` when a budget is missed (after writing the artifact).
-        seed: seed of the calibration sample.
         candidates_dir: also copy every candidate's ONNX file here (``fp32.onnx``, ``int8.onnx``...), outside
             the artifact, e.g. to compare them (``tools/bench/export_speed.py`` does).
         progress: called with a short message at each step.
@@ -550,179 +555,200 @@ def export(
         ExportError, ConfigError, CheckpointError, DataError, ProfileError, BackendUnavailableError:
             the export failed; nothing is left at ``out`` (an existing folder is left intact).
     """
-    from edgetl.calibrate import is_this_machine
-    from edgetl.export.onnx import export_onnx
-    from edgetl.export.tensorrt import engine_precision, require_tensorrt
-    from edgetl.profiles import load_profile
-
-    start = time.perf_counter()
-
-    def say(message: str) -> None:
-        log.info(message)
-        if progress is not None:
-            progress(message)
-
-    _check_options(precision, calib_method, max_accuracy_drop, opset, calib_size, bench_rounds, exclude_op_types,
-                   int8_mode)
-    profile = load_profile(device)
-    if precision != "auto":
-        profile.check_precision(precision)
-    out_path = bundle.check_destination(out, force)
-    bundle.check_not_inside(out_path, {"the run": run_dir if _is_run_dir(run_dir) else None, "--data": data,
-                                       "--calib-data": calib_data})
-    say("loading the model")
-    src = _load_source(run_dir, weights, weights_dir, resolution, data)
-    if tensorrt:
-        guess = precision if precision != "auto" else ("fp16" if "fp16" in profile.precisions else "fp32")
-        require_tensorrt(guess, src.resolution, out_path)
-    if threads is None and is_this_machine(profile) and profile.calibrated:
-        threads = profile.calibrated.get("threads")
-
-    if precision == "auto":
-        wanted = ["fp32"] + (["fp16"] if _fast_fp16(profile) else []) + (["int8"] if profile.supports("int8") else [])
-    else:
-        wanted = [precision]
-    calib = _calibration(src, calib_data, calib_size, seed) if "int8" in wanted else None
-
-    with bundle.staging_dir(out_path) as stage:
+    opts = resolve(ExportOptions, options, kwargs, "export()")
+    job = _start(source, out, opts, device, data, force, progress)
+    job.say("loading the model")
+    src = _load_source(source, weights, weights_dir, resolution, data)
+    if opts.tensorrt:
+        guess = opts.precision if opts.precision != "auto" else ("fp16" if "fp16" in job.profile.precisions
+                                                                 else "fp32")
+        require_tensorrt(guess, src.resolution, job.out_path)
+    with bundle.staging_dir(job.out_path) as stage:
         work = stage / ".work"
         work.mkdir()
-        skipped: list[str] = []
-        say(f"exporting {src.card.name} to ONNX (opset {opset})")
-        onnx_report = export_onnx(src.model, work / "fp32.onnx", resolution=src.resolution, opset=opset,
-                                  dynamic_batch=True, check=True, simplify=simplify)
-        candidates = _build_candidates(src, onnx_report.path, work, wanted, profile, int8_mode, calib, calib_method,
-                                       exclude_op_types, precision != "auto", say, skipped,
-                                       calib_given=calib_data is not None)
-        evaluation = _evaluate(src, candidates, threads, max_accuracy_drop, calib, say)
-        fp32 = candidates[0]
-        if not fp32.parity["passed"]:
-            p = fp32.parity
-            raise ExportError(
-                f"the FP32 ONNX model does not reproduce PyTorch: max |diff| {p['max_abs_diff']:.3g} "
-                f"(limit {FP32_ATOL:g}), top-1 agreement {100 * p['top1_agreement']:.1f}% (need 100%)"
-            )
-        if precision != "auto":
-            candidates = [c for c in candidates if c.precision in ("fp32", precision)]
-        if precision == "fp16" and not candidates[-1].parity["passed"]:
-            p = candidates[-1].parity
-            raise ExportError(
-                f"the FP16 model differs from PyTorch by {p['max_abs_diff']:.3g} (> {p['atol']:.3g}); "
-                "export in fp32 or int8"
-            )
-
-        rank_by = "measured" if profile.runtime == "onnxruntime" else "predicted"
-        for c in candidates:
-            c.predicted_ms = _predict(src.card, src.resolution, profile, c.precision)
-        _measure(candidates, src.resolution, threads, bench_rounds, say)
-        if precision == "auto":
-            chosen = _choose(candidates, rank_by, max_accuracy_drop)
-        else:
-            chosen = next(c for c in candidates if c.precision == precision)
-            chosen.chosen = True
-            for c in candidates:
-                if not c.chosen:
-                    c.note = "reference (not shipped)"
-
-        failures: list[str] = []
-        accuracy = _accuracy_section(chosen, evaluation, max_accuracy_drop)
-        if accuracy.get("pass") is False and not accuracy["measured"]:
-            failures.append(
-                f"{chosen.precision} agrees with PyTorch on {100 * accuracy['top1_agreement']:.1f}% of the "
-                f"{accuracy['inputs']}, below the {100 * accuracy['min_top1_agreement']:.1f}% that keeps the drop "
-                f"within {max_accuracy_drop:g} pts; pass --data DIR to measure the drop itself"
-            )
-        elif accuracy.get("pass") is False:
-            failures.append(
-                f"accuracy drop {accuracy['drop_pts']:.2f} pts (fp32 {accuracy['fp32_top1']:.2f}% -> "
-                f"{chosen.precision} {accuracy['top1']:.2f}%) exceeds the budget of {max_accuracy_drop:g} pts"
-            )
-        here = is_this_machine(profile)
-        latency = _latency_section(chosen, profile, here, rank_by, threads, max_latency_ms)
-        if latency["pass"] is False:
-            failures.append(
-                f"latency {latency['judged_ms']:.3f} ms ({latency['judged_on']}) exceeds the budget of "
-                f"{max_latency_ms:g} ms"
-            )
-
-        say("writing the artifact")
-        bundle.copy_file(chosen.path, stage / bundle.MODEL_FILE)
-        bundle.write_labels(stage, src.classes)
-        bundle.write_preprocess(stage, src.preprocess, src.resolution)
-        engine_info = None
-        if tensorrt:
-            from edgetl.export.tensorrt import build_tensorrt_engine
-
-            eng_precision = engine_precision(chosen.precision, chosen.mode, list(profile.precisions))
-            say(f"building a {eng_precision} TensorRT engine (minutes)")
-            onnx_for_engine = chosen.path if eng_precision == "int8" else fp32.path
-            engine_info = build_tensorrt_engine(onnx_for_engine, stage / bundle.ENGINE_FILE, eng_precision)
-        in_shape = onnx_report.input_shapes["input"]
-        out_shape = onnx_report.output_shapes["logits"]
-        if c_header:
-            bundle.write_c_header(stage, stage / bundle.MODEL_FILE, in_shape, out_shape, len(src.classes),
-                                  chosen.precision, src.card.name)
-        manifest = {
-            "format": bundle.ARTIFACT_FORMAT,
-            "version": bundle.ARTIFACT_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": {**_versions(), "tensorrt": engine_info["tensorrt_version"] if engine_info else None},
-            "source": {**src.description, "resolution": src.resolution, "num_classes": len(src.classes)},
-            "precision": chosen.precision,
-            "requested_precision": precision,
-            "onnx": {
-                "opset": onnx_report.opset,
-                "exporter": onnx_report.exporter,
-                "nodes_before_simplify": onnx_report.nodes_exported,
-                "nodes_after_simplify": onnx_report.nodes,
-                "simplified": onnx_report.simplified,
-                "simplify_error": onnx_report.simplify_error,
-                "input": {"name": "input", "shape": in_shape, "dtype": "float32", "layout": "NCHW"},
-                "output": {"name": "logits", "shape": out_shape, "dtype": "float32"},
-                "dynamic_batch": onnx_report.dynamic_batch,
-                "nodes": sum(chosen.quant["op_counts"].values()) if chosen.quant else onnx_report.nodes,
-            },
-            "quantization": chosen.quant,
-            "device": {
-                "name": profile.name,
-                "runtime": profile.runtime,
-                "precisions": list(profile.precisions),
-                "this_machine": here,
-                "reduce_range": _reduce_range(profile) if chosen.precision == "int8" else None,
-            },
-            "parity": chosen.parity,
-            "accuracy": accuracy,
-            "latency": latency,
-            "candidates": [c.to_dict() for c in candidates],
-            "selection": {
-                "rule": ("fastest candidate within the accuracy budget; a lower precision must be at least "
-                         f"{100 * SPEED_MARGIN:.0f}% faster on both the minimum and the 25th percentile")
-                if precision == "auto" else f"precision {precision} was requested",
-                "ranked_on": "min and p25 latency measured here" if rank_by == "measured"
-                else f"latency predicted on {profile.name} (no {profile.runtime} here)",
-                "skipped": skipped,
-            },
-            "tensorrt": engine_info,
-            "status": "failed" if failures else "passed",
-            "failures": failures,
-            "export_seconds": round(time.perf_counter() - start, 2),
-        }
-        import shutil
-
+        onnx_report, candidates, evaluation = _candidates(job, src, work)
+        chosen = _decide(job, src, candidates)
+        verdict = _judge(job, chosen, evaluation)
+        job.say("writing the artifact")
+        manifest = _write_artifact(job, src, stage, onnx_report, candidates, chosen, verdict)
         if candidates_dir is not None:
             for c in candidates:
                 bundle.copy_file(c.path, Path(candidates_dir) / f"{c.precision}.onnx")
         shutil.rmtree(work)
         manifest = bundle.write_manifest(stage, manifest)
-        bundle.publish(stage, out_path, force)
+        bundle.publish(stage, job.out_path, force)
+    return _finish(job, manifest, chosen, verdict, check)
 
+
+def _start(source: str | os.PathLike[str], out: str | os.PathLike[str], opts: ExportOptions, device: str,
+           data: str | os.PathLike[str] | None, force: bool, progress: Callable[[str], None] | None) -> _Job:
+    """Check everything that can be checked before any work: options, device, destination."""
+    quantize._check_exclude(opts.exclude_op_types)
+    profile = load_profile(device)
+    if opts.precision != "auto":
+        profile.check_precision(opts.precision)
+    out_path = bundle.check_destination(out, force)
+    bundle.check_not_inside(out_path, {"the run": source if _is_run_dir(source) else None, "--data": data,
+                                       "--calib-data": opts.calibration.data})
+    job = _Job(opts, profile, out_path, progress, threads=opts.threads)
+    if job.threads is None and is_this_machine(profile) and profile.calibrated:
+        job.threads = profile.calibrated.get("threads")
+    return job
+
+
+def _candidates(job: _Job, src: _Source, work: Path) -> tuple[Any, list[_Candidate], dict[str, Any]]:
+    """Export FP32 ONNX, build the other precisions, and check them all against PyTorch."""
+    opts = job.opts
+    calib = _calibration(src, opts.calibration.data, opts.calibration.size, opts.seed) if "int8" in job.wanted \
+        else None
+    job.say(f"exporting {src.card.name} to ONNX (opset {opts.opset})")
+    onnx_report = export_onnx(src.model, work / "fp32.onnx", resolution=src.resolution, opset=opts.opset,
+                              dynamic_batch=True, check=True, simplify=opts.simplify)
+    candidates = _build_candidates(src, onnx_report.path, work, job, calib)
+    evaluation = _evaluate(src, candidates, job.threads, opts.max_accuracy_drop, calib, job.say)
+    _require_parity(candidates, opts.precision)
+    if opts.precision != "auto":
+        candidates = [c for c in candidates if c.precision in ("fp32", opts.precision)]
+    return onnx_report, candidates, evaluation
+
+
+def _require_parity(candidates: list[_Candidate], precision: str) -> None:
+    fp32 = candidates[0]
+    if not fp32.parity["passed"]:
+        p = fp32.parity
+        raise ExportError(
+            f"the FP32 ONNX model does not reproduce PyTorch: max |diff| {p['max_abs_diff']:.3g} "
+            f"(limit {FP32_ATOL:g}), top-1 agreement {100 * p['top1_agreement']:.1f}% (need 100%)"
+        )
+    last = candidates[-1]
+    if precision == "fp16" and last.precision == "fp16" and not last.parity["passed"]:
+        raise ExportError(
+            f"the FP16 model differs from PyTorch by {last.parity['max_abs_diff']:.3g} (> {last.parity['atol']:.3g}); "
+            "export in fp32 or int8"
+        )
+
+
+def _decide(job: _Job, src: _Source, candidates: list[_Candidate]) -> _Candidate:
+    """Predict and time every candidate, then pick the one to ship."""
+    for c in candidates:
+        c.predicted_ms = _predict(src.card, src.resolution, job.profile, c.precision)
+    _measure(candidates, src.resolution, job.threads, job.opts.rounds, job.say)
+    if job.opts.precision == "auto":
+        return _choose(candidates, job.rank_by, job.opts.max_accuracy_drop)
+    chosen = next(c for c in candidates if c.precision == job.opts.precision)
+    chosen.chosen = True
+    for c in candidates:
+        if not c.chosen:
+            c.note = "reference (not shipped)"
+    return chosen
+
+
+def _judge(job: _Job, chosen: _Candidate, evaluation: dict[str, Any]) -> _Verdict:
+    """The accuracy and latency sections of the manifest, and the budgets they miss."""
+    max_drop, budget = job.opts.max_accuracy_drop, job.opts.max_latency_ms
+    accuracy = _accuracy_section(chosen, evaluation, max_drop)
+    failures: list[str] = []
+    if accuracy.get("pass") is False and not accuracy["measured"]:
+        failures.append(
+            f"{chosen.precision} agrees with PyTorch on {100 * accuracy['top1_agreement']:.1f}% of the "
+            f"{accuracy['inputs']}, below the {100 * accuracy['min_top1_agreement']:.1f}% that keeps the drop "
+            f"within {max_drop:g} pts; pass --data DIR to measure the drop itself"
+        )
+    elif accuracy.get("pass") is False:
+        failures.append(
+            f"accuracy drop {accuracy['drop_pts']:.2f} pts (fp32 {accuracy['fp32_top1']:.2f}% -> "
+            f"{chosen.precision} {accuracy['top1']:.2f}%) exceeds the budget of {max_drop:g} pts"
+        )
+    here = is_this_machine(job.profile)
+    latency = _latency_section(chosen, job.profile, here, job.rank_by, job.threads, budget)
+    if latency["pass"] is False:
+        failures.append(
+            f"latency {latency['judged_ms']:.3f} ms ({latency['judged_on']}) exceeds the budget of {budget:g} ms"
+        )
+    return _Verdict(accuracy, latency, here, failures)
+
+
+def _write_artifact(job: _Job, src: _Source, stage: Path, onnx_report: Any, candidates: list[_Candidate],
+                    chosen: _Candidate, verdict: _Verdict) -> dict[str, Any]:
+    """Write the model, labels, preprocessing, engine and header into ``stage``; return the manifest."""
+    bundle.copy_file(chosen.path, stage / bundle.MODEL_FILE)
+    bundle.write_labels(stage, src.classes)
+    bundle.write_preprocess(stage, src.preprocess, src.resolution)
+    engine_info = None
+    if job.opts.tensorrt:
+        eng_precision = engine_precision(chosen.precision, chosen.mode, list(job.profile.precisions))
+        job.say(f"building a {eng_precision} TensorRT engine (minutes)")
+        onnx_for_engine = chosen.path if eng_precision == "int8" else candidates[0].path
+        engine_info = build_tensorrt_engine(onnx_for_engine, stage / bundle.ENGINE_FILE, eng_precision)
+    if job.opts.c_header:
+        bundle.write_c_header(stage, stage / bundle.MODEL_FILE, onnx_report.input_shapes["input"],
+                              onnx_report.output_shapes["logits"], len(src.classes), chosen.precision, src.card.name)
+    return _manifest(job, src, onnx_report, candidates, chosen, verdict, engine_info)
+
+
+def _manifest(job: _Job, src: _Source, onnx_report: Any, candidates: list[_Candidate], chosen: _Candidate,
+              verdict: _Verdict, engine_info: dict[str, Any] | None) -> dict[str, Any]:
+    precision, profile = job.opts.precision, job.profile
+    return {
+        "format": bundle.ARTIFACT_FORMAT,
+        "version": bundle.ARTIFACT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {**_versions(), "tensorrt": engine_info["tensorrt_version"] if engine_info else None},
+        "source": {**src.description, "resolution": src.resolution, "num_classes": len(src.classes)},
+        "precision": chosen.precision,
+        "requested_precision": precision,
+        "onnx": _onnx_section(onnx_report, chosen),
+        "quantization": chosen.quant,
+        "device": {
+            "name": profile.name,
+            "runtime": profile.runtime,
+            "precisions": list(profile.precisions),
+            "this_machine": verdict.here,
+            "reduce_range": _reduce_range(profile) if chosen.precision == "int8" else None,
+        },
+        "parity": chosen.parity,
+        "accuracy": verdict.accuracy,
+        "latency": verdict.latency,
+        "candidates": [c.to_dict() for c in candidates],
+        "selection": {
+            "rule": ("fastest candidate within the accuracy budget; a lower precision must be at least "
+                     f"{100 * SPEED_MARGIN:.0f}% faster on both the minimum and the 25th percentile")
+            if precision == "auto" else f"precision {precision} was requested",
+            "ranked_on": "min and p25 latency measured here" if job.rank_by == "measured"
+            else f"latency predicted on {profile.name} (no {profile.runtime} here)",
+            "skipped": job.skipped,
+        },
+        "tensorrt": engine_info,
+        "status": "failed" if verdict.failures else "passed",
+        "failures": verdict.failures,
+        "export_seconds": round(time.perf_counter() - job.start, 2),
+    }
+
+
+def _onnx_section(onnx_report: Any, chosen: _Candidate) -> dict[str, Any]:
+    return {
+        "opset": onnx_report.opset,
+        "exporter": onnx_report.exporter,
+        "nodes_before_simplify": onnx_report.nodes_exported,
+        "nodes_after_simplify": onnx_report.nodes,
+        "simplified": onnx_report.simplified,
+        "simplify_error": onnx_report.simplify_error,
+        "input": {"name": "input", "shape": onnx_report.input_shapes["input"], "dtype": "float32", "layout": "NCHW"},
+        "output": {"name": "logits", "shape": onnx_report.output_shapes["logits"], "dtype": "float32"},
+        "dynamic_batch": onnx_report.dynamic_batch,
+        "nodes": sum(chosen.quant["op_counts"].values()) if chosen.quant else onnx_report.nodes,
+    }
+
+
+def _finish(job: _Job, manifest: dict[str, Any], chosen: _Candidate, verdict: _Verdict, check: bool) -> Artifact:
     artifact = Artifact(
-        path=out_path, manifest=manifest, precision=chosen.precision, accuracy=accuracy, latency=latency,
-        candidates=manifest["candidates"], failures=failures,
+        path=job.out_path, manifest=manifest, precision=chosen.precision, accuracy=verdict.accuracy,
+        latency=verdict.latency, candidates=manifest["candidates"], failures=verdict.failures,
     )
-    log.info("wrote %s (%s) in %.1f s", out_path, chosen.precision, time.perf_counter() - start)
-    if failures and check:
-        error = BudgetExceededError(f"{'; '.join(failures)}; the artifact is written to {out_path} for inspection")
+    log.info("wrote %s (%s) in %.1f s", job.out_path, chosen.precision, time.perf_counter() - job.start)
+    if verdict.failures and check:
+        error = BudgetExceededError(
+            f"{'; '.join(verdict.failures)}; the artifact is written to {job.out_path} for inspection")
         error.artifact = artifact  # type: ignore[attr-defined]
         raise error
     return artifact

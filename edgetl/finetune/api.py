@@ -19,7 +19,6 @@ Nothing is ever pickled: tensors go to safetensors, everything else to JSON/YAML
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from edgetl.catalog import get_card
 from edgetl.errors import CheckpointError, ConfigError, TrainingInterrupted
 from edgetl.finetune import checkpoint as ckpt
 from edgetl.finetune.strategy import DomainEstimate, StrategyDecision
+from edgetl.options import FinetuneOptions, documented, resolve
 
 if TYPE_CHECKING:
     import torch
@@ -146,7 +146,7 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid YAML ({exc})") from exc
 
 
-def _resume_options(run_dir: Path, given: dict[str, Any]) -> dict[str, Any]:
+def _resume_options(run_dir: Path, given: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
     saved = _read_config(run_dir)
     if not (run_dir / ckpt.LAST_META).is_file():
         raise CheckpointError(f"{run_dir} has no finished epoch to resume from; start the run again without --resume")
@@ -159,10 +159,9 @@ def _resume_options(run_dir: Path, given: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"{run_dir} was trained on {saved.get('data')}, not {given['data']}; omit --data to resume it"
         )
-    defaults = {k: v.default for k, v in inspect.signature(finetune).parameters.items()}
     changed = [
         k for k in _RUN_OPTIONS
-        if k not in ("model", "data") and k in saved and given.get(k) != defaults.get(k)
+        if k not in ("model", "data") and k in saved and k in explicit and given.get(k) is not None
         and not _same_option(given.get(k), saved[k])
     ]
     if changed:
@@ -203,40 +202,19 @@ def _splits_digest(splits: Any) -> str:
 # --- the run -------------------------------------------------------------------------------------
 
 
+@documented(FinetuneOptions)
 def finetune(
     model: str | None = None,
     data: str | os.PathLike[str] | None = None,
     out: str | os.PathLike[str] | None = None,
+    options: FinetuneOptions | None = None,
     *,
-    weights: str = "imagenet",
     weights_dir: str | os.PathLike[str] | None = None,
-    strategy: str = "auto",
-    unfreeze: int | None = None,
-    domain: str = "auto",
-    epochs: int = 10,
-    lr: float = 1e-3,
-    layer_decay: float = 0.7,
-    weight_decay: float = 0.05,
-    warmup_epochs: float = 1.0,
-    label_smoothing: float = 0.0,
-    batch_size: int = 32,
-    resolution: int | None = None,
-    device: str = "auto",
     resume: bool = False,
-    seed: int = 0,
-    val_split: float = 0.2,
-    test_split: float = 0.0,
-    augment: str | None = None,
-    balance: bool = False,
-    on_bad_image: str = "skip",
-    workers: int = 0,
-    patience: int | None = 5,
-    deterministic: bool = False,
-    feature_cache: bool | None = None,
     progress: bool = True,
     callbacks: tuple[Callable[[int, dict[str, Any]], None], ...] = (),
     on_decision: Callable[[StrategyDecision], None] | None = None,
-    checkpoint_interval: float = 30.0,
+    **kwargs: Any,
 ) -> RunResult:
     """Fine-tune a catalog backbone on an image dataset and write the run folder ``out``.
 
@@ -245,37 +223,14 @@ def finetune(
         data: a folder of class folders, a folder with ``train/`` and ``val/``, or a CSV
             (see :func:`edgetl.data.scan_dataset`).
         out: the run folder to write.
-        weights: ``imagenet``, ``none`` or a PATH to a state_dict (see :mod:`edgetl.weights`).
-        weights_dir: offline folder of torchvision weights files (default ``$EDGETL_WEIGHTS_DIR``).
-        strategy: ``auto``, ``linear``, ``partial`` or ``full`` (see :mod:`edgetl.finetune.strategy`).
-        unfreeze: blocks to train under ``partial`` (default: the last quarter).
-        domain: ``auto``, ``similar`` or ``different`` (for the auto strategy).
-        epochs: maximum epochs.
-        lr: the head's peak learning rate (the backbone's is 10x smaller at the top block, unless the
-            weights are random: then the backbone starts at ``lr`` too).
-        layer_decay: LR factor from one block to the one below.
-        weight_decay: AdamW weight decay (not on norms, biases, embeddings).
-        warmup_epochs: linear warm-up length.
-        label_smoothing: cross-entropy label smoothing.
-        batch_size: images per step (per process under torchrun).
-        resolution: input size (default: the card's crop size).
-        device: ``auto``, ``cpu`` or ``cuda``.
-        resume: continue the run in ``out`` from its last finished epoch, with its saved options.
-        seed: seed of the split, the initialisation and every epoch's randomness.
-        val_split, test_split: held-out fractions (see :func:`edgetl.data.scan_dataset`).
-        augment: ``none``, ``light`` or ``strong``; default ``none`` for the linear probe (so its
-            features can be cached), ``light`` otherwise.
-        balance: sample classes equally often.
-        on_bad_image: ``skip`` or ``error``.
-        workers: data-loading processes.
-        patience: early-stopping patience in epochs (None or 0: off).
-        deterministic: deterministic algorithms only.
-        feature_cache: train the linear probe on cached features; None means whenever possible.
+        options: how to train (:class:`~edgetl.options.FinetuneOptions`); its fields may also be given
+            as keyword arguments (``finetune("resnet18", "images/", "runs/a", epochs=5)``).
+        weights_dir: offline folder of pretrained weights files (default ``$EDGETL_WEIGHTS_DIR``).
+        resume: continue the run in ``out`` from its last finished epoch, with its saved options;
+            options given now that differ from the saved ones are an error.
         progress: show progress bars on stderr.
         callbacks: called with ``(epoch, record)`` after each finished (and saved) epoch.
         on_decision: called with the strategy decision before training starts.
-        checkpoint_interval: write checkpoints at most this often (seconds); the final epoch, an early
-            stop, Ctrl-C and errors always write them. 0 writes after every epoch.
 
     Returns:
         The run's result: accuracies, best epoch, checkpoint path, strategy and reason.
@@ -284,24 +239,22 @@ def finetune(
         DataError, WeightsError, ConfigError, CheckpointError: bad input (one-line message).
         TrainingInterrupted: Ctrl-C; the last finished epoch is saved (exit code 130 in the CLI).
     """
+    opts = resolve(FinetuneOptions, options, kwargs, "finetune()")
     if out is None:
         raise ConfigError("finetune needs an output folder (out=... / --out RUN_DIR)")
     run_dir = Path(out).expanduser()
-    given = {k: v for k, v in locals().items() if k in _RUN_OPTIONS}
-    for k in ("weights", "weights_dir"):  # path-like options are kept (and saved) as strings
-        if isinstance(given.get(k), os.PathLike):
-            given[k] = os.fspath(given[k])
+    explicit = {**(options.model_dump(include=options.model_fields_set) if options else {}), **kwargs}
+    given = {**opts.model_dump(mode="json"), "model": model, "data": data,
+             "weights_dir": None if weights_dir is None else os.fspath(weights_dir)}
     if resume:
-        opts = _resume_options(run_dir, given)
+        run_opts = _resume_options(run_dir, given, set(explicit) | {"weights_dir"})
     else:
         if not model or not data:
             raise ConfigError("finetune needs a model and a dataset (--model NAME --data DIR)")
         _check_fresh(run_dir)
-        opts = dict(given)
-        opts["model"] = get_card(model).id
-        opts["data"] = str(Path(data).expanduser().resolve())
-    opts.update(device=device, workers=workers)
-    return _Run(run_dir, opts, resume, progress, callbacks, on_decision, checkpoint_interval).run()
+        run_opts = {**given, "model": get_card(model).id, "data": str(Path(data).expanduser().resolve())}
+    run_opts.update(device=opts.device, workers=opts.workers)
+    return _Run(run_dir, run_opts, resume, progress, callbacks, on_decision, opts.checkpoint_interval).run()
 
 
 class _Run:

@@ -47,8 +47,8 @@ def bench_model(name: str, args: argparse.Namespace, work: Path, calib: Path) ->
     candidates = work / f"{name}-candidates"
     artifact = export(
         name, work / f"{name}-artifact", precision="auto", device=args.device, weights="none",
-        resolution=args.resolution, calib_data=calib, calib_size=args.calib_size, threads=args.threads,
-        bench_rounds=args.export_rounds, candidates_dir=candidates, force=True,
+        resolution=args.resolution, calibration={"data": calib, "size": args.calib_size}, threads=args.threads,
+        rounds=args.export_rounds, candidates_dir=candidates, force=True,
     )
     export_s = time.perf_counter() - start
     torch.manual_seed(0)

@@ -81,7 +81,7 @@ def edgetl_linear_probe(
     start = time.perf_counter()
     result = finetune(
         args.model, data, out, weights=args.weights, strategy="linear", epochs=args.epochs, lr=args.lr,
-        resolution=args.resolution, batch_size=args.batch_size, seed=args.seed, device="cpu", patience=None,
+        resolution=args.resolution, batch_size=args.batch_size, seed=args.seed, device="cpu", patience=0,
         feature_cache=cache, progress=False,
     )
     return time.perf_counter() - start, result.val_accuracy, result.to_dict()

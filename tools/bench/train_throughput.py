@@ -66,7 +66,7 @@ def edgetl_loop(args: argparse.Namespace, data: Path, out: Path) -> list[float]:
     result = finetune(
         args.model, data, out, weights="none", strategy="full", augment="light", epochs=args.epochs,
         lr=args.lr, resolution=args.resolution, batch_size=args.batch_size, seed=args.seed, device="cpu",
-        workers=args.workers, patience=None, val_split=0.0, progress=False,
+        workers=args.workers, patience=0, val_split=0.0, progress=False,
     )
     return [e["images_per_s"] for e in result.metrics["epochs"][1:]]
 

@@ -1,0 +1,129 @@
+"""Click options generated from the option models of :mod:`edgetl.options`.
+
+``@cli_options(ExportOptions)`` adds one click option per field (``--calib-method`` for
+``calibration.method``), with the field's help text, choices and default. The command then calls
+``parse(ExportOptions, kwargs)`` to get the validated model back. Only the options the user typed are
+passed on, so the model supplies every default, and a bad value is reported with the flag's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import click
+from click.core import ParameterSource
+from pydantic import BaseModel, ValidationError
+
+from edgetl.errors import ConfigError
+from edgetl.options import StageOptions, format_errors, unwrap_optional
+
+M = TypeVar("M", bound=StageOptions)
+_SEP = "__"
+
+
+class CommaList(click.ParamType):
+    """``Add,Mul`` -> ``("Add", "Mul")``."""
+
+    name = "A,B,..."
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        return tuple(part.strip() for part in str(value).split(",") if part.strip())
+
+
+def _param_name(model: type[BaseModel], path: tuple[str, ...]) -> str:
+    return _SEP.join((model.__name__, *path))
+
+
+def _is_bool(field: Any) -> bool:
+    return unwrap_optional(field.annotation) is bool
+
+
+def _flags(field: Any, name: str, prefix: str) -> list[str]:
+    declared = (field.json_schema_extra or {}).get("flag")
+    if declared:
+        return [declared] if _is_bool(field) else declared.split("/")
+    flag = "--" + (prefix + name).replace("_", "-")
+    return [f"{flag}/--no-{flag[2:]}"] if _is_bool(field) else [flag]
+
+
+def _click_type(annotation: Any) -> Any:
+    tp = unwrap_optional(annotation)
+    if get_origin(tp) is Literal:
+        return click.Choice(get_args(tp))
+    if get_origin(tp) is tuple:
+        return CommaList()
+    if tp is Path:
+        return click.Path()
+    return {int: click.INT, float: click.FLOAT, bool: None}.get(tp, click.STRING)
+
+
+def _shown_default(field: Any, flags: list[str]) -> str | None:
+    default = field.default
+    if _is_bool(field) and default is not None:
+        on, off = flags[0].split("/")
+        return (on if default else off).lstrip("-")
+    if default is None or default == ():
+        return None
+    return ",".join(default) if isinstance(default, tuple) else str(default)
+
+
+def _walk(model: type[BaseModel], prefix: str = "", path: tuple[str, ...] = ()):
+    """Yield ``(path, field, flags)`` for every leaf field, nested models flattened with their prefix."""
+    for name, field in model.model_fields.items():
+        sub = unwrap_optional(field.annotation)
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            sub_prefix = (field.json_schema_extra or {}).get("flag", name)
+            yield from _walk(sub, f"{prefix}{sub_prefix}_", (*path, name))
+            continue
+        yield (*path, name), field, _flags(field, name, prefix)
+
+
+def flag_names(model: type[BaseModel]) -> dict[tuple[str, ...], str]:
+    """Each field's path -> its main CLI flag (``("calibration", "method")`` -> ``--calib-method``)."""
+    return {path: flags[0].split("/")[0] for path, _, flags in _walk(model)}
+
+
+def cli_options(model: type[BaseModel], skip: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """A decorator adding one click option per field of ``model`` (except top-level names in ``skip``)."""
+
+    def decorate(func: Callable) -> Callable:
+        for path, field, flags in reversed(list(_walk(model))):
+            if path[0] in skip:
+                continue
+            shown = _shown_default(field, flags)
+            help_text = field.description + (f"  [default: {shown}]" if shown is not None else "")
+            kind = _click_type(field.annotation)
+            extra = {} if kind is None else {"type": kind}
+            func = click.option(*flags, _param_name(model, path), default=None, help=help_text, **extra)(func)
+        return func
+
+    return decorate
+
+
+def parse(model: type[M], kwargs: dict[str, Any]) -> M:
+    """Pop ``model``'s options from a command's ``kwargs`` and validate the ones the user typed.
+
+    Raises:
+        ConfigError: ``--calib-size: input should be greater than or equal to 1 (got 0) — ...``.
+    """
+    ctx = click.get_current_context()
+    given: dict[str, Any] = {}
+    for path, _field, _flags in _walk(model):
+        name = _param_name(model, path)
+        value = kwargs.pop(name, None)
+        if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None):
+            continue
+        node = given
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    try:
+        return model.model_validate(given)
+    except ValidationError as exc:
+        flags = flag_names(model)
+        where = ctx.command_path
+        raise ConfigError(format_errors(exc, model, where, name=lambda loc: flags.get(loc, loc[-1]))) from None

@@ -1,0 +1,319 @@
+"""Every stage option, defined once: its name, type, default, bounds and help text.
+
+One pydantic model per stage (:class:`SelectOptions` with :class:`Constraints`, :class:`FinetuneOptions`,
+:class:`ExportOptions`, :class:`ValidateOptions`) is the single source for the three ways in:
+
+- the Python API takes the model, or its fields as keyword arguments (validated by the same model);
+- a build file's sections *are* these models (``BuildConfig.export`` is an :class:`ExportOptions`);
+- the CLI's options are generated from the fields (:mod:`edgetl.cli_options`): ``--calib-method`` is
+  ``ExportOptions.calibration.method``, and its ``--help`` is the field's description.
+
+The shared enumerations (precisions, calibration methods, budget metrics...) are defined here and
+nowhere else. This module imports nothing heavier than pydantic, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgetl.errors import ConfigError, did_you_mean
+
+Precision = Literal["fp32", "fp16", "int8"]
+ExportPrecision = Literal["fp32", "fp16", "int8", "auto"]
+CalibMethod = Literal["minmax", "entropy", "percentile"]
+Int8Mode = Literal["auto", "static", "dynamic"]
+BudgetMetric = Literal["min", "p50", "p90", "p99"]
+Strategy = Literal["auto", "linear", "partial", "full"]
+Domain = Literal["auto", "similar", "different"]
+Augment = Literal["none", "light", "strong"]
+TrainDevice = Literal["auto", "cpu", "cuda"]
+OnBadImage = Literal["skip", "error"]
+
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+EXPORT_PRECISIONS: tuple[str, ...] = get_args(ExportPrecision)
+CALIB_METHODS: tuple[str, ...] = get_args(CalibMethod)
+INT8_MODES: tuple[str, ...] = get_args(Int8Mode)
+BUDGET_METRICS: tuple[str, ...] = get_args(BudgetMetric)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+
+MIN_RESOLUTION, MAX_RESOLUTION = 16, 4096
+TABLE_ROWS = 15
+"""Rows a ranking table shows when ``top`` is not given (machine output keeps every row)."""
+
+
+def option(default: Any, help: str, *, flag: str | None = None, **bounds: Any) -> Any:
+    """A field with its help text; ``flag`` overrides the generated CLI declaration (e.g. ``--a/--b``)."""
+    return Field(default, description=help, json_schema_extra={"flag": flag} if flag else None, **bounds)
+
+
+class StageOptions(BaseModel):
+    """Base of the option models: unknown keys, NaN and infinity are errors; instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Constraints(StageOptions):
+    """What a model must meet on the device (``None``: no limit)."""
+
+    max_latency_ms: float | None = option(None, "Latency budget in ms at batch 1.", gt=0)
+    max_memory_mb: float | None = option(
+        None, "Memory budget in MB [default: the profile's model memory budget].", gt=0)
+    max_size_mb: float | None = option(None, "Largest model file in MB at the precision.", gt=0)
+    min_accuracy: float | None = option(None, "Lowest ImageNet top-1 in percent.", ge=0, le=100)
+
+    def describe(self) -> str:
+        """``latency <= 5 ms, top-1 >= 75%``, or ``none``."""
+        parts = []
+        if self.max_latency_ms is not None:
+            parts.append(f"latency <= {self.max_latency_ms:g} ms")
+        if self.max_memory_mb is not None:
+            parts.append(f"memory <= {self.max_memory_mb:g} MB")
+        if self.max_size_mb is not None:
+            parts.append(f"size <= {self.max_size_mb:g} MB")
+        if self.min_accuracy is not None:
+            parts.append(f"top-1 >= {self.min_accuracy:g}%")
+        return ", ".join(parts) or "none"
+
+
+class SelectOptions(StageOptions):
+    """How ``edgetl select`` (and a build's ``model: auto``) ranks the catalog."""
+
+    precision: Precision | None = option(
+        None, "Deployment precision of the prediction [default: a fixed export precision, else fp16 where "
+              "the device has it, else fp32].")
+    resolution: int | None = option(
+        None, "Input size for every model [default: each model's own].", ge=MIN_RESOLUTION, le=MAX_RESOLUTION)
+    batch: int = option(1, "Images per inference, for latency and memory.", ge=1)
+    models: str | None = option(None, "Only catalog entries matching this glob, e.g. 'mobilenet*'.",
+                                flag="--models/--filter")
+    all_weights: bool = option(True, "Rank every weights tag, not only each model's DEFAULT.",
+                               flag="--all-weights/--default-weights")
+    top: int | None = option(
+        None, f"Rows to keep [default: {TABLE_ROWS} in the table and the report; JSON and CSV keep every row].",
+        ge=1)
+
+
+class FinetuneOptions(StageOptions):
+    """How ``edgetl finetune`` trains (the model, the data and the run folder are given separately)."""
+
+    weights: str = option("imagenet", "Backbone weights: imagenet, none (random), or a state_dict PATH.")
+    strategy: Strategy = option("auto", "What to train: auto (chosen from the data), linear, partial or full.")
+    unfreeze: int | None = option(None, "Blocks to train with --strategy partial [default: the last quarter].",
+                                  ge=0)
+    domain: Domain = option("auto", "Similarity of the images to ImageNet (auto: measured).")
+    epochs: int = option(10, "Most epochs to train.", ge=1)
+    lr: float = option(1e-3, "The head's peak learning rate.", gt=0, le=10)
+    layer_decay: float = option(0.7, "LR factor from one block to the one below.", gt=0, le=1)
+    weight_decay: float = option(0.05, "AdamW weight decay (not on norms and biases).", ge=0, le=10)
+    warmup_epochs: float = option(1.0, "Epochs of linear LR warm-up.", ge=0)
+    label_smoothing: float = option(0.0, "Cross-entropy label smoothing.", ge=0, lt=1)
+    batch_size: int = option(32, "Images per step (per process under torchrun).", ge=1)
+    resolution: int | None = option(
+        None, "Input size [default: the model's].", ge=MIN_RESOLUTION, le=MAX_RESOLUTION)
+    val_split: float = option(0.2, "Fraction of the images held out for validation.", ge=0, lt=1)
+    test_split: float = option(0.0, "Fraction of the images held out for the final test.", ge=0, lt=1)
+    augment: Augment | None = option(None, "Augmentation [default: none for the linear probe, light otherwise].")
+    balance: bool = option(False, "Sample classes equally often.")
+    patience: int = option(5, "Stop after N epochs without a better val accuracy (0: never).", ge=0)
+    seed: int = option(0, "Seed of the split, the initialisation and every epoch's randomness.")
+    device: TrainDevice = option("auto", "Where to train (not the target device).")
+    workers: int = option(0, "Data-loading processes.", ge=0)
+    on_bad_image: OnBadImage = option("skip", "What to do with an image that cannot be decoded.")
+    deterministic: bool = option(False, "Deterministic algorithms only.")
+    feature_cache: bool | None = option(
+        None, "Train the linear probe on cached backbone features: on (an error where impossible), off, or "
+              "[default] whenever possible.")
+    checkpoint_interval: float = option(
+        30.0, "Seconds between checkpoints (0: every epoch; the last epoch is always saved).", ge=0)
+
+
+class CalibrationOptions(StageOptions):
+    """INT8 calibration (``--calib-*`` on the command line)."""
+
+    data: Path | None = option(
+        None, "Images to calibrate INT8 on [default: a stratified sample of the run's training images].")
+    method: CalibMethod = option("minmax", "How activation ranges are chosen.")
+    size: int = option(200, "Calibration images.", ge=1)
+
+
+class ExportOptions(StageOptions):
+    """How ``edgetl export`` builds, judges and ships the artifact."""
+
+    precision: ExportPrecision = option(
+        "auto", "auto: build what the device can run, ship the fastest within the accuracy budget.")
+    calibration: CalibrationOptions = option(CalibrationOptions(), "INT8 calibration.", flag="calib")
+    int8_mode: Int8Mode = option("auto", "auto: dynamic for linear-heavy models (ViT), static QDQ otherwise.")
+    exclude_op_types: tuple[str, ...] = option((), "Op types to keep in float when quantizing, e.g. Add,Mul.")
+    opset: int = option(17, "ONNX opset (17 is safe for ONNX Runtime and TensorRT 8.6+).", ge=7, le=25)
+    simplify: bool = option(True, "Simplify the graph with onnxslim (about 40 s on a ViT-B).")
+    tensorrt: bool = option(False, "Also build model.engine here (TensorRT and the device's GPU).")
+    c_header: bool = option(False, "Also write model_data.h (the ONNX bytes as a C array).")
+    max_accuracy_drop: float = option(1.0, "Largest top-1 drop from FP32 to ship, in points.", ge=0, le=100)
+    max_latency_ms: float | None = option(None, "Latency budget in ms; a miss exits with code 3.", gt=0)
+    threads: int | None = option(None, "ONNX Runtime threads for timing [default: all cores].", ge=1)
+    rounds: int = option(60, "Timed runs per candidate (interleaved).", ge=1)
+    seed: int = option(0, "Seed of the calibration sample.")
+
+
+class ValidateOptions(StageOptions):
+    """What ``edgetl validate`` measures and the budgets it judges."""
+
+    data: Path | None = option(None, "Class folders (named like labels.json) to measure top-1 accuracy on.")
+    max_latency_ms: float | None = option(None, "Latency budget in ms; a miss exits with code 3.", gt=0)
+    max_memory_mb: float | None = option(
+        None, "Memory budget in MB; a miss exits with code 3 [default: the profile's model memory budget].", gt=0)
+    budget_metric: BudgetMetric = option("p50", "Which latency statistic the budget is judged on.")
+    iterations: int = option(100, "Timed inferences.", ge=1)
+    warmup: int = option(10, "Untimed inferences first.", ge=0)
+    threads: int | None = option(None, "ONNX Runtime threads [default: the calibrated profile's, else all cores].",
+                                 ge=1)
+
+
+M = TypeVar("M", bound=StageOptions)
+
+
+def resolve(model: type[M], options: M | None, overrides: dict[str, Any], where: str) -> M:
+    """``options`` (or the defaults) with ``overrides`` applied, validated by ``model``.
+
+    Raises:
+        ConfigError: one line naming ``where`` and the option, e.g. ``export(): opset: ...``.
+    """
+    if options is not None and not isinstance(options, model):
+        raise ConfigError(f"{where}: options must be a {model.__name__}, got {type(options).__name__}")
+    data = options.model_dump() if options is not None else {}
+    data.update(overrides)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, model, where)) from None
+
+
+def split_overrides(kwargs: dict[str, Any], *models: type[BaseModel], where: str) -> list[dict[str, Any]]:
+    """Sort keyword arguments by the model that defines them; an unknown one is a one-line error."""
+    parts: list[dict[str, Any]] = [{} for _ in models]
+    for key, value in kwargs.items():
+        owner = next((i for i, m in enumerate(models) if key in m.model_fields), None)
+        if owner is None:
+            known = [k for m in models for k in m.model_fields]
+            hint = did_you_mean(key, known, n=1)
+            maybe = f"; did you mean '{hint[0]}'?" if hint else ""
+            raise ConfigError(f"{where}: unknown option '{key}'{maybe}")
+        parts[owner][key] = value
+    return parts
+
+
+def _field_at(model: type[BaseModel], loc: tuple[str, ...]) -> Any:
+    """The pydantic field at ``loc`` (keys nested through sub-models), or None."""
+    field, current = None, model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = {f.alias or name: f for name, f in current.model_fields.items()}.get(part)
+        if field is None:
+            return None
+        current = unwrap_optional(field.annotation)
+    return field
+
+
+def field_help(model: type[BaseModel], loc: tuple[str, ...]) -> str | None:
+    """The help text of the field at ``loc``."""
+    field = _field_at(model, loc)
+    return None if field is None else field.description
+
+
+def sub_model(model: type[BaseModel], loc: tuple[str, ...]) -> type[BaseModel] | None:
+    """The option model that holds the fields below ``loc`` (``model`` itself for an empty ``loc``)."""
+    if not loc:
+        return model
+    field = _field_at(model, loc)
+    sub = None if field is None else unwrap_optional(field.annotation)
+    return sub if isinstance(sub, type) and issubclass(sub, BaseModel) else None
+
+
+def unwrap_optional(tp: Any) -> Any:
+    """``X`` for ``X | None``; anything else unchanged."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def keys_of(model: type[BaseModel]) -> list[str]:
+    """The keys a mapping for ``model`` may hold (aliases where a field has one)."""
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def describe_error(error: dict[str, Any], model: type[BaseModel], name: Any = None) -> str:
+    """One pydantic error as ``field: what is wrong; how to fix it``.
+
+    Args:
+        error: one item of ``ValidationError.errors()``.
+        model: the model that was validated (for allowed keys and help texts).
+        name: turns a location tuple into the user's spelling (``--calib-method``, ``export.opset``);
+            default: dotted keys.
+    """
+    loc = tuple(str(p) for p in error.get("loc", ()))
+    where = (name or ".".join)(loc) if loc else "(top level)"
+    kind = error.get("type", "")
+    msg = str(error.get("msg", "")).removeprefix("Value error, ")
+    given = error.get("input")
+    if kind == "extra_forbidden":
+        allowed = keys_of(sub_model(model, loc[:-1]) or model)
+        hint = did_you_mean(loc[-1], allowed, n=1)
+        maybe = f"did you mean '{hint[0]}'? " if hint else ""
+        return f"{where}: unknown key; {maybe}remove or rename it (allowed here: {', '.join(allowed)})"
+    if kind == "missing":
+        example = {"device": "x86  # see `edgetl devices`", "data": "path/to/images"}.get(loc[-1], "...")
+        return f"{where}: required; add `{loc[-1]}: {example}`"
+    if kind in ("model_type", "dict_type"):
+        parent = sub_model(model, loc)
+        keys = ", ".join(keys_of(parent)) if parent else "..."
+        return f"{where}: expected a mapping ({keys}), got {given!r}"
+    if msg[:1].isupper() and not msg[:2].isupper():
+        msg = msg[0].lower() + msg[1:]
+    if isinstance(given, (int, float, str, bool)) and kind != "value_error":
+        msg = f"{msg} (got {given!r})"
+    help_text = field_help(model, loc)
+    about = f" — {help_text.rstrip('.')}" if help_text else ""
+    return f"{where}: {msg}{about}" if loc else msg
+
+
+def format_errors(exc: ValidationError, model: type[BaseModel], source: str, limit: int = 3,
+                  name: Any = None) -> str:
+    """One line, ``source: field: what is wrong | ...``, unknown keys first (they explain the rest)."""
+    errors = sorted(exc.errors(include_url=False), key=lambda e: e.get("type") != "extra_forbidden")
+    text = " | ".join(describe_error(e, model, name) for e in errors[:limit])
+    if len(errors) > limit:
+        text += f" (and {len(errors) - limit} more)"
+    return f"{source}: " + " ".join(text.split())
+
+
+def reference(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per option, ``name (default): help``, nested models flattened as ``calibration.method``."""
+    lines = []
+    for name, field in model.model_fields.items():
+        sub = unwrap_optional(field.annotation)
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            lines += reference(sub, f"{prefix}{name}.")
+            continue
+        default = field.default
+        shown = "" if default is None else f" (default {default!r})"
+        lines.append(f"{prefix}{name}{shown}: {field.description}")
+    return lines
+
+
+def documented(model: type[BaseModel]):
+    """Append ``model``'s option reference to a stage function's docstring (the help text lives once)."""
+
+    def decorate(func):
+        lines = "\n".join(f"        {line}" for line in reference(model))
+        func.__doc__ = (func.__doc__ or "").rstrip() + (
+            f"\n\n    Options (fields of :class:`{model.__name__}`, also accepted as keyword arguments):\n{lines}\n")
+        return func
+
+    return decorate
