@@ -31,7 +31,7 @@ _API = {
     "ValidationReport": "edgetl.validate",
     "build": "edgetl.pipeline",
     "BuildResult": "edgetl.pipeline",
-    "make_demo_dataset": "edgetl.data",
+    "make_demo_dataset": "edgetl.demo_data",
     "list_models": "edgetl.catalog",
     "get_card": "edgetl.catalog",
     "ModelCard": "edgetl.catalog",

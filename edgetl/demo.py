@@ -1,6 +1,6 @@
 """``edgetl demo``: the whole pipeline on a synthetic dataset, offline, on the CPU, in a few minutes.
 
-The demo writes ``OUT/data/`` (:func:`edgetl.data.make_demo_dataset`: 4 texture classes, 64 px) and
+The demo writes ``OUT/data/`` (:func:`edgetl.demo_data.make_demo_dataset`: 4 texture classes, 64 px) and
 ``OUT/pipeline.yaml`` (a build file to copy and edit), then runs :func:`edgetl.pipeline.build` on it:
 select among the ResNet-1x entries that fit a size budget, train the winner from random weights
 (nothing is downloaded), export FP32 and INT8 candidates, validate the shipped one on this machine.
@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from edgetl._io import atomic_write_text
+from edgetl.demo_data import make_demo_dataset
 from edgetl.errors import ConfigError
 
 DEMO_PIPELINE = "pipeline.yaml"
@@ -66,8 +67,6 @@ def write_demo(out: str | os.PathLike[str], epochs: int = 8, train_per_class: in
     Raises:
         ConfigError: ``out`` holds files that are not an edgetl demo.
     """
-    from edgetl.data import make_demo_dataset
-
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; choose a folder for the demo")

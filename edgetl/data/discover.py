@@ -1,0 +1,211 @@
+"""Dataset discovery: find a dataset's images and classes and split them (:func:`scan_dataset`).
+
+Three inputs are understood:
+
+* a folder with ``train/`` and ``val/`` (and optionally ``test/``) folders of class folders;
+* a single folder of class folders, split into train/val(/test) by ``val_split`` and ``test_split``
+  (stratified per class, seeded);
+* a CSV file of ``path,label[,split]`` rows (read by :mod:`edgetl.data.csvfile`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from edgetl.data.csvfile import read_csv
+from edgetl.data.decode import check_images
+from edgetl.data.options import CHECKS, ON_BAD_IMAGE, check_choice
+from edgetl.data.splits import (
+    SPLIT_ALIASES,
+    SPLITS,
+    DatasetSplits,
+    Found,
+    make_splits,
+    require_two_classes,
+    sorted_classes,
+    validate_splits,
+)
+from edgetl.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_MAX_NAMED_WARNINGS = 20
+
+
+def scan_dataset(
+    data: str | os.PathLike[str],
+    val_split: float = 0.2,
+    test_split: float = 0.0,
+    seed: int = 0,
+    on_bad_image: str = "skip",
+    check: str = "auto",
+) -> DatasetSplits:
+    """Find the images and classes of a dataset and split them into train/val/test.
+
+    Args:
+        data: a folder with ``train/`` and ``val/`` [and ``test/``] folders of class folders, a single
+            folder of class folders, or a ``.csv`` file of ``path,label[,split]`` rows.
+        val_split: fraction of each class held out for validation when no validation set is given.
+        test_split: fraction of the validation set moved to a test set when no test set is given
+            (``val_split=0.2, test_split=0.5`` gives 80/10/10).
+        seed: seed of the stratified split (the split of a class does not depend on the other classes).
+        on_bad_image: ``"skip"`` leaves unreadable files out with a warning that names them (and
+            records them in :attr:`DatasetSplits.skipped`); ``"error"`` raises :class:`DataError`.
+        check: how images are checked at scan time: ``"full"`` decodes each one, ``"header"`` only
+            parses headers (a truncated JPEG is then only found, and skipped, while loading),
+            ``"none"`` skips the check, ``"auto"`` decodes fully when the dataset is at most
+            :data:`~edgetl.data.decode.FULL_CHECK_MAX_BYTES` bytes and checks headers otherwise.
+
+    Raises:
+        DataError: a missing path, no images, a single class, an empty class folder, a bad CSV row,
+            or (with ``on_bad_image="error"``) an unreadable image.
+    """
+    check_choice("on_bad_image", on_bad_image, ON_BAD_IMAGE)
+    check_choice("check", check, CHECKS)
+    _check_fractions(val_split, test_split)
+    root = Path(data).expanduser()
+    found, skipped = _drop_unreadable(_read(root), check, on_bad_image)
+    splits = make_splits(found, val_split, test_split, seed, root)
+    splits.skipped = skipped
+    validate_splits(splits)
+    return splits
+
+
+def _check_fractions(val_split: float, test_split: float) -> None:
+    if not 0.0 <= val_split < 1.0:
+        raise DataError(f"val_split must be in [0, 1), got {val_split}; e.g. 0.2 holds out 20% per class")
+    if not 0.0 <= test_split < 1.0:
+        raise DataError(f"test_split must be in [0, 1), got {test_split}; it is a fraction of the val set")
+
+
+def _read(root: Path) -> Found:
+    """Read a CSV file or a folder."""
+    if not root.exists():
+        raise DataError(
+            f"dataset path {root} does not exist; pass a folder of class folders, "
+            "a folder with train/ and val/, or a CSV file of path,label"
+        )
+    if not root.is_file():
+        return read_folders(root)
+    if root.suffix.lower() not in (".csv", ".tsv", ".txt"):
+        raise DataError(f"{root} is a file but not a CSV; pass a folder of class folders or a CSV")
+    return read_csv(root)
+
+
+def _drop_unreadable(found: Found, check: str, on_bad_image: str) -> tuple[Found, list[tuple[Path, str]]]:
+    """Check the images (see :func:`check_images`), warn about the bad ones and leave them out."""
+    classes, assigned, pool, source = found
+    all_paths = [p for recs in assigned.values() for p, _ in recs] + [p for p, _ in pool]
+    bad = check_images(all_paths, check, on_bad_image)
+    if not bad:
+        return found, []
+    _warn_skipped(bad)
+    bad_set = {p for p, _ in bad}
+    assigned = {s: [r for r in recs if r[0] not in bad_set] for s, recs in assigned.items()}
+    pool = [r for r in pool if r[0] not in bad_set]
+    return (classes, assigned, pool, source), bad
+
+
+def _warn_skipped(bad: Sequence[tuple[Path, str]]) -> None:
+    for path, reason in bad[:_MAX_NAMED_WARNINGS]:
+        log.warning("skipping unreadable image %s: %s", path, reason)
+    if len(bad) > _MAX_NAMED_WARNINGS:
+        log.warning("skipping %d more unreadable images (see the run summary)", len(bad) - _MAX_NAMED_WARNINGS)
+
+
+# --- folders --------------------------------------------------------------------------------------
+
+
+def read_folders(root: Path) -> Found:
+    """Read a folder with train/val[/test] folders of class folders, or a single tree of class folders."""
+    dirs = {d.name.lower(): d for d in _subdirs(root)}
+    split_dirs = _split_dirs(dirs)
+    others = sorted(set(dirs) - {a for aliases in SPLIT_ALIASES.values() for a in aliases})
+    layout = "train" in split_dirs and (not others or "val" in split_dirs or "test" in split_dirs)
+    if not layout:
+        return _read_class_tree(root)
+    if others:
+        log.warning("ignoring folders %s in %s: only train/, val/ and test/ are read", others, root)
+    return _read_split_dirs(split_dirs)
+
+
+def _split_dirs(dirs: dict[str, Path]) -> dict[str, Path]:
+    """Split name -> the first of its folder names (or aliases, any case) among ``dirs``."""
+    split_dirs: dict[str, Path] = {}
+    for split, aliases in SPLIT_ALIASES.items():
+        for alias in aliases:
+            if alias in dirs:
+                split_dirs[split] = dirs[alias]
+                break
+    return split_dirs
+
+
+def _read_class_tree(root: Path) -> Found:
+    """A single tree of class folders: every image goes to the pool that is split later."""
+    tree = _class_tree(root, "dataset folder")
+    classes = sorted_classes(tree)
+    require_two_classes(classes, root)
+    pool = [(p, classes.index(c)) for c in classes for p in tree[c]]
+    return classes, {s: [] for s in SPLITS}, pool, "split"
+
+
+def _read_split_dirs(split_dirs: dict[str, Path]) -> Found:
+    """train/val[/test] folders: the classes are train's, and another split may not add one."""
+    trees = {s: _class_tree(d, f"{s} folder") for s, d in split_dirs.items()}
+    classes = sorted_classes(trees["train"])
+    require_two_classes(classes, split_dirs["train"])
+    for split, tree in trees.items():
+        extra = sorted(set(tree) - set(classes))
+        if extra:
+            raise DataError(
+                f"class folder {split_dirs[split] / extra[0]} has no counterpart in {split_dirs['train']}; "
+                "every class needs training images: add the folder to train/ or remove it"
+            )
+    assigned = {s: [] for s in SPLITS}
+    for split, tree in trees.items():
+        assigned[split] = [(p, classes.index(c)) for c in classes for p in tree.get(c, [])]
+    return classes, assigned, [], "folders"
+
+
+def _visible(name: str) -> bool:
+    return not (name.startswith(".") or name.startswith("__"))
+
+
+def _list_images(folder: Path) -> list[Path]:
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if _visible(d))
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if _visible(f) and f.lower().endswith(IMG_EXTENSIONS))
+    return found
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+
+
+def _class_tree(folder: Path, what: str) -> dict[str, list[Path]]:
+    """Map class name -> images for a folder of class folders; DataError on an empty class folder."""
+    tree = {d.name: _list_images(d) for d in _subdirs(folder)}
+    for name, images in tree.items():
+        if not images:
+            raise DataError(
+                f"class folder {folder / name} has no images ({', '.join(IMG_EXTENSIONS)}); "
+                "add images to it or remove it"
+            )
+    if not tree:
+        loose = [p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS)]
+        if loose:
+            raise DataError(
+                f"{what} {folder} holds images but no class folders; "
+                f"move them into one folder per class: {folder}/<class>/<image>"
+            )
+        raise DataError(
+            f"no images found in {what} {folder}; expected {folder}/<class>/<image>.jpg "
+            "(or train/ and val/ folders of class folders, or a CSV file of path,label)"
+        )
+    return tree
+

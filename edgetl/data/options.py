@@ -1,0 +1,17 @@
+"""The choices of the data options, and the check that rejects any other value."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from edgetl.errors import UnknownNameError
+
+ON_BAD_IMAGE = ("skip", "error")
+AUGMENTATIONS = ("none", "light", "strong")
+CHECKS = ("auto", "full", "header", "none")
+
+
+def check_choice(kind: str, value: str, choices: Sequence[str]) -> None:
+    """Raise :class:`~edgetl.errors.UnknownNameError` (naming the choices) unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise UnknownNameError(kind, value, choices, "choose one of " + ", ".join(choices))

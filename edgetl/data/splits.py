@@ -1,0 +1,205 @@
+"""A dataset resolved to classes and train/val/test records, and the seeded stratified split that makes it."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgetl.errors import DataError, UnknownNameError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation", "dev"),
+    "test": ("test", "testing"),
+}
+IMBALANCE_WARN_RATIO = 3.0
+
+Record = tuple[Path, int]
+Found = tuple[list[str], dict[str, list[Record]], list[Record], str]
+"""What a dataset reader finds: (classes, records per named split, records left to split, source)."""
+
+
+@dataclass
+class DatasetSplits:
+    """A dataset resolved to class names and (path, label) records per split.
+
+    Attributes:
+        classes: class names; a label is an index into this list.
+        train, val, test: the records of each split (``test`` may be empty).
+        source: how the splits were made: ``"folders"`` (train/val folders), ``"split"`` (one class-folder
+            tree split by ``val_split``/``test_split``) or ``"csv"``.
+        skipped: files that were left out because they cannot be decoded, with the reason. Loaders
+            built with ``skipped=splits.skipped`` append the files that only fail while training.
+        root: the folder or CSV file the dataset was read from.
+    """
+
+    classes: list[str]
+    train: list[Record]
+    val: list[Record]
+    test: list[Record]
+    source: str
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    root: Path | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def records(self, split: str) -> list[Record]:
+        """The records of ``split`` ("train", "val" or "test")."""
+        if split not in SPLITS:
+            raise UnknownNameError("split", split, SPLITS)
+        return getattr(self, split)
+
+    def class_counts(self, split: str = "train") -> dict[str, int]:
+        """Number of images per class in ``split``, in class order (zeros included)."""
+        counts = Counter(label for _, label in self.records(split))
+        return {name: counts.get(i, 0) for i, name in enumerate(self.classes)}
+
+    def imbalance_ratio(self, split: str = "train") -> float:
+        """Largest over smallest class count in ``split`` (``inf`` if a class has no image there)."""
+        counts = list(self.class_counts(split).values())
+        if not counts or max(counts) == 0:
+            return 1.0
+        return math.inf if min(counts) == 0 else max(counts) / min(counts)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-friendly summary for the run report: sizes, per-class counts, imbalance, skipped files."""
+        ratio = self.imbalance_ratio("train")
+        return {
+            "source": self.source,
+            "root": str(self.root) if self.root is not None else None,
+            "num_classes": self.num_classes,
+            "classes": list(self.classes),
+            "sizes": {s: len(self.records(s)) for s in SPLITS},
+            "class_counts": {s: self.class_counts(s) for s in SPLITS if self.records(s)},
+            "imbalance_ratio": round(ratio, 3) if math.isfinite(ratio) else None,
+            "skipped": len(self.skipped),
+            "skipped_files": [{"path": str(p), "reason": r} for p, r in self.skipped],
+        }
+
+
+
+def sorted_classes(names: Iterable[str]) -> list[str]:
+    """Unique class names in order: numerically if they are all integers, else alphabetically."""
+    names = list(dict.fromkeys(names))
+    if names and all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def require_two_classes(classes: list[str], where: Path) -> None:
+    """Raise :class:`DataError` if ``classes`` (found in ``where``) holds a single class."""
+    if len(classes) == 1:
+        raise DataError(
+            f"only one class ('{classes[0]}') found in {where}; a classifier needs at least two: "
+            f"add one folder (or CSV label) per class"
+        )
+
+
+def split_key(value: str) -> str | None:
+    """The split a (case-insensitive) name or alias means, "" for an empty name, None for an unknown one."""
+    value = value.strip().lower()
+    if not value:
+        return ""
+    return next((s for s, aliases in SPLIT_ALIASES.items() if value in aliases), None)
+
+
+def _stratified_take(
+    records: list[Record], fraction: float, seed: int, classes: list[str], tag: str
+) -> tuple[list[Record], list[Record]]:
+    """Split ``records`` per class: return (rest, taken) with ``round(n * fraction)`` taken per class.
+
+    A class with at least two images keeps at least one on each side. Each class is shuffled by its
+    own generator seeded by (seed, tag, class name), so adding a class does not reshuffle the others.
+    """
+    by_class: dict[int, list[Record]] = {}
+    for rec in records:
+        by_class.setdefault(rec[1], []).append(rec)
+    rest: list[Record] = []
+    taken: list[Record] = []
+    for label in sorted(by_class):
+        items = sorted(by_class[label], key=lambda r: str(r[0]))
+        random.Random(f"{seed}:{tag}:{classes[label]}").shuffle(items)
+        n = len(items)
+        k = round(n * fraction) if fraction > 0 else 0
+        if fraction > 0 and n >= 2:
+            k = min(max(k, 1), n - 1)
+        elif n < 2:
+            k = 0
+        taken.extend(items[:k])
+        rest.extend(items[k:])
+    return rest, taken
+
+
+def make_splits(found: Found, val_split: float, test_split: float, seed: int, root: Path) -> DatasetSplits:
+    """Split what a reader ``found`` into train/val/test, stratified per class and seeded.
+
+    Records the reader assigned to a split stay there and the others are split by ``val_split``. Without
+    a validation set, ``val_split`` of each training class is held out; without a test set,
+    ``test_split`` of the validation set becomes the test set.
+    """
+    classes, assigned, pool, source = found
+    train, val, test = list(assigned["train"]), list(assigned["val"]), list(assigned["test"])
+    if pool:
+        pool_train, pool_val = _stratified_take(pool, val_split, seed, classes, "val")
+        train += pool_train
+        val += pool_val
+    elif not val and train and val_split > 0:
+        log.info("no validation set given: holding out %.0f%% of each training class", 100 * val_split)
+        train, val = _stratified_take(train, val_split, seed, classes, "val")
+    if not test and test_split > 0 and val:
+        val, test = _stratified_take(val, test_split, seed, classes, "test")
+    return DatasetSplits(classes, train, val, test, source=source, root=root)
+
+
+def validate_splits(splits: DatasetSplits) -> None:
+    """Raise :class:`DataError` if a class has no training image; warn about missing validation images and imbalance."""
+    where = splits.root
+    counts = splits.class_counts("train")
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        raise DataError(
+            f"class '{empty[0]}' has no training images in {where}"
+            + (f" ({len(empty)} classes in total)" if len(empty) > 1 else "")
+            + "; add training images for it or remove it"
+        )
+    if splits.val:
+        missing = [c for c, n in splits.class_counts("val").items() if n == 0]
+        if missing:
+            log.warning("classes without validation images (accuracy does not measure them): %s", ", ".join(missing))
+    else:
+        log.warning("the validation set is empty: add images or a val/ folder to measure accuracy")
+    _warn_imbalance(splits.imbalance_ratio("train"), counts)
+    log.info(
+        "dataset %s (%s): %d classes, %d train / %d val / %d test images",
+        where,
+        splits.source,
+        splits.num_classes,
+        len(splits.train),
+        len(splits.val),
+        len(splits.test),
+    )
+
+
+def _warn_imbalance(ratio: float, counts: dict[str, int]) -> None:
+    if ratio > IMBALANCE_WARN_RATIO:
+        big = max(counts, key=counts.__getitem__)
+        small = min(counts, key=counts.__getitem__)
+        log.warning(
+            "class imbalance %.1fx: '%s' has %d training images, '%s' has %d; consider balance=True",
+            ratio,
+            big,
+            counts[big],
+            small,
+            counts[small],
+        )
