@@ -40,6 +40,8 @@ CALIB_METHODS: tuple[str, ...] = get_args(CalibMethod)
 INT8_MODES: tuple[str, ...] = get_args(Int8Mode)
 BUDGET_METRICS: tuple[str, ...] = get_args(BudgetMetric)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
+AUGMENTATIONS: tuple[str, ...] = get_args(Augment)
+ON_BAD_IMAGE: tuple[str, ...] = get_args(OnBadImage)
 
 MIN_RESOLUTION, MAX_RESOLUTION = 16, 4096
 TABLE_ROWS = 15

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from edgetl.errors import UnknownNameError
+from edgetl.options import AUGMENTATIONS, ON_BAD_IMAGE
 
-ON_BAD_IMAGE = ("skip", "error")
-AUGMENTATIONS = ("none", "light", "strong")
+__all__ = ["AUGMENTATIONS", "CHECKS", "ON_BAD_IMAGE", "check_choice"]
+
 CHECKS = ("auto", "full", "header", "none")
 
 

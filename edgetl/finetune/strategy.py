@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from edgetl.catalog import ModelCard
 from edgetl.errors import ConfigError
+from edgetl.options import STRATEGIES
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("auto", "linear", "partial", "full")
 DOMAINS = ("auto", "similar", "different")
 SMALL_MAX_IMAGES = 1000
 SMALL_MAX_PER_CLASS = 100
