@@ -276,13 +276,16 @@ def describe_error(error: dict[str, Any], model: type[BaseModel], name: Any = No
         parent = sub_model(model, loc)
         keys = ", ".join(keys_of(parent)) if parent else "..."
         return f"{where}: expected a mapping ({keys}), got {given!r}"
-    if msg[:1].isupper() and not msg[:2].isupper():
-        msg = msg[0].lower() + msg[1:]
+    msg = _lower_first(msg)
     if isinstance(given, (int, float, str, bool)) and kind != "value_error":
         msg = f"{msg} (got {given!r})"
     help_text = field_help(model, loc)
-    about = f" — {help_text.rstrip('.')}" if help_text else ""
+    about = f" — {_lower_first(help_text.rstrip('.'))}" if help_text else ""
     return f"{where}: {msg}{about}" if loc else msg
+
+
+def _lower_first(text: str) -> str:
+    return text[0].lower() + text[1:] if text[:1].isupper() and not text[:2].isupper() else text
 
 
 def format_errors(exc: ValidationError, model: type[BaseModel], source: str, limit: int = 3,

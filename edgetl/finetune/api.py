@@ -27,19 +27,47 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+import torch.distributed as torch_dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+
+from edgetl import data as D
 from edgetl._io import atomic_write_json, atomic_write_text
-from edgetl.catalog import get_card
+from edgetl.catalog import get_card, replace_head, torchvision_version
 from edgetl.errors import CheckpointError, ConfigError, TrainingInterrupted
 from edgetl.finetune import checkpoint as ckpt
-from edgetl.finetune.strategy import DomainEstimate, StrategyDecision
+from edgetl.finetune.distributed import DistInfo, EpochSampler, ShardSampler, barrier, init_distributed, shutdown
+from edgetl.finetune.features import DEFAULT_MAX_MEMORY_MB, FeatureBatches, extract_features, head_is_output
+from edgetl.finetune.model import load_trained_model as _load
+from edgetl.finetune.strategy import (
+    BACKBONE_LR_SCALE,
+    DOMAIN_SAMPLE_IMAGES,
+    DomainEstimate,
+    StrategyDecision,
+    apply_strategy,
+    build_param_groups,
+    choose_strategy,
+    estimate_domain,
+)
+from edgetl.finetune.trainer import (
+    FitState,
+    ProgressDisplay,
+    TrainConfig,
+    Trainer,
+    make_scheduler,
+    resolve_device,
+    seed_everything,
+)
 from edgetl.options import FinetuneOptions, documented, resolve
+from edgetl.weights import load_model
 
 if TYPE_CHECKING:
-    import torch
-
     from edgetl.finetune.model import TrainedModel
 
 log = logging.getLogger(__name__)
@@ -126,7 +154,6 @@ def load_trained_model(run_dir: str | os.PathLike[str], device: str | torch.devi
         A :class:`~edgetl.finetune.model.TrainedModel`: an ``nn.Module`` in eval mode with ``card``,
         ``classes``, ``preprocess``, ``resolution`` and ``metrics``.
     """
-    from edgetl.finetune.model import load_trained_model as _load
 
     return _load(run_dir, device)
 
@@ -135,7 +162,6 @@ def load_trained_model(run_dir: str | os.PathLike[str], device: str | torch.devi
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
-    import yaml
 
     path = run_dir / CONFIG_FILE
     if not path.is_file():
@@ -280,11 +306,6 @@ class _Run:
     # -- setup --
 
     def run(self) -> RunResult:
-        import torch
-
-        from edgetl.finetune.distributed import init_distributed, shutdown
-        from edgetl.finetune.trainer import resolve_device, seed_everything
-
         o = self.opts
         self.device = resolve_device(o["device"])
         self.dist = init_distributed(self.device.type)
@@ -310,21 +331,29 @@ class _Run:
             raise ConfigError(f"--resolution must be >= 16 pixels, got {o['resolution']}")
 
     def _write_config(self) -> None:
-        import yaml
-
         atomic_write_text(self.run_dir / CONFIG_FILE, yaml.safe_dump(
             {k: self.opts[k] for k in _RUN_OPTIONS}, sort_keys=False))
 
     def _run(self) -> RunResult:
-        import torch
+        resume = self._prepare_data()
+        self._load_backbone()
+        # A resumed run keeps its decision: the domain is not measured again.
+        self.decision = self._decide(self.loaded) if resume is None else _decision_from_dict(resume[0]["strategy"])
+        log.info("strategy: %s", self.decision.reason)
+        if self.on_decision is not None and self.dist.is_main:
+            self.on_decision(self.decision)
+        self._start_run_dir()
+        self._build_network()
+        train_loader, val_loader, forward = self._loaders()
+        trainer = self._trainer_ref = self._trainer(forward, steps_per_epoch=len(train_loader))
+        state = self._restore(trainer, *resume) if resume is not None else None
+        self.resumed_from = state.epoch if state is not None else None
+        state = self._fit(trainer, train_loader, val_loader, state)
+        return self._finish(trainer, state, val_loader)
 
-        from edgetl import data as D
-        from edgetl.catalog import replace_head
-        from edgetl.finetune.distributed import barrier
-        from edgetl.finetune.strategy import apply_strategy
-        from edgetl.weights import load_model
-
-        o, main = self.opts, self.dist.is_main
+    def _prepare_data(self) -> tuple[dict[str, Any], Any, Any] | None:
+        """Resolve the resolution, scan and split the dataset; for --resume, load the last checkpoint."""
+        o = self.opts
         card = self.card = get_card(o["model"])
         res = int(o["resolution"] or card.resolution)
         if card.family not in ("vit", "maxvit") and res < card.min_size[0]:
@@ -332,62 +361,55 @@ class _Run:
                 f"{card.name} needs inputs of at least {card.min_size[0]} px; --resolution {res} is too small"
             )
         o["resolution"] = res
-
         splits = self.splits = D.scan_dataset(
             o["data"], o["val_split"], o["test_split"], int(o["seed"]), o["on_bad_image"]
         )
         self.classes = splits.classes
-        digest = _splits_digest(splits)
-        resume_meta = None
-        if self.resume:
-            resume_meta, resume_weights, resume_optim = ckpt.load_last(self.run_dir)
-            if resume_meta.get("splits_digest") != digest:
-                raise CheckpointError(
-                    f"the dataset {o['data']} changed since {self.run_dir} was started (files or classes differ); "
-                    "start a new run instead of --resume"
-                )
+        self.digest = _splits_digest(splits)
+        if not self.resume:
+            return None
+        last = ckpt.load_last(self.run_dir)
+        if last[0].get("splits_digest") != self.digest:
+            raise CheckpointError(
+                f"the dataset {o['data']} changed since {self.run_dir} was started (files or classes differ); "
+                "start a new run instead of --resume"
+            )
+        return last
 
+    def _load_backbone(self) -> None:
+        o, main = self.opts, self.dist.is_main
         if self.dist.enabled and not main:
             barrier(self.dist)  # rank 0 fetches the weights (if they must be downloaded) before the others read them
-        loaded = self.loaded = load_model(card, o["weights"], o["weights_dir"], resolution=res, progress=self.progress)
+        self.loaded = load_model(self.card, o["weights"], o["weights_dir"], resolution=o["resolution"],
+                                 progress=self.progress)
         if self.dist.enabled and main:
             barrier(self.dist)
-        self.preprocess = card.preprocess.at_resolution(res)
-        self.eval_tf = D.build_transform(card.preprocess, res, train=False)
+        self.preprocess = self.card.preprocess.at_resolution(o["resolution"])
+        self.eval_tf = D.build_transform(self.card.preprocess, o["resolution"], train=False)
 
-        # A resumed run keeps its decision: the domain is not measured again.
-        decision = self._decide(loaded) if resume_meta is None else _decision_from_dict(resume_meta["strategy"])
-        self.decision = decision
-        log.info("strategy: %s", decision.reason)
-        if self.on_decision is not None and main:
-            self.on_decision(decision)
+    def _start_run_dir(self) -> None:
+        o = self.opts
         if o["augment"] is None:
-            o["augment"] = "none" if decision.strategy == "linear" else "light"
-        if main and not self.resume:
+            o["augment"] = "none" if self.decision.strategy == "linear" else "light"
+        if self.dist.is_main and not self.resume:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_config()
-            atomic_write_json(self.run_dir / SPLITS_FILE, _splits_json(splits))
+            atomic_write_json(self.run_dir / SPLITS_FILE, _splits_json(self.splits))
 
-        net = self.net = loaded.model
-        torch.manual_seed(int(o["seed"]))
-        replace_head(net, card, len(self.classes))
-        self.plan = apply_strategy(net, card, decision)
+    def _build_network(self) -> None:
+        net = self.net = self.loaded.model
+        torch.manual_seed(int(self.opts["seed"]))
+        replace_head(net, self.card, len(self.classes))
+        self.plan = apply_strategy(net, self.card, self.decision)
         net.to(self.device)
-        cuda = self.device.type == "cuda"
-        if cuda:
+        if self.device.type == "cuda":
             net.to(memory_format=torch.channels_last)
-        self.use_cache = self._use_feature_cache(res)
+        self.use_cache = self._use_feature_cache(self.opts["resolution"])
 
-        train_loader, val_loader, forward = self._loaders()
-        trainer = self._trainer_ref = self._trainer(forward, steps_per_epoch=len(train_loader))
-        state = None
-        if resume_meta is not None:
-            state = self._restore(trainer, resume_meta, resume_weights, resume_optim)
-        self.resumed_from = state.epoch if state is not None else None
-        self.digest = digest
+    def _fit(self, trainer: Any, train_loader: Any, val_loader: Any, state: Any) -> Any:
         try:
             try:
-                state = trainer.fit(train_loader, val_loader, state)
+                return trainer.fit(train_loader, val_loader, state)
             finally:
                 self._flush()  # keep the last finished epoch, whatever stopped the run
         except TrainingInterrupted as exc:
@@ -397,13 +419,9 @@ class _Run:
                 f"`edgetl finetune --out {self.run_dir} --resume` (Python: finetune(out=..., resume=True))"
                 if done else f"no epoch finished, so nothing was saved; start the run again (out={self.run_dir})"
             )
-            raise TrainingInterrupted(done, int(o["epochs"]), hint) from exc
-        return self._finish(trainer, state, val_loader)
+            raise TrainingInterrupted(done, int(self.opts["epochs"]), hint) from exc
 
     def _decide(self, loaded: Any) -> StrategyDecision:
-        from edgetl import data as D
-        from edgetl.finetune.strategy import DOMAIN_SAMPLE_IMAGES, choose_strategy, estimate_domain
-
         o = self.opts
         domain = None
         if o["strategy"] == "auto":
@@ -429,10 +447,6 @@ class _Run:
         )
 
     def _use_feature_cache(self, res: int) -> bool:
-        import torch
-
-        from edgetl.finetune.features import DEFAULT_MAX_MEMORY_MB, head_is_output
-
         o = self.opts
         wanted = o["feature_cache"]
         reasons = []
@@ -465,15 +479,12 @@ class _Run:
         return wanted is None or bool(wanted)
 
     def _train_sampler(self, size: int, labels: list[int], distributed: bool) -> Any:
-        from edgetl.finetune.distributed import EpochSampler
-
         o = self.opts
         weights = None
         if o["balance"]:
             counts = Counter(labels)
             weights = [1.0 / counts[y] for y in labels]
         if distributed and self.dist.enabled and weights is None:
-            from torch.utils.data import DistributedSampler
 
             return DistributedSampler(range(size), num_replicas=self.dist.world_size, rank=self.dist.rank,
                                       shuffle=True, seed=int(o["seed"]))
@@ -482,8 +493,6 @@ class _Run:
         return EpochSampler(size, int(o["seed"]), weights, world, rank)
 
     def _image_loader(self, records: list, transform: Any, sampler: Any, drop_last: bool = False) -> Any:
-        from edgetl import data as D
-
         o = self.opts
         return D.make_loader(
             records, transform, int(o["batch_size"]), shuffle=False, num_workers=int(o["workers"]),
@@ -492,20 +501,15 @@ class _Run:
         )
 
     def _eval_loader(self, records: list) -> Any:
-        from edgetl.finetune.distributed import ShardSampler
-
         if not records:
             return None
         sampler = ShardSampler(len(records), self.dist.world_size, self.dist.rank) if self.dist.enabled else None
         return self._image_loader(records, self.eval_tf, sampler)
 
     def _features(self, records: list, name: str) -> Any:
-        from edgetl.finetune.features import extract_features
-
         loader = self._eval_loader(records)
         if loader is None:
             return None
-        from edgetl.finetune.trainer import ProgressDisplay
 
         t0 = time.perf_counter()
         with ProgressDisplay(self.progress and self.dist.is_main) as bar:
@@ -520,16 +524,11 @@ class _Run:
         return cache
 
     def _amp_dtype(self) -> Any:
-        import torch
-
         if self.device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
     def _loaders(self) -> tuple[Any, Any, Any]:
-        from edgetl import data as D
-        from edgetl.finetune.features import FeatureBatches
-
         o = self.opts
         bs = int(o["batch_size"])
         labels = [y for _, y in self.splits.train]
@@ -548,19 +547,12 @@ class _Run:
         val = self._eval_loader(self.splits.val)
         forward = self.net
         if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             forward = DistributedDataParallel(self.net, device_ids=ids)
         return train, val, forward
 
     def _trainer(self, forward: Any, steps_per_epoch: int) -> Any:
-        import torch
-
-        from edgetl.finetune.distributed import DistInfo
-        from edgetl.finetune.strategy import BACKBONE_LR_SCALE, build_param_groups
-        from edgetl.finetune.trainer import TrainConfig, Trainer, make_scheduler
-
         o = self.opts
         config = TrainConfig(
             epochs=int(o["epochs"]), lr=float(o["lr"]), layer_decay=float(o["layer_decay"]),
@@ -586,12 +578,6 @@ class _Run:
     # -- checkpoints --
 
     def _meta(self) -> dict[str, Any]:
-        from importlib.metadata import PackageNotFoundError, version
-
-        import torch
-
-        from edgetl.catalog import torchvision_version
-
         o = self.opts
         try:
             edgetl_version = version("edgetl")
@@ -658,8 +644,6 @@ class _Run:
         self._last_write = time.monotonic()
 
     def _restore(self, trainer: Any, meta: dict[str, Any], weights: dict[str, Any], optim: dict[str, Any]) -> Any:
-        from edgetl.finetune.trainer import FitState
-
         missing, unexpected = self.net.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise CheckpointError(
@@ -681,8 +665,6 @@ class _Run:
     # -- the end --
 
     def _finish(self, trainer: Any, state: Any, val_loader: Any) -> RunResult:
-        from edgetl.finetune.distributed import barrier
-
         o = self.opts
         val = self.best_val
         if self.best_state is None:  # the best epoch came before a resume: read it back
@@ -695,7 +677,6 @@ class _Run:
         test = None
         if self.splits.test:
             if self.use_cache:
-                from edgetl.finetune.features import FeatureBatches
 
                 cache = self._features(self.splits.test, "test")
                 test = trainer.evaluate(FeatureBatches(cache, int(o["batch_size"])))
@@ -705,7 +686,6 @@ class _Run:
         classes = self.classes
         skipped = [(str(p), r) for p, r in self.splits.skipped]
         if self.dist.enabled:  # each rank saw only its shard's unreadable files
-            import torch.distributed as torch_dist
 
             gathered: list[Any] = [None] * self.dist.world_size
             torch_dist.all_gather_object(gathered, skipped)
@@ -764,7 +744,6 @@ class _Run:
 
 def _snapshot(obj: Any) -> Any:
     """A deep copy of a (nested) state dict with every tensor copied to the CPU."""
-    import torch
 
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
