@@ -18,7 +18,16 @@ import click
 
 from edgetl.cli_options import cli_options, parse
 from edgetl.errors import BudgetExceededError, ConfigError, ConstraintError, EdgetlError
-from edgetl.options import TABLE_ROWS, Constraints, ExportOptions, FinetuneOptions, SelectOptions, ValidateOptions
+from edgetl.options import (
+    PRECISIONS,
+    TABLE_ROWS,
+    Constraints,
+    ExportOptions,
+    FinetuneOptions,
+    SelectOptions,
+    TimingOptions,
+    ValidateOptions,
+)
 
 log = logging.getLogger("edgetl")
 
@@ -277,14 +286,14 @@ def devices_cmd(as_json: bool) -> None:
         caption="peaks are dense GFLOP/s (GOP/s for int8); search path, later wins: "
         + ", ".join(str(p) for p in profile_search_path()),
     )
-    for col in ("name", "aliases", "family", "runtime", "precisions", "fp32", "fp16", "int8",
+    for col in ("name", "aliases", "family", "runtime", "precisions", *PRECISIONS,
                 "RAM GB", "BW GB/s", "refs", "file"):
-        right = col in ("fp32", "fp16", "int8", "RAM GB", "BW GB/s", "refs")
+        right = col in (*PRECISIONS, "RAM GB", "BW GB/s", "refs")
         table.add_column(col, justify="right" if right else "left", overflow="fold")
     for p in profiles:
         table.add_row(
             p.name, ", ".join(p.aliases), p.family, p.runtime, ", ".join(p.precisions),
-            _peak(p, "fp32"), _peak(p, "fp16"), _peak(p, "int8"),
+            *(_peak(p, precision) for precision in PRECISIONS),
             f"{p.memory.ram_mb.value / 1024:g}", f"{p.memory.bandwidth_gbs.value:g}",
             str(len(p.reference)), _profile_file(p),
         )
@@ -360,81 +369,82 @@ def weights_pull_cmd(model: str, dest: str | None, as_json: bool) -> None:
 @click.argument("target", metavar="MODEL|FILE.onnx")
 @click.option("--runtime", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
               show_default=True)
-@click.option("--batch", type=int, default=None, help="Images per inference [default: 1, or the file's fixed batch].")
-@click.option("--resolution", type=int, default=None,
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Images per inference [default: 1, or the file's fixed batch].")
+@click.option("--resolution", type=click.IntRange(min=1), default=None,
               help="Input size [default: the model's own resolution, or the file's input size].")
-@click.option("--iterations", type=int, default=100, show_default=True, help="Timed inferences.")
-@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed inferences first.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads [default: all cores].")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True,
+@cli_options(TimingOptions)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
               help="TensorRT engine precision (tensorrt runtime only; int8 needs a QDQ model).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
-def bench_cmd(target, runtime, batch, resolution, iterations, warmup, threads, precision, as_json) -> None:
+def bench_cmd(target, runtime, batch, resolution, precision, as_json, **kwargs) -> None:
     """Time a catalog model (exported with random weights) or an ONNX file on this machine.
 
     Reports latency percentiles, throughput, peak memory and the coefficient of variation; a CV
     above 10% means the machine was busy and the figures are noisy (trust min then).
     """
-    from pathlib import Path
-
     from edgetl.runtime import make_runner
-    from edgetl.runtime.bench import benchmark, onnx_input_shape
+    from edgetl.runtime.bench import benchmark
 
-    for label, value in (("--batch", batch), ("--resolution", resolution), ("--threads", threads)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{label} must be at least 1, got {value}")
+    timing = parse(TimingOptions, kwargs)
     err = _stderr_console()
-    is_file = target.lower().endswith((".onnx", ".engine", ".plan", ".trt")) or Path(target).is_file()
-    info: dict[str, Any] = {"model": target, "runtime": runtime, "threads": threads}
-    if is_file:
-        path = Path(target)
-        if runtime == "torch":
-            raise ConfigError(
-                f"--runtime torch runs catalog models in PyTorch, not files; time {path.name} with "
-                "--runtime onnxruntime or tensorrt"
-            )
-        if not path.is_file():
-            raise ConfigError(f"{path} does not exist")
-        if path.suffix.lower() == ".onnx":
-            shape = onnx_input_shape(path, batch, resolution)
-        elif resolution is None:
-            raise ConfigError(f"pass --resolution to time the engine {path.name}")
-        else:
-            shape = (batch or 1, 3, resolution, resolution)
-        info.update(model=path.name, source="file", file=str(path))
-    else:
-        from edgetl.catalog import get_card
-
-        card = get_card(target)
-        res = resolution or card.resolution
-        shape = (batch or 1, 3, res, res)
-        info.update(model=card.name, source="catalog", weights="none (random init)")
-        if runtime == "torch":
-            from edgetl.weights import load_model
-
-            path = load_model(card, weights=None, resolution=res).model
-        else:
-            from edgetl.export.onnx import cached_catalog_onnx
-
-            with err.status(f"exporting {card.name} at {res}px to ONNX"):
-                report = cached_catalog_onnx(card.id, resolution=res)
-            path = report.path
-            info["onnx"] = {"nodes_exported": report.nodes_exported, "nodes": report.nodes,
-                            "opset": report.opset, "exporter": report.exporter}
-    kwargs: dict[str, Any] = {}
-    if runtime in ("onnxruntime", "torch"):
-        kwargs["threads"] = threads
-    else:
-        kwargs.update(precision=precision, max_batch=max(8, shape[0]))
-        if threads is not None:
+    path, shape, info = _bench_target(target, runtime, batch, resolution, err)
+    info["threads"] = timing.threads
+    options: dict[str, Any] = {"threads": timing.threads}
+    if runtime == "tensorrt":
+        options = {"precision": precision, "max_batch": max(8, shape[0])}
+        if timing.threads is not None:
             err.print("[yellow]--threads has no effect with --runtime tensorrt[/]")
-    runner = make_runner(runtime, path, name=info["model"], **kwargs)
-    with err.status(f"timing {info['model']} on {runtime}: {warmup} warm-up + {iterations} runs"):
-        result = benchmark(runner, shape=shape, iterations=iterations, warmup=warmup)
+    runner = make_runner(runtime, path, name=info["model"], **options)
+    with err.status(f"timing {info['model']} on {runtime}: {timing.warmup} warm-up + {timing.iterations} runs"):
+        result = benchmark(runner, shape=shape, iterations=timing.iterations, warmup=timing.warmup)
     if as_json:
         emit_json({**info, **result.to_dict()})
         return
     _print_bench(info, result)
+
+
+def _bench_target(target: str, runtime: str, batch: int | None, resolution: int | None,
+                  err: Any) -> tuple[Any, tuple[int, int, int, int], dict[str, Any]]:
+    """What to time (a file, or a catalog model exported or built here), its input shape, and a description."""
+    from pathlib import Path
+
+    from edgetl.runtime.bench import onnx_input_shape
+
+    info: dict[str, Any] = {"model": target, "runtime": runtime}
+    path = Path(target)
+    if target.lower().endswith((".onnx", ".engine", ".plan", ".trt")) or path.is_file():
+        if runtime == "torch":
+            raise ConfigError(f"--runtime torch runs catalog models in PyTorch, not files; time {path.name} with "
+                              "--runtime onnxruntime or tensorrt")
+        if not path.is_file():
+            raise ConfigError(f"{path} does not exist")
+        if path.suffix.lower() != ".onnx" and resolution is None:
+            raise ConfigError(f"pass --resolution to time the engine {path.name}")
+        shape = onnx_input_shape(path, batch, resolution) if path.suffix.lower() == ".onnx" \
+            else (batch or 1, 3, resolution, resolution)
+        info.update(model=path.name, source="file", file=str(path))
+        return path, shape, info
+    return _catalog_bench_target(target, runtime, batch, resolution, err, info)
+
+
+def _catalog_bench_target(target: str, runtime: str, batch: int | None, resolution: int | None, err: Any,
+                          info: dict[str, Any]) -> tuple[Any, tuple[int, int, int, int], dict[str, Any]]:
+    from edgetl.catalog import get_card
+    from edgetl.export.onnx import cached_catalog_onnx
+    from edgetl.weights import load_model
+
+    card = get_card(target)
+    res = resolution or card.resolution
+    info.update(model=card.name, source="catalog", weights="none (random init)")
+    shape = (batch or 1, 3, res, res)
+    if runtime == "torch":
+        return load_model(card, weights=None, resolution=res).model, shape, info
+    with err.status(f"exporting {card.name} at {res}px to ONNX"):
+        report = cached_catalog_onnx(card.id, resolution=res)
+    info["onnx"] = {"nodes_exported": report.nodes_exported, "nodes": report.nodes,
+                    "opset": report.opset, "exporter": report.exporter}
+    return report.path, shape, info
 
 
 def _print_bench(info: dict[str, Any], result) -> None:

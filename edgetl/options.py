@@ -162,7 +162,16 @@ class ExportOptions(StageOptions):
     seed: int = option(0, "Seed of the calibration sample.")
 
 
-class ValidateOptions(StageOptions):
+class TimingOptions(StageOptions):
+    """How a model is timed (``edgetl bench``, ``edgetl validate``)."""
+
+    iterations: int = option(100, "Timed inferences.", ge=1)
+    warmup: int = option(10, "Untimed inferences first.", ge=0)
+    threads: int | None = option(
+        None, "Intra-op threads [default: a calibrated profile's, else all cores].", ge=1)
+
+
+class ValidateOptions(TimingOptions):
     """What ``edgetl validate`` measures and the budgets it judges."""
 
     data: Path | None = option(None, "Class folders (named like labels.json) to measure top-1 accuracy on.")
@@ -170,10 +179,6 @@ class ValidateOptions(StageOptions):
     max_memory_mb: float | None = option(
         None, "Memory budget in MB; a miss exits with code 3 [default: the profile's model memory budget].", gt=0)
     budget_metric: BudgetMetric = option("p50", "Which latency statistic the budget is judged on.")
-    iterations: int = option(100, "Timed inferences.", ge=1)
-    warmup: int = option(10, "Untimed inferences first.", ge=0)
-    threads: int | None = option(None, "ONNX Runtime threads [default: the calibrated profile's, else all cores].",
-                                 ge=1)
 
 
 M = TypeVar("M", bound=StageOptions)

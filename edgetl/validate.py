@@ -189,15 +189,7 @@ def validate(
     folder = Path(artifact).expanduser()
     manifest = bundle.verify_files(folder)
     files = {name: rec["sha256"] for name, rec in manifest["files"].items()}
-    profile = load_profile(device or manifest.get("device", {}).get("name") or "x86")
-    here = is_this_machine(profile)
-    threads = opts.threads
-    if threads is None and here and profile.calibrated:
-        threads = profile.calibrated.get("threads")
-    notes = [] if here else [
-        f"'{profile.name}' is not this machine: latency is measured here, and predicted for {profile.name}; "
-        "run `edgetl device calibrate` for a profile of this machine"
-    ]
+    profile, here, threads, notes = _target(device, manifest, opts)
     precision = _check_precision(manifest, profile)
     runner, runtime, runner_notes = _runner(folder, profile.runtime, threads, files)
     notes += runner_notes
@@ -218,6 +210,21 @@ def validate(
     if check:
         report.raise_for_budget()
     return report
+
+
+def _target(device: str | None, manifest: dict[str, Any],
+            opts: ValidateOptions) -> tuple[DeviceProfile, bool, int | None, list[str]]:
+    """The device profile, whether this machine is it, the threads to time with, and notes for the user."""
+    profile = load_profile(device or manifest.get("device", {}).get("name") or "x86")
+    here = is_this_machine(profile)
+    threads = opts.threads
+    if threads is None and here and profile.calibrated:
+        threads = profile.calibrated.get("threads")
+    notes = [] if here else [
+        f"'{profile.name}' is not this machine: latency is measured here, and predicted for {profile.name}; "
+        "run `edgetl device calibrate` for a profile of this machine"
+    ]
+    return profile, here, threads, notes
 
 
 def _check_precision(manifest: dict[str, Any], profile: DeviceProfile) -> str:

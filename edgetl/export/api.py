@@ -341,20 +341,45 @@ def _int8_candidate(src: _Source, fp32_path: Path, work: Path, job: _Job,
 def _evaluate(src: _Source, candidates: list[_Candidate], threads: int | None, max_drop: float,
               calib: tuple[list[Record], str] | None, say: Callable[[str], None]) -> dict[str, Any]:
     """Parity with torch and accuracy of every candidate on the evaluation images (decoded once)."""
-    import torch  # deferred: torch is heavy, and only the evaluation step runs the PyTorch model
+    batches, labelled = _eval_batches(src, calib, say)
+    logits, labels = _all_logits(src, candidates, threads, batches)
+    ref = logits["torch"]
+    fp32_top1 = top1(ref, labels) if labelled else None
+    inputs = "evaluation images" if labelled else ("calibration images" if calib else "random normal inputs")
+    for c in candidates:
+        got = logits[c.precision]
+        c.parity = _parity(c.precision, got, ref, labelled, max_drop, inputs)
+        if labelled:
+            acc = top1(got, labels)
+            c.accuracy = {"fp32_top1": round(fp32_top1, 4), "top1": round(acc, 4),
+                          "top1_agreement": round(c.parity["top1_agreement"], 6),
+                          "drop_pts": round(fp32_top1 - acc, 4), "images": len(ref)}
+    return {
+        "measured": labelled,
+        "source": src.eval_set.source if labelled else None,
+        "images": len(ref),
+        "fp32_top1": None if fp32_top1 is None else round(fp32_top1, 4),
+        "torch_onnx_max_abs_diff": candidates[0].parity["max_abs_diff"],
+    }
 
+
+def _eval_batches(src: _Source, calib: tuple[list[Record], str] | None,
+                  say: Callable[[str], None]) -> tuple[Any, bool]:
+    """Labelled evaluation images if there are any; else calibration images, else random inputs."""
     if src.eval_set is not None and len(src.eval_set):
         say(f"evaluating on {len(src.eval_set)} images ({src.eval_set.source})")
-        batches: Any = image_batches(src.eval_set.records, src.preprocess, src.resolution)
-        labelled = True
-    elif calib is not None:
+        return image_batches(src.eval_set.records, src.preprocess, src.resolution), True
+    if calib is not None:
         say(f"checking agreement with PyTorch on {len(calib[0])} calibration images (no labelled images)")
-        batches = ((x, np.full(len(x), -1)) for x, _ in image_batches(calib[0], src.preprocess, src.resolution))
-        labelled = False
-    else:
-        say("checking parity on random inputs (no labelled images)")
-        batches = random_batches(src.resolution)
-        labelled = False
+        return ((x, np.full(len(x), -1)) for x, _ in image_batches(calib[0], src.preprocess, src.resolution)), False
+    say("checking parity on random inputs (no labelled images)")
+    return random_batches(src.resolution), False
+
+
+def _all_logits(src: _Source, candidates: list[_Candidate], threads: int | None,
+                batches: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The logits of PyTorch and of every candidate on the same batches."""
+    import torch  # deferred: torch is heavy, and only the evaluation step runs the PyTorch model
 
     def torch_fn(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -368,49 +393,37 @@ def _evaluate(src: _Source, candidates: list[_Candidate], threads: int | None, m
         models: dict[str, Callable[[np.ndarray], np.ndarray]] = {"torch": torch_fn}
         for name, runner in runners.items():
             models[name] = lambda x, r=runner: r.infer(x)["logits"]
-        logits, labels = collect_logits(batches, models)
+        return collect_logits(batches, models)
     finally:
         for runner in runners.values():
             runner.deactivate()
 
-    ref = logits["torch"]
+
+def _parity(precision: str, got: np.ndarray, ref: np.ndarray, labelled: bool, max_drop: float,
+            inputs: str) -> dict[str, Any]:
+    diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+    agree = agreement(got, ref)
     scale = float(np.abs(ref).max()) if ref.size else 0.0
-    fp32_top1 = top1(ref, labels) if labelled else None
-    for c in candidates:
-        got = logits[c.precision]
-        diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-        agree = agreement(got, ref)
-        if c.precision == "fp32":
-            atol, need_agree = FP32_ATOL, 1.0
-        elif c.precision == "fp16":
-            atol, need_agree = FP16_ATOL + FP16_RTOL * scale, None
-        elif labelled:
-            atol, need_agree = None, None  # judged on its measured accuracy drop
-        else:
-            # No labels: a drop of d points needs at least d% of the images to disagree with FP32, so
-            # agreement >= 1 - budget/100 keeps INT8 within the accuracy budget.
-            atol, need_agree = None, 1.0 - max_drop / 100.0
-        passed = (atol is None or float(diff.max()) <= atol) and (need_agree is None or agree >= need_agree)
-        c.parity = {
-            "images": len(ref),
-            "inputs": "evaluation images" if labelled else ("calibration images" if calib else "random normal inputs"),
-            "min_top1_agreement": need_agree,
-            "max_abs_diff": float(diff.max()),
-            "mean_abs_diff": float(diff.mean()),
-            "top1_agreement": agree,
-            "atol": atol,
-            "passed": passed,
-        }
-        if labelled:
-            acc = top1(got, labels)
-            c.accuracy = {"fp32_top1": round(fp32_top1, 4), "top1": round(acc, 4), "top1_agreement": round(agree, 6),
-                          "drop_pts": round(fp32_top1 - acc, 4), "images": len(ref)}
+    if precision == "fp32":
+        atol, need_agree = FP32_ATOL, 1.0
+    elif precision == "fp16":
+        atol, need_agree = FP16_ATOL + FP16_RTOL * scale, None
+    elif labelled:
+        atol, need_agree = None, None  # judged on its measured accuracy drop
+    else:
+        # No labels: a drop of d points needs at least d% of the images to disagree with FP32, so
+        # agreement >= 1 - budget/100 keeps INT8 within the accuracy budget.
+        atol, need_agree = None, 1.0 - max_drop / 100.0
+    passed = (atol is None or float(diff.max()) <= atol) and (need_agree is None or agree >= need_agree)
     return {
-        "measured": labelled,
-        "source": src.eval_set.source if labelled else None,
         "images": len(ref),
-        "fp32_top1": None if fp32_top1 is None else round(fp32_top1, 4),
-        "torch_onnx_max_abs_diff": candidates[0].parity["max_abs_diff"],
+        "inputs": inputs,
+        "min_top1_agreement": need_agree,
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "top1_agreement": agree,
+        "atol": atol,
+        "passed": passed,
     }
 
 
@@ -560,9 +573,7 @@ def export(
     job.say("loading the model")
     src = _load_source(source, weights, weights_dir, resolution, data)
     if opts.tensorrt:
-        guess = opts.precision if opts.precision != "auto" else ("fp16" if "fp16" in job.profile.precisions
-                                                                 else "fp32")
-        require_tensorrt(guess, src.resolution, job.out_path)
+        _require_tensorrt(job, src)
     with bundle.staging_dir(job.out_path) as stage:
         work = stage / ".work"
         work.mkdir()
@@ -571,9 +582,8 @@ def export(
         verdict = _judge(job, chosen, evaluation)
         job.say("writing the artifact")
         manifest = _write_artifact(job, src, stage, onnx_report, candidates, chosen, verdict)
-        if candidates_dir is not None:
-            for c in candidates:
-                bundle.copy_file(c.path, Path(candidates_dir) / f"{c.precision}.onnx")
+        for c in candidates if candidates_dir is not None else ():
+            bundle.copy_file(c.path, Path(candidates_dir) / f"{c.precision}.onnx")
         shutil.rmtree(work)
         manifest = bundle.write_manifest(stage, manifest)
         bundle.publish(stage, job.out_path, force)
@@ -594,6 +604,12 @@ def _start(source: str | os.PathLike[str], out: str | os.PathLike[str], opts: Ex
     if job.threads is None and is_this_machine(profile) and profile.calibrated:
         job.threads = profile.calibrated.get("threads")
     return job
+
+
+def _require_tensorrt(job: _Job, src: _Source) -> None:
+    precision = job.opts.precision
+    guess = precision if precision != "auto" else ("fp16" if "fp16" in job.profile.precisions else "fp32")
+    require_tensorrt(guess, src.resolution, job.out_path)
 
 
 def _candidates(job: _Job, src: _Source, work: Path) -> tuple[Any, list[_Candidate], dict[str, Any]]:

@@ -665,32 +665,58 @@ class _Run:
     # -- the end --
 
     def _finish(self, trainer: Any, state: Any, val_loader: Any) -> RunResult:
-        o = self.opts
+        val, test = self._final_evaluation(trainer, val_loader)
+        skipped = self._skipped_everywhere()
+        metrics = self._metrics(state, val, test, skipped)
+        if self.dist.is_main:
+            self._write_metrics(state, metrics, test or val)
+        barrier(self.dist)
+        return RunResult(
+            run_dir=self.run_dir,
+            checkpoint=self.run_dir / ckpt.BEST_WEIGHTS,
+            model=self.card.id,
+            classes=self.classes,
+            strategy=self.decision,
+            val_accuracy=metrics["val_accuracy"],
+            test_accuracy=metrics["test_accuracy"],
+            best_epoch=state.best_epoch,
+            epochs_run=state.epoch,
+            stopped_early=state.stopped_early,
+            feature_cache=self.use_cache,
+            weights=self.loaded.weights,
+            skipped=skipped,
+            metrics=metrics,
+            resumed_from=self.resumed_from,
+            seconds=time.perf_counter() - self.start,
+        )
+
+    def _final_evaluation(self, trainer: Any, val_loader: Any) -> tuple[Any, Any]:
+        """The best weights on the validation and test splits."""
         val = self.best_val
         if self.best_state is None:  # the best epoch came before a resume: read it back
-            _, best = ckpt.load_best(self.run_dir)
-            self.best_state = best
+            _, self.best_state = ckpt.load_best(self.run_dir)
             val = None
         self.net.load_state_dict(self.best_state)
         if val is None and val_loader is not None:
             val = trainer.evaluate(val_loader)
-        test = None
-        if self.splits.test:
-            if self.use_cache:
+        if not self.splits.test:
+            return val, None
+        if self.use_cache:
+            cache = self._features(self.splits.test, "test")
+            return val, trainer.evaluate(FeatureBatches(cache, int(self.opts["batch_size"])))
+        return val, trainer.evaluate(self._eval_loader(self.splits.test))
 
-                cache = self._features(self.splits.test, "test")
-                test = trainer.evaluate(FeatureBatches(cache, int(o["batch_size"])))
-            else:
-                test = trainer.evaluate(self._eval_loader(self.splits.test))
-        final = val if test is None else test
-        classes = self.classes
+    def _skipped_everywhere(self) -> list[tuple[str, str]]:
         skipped = [(str(p), r) for p, r in self.splits.skipped]
-        if self.dist.enabled:  # each rank saw only its shard's unreadable files
+        if not self.dist.enabled:
+            return skipped
+        gathered: list[Any] = [None] * self.dist.world_size  # each rank saw only its shard's unreadable files
+        torch_dist.all_gather_object(gathered, skipped)
+        return sorted({(p, r) for part in gathered for p, r in part})
 
-            gathered: list[Any] = [None] * self.dist.world_size
-            torch_dist.all_gather_object(gathered, skipped)
-            skipped = sorted({(p, r) for part in gathered for p, r in part})
-        metrics = {
+    def _metrics(self, state: Any, val: Any, test: Any, skipped: list[tuple[str, str]]) -> dict[str, Any]:
+        classes, final = self.classes, test or val
+        return {
             "model": self.card.id,
             "strategy": self.decision.to_dict(),
             "feature_cache": self.use_cache,
@@ -710,36 +736,18 @@ class _Run:
             "dataset": self.splits.summary(),
             "skipped_images": len(skipped),
         }
-        if self.dist.is_main:
-            from edgetl.plots import plot_confusion_matrix, plot_training_curves
 
-            atomic_write_json(self.run_dir / METRICS_FILE, metrics)
-            plot_training_curves(state.history, self.run_dir / CURVES_PNG)
-            if final is not None:
-                title = f"confusion matrix ({metrics['confusion_split']}, epoch {state.best_epoch})"
-                plot_confusion_matrix(final.confusion, classes, self.run_dir / CONFUSION_PNG, title=title)
-            summary = {k: metrics[k] for k in ("val_accuracy", "test_accuracy", "best_epoch", "epochs_run",
-                                                "per_class_accuracy", "confusion_matrix", "confusion_split")}
-            ckpt.update_best_meta(self.run_dir, final_metrics=summary, history=state.history)
-        barrier(self.dist)
-        return RunResult(
-            run_dir=self.run_dir,
-            checkpoint=self.run_dir / ckpt.BEST_WEIGHTS,
-            model=self.card.id,
-            classes=classes,
-            strategy=self.decision,
-            val_accuracy=metrics["val_accuracy"],
-            test_accuracy=metrics["test_accuracy"],
-            best_epoch=state.best_epoch,
-            epochs_run=state.epoch,
-            stopped_early=state.stopped_early,
-            feature_cache=self.use_cache,
-            weights=self.loaded.weights,
-            skipped=skipped,
-            metrics=metrics,
-            resumed_from=self.resumed_from,
-            seconds=time.perf_counter() - self.start,
-        )
+    def _write_metrics(self, state: Any, metrics: dict[str, Any], final: Any) -> None:
+        from edgetl.plots import plot_confusion_matrix, plot_training_curves  # deferred: matplotlib is heavy
+
+        atomic_write_json(self.run_dir / METRICS_FILE, metrics)
+        plot_training_curves(state.history, self.run_dir / CURVES_PNG)
+        if final is not None:
+            title = f"confusion matrix ({metrics['confusion_split']}, epoch {state.best_epoch})"
+            plot_confusion_matrix(final.confusion, self.classes, self.run_dir / CONFUSION_PNG, title=title)
+        summary = {k: metrics[k] for k in ("val_accuracy", "test_accuracy", "best_epoch", "epochs_run",
+                                            "per_class_accuracy", "confusion_matrix", "confusion_split")}
+        ckpt.update_best_meta(self.run_dir, final_metrics=summary, history=state.history)
 
 
 def _snapshot(obj: Any) -> Any:
