@@ -315,47 +315,24 @@ def quantize_int8_static(
         ConfigError: an unknown method, or no calibration images.
         ExportError: pre-processing or quantization fails.
     """
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantType
-
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
-    if calib_method not in methods:
+    if calib_method not in CALIB_METHODS:
         raise ConfigError(f"unknown calibration method '{calib_method}'; use one of {', '.join(CALIB_METHODS)}")
     excluded = _check_exclude(exclude_op_types)
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    activation = QuantType.QInt8 if symmetric_activations else QuantType.QUInt8
-    extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": symmetric_activations}
-    if calib_method == "percentile":
-        extra["CalibPercentile"] = 99.999
     with tempfile.TemporaryDirectory(prefix="edgetl-quant-") as tmp:
         pre, model = _prepared(src, Path(tmp))
-        input_name = model.graph.input[0].name
-        exclude_nodes = [n.name for n in model.graph.node if n.op_type in excluded]
+        options = _StaticOptions(
+            input_name=model.graph.input[0].name, per_channel=per_channel, reduce_range=reduce_range,
+            symmetric_activations=symmetric_activations,
+            exclude_nodes=[n.name for n in model.graph.node if n.op_type in excluded],
+        )
         batches = [np.ascontiguousarray(b, dtype=np.float32) for b in calibration]  # kept for a retry
         if not batches or sum(len(b) for b in batches) == 0:
             raise ConfigError("no calibration images: pass --calib-data DIR with some images")
         out = Path(tmp) / "int8.onnx"
-        used, fallback = calib_method, None
-        try:
-            images = _quantize_static(pre, out, batches, input_name, calib_method, methods, per_channel,
-                                      reduce_range, activation, exclude_nodes, extra)
-        except Exception as exc:  # ORT's quantizer raises ValueError/RuntimeError/... on odd graphs
-            if calib_method == "minmax":
-                raise ExportError(f"ONNX Runtime static quantization failed: {_one_line(exc)}") from exc
-            # The histogram calibrators fail on degenerate activation ranges ("Too many bins for data range").
-            fallback = f"{calib_method} calibration failed ({_one_line(exc, 120)}); used minmax"
-            log.warning("%s", fallback)
-            used = "minmax"
-            try:
-                images = _quantize_static(pre, out, batches, input_name, "minmax", methods, per_channel,
-                                          reduce_range, activation, exclude_nodes, extra)
-            except Exception as exc2:
-                raise ExportError(f"ONNX Runtime static quantization failed: {_one_line(exc2)}") from exc2
-        quantized = onnx.load(str(out))
-        with atomic_path(dst) as tmp_dst:
-            onnx.save_model(quantized, str(tmp_dst))
+        used, images, fallback = _quantize_static_or_minmax(pre, out, batches, calib_method, options)
+        quantized = _save_copy(out, dst)
     log.info("static INT8 (%s, %d calibration images) -> %s", used, images, dst)
     return QuantReport(
         precision="int8", mode="static", path=dst, file_bytes=dst.stat().st_size,
@@ -366,22 +343,70 @@ def quantize_int8_static(
     )
 
 
-def _quantize_static(pre: Path, out: Path, batches: list[np.ndarray], input_name: str, method: str,
-                     methods: dict[str, Any], per_channel: bool, reduce_range: bool, activation: Any,
-                     exclude_nodes: list[str], extra: dict[str, Any]) -> int:
-    """One quantize_static call; returns the number of calibration images it saw."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+@dataclass(frozen=True)
+class _StaticOptions:
+    """The settings of a ``quantize_static`` call other than the calibration method."""
 
+    input_name: str
+    per_channel: bool
+    reduce_range: bool
+    symmetric_activations: bool
+    exclude_nodes: list[str]
+
+
+def _quantize_static_or_minmax(pre: Path, out: Path, batches: list[np.ndarray], calib_method: str,
+                               options: _StaticOptions) -> tuple[str, int, str | None]:
+    """Quantize with ``calib_method``, falling back to minmax if it fails; return (method used, images, why)."""
+    try:
+        return calib_method, _quantize_static(pre, out, batches, calib_method, options), None
+    except Exception as exc:  # ORT's quantizer raises ValueError/RuntimeError/... on odd graphs
+        if calib_method == "minmax":
+            raise ExportError(f"ONNX Runtime static quantization failed: {_one_line(exc)}") from exc
+        # The histogram calibrators fail on degenerate activation ranges ("Too many bins for data range").
+        fallback = f"{calib_method} calibration failed ({_one_line(exc, 120)}); used minmax"
+        log.warning("%s", fallback)
+    try:
+        return "minmax", _quantize_static(pre, out, batches, "minmax", options), fallback
+    except Exception as exc2:
+        raise ExportError(f"ONNX Runtime static quantization failed: {_one_line(exc2)}") from exc2
+
+
+def _quantize_static(pre: Path, out: Path, batches: list[np.ndarray], method: str, options: _StaticOptions) -> int:
+    """One quantize_static call; returns the number of calibration images it saw."""
+    from onnxruntime.quantization import (  # deferred: heavy
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": options.symmetric_activations}
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.999
     # The histogram calibrators stack activations across batches: feed them equal shapes.
     feed = _single_images(batches) if method != "minmax" else iter(batches)
-    reader = _calibration_reader(feed, input_name)
+    reader = _calibration_reader(feed, options.input_name)
     with _quiet_logs():
         quantize_static(
-            str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-            reduce_range=reduce_range, activation_type=activation, weight_type=QuantType.QInt8,
-            nodes_to_exclude=exclude_nodes or None, calibrate_method=methods[method], extra_options=extra,
+            str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
+            reduce_range=options.reduce_range,
+            activation_type=QuantType.QInt8 if options.symmetric_activations else QuantType.QUInt8,
+            weight_type=QuantType.QInt8, nodes_to_exclude=options.exclude_nodes or None,
+            calibrate_method=methods[method], extra_options=extra,
         )
     return reader.images
+
+
+def _save_copy(path: Path, dst: Path) -> Any:
+    """Copy the ONNX model at ``path`` to ``dst`` (atomically); return the model."""
+    import onnx  # deferred: heavy
+
+    model = onnx.load(str(path))
+    with atomic_path(dst) as tmp_dst:
+        onnx.save_model(model, str(tmp_dst))
+    return model
 
 
 def quantize_int8_dynamic(
@@ -403,8 +428,7 @@ def quantize_int8_dynamic(
     Returns:
         A :class:`QuantReport` with ``mode="dynamic"``.
     """
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # deferred: heavy
 
     excluded = _check_exclude(exclude_op_types)
     ops = [op for op in _DYNAMIC_OP_TYPES if op not in excluded]
@@ -421,9 +445,7 @@ def quantize_int8_dynamic(
                                  reduce_range=reduce_range, weight_type=QuantType.QInt8)
         except Exception as exc:
             raise ExportError(f"ONNX Runtime dynamic quantization failed: {_one_line(exc)}") from exc
-        quantized = onnx.load(str(out))
-        with atomic_path(dst) as tmp_dst:
-            onnx.save_model(quantized, str(tmp_dst))
+        quantized = _save_copy(out, dst)
     return QuantReport(
         precision="int8", mode="dynamic", path=dst, file_bytes=dst.stat().st_size,
         seconds=time.perf_counter() - start, format="dynamic (MatMulInteger/DynamicQuantizeLinear)",
