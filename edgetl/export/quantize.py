@@ -18,10 +18,12 @@ which is all TensorRT accepts.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,9 +101,6 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 def _quiet_logs() -> Iterator[None]:
     """Keep ONNX Runtime's quantizer quiet: it prints progress to stdout (which must stay clean for
     ``--json``) and logs warnings on the root logger. What it printed is logged at debug level."""
-    import io
-    import warnings
-
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.ERROR))
@@ -122,7 +121,7 @@ def is_linear_heavy(onnx_path: str | os.PathLike[str]) -> bool:
     Such models quantize well dynamically (int8 weights, activations quantized at run time); conv
     networks need static calibration to gain speed.
     """
-    import onnx
+    import onnx  # deferred: heavy
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     weights = {i.name for i in model.graph.initializer}
@@ -159,8 +158,8 @@ def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     Raises:
         ExportError: the converter fails or writes a model that does not pass the ONNX checker.
     """
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    import onnx  # deferred: heavy
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # deferred: heavy
 
     start = time.perf_counter()
     model = onnx.load(str(src))
@@ -215,7 +214,7 @@ def _single_images(batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
 
 
 def _calibration_reader(batches: Iterable[np.ndarray], input_name: str) -> Any:
-    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization import CalibrationDataReader  # deferred: heavy
 
     class _Reader(CalibrationDataReader):
         """Feeds NCHW float32 batches to the calibrator and counts the images it saw."""
@@ -237,7 +236,7 @@ def _calibration_reader(batches: Iterable[np.ndarray], input_name: str) -> Any:
 
 def _prepared(src: Path, tmp: Path) -> tuple[Path, Any]:
     """``src`` pre-processed for quantization with a name on every node, saved in ``tmp``; (path, model)."""
-    import onnx
+    import onnx  # deferred: heavy
 
     pre = tmp / "pre.onnx"
     _preprocess(src, pre)
@@ -258,7 +257,7 @@ def _name_nodes(model: Any) -> None:
 
 def _preprocess(src: Path, dst: Path) -> None:
     """ORT's quant_pre_process: symbolic shape inference, graph optimization, ONNX shape inference."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # deferred: heavy
 
     try:
         with _quiet_logs():

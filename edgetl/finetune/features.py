@@ -41,7 +41,7 @@ DEFAULT_MAX_MEMORY_MB = 2048
 @contextlib.contextmanager
 def head_removed(model: nn.Module, head_path: str) -> Iterator[nn.Module]:
     """Temporarily replace the head with ``nn.Identity``; yield the model, restore the head after."""
-    from torch import nn
+    from torch import nn  # deferred: heavy
 
     parent_path, _, attr = head_path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -55,7 +55,7 @@ def head_removed(model: nn.Module, head_path: str) -> Iterator[nn.Module]:
 
 def head_is_output(model: nn.Module, head_path: str, example: torch.Tensor) -> bool:
     """Whether the head's output is the model's output (so the head's input can be cached)."""
-    import torch
+    import torch  # deferred: heavy
 
     head = model.get_submodule(head_path)
     seen: list[torch.Tensor] = []
@@ -223,8 +223,8 @@ def _cache(sink: _FeatureSink, labels: torch.Tensor, dist: DistInfo | None, size
 
 def _gather_shards(dist: DistInfo, feats: torch.Tensor, labels: torch.Tensor, size: int, device: Any):
     """Reassemble per-rank shards (rank r holds indices r, r+W, ...) into the full cache on every rank."""
-    import torch
-    import torch.distributed as tdist
+    import torch  # deferred: heavy
+    import torch.distributed as tdist  # deferred: heavy
 
     per_rank = -(-size // dist.world_size)
     comm_device = torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
@@ -264,7 +264,7 @@ class FeatureBatches:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        import torch
+        import torch  # deferred: heavy
 
         order = (
             torch.as_tensor(list(self.sampler), dtype=torch.long)

@@ -405,7 +405,7 @@ def onnx_input_shape(
     Raises:
         ConfigError: the model's input is not NCHW, or conflicts with ``batch``/``resolution``.
     """
-    import onnx
+    import onnx  # deferred: heavy
 
     path = Path(path)
     if not path.is_file():

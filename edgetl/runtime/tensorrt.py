@@ -48,7 +48,7 @@ def import_tensorrt() -> Any:
         BackendUnavailableError: tensorrt is not installed or cannot load its libraries.
     """
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # deferred: optional
     except ImportError as exc:
         raise BackendUnavailableError(f"TensorRT is not installed ({exc}); {_INSTALL_HINT}") from exc
     except OSError as exc:  # the wheel is there but libnvinfer / CUDA libraries are not
@@ -62,13 +62,13 @@ def tensorrt_available() -> bool:
         import_tensorrt()
     except BackendUnavailableError:
         return False
-    import torch
+    import torch  # deferred: heavy
 
     return torch.cuda.is_available()
 
 
 def _require_cuda() -> None:
-    import torch
+    import torch  # deferred: heavy
 
     if not torch.cuda.is_available():
         raise BackendUnavailableError(
@@ -88,7 +88,7 @@ def _major(trt: Any) -> int:
 
 
 def _has_qdq(onnx_path: Path) -> bool:
-    import onnx
+    import onnx  # deferred: heavy
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
@@ -96,8 +96,8 @@ def _has_qdq(onnx_path: Path) -> bool:
 
 def _fp16_graph(onnx_path: Path) -> bytes | None:
     """The model converted to FP16 with float32 I/O, or None if it already holds FP16 weights."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    import onnx  # deferred: heavy
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # deferred: heavy
 
     model = onnx.load(str(onnx_path))
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
@@ -225,7 +225,7 @@ def _add_batch_profile(builder: Any, network: Any, config: Any, onnx_path: Path,
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> Any:
-    import torch
+    import torch  # deferred: heavy
 
     table = {
         "FLOAT": torch.float32,
@@ -304,7 +304,7 @@ class TensorRTRunner(Runner):
         self._input_dtypes: dict[str, Any] = {}
 
     def activate_impl(self) -> None:
-        import torch
+        import torch  # deferred: heavy
 
         trt = self._trt
         if self.model_path.suffix.lower() in ENGINE_SUFFIXES:
@@ -345,7 +345,7 @@ class TensorRTRunner(Runner):
                 self._output_names.append(name)
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
+        import torch  # deferred: heavy
 
         trt, context = self._trt, self.context
         keep_alive = []
