@@ -36,6 +36,7 @@ class CpuInfo:
 
     @property
     def simd_lanes_fp32(self) -> int:
+        """fp32 lanes of the widest SIMD unit (AVX-512: 16, AVX/AVX2: 8, SSE/NEON: 4)."""
         if "avx512f" in self.isa:
             return 16
         if "avx2" in self.isa or "avx" in self.isa:
@@ -44,6 +45,7 @@ class CpuInfo:
 
     @property
     def has_vnni(self) -> bool:
+        """Whether the CPU has the VNNI int8 dot-product instructions."""
         return any(f in self.isa for f in ("avx512_vnni", "avx_vnni", "avx512vnni"))
 
 

@@ -106,6 +106,7 @@ class OnnxExportReport:
         return self.nodes
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict (paths as strings, tuples as lists)."""
         d = asdict(self)
         d["path"] = str(self.path)
         d["input_names"] = list(self.input_names)
@@ -114,6 +115,7 @@ class OnnxExportReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OnnxExportReport:
+        """The report :meth:`to_dict` wrote."""
         d = dict(d)
         d["path"] = Path(d["path"])
         d["input_names"] = tuple(d["input_names"])
