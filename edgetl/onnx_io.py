@@ -1,21 +1,8 @@
-"""Write a PyTorch image model as a checked, simplified ONNX file (no stage logic: core of export and measure).
+"""Write a PyTorch image model as a checked, simplified ONNX file: the export that stages and benchmarks share.
 
 Every exported model follows one convention: input ``input`` (NCHW float32, batch dimension
-``batch`` when dynamic), output ``logits``. The file is written atomically.
-
-Which exporter: ``exporter="auto"`` (the default) uses the TorchScript exporter
-(``torch.onnx.export(dynamo=False)``) and falls back to the dynamo exporter when TorchScript cannot
-export the model (an operator it lacks, such as ``aten::fft_fft2``) or is no longer in torch.
-Measured on torchvision CNNs and ViTs (224 px, random init) with torch 2.14.1 and onnxslim 0.1.98:
-
-- After onnxslim both give graphs of the same size (resnet18 49 vs 49 nodes, mobilenet_v3_small 122
-  vs 122, convnext_tiny 256 vs 263, vit_b_16 555 vs 575) and the same ONNX Runtime latency.
-- TorchScript honours the requested opset; dynamo translates at opset 18 and its down-conversion
-  to 17 fails for CNNs (resnet18 and efficientnet_b0 stay at opset 18), which older TensorRT and
-  ONNX Runtime builds on devices reject.
-- dynamo specialises a batch dimension of size 1 in the example input (ViT comes out with a fixed
-  batch of 1 unless the example batch is 2 or more); TorchScript's ``dynamic_axes`` stays dynamic.
-- TorchScript exports in about 1 s where dynamo takes 7-35 s.
+``batch`` when dynamic), output ``logits``. The graph comes from :mod:`edgetl.onnx_exporters`, is
+checked, simplified with onnxslim where that keeps it valid, and written atomically.
 
 torch, onnx, onnxruntime and onnxslim are imported inside the functions that use them, so importing
 this module stays cheap.
@@ -24,13 +11,10 @@ this module stays cheap.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
-import re
 import tempfile
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -41,6 +25,7 @@ import numpy as np
 
 from edgetl._io import atomic_path
 from edgetl.errors import ConfigError, ExportError
+from edgetl.onnx_exporters import EXPORTERS, one_line, opset_of, quiet, run_exporters
 from edgetl.runtime.base import INPUT_NAME, OUTPUT_NAME
 
 if TYPE_CHECKING:
@@ -49,11 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BATCH_DIM = "batch"
 DEFAULT_OPSET = 17
-EXPORTERS = ("auto", "torchscript", "dynamo")
-
-_ATEN_OP = re.compile(r"aten(?:::|\.)([A-Za-z_][A-Za-z0-9_]*)")
 
 
 @dataclass(frozen=True)
@@ -163,164 +144,6 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[io.StringIO]:
-    """Silence the exporters' prints and warnings (stdout must stay clean for --json); log them."""
-    buf = io.StringIO()
-    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(buf):
-        warnings.simplefilter("always")
-        try:
-            yield buf
-        finally:
-            for w in caught:
-                log.debug("exporter warning: %s", str(w.message).splitlines()[0] if str(w.message) else w)
-            if buf.getvalue().strip():
-                log.debug("exporter output:\n%s", buf.getvalue().strip())
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in lines:  # the dynamo exporter puts the real cause after a generic preamble
-        if "No ONNX function found" in ln or "Unsupported" in ln:
-            return ln[:limit]
-    return (lines[0] if lines else type(exc).__name__)[:limit]
-
-
-def _failed_op(exc: BaseException) -> str | None:
-    chain: list[BaseException] = []
-    e: BaseException | None = exc
-    while e is not None and len(chain) < 8:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    for err in chain:
-        match = _ATEN_OP.search(str(err))
-        if match:
-            return match.group(1)
-    return None
-
-
-def _locate_op(model: torch.nn.Module, example: torch.Tensor, op: str) -> str | None:
-    """Find the innermost module that calls ``op`` (an aten name such as ``fft_fft2``) on ``example``."""
-    import torch  # deferred: heavy
-    from torch.overrides import TorchFunctionMode  # deferred: heavy
-    from torch.utils._python_dispatch import TorchDispatchMode  # deferred: heavy
-
-    stack: list[str] = []
-    found: list[str] = []
-    names = {id(m): n for n, m in model.named_modules()}
-
-    def label() -> str:
-        path = stack[-1] if stack else ""
-        module = model.get_submodule(path) if path else model
-        return f"'{path}' ({type(module).__name__})" if path else f"the top-level {type(module).__name__}"
-
-    def matches(name: str) -> bool:
-        return name == op or (op.endswith("_" + name) and len(name) > 2)
-
-    class _Functions(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if not found and matches(getattr(func, "__name__", "")):
-                found.append(label())
-            return func(*args, **(kwargs or {}))
-
-    class _Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not found and func.overloadpacket.__name__ == op:
-                found.append(label())
-            return func(*args, **(kwargs or {}))
-
-    def pre(module, _inputs):
-        stack.append(names.get(id(module), ""))
-
-    def post(module, _inputs, _output):
-        if stack:
-            stack.pop()
-
-    handles = []
-    for module in model.modules():
-        handles.append(module.register_forward_pre_hook(pre))
-        handles.append(module.register_forward_hook(post))
-    try:
-        with torch.no_grad(), _Functions(), _Ops():
-            model(example)
-    except Exception as exc:  # locating is best effort; the export error is what matters
-        log.debug("could not locate %s: %s", op, exc)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found[0] if found else None
-
-
-def _export_error(model: torch.nn.Module, example: torch.Tensor, exc: BaseException, opset: int,
-                  exporter: str) -> ExportError:
-    op = _failed_op(exc)
-    if op is None:
-        return ExportError(f"cannot export the model to ONNX opset {opset} ({exporter} exporter): {_one_line(exc)}")
-    where = _locate_op(model, example, op)
-    msg = f"cannot export the model to ONNX opset {opset}: operator aten::{op} is not supported"
-    if where:
-        msg += f", used in module {where}"
-    msg += "; replace that operation with supported ones, or try another opset or exporter"
-    return ExportError(msg)
-
-
-# --- exporters ---------------------------------------------------------------------------------
-
-
-def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int,
-                        dynamic_batch: bool) -> None:
-    import torch  # deferred: heavy
-
-    dynamic_axes = {INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}} if dynamic_batch else None
-    with _quiet():
-        torch.onnx.export(
-            model, (example,), str(path), dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes,
-            do_constant_folding=True, export_params=True,
-        )
-
-
-def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int,
-                   dynamic_batch: bool) -> None:
-    import onnx  # deferred: heavy
-    import torch  # deferred: heavy
-
-    dynamic_shapes = None
-    if dynamic_batch:
-        # torch.export specialises dimensions of size 1; an example batch of 2 keeps it symbolic.
-        if example.shape[0] == 1:
-            example = torch.cat([example, example])
-        dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM, min=1)},)
-    with _quiet():
-        program = torch.onnx.export(
-            model, (example,), None, dynamo=True, opset_version=opset, external_data=False,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes,
-            optimize=True,
-        )
-    proto = program.model_proto
-    written = _opset_of(proto)
-    if written != opset:
-        try:
-            converted = onnx.version_converter.convert_version(proto, opset)
-            # The converter can emit invalid nodes (ReduceMean-18 attributes at 17): check its work.
-            onnx.checker.check_model(converted, full_check=True)
-            proto = converted
-        except Exception as exc:  # no adapter for some ops (e.g. Reduce* with axes inputs, 18 -> 17)
-            log.warning(
-                "the dynamo exporter wrote opset %d, which cannot be converted to %d (%s); keeping opset %d",
-                written, opset, _one_line(exc, 120), written,
-            )
-    onnx.save_model(proto, str(path))
-
-
-def _opset_of(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    return 0
-
-
 def _io_shapes(values: Any) -> dict[str, list[int | str]]:
     shapes: dict[str, list[int | str]] = {}
     for value in values:
@@ -352,10 +175,10 @@ def _simplify(model: onnx.ModelProto, reference: tuple[np.ndarray, np.ndarray] |
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # onnxslim edits its input in place; the exported graph is the fallback
     try:
-        with _quiet():
+        with quiet():
             slim = onnxslim.slim(copy)
     except Exception as exc:  # onnxslim raises anything on graphs it does not handle
-        return None, None, f"onnxslim failed: {_one_line(exc)}"
+        return None, None, f"onnxslim failed: {one_line(exc)}"
     if slim is None:
         return None, None, "onnxslim returned no model"
     if _io_shapes(slim.graph.input) != _io_shapes(model.graph.input) or [o.name for o in slim.graph.output] != [
@@ -368,7 +191,7 @@ def _simplify(model: onnx.ModelProto, reference: tuple[np.ndarray, np.ndarray] |
         try:
             got = _run(slim, x)
         except Exception as exc:
-            return None, None, f"onnxslim's model does not run: {_one_line(exc)}"
+            return None, None, f"onnxslim's model does not run: {one_line(exc)}"
         tol = 1e-4 + 1e-3 * float(np.abs(expected).max())
         diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
         if not diff <= tol:
@@ -489,7 +312,7 @@ def _run_model(model: torch.nn.Module, example: torch.Tensor, check_input: torch
             expected = model(check_input.to(example.device)) if check_input is not None else None
     except Exception as exc:  # any failure of the model itself on this input
         raise ExportError(
-            f"the model fails on a {list(example.shape)} input before export: {_one_line(exc)}; "
+            f"the model fails on a {list(example.shape)} input before export: {one_line(exc)}; "
             "check the resolution and channels"
         ) from exc
     if not isinstance(out, torch.Tensor):
@@ -507,7 +330,7 @@ def _export_graph(model: torch.nn.Module, example: torch.Tensor, opset: int, dyn
 
     with tempfile.TemporaryDirectory(prefix="edgetl-onnx-") as tmp:
         raw_path = Path(tmp) / "exported.onnx"
-        used = _run_exporters(model, example, raw_path, opset, dynamic_batch, exporter)
+        used = run_exporters(model, example, raw_path, opset, dynamic_batch, exporter)
         return onnx.load(str(raw_path)), used
 
 
@@ -528,12 +351,12 @@ def _ort_reference(exported: onnx.ModelProto, check_input: torch.Tensor, expecte
     try:
         session = _ort_session(exported)
     except Exception as exc:
-        raise ExportError(f"ONNX Runtime cannot load the exported model: {_one_line(exc)}") from exc
+        raise ExportError(f"ONNX Runtime cannot load the exported model: {one_line(exc)}") from exc
     try:
         got = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
     except Exception as exc:
         raise ExportError(
-            f"ONNX Runtime cannot run the exported model on a {list(x.shape)} input: {_one_line(exc)}"
+            f"ONNX Runtime cannot run the exported model on a {list(x.shape)} input: {one_line(exc)}"
             + ("; the graph has a fixed batch size baked in: export with dynamic_batch=False"
                if dynamic_batch else "")
         ) from exc
@@ -576,7 +399,7 @@ def _save(model: onnx.ModelProto, path: Path, exporter: str) -> None:
         with atomic_path(path) as tmp_file:
             onnx.save_model(model, str(tmp_file))
     except ValueError as exc:  # protobuf refuses models over 2 GB
-        raise ExportError(f"cannot write {path}: {_one_line(exc)}; the model is too large for one ONNX file") from exc
+        raise ExportError(f"cannot write {path}: {one_line(exc)}; the model is too large for one ONNX file") from exc
 
 
 def _report(final: _FinalGraph, path: Path, exporter: str, nodes_exported: int, seconds: float) -> OnnxExportReport:
@@ -584,7 +407,7 @@ def _report(final: _FinalGraph, path: Path, exporter: str, nodes_exported: int, 
     input_shapes = _io_shapes(graph.input)
     return OnnxExportReport(
         path=path,
-        opset=_opset_of(final.model),
+        opset=opset_of(final.model),
         exporter=exporter,
         nodes_exported=nodes_exported,
         nodes=len(graph.node),
@@ -602,28 +425,6 @@ def _report(final: _FinalGraph, path: Path, exporter: str, nodes_exported: int, 
     )
 
 
-def _run_exporters(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int,
-                   dynamic_batch: bool, exporter: str) -> str:
-    """Export with the chosen exporter (``auto``: TorchScript, then dynamo); return the one used."""
-    first: BaseException | None = None
-    if exporter in ("auto", "torchscript"):
-        try:
-            _export_torchscript(model, example, path, opset, dynamic_batch)
-            return "torchscript"
-        except Exception as exc:  # exporter errors come in many types (UnsupportedOperatorError, ...)
-            if exporter == "torchscript":
-                raise _export_error(model, example, exc, opset, "torchscript") from exc
-            first = exc
-            log.info("the TorchScript exporter failed (%s); trying the dynamo exporter", _one_line(exc, 150))
-    try:
-        _export_dynamo(model, example, path, opset, dynamic_batch)
-        return "dynamo"
-    except Exception as exc:
-        if first is not None and _failed_op(first) is not None:  # name the op TorchScript reported
-            raise _export_error(model, example, first, opset, "torchscript") from exc
-        raise _export_error(model, example, exc, opset, "dynamo") from exc
-
-
 def _checked(model: onnx.ModelProto) -> onnx.ModelProto:
     """Run shape inference (keeping the inferred shapes) and the full ONNX checker."""
     import onnx  # deferred: heavy
@@ -632,5 +433,5 @@ def _checked(model: onnx.ModelProto) -> onnx.ModelProto:
         model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"the exported ONNX model fails the ONNX checker: {_one_line(exc)}") from exc
+        raise ExportError(f"the exported ONNX model fails the ONNX checker: {one_line(exc)}") from exc
     return model
