@@ -1,7 +1,7 @@
 """Measure catalog architectures for real on this machine with ONNX Runtime.
 
 Latency does not depend on the values of the weights, so each architecture is built with random
-weights, exported to ONNX once and cached (:func:`edgetl.export.onnx.cached_catalog_onnx`). Models are then timed
+weights, exported to ONNX once and cached (:func:`edgetl.onnx_cache.cached_catalog_onnx`). Models are then timed
 round-robin (interleaved), and the figure used is the minimum over many runs: on a shared machine
 the median moves by up to 2x between runs while the minimum is stable to about 10%.
 """
@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgetl.catalog import get_card
+from edgetl.onnx_cache import cached_catalog_onnx
+from edgetl.runtime.bench import benchmark_interleaved
+from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 
 log = logging.getLogger(__name__)
 
@@ -38,25 +40,7 @@ class Measurement:
 
 def architecture_onnx(model: str, resolution: int | None = None) -> Path:
     """Return an ONNX file of a catalog architecture with random weights, exported once and cached."""
-    from edgetl.export.onnx import cached_catalog_onnx
-
     return cached_catalog_onnx(model, resolution).path
-
-
-def host_id() -> str:
-    """A short identity of this machine: host name and CPU model."""
-    return f"{platform.node()} ({cpu_model()})"
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or the platform's processor string)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure_models(
@@ -82,9 +66,6 @@ def measure_models(
     Returns:
         A :class:`Measurement` per model name, keyed as given.
     """
-    from edgetl.runtime.bench import benchmark_interleaved
-    from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
-
     runners = {}
     shapes = {}
     for i, name in enumerate(models):

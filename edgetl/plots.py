@@ -10,23 +10,27 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgetl._io import atomic_path
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def pyplot() -> Any:
+    """matplotlib's pyplot with the headless Agg backend."""
+    import matplotlib  # deferred: heavy
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: heavy
 
     return plt
 
 
-def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``fig`` atomically in the format of ``path``'s suffix (PNG by default), close it, return the path."""
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -38,7 +42,7 @@ def plot_pareto(ranking: Any, path: str | os.PathLike[str], label_top: int = 8) 
     any) as a vertical line; models that miss a constraint are greyed out; the best ``label_top``
     fitting models and the Pareto models are labelled.
     """
-    plt = _pyplot()
+    plt = pyplot()
     rows = ranking.candidates
     fig, ax = plt.subplots(figsize=(11, 7))
     max_size = max((r.size_mb for r in rows), default=1.0) or 1.0
@@ -81,7 +85,7 @@ def plot_pareto(ranking: Any, path: str | os.PathLike[str], label_top: int = 8) 
     )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8, markerscale=0.4)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training_curves(history: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
@@ -92,7 +96,7 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | os.PathLike[
             ``val_loss`` and ``val_accuracy`` (``metrics.json``'s ``epochs``).
         path: the PNG to write.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [h["epoch"] for h in history]
     for key, ax, label in (
@@ -105,7 +109,7 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | os.PathLike[
     ax_loss.set_ylabel("cross-entropy loss")
     ax_acc.set_ylabel("top-1 accuracy")
     ax_acc.set_ylim(0, 1.02)
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # deferred: heavy
 
     for ax in (ax_loss, ax_acc):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -113,7 +117,7 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | os.PathLike[
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle("training curves")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(
@@ -127,9 +131,7 @@ def plot_confusion_matrix(
         path: the PNG to write.
         title: the figure title.
     """
-    import numpy as np
-
-    plt = _pyplot()
+    plt = pyplot()
     counts = np.asarray(matrix, dtype=float)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     n = len(classes)
@@ -147,4 +149,4 @@ def plot_confusion_matrix(
                 ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=8,
                         color="white" if rates[i, j] > 0.5 else "black")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

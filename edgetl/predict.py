@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from edgetl.cost import OP_CLASSES, CostTrace
 
 if TYPE_CHECKING:
@@ -191,8 +193,7 @@ def fit_roofline(
         bandwidth: peak memory bandwidth in B/s.
         precision: the precision the samples were measured at.
     """
-    import numpy as np
-    from scipy.optimize import least_squares, nnls
+    from scipy.optimize import least_squares, nnls  # deferred: heavy
 
     classes = list(OP_CLASSES)
     bpe = BYTES_PER_ELEMENT[precision]

@@ -46,6 +46,7 @@ from pydantic import (
 
 from edgetl._io import atomic_write_text
 from edgetl.errors import ProfileError, UnknownNameError, did_you_mean
+from edgetl.machine import cpu_model, fingerprint, host_name
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +277,20 @@ class DeviceProfile(_Strict):
             return False
         want = _isa_key(flag)
         return any(_isa_key(f) == want for f in self.cpu.isa)
+
+    def is_this_machine(self) -> bool:
+        """Whether the profile was calibrated on this machine.
+
+        A profile that records a machine fingerprint (CPU model, ISA flags, cores, ONNX Runtime version,
+        see :func:`edgetl.machine.fingerprint`) is this machine's when the fingerprint matches; an older
+        one when its host name and CPU model do.
+        """
+        cal = self.calibrated
+        if not cal:
+            return False
+        if "fingerprint" in cal:
+            return cal["fingerprint"] == fingerprint()
+        return cal.get("host") == host_name() and cal.get("cpu") == cpu_model()
 
     def references(self, runtime: str | None = None, precision: str | None = None) -> list[Reference]:
         """The reference measurements, optionally only those of one runtime and/or precision."""

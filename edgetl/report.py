@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl._io import atomic_path, atomic_write_text
+from edgetl.plots import pyplot, save_figure
 
 PLOTS_DIR = "report"
 
@@ -62,9 +63,7 @@ def plot_candidates(candidates: list[dict[str, Any]], path: Path, budget_ms: flo
     timed = [c for c in candidates if c.get("latency")]
     if not timed:
         return None
-    from edgetl.plots import _pyplot, _save
-
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_lat, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     names = [f"{c['precision']}{' (shipped)' if c.get('chosen') else ''}" for c in timed]
     xs = range(len(timed))
@@ -87,7 +86,7 @@ def plot_candidates(candidates: list[dict[str, Any]], path: Path, budget_ms: flo
     for ax in (ax_lat, ax_acc):
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle("quantization candidates")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _stages_section(outcomes: Sequence[Any]) -> list[str]:

@@ -3,8 +3,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from edgetl.calibrate import calibrate, measure_bandwidth, read_cpu
+from edgetl.calibrate import calibrate, measure_bandwidth
 from edgetl.cli import cli
+from edgetl.machine import read_cpu
 from edgetl.profiles import load_profile, user_profile_dir
 from edgetl.select import select
 

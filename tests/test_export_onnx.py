@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from edgetl import onnx_cache
 from edgetl.errors import ConfigError, ExportError
-from edgetl.export import onnx as onnx_export
-from edgetl.export.onnx import check_parity, export_onnx
+from edgetl.export.onnx import check_parity
+from edgetl.onnx_io import export_onnx
 
 
 class TinyNet(nn.Module):
@@ -207,7 +208,7 @@ def test_onnxslim_failure_keeps_the_exported_graph(tmp_path, monkeypatch, caplog
         raise RuntimeError("pattern matcher exploded")
 
     monkeypatch.setattr(onnxslim, "slim", broken)
-    with caplog.at_level(logging.WARNING, logger="edgetl.export.onnx"):
+    with caplog.at_level(logging.WARNING, logger="edgetl.onnx_io"):
         report = export_onnx(_tiny(), tmp_path / "m.onnx", resolution=16, exporter="torchscript")
     assert not report.simplified
     assert "exploded" in report.simplify_error
@@ -274,15 +275,15 @@ def test_auto_falls_back_to_dynamo_for_ops_torchscript_lacks(tmp_path):
 
 @pytest.mark.slow
 def test_catalog_export_is_reproducible_and_cached(tmp_path):
-    first = onnx_export.export_catalog_model("mobilenet_v3_small", tmp_path / "a.onnx", resolution=32)
+    first = onnx_cache.export_catalog_model("mobilenet_v3_small", tmp_path / "a.onnx", resolution=32)
     assert first.input_shapes == {"input": ["batch", 3, 32, 32]}
     assert first.output_shapes == {"logits": ["batch", 1000]}
 
-    cached = onnx_export.cached_catalog_onnx("mobilenet_v3_small", resolution=32)
+    cached = onnx_cache.cached_catalog_onnx("mobilenet_v3_small", resolution=32)
     assert cached.path.parent.name == "onnx" and cached.nodes_after == first.nodes_after
     assert cached.path.read_bytes() == (tmp_path / "a.onnx").read_bytes()  # seeded random init
     stamp = cached.path.stat().st_mtime_ns
-    again = onnx_export.cached_catalog_onnx("mobilenet_v3_small", resolution=32)
+    again = onnx_cache.cached_catalog_onnx("mobilenet_v3_small", resolution=32)
     assert again == cached and again.path.stat().st_mtime_ns == stamp
     with pytest.raises(ConfigError, match="at least"):
-        onnx_export.export_catalog_model("mobilenet_v3_small", tmp_path / "c.onnx", resolution=0)
+        onnx_cache.export_catalog_model("mobilenet_v3_small", tmp_path / "c.onnx", resolution=0)

@@ -14,7 +14,7 @@ from torch import nn
 from edgetl.errors import ArtifactError, ConfigError
 from edgetl.export import bundle, quantize
 from edgetl.export.evaluate import stratified_sample
-from edgetl.export.onnx import export_onnx
+from edgetl.onnx_io import export_onnx
 
 
 class ConvNet(nn.Module):

@@ -12,7 +12,7 @@ from torch import nn
 
 from edgetl.cli import cli
 from edgetl.errors import BackendUnavailableError, ConfigError, EdgetlError, ExportError
-from edgetl.export.onnx import export_onnx
+from edgetl.onnx_io import export_onnx
 from edgetl.runtime import make_runner
 from edgetl.runtime.bench import (
     BenchResult,

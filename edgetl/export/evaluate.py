@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from edgetl.data import IMG_EXTENSIONS, build_transform, make_loader
 from edgetl.errors import CheckpointError, DataError
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,6 @@ def folder_eval_set(data: str | os.PathLike[str], classes: Sequence[str]) -> Eva
     Raises:
         DataError: the folder does not exist, holds no class folders, or has a class the model lacks.
     """
-    from edgetl.data import IMG_EXTENSIONS
-
     root = Path(data).expanduser()
     if not root.is_dir():
         raise DataError(f"evaluation data {root} is not a folder; pass a folder of class folders")
@@ -144,8 +143,6 @@ def folder_calibration_records(data: str | os.PathLike[str]) -> list[Record]:
     Raises:
         DataError: the folder does not exist or holds no images.
     """
-    from edgetl.data import IMG_EXTENSIONS
-
     root = Path(data).expanduser()
     if not root.is_dir():
         raise DataError(f"calibration data {root} is not a folder; pass a folder of images (--calib-data DIR)")
@@ -165,8 +162,6 @@ def image_batches(records: Sequence[Record], preprocess: Any, resolution: int,
 
     Unreadable files are skipped with a warning (see :func:`edgetl.data.make_loader`).
     """
-    from edgetl.data import build_transform, make_loader
-
     transform = build_transform(preprocess, resolution, train=False)
     loader = make_loader(list(records), transform, batch_size, shuffle=False)
     for images, labels in loader:

@@ -18,10 +18,12 @@ which is all TensorRT accepts.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,9 +101,6 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 def _quiet_logs() -> Iterator[None]:
     """Keep ONNX Runtime's quantizer quiet: it prints progress to stdout (which must stay clean for
     ``--json``) and logs warnings on the root logger. What it printed is logged at debug level."""
-    import io
-    import warnings
-
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.ERROR))
@@ -122,7 +121,7 @@ def is_linear_heavy(onnx_path: str | os.PathLike[str]) -> bool:
     Such models quantize well dynamically (int8 weights, activations quantized at run time); conv
     networks need static calibration to gain speed.
     """
-    import onnx
+    import onnx  # deferred: heavy
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     weights = {i.name for i in model.graph.initializer}
@@ -159,8 +158,8 @@ def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     Raises:
         ExportError: the converter fails or writes a model that does not pass the ONNX checker.
     """
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    import onnx  # deferred: heavy
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # deferred: heavy
 
     start = time.perf_counter()
     model = onnx.load(str(src))
@@ -215,7 +214,7 @@ def _single_images(batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
 
 
 def _calibration_reader(batches: Iterable[np.ndarray], input_name: str) -> Any:
-    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization import CalibrationDataReader  # deferred: heavy
 
     class _Reader(CalibrationDataReader):
         """Feeds NCHW float32 batches to the calibrator and counts the images it saw."""
@@ -237,7 +236,7 @@ def _calibration_reader(batches: Iterable[np.ndarray], input_name: str) -> Any:
 
 def _prepared(src: Path, tmp: Path) -> tuple[Path, Any]:
     """``src`` pre-processed for quantization with a name on every node, saved in ``tmp``; (path, model)."""
-    import onnx
+    import onnx  # deferred: heavy
 
     pre = tmp / "pre.onnx"
     _preprocess(src, pre)
@@ -258,7 +257,7 @@ def _name_nodes(model: Any) -> None:
 
 def _preprocess(src: Path, dst: Path) -> None:
     """ORT's quant_pre_process: symbolic shape inference, graph optimization, ONNX shape inference."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # deferred: heavy
 
     try:
         with _quiet_logs():
@@ -315,47 +314,24 @@ def quantize_int8_static(
         ConfigError: an unknown method, or no calibration images.
         ExportError: pre-processing or quantization fails.
     """
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantType
-
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
-    if calib_method not in methods:
+    if calib_method not in CALIB_METHODS:
         raise ConfigError(f"unknown calibration method '{calib_method}'; use one of {', '.join(CALIB_METHODS)}")
     excluded = _check_exclude(exclude_op_types)
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    activation = QuantType.QInt8 if symmetric_activations else QuantType.QUInt8
-    extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": symmetric_activations}
-    if calib_method == "percentile":
-        extra["CalibPercentile"] = 99.999
     with tempfile.TemporaryDirectory(prefix="edgetl-quant-") as tmp:
         pre, model = _prepared(src, Path(tmp))
-        input_name = model.graph.input[0].name
-        exclude_nodes = [n.name for n in model.graph.node if n.op_type in excluded]
+        options = _StaticOptions(
+            input_name=model.graph.input[0].name, per_channel=per_channel, reduce_range=reduce_range,
+            symmetric_activations=symmetric_activations,
+            exclude_nodes=[n.name for n in model.graph.node if n.op_type in excluded],
+        )
         batches = [np.ascontiguousarray(b, dtype=np.float32) for b in calibration]  # kept for a retry
         if not batches or sum(len(b) for b in batches) == 0:
             raise ConfigError("no calibration images: pass --calib-data DIR with some images")
         out = Path(tmp) / "int8.onnx"
-        used, fallback = calib_method, None
-        try:
-            images = _quantize_static(pre, out, batches, input_name, calib_method, methods, per_channel,
-                                      reduce_range, activation, exclude_nodes, extra)
-        except Exception as exc:  # ORT's quantizer raises ValueError/RuntimeError/... on odd graphs
-            if calib_method == "minmax":
-                raise ExportError(f"ONNX Runtime static quantization failed: {_one_line(exc)}") from exc
-            # The histogram calibrators fail on degenerate activation ranges ("Too many bins for data range").
-            fallback = f"{calib_method} calibration failed ({_one_line(exc, 120)}); used minmax"
-            log.warning("%s", fallback)
-            used = "minmax"
-            try:
-                images = _quantize_static(pre, out, batches, input_name, "minmax", methods, per_channel,
-                                          reduce_range, activation, exclude_nodes, extra)
-            except Exception as exc2:
-                raise ExportError(f"ONNX Runtime static quantization failed: {_one_line(exc2)}") from exc2
-        quantized = onnx.load(str(out))
-        with atomic_path(dst) as tmp_dst:
-            onnx.save_model(quantized, str(tmp_dst))
+        used, images, fallback = _quantize_static_or_minmax(pre, out, batches, calib_method, options)
+        quantized = _save_copy(out, dst)
     log.info("static INT8 (%s, %d calibration images) -> %s", used, images, dst)
     return QuantReport(
         precision="int8", mode="static", path=dst, file_bytes=dst.stat().st_size,
@@ -366,22 +342,70 @@ def quantize_int8_static(
     )
 
 
-def _quantize_static(pre: Path, out: Path, batches: list[np.ndarray], input_name: str, method: str,
-                     methods: dict[str, Any], per_channel: bool, reduce_range: bool, activation: Any,
-                     exclude_nodes: list[str], extra: dict[str, Any]) -> int:
-    """One quantize_static call; returns the number of calibration images it saw."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+@dataclass(frozen=True)
+class _StaticOptions:
+    """The settings of a ``quantize_static`` call other than the calibration method."""
 
+    input_name: str
+    per_channel: bool
+    reduce_range: bool
+    symmetric_activations: bool
+    exclude_nodes: list[str]
+
+
+def _quantize_static_or_minmax(pre: Path, out: Path, batches: list[np.ndarray], calib_method: str,
+                               options: _StaticOptions) -> tuple[str, int, str | None]:
+    """Quantize with ``calib_method``, falling back to minmax if it fails; return (method used, images, why)."""
+    try:
+        return calib_method, _quantize_static(pre, out, batches, calib_method, options), None
+    except Exception as exc:  # ORT's quantizer raises ValueError/RuntimeError/... on odd graphs
+        if calib_method == "minmax":
+            raise ExportError(f"ONNX Runtime static quantization failed: {_one_line(exc)}") from exc
+        # The histogram calibrators fail on degenerate activation ranges ("Too many bins for data range").
+        fallback = f"{calib_method} calibration failed ({_one_line(exc, 120)}); used minmax"
+        log.warning("%s", fallback)
+    try:
+        return "minmax", _quantize_static(pre, out, batches, "minmax", options), fallback
+    except Exception as exc2:
+        raise ExportError(f"ONNX Runtime static quantization failed: {_one_line(exc2)}") from exc2
+
+
+def _quantize_static(pre: Path, out: Path, batches: list[np.ndarray], method: str, options: _StaticOptions) -> int:
+    """One quantize_static call; returns the number of calibration images it saw."""
+    from onnxruntime.quantization import (  # deferred: heavy
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": options.symmetric_activations}
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.999
     # The histogram calibrators stack activations across batches: feed them equal shapes.
     feed = _single_images(batches) if method != "minmax" else iter(batches)
-    reader = _calibration_reader(feed, input_name)
+    reader = _calibration_reader(feed, options.input_name)
     with _quiet_logs():
         quantize_static(
-            str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-            reduce_range=reduce_range, activation_type=activation, weight_type=QuantType.QInt8,
-            nodes_to_exclude=exclude_nodes or None, calibrate_method=methods[method], extra_options=extra,
+            str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
+            reduce_range=options.reduce_range,
+            activation_type=QuantType.QInt8 if options.symmetric_activations else QuantType.QUInt8,
+            weight_type=QuantType.QInt8, nodes_to_exclude=options.exclude_nodes or None,
+            calibrate_method=methods[method], extra_options=extra,
         )
     return reader.images
+
+
+def _save_copy(path: Path, dst: Path) -> Any:
+    """Copy the ONNX model at ``path`` to ``dst`` (atomically); return the model."""
+    import onnx  # deferred: heavy
+
+    model = onnx.load(str(path))
+    with atomic_path(dst) as tmp_dst:
+        onnx.save_model(model, str(tmp_dst))
+    return model
 
 
 def quantize_int8_dynamic(
@@ -403,8 +427,7 @@ def quantize_int8_dynamic(
     Returns:
         A :class:`QuantReport` with ``mode="dynamic"``.
     """
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # deferred: heavy
 
     excluded = _check_exclude(exclude_op_types)
     ops = [op for op in _DYNAMIC_OP_TYPES if op not in excluded]
@@ -421,9 +444,7 @@ def quantize_int8_dynamic(
                                  reduce_range=reduce_range, weight_type=QuantType.QInt8)
         except Exception as exc:
             raise ExportError(f"ONNX Runtime dynamic quantization failed: {_one_line(exc)}") from exc
-        quantized = onnx.load(str(out))
-        with atomic_path(dst) as tmp_dst:
-            onnx.save_model(quantized, str(tmp_dst))
+        quantized = _save_copy(out, dst)
     return QuantReport(
         precision="int8", mode="dynamic", path=dst, file_bytes=dst.stat().st_size,
         seconds=time.perf_counter() - start, format="dynamic (MatMulInteger/DynamicQuantizeLinear)",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl.errors import BackendUnavailableError
+from edgetl.runtime.tensorrt import build_engine, import_tensorrt, tensorrt_available
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,6 @@ def require_tensorrt(precision: str, resolution: int, out: str | os.PathLike[str
         BackendUnavailableError: no tensorrt package or no CUDA GPU; the message gives both ways to
             build on the device.
     """
-    from edgetl.runtime.tensorrt import tensorrt_available
-
     if tensorrt_available():
         return
     raise BackendUnavailableError(
@@ -66,8 +65,6 @@ def require_tensorrt(precision: str, resolution: int, out: str | os.PathLike[str
 
 def _what_is_missing() -> str:
     try:
-        from edgetl.runtime.tensorrt import import_tensorrt
-
         import_tensorrt()
     except BackendUnavailableError:
         return "no usable tensorrt"
@@ -87,9 +84,7 @@ def build_tensorrt_engine(onnx_path: str | os.PathLike[str], out: str | os.PathL
     Returns:
         ``{"file", "precision", "tensorrt_version", "gpu", "compute_capability", "max_batch", "built_from"}``.
     """
-    import torch
-
-    from edgetl.runtime.tensorrt import build_engine, import_tensorrt
+    import torch  # deferred: heavy
 
     trt = import_tensorrt()
     build_engine(onnx_path, precision=precision, max_batch=max_batch, opt_batch=1, out=out)

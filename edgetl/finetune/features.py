@@ -23,10 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from edgetl._io import atomic_path
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
     from torch import nn
 
@@ -40,7 +41,7 @@ DEFAULT_MAX_MEMORY_MB = 2048
 @contextlib.contextmanager
 def head_removed(model: nn.Module, head_path: str) -> Iterator[nn.Module]:
     """Temporarily replace the head with ``nn.Identity``; yield the model, restore the head after."""
-    from torch import nn
+    from torch import nn  # deferred: heavy
 
     parent_path, _, attr = head_path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -54,7 +55,7 @@ def head_removed(model: nn.Module, head_path: str) -> Iterator[nn.Module]:
 
 def head_is_output(model: nn.Module, head_path: str, example: torch.Tensor) -> bool:
     """Whether the head's output is the model's output (so the head's input can be cached)."""
-    import torch
+    import torch  # deferred: heavy
 
     head = model.get_submodule(head_path)
     seen: list[torch.Tensor] = []
@@ -93,8 +94,7 @@ class FeatureCache:
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """The features at ``index`` as a float32 tensor."""
-        import numpy as np
-        import torch
+        import torch  # deferred: heavy
 
         if isinstance(self.features, torch.Tensor):
             return self.features[index]
@@ -136,61 +136,95 @@ def extract_features(
             rank holds the whole cache.
         progress: an optional callable ``progress(images_done)``.
     """
-    import numpy as np
-    import torch
+    import torch  # deferred: heavy
 
     was_training = model.training
     model.eval()
-    chunks: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    memmap = None
-    written = 0
     total = len(loader.dataset) if dist is None or not dist.enabled else len(loader.sampler)
     try:
         with head_removed(model, head_path), torch.inference_mode(), contextlib.ExitStack() as stack:
+            sink = _FeatureSink(total, max_memory_mb, disk_dir, name, stack)
             for images, target in loader:
-                images = images.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    feats = model(images)
-                feats = feats.float().flatten(1).cpu()
+                feats = _batch_features(model, images, device, amp_dtype, channels_last)
                 labels.append(target.cpu())
-                if memmap is None and not chunks and feats.shape[1] * 4 * total / 2**20 > max_memory_mb and disk_dir:
-                    path = Path(disk_dir) / f"{name}.npy"
-                    tmp = stack.enter_context(atomic_path(path))
-                    memmap = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, feats.shape[1]))
-                    log.info("feature cache of %.0f MB goes to %s", feats.shape[1] * 4 * total / 2**20, path)
-                if memmap is not None:
-                    memmap[written : written + feats.shape[0]] = feats.numpy()
-                else:
-                    chunks.append(feats)
-                written += feats.shape[0]
+                sink.add(feats)
                 if progress is not None:
-                    progress(written)
-            if memmap is not None:
-                memmap.flush()
-                del memmap
-                memmap = None
+                    progress(sink.written)
+            sink.close()
     finally:
         model.train(was_training)
     label_t = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
-    if chunks or written == 0:
-        feat_t = torch.cat(chunks) if chunks else torch.empty(0, 0)
-        if dist is not None and dist.enabled:
-            feat_t, label_t = _gather_shards(dist, feat_t, label_t, len(loader.dataset), device)
-        return FeatureCache(feat_t, label_t)
-    if dist is not None and dist.enabled:
+    return _cache(sink, label_t, dist, len(loader.dataset), device)
+
+
+def _batch_features(model: nn.Module, images: torch.Tensor, device: Any, amp_dtype: torch.dtype | None,
+                    channels_last: bool) -> torch.Tensor:
+    """The flattened float32 features of one batch, on the CPU."""
+    import torch  # deferred: heavy
+
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        feats = model(images)
+    return feats.float().flatten(1).cpu()
+
+
+class _FeatureSink:
+    """Collects feature batches in memory, or in a memory-mapped ``.npy`` file once they would pass the limit.
+
+    The file is written through :func:`~edgetl._io.atomic_path` entered on ``stack``; :meth:`close` must
+    run before the stack closes, so the file is flushed before it is moved into place.
+    """
+
+    def __init__(self, total: int, max_memory_mb: float, disk_dir: str | os.PathLike[str] | None, name: str,
+                 stack: contextlib.ExitStack) -> None:
+        self.total, self.max_memory_mb, self.stack = total, max_memory_mb, stack
+        self.path = Path(disk_dir) / f"{name}.npy" if disk_dir else None
+        self.chunks: list[torch.Tensor] = []
+        self.memmap: np.ndarray | None = None
+        self.written = 0
+
+    def add(self, feats: torch.Tensor) -> None:
+        megabytes = feats.shape[1] * 4 * self.total / 2**20
+        if self.memmap is None and not self.chunks and megabytes > self.max_memory_mb and self.path is not None:
+            tmp = self.stack.enter_context(atomic_path(self.path))
+            self.memmap = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                                    shape=(self.total, feats.shape[1]))
+            log.info("feature cache of %.0f MB goes to %s", megabytes, self.path)
+        if self.memmap is not None:
+            self.memmap[self.written : self.written + feats.shape[0]] = feats.numpy()
+        else:
+            self.chunks.append(feats)
+        self.written += feats.shape[0]
+
+    def close(self) -> None:
+        if self.memmap is not None:
+            self.memmap.flush()
+            self.memmap = None  # unmapped: the file can be moved into place
+
+
+def _cache(sink: _FeatureSink, labels: torch.Tensor, dist: DistInfo | None, size: int, device: Any) -> FeatureCache:
+    """The cache of what ``sink`` collected: in memory (gathered across ranks when distributed) or on disk."""
+    import torch  # deferred: heavy
+
+    distributed = dist is not None and dist.enabled
+    if sink.chunks or sink.written == 0:
+        feats = torch.cat(sink.chunks) if sink.chunks else torch.empty(0, 0)
+        if distributed:
+            feats, labels = _gather_shards(dist, feats, labels, size, device)
+        return FeatureCache(feats, labels)
+    if distributed:
         raise RuntimeError("distributed feature caches must fit in memory; raise max_memory_mb")
-    path = Path(disk_dir) / f"{name}.npy"  # type: ignore[arg-type]
     # Unreadable images are dropped from their batch, so fewer rows than planned may have been written.
-    return FeatureCache(np.load(path, mmap_mode="r")[:written], label_t, path)
+    return FeatureCache(np.load(sink.path, mmap_mode="r")[: sink.written], labels, sink.path)
 
 
 def _gather_shards(dist: DistInfo, feats: torch.Tensor, labels: torch.Tensor, size: int, device: Any):
     """Reassemble per-rank shards (rank r holds indices r, r+W, ...) into the full cache on every rank."""
-    import torch
-    import torch.distributed as tdist
+    import torch  # deferred: heavy
+    import torch.distributed as tdist  # deferred: heavy
 
     per_rank = -(-size // dist.world_size)
     comm_device = torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
@@ -230,7 +264,7 @@ class FeatureBatches:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        import torch
+        import torch  # deferred: heavy
 
         order = (
             torch.as_tensor(list(self.sampler), dtype=torch.long)

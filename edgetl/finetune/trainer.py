@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import random
 import signal
 import threading
@@ -27,7 +28,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from edgetl.errors import ConfigError
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from edgetl.errors import BackendUnavailableError, ConfigError, TrainingInterrupted
 from edgetl.finetune.distributed import DistInfo, all_reduce_sum, broadcast_flag
 from edgetl.finetune.metrics import EvalResult
 
@@ -115,9 +120,7 @@ class FitState:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` -> CUDA if available, else the CPU; ``cuda`` without CUDA is an error."""
-    import torch
-
-    from edgetl.errors import BackendUnavailableError
+    import torch  # deferred: heavy
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -129,10 +132,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python, NumPy and torch; optionally switch torch to deterministic algorithms."""
-    import os
-
-    import numpy as np
-    import torch
+    import torch  # deferred: heavy
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -160,7 +160,7 @@ def _warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 def make_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float):
     """Per-step LR schedule: linear warm-up, then cosine decay to 0 at the last step."""
-    import torch
+    import torch  # deferred: heavy
 
     total = max(1, steps_per_epoch * epochs)
     warmup = min(max(0, round(warmup_epochs * steps_per_epoch)), total // 5)
@@ -205,9 +205,6 @@ class ProgressDisplay:
 
     def __enter__(self) -> ProgressDisplay:
         if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
             self._bar = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -265,7 +262,7 @@ class Trainer:
         on_epoch_end: Callable[[FitState], None] | None = None,
         callbacks: tuple[EpochCallback, ...] = (),
     ) -> None:
-        import torch
+        import torch  # deferred: heavy
 
         self.model = model
         self.forward_module = forward_module if forward_module is not None else model
@@ -295,7 +292,7 @@ class Trainer:
     # --- steps -----------------------------------------------------------------------------------
 
     def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
+        import torch  # deferred: heavy
 
         images = images.to(self.device, non_blocking=True)
         if self.channels_last and images.ndim == 4:
@@ -303,7 +300,7 @@ class Trainer:
         return images, labels.to(self.device, non_blocking=True)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        import torch
+        import torch  # deferred: heavy
 
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -316,7 +313,7 @@ class Trainer:
     def train_one_epoch(self, loader: Any, epoch: int = 0) -> dict[str, float]:
         """Train for one pass over ``loader``; return loss, accuracy, images and images/s (this rank's view
         reduced over all ranks)."""
-        import torch
+        import torch  # deferred: heavy
 
         self.forward_module.train()
         self.model.train()
@@ -383,7 +380,7 @@ class Trainer:
             loader: batches of ``(inputs, labels)``; under DDP, each rank's shard.
             module: the module to run (default: the forward module, unwrapped from DDP).
         """
-        import torch
+        import torch  # deferred: heavy
 
         module = module or getattr(self.forward_module, "module", self.forward_module)
         was_training = module.training
@@ -413,8 +410,7 @@ class Trainer:
     # --- epochs ----------------------------------------------------------------------------------
 
     def _seed_epoch(self, epoch: int, loader: Any) -> None:
-        import numpy as np
-        import torch
+        import torch  # deferred: heavy
 
         s = epoch_seed(self.config.seed, epoch)
         # Augmentation is seeded per image (ImageDataset.set_epoch); this global seed drives dropout, which
@@ -446,8 +442,6 @@ class Trainer:
         Raises:
             TrainingInterrupted: on SIGINT or KeyboardInterrupt; the last finished epoch is saved.
         """
-        from edgetl.errors import TrainingInterrupted
-
         cfg = self.config
         state = state or FitState()
         with _SigintGuard() as guard, ProgressDisplay(cfg.progress and self.dist.is_main) as progress:

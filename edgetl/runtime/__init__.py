@@ -1,6 +1,7 @@
 """Inference runners (ONNX Runtime, eager torch, TensorRT) with one interface, and benchmarking.
 
-Backends are imported lazily: importing this package loads neither torch, onnxruntime nor tensorrt.
+The runner modules import their backends when a runner is built or activated: importing this package
+loads neither torch, onnxruntime nor tensorrt.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from typing import Any
 
 from edgetl.errors import ConfigError
 from edgetl.runtime.base import INPUT_NAME, OUTPUT_NAME, Runner, TensorSpec
+from edgetl.runtime.bench import BenchResult, benchmark, benchmark_interleaved
+from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
+from edgetl.runtime.tensorrt import TensorRTRunner
+from edgetl.runtime.torch import TorchRunner
 
 RUNTIMES = ("onnxruntime", "torch", "tensorrt")
 
@@ -43,12 +48,10 @@ def make_runner(kind: str, model_or_path: Any, **kwargs: Any) -> Runner:
         BackendUnavailableError: the backend is not installed here.
     """
     if kind == "onnxruntime":
-        from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
-
         if not isinstance(model_or_path, (str, os.PathLike, bytes, bytearray)):
             raise ConfigError(
                 f"the onnxruntime runtime needs an ONNX file, got {type(model_or_path).__name__}; "
-                "export the model first (edgetl.export.onnx.export_onnx)"
+                "export the model first (edgetl.onnx_io.export_onnx)"
             )
         return OnnxRuntimeRunner(model_or_path, **kwargs)
     if kind == "torch":
@@ -57,36 +60,11 @@ def make_runner(kind: str, model_or_path: Any, **kwargs: Any) -> Runner:
                 f"the torch runtime runs PyTorch modules, not files ({model_or_path!s:.80}); "
                 "run an ONNX file with --runtime onnxruntime or tensorrt"
             )
-        from edgetl.runtime.torch import TorchRunner
-
         return TorchRunner(model_or_path, **kwargs)
     if kind == "tensorrt":
-        from edgetl.runtime.tensorrt import TensorRTRunner
-
         if not isinstance(model_or_path, (str, os.PathLike)):
             raise ConfigError(
                 f"the tensorrt runtime needs an ONNX or engine file, got {type(model_or_path).__name__}"
             )
         return TensorRTRunner(model_or_path, **kwargs)
     raise ConfigError(f"unknown runtime '{kind}'; use one of {', '.join(RUNTIMES)}")
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy re-exports: the runner modules import their (heavy) backends only when used.
-    if name == "OnnxRuntimeRunner":
-        from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
-
-        return OnnxRuntimeRunner
-    if name == "TorchRunner":
-        from edgetl.runtime.torch import TorchRunner
-
-        return TorchRunner
-    if name == "TensorRTRunner":
-        from edgetl.runtime.tensorrt import TensorRTRunner
-
-        return TensorRTRunner
-    if name in ("BenchResult", "benchmark", "benchmark_interleaved"):
-        from edgetl.runtime import bench
-
-        return getattr(bench, name)
-    raise AttributeError(f"module 'edgetl.runtime' has no attribute {name!r}")

@@ -267,12 +267,7 @@ def benchmark(
             for _ in range(iterations):
                 runner.infer(feed)
                 times.append(runner.inference_times[-1])
-    result = BenchResult.from_times(
-        times, name=runner.name, backend=runner.backend, shape=shape, warmup=warmup,
-        peak_rss_mb=peak_rss_mb(), cv_threshold=cv_threshold,
-    )
-    _warn_unstable(result, cv_threshold)
-    return result
+    return _summary(times, runner.name, runner.backend, shape, warmup, peak_rss_mb(), cv_threshold)
 
 
 def benchmark_interleaved(
@@ -311,6 +306,25 @@ def benchmark_interleaved(
     Returns:
         A :class:`BenchResult` per label; ``peak_rss_mb`` is the process's peak over the whole run.
     """
+    _check_interleaved(runners, rounds, iterations_per_round, warmup, settle)
+    labels = list(runners)
+    shapes = _shapes_by_label(shape, labels)
+    feeds = {label: random_input(shapes[label], seed) for label in labels}
+    reset_peak_rss()
+    with _activated(list(runners.values())):
+        for label in labels:
+            for _ in range(warmup):
+                runners[label].infer(feeds[label])
+        times = _timed_rounds(runners, feeds, rounds, iterations_per_round, shuffle, seed, settle)
+    peak = peak_rss_mb()
+    return {
+        label: _summary(times[label], label, runners[label].backend, shapes[label], warmup, peak, cv_threshold)
+        for label in labels
+    }
+
+
+def _check_interleaved(runners: Mapping[str, Runner], rounds: int, iterations_per_round: int, warmup: int,
+                       settle: int) -> None:
     if not runners:
         raise ConfigError("benchmark_interleaved needs at least one runner")
     if settle < 0:
@@ -318,46 +332,48 @@ def benchmark_interleaved(
     _check_counts(rounds * iterations_per_round, warmup)
     if rounds < 1 or iterations_per_round < 1:
         raise ConfigError("rounds and iterations_per_round must be at least 1")
+
+
+def _shapes_by_label(shape: Shape | Mapping[str, Shape], labels: list[str]) -> dict[str, tuple[int, ...]]:
+    if not isinstance(shape, Mapping):
+        return {label: tuple(shape) for label in labels}
+    missing = [label for label in labels if label not in shape]
+    if missing:
+        raise ConfigError(f"no input shape given for {', '.join(missing)}")
+    return {label: tuple(shape[label]) for label in labels}
+
+
+def _timed_rounds(runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarray], rounds: int,
+                  iterations_per_round: int, shuffle: bool, seed: int, settle: int) -> dict[str, list[float]]:
+    """Run the rounds with the garbage collector paused; return each runner's timed latencies (s)."""
     labels = list(runners)
-    if isinstance(shape, Mapping):
-        missing = [label for label in labels if label not in shape]
-        if missing:
-            raise ConfigError(f"no input shape given for {', '.join(missing)}")
-        shapes = {label: tuple(shape[label]) for label in labels}
-    else:
-        shapes = {label: tuple(shape) for label in labels}
-    feeds = {label: random_input(shapes[label], seed) for label in labels}
     rng = np.random.default_rng(seed)
     times: dict[str, list[float]] = {label: [] for label in labels}
+    with _gc_paused():
+        for r in range(rounds):
+            if shuffle:
+                order = [labels[i] for i in rng.permutation(len(labels))]
+            else:
+                order = labels[r % len(labels):] + labels[: r % len(labels)]
+            for label in order:
+                runner = runners[label]
+                for _ in range(settle):
+                    runner.infer(feeds[label])
+                for _ in range(iterations_per_round):
+                    runner.infer(feeds[label])
+                    times[label].append(runner.inference_times[-1])
+    return times
 
-    reset_peak_rss()
-    with _activated(list(runners.values())):
-        for label in labels:
-            for _ in range(warmup):
-                runners[label].infer(feeds[label])
-        with _gc_paused():
-            for r in range(rounds):
-                if shuffle:
-                    order = [labels[i] for i in rng.permutation(len(labels))]
-                else:
-                    order = labels[r % len(labels):] + labels[: r % len(labels)]
-                for label in order:
-                    runner = runners[label]
-                    for _ in range(settle):
-                        runner.infer(feeds[label])
-                    for _ in range(iterations_per_round):
-                        runner.infer(feeds[label])
-                        times[label].append(runner.inference_times[-1])
-    peak = peak_rss_mb()
-    results: dict[str, BenchResult] = {}
-    for label in labels:
-        result = BenchResult.from_times(
-            times[label], name=label, backend=runners[label].backend, shape=shapes[label], warmup=warmup,
-            peak_rss_mb=peak, cv_threshold=cv_threshold,
-        )
-        _warn_unstable(result, cv_threshold)
-        results[label] = result
-    return results
+
+def _summary(times: list[float], name: str, backend: str, shape: Shape, warmup: int, peak_mb: float,
+             cv_threshold: float) -> BenchResult:
+    """The statistics of one runner's latencies, with a warning when they are unstable."""
+    result = BenchResult.from_times(
+        times, name=name, backend=backend, shape=shape, warmup=warmup, peak_rss_mb=peak_mb,
+        cv_threshold=cv_threshold,
+    )
+    _warn_unstable(result, cv_threshold)
+    return result
 
 
 @contextlib.contextmanager
@@ -389,7 +405,7 @@ def onnx_input_shape(
     Raises:
         ConfigError: the model's input is not NCHW, or conflicts with ``batch``/``resolution``.
     """
-    import onnx
+    import onnx  # deferred: heavy
 
     path = Path(path)
     if not path.is_file():

@@ -53,7 +53,7 @@ _ORT_TYPES = {
 
 def available_providers() -> list[str]:
     """The execution providers this ONNX Runtime build offers (e.g. ``["CPUExecutionProvider"]``)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # deferred: heavy
 
     return list(ort.get_available_providers())
 
@@ -143,7 +143,7 @@ class OnnxRuntimeRunner(Runner):
         self._output_names: list[str] = []
 
     def activate_impl(self) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # deferred: heavy
 
         options = ort.SessionOptions()
         options.graph_optimization_level = getattr(

@@ -48,7 +48,7 @@ def import_tensorrt() -> Any:
         BackendUnavailableError: tensorrt is not installed or cannot load its libraries.
     """
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # deferred: optional
     except ImportError as exc:
         raise BackendUnavailableError(f"TensorRT is not installed ({exc}); {_INSTALL_HINT}") from exc
     except OSError as exc:  # the wheel is there but libnvinfer / CUDA libraries are not
@@ -62,13 +62,13 @@ def tensorrt_available() -> bool:
         import_tensorrt()
     except BackendUnavailableError:
         return False
-    import torch
+    import torch  # deferred: heavy
 
     return torch.cuda.is_available()
 
 
 def _require_cuda() -> None:
-    import torch
+    import torch  # deferred: heavy
 
     if not torch.cuda.is_available():
         raise BackendUnavailableError(
@@ -88,7 +88,7 @@ def _major(trt: Any) -> int:
 
 
 def _has_qdq(onnx_path: Path) -> bool:
-    import onnx
+    import onnx  # deferred: heavy
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
@@ -96,8 +96,8 @@ def _has_qdq(onnx_path: Path) -> bool:
 
 def _fp16_graph(onnx_path: Path) -> bytes | None:
     """The model converted to FP16 with float32 I/O, or None if it already holds FP16 weights."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    import onnx  # deferred: heavy
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # deferred: heavy
 
     model = onnx.load(str(onnx_path))
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
@@ -134,13 +134,36 @@ def build_engine(
         ExportError: the ONNX model cannot be parsed or built, or INT8 was asked of a model without Q/DQ.
         ConfigError: a bad precision or batch range.
     """
+    _check_build_request(precision, opt_batch, max_batch)
+    trt = import_tensorrt()
+    _require_cuda()
+    onnx_path = Path(onnx_path)
+    _check_onnx_file(onnx_path, precision)
+    builder = trt.Builder(_logger())
+    # The parser owns the network's weights: it stays alive (in ``parsed``) until the engine is built.
+    network, *parsed = _parse_network(trt, builder, onnx_path, precision)
+    config = _builder_config(trt, builder, precision, workspace_mb)
+    _add_batch_profile(builder, network, config, onnx_path, opt_batch, max_batch)
+    log.info("building a %s TensorRT engine from %s (this can take minutes)", precision, onnx_path)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT could not build an engine from {onnx_path}; see the TensorRT log above")
+    data = bytes(serialized)
+    del parsed
+    if out is not None:
+        atomic_write_bytes(out, data)
+        log.info("wrote TensorRT engine %s (%.1f MB)", out, len(data) / 1e6)
+    return data
+
+
+def _check_build_request(precision: str, opt_batch: int, max_batch: int) -> None:
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown TensorRT precision '{precision}'; use one of {', '.join(PRECISIONS)}")
     if not 1 <= opt_batch <= max_batch:
         raise ConfigError(f"need 1 <= opt_batch <= max_batch, got opt_batch={opt_batch}, max_batch={max_batch}")
-    trt = import_tensorrt()
-    _require_cuda()
-    onnx_path = Path(onnx_path)
+
+
+def _check_onnx_file(onnx_path: Path, precision: str) -> None:
     if not onnx_path.is_file():
         raise ExportError(f"ONNX model {onnx_path} does not exist")
     if precision == "int8" and not _has_qdq(onnx_path):
@@ -149,29 +172,39 @@ def build_engine(
             "quantization, so export a QDQ model first (edgetl export --precision int8)"
         )
 
-    logger = _logger()
-    builder = trt.Builder(logger)
+
+def _parse_network(trt: Any, builder: Any, onnx_path: Path, precision: str) -> tuple[Any, Any, bytes | None]:
+    """Parse the ONNX file into a new network; return (network, parser, the graph bytes parsed, if not the file)."""
     major = _major(trt)
     # TensorRT < 10 needs the explicit-batch flag; 10 has only explicit batch; 11 has only strong typing.
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) if major < 10 else 0
     network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
+    parser = trt.OnnxParser(network, _logger())
     graph = _fp16_graph(onnx_path) if precision == "fp16" and major >= 11 else None
     parsed = parser.parse(graph, str(onnx_path)) if graph is not None else parser.parse_from_file(str(onnx_path))
     if not parsed:
         errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
         raise ExportError(f"TensorRT cannot parse {onnx_path}: {errors or 'unknown parser error'}")
+    return network, parser, graph
 
+
+def _builder_config(trt: Any, builder: Any, precision: str, workspace_mb: int) -> Any:
+    """The builder configuration: workspace limit and, before TensorRT 11, the precision flags."""
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    if major < 11:  # weakly typed builds: precision comes from builder flags
+    if _major(trt) < 11:  # weakly typed builds: precision comes from builder flags
         if precision in ("fp16", "int8"):
             if not getattr(builder, "platform_has_fast_fp16", True):
                 log.warning("this GPU has no fast FP16; TensorRT may run most layers in FP32")
             config.set_flag(trt.BuilderFlag.FP16)
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
+    return config
 
+
+def _add_batch_profile(builder: Any, network: Any, config: Any, onnx_path: Path, opt_batch: int,
+                       max_batch: int) -> None:
+    """Give a dynamic batch dimension the optimization profile ``1 <= batch <= max_batch`` (tuned for ``opt_batch``)."""
     profile = None
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
@@ -190,19 +223,9 @@ def build_engine(
     if profile is not None:
         config.add_optimization_profile(profile)
 
-    log.info("building a %s TensorRT engine from %s (this can take minutes)", precision, onnx_path)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ExportError(f"TensorRT could not build an engine from {onnx_path}; see the TensorRT log above")
-    data = bytes(serialized)
-    if out is not None:
-        atomic_write_bytes(out, data)
-        log.info("wrote TensorRT engine %s (%.1f MB)", out, len(data) / 1e6)
-    return data
-
 
 def _torch_dtype(trt: Any, dtype: Any) -> Any:
-    import torch
+    import torch  # deferred: heavy
 
     table = {
         "FLOAT": torch.float32,
@@ -281,7 +304,7 @@ class TensorRTRunner(Runner):
         self._input_dtypes: dict[str, Any] = {}
 
     def activate_impl(self) -> None:
-        import torch
+        import torch  # deferred: heavy
 
         trt = self._trt
         if self.model_path.suffix.lower() in ENGINE_SUFFIXES:
@@ -322,7 +345,7 @@ class TensorRTRunner(Runner):
                 self._output_names.append(name)
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
+        import torch  # deferred: heavy
 
         trt, context = self._trt, self.context
         keep_alive = []

@@ -23,7 +23,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         BackendUnavailableError: CUDA was asked for and this torch has no usable GPU.
         ConfigError: a device string torch does not understand.
     """
-    import torch
+    import torch  # deferred: heavy
 
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,7 +65,7 @@ class TorchRunner(Runner):
         threads: int | None = None,
         name: str | None = None,
     ) -> None:
-        import torch
+        import torch  # deferred: heavy
 
         super().__init__(name)
         if not isinstance(module, torch.nn.Module):
@@ -82,7 +82,7 @@ class TorchRunner(Runner):
         self._saved_threads: int | None = None
 
     def activate_impl(self) -> None:
-        import torch
+        import torch  # deferred: heavy
 
         if any(p.is_meta for p in self.module.parameters()):
             raise ConfigError("the module's parameters are on the meta device; build it with real weights")
@@ -93,7 +93,7 @@ class TorchRunner(Runner):
             torch.set_num_threads(self.threads)
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
+        import torch  # deferred: heavy
 
         (array,) = feed.values()
         with torch.inference_mode():
@@ -106,7 +106,7 @@ class TorchRunner(Runner):
         return result
 
     def deactivate_impl(self) -> None:
-        import torch
+        import torch  # deferred: heavy
 
         self.module.train(self._was_training)
         if self._saved_threads is not None:
@@ -118,7 +118,7 @@ class TorchRunner(Runner):
 
 
 def _named_outputs(out: Any) -> dict[str, Any]:
-    import torch
+    import torch  # deferred: heavy
 
     if isinstance(out, torch.Tensor):
         return {OUTPUT_NAME: out}

@@ -1,0 +1,121 @@
+"""This machine: host name, CPU (model, cores, clock, ISA flags), RAM, and a fingerprint of them.
+
+Read from the operating system (``/proc/cpuinfo``, ``/proc/meminfo``, cpufreq) with the standard
+library only, so device profiles can tell whether they describe this machine without loading a runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+#: The ISA extensions edgetl records (``/proc/cpuinfo`` spelling); the rest of the flags do not matter to it.
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8",
+             "neon", "asimd", "asimddp", "f16c")
+
+_CPUINFO = Path("/proc/cpuinfo")
+_MEMINFO = Path("/proc/meminfo")
+_MAX_FREQ = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+
+
+@dataclass
+class CpuInfo:
+    """What the operating system says about the CPU."""
+
+    model: str
+    cores: int
+    ghz: float
+    isa: list[str]
+    ram_mb: float
+
+    @property
+    def simd_lanes_fp32(self) -> int:
+        """fp32 lanes of the widest SIMD unit (AVX-512: 16, AVX/AVX2: 8, SSE/NEON: 4)."""
+        if "avx512f" in self.isa:
+            return 16
+        if "avx2" in self.isa or "avx" in self.isa:
+            return 8
+        return 4  # SSE or NEON: 128-bit vectors
+
+    @property
+    def has_vnni(self) -> bool:
+        """Whether the CPU has the VNNI int8 dot-product instructions."""
+        return any(f in self.isa for f in ("avx512_vnni", "avx_vnni", "avx512vnni"))
+
+
+def host_name() -> str:
+    """This machine's network name (``this machine`` when the platform gives none)."""
+    return platform.node() or "this machine"
+
+
+def host_id() -> str:
+    """A short identity of this machine: host name and CPU model."""
+    return f"{platform.node()} ({cpu_model()})"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or the platform's processor string)."""
+    try:
+        for line in _CPUINFO.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def read_cpu() -> CpuInfo:
+    """Read the CPU model, core count, clock, ISA flags and RAM of this machine."""
+    text = ""
+    with contextlib.suppress(OSError):
+        text = _CPUINFO.read_text()
+    flags: set[str] = set()
+    mhz: list[float] = []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("flags", "Features"):
+            flags.update(value.split())
+        elif key == "cpu MHz":
+            mhz.append(float(value))
+    ghz = max(mhz) / 1000 if mhz else 2.0
+    if _MAX_FREQ.exists():
+        ghz = int(_MAX_FREQ.read_text()) / 1e6
+    isa = [f for f in ISA_FLAGS if f in flags]
+    return CpuInfo(cpu_model(), available_cores(), round(ghz, 3), isa, round(_ram_mb()))
+
+
+def _ram_mb() -> float:
+    try:
+        m = re.search(r"MemTotal:\s+(\d+) kB", _MEMINFO.read_text())
+    except OSError:
+        return 0.0
+    return int(m.group(1)) / 1024 if m else 0.0
+
+
+def fingerprint(cpu: CpuInfo | None = None) -> dict[str, Any]:
+    """What makes timings on this machine comparable: CPU model, ISA flags, cores and ONNX Runtime version.
+
+    Unlike the host name, it stays the same on a renamed machine and changes with the runtime.
+    """
+    cpu = cpu or read_cpu()
+    return {"cpu": cpu.model, "isa": list(cpu.isa), "cores": cpu.cores, "onnxruntime": _onnxruntime_version()}
+
+
+def _onnxruntime_version() -> str | None:
+    """The installed ONNX Runtime's version, read from its package metadata (without importing it)."""
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(dist)
+    return None
