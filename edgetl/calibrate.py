@@ -277,8 +277,3 @@ def _efficiency(fit: RooflineFit, models: int, rounds: int) -> dict[str, Any]:
         **{k: round(min(1.0, max(v, 1e-4)), 5) for k, v in fit.efficiency.items()},
         "bandwidth": round(min(1.0, fit.bandwidth_efficiency), 4),
     }
-
-
-def is_this_machine(profile: DeviceProfile) -> bool:
-    """Whether ``profile`` was calibrated on this machine; see :meth:`DeviceProfile.is_this_machine`."""
-    return profile.is_this_machine()  # kept for callers outside this module; removed after the merge

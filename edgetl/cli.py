@@ -167,12 +167,11 @@ def select_cmd(device, as_json, csv_path, plot_path, measure_n, threads, **kwarg
 
 def _measure_ranking(ranking, n: int, threads: int | None, quiet: bool) -> str:
     """Time the top ``n`` rows on this machine and attach ``measured_ms``; return a note for the user."""
-    from edgetl.calibrate import is_this_machine
     from edgetl.measure import measure_models
 
     rows = ranking.rows[:n]
     p = ranking.profile
-    if threads is None and is_this_machine(p):
+    if threads is None and p.is_this_machine():
         threads = p.calibrated.get("threads")
     with _progress("exporting for measurement") as advance:
         results = measure_models(
@@ -181,7 +180,7 @@ def _measure_ranking(ranking, n: int, threads: int | None, quiet: bool) -> str:
     for r in rows:
         r.measured_ms = results[r.card.id].min_ms
     notes = [f"measured here with ONNX Runtime CPU fp32 (minimum of {results[rows[0].card.id].runs} interleaved runs)"]
-    if not is_this_machine(p):
+    if not p.is_this_machine():
         notes.append(
             f"'{p.name}' is not this machine: the measurement is of this machine, the prediction of {p.name}; "
             "run `edgetl device calibrate` for a profile of this machine"
@@ -431,7 +430,7 @@ def _bench_target(target: str, runtime: str, batch: int | None, resolution: int 
 def _catalog_bench_target(target: str, runtime: str, batch: int | None, resolution: int | None, err: Any,
                           info: dict[str, Any]) -> tuple[Any, tuple[int, int, int, int], dict[str, Any]]:
     from edgetl.catalog import get_card
-    from edgetl.export.onnx import cached_catalog_onnx
+    from edgetl.onnx_cache import cached_catalog_onnx
     from edgetl.weights import load_model
 
     card = get_card(target)

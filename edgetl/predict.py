@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from edgetl.profiles import DeviceProfile
 
 BYTES_PER_ELEMENT: dict[str, int] = {"fp32": 4, "fp16": 2, "int8": 1}
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)

@@ -47,19 +47,18 @@ from pydantic import (
 from edgetl._io import atomic_write_text
 from edgetl.errors import ProfileError, UnknownNameError, did_you_mean
 from edgetl.machine import cpu_model, fingerprint, host_name
+from edgetl.options import PRECISIONS, Precision
 
 log = logging.getLogger(__name__)
 
 PROFILE_PATH_ENV = "EDGETL_PROFILE_PATH"
 CONFIG_DIR_ENV = "EDGETL_CONFIG_DIR"
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 SCHEMA_VERSION = 1
 
 # The wheel ships profiles/*.yaml as this package; a source checkout has them in <repo>/profiles.
 _DATA_PACKAGE = "edgetl.profile_data"
 _URL = re.compile(r"^https?://\S+$")
 
-Precision = Literal["fp32", "fp16", "int8"]
 Family = Literal["jetson", "raspberry-pi", "x86", "custom"]
 Runtime = Literal["tensorrt", "onnxruntime"]
 ReferenceRuntime = Literal["tensorrt", "onnxruntime", "torch", "executorch", "tflite"]

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from edgetl._io import atomic_write_json
-from edgetl.calibrate import is_this_machine
 from edgetl.catalog import Preprocess
 from edgetl.cost import trace_model
 from edgetl.errors import BudgetExceededError, ProfileError
@@ -216,7 +215,7 @@ def _target(device: str | None, manifest: dict[str, Any],
             opts: ValidateOptions) -> tuple[DeviceProfile, bool, int | None, list[str]]:
     """The device profile, whether this machine is it, the threads to time with, and notes for the user."""
     profile = load_profile(device or manifest.get("device", {}).get("name") or "x86")
-    here = is_this_machine(profile)
+    here = profile.is_this_machine()
     threads = opts.threads
     if threads is None and here and profile.calibrated:
         threads = profile.calibrated.get("threads")

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import edgetl
-from edgetl.calibrate import is_this_machine
 from edgetl.catalog import ModelCard, Preprocess, get_card
 from edgetl.cost import trace_model
 from edgetl.errors import BudgetExceededError, ConfigError, ExportError
@@ -53,9 +52,9 @@ from edgetl.export.evaluate import (
     stratified_sample,
     top1,
 )
-from edgetl.export.onnx import export_onnx
 from edgetl.export.tensorrt import build_tensorrt_engine, engine_precision, require_tensorrt
 from edgetl.finetune.model import load_trained_model
+from edgetl.onnx_io import export_onnx
 from edgetl.options import ExportOptions, documented, resolve
 from edgetl.predict import predict_latency
 from edgetl.profiles import DeviceProfile, load_profile
@@ -593,7 +592,7 @@ def export(
 def _start(source: str | os.PathLike[str], out: str | os.PathLike[str], opts: ExportOptions, device: str,
            data: str | os.PathLike[str] | None, force: bool, progress: Callable[[str], None] | None) -> _Job:
     """Check everything that can be checked before any work: options, device, destination."""
-    quantize._check_exclude(opts.exclude_op_types)
+    quantize.check_exclude(opts.exclude_op_types)
     profile = load_profile(device)
     if opts.precision != "auto":
         profile.check_precision(opts.precision)
@@ -601,7 +600,7 @@ def _start(source: str | os.PathLike[str], out: str | os.PathLike[str], opts: Ex
     bundle.check_not_inside(out_path, {"the run": source if _is_run_dir(source) else None, "--data": data,
                                        "--calib-data": opts.calibration.data})
     job = _Job(opts, profile, out_path, progress, threads=opts.threads)
-    if job.threads is None and is_this_machine(profile) and profile.calibrated:
+    if job.threads is None and profile.is_this_machine() and profile.calibrated:
         job.threads = profile.calibrated.get("threads")
     return job
 
@@ -675,7 +674,7 @@ def _judge(job: _Job, chosen: _Candidate, evaluation: dict[str, Any]) -> _Verdic
             f"accuracy drop {accuracy['drop_pts']:.2f} pts (fp32 {accuracy['fp32_top1']:.2f}% -> "
             f"{chosen.precision} {accuracy['top1']:.2f}%) exceeds the budget of {max_drop:g} pts"
         )
-    here = is_this_machine(job.profile)
+    here = job.profile.is_this_machine()
     latency = _latency_section(chosen, job.profile, here, job.rank_by, job.threads, budget)
     if latency["pass"] is False:
         failures.append(

@@ -13,19 +13,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgetl.errors import ConfigError, ExportError
-from edgetl.onnx_cache import cached_catalog_onnx, export_catalog_model
-from edgetl.onnx_io import OnnxExportReport, eval_mode, export_onnx, module_device
+from edgetl.onnx_io import eval_mode, module_device
 from edgetl.runtime.base import OUTPUT_NAME
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 
 if TYPE_CHECKING:
     import torch
 
-# OnnxExportReport, cached_catalog_onnx, export_catalog_model and export_onnx live in the core modules
-# edgetl.onnx_io and edgetl.onnx_cache; they are kept for callers outside this module (cli.py,
-# export/api.py) and removed after the merge.
-__all__ = ["OnnxExportReport", "ParityReport", "cached_catalog_onnx", "check_parity", "export_catalog_model",
-           "export_onnx"]
+__all__ = ["ParityReport", "check_parity"]
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,10 @@ import numpy as np
 
 from edgetl._io import atomic_path
 from edgetl.errors import ConfigError, ExportError
+from edgetl.options import CALIB_METHODS, INT8_MODES
 
 log = logging.getLogger(__name__)
 
-CALIB_METHODS = ("minmax", "entropy", "percentile")
-INT8_MODES = ("auto", "static", "dynamic")
 _DYNAMIC_OP_TYPES = ("MatMul", "Gemm")
 _WEIGHTED_LINEAR = ("MatMul", "Gemm")
 
@@ -271,7 +270,7 @@ def _preprocess(src: Path, dst: Path) -> None:
             raise ExportError(f"ONNX Runtime's quant_pre_process fails on {src}: {_one_line(exc2)}") from exc2
 
 
-def _check_exclude(exclude_op_types: Sequence[str]) -> list[str]:
+def check_exclude(exclude_op_types: Sequence[str]) -> list[str]:
     out = []
     for op in exclude_op_types:
         op = op.strip()
@@ -316,7 +315,7 @@ def quantize_int8_static(
     """
     if calib_method not in CALIB_METHODS:
         raise ConfigError(f"unknown calibration method '{calib_method}'; use one of {', '.join(CALIB_METHODS)}")
-    excluded = _check_exclude(exclude_op_types)
+    excluded = check_exclude(exclude_op_types)
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     with tempfile.TemporaryDirectory(prefix="edgetl-quant-") as tmp:
@@ -429,7 +428,7 @@ def quantize_int8_dynamic(
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic  # deferred: heavy
 
-    excluded = _check_exclude(exclude_op_types)
+    excluded = check_exclude(exclude_op_types)
     ops = [op for op in _DYNAMIC_OP_TYPES if op not in excluded]
     if not ops:
         raise ConfigError("dynamic INT8 quantizes MatMul and Gemm only, and both are excluded; drop --exclude-op-types")

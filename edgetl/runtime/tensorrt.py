@@ -28,11 +28,11 @@ import numpy as np
 
 from edgetl._io import atomic_write_bytes
 from edgetl.errors import BackendUnavailableError, ConfigError, EdgetlError, ExportError
+from edgetl.options import PRECISIONS
 from edgetl.runtime.base import Runner, TensorSpec
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
 _INSTALL_HINT = (
