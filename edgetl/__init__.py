@@ -38,6 +38,11 @@ _API = {
     "load_profile": "edgetl.profiles",
     "list_profiles": "edgetl.profiles",
     "DeviceProfile": "edgetl.profiles",
+    "SelectOptions": "edgetl.options",
+    "Constraints": "edgetl.options",
+    "FinetuneOptions": "edgetl.options",
+    "ExportOptions": "edgetl.options",
+    "ValidateOptions": "edgetl.options",
     "EdgetlError": "edgetl.errors",
     "BudgetExceededError": "edgetl.errors",
 }
