@@ -166,7 +166,7 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
     return rng.integers(0, 256, 3).astype(np.float32)
 
 
-def _contrasting_colour(rng: np.random.Generator, other: np.ndarray, min_contrast: float) -> np.ndarray:
+def contrasting_colour(rng: np.random.Generator, other: np.ndarray, min_contrast: float) -> np.ndarray:
     """A random colour whose luminance differs from ``other``'s by at least ``min_contrast`` (0..1)."""
     for _ in range(50):
         colour = _random_colour(rng)
@@ -175,7 +175,7 @@ def _contrasting_colour(rng: np.random.Generator, other: np.ndarray, min_contras
     return np.full(3, 0.0 if float(other @ _LUMA) > 127 else 255.0, dtype=np.float32)
 
 
-def _demo_background(rng: np.random.Generator, side: int) -> np.ndarray:
+def demo_background(rng: np.random.Generator, side: int) -> np.ndarray:
     """A two-colour linear gradient at a random angle, sometimes with faint stripes (a hard negative)."""
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
     angle = rng.uniform(0, 2 * np.pi)
@@ -188,7 +188,7 @@ def _demo_background(rng: np.random.Generator, side: int) -> np.ndarray:
     return bg
 
 
-def _draw_clutter(rng: np.random.Generator, image: Image.Image, count: int) -> None:
+def draw_clutter(rng: np.random.Generator, image: Image.Image, count: int) -> None:
     """Distractors that belong to no class: lines, small dots and arcs in random colours."""
     draw = ImageDraw.Draw(image)
     side = image.size[0]
@@ -210,7 +210,7 @@ def _draw_clutter(rng: np.random.Generator, image: Image.Image, count: int) -> N
             draw.arc(box, start, start + float(rng.uniform(40, 120)), fill=colour, width=max(1, side // 64))
 
 
-def _finish(rng: np.random.Generator, canvas: Image.Image, size: int) -> Image.Image:
+def finish_image(rng: np.random.Generator, canvas: Image.Image, size: int) -> Image.Image:
     """Downsample to ``size``, blur a quarter of the images slightly and add pixel noise."""
     image = canvas.resize((size, size), Image.Resampling.LANCZOS)
     if rng.random() < 0.25:
@@ -219,7 +219,7 @@ def _finish(rng: np.random.Generator, canvas: Image.Image, size: int) -> Image.I
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def _texture_field(rng: np.random.Generator, texture: str, side: int) -> np.ndarray:
+def texture_field(rng: np.random.Generator, texture: str, side: int) -> np.ndarray:
     """A 0/1 pattern of ``texture`` at a random period, phase and orientation."""
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
     theta = rng.uniform(0, np.pi)
@@ -265,18 +265,18 @@ def _region_mask(rng: np.random.Generator, side: int) -> np.ndarray:
 
 def _texture_image(rng: np.random.Generator, texture: str, size: int) -> Image.Image:
     side = 2 * size
-    bg = _demo_background(rng, side)
-    pattern = _texture_field(rng, texture, side)[..., None]
+    bg = demo_background(rng, side)
+    pattern = texture_field(rng, texture, side)[..., None]
     c1 = _random_colour(rng)
-    c2 = _contrasting_colour(rng, c1, 0.25)
+    c2 = contrasting_colour(rng, c1, 0.25)
     region = _region_mask(rng, side)
     textured = c1 * (1 - pattern) + c2 * pattern
     canvas = Image.fromarray(np.clip(bg * (1 - region) + textured * region, 0, 255).astype(np.uint8))
-    _draw_clutter(rng, canvas, int(rng.integers(0, 4)))
-    return _finish(rng, canvas, size)
+    draw_clutter(rng, canvas, int(rng.integers(0, 4)))
+    return finish_image(rng, canvas, size)
 
 
-def _shape_mask(rng: np.random.Generator, shape: str, side: int) -> Image.Image:
+def shape_mask(rng: np.random.Generator, shape: str, side: int) -> Image.Image:
     """A white-on-black mask of ``shape`` with random size, position, rotation and shear."""
     r = side * rng.uniform(0.16, 0.32)
     margin = 0.7 * r
@@ -325,10 +325,10 @@ def _shape_mask(rng: np.random.Generator, shape: str, side: int) -> Image.Image:
 
 def _shape_image(rng: np.random.Generator, shape: str, size: int) -> Image.Image:
     side = 2 * size
-    bg = _demo_background(rng, side)
+    bg = demo_background(rng, side)
     canvas = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
-    _draw_clutter(rng, canvas, int(rng.integers(1, 5)))
-    colour = _contrasting_colour(rng, bg.reshape(-1, 3).mean(0), 0.25)
-    canvas.paste(tuple(int(c) for c in colour), mask=_shape_mask(rng, shape, side))
-    _draw_clutter(rng, canvas, int(rng.integers(0, 3)))  # some distractors cross the shape
-    return _finish(rng, canvas, size)
+    draw_clutter(rng, canvas, int(rng.integers(1, 5)))
+    colour = contrasting_colour(rng, bg.reshape(-1, 3).mean(0), 0.25)
+    canvas.paste(tuple(int(c) for c in colour), mask=shape_mask(rng, shape, side))
+    draw_clutter(rng, canvas, int(rng.integers(0, 3)))  # some distractors cross the shape
+    return finish_image(rng, canvas, size)
