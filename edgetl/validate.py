@@ -32,7 +32,6 @@ from edgetl.catalog import Preprocess
 from edgetl.cost import trace_model
 from edgetl.errors import BudgetExceededError, ProfileError
 from edgetl.export import bundle
-from edgetl.export.evaluate import collect_logits, folder_eval_set, image_batches, top1
 from edgetl.options import ValidateOptions, documented, resolve
 from edgetl.predict import predict_latency
 from edgetl.profiles import DeviceProfile, load_profile
@@ -142,6 +141,9 @@ def _predicted_ms(manifest: dict[str, Any], profile: Any) -> float | None:
 
 
 def _accuracy(folder: Path, data: str | os.PathLike[str], runner_threads: int | None) -> dict[str, Any]:
+    # deferred: the image pipeline imports torch, which timing an artifact on the device does not need
+    from edgetl.export.evaluate import collect_logits, folder_eval_set, image_batches, top1
+
     classes = json.loads((folder / bundle.LABELS_FILE).read_text())
     pre_doc = json.loads((folder / bundle.PREPROCESS_FILE).read_text())
     preprocess = Preprocess.from_dict(pre_doc["preprocess"])
