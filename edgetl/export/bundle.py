@@ -65,8 +65,12 @@ _HEADER_BYTES_PER_LINE = 16
 
 def check_destination(out: str | os.PathLike[str], force: bool) -> Path:
     """Refuse an existing, non-empty ``out`` unless ``force``, and with ``force`` any folder that is not an
-    edgetl artifact (see :func:`edgetl.folders.require_ours`); refuse a file. Returns ``out`` as a Path."""
+    edgetl artifact (see :func:`edgetl.folders.require_ours`); refuse a file. Returns ``out`` as a Path.
+
+    Staging folders that a killed export left beside ``out`` are removed first.
+    """
     out = Path(out).expanduser()
+    clean_stale_staging(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is a file; choose a folder for --out")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -90,10 +94,8 @@ def check_not_inside(out: Path, inputs: dict[str, str | os.PathLike[str] | None]
 def staging_dir(out: Path) -> Iterator[Path]:
     """A hidden temporary folder beside ``out``; removed if the block raises or nothing publishes it.
 
-    Staging folders that a killed run left beside ``out`` are removed first.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_staging(out)
     stage = Path(tempfile.mkdtemp(prefix=staging_prefix(out), dir=out.parent))
     try:
         yield stage
@@ -205,7 +207,8 @@ def hash_files(folder: Path, skip: Sequence[str] = ()) -> dict[str, dict[str, An
 def manifest_digest(manifest: dict[str, Any]) -> str:
     """sha256 of the manifest's canonical JSON, without the record of ``model_data.h`` (which holds it)."""
     doc = dict(manifest)
-    doc["files"] = {k: v for k, v in (manifest.get("files") or {}).items() if k != HEADER_FILE}
+    if isinstance(manifest.get("files"), dict):
+        doc["files"] = {k: v for k, v in manifest["files"].items() if k != HEADER_FILE}
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -263,8 +266,8 @@ def verify_files(folder: str | os.PathLike[str], manifest: dict[str, Any] | None
             (``sha256 mismatch for model.onnx ...``) or one the manifest does not list.
     """
     folder = Path(folder)
-    check_entries(folder)
     manifest = manifest or read_manifest(folder)
+    check_entries(folder)
     check_digest(folder, manifest)
     files: dict[str, Any] = manifest["files"]
     for name in REQUIRED_FILES:

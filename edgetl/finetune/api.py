@@ -220,16 +220,14 @@ def _check_fresh(run_dir: Path) -> None:
         )
 
 
-def _check_batchnorm_batch(net: torch.nn.Module, batch_size: int, cached: bool) -> None:
-    """Training BatchNorm needs two images per batch; say so before training instead of torch's traceback."""
-    was_training = net.training
-    net.train()  # frozen blocks stay in eval mode (see edgetl.finetune.strategy): their BatchNorm does not train
-    trains_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in net.modules())
-    net.train(was_training)
-    if batch_size < 2 and trains_bn and not cached:
+def _check_batchnorm_batch(net: torch.nn.Module, batch_size: int, strategy: str) -> None:
+    """Training BatchNorm needs two images per batch: say so before anything is written, not with torch's
+    traceback mid-epoch. The linear probe freezes every BatchNorm, so it may train one image at a time."""
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    if batch_size < 2 and has_bn and strategy != "linear":
         raise ConfigError(
-            "--batch-size 1 cannot train this model: its trainable BatchNorm layers need at least 2 images "
-            "per batch; use --batch-size 2 or more (or --strategy linear, which freezes them)"
+            f"--batch-size 1 cannot train this model with the {strategy} strategy: its BatchNorm layers need at "
+            "least 2 images per batch; use --batch-size 2 or more (or --strategy linear, which freezes them)"
         )
 
 
@@ -381,6 +379,7 @@ class _Run:
         log.info("strategy: %s", self.decision.reason)
         if self.on_decision is not None and self.dist.is_main:
             self.on_decision(self.decision)
+        _check_batchnorm_batch(self.loaded.model, int(self.opts["batch_size"]), self.decision.strategy)
         self._start_run_dir()
         self._build_network()
         train_loader, val_loader, forward = self._loaders()
@@ -444,7 +443,6 @@ class _Run:
         if self.device.type == "cuda":
             net.to(memory_format=torch.channels_last)
         self.use_cache = self._use_feature_cache(self.opts["resolution"])
-        _check_batchnorm_batch(net, int(self.opts["batch_size"]), self.use_cache)
 
     def _fit(self, trainer: Any, train_loader: Any, val_loader: Any, state: Any) -> Any:
         try:
