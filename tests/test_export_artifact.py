@@ -49,7 +49,7 @@ def test_layout_and_manifest_hashes(run_dir, int8_artifact):
     assert {p.name for p in out.iterdir()} == LAYOUT | {"model_data.h"}
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging folder left over
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"manifest.json"}
+    assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"manifest.json", "manifest.sha256"}
     for name, record in manifest["files"].items():
         assert record["sha256"] == sha256_file(out / name)
         assert record["bytes"] == (out / name).stat().st_size
