@@ -372,24 +372,26 @@ def _export_incomplete_run(w: World, d: Path) -> list[str]:
     return ["export", str(run), "--out", str(d / "art2")]
 
 
+def _art_with(files: dict[str, str | bytes], rehash: bool = False) -> Callable[[World, Path], list[str]]:
+    """A setup: a copy of the artifact with ``files`` (relative name -> content) written into it."""
+
+    def setup(w: World, d: Path) -> list[str]:
+        art = _art(w, d)
+        for name, content in files.items():
+            (art / name).parent.mkdir(parents=True, exist_ok=True)
+            (art / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        if rehash:
+            _rehash(art)
+        return ["validate", str(art)]
+
+    return setup
+
+
 def _validate_symlink(w: World, d: Path) -> list[str]:
     art = _art(w, d)
     outside = d / "outside.onnx"
     shutil.move(art / "model.onnx", outside)
     (art / "model.onnx").symlink_to(outside)
-    return ["validate", str(art)]
-
-
-def _validate_subfolder(w: World, d: Path) -> list[str]:
-    art = _art(w, d)
-    (art / "extra").mkdir()
-    (art / "extra" / "model.onnx").write_text("x")
-    return ["validate", str(art)]
-
-
-def _validate_dotfile(w: World, d: Path) -> list[str]:
-    art = _art(w, d)
-    (art / ".payload").write_text("x")
     return ["validate", str(art)]
 
 
@@ -477,25 +479,6 @@ def _tampered_model(w: World, d: Path) -> list[str]:
         byte = fh.read(1)
         fh.seek(100)
         fh.write(bytes([byte[0] ^ 0xFF]))
-    return ["validate", str(art)]
-
-
-def _unlisted_file(w: World, d: Path) -> list[str]:
-    art = _art(w, d)
-    (art / "model.engine").write_text("engine")
-    return ["validate", str(art)]
-
-
-def _manifest_not_json(w: World, d: Path) -> list[str]:
-    art = _art(w, d)
-    (art / "manifest.json").write_text("{not json")
-    return ["validate", str(art)]
-
-
-def _model_not_onnx(w: World, d: Path) -> list[str]:
-    art = _art(w, d)
-    (art / "model.onnx").write_bytes(b"\x00garbage" * 10)
-    _rehash(art)
     return ["validate", str(art)]
 
 
@@ -626,8 +609,8 @@ CASES = [
     Case("export-tensorrt-missing", _args(*EX, "--tensorrt"), 1, r"TensorRT|tensorrt"),
     # validate: consistency, not only hashes
     Case("validate-symlink-outside", _validate_symlink, 1, r"model\.onnx .* is a symbolic link"),
-    Case("validate-subfolder", _validate_subfolder, 1, r"extra/ .* is a subfolder"),
-    Case("validate-dotfile", _validate_dotfile, 1, r"hidden file \.payload"),
+    Case("validate-subfolder", _art_with({"extra/model.onnx": "x"}), 1, r"extra/ .* is a subfolder"),
+    Case("validate-dotfile", _art_with({".payload": "x"}), 1, r"hidden file \.payload"),
     Case("validate-manifest-edited", _manifest_edited, 1, r"does not match manifest\.sha256", json=True),
     Case("validate-precision-lie", _precision_lie, 1, r"says fp32, but model\.onnx is an int8 graph"),
     Case("validate-labels-vs-outputs", _labels_vs_outputs, 1, r"has 3 outputs, labels\.json names 4"),
@@ -640,9 +623,11 @@ CASES = [
     Case("validate-digest-missing", _digest_missing, 1, r"missing file manifest\.sha256"),
     Case("validate-header-other-manifest", _header_other_manifest, 1, r"model_data\.h .* digest"),
     Case("validate-tampered-model", _tampered_model, 1, r"sha256 mismatch for model\.onnx"),
-    Case("validate-unlisted-file", _unlisted_file, 1, r"model\.engine .* is not in manifest\.json"),
-    Case("validate-manifest-not-json", _manifest_not_json, 1, r"not valid JSON"),
-    Case("validate-model-not-onnx", _model_not_onnx, 1, r"not an ONNX model"),
+    Case("validate-unlisted-file", _art_with({"model.engine": "engine"}), 1,
+         r"model\.engine .* is not in manifest\.json"),
+    Case("validate-manifest-not-json", _art_with({"manifest.json": "{not json"}), 1, r"not valid JSON"),
+    Case("validate-model-not-onnx", _art_with({"model.onnx": b"\x00garbage" * 10}, rehash=True), 1,
+         r"not an ONNX model"),
     Case("validate-missing-folder", _args("validate", "{d}/nothing"), 1, r"does not exist"),
     Case("validate-int8-on-nano", _args("validate", "{art}", "--device", "jetson-nano"), 1, r"does not run"),
     # build and demo
