@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from typing import Any
@@ -19,6 +20,8 @@ import click
 from edgetl.cli_options import cli_options, parse
 from edgetl.errors import BudgetExceededError, ConfigError, ConstraintError, EdgetlError
 from edgetl.options import (
+    MAX_RESOLUTION,
+    MIN_RESOLUTION,
     PRECISIONS,
     TABLE_ROWS,
     Constraints,
@@ -48,12 +51,33 @@ def _stdout_console():
 
 
 def emit_json(obj: Any) -> None:
-    """Print one JSON document on stdout and nothing else."""
-    click.echo(json.dumps(obj, indent=2, default=str))
+    """Print one JSON document on stdout and nothing else (NaN and infinities, which JSON lacks, as null)."""
+    click.echo(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False))
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+DEBUG_ENV = "EDGETL_DEBUG"
 
 
 class EdgetlGroup(click.Group):
-    """A click group that turns :class:`EdgetlError` into a one-line message and its exit code."""
+    """A click group that turns every error into a one-line message and its exit code.
+
+    - :class:`EdgetlError`: its message and its exit code (1, or 3 for a missed budget);
+    - Ctrl-C (or SIGTERM): ``interrupted``, exit code 130;
+    - any other exception is an edgetl bug or an input it does not handle: one line naming the
+      exception, exit code 1, and a pointer to ``-v``. With ``-v`` or ``EDGETL_DEBUG=1`` the exception
+      is re-raised instead, so the traceback is printed (and a test harness such as click's
+      ``CliRunner`` sees the exception itself: the test suite sets ``EDGETL_DEBUG=1``).
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -64,6 +88,28 @@ class EdgetlGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if _debugging(ctx):
+                raise
+            click.echo(f"error: {unexpected_message(exc)}", err=True)
+            ctx.exit(1)
+
+
+def _debugging(ctx: click.Context) -> bool:
+    verbose = (ctx.params or {}).get("verbose") or 0
+    return verbose > 0 or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+
+
+def unexpected_message(exc: BaseException) -> str:
+    """One line for an exception edgetl did not expect: its type, its first line, and where to look next."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return (f"unexpected {text}; run again with -v for the traceback, "
+            "and report it if the input looks valid")
 
 
 @click.group(cls=EdgetlGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -130,14 +176,14 @@ def models_cmd(pattern: str | None, default_only: bool, as_json: bool) -> None:
               help="Also write every ranked row as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write the Pareto bubble chart (PNG).")
-@click.option("--measure", "measure_n", type=int, default=None, is_flag=False, flag_value=5,
+@click.option("--measure", "measure_n", type=click.IntRange(min=1), default=None, is_flag=False, flag_value=5,
               help="Also time the top N (default 5) for real on this machine with ONNX Runtime.")
-@click.option("--threads", type=int, default=None, help="Threads for --measure [default: the profile's, else all].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads for --measure [default: the profile's, else all].")
 def select_cmd(device, as_json, csv_path, plot_path, measure_n, threads, **kwargs) -> None:
     """Rank pretrained backbones for a device by predicted latency, memory, size and top-1."""
-    from edgetl.select import select
-
     options, constraints = parse(SelectOptions, kwargs), parse(Constraints, kwargs)
+    from edgetl.select import select
     with _progress("tracing models (cached afterwards)") as advance:
         ranking = select(device, options, constraints, progress=advance)
     for model_id, reason in ranking.skipped:
@@ -311,9 +357,8 @@ def devices_cmd(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document on stdout.")
 def finetune_cmd(model, data, out, weights_dir, resume, as_json, **kwargs) -> None:
     """Fine-tune a backbone on your images and write RUN_DIR (weights, metrics, plots)."""
-    from edgetl.finetune.api import finetune
-
     options = parse(FinetuneOptions, kwargs)
+    from edgetl.finetune.api import finetune
     err = _stderr_console()
 
     def show_decision(decision) -> None:
@@ -370,7 +415,7 @@ def weights_pull_cmd(model: str, dest: str | None, as_json: bool) -> None:
               show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               help="Images per inference [default: 1, or the file's fixed batch].")
-@click.option("--resolution", type=click.IntRange(min=1), default=None,
+@click.option("--resolution", type=click.IntRange(MIN_RESOLUTION, MAX_RESOLUTION), default=None,
               help="Input size [default: the model's own resolution, or the file's input size].")
 @cli_options(TimingOptions)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
@@ -476,8 +521,8 @@ def device_group() -> None:
 @click.option("--name", default="local", show_default=True, help="Profile name (then usable as --device NAME).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="YAML file to write [default: the user profile folder, where --device finds it].")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime threads [default: all cores].")
-@click.option("--rounds", type=int, default=25, show_default=True, help="Timed runs per model.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads [default: all cores].")
+@click.option("--rounds", type=click.IntRange(min=1), default=25, show_default=True, help="Timed runs per model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document on stdout.")
 def device_calibrate_cmd(name: str, out: str | None, threads: int | None, rounds: int, as_json: bool) -> None:
     """Measure this machine and write a device profile fitted to it."""
@@ -517,7 +562,8 @@ def device_calibrate_cmd(name: str, out: str | None, threads: int | None, rounds
               help="With a catalog MODEL instead of RUN_DIR: imagenet, a state_dict PATH, or none (random).")
 @click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
               help="Offline folder of pretrained weights files [default: $EDGETL_WEIGHTS_DIR].")
-@click.option("--resolution", type=int, default=None, help="Input size of a catalog MODEL [default: its own].")
+@click.option("--resolution", type=click.IntRange(MIN_RESOLUTION, MAX_RESOLUTION), default=None,
+              help="Input size of a catalog MODEL [default: its own].")
 @click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
               help="Class folders to measure accuracy on [default: the run's validation split].")
 @cli_options(ExportOptions)
@@ -525,9 +571,8 @@ def device_calibrate_cmd(name: str, out: str | None, threads: int | None, rounds
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON document on stdout.")
 def export_cmd(source, out, device, weights, weights_dir, resolution, data, force, as_json, **kwargs) -> None:
     """Export RUN_DIR (or a catalog MODEL with --weights) to an artifact folder: ONNX, INT8/FP16, manifest."""
-    from edgetl.export.api import export
-
     options = parse(ExportOptions, kwargs)
+    from edgetl.export.api import export
     with _stderr_console().status("exporting") as status:
         artifact = export(
             source, out, options, device=device, weights=weights, weights_dir=weights_dir, resolution=resolution,
@@ -594,9 +639,8 @@ def _print_artifact(artifact) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document on stdout.")
 def validate_cmd(artifact, device, as_json, **kwargs) -> None:
     """Verify ARTIFACT_DIR's hashes, measure latency (and accuracy with --data) against the budgets."""
-    from edgetl.validate import validate
-
     options = parse(ValidateOptions, kwargs)
+    from edgetl.validate import validate
     with _stderr_console().status(f"validating {artifact}"):
         report = validate(artifact, device, options, check=False)
     if as_json:
@@ -664,8 +708,8 @@ def build_cmd(pipeline, out, force, rerun, weights_dir, as_json) -> None:
 @cli.command("demo")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="edgetl-demo", show_default=True,
               help="Folder for the synthetic dataset, the build file and the build.")
-@click.option("--epochs", type=int, default=8, show_default=True, help="Training epochs.")
-@click.option("--train-per-class", type=int, default=48, show_default=True,
+@click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True, help="Training epochs.")
+@click.option("--train-per-class", type=click.IntRange(min=2), default=48, show_default=True,
               help="Synthetic training images per class (validation gets a third, test a sixth).")
 @click.option("--device", "-d", default=None, help="Target profile [default: x86-avx2, or raspberry-pi-5 on Arm].")
 @click.option("--force", is_flag=True, help="Rerun every stage.")

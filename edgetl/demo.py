@@ -20,6 +20,7 @@ import yaml
 from edgetl._io import atomic_write_text
 from edgetl.demo_data import make_demo_dataset
 from edgetl.errors import ConfigError
+from edgetl.folders import require_ours
 
 DEMO_PIPELINE = "pipeline.yaml"
 DEMO_DATA = "data"
@@ -67,11 +68,7 @@ def write_demo(out: str | os.PathLike[str], epochs: int = 8, train_per_class: in
     Raises:
         ConfigError: ``out`` holds files that are not an edgetl demo.
     """
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; choose a folder for the demo")
-    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_PIPELINE).is_file():
-        raise ConfigError(f"--out {out} already holds files that are not an edgetl demo; choose a new or empty folder")
+    out = require_ours(out, ("demo",), "--out", "the demo")
     if epochs < 1 or train_per_class < 2:
         raise ConfigError("the demo needs --epochs >= 1 and --train-per-class >= 2")
     make_demo_dataset(out / DEMO_DATA, num_classes=4, train_per_class=train_per_class,

@@ -44,6 +44,7 @@ AUGMENTATIONS: tuple[str, ...] = get_args(Augment)
 ON_BAD_IMAGE: tuple[str, ...] = get_args(OnBadImage)
 
 MIN_RESOLUTION, MAX_RESOLUTION = 16, 4096
+MAX_SEED = 2**32 - 1
 TABLE_ROWS = 15
 """Rows a ranking table shows when ``top`` is not given (machine output keeps every row)."""
 
@@ -122,7 +123,7 @@ class FinetuneOptions(StageOptions):
     augment: Augment | None = option(None, "Augmentation [default: none for the linear probe, light otherwise].")
     balance: bool = option(False, "Sample classes equally often.")
     patience: int = option(5, "Stop after N epochs without a better val accuracy (0: never).", ge=0)
-    seed: int = option(0, "Seed of the split, the initialisation and every epoch's randomness.")
+    seed: int = option(0, "Seed of the split, the initialisation and every epoch's randomness.", ge=0, le=MAX_SEED)
     device: TrainDevice = option("auto", "Where to train (not the target device).")
     workers: int = option(0, "Data-loading processes.", ge=0)
     on_bad_image: OnBadImage = option("skip", "What to do with an image that cannot be decoded.")
@@ -159,7 +160,7 @@ class ExportOptions(StageOptions):
     max_latency_ms: float | None = option(None, "Latency budget in ms; a miss exits with code 3.", gt=0)
     threads: int | None = option(None, "ONNX Runtime threads for timing [default: all cores].", ge=1)
     rounds: int = option(60, "Timed runs per candidate (interleaved).", ge=1)
-    seed: int = option(0, "Seed of the calibration sample.")
+    seed: int = option(0, "Seed of the calibration sample.", ge=0, le=MAX_SEED)
 
 
 class TimingOptions(StageOptions):

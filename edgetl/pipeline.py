@@ -46,7 +46,6 @@ measuring again; ``--rerun validate`` measures again.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -62,14 +61,16 @@ from typing import Any
 
 from edgetl._io import atomic_write_json, sha256_file
 from edgetl.buildfile import BuildConfig, check_names, config_from_dict, load_build_config
-from edgetl.errors import BudgetExceededError, CheckpointError, ConfigError, EdgetlError, TrainingInterrupted
+from edgetl.data.discover import walk_images
+from edgetl.errors import BudgetExceededError, CheckpointError, EdgetlError, TrainingInterrupted
+from edgetl.folders import BUILD_LOCK_FILE, BUILD_STATE_FILE, check_apart, folder_lock, require_ours
 from edgetl.options import TABLE_ROWS
 
 log = logging.getLogger(__name__)
 
 STAGES = ("select", "finetune", "export", "validate")
-STATE_FILE = ".edgetl-build.json"
-LOCK_FILE = ".edgetl-build.lock"
+STATE_FILE = BUILD_STATE_FILE
+LOCK_FILE = BUILD_LOCK_FILE
 STATE_VERSION = 1
 SELECT_DIR = "select"
 RUN_DIR = "run"
@@ -77,7 +78,6 @@ ARTIFACT_DIR = "artifact"
 REPORT_FILE = "report.md"
 __all__ = ["STAGES", "BuildConfig", "BuildResult", "StageOutcome", "build", "config_from_dict",
            "dataset_fingerprint", "load_build_config"]
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 # --- fingerprints --------------------------------------------------------------------------------
@@ -88,15 +88,8 @@ def _digest(obj: Any) -> str:
 
 
 def _image_files(folder: Path) -> Iterator[Path]:
-    """Every non-hidden image file under ``folder``, in a stable order."""
-    entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir(follow_symlinks=True):
-            yield from _image_files(Path(entry.path))
-        elif entry.name.lower().endswith(_IMAGE_EXTENSIONS):
-            yield Path(entry.path)
+    """Every non-hidden image file under ``folder``, in a stable order (links followed, loops not)."""
+    return walk_images(folder)
 
 
 def _file_entry(path: Path, root: Path, mode: str) -> list[Any]:
@@ -199,34 +192,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-@contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on OUT so two builds cannot write it at once."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with open(out / LOCK_FILE, "a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ConfigError(f"another edgetl build is writing {out}; wait for it, or choose another out:") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def _prepare_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out: {out} is a file; choose a folder")
-    ours = {STATE_FILE, LOCK_FILE}
-    if out.is_dir() and any(p.name not in ours for p in out.iterdir()) and not (out / STATE_FILE).exists():
-        raise ConfigError(
-            f"out: {out} already holds files that edgetl build did not write; choose a new or empty folder "
-            "(a build deletes and rewrites what it owns there)"
-        )
+    require_ours(out, ("build",), "out:", "a build")
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -405,7 +372,7 @@ class _Build:
     def run(self) -> BuildResult:
         cfg = self.config
         _prepare_out(self.out)
-        with _locked(self.out):
+        with folder_lock(self.out, "build", LOCK_FILE):
             self.state = _State(self.out)
             self.state.set_meta(build_file=self.source, config=cfg.to_dict())
             selected = self.stage("select", self._select_parts(), self._select_outputs, self._run_select)
@@ -777,6 +744,8 @@ def build(
     if updates:
         cfg = cfg.model_copy(update=updates)
     check_names(cfg, source)
+    check_apart(cfg.out, {"data:": cfg.data, "validate.data:": cfg.validate_.data,
+                          "export.calibration.data:": cfg.export.calibration.data}, "out:")
     result = _Build(cfg, source, force_set, progress, progress_bars).run()
     if check and result.failures:
         error = BudgetExceededError(f"{'; '.join(result.failures)} (see {result.report})")

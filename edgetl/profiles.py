@@ -596,11 +596,14 @@ def _snapshot(folders: list[Path]) -> _Snapshot:
 class _Registry:
     profiles: dict[str, DeviceProfile]
     aliases: dict[str, str]
+    broken: dict[str, str]
+    """File stem -> the error of a profile file that could not be read (skipped with a warning)."""
 
 
 @lru_cache(maxsize=16)
 def _registry(snapshot: _Snapshot) -> _Registry:
     profiles: dict[str, DeviceProfile] = {}
+    broken: dict[str, str] = {}
     builtin, user = str(builtin_profile_dir()), str(user_profile_dir())
     for folder, files in snapshot:
         if not Path(folder).is_dir():
@@ -610,7 +613,12 @@ def _registry(snapshot: _Snapshot) -> _Registry:
                 log.warning("profile folder %s does not exist (%s, --profiles)", folder, PROFILE_PATH_ENV)
             continue
         for name, _, _ in files:
-            profile = read_profile_file(Path(folder) / name)
+            try:
+                profile = read_profile_file(Path(folder) / name)
+            except ProfileError as exc:  # one broken file must not make every device unusable
+                log.warning("skipping device profile %s", exc)
+                broken[Path(name).stem.lower()] = str(exc)
+                continue
             if profile.name in profiles:
                 previous = profiles[profile.name].path
                 log.debug("profile %s: %s overrides %s", profile.name, profile.path, previous)
@@ -626,7 +634,7 @@ def _registry(snapshot: _Snapshot) -> _Registry:
                 )
             aliases[alias] = profile.name
     log.debug("loaded %d device profiles from %d folders", len(profiles), len(snapshot))
-    return _Registry(profiles, aliases)
+    return _Registry(profiles, aliases, broken)
 
 
 def _current() -> _Registry:
@@ -659,6 +667,8 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
         return read_profile_file(path)
     registry = _current()
     key = text.strip().lower()
+    if key in registry.broken:  # the user's file of that name is broken: do not fall back to another one
+        raise ProfileError(registry.broken[key])
     name = key if key in registry.profiles else registry.aliases.get(key)
     if name is None:
         choices = sorted([*registry.profiles, *registry.aliases])

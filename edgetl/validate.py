@@ -5,7 +5,10 @@ Order of the checks:
 1. **Hashes first.** Every file the manifest lists must exist and match its sha256; a missing or
    changed file is an :class:`~edgetl.errors.ArtifactError` (exit 1), e.g.
    ``sha256 mismatch for model.onnx``, and so is a file the manifest does not list (added after
-   export, so unverified). ``validation.json`` is not hashed: validate writes it.
+   export, so unverified). ``validation.json`` is not hashed: validate writes it. Links, subfolders
+   and hidden files are refused, and the manifest must match its digest (``manifest.sha256``).
+   Then the files must agree (:mod:`edgetl.export.consistency`): as many outputs as labels, the
+   precision claimed is the graph's, the input shape is preprocess.json's.
 2. **Latency**, measured here with the runtime the device profile names: ONNX Runtime (CPU) for CPU
    profiles, TensorRT (``model.engine``) where TensorRT and a GPU exist, else ONNX Runtime with a
    note. When the profile is not this machine, the report says so and shows the latency predicted
@@ -32,6 +35,7 @@ from edgetl.catalog import Preprocess
 from edgetl.cost import trace_model
 from edgetl.errors import BudgetExceededError, ProfileError
 from edgetl.export import bundle
+from edgetl.export.consistency import check_consistency
 from edgetl.options import ValidateOptions, documented, resolve
 from edgetl.predict import predict_latency
 from edgetl.profiles import DeviceProfile, load_profile
@@ -183,12 +187,14 @@ def validate(
         The :class:`ValidationReport`.
 
     Raises:
-        ArtifactError: a missing or tampered file (checked before anything runs).
+        ArtifactError: a missing or tampered file, or files that contradict each other (checked before
+            anything runs).
         BudgetExceededError: (with ``check``) a budget was missed.
     """
     opts = resolve(ValidateOptions, options, kwargs, "validate()")
     folder = Path(artifact).expanduser()
     manifest = bundle.verify_files(folder)
+    check_consistency(folder, manifest)
     files = {name: rec["sha256"] for name, rec in manifest["files"].items()}
     profile, here, threads, notes = _target(device, manifest, opts)
     precision = _check_precision(manifest, profile)

@@ -283,7 +283,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # any parse error means the file is not usable weights
-        raise WeightsError(f"cannot read weights from {path}: {str(exc).splitlines()[0]}") from exc
+        raise WeightsError(f"cannot read weights from {path}: {_load_failure(exc)}") from exc
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -292,6 +292,17 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why torch.load failed, in one line, without torch's advice to retry with ``weights_only=False``."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        reason = next((ln for ln in lines[1:] if "weights_only" not in ln and "documentation" not in ln), "")
+        return (f"it holds pickled objects other than tensors ({reason.rstrip('.') or 'refused'}), which can run "
+                "code, so edgetl will not load it; save a plain state_dict, e.g. "
+                "torch.save(model.state_dict(), PATH), or a .safetensors file")
+    return lines[0] if lines else type(exc).__name__
 
 
 def _fix_keys(card: ModelCard, state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:

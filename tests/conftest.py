@@ -30,6 +30,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("EDGETL_CACHE_DIR", str(base / "edgetl-cache"))
     monkeypatch.setenv("EDGETL_CONFIG_DIR", str(base / "edgetl-config"))
     monkeypatch.delenv("EDGETL_PROFILE_PATH", raising=False)
+    # The CLI turns an unexpected exception into one line; under test it re-raises it (see EdgetlGroup).
+    monkeypatch.setenv("EDGETL_DEBUG", "1")
 
 
 @pytest.fixture

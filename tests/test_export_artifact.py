@@ -20,7 +20,7 @@ from edgetl.finetune.api import finetune
 from edgetl.options import EXPORT_PRECISIONS
 
 FAST = dict(rounds=3, device="x86")
-LAYOUT = {"model.onnx", "labels.json", "preprocess.json", "manifest.json"}
+LAYOUT = {"model.onnx", "labels.json", "preprocess.json", "manifest.json", "manifest.sha256"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -49,7 +49,7 @@ def test_layout_and_manifest_hashes(run_dir, int8_artifact):
     assert {p.name for p in out.iterdir()} == LAYOUT | {"model_data.h"}
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging folder left over
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"manifest.json"}
+    assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"manifest.json", "manifest.sha256"}
     for name, record in manifest["files"].items():
         assert record["sha256"] == sha256_file(out / name)
         assert record["bytes"] == (out / name).stat().st_size
@@ -217,6 +217,7 @@ def test_failed_export_leaves_nothing_and_keeps_an_existing_folder(run_dir, tmp_
     old = tmp_path / "old"
     old.mkdir()
     (old / "model.onnx").write_bytes(b"previous artifact")
+    (old / "manifest.json").write_text(json.dumps({"format": "edgetl.artifact"}))  # an artifact: --force may swap it
     with pytest.raises(ConfigError, match="--force"):
         export(run_dir, old, precision="fp32", **FAST)
     with pytest.raises(ExportError, match="injected"):
@@ -228,6 +229,7 @@ def test_failed_export_leaves_nothing_and_keeps_an_existing_folder(run_dir, tmp_
 def test_force_swaps_an_existing_folder_and_budget_error_carries_the_artifact(run_dir, tmp_path):
     out = tmp_path / "art"
     out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"format": "edgetl.artifact"}))  # an earlier artifact
     (out / "stale.txt").write_text("old")
     with pytest.raises(BudgetExceededError, match="latency") as info:
         export(run_dir, out, precision="fp32", max_latency_ms=1e-6, force=True, **FAST)

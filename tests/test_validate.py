@@ -10,6 +10,7 @@ from PIL import Image
 
 from edgetl.cli import cli
 from edgetl.errors import ArtifactError, BudgetExceededError
+from edgetl.export import bundle
 from edgetl.export.api import export
 from edgetl.validate import validate
 
@@ -92,14 +93,21 @@ def test_an_unlisted_engine_is_refused_not_run(copy):
     assert "model.engine" in result.stderr and "not in manifest.json" in result.stderr
 
 
-def test_a_device_without_the_artifacts_precision_is_an_error(tmp_path, artifact):
+def test_a_precision_the_graph_does_not_have_is_refused(tmp_path, artifact):
+    """An FP32 model relabelled INT8 is caught twice: by the manifest's digest, and (re-signed) by its graph.
+
+    (A genuine INT8 artifact on a device without INT8: tests/test_bad_inputs.py, validate-int8-on-nano.)
+    """
     manifest = json.loads((artifact.path / "manifest.json").read_text())
     dest = tmp_path / "int8-labelled"
     shutil.copytree(artifact.path, dest)
-    manifest["precision"] = "int8"  # the manifest is not among the hashed files
+    manifest["precision"] = "int8"
     (dest / "manifest.json").write_text(json.dumps(manifest))
     result = _invoke(dest, "--device", "jetson-nano", *FAST)
-    assert result.exit_code == 1 and "does not run" in result.stderr and "fp16" in result.stderr
+    assert result.exit_code == 1 and "does not match manifest.sha256" in result.stderr
+    (dest / "manifest.sha256").write_text(bundle.manifest_digest(manifest) + "\n")
+    result = _invoke(dest, "--device", "jetson-nano", *FAST)
+    assert result.exit_code == 1 and "says int8, but model.onnx is an fp32 graph" in result.stderr
 
 
 def test_json_is_pure_json(copy):

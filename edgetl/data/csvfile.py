@@ -25,10 +25,18 @@ def read_csv(csv_path: Path) -> Found:
     """Read the classes and records of a CSV dataset; rows with a split are assigned to it.
 
     Raises:
-        DataError: no rows, a row with too few columns or an empty cell, an unknown split, a header
-            without path and label columns, a single class, or images that do not exist.
+        DataError: a file that is not UTF-8, no rows, a row with too few columns or an empty cell, an
+            unknown split, a header without path and label columns, a single class, or images that do not
+            exist. (A file listed twice with two labels or in two splits is refused by the caller,
+            :func:`edgetl.data.discover.unique_records`.)
     """
-    text = csv_path.read_text(encoding="utf-8-sig")
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = csv_path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{csv_path} line {line} is not UTF-8 (byte {exc.object[exc.start]:#04x}); save the CSV as UTF-8"
+        ) from None
     rows = _rows(text, _delimiter(csv_path, text), csv_path)
     return _group(_resolve(rows, csv_path), csv_path)
 

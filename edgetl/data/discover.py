@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from edgetl.data.csvfile import read_csv
@@ -68,7 +68,7 @@ def scan_dataset(
     check_choice("check", check, CHECKS)
     _check_fractions(val_split, test_split)
     root = Path(data).expanduser()
-    found, skipped = _drop_unreadable(_read(root), check, on_bad_image)
+    found, skipped = _drop_unreadable(unique_records(_read(root)), check, on_bad_image)
     splits = make_splits(found, val_split, test_split, seed, root)
     splits.skipped = skipped
     validate_splits(splits)
@@ -176,15 +176,101 @@ def _visible(name: str) -> bool:
 
 
 def _list_images(folder: Path) -> list[Path]:
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if _visible(d))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if _visible(f) and f.lower().endswith(IMG_EXTENSIONS))
-    return found
+    return list(walk_images(folder))
+
+
+def walk_images(folder: Path) -> Iterator[Path]:
+    """Every visible image file under ``folder``, sorted, following links to folders but never in a loop.
+
+    A folder reached twice (a link to a parent, or two links to one folder) is read once; the
+    duplicate records that links can still create across classes are caught by :func:`unique_records`.
+
+    Raises:
+        DataError: a file or folder name that is not valid UTF-8 (it could not be written to
+            ``splits.json`` or shown).
+    """
+    seen: set[tuple[int, int]] = set()
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        try:
+            st = current.stat()
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError as exc:  # a dangling link or a folder we may not read
+            log.warning("skipping %s: %s", current, exc.strerror or exc)
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            log.warning("not following %s again: a link leads back to a folder already read", current)
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        subdirs = []
+        for entry in entries:
+            if not _visible(entry.name):
+                continue
+            check_name(Path(entry.path))
+            if entry.is_dir(follow_symlinks=True):
+                subdirs.append(Path(entry.path))
+            elif entry.name.lower().endswith(IMG_EXTENSIONS) and entry.is_file(follow_symlinks=True):
+                yield Path(entry.path)
+        stack.extend(reversed(subdirs))
+
+
+def check_name(path: Path) -> None:
+    """Refuse a path that is not valid UTF-8 (on POSIX such bytes arrive as surrogate escapes)."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(
+            f"the name {os.fsencode(path)!r} is not valid UTF-8; rename it (e.g. with `convmv`) or move it "
+            "out of the dataset"
+        ) from None
+
+
+def unique_records(found: Found) -> Found:
+    """Refuse a file that reaches the dataset twice (through a link or a CSV row) with another label or in
+    another split; drop exact repeats (same file, label and split) with a warning.
+
+    Files are compared by their real path, so a link to another class's image is caught.
+    """
+    classes, assigned, pool, source = found
+    first: dict[str, tuple[str, int, Path]] = {}
+    repeats = 0
+    kept: dict[str, list] = {}
+    for split, records in [*assigned.items(), ("", pool)]:
+        kept[split] = []
+        for path, label in records:
+            real = os.path.realpath(path)
+            if real not in first:
+                first[real] = (split, label, path)
+                kept[split].append((path, label))
+                continue
+            _refuse_conflict(first[real], (split, label, path), classes)
+            repeats += 1
+    if repeats:
+        log.warning("%d image(s) are listed more than once (links or repeated rows); each is used once", repeats)
+    return classes, {s: kept[s] for s in assigned}, kept[""], source
+
+
+def _refuse_conflict(a: tuple[str, int, Path], b: tuple[str, int, Path], classes: Sequence[str]) -> None:
+    (split_a, label_a, path_a), (split_b, label_b, path_b) = a, b
+    if label_a != label_b:
+        raise DataError(
+            f"{path_b} (class '{classes[label_b]}') is the same file as {path_a} (class '{classes[label_a]}'), "
+            "through a link or a repeated row; an image has one label: remove one of them"
+        )
+    if split_a != split_b:
+        raise DataError(
+            f"{path_b} ({split_b or 'unsplit'}) is the same file as {path_a} ({split_a or 'unsplit'}), "
+            "through a link or a repeated row; an image in two splits leaks validation data into training: "
+            "remove one of them"
+        )
 
 
 def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+    dirs = sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+    for d in dirs:
+        check_name(d)
+    return dirs
 
 
 def _class_tree(folder: Path, what: str) -> dict[str, list[Path]]:

@@ -596,9 +596,9 @@ def _start(source: str | os.PathLike[str], out: str | os.PathLike[str], opts: Ex
     profile = load_profile(device)
     if opts.precision != "auto":
         profile.check_precision(opts.precision)
+    bundle.check_not_inside(Path(out), {"the run": source if _is_run_dir(source) else None, "--data": data,
+                                        "--calib-data": opts.calibration.data})
     out_path = bundle.check_destination(out, force)
-    bundle.check_not_inside(out_path, {"the run": source if _is_run_dir(source) else None, "--data": data,
-                                       "--calib-data": opts.calibration.data})
     job = _Job(opts, profile, out_path, progress, threads=opts.threads)
     if job.threads is None and profile.is_this_machine() and profile.calibrated:
         job.threads = profile.calibrated.get("threads")

@@ -9,16 +9,23 @@ Layout::
       manifest.json     versions, source, precision, sha256 of every file, accuracy, latency
       model.engine      only with --tensorrt
       model_data.h      only with --c-header
+      manifest.sha256   the digest of the manifest's canonical content (:func:`manifest_digest`)
 
 The folder is built in a hidden sibling (``.NAME.tmp-XXXX``) and renamed into place, so an
 interrupted or failed export leaves no folder that looks finished. An existing folder is either
 kept (without ``force``) or swapped out by a rename and then deleted: it is never half-overwritten.
 ``validation.json`` (written by ``edgetl validate``) is not part of the hashed set.
+
+The manifest is tamper-evident: ``manifest.sha256`` holds the sha256 of its canonical JSON (keys
+sorted, no spaces, UTF-8, ASCII escapes) without the record of ``model_data.h``, and the C header
+repeats it as ``EDGETL_MANIFEST_SHA256``, so a firmware build can check that the header belongs to
+that manifest. A hand-edited manifest (say, ``precision`` changed) no longer matches its digest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +39,7 @@ import numpy as np
 
 from edgetl._io import atomic_path, atomic_write_json, atomic_write_text, sha256_file, umask
 from edgetl.errors import ArtifactError, ConfigError
+from edgetl.folders import clean_stale_staging, require_ours, staging_prefix
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +50,12 @@ MANIFEST_FILE = "manifest.json"
 ENGINE_FILE = "model.engine"
 HEADER_FILE = "model_data.h"
 VALIDATION_FILE = "validation.json"
+DIGEST_FILE = "manifest.sha256"
 REQUIRED_FILES = (MODEL_FILE, LABELS_FILE, PREPROCESS_FILE, MANIFEST_FILE)
 ARTIFACT_FORMAT = "edgetl.artifact"
 ARTIFACT_VERSION = 1
+DIGEST_PLACEHOLDER = "<manifest digest>"
+_UNHASHED = (MANIFEST_FILE, VALIDATION_FILE, DIGEST_FILE)
 
 _HEADER_BYTES_PER_LINE = 16
 
@@ -53,13 +64,18 @@ _HEADER_BYTES_PER_LINE = 16
 
 
 def check_destination(out: str | os.PathLike[str], force: bool) -> Path:
-    """Refuse an existing, non-empty ``out`` unless ``force``; refuse a file. Returns ``out`` as a Path."""
+    """Refuse an existing, non-empty ``out`` unless ``force``, and with ``force`` any folder that is not an
+    edgetl artifact (see :func:`edgetl.folders.require_ours`); refuse a file. Returns ``out`` as a Path.
+
+    Staging folders that a killed export left beside ``out`` are removed first.
+    """
     out = Path(out).expanduser()
+    clean_stale_staging(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is a file; choose a folder for --out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ConfigError(f"{out} already exists; pass --force to replace it (it is swapped out atomically)")
-    return out
+    return require_ours(out, ("artifact",), "--out", "an artifact")
 
 
 def check_not_inside(out: Path, inputs: dict[str, str | os.PathLike[str] | None]) -> None:
@@ -76,9 +92,11 @@ def check_not_inside(out: Path, inputs: dict[str, str | os.PathLike[str] | None]
 
 @contextlib.contextmanager
 def staging_dir(out: Path) -> Iterator[Path]:
-    """A hidden temporary folder beside ``out``; removed if the block raises or nothing publishes it."""
+    """A hidden temporary folder beside ``out``; removed if the block raises or nothing publishes it.
+
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    stage = Path(tempfile.mkdtemp(prefix=staging_prefix(out), dir=out.parent))
     try:
         yield stage
     finally:
@@ -99,11 +117,13 @@ def publish(stage: Path, out: Path, force: bool) -> None:
             out.rmdir()
         elif not force:
             raise ConfigError(f"{out} already exists; pass --force to replace it")
+        else:
+            require_ours(out, ("artifact",), "--out", "an artifact")
     if not out.exists():
         os.replace(stage, out)
         _fsync_dir(out.parent)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = Path(tempfile.mkdtemp(prefix=staging_prefix(out, "old"), dir=out.parent))
     old.rmdir()
     os.replace(out, old)
     try:
@@ -176,20 +196,35 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def hash_files(folder: Path) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every artifact file in ``folder`` except the manifest and validation.json."""
-    skip = {MANIFEST_FILE, VALIDATION_FILE}
+def hash_files(folder: Path, skip: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every artifact file in ``folder`` except the manifest, its digest and validation.json."""
     return {
         p.name: file_record(p) for p in sorted(folder.iterdir())
-        if p.is_file() and p.name not in skip and not p.name.startswith(".")
+        if p.is_file() and p.name not in (*_UNHASHED, *skip) and not p.name.startswith(".")
     }
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON, without the record of ``model_data.h`` (which holds it)."""
+    doc = dict(manifest)
+    if isinstance(manifest.get("files"), dict):
+        doc["files"] = {k: v for k, v in manifest["files"].items() if k != HEADER_FILE}
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Hash the folder's files into ``manifest["files"]`` and write ``manifest.json`` (last)."""
+    """Hash the folder's files into ``manifest["files"]``, stamp the digest into the C header (if any), then
+    write ``manifest.json`` and ``manifest.sha256`` (last)."""
     manifest = dict(manifest)
-    manifest["files"] = hash_files(folder)
+    manifest["files"] = hash_files(folder, skip=(HEADER_FILE,))
+    digest = manifest_digest(manifest)
+    header = folder / HEADER_FILE
+    if header.is_file():
+        atomic_write_text(header, header.read_text().replace(DIGEST_PLACEHOLDER, digest))
+        manifest["files"] = dict(sorted({**manifest["files"], HEADER_FILE: file_record(header)}.items()))
     atomic_write_json(folder / MANIFEST_FILE, manifest)
+    atomic_write_text(folder / DIGEST_FILE, digest + "\n")
     return manifest
 
 
@@ -220,41 +255,85 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def verify_files(folder: str | os.PathLike[str], manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check every file the manifest lists against its sha256 (and the required files exist).
+    """Check the folder's entries, the manifest's digest and every file the manifest lists against its sha256.
 
     Returns:
         The manifest.
 
     Raises:
-        ArtifactError: a missing file (``missing file labels.json ...``) or a changed one
-            (``sha256 mismatch for model.onnx ...``).
+        ArtifactError: a link, a subfolder or a hidden file in the folder; a manifest that does not
+            match ``manifest.sha256``; a missing file (``missing file labels.json ...``), a changed one
+            (``sha256 mismatch for model.onnx ...``) or one the manifest does not list.
     """
     folder = Path(folder)
     manifest = manifest or read_manifest(folder)
+    check_entries(folder)
+    check_digest(folder, manifest)
     files: dict[str, Any] = manifest["files"]
     for name in REQUIRED_FILES:
         if name != MANIFEST_FILE and name not in files:
             raise ArtifactError(f"the manifest of {folder} does not list {name}; re-export the artifact")
     for name, record in files.items():
-        path = folder / name
-        if Path(name).name != name:
-            raise ArtifactError(f"the manifest of {folder} lists a path outside the artifact: {name}")
-        if not path.is_file():
-            raise ArtifactError(f"missing file {name} in {folder}; the artifact is incomplete, re-export it")
-        digest = sha256_file(path)
-        if digest != record.get("sha256"):
-            raise ArtifactError(
-                f"sha256 mismatch for {name} in {folder}: the file changed after export "
-                f"(expected {str(record.get('sha256'))[:12]}..., got {digest[:12]}...); re-export the artifact"
-            )
-    unlisted = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                      and p.name not in files and p.name not in (MANIFEST_FILE, VALIDATION_FILE))
+        _verify_file(folder, name, record)
+    unlisted = sorted(p.name for p in folder.iterdir() if p.name not in files and p.name not in _UNHASHED
+                      and not _own_temporary(p.name))
     if unlisted:
         raise ArtifactError(
             f"{', '.join(unlisted)} in {folder} is not in manifest.json: it was added after export and is not "
             "verified; remove it or re-export the artifact"
         )
     return manifest
+
+
+def _own_temporary(name: str) -> bool:
+    """A temporary file of validate's own atomic write of validation.json (left if it was killed)."""
+    return name.startswith(f".{VALIDATION_FILE}.") and name.endswith(".tmp")
+
+
+def check_entries(folder: Path) -> None:
+    """Refuse links, subfolders and hidden files: an artifact is a flat folder of its own regular files."""
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink():
+            raise ArtifactError(
+                f"{entry.name} in {folder} is a symbolic link (to {os.readlink(entry)}); an artifact holds only "
+                "its own files, so copy the real file in and re-export, or remove the link"
+            )
+        if entry.is_dir():
+            raise ArtifactError(f"{entry.name}/ in {folder} is a subfolder; an artifact holds no folders, "
+                                "remove it or re-export the artifact")
+        if entry.name.startswith(".") and not _own_temporary(entry.name):
+            raise ArtifactError(f"hidden file {entry.name} in {folder} is not part of the artifact; remove it")
+
+
+def check_digest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Compare the manifest with ``manifest.sha256`` (see :func:`manifest_digest`)."""
+    path = folder / DIGEST_FILE
+    if not path.is_file():
+        raise ArtifactError(f"missing file {DIGEST_FILE} in {folder}: the manifest is not protected "
+                            "(exported by an older edgetl, or removed); re-export the artifact")
+    recorded = path.read_text(encoding="ascii", errors="replace").strip()
+    if recorded != manifest_digest(manifest):
+        raise ArtifactError(
+            f"{MANIFEST_FILE} in {folder} does not match {DIGEST_FILE}: the manifest was edited after export; "
+            "re-export the artifact"
+        )
+
+
+def _verify_file(folder: Path, name: Any, record: Any) -> None:
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise ArtifactError(f"the manifest of {folder} lists a path outside the artifact: {name}")
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        raise ArtifactError(f"the manifest of {folder} has no sha256 for {name} (got {record!r}); "
+                            "re-export the artifact")
+    path = folder / name
+    if not path.is_file():
+        raise ArtifactError(f"missing file {name} in {folder}; the artifact is incomplete, re-export it")
+    digest = sha256_file(path)
+    if digest != record["sha256"]:
+        raise ArtifactError(
+            f"sha256 mismatch for {name} in {folder}: the file changed after export "
+            f"(expected {record['sha256'][:12]}..., got {digest[:12]}...); re-export the artifact"
+        )
 
 
 # --- C header ------------------------------------------------------------------------------------
@@ -317,6 +396,8 @@ def c_header(onnx_bytes: bytes, input_shape: Sequence[int | str], output_shape: 
         f"#define EDGETL_MODEL_BATCH_DYNAMIC {dynamic}",
         f"#define EDGETL_MODEL_NUM_CLASSES {num_classes}",
         f"#define EDGETL_MODEL_ONNX_LEN {n}u",
+        "/* sha256 of manifest.json's canonical content (see manifest.sha256): the manifest this model belongs to */",
+        f'#define EDGETL_MANIFEST_SHA256 "{DIGEST_PLACEHOLDER}"',
         "",
         "alignas(16) static const unsigned char edgetl_model_onnx[] = {",
         c_array_body(onnx_bytes) if n else "  0x00,",

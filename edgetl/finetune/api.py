@@ -18,14 +18,17 @@ Nothing is ever pickled: tensors go to safetensors, everything else to JSON/YAML
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import random
+import signal
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -64,6 +67,7 @@ from edgetl.finetune.trainer import (
     resolve_device,
     seed_everything,
 )
+from edgetl.folders import folder_lock, require_ours
 from edgetl.options import FinetuneOptions, documented, resolve
 from edgetl.weights import load_model
 
@@ -216,6 +220,17 @@ def _check_fresh(run_dir: Path) -> None:
         )
 
 
+def _check_batchnorm_batch(net: torch.nn.Module, batch_size: int, strategy: str) -> None:
+    """Training BatchNorm needs two images per batch: say so before anything is written, not with torch's
+    traceback mid-epoch. The linear probe freezes every BatchNorm, so it may train one image at a time."""
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    if batch_size < 2 and has_bn and strategy != "linear":
+        raise ConfigError(
+            f"--batch-size 1 cannot train this model with the {strategy} strategy: its BatchNorm layers need at "
+            "least 2 images per batch; use --batch-size 2 or more (or --strategy linear, which freezes them)"
+        )
+
+
 def _splits_digest(splits: Any) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(splits.classes).encode())
@@ -268,19 +283,41 @@ def finetune(
     opts = resolve(FinetuneOptions, options, kwargs, "finetune()")
     if out is None:
         raise ConfigError("finetune needs an output folder (out=... / --out RUN_DIR)")
-    run_dir = Path(out).expanduser()
+    run_dir = require_ours(out, ("run",), "--out", "a run")
     explicit = {**(options.model_dump(include=options.model_fields_set) if options else {}), **kwargs}
     given = {**opts.model_dump(mode="json"), "model": model, "data": data,
              "weights_dir": None if weights_dir is None else os.fspath(weights_dir)}
-    if resume:
-        run_opts = _resume_options(run_dir, given, set(explicit) | {"weights_dir"})
-    else:
-        if not model or not data:
-            raise ConfigError("finetune needs a model and a dataset (--model NAME --data DIR)")
-        _check_fresh(run_dir)
-        run_opts = {**given, "model": get_card(model).id, "data": str(Path(data).expanduser().resolve())}
-    run_opts.update(device=opts.device, workers=opts.workers)
-    return _Run(run_dir, run_opts, resume, progress, callbacks, on_decision, opts.checkpoint_interval).run()
+    if not resume and (not model or not data):
+        raise ConfigError("finetune needs a model and a dataset (--model NAME --data DIR)")
+    with _run_lock(run_dir), sigterm_as_interrupt():
+        if resume:
+            run_opts = _resume_options(run_dir, given, set(explicit) | {"weights_dir"})
+        else:
+            _check_fresh(run_dir)
+            run_opts = {**given, "model": get_card(model).id, "data": str(Path(data).expanduser().resolve())}
+        run_opts.update(device=opts.device, workers=opts.workers)
+        return _Run(run_dir, run_opts, resume, progress, callbacks, on_decision, opts.checkpoint_interval).run()
+
+
+def _run_lock(run_dir: Path) -> Any:
+    """The run folder's lock: a second finetune into it fails at once. Under torchrun rank 0 holds it."""
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return contextlib.nullcontext()
+    return folder_lock(run_dir, "finetune")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler, ``kill``, ``docker stop``) stops the run as Ctrl-C does: the last finished
+    epoch is saved. Outside the training loop it raises KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Run:
@@ -342,6 +379,7 @@ class _Run:
         log.info("strategy: %s", self.decision.reason)
         if self.on_decision is not None and self.dist.is_main:
             self.on_decision(self.decision)
+        _check_batchnorm_batch(self.loaded.model, int(self.opts["batch_size"]), self.decision.strategy)
         self._start_run_dir()
         self._build_network()
         train_loader, val_loader, forward = self._loaders()

@@ -173,7 +173,7 @@ class _Interrupted(Exception):
 
 
 class _SigintGuard:
-    """First SIGINT sets a flag (checked between steps); a second one raises KeyboardInterrupt."""
+    """First SIGINT or SIGTERM sets a flag (checked between steps); a second one raises KeyboardInterrupt."""
 
     def __init__(self) -> None:
         self.flag = False
@@ -186,13 +186,13 @@ class _SigintGuard:
         log.warning("interrupt: finishing the current step and stopping (Ctrl-C again to stop at once)")
 
     def __enter__(self) -> _SigintGuard:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+        if threading.current_thread() is threading.main_thread():  # SIGTERM (kill, a scheduler) as Ctrl-C
+            self._previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, handler in (self._previous or {}).items():
+            signal.signal(sig, handler)
 
 
 class ProgressDisplay:

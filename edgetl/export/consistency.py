@@ -1,0 +1,140 @@
+"""Checks that an artifact's files agree with each other, beyond their hashes.
+
+A manifest whose hashes match can still describe the wrong model: hashes prove that nothing changed
+after export, not that what was shipped is what the manifest claims. :func:`check_consistency` checks:
+
+- the manifest's fields have the types edgetl writes (``device`` a mapping, ``precision`` a name...);
+- ``labels.json`` is a list of distinct names, as many as the model has outputs;
+- the graph's precision is the one claimed: quantization ops for ``int8``, float16 weights for
+  ``fp16``, neither for ``fp32``;
+- the graph takes one float input ``input`` of the shape ``preprocess.json`` gives, and returns ``logits``;
+- ``model_data.h`` (when present) names the manifest's digest and the model's length.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from edgetl.errors import ArtifactError
+from edgetl.export import bundle
+from edgetl.options import PRECISIONS
+
+QUANT_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+    "MatMulInteger", "ConvInteger", "QGemm", "QLinearAdd", "QLinearMul", "DynamicQuantizeMatMul",
+})
+_FLOAT16 = onnx.TensorProto.FLOAT16
+_MAPPINGS = ("device", "source", "onnx")
+
+
+def check_consistency(folder: Path, manifest: dict[str, Any]) -> None:
+    """Raise :class:`ArtifactError` when the artifact's files contradict each other (see the module doc)."""
+    check_manifest_fields(folder, manifest)
+    labels = _read_json(folder, bundle.LABELS_FILE)
+    preprocess = _read_json(folder, bundle.PREPROCESS_FILE)
+    _check_labels(folder, labels)
+    model = _load_graph(folder)
+    _check_precision(folder, manifest["precision"], model)
+    _check_io(folder, model, preprocess, len(labels))
+    if bundle.HEADER_FILE in manifest["files"]:
+        _check_header(folder, manifest)
+
+
+def check_manifest_fields(folder: Path, manifest: dict[str, Any]) -> None:
+    """The fields validate reads must have the types export writes."""
+    where = folder / bundle.MANIFEST_FILE
+    for key in _MAPPINGS:
+        if not isinstance(manifest.get(key), dict):
+            raise ArtifactError(f"{where}: '{key}' must be a mapping, got {manifest.get(key)!r}; "
+                                "re-export the artifact")
+    if not isinstance(manifest["device"].get("name"), str):
+        raise ArtifactError(f"{where}: device.name must be a profile name, got {manifest['device'].get('name')!r}")
+    if manifest.get("precision") not in PRECISIONS:
+        raise ArtifactError(f"{where}: precision must be one of {', '.join(PRECISIONS)}, "
+                            f"got {manifest.get('precision')!r}; re-export the artifact")
+
+
+def _read_json(folder: Path, name: str) -> Any:
+    try:
+        return json.loads((folder / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{folder / name} is not valid JSON ({exc}); re-export the artifact") from None
+
+
+def _check_labels(folder: Path, labels: Any) -> None:
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
+        raise ArtifactError(f"{folder / bundle.LABELS_FILE} must be a list of class names; re-export the artifact")
+    if len(set(labels)) != len(labels):
+        raise ArtifactError(f"{folder / bundle.LABELS_FILE} names a class twice; re-export the artifact")
+
+
+def _load_graph(folder: Path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(folder / bundle.MODEL_FILE), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: any parse failure means not a model
+        raise ArtifactError(f"{folder / bundle.MODEL_FILE} is not an ONNX model ({exc}); re-export the artifact") \
+            from None
+
+
+def graph_precision(model: onnx.ModelProto) -> str:
+    """``int8`` with quantization ops, ``fp16`` with float16 weights, else ``fp32``."""
+    ops = {node.op_type for node in model.graph.node}
+    if ops & QUANT_OPS:
+        return "int8"
+    if any(t.data_type == _FLOAT16 for t in model.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def _check_precision(folder: Path, claimed: str, model: onnx.ModelProto) -> None:
+    found = graph_precision(model)
+    if found != claimed:
+        raise ArtifactError(
+            f"the manifest of {folder} says {claimed}, but model.onnx is an {found} graph; "
+            "the files do not belong together, re-export the artifact"
+        )
+
+
+def _dims(value_info: Any) -> list[int | None]:
+    shape = value_info.type.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+
+
+def _check_io(folder: Path, model: onnx.ModelProto, preprocess: Any, num_labels: int) -> None:
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    outputs = list(model.graph.output)
+    if [i.name for i in inputs] != ["input"] or [o.name for o in outputs] != ["logits"]:
+        raise ArtifactError(
+            f"model.onnx in {folder} must take 'input' and return 'logits', it takes "
+            f"{[i.name for i in inputs]} and returns {[o.name for o in outputs]}; re-export the artifact"
+        )
+    expected = preprocess.get("input_shape") if isinstance(preprocess, dict) else None
+    got = _dims(inputs[0])
+    if not isinstance(expected, list) or len(expected) != 4 or len(got) != 4 or got[1:] != list(expected[1:]):
+        raise ArtifactError(
+            f"model.onnx in {folder} takes input of shape {got}, preprocess.json gives {expected}; "
+            "the files do not belong together, re-export the artifact"
+        )
+    classes = _dims(outputs[0])[-1:] or [None]
+    if classes[0] != num_labels:
+        raise ArtifactError(
+            f"model.onnx in {folder} has {classes[0]} outputs, labels.json names {num_labels} classes; "
+            "the files do not belong together, re-export the artifact"
+        )
+
+
+def _check_header(folder: Path, manifest: dict[str, Any]) -> None:
+    text = (folder / bundle.HEADER_FILE).read_text(encoding="ascii", errors="replace")
+    digest = re.search(r'#define EDGETL_MANIFEST_SHA256 "([0-9a-f]{64})"', text)
+    length = re.search(r"#define EDGETL_MODEL_ONNX_LEN (\d+)u", text)
+    if digest is None or digest.group(1) != bundle.manifest_digest(manifest):
+        raise ArtifactError(f"{bundle.HEADER_FILE} in {folder} does not name this manifest's digest; "
+                            "re-export the artifact")
+    if length is None or int(length.group(1)) != (folder / bundle.MODEL_FILE).stat().st_size:
+        raise ArtifactError(f"{bundle.HEADER_FILE} in {folder} does not hold this model.onnx; re-export the artifact")
