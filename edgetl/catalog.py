@@ -288,6 +288,18 @@ def _build(builder: str, meta: bool, **kwargs: Any) -> torch.nn.Module:
     return model.eval()
 
 
+def deployed_model(model: torch.nn.Module, card: ModelCard) -> torch.nn.Module:
+    """The network as it is deployed, for export and timing: timm's re-parameterisable models (MobileOne,
+    FastViT, RepViT...) fused by ``timm.utils.reparameterize_model`` into a copy in eval mode; ``model``
+    itself, which trains in the unfused form, is left unchanged. Other models are returned as they are.
+    """
+    if card.zoo != "timm":
+        return model
+    from timm.utils import reparameterize_model
+
+    return reparameterize_model(model, inplace=False).eval()
+
+
 def get_submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
     """Return the submodule at a dotted ``path``."""
     return model.get_submodule(path)

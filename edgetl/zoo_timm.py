@@ -171,11 +171,15 @@ def build(arch: str, meta: bool = False, deploy: bool = False, **kwargs: Any) ->
 def deployed(model: torch.nn.Module, arch: str, **kwargs: Any) -> torch.nn.Module:
     """Re-parameterise a meta-device ``model`` of ``arch`` in place and return it (fused, as deployed).
 
-    Some fusions (MobileOne, FastViT, GhostNetV3) compute with real tensors and fail on the meta device: those
-    are rebuilt on the CPU with ``kwargs``, fused there, and moved to the meta device.
+    The fusion runs under ``torch.device("meta")``, so the tensors it creates (MobileOne's, FastViT's identity
+    kernels) are on the meta device too. Should a fusion still need real tensors, the model is rebuilt on the
+    CPU with ``kwargs``, fused there and moved to the meta device.
     """
+    import torch
+
     try:
-        return _reparameterize(model)
+        with torch.device("meta"):
+            return _reparameterize(model)
     except (NotImplementedError, RuntimeError):
         return _reparameterize(_create(arch, **kwargs)).to("meta")
 

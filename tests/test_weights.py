@@ -207,5 +207,5 @@ def test_timm_pull_keeps_a_present_file_and_never_downloads_offline(tmp_path, mo
     path, _ = _timm_file(tmp_path / "w")
     assert pull_weights("timm/lcnet_050", dir=tmp_path / "w") == path
     monkeypatch.setenv("EDGETL_OFFLINE", "1")
-    with pytest.raises(WeightsError, match="EDGETL_OFFLINE is set, so timm/lcnet_075.ra2_in1k.safetensors"):
+    with pytest.raises(WeightsError, match=r"EDGETL_OFFLINE is set, so timm/lcnet_075\.ra2_in1k\.safetensors"):
         pull_weights("timm/lcnet_075", dir=tmp_path / "w")

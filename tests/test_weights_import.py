@@ -117,7 +117,7 @@ def test_a_different_tensor_count_is_refused(lite0_file, tmp_path):
     del state["_fc.bias"]
     path = tmp_path / "short.pth"
     torch.save(state, path)
-    with pytest.raises(WeightsError, match="holds 246 weight tensors but timm/tf_efficientnet_lite0.in1k has 247"):
+    with pytest.raises(WeightsError, match=r"holds 246 weight tensors but timm/tf_efficientnet_lite0\.in1k has 247"):
         import_weights(path, LITE0, dir=tmp_path / "w")
 
 

@@ -99,6 +99,8 @@ def test_params_and_gflops_are_of_the_reparameterised_network():
     trace = cost.trace_model(card)
     assert card.params == trace.params < unfused
     assert card.gflops == pytest.approx(trace.flops / 2e9, rel=1e-3)
+    on_cpu = zoo_timm.build("mobileone_s0", meta=False, deploy=True)  # fused with real tensors
+    assert sum(p.numel() for p in on_cpu.parameters()) == card.params
     # a plain convnet is unchanged by re-parameterisation
     lcnet = catalog.get_card("timm/lcnet_050")
     assert lcnet.params == sum(p.numel() for p in catalog.build_architecture(lcnet.id, meta=True).parameters())
@@ -128,3 +130,19 @@ def test_distillation_heads_fold_exactly(arch, kwargs):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), original(x), rtol=1e-4, atol=1e-4)
+
+
+def test_deployed_model_is_fused_and_equivalent():
+    card = catalog.get_card("timm/mobileone_s0")
+    torch.manual_seed(0)
+    model = catalog.build_architecture(card.id)
+    catalog.replace_head(model, card, 4)
+    fused = catalog.deployed_model(model, card)
+    assert fused is not model
+    assert sum(p.numel() for p in fused.parameters()) < sum(p.numel() for p in model.parameters())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-3, atol=1e-3)
+    plain = catalog.get_card("resnet18")
+    net = catalog.build_architecture("resnet18", meta=True)
+    assert catalog.deployed_model(net, plain) is net
