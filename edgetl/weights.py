@@ -277,8 +277,13 @@ def arch_kwargs_for(card: ModelCard, pretrained: bool, resolution: int | None = 
 
     They mirror what torchvision's builders set when given weights (``transform_input`` for GoogLeNet
     and Inception, the image size of ViT and MaxViT), drop auxiliary classifiers (fine-tuning trains
-    one head), and size ViT/MaxViT for ``resolution``.
+    one head), and size ViT/MaxViT for ``resolution``. timm models take none, except EfficientFormer-v2's
+    ``img_size`` (its attention biases are sized for it, so pretrained weights need their own 224 px).
     """
+    if card.zoo == "timm":
+        from edgetl.catalog import input_size_kwargs
+
+        return input_size_kwargs(card.name, int(resolution or card.resolution))
     kwargs: dict[str, Any] = {}
     if card.family in ("googlenet", "inception"):
         kwargs.update(aux_logits=False, transform_input=pretrained, init_weights=not pretrained)
