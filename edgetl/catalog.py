@@ -541,10 +541,19 @@ def _cards(zoo: str = "all") -> tuple[ModelCard, ...]:
     return tuple(c for z in ZOOS if zoo in (z, "all") for c in _zoo_cards(z))
 
 
-def _matches(card: ModelCard, pat: str) -> bool:
-    names = (card.name, card.id.lower(), card.name.removeprefix(zoo_timm.PREFIX), card.id.lower().removeprefix(
-        zoo_timm.PREFIX))
+def _matches(name: str, card_id: str, pat: str) -> bool:
+    names = (name, card_id.lower(), name.removeprefix(zoo_timm.PREFIX), card_id.lower().removeprefix(zoo_timm.PREFIX))
     return any(fnmatch.fnmatch(n, pat) for n in names)
+
+
+def _timm_may_match(pat: str) -> bool:
+    """Whether a glob can match a timm entry, answered from the vendored results (which name every timm entry)
+    without building the timm zoo."""
+    for hub_id, _ in zoo_timm.read_results():
+        arch = hub_id.partition(".")[0]
+        if _matches(zoo_timm.PREFIX + arch, zoo_timm.PREFIX + hub_id, pat):
+            return True
+    return False
 
 
 def list_models(pattern: str | None = None, default_only: bool = False, zoo: str = "all") -> list[ModelCard]:
@@ -559,10 +568,12 @@ def list_models(pattern: str | None = None, default_only: bool = False, zoo: str
     Returns:
         The matching cards, sorted by name and weights tag.
     """
+    pat = pattern.lower() if pattern else ""
+    if pat and zoo == "all" and not _timm_may_match(pat):
+        zoo = "torchvision"
     cards = list(_cards(zoo))
-    if pattern:
-        pat = pattern.lower()
-        cards = [c for c in cards if _matches(c, pat)]
+    if pat:
+        cards = [c for c in cards if _matches(c.name, c.id, pat)]
     if default_only:
         cards = [c for c in cards if c.is_default]
     return sorted(cards, key=lambda c: (c.name, c.weights))

@@ -146,3 +146,13 @@ def test_deployed_model_is_fused_and_equivalent():
     plain = catalog.get_card("resnet18")
     net = catalog.build_architecture("resnet18", meta=True)
     assert catalog.deployed_model(net, plain) is net
+
+
+def test_a_pattern_that_names_no_timm_entry_does_not_load_the_timm_zoo():
+    catalog._zoo_cards.cache_clear()
+    try:
+        assert {c.name for c in catalog.list_models("resnet1*")} == {"resnet18", "resnet101", "resnet152"}
+        assert catalog._zoo_cards.cache_info().currsize == 1  # torchvision's only
+        assert not catalog._timm_may_match("resnet*") and catalog._timm_may_match("*lite0*")
+    finally:
+        catalog._zoo_cards.cache_clear()
