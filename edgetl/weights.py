@@ -162,7 +162,8 @@ def _missing_message(card: ModelCard, weights_dir: Path | None) -> str:
     return (
         f"no pretrained weights for {card.id} on this machine ({name} is not in {looked}); "
         f"on a connected machine run `edgetl weights pull {card.id}` and copy {name} into "
-        f"~/.cache/torch/hub/checkpoints or ${WEIGHTS_DIR_ENV}, or pass --weights PATH, "
+        f"~/.cache/torch/hub/checkpoints or ${WEIGHTS_DIR_ENV}, or map a state_dict you have onto it with "
+        f"`edgetl weights import FILE --model {card.id}`, or pass --weights PATH, "
         "or --weights none to train from scratch"
     )
 
@@ -196,10 +197,10 @@ def _download_timm(card: ModelCard, folder: Path) -> Path:
     dst = folder / weights_file_name(card)
     hub_id = card.id.removeprefix(zoo_timm.PREFIX)
     log.info("loading timm's pretrained %s to save it as %s", hub_id, dst)
-    try:
-        with zoo_timm._quiet():
-            import timm
+    import timm  # deferred: importing timm takes seconds
 
+    try:
+        with zoo_timm.quiet_warnings():
             model = timm.create_model(hub_id, pretrained=True)
     except Exception as exc:  # no network, no such file on the hub: say so in one line
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

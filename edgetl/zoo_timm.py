@@ -142,7 +142,8 @@ def arch_kwargs(arch: str, resolution: int | None = None) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_warnings() -> Iterator[None]:
+    """Silence timm's and torch's user and deprecation warnings while building a model."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
@@ -187,7 +188,7 @@ def deployed(model: torch.nn.Module, arch: str, **kwargs: Any) -> torch.nn.Modul
 def _create(arch: str, **kwargs: Any) -> torch.nn.Module:
     import timm  # deferred: importing timm takes seconds
 
-    with _quiet():
+    with quiet_warnings():
         return timm.create_model(arch, pretrained=False, **kwargs).eval()
 
 
