@@ -1,12 +1,14 @@
-"""The model catalog: every torchvision ImageNet-1K classification weight entry, as a :class:`ModelCard`.
+"""The model catalog: torchvision's and timm's ImageNet-1K classifiers, as :class:`ModelCard` entries.
 
-All figures (acc@1, acc@5, params, GFLOPs, file size, minimum input size, resize, crop, mean and
-std) are read from torchvision's own weights metadata (``Weights.meta`` and ``Weights.transforms``),
-never typed by hand. The head's module path and the ordered trunk blocks are derived from the
-architecture itself, built on the meta device without weights.
+Two zoos: every torchvision ImageNet-1K classification weight entry (below), and timm's edge-friendly families
+(:mod:`edgetl.zoo_timm`, names ``timm/<arch>.<tag>``). For torchvision, all figures (acc@1, acc@5, params,
+GFLOPs, file size, minimum input size, resize, crop, mean and std) are read from torchvision's own weights
+metadata (``Weights.meta`` and ``Weights.transforms``), never typed by hand. The head's module path and the
+ordered trunk blocks are derived from the architecture itself, built on the meta device without weights.
 
-Importing torch and torchvision takes seconds, so the catalog is cached as JSON keyed by the
-torchvision version; a warm cache answers without importing torch at all.
+Importing torch and torchvision takes seconds, so each zoo is cached as JSON keyed by its library's version
+(the timm zoo also by torch's, whose trace gives its params and GFLOPs); a warm cache answers without importing
+torch or timm at all.
 
 Names resolve like timm's registry: ``resnet50`` is the DEFAULT weights, ``resnet50.IMAGENET1K_V1``
 a specific tag. An unknown name raises :class:`~edgetl.errors.UnknownNameError` with suggestions.
@@ -27,6 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgetl import zoo_timm
 from edgetl._io import atomic_write_json, cache_dir
 from edgetl.errors import UnknownNameError
 
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _CATALOG_SCHEMA = 3
 _METRICS_KEY = "ImageNet-1K"
+ZOOS = ("torchvision", "timm")
 
 
 @dataclass(frozen=True)
@@ -73,24 +77,25 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class ModelCard:
-    """One pretrained weight entry of torchvision's catalog, with everything edgetl needs to know.
+    """One pretrained weight entry of the catalog (torchvision or timm), with everything edgetl needs to know.
 
     Attributes:
-        name: the builder name, e.g. ``resnet50``.
-        weights: the weights tag, e.g. ``IMAGENET1K_V2``.
+        name: the builder name, e.g. ``resnet50``, or ``timm/<arch>`` for timm (``timm/mobilenetv4_conv_small``).
+        weights: the weights tag, e.g. ``IMAGENET1K_V2``, or timm's pretrained tag (``e2400_r224_in1k``).
         is_default: whether this tag is the builder's DEFAULT weights.
-        top1, top5: ImageNet-1K accuracy (%) from torchvision's metadata; ``None`` for weights that
-            have no classifier accuracy (``vgg16.IMAGENET1K_FEATURES``).
-        params: number of parameters.
-        gflops: GFLOPs per image at ``preprocess.crop_size`` (torchvision's ``_ops``).
-        file_mb: size of the weights file in MB (torchvision's ``_file_size``).
+        top1, top5: ImageNet-1K accuracy (%) from torchvision's metadata or timm's published results;
+            ``None`` for weights that have no classifier accuracy (``vgg16.IMAGENET1K_FEATURES``).
+        params: number of parameters (timm: of the re-parameterised, deployed network).
+        gflops: GMACs per image at ``preprocess.crop_size`` (torchvision's ``_ops``; timm: edgetl's trace).
+        file_mb: size of the weights file in MiB (torchvision's ``_file_size``; timm: the fp32 state_dict).
         min_size: the smallest (H, W) the architecture accepts.
         preprocess: resize, crop, mean, std and interpolation of the evaluation transform.
-        head_path: dotted module path of the classifier layer (the one to replace).
+        head_path: dotted module path of the classifier layer (the one to replace; for timm it is the layer
+            ``reset_classifier`` creates, which :func:`replace_head` calls).
         block_paths: dotted module paths of the trunk's blocks, input to output, for partial freezing.
         family: the architecture family, e.g. ``resnet``, ``efficientnet``, ``vit``.
-        url: where torchvision downloads the weights from.
-        recipe: the training recipe's URL.
+        url: where torchvision downloads the weights from (timm: the Hugging Face hub page).
+        recipe: the training recipe's URL (timm: the cfg's origin URL and how the row was chosen).
     """
 
     name: str
@@ -115,6 +120,11 @@ class ModelCard:
     def id(self) -> str:
         """``name.WEIGHTS``, the unambiguous identifier of this entry."""
         return f"{self.name}.{self.weights}"
+
+    @property
+    def zoo(self) -> str:
+        """``timm`` or ``torchvision``."""
+        return "timm" if zoo_timm.is_timm(self.name) else "torchvision"
 
     @property
     def resolution(self) -> int:
@@ -151,6 +161,7 @@ class ModelCard:
             "file_mb": self.file_mb,
             "resolution": self.resolution,
             "family": self.family,
+            "zoo": self.zoo,
             "head": self.head_path,
             "blocks": len(self.block_paths),
         }
@@ -221,24 +232,32 @@ def _params_on_meta() -> Iterator[None]:
 
 
 def build_architecture(
-    name: str, meta: bool = False, resolution: int | None = None, **kwargs: Any
+    name: str, meta: bool = False, resolution: int | None = None, deploy: bool = False, **kwargs: Any
 ) -> torch.nn.Module:
     """Build a catalog architecture with random (or, with ``meta=True``, no) weights, in eval mode.
 
     Args:
-        name: a builder name or card id (``resnet50`` or ``resnet50.IMAGENET1K_V2``).
+        name: a builder name or card id (``resnet50``, ``resnet50.IMAGENET1K_V2``, ``timm/repvit_m1.dist_in1k``).
         meta: put parameters on the meta device: no memory, no initialisation cost.
-        resolution: the input size, for architectures whose shape depends on it (ViT, MaxViT).
-        **kwargs: passed to the torchvision builder (e.g. ``num_classes``).
+        resolution: the input size, for architectures whose shape depends on it (ViT, MaxViT, EfficientFormer-v2).
+        deploy: the network as it is deployed: timm's re-parameterisable models fused
+            (``timm.utils.reparameterize_model``); torchvision's are unchanged. Train the unfused one.
+        **kwargs: passed to the torchvision builder or ``timm.create_model`` (e.g. ``num_classes``).
     """
     builder = get_card(name).name
     if resolution is not None:
         kwargs.update(input_size_kwargs(builder, resolution))
+    if zoo_timm.is_timm(builder):
+        arch = zoo_timm.split_name(builder)[0]
+        return zoo_timm.build(arch, meta=meta, deploy=deploy, **{**zoo_timm.arch_kwargs(arch), **kwargs})
     return _build(builder, meta, **kwargs)
 
 
 def input_size_kwargs(builder: str, resolution: int) -> dict[str, Any]:
     """Builder arguments that fix the input size of architectures with positional embeddings."""
+    if zoo_timm.is_timm(builder):
+        return {k: v for k, v in zoo_timm.arch_kwargs(zoo_timm.split_name(builder)[0], resolution).items()
+                if k == "img_size"}
     if builder.startswith("vit_"):
         return {"image_size": resolution}
     if builder.startswith("maxvit"):
@@ -269,6 +288,18 @@ def _build(builder: str, meta: bool, **kwargs: Any) -> torch.nn.Module:
     return model.eval()
 
 
+def deployed_model(model: torch.nn.Module, card: ModelCard) -> torch.nn.Module:
+    """The network as it is deployed, for export and timing: timm's re-parameterisable models (MobileOne,
+    FastViT, RepViT...) fused by ``timm.utils.reparameterize_model`` into a copy in eval mode; ``model``
+    itself, which trains in the unfused form, is left unchanged. Other models are returned as they are.
+    """
+    if card.zoo != "timm":
+        return model
+    from timm.utils import reparameterize_model
+
+    return reparameterize_model(model, inplace=False).eval()
+
+
 def get_submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
     """Return the submodule at a dotted ``path``."""
     return model.get_submodule(path)
@@ -277,12 +308,17 @@ def get_submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
 def replace_head(model: torch.nn.Module, card: ModelCard, num_classes: int) -> torch.nn.Module:
     """Replace the classifier layer at ``card.head_path`` with a fresh one for ``num_classes``.
 
-    The new layer keeps the old one's input width, dtype and device. Returns the new layer.
+    The new layer keeps the old one's input width, dtype and device. Returns the new layer. timm models get
+    theirs from ``reset_classifier(num_classes)``.
     """
     import torch
 
     old = model.get_submodule(card.head_path)
     param = next(old.parameters())
+    if card.zoo == "timm":
+        model.reset_classifier(num_classes)
+        model.to(device=param.device, dtype=param.dtype)
+        return model.get_submodule(card.head_path)
     if isinstance(old, torch.nn.Linear):
         new = torch.nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
     elif isinstance(old, torch.nn.Conv2d):  # SqueezeNet's classifier is a 1x1 convolution
@@ -300,15 +336,15 @@ def _has_params(module: torch.nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
-def _derive_layout(model: torch.nn.Module) -> tuple[str, tuple[str, ...]]:
-    """Find the classifier layer and the ordered trunk blocks of a torchvision classifier."""
+def _derive_layout(model: torch.nn.Module, head: str = "") -> tuple[str, tuple[str, ...]]:
+    """Find the classifier layer (unless ``head`` names it) and the ordered trunk blocks of a classifier."""
     import torch
 
-    head = ""
-    for path, module in model.named_modules():
-        out = getattr(module, "out_features", None) or getattr(module, "out_channels", None)
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and out == 1000:
-            head = path
+    if not head:
+        for path, module in model.named_modules():
+            out = getattr(module, "out_features", None) or getattr(module, "out_channels", None)
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and out == 1000:
+                head = path  # the last such layer
     if not head:
         raise ValueError("no classifier layer with 1000 outputs found")
 
@@ -396,45 +432,148 @@ def _cards_from_torchvision() -> list[ModelCard]:
     return cards
 
 
+def imagenet_categories() -> tuple[str, ...]:
+    """ImageNet-1K's class names in output order, as torchvision ships them (used for timm's cards too)."""
+    from torchvision.models import ResNet18_Weights
+
+    return tuple(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def _cards_from_timm() -> list[ModelCard]:
+    """Cards for :func:`edgetl.zoo_timm.entries`, sized by tracing each deployed architecture once per resolution."""
+    categories = imagenet_categories()
+    groups: dict[str, list[zoo_timm.Entry]] = {}
+    for e in zoo_timm.entries():
+        groups.setdefault(e.arch, []).append(e)
+    return [card for arch, group in groups.items() for card in _timm_arch_cards(arch, group, categories)]
+
+
+def _timm_arch_cards(arch: str, group: list[zoo_timm.Entry], categories: tuple[str, ...]) -> list[ModelCard]:
+    """The cards of one timm architecture's tags: one meta build for the layout, fused in place for the trace."""
+    from edgetl import cost
+
+    kwargs = zoo_timm.arch_kwargs(arch, group[0].resolution)
+    model = zoo_timm.build(arch, meta=True, **kwargs)
+    head, blocks = _derive_layout(model, zoo_timm.head_path(arch, group[0].cfg))
+    file_mb = round(sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20, 3)
+    fused: dict[int, torch.nn.Module] = {}
+
+    def deployed(res: int) -> torch.nn.Module:
+        kw = zoo_timm.arch_kwargs(arch, res)
+        if kw != kwargs:  # the architecture depends on the input size: build it for this one
+            return zoo_timm.build(arch, meta=True, deploy=True, **kw)
+        if not fused:
+            fused[0] = zoo_timm.deployed(model, arch, **kwargs)
+        return fused[0]
+
+    cards = []
+    for e in group:
+        trace = cost.trace_architecture(zoo_timm.PREFIX + arch, e.resolution, lambda e=e: deployed(e.resolution))
+        cards.append(_timm_card(e, trace, head, blocks, file_mb, categories))
+    return cards
+
+
+def _timm_card(e: zoo_timm.Entry, trace: Any, head: str, blocks: tuple[str, ...], file_mb: float,
+               categories: tuple[str, ...]) -> ModelCard:
+    cfg = e.cfg
+    return ModelCard(
+        name=zoo_timm.PREFIX + e.arch,
+        weights=e.tag,
+        is_default=e.is_default,
+        top1=float(e.row["top1"]),
+        top5=float(e.row["top5"]),
+        params=int(trace.params),
+        gflops=round(trace.flops / 2e9, 4),
+        file_mb=file_mb,
+        min_size=(32, 32),
+        preprocess=Preprocess(
+            resize_size=zoo_timm.resize_size(e.resolution, e.crop_pct),
+            crop_size=e.resolution,
+            mean=tuple(float(x) for x in cfg["mean"]),
+            std=tuple(float(x) for x in cfg["std"]),
+            interpolation=str(cfg.get("interpolation") or "bilinear"),
+        ),
+        head_path=head,
+        block_paths=blocks,
+        family=e.family,
+        url=f"https://huggingface.co/timm/{e.hub_id}",
+        recipe=(f"{cfg.get('origin_url') or ''} (top-1 at {e.size_source} {e.resolution} px, "
+                f"crop_pct {e.crop_pct:g})").strip(),
+        categories=categories,
+    )
+
+
 @lru_cache(maxsize=1)
 def torchvision_version() -> str:
     """The installed torchvision version, read without importing it."""
     return metadata.version("torchvision")
 
 
-def _cache_file() -> Path:
-    return cache_dir("catalog") / f"torchvision-{torchvision_version()}-v{_CATALOG_SCHEMA}.json"
+def _cache_file(zoo: str = "torchvision") -> Path:
+    if zoo == "timm":
+        key = f"timm-{zoo_timm.timm_version()}-torch-{metadata.version('torch')}"
+    else:
+        key = f"torchvision-{torchvision_version()}"
+    return cache_dir("catalog") / f"{key}-v{_CATALOG_SCHEMA}.json"
 
 
-@lru_cache(maxsize=1)
-def _cards() -> tuple[ModelCard, ...]:
-    path = _cache_file()
+@lru_cache(maxsize=2)
+def _zoo_cards(zoo: str) -> tuple[ModelCard, ...]:
+    if zoo == "timm" and zoo_timm.timm_version() is None:
+        log.warning("timm is not installed: the catalog holds torchvision's models only (pip install timm)")
+        return ()
+    path = _cache_file(zoo)
     if path.exists():
         try:
             data = json.loads(path.read_text())
             return tuple(ModelCard.from_dict(d) for d in data["cards"])
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unreadable catalog cache %s: %s", path, exc)
-    log.info("building the model catalog from torchvision %s (cached afterwards)", torchvision_version())
-    cards = _cards_from_torchvision()
-    atomic_write_json(path, {"torchvision": torchvision_version(), "cards": [c.to_dict() for c in cards]})
+    log.info("building the %s model catalog (cached afterwards in %s)", zoo, path)
+    cards = _cards_from_timm() if zoo == "timm" else _cards_from_torchvision()
+    atomic_write_json(path, {zoo: path.stem, "cards": [c.to_dict() for c in cards]})
     return tuple(cards)
 
 
-def list_models(pattern: str | None = None, default_only: bool = False) -> list[ModelCard]:
+def _cards(zoo: str = "all") -> tuple[ModelCard, ...]:
+    if zoo not in (*ZOOS, "all"):
+        raise UnknownNameError("zoo", zoo, [*ZOOS, "all"])
+    return tuple(c for z in ZOOS if zoo in (z, "all") for c in _zoo_cards(z))
+
+
+def _matches(name: str, card_id: str, pat: str) -> bool:
+    names = (name, card_id.lower(), name.removeprefix(zoo_timm.PREFIX), card_id.lower().removeprefix(zoo_timm.PREFIX))
+    return any(fnmatch.fnmatch(n, pat) for n in names)
+
+
+def _timm_may_match(pat: str) -> bool:
+    """Whether a glob can match a timm entry, answered from the vendored results (which name every timm entry)
+    without building the timm zoo."""
+    for hub_id, _ in zoo_timm.read_results():
+        arch = hub_id.partition(".")[0]
+        if _matches(zoo_timm.PREFIX + arch, zoo_timm.PREFIX + hub_id, pat):
+            return True
+    return False
+
+
+def list_models(pattern: str | None = None, default_only: bool = False, zoo: str = "all") -> list[ModelCard]:
     """List the catalog's cards, optionally filtered.
 
     Args:
-        pattern: a glob matched against the model name and the ``name.WEIGHTS`` id (``"resnet*"``).
-        default_only: keep only each builder's DEFAULT weights.
+        pattern: a glob matched against the model name and the ``name.WEIGHTS`` id (``"resnet*"``); timm
+            names match with or without their ``timm/`` prefix (``"mobilenetv4*"``).
+        default_only: keep only each builder's DEFAULT weights (timm: each architecture's default tag).
+        zoo: ``torchvision``, ``timm`` or ``all``.
 
     Returns:
         The matching cards, sorted by name and weights tag.
     """
-    cards = list(_cards())
-    if pattern:
-        pat = pattern.lower()
-        cards = [c for c in cards if fnmatch.fnmatch(c.name, pat) or fnmatch.fnmatch(c.id.lower(), pat)]
+    pat = pattern.lower() if pattern else ""
+    if pat and zoo == "all" and not _timm_may_match(pat):
+        zoo = "torchvision"
+    cards = list(_cards(zoo))
+    if pat:
+        cards = [c for c in cards if _matches(c.name, c.id, pat)]
     if default_only:
         cards = [c for c in cards if c.is_default]
     return sorted(cards, key=lambda c: (c.name, c.weights))
@@ -444,18 +583,21 @@ def get_card(name: str) -> ModelCard:
     """Resolve a model name to its card.
 
     ``resnet50`` (and ``resnet50.DEFAULT``) give the DEFAULT weights; ``resnet50.IMAGENET1K_V1``
-    a specific tag (case-insensitive).
+    a specific tag (case-insensitive). timm names are the hub's: ``timm/<arch>.<tag>``, and
+    ``timm/<arch>`` is timm's default tag.
 
     Raises:
         UnknownNameError: the name is not in the catalog; the message lists the closest names.
     """
-    cards = _cards()
+    if zoo_timm.is_timm(name):
+        return _get_timm_card(name)
+    cards = _cards("torchvision")
     arch, _, tag = name.strip().partition(".")
     arch = arch.lower()
     tag = tag.upper()
     matches = [c for c in cards if c.name == arch]
     if not matches:
-        raise UnknownNameError("model", name, sorted({c.name for c in cards}), hint="see `edgetl models`")
+        raise UnknownNameError("model", name, sorted({c.name for c in _cards()}), hint="see `edgetl models`")
     if not tag or tag == "DEFAULT":
         return next(c for c in matches if c.is_default)
     for card in matches:
@@ -466,3 +608,18 @@ def get_card(name: str) -> ModelCard:
             c.weights for c in matches
         )
     )
+
+
+def _get_timm_card(name: str) -> ModelCard:
+    arch, tag = zoo_timm.split_name(name)
+    full = zoo_timm.PREFIX + arch
+    matches = [c for c in _cards("timm") if c.name == full]
+    if not matches:
+        raise UnknownNameError("model", name, sorted({c.name for c in _cards()}), hint="see `edgetl models`")
+    if not tag:
+        return next((c for c in matches if c.is_default), matches[0])
+    for card in matches:
+        if card.weights == tag:
+            return card
+    raise UnknownNameError("weights", f"{full}.{tag}", [c.id for c in matches],
+                           hint=f"ImageNet-1K tags of {full}: " + ", ".join(c.weights for c in matches))

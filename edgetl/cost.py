@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
@@ -83,8 +84,8 @@ _POOL_OPS = frozenset(
 _MOVE_OPS = frozenset(
     {
         "cat", "constant_pad_nd", "roll", "index", "clone", "copy_", "_to_copy", "stack", "pad",
-        "index_select", "gather", "contiguous", "repeat", "upsample_nearest2d", "channel_shuffle",
-        "pixel_shuffle",
+        "index_select", "gather", "contiguous", "repeat", "upsample_nearest2d", "upsample_bilinear2d",
+        "channel_shuffle", "pixel_shuffle",
     }
 )
 _UNARY_FUSABLE = frozenset(
@@ -332,6 +333,9 @@ class TraceError(Exception):
 def trace_model(model: str | ModelCard, resolution: int | None = None) -> CostTrace:
     """Return the cost trace of a catalog model, from the cache or by tracing it on the meta device.
 
+    The traced network is the deployed one (``build_architecture(..., deploy=True)``): timm's
+    re-parameterisable models are fused first, as they run after export.
+
     Args:
         model: a catalog name (``resnet50``, ``resnet50.IMAGENET1K_V1``) or a :class:`ModelCard`.
         resolution: the square input size; defaults to the card's crop size.
@@ -342,14 +346,25 @@ def trace_model(model: str | ModelCard, resolution: int | None = None) -> CostTr
     """
     card = model if isinstance(model, ModelCard) else get_card(model)
     res = int(resolution or card.resolution)
-    hit = cached_trace(card.name, res)
+    return trace_architecture(
+        card.name, res, lambda: build_architecture(card.id, meta=True, resolution=res, deploy=True)
+    )
+
+
+def trace_architecture(name: str, resolution: int, build: Callable[[], Any]) -> CostTrace:
+    """Return the cached trace of architecture ``name`` at ``resolution``, or trace ``build()`` and cache it.
+
+    Raises:
+        TraceError: the architecture cannot be built or run at that resolution.
+    """
+    hit = cached_trace(name, resolution)
     if hit is not None:
         return hit
-    log.debug("tracing %s at %d px on the meta device", card.name, res)
+    log.debug("tracing %s at %d px on the meta device", name, resolution)
     try:
-        trace = trace_module(build_architecture(card.id, meta=True, resolution=res), res, name=card.name)
+        trace = trace_module(build(), resolution, name=name)
     except Exception as exc:  # the architecture rejects this input size, or an op has no meta kernel
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TraceError(f"{card.name} at {res}px: {reason}") from exc
-    atomic_write_json(_cache_path(card.name, res), trace.to_dict(), indent=None)
+        raise TraceError(f"{name} at {resolution}px: {reason}") from exc
+    atomic_write_json(_cache_path(name, resolution), trace.to_dict(), indent=None)
     return trace

@@ -1,16 +1,22 @@
 """Pretrained weights: find them, load them safely, and pull them for air-gapped machines.
 
-``--weights`` takes ``imagenet`` (the catalog entry's torchvision weights), ``none`` (random init)
+``--weights`` takes ``imagenet`` (the catalog entry's pretrained weights), ``none`` (random init)
 or a PATH to a state_dict file (``.pth``/``.pt`` or ``.safetensors``).
 
 Where ImageNet weights come from, in order:
 
-1. ``weights_dir`` (the ``--weights-dir`` option) or ``$EDGETL_WEIGHTS_DIR``: a folder of files named
-   like the basenames of torchvision's URLs (``resnet18-f37072fd.pth``). When such a folder is set,
-   loading is offline: nothing is downloaded.
-2. torchvision's own cache, ``torch.hub.get_dir()/checkpoints`` (``~/.cache/torch/hub/checkpoints``).
-3. A download into that cache (``torch.hub.download_url_to_file`` with the sha256 prefix check),
-   unless a weights folder is set or ``$EDGETL_OFFLINE=1``.
+1. ``weights_dir`` (the ``--weights-dir`` option) or ``$EDGETL_WEIGHTS_DIR``: one folder for both zoos.
+
+   - torchvision: files named like the basenames of torchvision's URLs (``resnet18-f37072fd.pth``);
+   - timm: ``timm/<arch>.<tag>.safetensors``, the state_dict timm's pretrained model has
+     (``timm/tf_efficientnet_lite0.in1k.safetensors``), as ``edgetl weights pull`` and
+     ``edgetl weights import`` write it.
+
+   When such a folder is set, loading is offline: nothing is downloaded.
+2. torchvision's own cache, ``torch.hub.get_dir()/checkpoints`` (``~/.cache/torch/hub/checkpoints``), same layout.
+3. A download into that cache, unless a weights folder is set or ``$EDGETL_OFFLINE=1``: torchvision's
+   (``torch.hub.download_url_to_file`` with the sha256 prefix check), or timm's own loading
+   (``timm.create_model(name, pretrained=True)`` from the Hugging Face hub), saved as safetensors.
 
 The file is then read by torchvision's real loader, ``Weights.get_state_dict`` (``torch.hub``'s
 ``load_state_dict_from_url``, ``check_hash=True``), always with ``weights_only=True``: loading weights
@@ -102,7 +108,12 @@ class LoadedModel:
 
 
 def weights_file_name(card: ModelCard) -> str:
-    """The file name torchvision stores ``card``'s weights under (the basename of its URL)."""
+    """The file name ``card``'s weights are stored under, relative to a weights folder.
+
+    torchvision: the basename of its URL (``resnet18-f37072fd.pth``); timm: ``timm/<arch>.<tag>.safetensors``.
+    """
+    if card.zoo == "timm":
+        return f"{card.id}.safetensors"
     if not card.url:
         raise WeightsError(f"{card.id} has no download URL in torchvision's metadata; use --weights PATH")
     return os.path.basename(urlparse(card.url).path)
@@ -151,7 +162,8 @@ def _missing_message(card: ModelCard, weights_dir: Path | None) -> str:
     return (
         f"no pretrained weights for {card.id} on this machine ({name} is not in {looked}); "
         f"on a connected machine run `edgetl weights pull {card.id}` and copy {name} into "
-        f"~/.cache/torch/hub/checkpoints or ${WEIGHTS_DIR_ENV}, or pass --weights PATH, "
+        f"~/.cache/torch/hub/checkpoints or ${WEIGHTS_DIR_ENV}, or map a state_dict you have onto it with "
+        f"`edgetl weights import FILE --model {card.id}`, or pass --weights PATH, "
         "or --weights none to train from scratch"
     )
 
@@ -159,6 +171,8 @@ def _missing_message(card: ModelCard, weights_dir: Path | None) -> str:
 def _download(card: ModelCard, folder: Path, progress: bool) -> Path:
     import torch.hub
 
+    if card.zoo == "timm":
+        return _download_timm(card, folder)
     name = weights_file_name(card)
     dst = folder / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -174,14 +188,39 @@ def _download(card: ModelCard, folder: Path, progress: bool) -> Path:
     return dst
 
 
+def _download_timm(card: ModelCard, folder: Path) -> Path:
+    """Load ``card``'s weights with timm's own loading (Hugging Face hub) and save them as safetensors."""
+    from safetensors.torch import save_file
+
+    from edgetl import zoo_timm
+
+    dst = folder / weights_file_name(card)
+    hub_id = card.id.removeprefix(zoo_timm.PREFIX)
+    log.info("loading timm's pretrained %s to save it as %s", hub_id, dst)
+    import timm  # deferred: importing timm takes seconds
+
+    try:
+        with zoo_timm.quiet_warnings():
+            model = timm.create_model(hub_id, pretrained=True)
+    except Exception as exc:  # no network, no such file on the hub: say so in one line
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"cannot download timm's weights for {card.id} ({reason}); "
+                           f"{_missing_message(card, None)}") from exc
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_path(dst) as tmp:
+        save_file(state, str(tmp), metadata={"source": f"hf-hub:timm/{hub_id}", "format": "timm state_dict"})
+    return dst
+
+
 def pull_weights(name: str, dir: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
     """Download a catalog model's ImageNet weights, for copying to an air-gapped machine.
 
-    The file keeps torchvision's name and is checked against the sha256 prefix in that name. A file
-    that is already there and matches is not downloaded again.
+    torchvision's file keeps torchvision's name and is checked against the sha256 prefix in that name.
+    timm's is loaded by timm and saved as ``timm/<arch>.<tag>.safetensors``. A file that is already
+    there (and matches its prefix) is not downloaded again.
 
     Args:
-        name: a catalog name or id (``resnet18``, ``resnet50.IMAGENET1K_V2``).
+        name: a catalog name or id (``resnet18``, ``resnet50.IMAGENET1K_V2``, ``timm/repvit_m1.dist_in1k``).
         dir: the destination folder; default ``$EDGETL_WEIGHTS_DIR`` or torchvision's hub cache.
         progress: show a download progress bar on stderr.
 
@@ -196,11 +235,12 @@ def pull_weights(name: str, dir: str | os.PathLike[str] | None = None, progress:
     dst = folder / weights_file_name(card)
     prefix = expected_hash_prefix(dst.name)
     if dst.is_file() and (prefix is None or sha256_file(dst).startswith(prefix)):
-        log.info("%s is already in %s", dst.name, folder)
+        log.info("%s is already in %s", weights_file_name(card), folder)
         return dst
     if _offline_env():
         raise WeightsError(
-            f"{OFFLINE_ENV} is set, so {dst.name} is not downloaded; pull it on a connected machine and copy it "
+            f"{OFFLINE_ENV} is set, so {weights_file_name(card)} is not downloaded; pull it on a connected machine "
+            f"and copy it "
             f"into {folder}"
         )
     return _download(card, folder, progress)
@@ -238,8 +278,13 @@ def arch_kwargs_for(card: ModelCard, pretrained: bool, resolution: int | None = 
 
     They mirror what torchvision's builders set when given weights (``transform_input`` for GoogLeNet
     and Inception, the image size of ViT and MaxViT), drop auxiliary classifiers (fine-tuning trains
-    one head), and size ViT/MaxViT for ``resolution``.
+    one head), and size ViT/MaxViT for ``resolution``. timm models take none, except EfficientFormer-v2's
+    ``img_size`` (its attention biases are sized for it, so pretrained weights need their own 224 px).
     """
+    if card.zoo == "timm":
+        from edgetl.catalog import input_size_kwargs
+
+        return input_size_kwargs(card.name, int(resolution or card.resolution))
     kwargs: dict[str, Any] = {}
     if card.family in ("googlenet", "inception"):
         kwargs.update(aux_logits=False, transform_input=pretrained, init_weights=not pretrained)
@@ -367,7 +412,8 @@ def load_model(
     Args:
         name: a catalog name or id, or a :class:`ModelCard`.
         weights: ``imagenet``, ``none`` (or None), or a PATH to a state_dict file.
-        weights_dir: an offline folder of torchvision weights files (default ``$EDGETL_WEIGHTS_DIR``).
+        weights_dir: an offline weights folder, laid out as the module docstring says (default
+            ``$EDGETL_WEIGHTS_DIR``).
         resolution: the training resolution (sizes ViT's position embeddings; others ignore it).
         progress: show a progress bar if weights have to be downloaded.
 
@@ -394,8 +440,6 @@ def load_model(
         return LoadedModel(model.eval(), card, str(path), True, kwargs, path, None, "architecture",
                            imagenet_head=not head_dropped)
 
-    from torchvision import models
-
     wdir = resolve_weights_dir(weights_dir)
     offline = wdir is not None or _offline_env()
     path = find_weights_file(card, wdir)
@@ -403,8 +447,22 @@ def load_model(
         if offline:
             raise WeightsError(_missing_message(card, wdir))
         path = _download(card, hub_checkpoints_dir(), progress)
-    from_weights_dir = wdir is not None and path.parent.resolve() == wdir.resolve()
+    from_weights_dir = wdir is not None and path.resolve().is_relative_to(wdir.resolve())
     digest, how = _check_file(card, path, from_weights_dir)
+    _load_into(model, _read_pretrained(card, path, model), str(path), card, allow_head_mismatch=False)
+    log.info("loaded %s weights from %s (%s)", card.id, path, how)
+    return LoadedModel(model.eval(), card, "imagenet", True, kwargs, path, digest, how)
+
+
+def _read_pretrained(card: ModelCard, path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Read ``card``'s pretrained weights file into a state_dict in the layout of edgetl's build of it."""
+    if card.zoo == "timm":
+        from edgetl import zoo_timm
+
+        state = load_state_dict_file(path)
+        return zoo_timm.adapt_state_dict(zoo_timm.split_name(card.name)[0], state)
+    from torchvision import models
+
     enum = models.get_model_weights(card.name)[card.weights]
     try:
         # The file exists, so torch.hub reads it and downloads nothing.
@@ -417,6 +475,4 @@ def load_model(
             f"cannot read {path} ({str(exc).splitlines()[0][:200]}); delete it and run "
             f"`edgetl weights pull {card.id}`"
         ) from exc
-    _load_into(model, _fix_keys(card, state, model), str(path), card, allow_head_mismatch=False)
-    log.info("loaded %s weights from %s (%s)", card.id, path, how)
-    return LoadedModel(model.eval(), card, "imagenet", True, kwargs, path, digest, how)
+    return _fix_keys(card, state, model)

@@ -20,7 +20,7 @@ def _torchvision_entries():
 
 
 def test_catalog_holds_every_imagenet_weight_entry_of_torchvision():
-    cards = {c.id for c in catalog.list_models()}
+    cards = {c.id for c in catalog.list_models(zoo="torchvision")}
     expected = {f"{name}.{w.name}" for name, w in _torchvision_entries()}
     assert cards == expected
     assert len(cards) >= 100  # 115 in torchvision 0.29
@@ -70,8 +70,9 @@ def test_filter_glob():
     assert all(c.is_default for c in catalog.list_models("resnet*", default_only=True))
 
 
-def test_head_and_blocks_exist_for_every_architecture():
-    for card in catalog.list_models(default_only=True):
+@pytest.mark.parametrize("zoo", ["torchvision", "timm"])
+def test_head_and_blocks_exist_for_every_architecture(zoo):
+    for card in catalog.list_models(default_only=True, zoo=zoo):
         model = catalog.build_architecture(card.name, meta=True)
         head = model.get_submodule(card.head_path)
         out = getattr(head, "out_features", None) or getattr(head, "out_channels", None)
@@ -83,7 +84,11 @@ def test_head_and_blocks_exist_for_every_architecture():
             assert not card.head_path.startswith(path + "."), (card.name, path)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "squeezenet1_1", "vit_b_32"])
+@pytest.mark.parametrize("name", [
+    "resnet18", "mobilenet_v3_small", "squeezenet1_1", "vit_b_32",
+    "timm/mobilenetv4_conv_small", "timm/repvit_m0_9", "timm/efficientformerv2_s0", "timm/efficientvit_b0",
+    "timm/fastvit_t8", "timm/convnext_atto", "timm/mobilevitv2_050", "timm/ghostnetv2_100",
+])
 def test_replace_head(name):
     card = catalog.get_card(name)
     model = catalog.build_architecture(name, meta=True)
@@ -94,10 +99,12 @@ def test_replace_head(name):
     assert new.weight.shape[1] == old.weight.shape[1]
 
 
-def test_replace_head_runs_forward():
-    card = catalog.get_card("mobilenet_v3_small")
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "timm/repvit_m0_9", "timm/lcnet_050", "timm/efficientvit_b0"])
+def test_replace_head_runs_forward(name):
+    card = catalog.get_card(name)
     model = catalog.build_architecture(card.name)
-    catalog.replace_head(model, card, 3)
+    head = catalog.replace_head(model, card, 3)
+    assert model.get_submodule(card.head_path) is head
     with torch.no_grad():
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
 
@@ -111,6 +118,8 @@ def test_warm_catalog_does_not_import_torch(tmp_path):
     catalog.list_models()  # warm the session's cache
     code = (
         "import sys\nfrom edgetl import catalog\ncs = catalog.list_models()\n"
-        "assert len(cs) > 100\nassert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert len(cs) > 180 and catalog.get_card('timm/repvit_m1').zoo == 'timm'\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert 'timm' not in sys.modules, 'timm was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

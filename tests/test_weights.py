@@ -156,3 +156,66 @@ def test_pull_refuses_to_download_under_edgetl_offline(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "EDGETL_OFFLINE is set" in result.stderr and "resnet18-f37072fd.pth" in result.stderr
     assert stale.read_bytes() == b"not the weights"
+
+
+# --- timm ------------------------------------------------------------------------------------
+
+
+def _timm_file(folder, arch="lcnet_050", seed=1):
+    """A timm-layout weights file (``timm/<arch>.<tag>.safetensors``) of a random timm model."""
+    import timm
+
+    torch.manual_seed(seed)
+    state = timm.create_model(arch, pretrained=False).state_dict()
+    path = folder / weights_file_name(get_card(f"timm/{arch}"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, path)
+    return path, state
+
+
+def test_timm_weights_dir_layout():
+    assert weights_file_name(get_card("timm/lcnet_050")) == "timm/lcnet_050.ra2_in1k.safetensors"
+    card = get_card("timm/mobilenetv4_conv_small.e1200_r224_in1k")
+    assert weights_file_name(card) == "timm/mobilenetv4_conv_small.e1200_r224_in1k.safetensors"
+
+
+def test_timm_offline_and_missing_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGETL_WEIGHTS_DIR", str(tmp_path / "weights"))
+    with pytest.raises(WeightsError) as info:
+        load_model("timm/lcnet_050", "imagenet")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "timm/lcnet_050.ra2_in1k.safetensors" in msg
+    assert "edgetl weights pull timm/lcnet_050.ra2_in1k" in msg
+
+
+def test_timm_loads_from_the_weights_dir(tmp_path):
+    path, state = _timm_file(tmp_path / "weights")
+    loaded = load_model("timm/lcnet_050", "imagenet", weights_dir=tmp_path / "weights")
+    got = loaded.model.state_dict()
+    assert loaded.file == path and loaded.pretrained and loaded.verified == "architecture"
+    assert all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_timm_distilled_file_loads_into_one_head(tmp_path):
+    _timm_file(tmp_path / "weights", arch="repvit_m0_9")
+    model = load_model("timm/repvit_m0_9", "imagenet", weights_dir=tmp_path / "weights").model
+    assert not hasattr(model.head, "head_dist")
+
+
+def test_timm_pull_keeps_a_present_file_and_never_downloads_offline(tmp_path, monkeypatch):
+    from edgetl.weights import pull_weights
+
+    path, _ = _timm_file(tmp_path / "w")
+    assert pull_weights("timm/lcnet_050", dir=tmp_path / "w") == path
+    monkeypatch.setenv("EDGETL_OFFLINE", "1")
+    with pytest.raises(WeightsError, match=r"EDGETL_OFFLINE is set, so timm/lcnet_075\.ra2_in1k\.safetensors"):
+        pull_weights("timm/lcnet_075", dir=tmp_path / "w")
+
+
+def test_timm_efficientformerv2_is_sized_for_the_training_resolution(tmp_path):
+    loaded = load_model("timm/efficientformerv2_s0", "none", resolution=128)
+    assert loaded.arch_kwargs == {"img_size": 128}
+    with torch.no_grad():
+        assert loaded.model(torch.randn(1, 3, 128, 128)).shape == (1, 1000)
+    assert load_model("timm/lcnet_050", "none", resolution=96).arch_kwargs == {}
