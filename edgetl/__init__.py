@@ -43,6 +43,9 @@ _API = {
     "FinetuneOptions": "edgetl.options",
     "ExportOptions": "edgetl.options",
     "ValidateOptions": "edgetl.options",
+    "predict": "edgetl.infer",
+    "Prediction": "edgetl.infer",
+    "import_weights": "edgetl.weights_import",
     "EdgetlError": "edgetl.errors",
     "BudgetExceededError": "edgetl.errors",
 }

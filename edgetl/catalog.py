@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from edgetl import zoo_timm
 from edgetl._io import atomic_write_json, cache_dir
 from edgetl.errors import UnknownNameError
+from edgetl.options import ZOOS
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 
 _CATALOG_SCHEMA = 3
 _METRICS_KEY = "ImageNet-1K"
-ZOOS = ("torchvision", "timm")
 
 
 @dataclass(frozen=True)

@@ -143,20 +143,20 @@ def _pct(value: float | None) -> str:
 
 
 @cli.command("models")
-@click.option("--filter", "pattern", default=None, help="Glob on the model name or id, e.g. 'resnet*'.")
-@click.option("--default-only", is_flag=True, help="Only each model's DEFAULT weights.")
+@cli_options(SelectOptions, only=("models", "all_weights", "zoo"))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
-def models_cmd(pattern: str | None, default_only: bool, as_json: bool) -> None:
-    """List the catalog: every torchvision ImageNet-1K weight entry."""
+def models_cmd(as_json: bool, **kwargs) -> None:
+    """List the catalog: torchvision's ImageNet-1K weights and timm's edge families (timm/<arch>.<tag>)."""
     from edgetl.catalog import list_models
 
-    cards = list_models(pattern, default_only=default_only)
+    opts = parse(SelectOptions, kwargs)
+    cards = list_models(opts.models, default_only=not opts.all_weights, zoo=opts.zoo)
     if as_json:
         emit_json([c.summary() for c in cards])
         return
     from rich.table import Table
 
-    table = Table(title=f"{len(cards)} catalog entries (torchvision ImageNet-1K weights)")
+    table = Table(title=f"{len(cards)} catalog entries (ImageNet-1K weights, zoo: {opts.zoo})")
     for col in ("model", "weights", "default", "top-1", "top-5", "params (M)", "GFLOPs", "file MB", "res", "head"):
         table.add_column(col, justify="left" if col in ("model", "weights", "head") else "right")
     for c in cards:
@@ -409,6 +409,53 @@ def weights_pull_cmd(model: str, dest: str | None, as_json: bool) -> None:
         click.echo(f"{path}\ncopy it into ~/.cache/torch/hub/checkpoints or $EDGETL_WEIGHTS_DIR on the offline machine")
 
 
+@weights_group.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "-m", required=True,
+              help="Catalog model whose architecture FILE holds, e.g. timm/tf_efficientnet_lite0.")
+@click.option("--dir", "dest", type=click.Path(file_okay=False), default=None,
+              help="Weights folder to write into [default: $EDGETL_WEIGHTS_DIR or ~/.cache/torch/hub/checkpoints].")
+@click.option("--json", "as_json", is_flag=True, help="Print the file path as JSON.")
+def weights_import_cmd(file: str, model: str, dest: str | None, as_json: bool) -> None:
+    """Map a foreign state_dict FILE onto MODEL by order and shape, verify every tensor, save it as safetensors.
+
+    FILE is read with weights_only=True: a pickle that carries code is refused, never run. Pass the same
+    folder as --weights-dir (or $EDGETL_WEIGHTS_DIR) to use the weights offline.
+    """
+    from edgetl.catalog import get_card
+    from edgetl.weights_import import import_weights
+
+    path = import_weights(file, model, dest)
+    if as_json:
+        emit_json({"model": get_card(model).id, "file": str(path)})
+    else:
+        click.echo(str(path))
+
+
+@cli.command("predict")
+@click.argument("source", metavar="SOURCE")
+@click.argument("images", metavar="IMAGE...", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes to show per image.")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="With a catalog name: imagenet, none (random), or a state_dict PATH.")
+@click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
+              help="Offline folder of pretrained weights files [default: $EDGETL_WEIGHTS_DIR].")
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions as one JSON list on stdout.")
+def predict_cmd(source, images, top, weights, weights_dir, as_json) -> None:
+    """Classify IMAGE... with SOURCE: an artifact folder (run as firmware would), a run folder or a catalog name."""
+    from edgetl.infer import predict
+
+    predictions = predict(source, images, top=top, weights=weights, weights_dir=weights_dir)
+    if as_json:
+        emit_json([p.to_dict() for p in predictions])
+        return
+    console = _stdout_console()
+    for p in predictions:
+        ranked = ", ".join(f"{label} {100 * prob:.1f}%" for label, prob in zip(p.labels, p.probabilities,
+                                                                              strict=True))
+        console.print(f"{p.image}: [bold]{p.label}[/bold] ({ranked})", highlight=False)
+
+
 @cli.command("bench")
 @click.argument("target", metavar="MODEL|FILE.onnx")
 @click.option("--runtime", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
@@ -474,7 +521,7 @@ def _bench_target(target: str, runtime: str, batch: int | None, resolution: int 
 
 def _catalog_bench_target(target: str, runtime: str, batch: int | None, resolution: int | None, err: Any,
                           info: dict[str, Any]) -> tuple[Any, tuple[int, int, int, int], dict[str, Any]]:
-    from edgetl.catalog import get_card
+    from edgetl.catalog import deployed_model, get_card
     from edgetl.onnx_cache import cached_catalog_onnx
     from edgetl.weights import load_model
 
@@ -483,7 +530,7 @@ def _catalog_bench_target(target: str, runtime: str, batch: int | None, resoluti
     info.update(model=card.name, source="catalog", weights="none (random init)")
     shape = (batch or 1, 3, res, res)
     if runtime == "torch":
-        return load_model(card, weights=None, resolution=res).model, shape, info
+        return deployed_model(load_model(card, weights=None, resolution=res).model, card), shape, info
     with err.status(f"exporting {card.name} at {res}px to ONNX"):
         report = cached_catalog_onnx(card.id, resolution=res)
     info["onnx"] = {"nodes_exported": report.nodes_exported, "nodes": report.nodes,

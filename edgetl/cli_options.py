@@ -87,12 +87,12 @@ def flag_names(model: type[BaseModel]) -> dict[tuple[str, ...], str]:
     return {path: flags[0].split("/")[0] for path, _, flags in _walk(model)}
 
 
-def cli_options(model: type[BaseModel], skip: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """A decorator adding one click option per field of ``model`` (except top-level names in ``skip``)."""
+def cli_options(model: type[BaseModel], only: tuple[str, ...] | None = None) -> Callable[[Callable], Callable]:
+    """A decorator adding one click option per field of ``model`` (or per top-level field named in ``only``)."""
 
     def decorate(func: Callable) -> Callable:
         for path, field, flags in reversed(list(_walk(model))):
-            if path[0] in skip:
+            if only is not None and path[0] not in only:
                 continue
             shown = _shown_default(field, flags)
             help_text = field.description + (f"  [default: {shown}]" if shown is not None else "")

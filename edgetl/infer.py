@@ -1,30 +1,40 @@
 """Classify images: the top-K labels with their probabilities, from a model source.
 
-``SOURCE`` is, for now, a catalog name (``timm/tf_efficientnet_lite0``, ``resnet18.IMAGENET1K_V1``) with its
-ImageNet weights (``weights``/``weights_dir`` as in :func:`edgetl.weights.load_model`), prepared with the card's
-own preprocessing and labelled with ImageNet's class names. Artifact folders and finetune run folders are
-further kinds of source: each is a :class:`Classifier` (labels, a transform, a forward function), and
-:func:`open_source` is the one place that tells them apart.
+``SOURCE`` is one of three things, told apart by :func:`open_source`:
+
+- an **artifact folder** (``edgetl export``): its files are verified against the manifest, and the model
+  runs on the runtime it was built for (TensorRT where the device runs it and it is here, else ONNX
+  Runtime on the CPU), fed exactly as ``preprocess.json`` says, with numpy and Pillow only: the path
+  firmware mirrors;
+- a **finetune run folder**: its best weights in PyTorch, with the run's preprocessing and classes;
+- a **catalog name** (``timm/tf_efficientnet_lite0``, ``resnet18.IMAGENET1K_V1``) with its ImageNet weights
+  (``weights``/``weights_dir`` as in :func:`edgetl.weights.load_model`) and ImageNet's class names.
 
 Not to be confused with :mod:`edgetl.predict`, the latency predictor.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from edgetl.errors import ConfigError, DataError
-
-if TYPE_CHECKING:
-    import torch
-    from PIL import Image
+from edgetl.export import bundle
+from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
+from edgetl.runtime.tensorrt import TensorRTRunner, tensorrt_available
 
 log = logging.getLogger(__name__)
+
+_PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
+                "lanczos": Image.LANCZOS}
 
 
 @dataclass(frozen=True)
@@ -54,12 +64,18 @@ class Prediction:
 
 @dataclass
 class Classifier:
-    """What prediction needs from a source: class names, the image transform and a forward pass to logits."""
+    """What prediction needs from a source: class names, an image transform and a forward pass to logits.
+
+    ``transform`` turns an RGB image into a ``3 x H x W`` float32 array; ``forward`` turns an
+    ``N x 3 x H x W`` float32 array into ``N x classes`` logits.
+    """
 
     name: str
+    kind: str
     labels: Sequence[str]
-    transform: Callable[[Image.Image], torch.Tensor]
-    forward: Callable[[torch.Tensor], torch.Tensor]
+    transform: Callable[[Image.Image], np.ndarray]
+    forward: Callable[[np.ndarray], np.ndarray]
+    runtime: str
 
 
 def open_source(
@@ -67,42 +83,91 @@ def open_source(
     weights: str | os.PathLike[str] | None = "imagenet",
     weights_dir: str | os.PathLike[str] | None = None,
 ) -> Classifier:
-    """Open a prediction source as a :class:`Classifier`.
+    """Open an artifact folder, a run folder or a catalog name as a :class:`Classifier`.
 
     Raises:
-        ConfigError: ``source`` is a folder (artifact and run folders are not supported by this version).
+        ArtifactError: an artifact whose files do not match its manifest.
+        CheckpointError: a folder that is neither an artifact nor a finished run.
         UnknownNameError: ``source`` is not a catalog name.
         WeightsError: the weights are not on this machine.
     """
-    if Path(source).is_dir():
-        raise ConfigError(
-            f"{source} is a folder; predicting from an artifact or run folder is not supported yet, "
-            "pass a catalog name such as timm/tf_efficientnet_lite0"
-        )
+    path = Path(source).expanduser()
+    if (path / bundle.MANIFEST_FILE).is_file():
+        return _artifact_classifier(path)
+    if path.is_dir():
+        return _run_classifier(path)
     return _catalog_classifier(str(source), weights, weights_dir)
 
 
-def _catalog_classifier(name: str, weights: Any, weights_dir: Any) -> Classifier:
-    import torch
+def _artifact_classifier(folder: Path) -> Classifier:
+    manifest = bundle.verify_files(folder)
+    labels = json.loads((folder / bundle.LABELS_FILE).read_text())
+    doc = json.loads((folder / bundle.PREPROCESS_FILE).read_text())
+    device = manifest.get("device") or {}
+    engine = folder / bundle.ENGINE_FILE
+    if device.get("runtime") == "tensorrt" and engine.is_file() and tensorrt_available():
+        runner, runtime = TensorRTRunner(engine, name="tensorrt"), "tensorrt"
+    else:
+        runner, runtime = OnnxRuntimeRunner(folder / bundle.MODEL_FILE, providers="cpu", name="onnxruntime"), \
+            "onnxruntime"
+    runner.activate()
+    return Classifier(str(folder), "artifact", labels, lambda img: prepare(img, doc),
+                      lambda x: np.asarray(runner.infer(x)["logits"]), runtime)
+
+
+def prepare(image: Image.Image, doc: dict[str, Any]) -> np.ndarray:
+    """An RGB image as ``preprocess.json`` (``doc``) prescribes: resize the shorter edge, center-crop, then
+    ``(pixel * scale - mean[c]) / std[c]`` in ``color_order``, as a ``3 x H x W`` float32 array."""
+    size = int(doc["resize"]["size"])
+    width, height = image.size
+    ratio = size / min(width, height)
+    resized = image.resize((max(size, round(width * ratio)), max(size, round(height * ratio))),
+                           _PIL_FILTERS.get(doc["resize"].get("interpolation", "bilinear"), Image.BILINEAR))
+    crop_h, crop_w = doc["crop"]["size"]
+    left, top = (resized.width - crop_w) // 2, (resized.height - crop_h) // 2
+    pixels = np.asarray(resized.crop((left, top, left + crop_w, top + crop_h)), dtype=np.float32)
+    if doc.get("color_order", "RGB") == "BGR":
+        pixels = pixels[..., ::-1]
+    x = (pixels * float(doc["scale"]) - np.asarray(doc["mean"], np.float32)) / np.asarray(doc["std"], np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+
+def _torch_classifier(name: str, kind: str, labels: Sequence[str], model: Any, preprocess: Any,
+                      resolution: int | None = None) -> Classifier:
+    import torch  # deferred: an artifact is classified without torch
 
     from edgetl.data import build_transform
-    from edgetl.weights import load_model
+
+    transform = build_transform(preprocess, resolution, train=False)
+    model = model.eval()
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).float().numpy()
+
+    return Classifier(name, kind, labels, lambda img: transform(img).numpy(), forward, "torch")
+
+
+def _run_classifier(folder: Path) -> Classifier:
+    from edgetl.finetune.model import load_trained_model  # deferred: it imports torch
+
+    trained = load_trained_model(folder, device="cpu")
+    return _torch_classifier(str(folder), "run", list(trained.classes), trained.network, trained.preprocess,
+                             trained.resolution)
+
+
+def _catalog_classifier(name: str, weights: Any, weights_dir: Any) -> Classifier:
+    from edgetl.weights import load_model  # deferred: it imports torch
 
     loaded = load_model(name, weights=weights, weights_dir=weights_dir)
     card = loaded.card
     labels = list(card.categories) or [f"class_{i}" for i in range(card.num_classes)]
-    model = loaded.model.eval()
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return model(x)
-
-    return Classifier(card.id, labels, build_transform(card.preprocess, train=False), forward)
+    if not loaded.pretrained:
+        log.warning("%s has random weights: its predictions mean nothing", card.id)
+    return _torch_classifier(card.id, "catalog", labels, loaded.model, card.preprocess)
 
 
 def _open_image(image: Any) -> tuple[str, Image.Image]:
-    from PIL import Image, UnidentifiedImageError
-
     if isinstance(image, Image.Image):
         return "<image>", image.convert("RGB")
     path = Path(image)
@@ -113,21 +178,25 @@ def _open_image(image: Any) -> tuple[str, Image.Image]:
         raise DataError(f"cannot read image {path}: {str(exc).splitlines()[0]}") from exc
 
 
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 def classify(classifier: Classifier, images: Sequence[Any], top: int = 5, batch_size: int = 16) -> list[Prediction]:
     """Run ``classifier`` on ``images`` (paths or PIL images) and return each one's top-``top`` classes."""
-    import torch
-
     if top < 1:
         raise ConfigError(f"top must be at least 1, got {top}")
     k = min(top, len(classifier.labels))
     out: list[Prediction] = []
     for start in range(0, len(images), batch_size):
         opened = [_open_image(im) for im in images[start : start + batch_size]]
-        batch = torch.stack([classifier.transform(img) for _, img in opened])
-        probs = classifier.forward(batch).float().softmax(dim=-1)
-        values, indices = probs.topk(k, dim=-1)
-        for (name, _), v, i in zip(opened, values.tolist(), indices.tolist(), strict=True):
-            out.append(Prediction(name, tuple(classifier.labels[j] for j in i), tuple(i), tuple(v)))
+        probs = _softmax(classifier.forward(np.stack([classifier.transform(img) for _, img in opened])))
+        order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+        for (name, _), row, idx in zip(opened, probs, order, strict=True):
+            out.append(Prediction(name, tuple(classifier.labels[j] for j in idx), tuple(int(j) for j in idx),
+                                  tuple(float(row[j]) for j in idx)))
     return out
 
 
@@ -141,21 +210,19 @@ def predict(
     """Classify images with a model source and return the top-K labels with probabilities, per image.
 
     Args:
-        source: a catalog name (``timm/tf_efficientnet_lite0``); artifact and run folders come later.
+        source: an artifact folder, a finetune run folder, or a catalog name (``timm/tf_efficientnet_lite0``).
         images: image paths (or PIL images), classified in order.
         top: how many classes to return per image.
-        weights: ``imagenet`` (default), ``none`` or a PATH, as for :func:`edgetl.weights.load_model`.
-        weights_dir: the offline weights folder (default ``$EDGETL_WEIGHTS_DIR``).
+        weights: for a catalog name: ``imagenet`` (default), ``none`` or a PATH (see
+            :func:`edgetl.weights.load_model`).
+        weights_dir: for a catalog name: the offline weights folder (default ``$EDGETL_WEIGHTS_DIR``).
 
     Returns:
         One :class:`Prediction` per image, in the order given.
 
     Raises:
-        EdgetlError: an unknown name, missing weights, an unreadable image or a bad ``top``; one line each.
+        EdgetlError: a bad source, missing weights, an unreadable image or a bad ``top``; one line each.
     """
     if not images:
         raise ConfigError("no images given; pass one or more image files")
-    classifier = open_source(source, weights=weights, weights_dir=weights_dir)
-    if weights is None or str(weights).lower() == "none":
-        log.warning("%s has random weights: its predictions mean nothing", classifier.name)
-    return classify(classifier, list(images), top=top)
+    return classify(open_source(source, weights=weights, weights_dir=weights_dir), list(images), top=top)

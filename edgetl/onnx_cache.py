@@ -13,7 +13,7 @@ from importlib import metadata
 from typing import Any
 
 from edgetl._io import atomic_write_json, cache_dir
-from edgetl.catalog import get_card
+from edgetl.catalog import deployed_model, get_card
 from edgetl.errors import ConfigError
 from edgetl.onnx_io import DEFAULT_OPSET, OnnxExportReport, export_onnx
 from edgetl.weights import load_model
@@ -52,7 +52,7 @@ def export_catalog_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # random init is then the same every time: reproducible files
         loaded = load_model(card, weights=weights, resolution=resolution)
-    return export_onnx(loaded.model, path, resolution=resolution, **kwargs)
+    return export_onnx(deployed_model(loaded.model, card), path, resolution=resolution, **kwargs)
 
 
 def cached_catalog_onnx(name: str, resolution: int | None = None, opset: int = DEFAULT_OPSET) -> OnnxExportReport:

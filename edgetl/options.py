@@ -33,6 +33,8 @@ Domain = Literal["auto", "similar", "different"]
 Augment = Literal["none", "light", "strong"]
 TrainDevice = Literal["auto", "cpu", "cuda"]
 OnBadImage = Literal["skip", "error"]
+ZooName = Literal["torchvision", "timm"]
+Zoo = Literal["all", ZooName]
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 EXPORT_PRECISIONS: tuple[str, ...] = get_args(ExportPrecision)
@@ -42,6 +44,7 @@ BUDGET_METRICS: tuple[str, ...] = get_args(BudgetMetric)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 AUGMENTATIONS: tuple[str, ...] = get_args(Augment)
 ON_BAD_IMAGE: tuple[str, ...] = get_args(OnBadImage)
+ZOOS: tuple[str, ...] = get_args(ZooName)
 
 MIN_RESOLUTION, MAX_RESOLUTION = 16, 4096
 MAX_SEED = 2**32 - 1
@@ -96,6 +99,7 @@ class SelectOptions(StageOptions):
                                 flag="--models/--filter")
     all_weights: bool = option(True, "Rank every weights tag, not only each model's DEFAULT.",
                                flag="--all-weights/--default-weights")
+    zoo: Zoo = option("all", "Which model zoo: torchvision, timm (names timm/<arch>.<tag>) or all.")
     top: int | None = option(
         None, f"Rows to keep [default: {TABLE_ROWS} in the table and the report; JSON and CSV keep every row].",
         ge=1)

@@ -502,14 +502,14 @@ class _Build:
             return "none"
         if spec.lower() == "imagenet":
             from edgetl.catalog import get_card
-            from edgetl.weights import find_weights_file
+            from edgetl.weights import find_weights_file, weights_file_name
 
             card = get_card(model)
             path = find_weights_file(card, cfg.weights_dir)
             # torchvision's file name carries a sha256 prefix: it names the bytes, wherever they come from
             # (a download into the hub cache on the first build, or a pulled file), so a download does
             # not change the key; a different file at the same place does.
-            entry = {"weights": card.id, "file": Path(card.url).name}
+            entry = {"weights": card.id, "file": weights_file_name(card)}
             if path is not None and cfg.weights_dir is not None:
                 entry["local"] = _file_entry(path, path.parent, "stat")
             return {"imagenet": entry}

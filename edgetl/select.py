@@ -222,7 +222,7 @@ def select(
 
 
 def _ranked_cards(opts: SelectOptions) -> list[ModelCard]:
-    cards = list_models(opts.models, default_only=not opts.all_weights)
+    cards = list_models(opts.models, default_only=not opts.all_weights, zoo=opts.zoo)
     if not cards:
         raise ConstraintError(f"no catalog model matches '{opts.models}'; see `edgetl models`")
     unranked = [c.id for c in cards if c.top1 is None]

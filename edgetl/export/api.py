@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import edgetl
-from edgetl.catalog import ModelCard, Preprocess, get_card
+from edgetl.catalog import ModelCard, Preprocess, deployed_model, get_card
 from edgetl.cost import trace_model
 from edgetl.errors import BudgetExceededError, ConfigError, ExportError
 from edgetl.export import bundle, quantize
@@ -200,8 +200,8 @@ def _load_source(source: str | os.PathLike[str], weights: str | None, weights_di
             "run_metrics": {k: v for k, v in trained.metrics.items() if k in ("val_accuracy", "test_accuracy")},
         }
         return _Source(
-            model=trained.network.eval(), kind="run", card=trained.card, classes=list(trained.classes),
-            preprocess=trained.preprocess, resolution=trained.resolution, description=description,
+            model=deployed_model(trained.network.eval(), trained.card), kind="run", card=trained.card,
+            classes=list(trained.classes), preprocess=trained.preprocess, resolution=trained.resolution, description=description,
             eval_set=eval_set, train_records=run_train_records(source),
         )
 
@@ -228,8 +228,8 @@ def _load_source(source: str | os.PathLike[str], weights: str | None, weights_di
     if not loaded.pretrained:
         log.warning("exporting %s with random weights: its accuracy means nothing (fine for timing)", card.name)
     return _Source(
-        model=loaded.model.eval(), kind="catalog", card=card, classes=classes, preprocess=preprocess,
-        resolution=res, description=description, eval_set=folder_eval_set(data, classes) if data else None,
+        model=deployed_model(loaded.model.eval(), card), kind="catalog", card=card, classes=classes,
+        preprocess=preprocess, resolution=res, description=description, eval_set=folder_eval_set(data, classes) if data else None,
         train_records=[],
     )
 

