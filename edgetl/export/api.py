@@ -201,8 +201,8 @@ def _load_source(source: str | os.PathLike[str], weights: str | None, weights_di
         }
         return _Source(
             model=deployed_model(trained.network.eval(), trained.card), kind="run", card=trained.card,
-            classes=list(trained.classes), preprocess=trained.preprocess, resolution=trained.resolution, description=description,
-            eval_set=eval_set, train_records=run_train_records(source),
+            classes=list(trained.classes), preprocess=trained.preprocess, resolution=trained.resolution,
+            description=description, eval_set=eval_set, train_records=run_train_records(source),
         )
 
     if weights is None:
@@ -229,8 +229,8 @@ def _load_source(source: str | os.PathLike[str], weights: str | None, weights_di
         log.warning("exporting %s with random weights: its accuracy means nothing (fine for timing)", card.name)
     return _Source(
         model=deployed_model(loaded.model.eval(), card), kind="catalog", card=card, classes=classes,
-        preprocess=preprocess, resolution=res, description=description, eval_set=folder_eval_set(data, classes) if data else None,
-        train_records=[],
+        preprocess=preprocess, resolution=res, description=description,
+        eval_set=folder_eval_set(data, classes) if data else None, train_records=[],
     )
 
 
