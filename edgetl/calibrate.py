@@ -25,10 +25,11 @@ import numpy as np
 
 from edgetl.cost import trace_model
 from edgetl.errors import ConfigError
-from edgetl.machine import CpuInfo, fingerprint, host_name, read_cpu
+from edgetl.machine import CpuInfo, fingerprint, host_name, read_cpu, runtime_version
 from edgetl.measure import Measurement, measure_models
-from edgetl.predict import RooflineFit, fit_roofline
-from edgetl.profiles import DeviceProfile, save_profile, user_profile_dir
+from edgetl.predict import RooflineFit, fit_roofline, int8_speedup_for_isa
+from edgetl.profiles import DeviceProfile, load_profile, save_profile, user_profile_dir
+from edgetl.runtime.tensorrt import tensorrt_available
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ def calibrate(
     resolution: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     measurements: dict[str, Measurement] | None = None,
+    runtime: str | None = None,
 ) -> CalibrationResult:
     """Measure this machine and write a device profile fitted to it.
 
@@ -155,11 +157,16 @@ def calibrate(
         measurements: timings of ``models`` made on this machine already (by
             :func:`edgetl.measure.measure_models` with the same ``threads``); they are fitted instead of
             timing the models again, e.g. to fit on timings interleaved with other models.
+        runtime: ``onnxruntime`` (the CPU) or ``tensorrt`` (FP16 engines on a Jetson's GPU; a
+            ``runtime: tensorrt`` profile); default: tensorrt on a Jetson where it is available, else
+            onnxruntime.
 
     Returns:
         A :class:`CalibrationResult`.
     """
     _check_request(name, models)
+    if (runtime or _default_runtime()) == "tensorrt":
+        return _calibrate_tensorrt(name, out, models, rounds, resolution, progress)
     start = time.monotonic()
     cpu = read_cpu()
     threads = threads or cpu.cores
@@ -176,6 +183,72 @@ def calibrate(
     profile = DeviceProfile.model_validate(_profile_data(name, machine, fit, measurements, rounds))
     saved = save_profile(profile, Path(out) if out else user_profile_dir() / f"{name}.yaml")
     return CalibrationResult(profile, saved, measurements, ratios, time.monotonic() - start)
+
+
+#: Built-in Jetson profiles by the words of ``/proc/device-tree/model``, most specific first.
+JETSON_MODULES: tuple[tuple[str, str], ...] = (
+    ("agx orin", "jetson-agx-orin-64gb"), ("orin nx", "jetson-orin-nx-16gb"), ("orin nano", "jetson-orin-nano"),
+    ("agx xavier", "jetson-agx-xavier"), ("xavier nx", "jetson-xavier-nx"), ("nano", "jetson-nano"),
+)
+_DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
+
+
+def _device_tree_model() -> str:
+    try:
+        return _DEVICE_TREE_MODEL.read_text(errors="ignore").strip("\x00 \n").lower()
+    except OSError:
+        return ""
+
+
+def _default_runtime() -> str:
+    """TensorRT on a Jetson that has it, else ONNX Runtime."""
+    return "tensorrt" if "jetson" in _device_tree_model() and tensorrt_available() else "onnxruntime"
+
+
+def jetson_base_profile() -> DeviceProfile:
+    """The built-in profile of this Jetson module (its GPU peaks and memory), from ``/proc/device-tree/model``."""
+    text = _device_tree_model()
+    for words, profile in JETSON_MODULES:
+        if words in text:
+            return load_profile(profile)
+    raise ConfigError(f"a TensorRT profile needs a Jetson module edgetl knows, and this is "
+                      f"'{text or 'not a Jetson'}'; calibrate ONNX Runtime instead (--runtime onnxruntime)")
+
+
+def _calibrate_tensorrt(name: str, out: str | os.PathLike[str] | None, models: Sequence[str], rounds: int,
+                        resolution: int | None,
+                        progress: Callable[[int, int, str], None] | None) -> CalibrationResult:
+    """Time FP16 engines of ``models`` on this Jetson and fit the module's built-in profile to them."""
+    start = time.monotonic()
+    base = jetson_base_profile()
+    measurements = measure_models(models, resolution=resolution, rounds=rounds, runtime="tensorrt", progress=progress)
+    samples = [(trace_model(m, meas.resolution), 1, meas.min_ms) for m, meas in measurements.items()]
+    fit = fit_roofline(samples, base.peak_gflops("fp16") * 1e9, base.memory.bandwidth_gbs.value * 1e9, "fp16")
+    profile = DeviceProfile.model_validate(_tensorrt_profile_data(name, base, fit, measurements, rounds))
+    saved = save_profile(profile, Path(out) if out else user_profile_dir() / f"{name}.yaml")
+    ratios = {m: r for m, r in zip(measurements, fit.ratios, strict=True)}
+    return CalibrationResult(profile, saved, measurements, ratios, time.monotonic() - start)
+
+
+def _tensorrt_profile_data(name: str, base: DeviceProfile, fit: RooflineFit, measurements: dict[str, Measurement],
+                           rounds: int) -> dict[str, Any]:
+    """The Jetson module's built-in figures, with the efficiencies fitted to the engines timed here."""
+    cpu, version = read_cpu(), runtime_version("tensorrt")
+    host, today = host_name(), _dt.date.today().isoformat()
+    data = base.model_dump(mode="json", exclude_none=True)
+    data.update(
+        name=name, family="custom", aliases=[],
+        description=f"{base.name} as measured by edgetl device calibrate: FP16 TensorRT {version} engines",
+        sources={**data["sources"], "measured": f"edgetl device calibrate on {host}, {today}, TensorRT {version}"},
+        efficiency=_efficiency(fit, len(measurements), rounds, "FP16 TensorRT engines"),
+        kernel_overhead_us={"value": round(fit.kernel_overhead_us, 3), "derived": "fitted by edgetl device calibrate"},
+        calibrated={"host": host, "cpu": cpu.model, "date": today, "runtime": "tensorrt", "runtime_version": version,
+                    "fingerprint": fingerprint(cpu, "tensorrt")},
+        reference=[{"model": m.model, "precision": "fp16", "batch": m.batch, "resolution": m.resolution,
+                    "latency_ms": round(m.min_ms, 4), "runtime": "tensorrt", "metric": "min", "source": "measured"}
+                   for m in measurements.values()],
+    )
+    return data
 
 
 def _check_request(name: str, models: Sequence[str]) -> None:
@@ -246,12 +319,11 @@ def _profile_data(name: str, machine: _Machine, fit: RooflineFit, measurements: 
 
 
 def _compute(machine: _Machine) -> dict[str, Any]:
-    int8_factor = 4 if machine.cpu.has_vnni else 2
-    int8_path = "VNNI" if machine.cpu.has_vnni else "no VNNI: u8s8 through vpmaddubsw"
+    int8_factor, int8_path = int8_speedup_for_isa(machine.cpu.isa) or (1.0, "an ISA edgetl does not know")
     return {
         "fp32": {"value": round(machine.peak_fp32, 1), "derived": machine.peak_note},
         "int8": {"value": round(machine.peak_fp32 * int8_factor, 1),
-                 "derived": f"fp32 peak x {int8_factor} ({int8_path}); not measured"},
+                 "derived": f"fp32 peak x {int8_factor:g} ({int8_path}); not measured"},
     }
 
 
@@ -267,10 +339,10 @@ def _memory(machine: _Machine) -> dict[str, Any]:
     }
 
 
-def _efficiency(fit: RooflineFit, models: int, rounds: int) -> dict[str, Any]:
+def _efficiency(fit: RooflineFit, models: int, rounds: int, timed: str = "ONNX Runtime fp32") -> dict[str, Any]:
     return {
         "derived": (
-            f"fitted by edgetl device calibrate to {models} models timed with ONNX Runtime fp32 "
+            f"fitted by edgetl device calibrate to {models} models timed as {timed} "
             f"(minimum of {rounds} interleaved runs); {100 * fit.within(0.2):.0f}% of them within ±20% after "
             "the fit; classes no calibration model exercises keep the fitted bound"
         ),

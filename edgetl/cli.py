@@ -31,6 +31,7 @@ from edgetl.options import (
     TimingOptions,
     ValidateOptions,
 )
+from edgetl.profiles import DEFAULT_DEVICE_HELP
 
 log = logging.getLogger("edgetl")
 
@@ -168,7 +169,8 @@ def models_cmd(as_json: bool, **kwargs) -> None:
 
 
 @cli.command("select")
-@click.option("--device", "-d", required=True, help="Device profile name or alias (jetson, rpi, x86, ...).")
+@click.option("--device", "-d", default=None,
+              help=f"Device profile name or alias (jetson, rpi, x86, ...) {DEFAULT_DEVICE_HELP}.")
 @cli_options(SelectOptions)
 @cli_options(Constraints)
 @click.option("--json", "as_json", is_flag=True, help="Print every ranked row as one JSON list on stdout.")
@@ -570,13 +572,17 @@ def device_group() -> None:
               help="YAML file to write [default: the user profile folder, where --device finds it].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads [default: all cores].")
 @click.option("--rounds", type=click.IntRange(min=1), default=25, show_default=True, help="Timed runs per model.")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "tensorrt"]), default=None,
+              help="What to time: ONNX Runtime on the CPU, or FP16 TensorRT engines on a Jetson "
+                   "[default: tensorrt on a Jetson that has it].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document on stdout.")
-def device_calibrate_cmd(name: str, out: str | None, threads: int | None, rounds: int, as_json: bool) -> None:
+def device_calibrate_cmd(name: str, out: str | None, threads: int | None, rounds: int, runtime: str | None,
+                         as_json: bool) -> None:
     """Measure this machine and write a device profile fitted to it."""
     from edgetl.calibrate import calibrate
 
     with _progress("calibrating") as advance:
-        result = calibrate(name=name, out=out, threads=threads, rounds=rounds, progress=advance)
+        result = calibrate(name=name, out=out, threads=threads, rounds=rounds, progress=advance, runtime=runtime)
     summary = {
         "profile": result.profile.name,
         "path": str(result.path),
@@ -604,7 +610,8 @@ def device_calibrate_cmd(name: str, out: str | None, threads: int | None, rounds
 @cli.command("export")
 @click.argument("source", metavar="RUN_DIR|MODEL")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
-@click.option("--device", "-d", default="x86", show_default=True, help="Target device profile (name, alias or YAML).")
+@click.option("--device", "-d", default=None,
+              help=f"Target device profile (name, alias or YAML) {DEFAULT_DEVICE_HELP}.")
 @click.option("--weights", default=None,
               help="With a catalog MODEL instead of RUN_DIR: imagenet, a state_dict PATH, or none (random).")
 @click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
@@ -669,6 +676,7 @@ def _print_artifact(artifact) -> None:
                       f"{acc['top1']:.2f}% (drop {acc['drop_pts']:.2f} pts, budget {acc['max_drop_pts']:g})")
     else:
         console.print(f"accuracy: not measured ({acc['reason']})")
+    console.print(f"ranked on: {m['selection']['ranked_on']}")
     if lat.get("note"):
         console.print(f"note: {lat['note']}")
     if m.get("tensorrt"):
@@ -706,14 +714,14 @@ def _print_validation(report) -> None:
     table.add_column("value")
     table.add_row("files", f"{len(report.files)} files, sha256 ok")
     table.add_row("runtime here", f"{lat['runtime']} (threads: {lat['threads'] or 'all'})")
-    table.add_row("latency ms", f"p50 {lat['p50_ms']:.3f} · p90 {lat['p90_ms']:.3f} · p99 {lat['p99_ms']:.3f} · "
-                                f"min {lat['min_ms']:.3f} (CV {100 * lat['cv']:.0f}%)")
+    shown = " · ".join(f"{k} {lat[f'{k}_ms']:.3f}" for k in ("p50", "p90", "p99", "min") if f"{k}_ms" in lat)
+    table.add_row("latency ms", f"{shown} (CV {100 * lat['cv']:.0f}%, {lat['runs']} runs)")
     if lat.get("predicted_ms") is not None:
         table.add_row(f"predicted on {lat['predicted_for']}", f"{lat['predicted_ms']:.3f} ms")
     if lat["budget_ms"] is not None:
         verdict = "[green]pass[/]" if lat["pass"] else "[red]FAIL[/]"
         table.add_row("latency budget",
-                      f"{lat['judged_ms']:.4g} ms ({lat['budget_metric']}) vs {lat['budget_ms']:g} ms: {verdict}")
+                      f"{lat['judged_ms']:.4g} ms ({lat['judged_on']}) vs {lat['budget_ms']:g} ms: {verdict}")
     if mem["runtime_mb"] is not None:
         verdict = "[green]pass[/]" if mem["pass"] else "[red]FAIL[/]"
         table.add_row("memory", f"{mem['runtime_mb']:.1f} MB vs budget {mem['budget_mb']:g} MB: {verdict}")

@@ -10,7 +10,6 @@ The build lands in ``OUT/build/`` with ``report.md``. Running the demo again ski
 from __future__ import annotations
 
 import os
-import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from edgetl._io import atomic_write_text
 from edgetl.demo_data import make_demo_dataset
 from edgetl.errors import ConfigError
 from edgetl.folders import require_ours
+from edgetl.profiles import family_device
 
 DEMO_PIPELINE = "pipeline.yaml"
 DEMO_DATA = "data"
@@ -35,8 +35,7 @@ _HEADER = """\
 
 def demo_device() -> str:
     """The built-in profile closest to this machine's CPU family (x86-64: x86-avx2; Arm: raspberry-pi-5)."""
-    machine = platform.machine().lower()
-    return "raspberry-pi-5" if machine in ("aarch64", "arm64", "armv8l") else "x86-avx2"
+    return family_device()
 
 
 def demo_config(epochs: int = 8, device: str | None = None) -> dict[str, Any]:

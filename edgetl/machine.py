@@ -104,18 +104,23 @@ def _ram_mb() -> float:
     return int(m.group(1)) / 1024 if m else 0.0
 
 
-def fingerprint(cpu: CpuInfo | None = None) -> dict[str, Any]:
-    """What makes timings on this machine comparable: CPU model, ISA flags, cores and ONNX Runtime version.
+_RUNTIME_DISTS = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+                  "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu11")}
+
+
+def fingerprint(cpu: CpuInfo | None = None, runtime: str = "onnxruntime") -> dict[str, Any]:
+    """What makes timings on this machine comparable: CPU model, ISA flags, cores and the version of the
+    runtime that timed them (``onnxruntime`` or ``tensorrt``).
 
     Unlike the host name, it stays the same on a renamed machine and changes with the runtime.
     """
     cpu = cpu or read_cpu()
-    return {"cpu": cpu.model, "isa": list(cpu.isa), "cores": cpu.cores, "onnxruntime": _onnxruntime_version()}
+    return {"cpu": cpu.model, "isa": list(cpu.isa), "cores": cpu.cores, runtime: runtime_version(runtime)}
 
 
-def _onnxruntime_version() -> str | None:
-    """The installed ONNX Runtime's version, read from its package metadata (without importing it)."""
-    for dist in ("onnxruntime", "onnxruntime-gpu"):
+def runtime_version(runtime: str) -> str | None:
+    """The installed runtime's version, read from its package metadata (without importing it)."""
+    for dist in _RUNTIME_DISTS.get(runtime, (runtime,)):
         with contextlib.suppress(metadata.PackageNotFoundError):
             return metadata.version(dist)
     return None

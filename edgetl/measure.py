@@ -18,6 +18,7 @@ from edgetl.catalog import get_card
 from edgetl.onnx_cache import cached_catalog_onnx
 from edgetl.runtime.bench import benchmark_interleaved
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
+from edgetl.runtime.tensorrt import TensorRTRunner
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,9 @@ def measure_models(
     rounds: int = 30,
     warmup: int = 3,
     progress: Callable[[int, int, str], None] | None = None,
+    runtime: str = "onnxruntime",
 ) -> dict[str, Measurement]:
-    """Time catalog architectures with ONNX Runtime on the CPU, interleaved.
+    """Time catalog architectures with ONNX Runtime on the CPU (or as FP16 TensorRT engines), interleaved.
 
     Args:
         models: catalog names or ids.
@@ -62,6 +64,7 @@ def measure_models(
         rounds: timed runs per model (round-robin over the models).
         warmup: untimed runs per model first.
         progress: called as ``progress(done, total, model)`` while models are exported.
+        runtime: ``onnxruntime`` (CPU) or ``tensorrt`` (an FP16 engine built from each model here).
 
     Returns:
         A :class:`Measurement` per model name, keyed as given.
@@ -72,7 +75,10 @@ def measure_models(
         if progress:
             progress(i, len(models), name)
         res = int(resolution or get_card(name).resolution)
-        runners[name] = OnnxRuntimeRunner(architecture_onnx(name, res), providers="cpu", threads=threads, name=name)
+        onnx = architecture_onnx(name, res)
+        runners[name] = (TensorRTRunner(onnx, precision="fp16", max_batch=batch, opt_batch=batch, name=name)
+                         if runtime == "tensorrt"
+                         else OnnxRuntimeRunner(onnx, providers="cpu", threads=threads, name=name))
         shapes[name] = (batch, 3, res, res)
     if progress:
         progress(len(models), len(models), "timing")
@@ -87,6 +93,7 @@ def measure_models(
             p50_ms=r.p50,
             cv=r.cv,
             runs=r.iterations,
+            runtime=runtime,
             threads=threads or os.cpu_count(),
         )
         for name, r in results.items()

@@ -674,6 +674,7 @@ class _Build:
             "runtime": report.runtime,
             "p50_ms": lat.get("p50_ms"),
             "judged_ms": lat.get("judged_ms"),
+            "judged_on": lat.get("judged_on"),
             "budget_ms": lat.get("budget_ms"),
             "accuracy": None if report.accuracy is None else report.accuracy.get("top1"),
         }

@@ -23,7 +23,9 @@ and checked against the profiles' reference measurements in the tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,6 +36,47 @@ if TYPE_CHECKING:
     from edgetl.profiles import DeviceProfile
 
 BYTES_PER_ELEMENT: dict[str, int] = {"fp32": 4, "fp16": 2, "int8": 1}
+
+#: INT8 compute peak over FP32 on a CPU, by the best INT8 instruction the ISA has (first match wins):
+#: (ISA flags, factor, why). ``/proc/cpuinfo`` spellings; dashes and underscores do not matter.
+CPU_INT8_SPEEDUP: tuple[tuple[tuple[str, ...], float, str], ...] = (
+    (("amx_int8",), 8.0,
+     "AMX-INT8 tiles: 16-32x the AVX-512 FP32 rate in theory; ONNX Runtime ran ResNet-18 INT8 9x faster than "
+     "FP32 on a Xeon with AMX (DESIGN.md), 8x taken"),
+    (("avx512_vnni", "avx_vnni", "avx512vnni"), 4.0,
+     "VNNI: VPDPBUSD does 4 u8 x s8 multiply-accumulates per 32-bit lane where FP32 does 1 FMA"),
+    (("asimddp", "dotprod"), 4.0,
+     "Arm dot product (SDOT): 16 int8 multiply-accumulates per 128-bit op instead of 4 FP32 FMAs"),
+    (("neon", "asimd"), 2.0,
+     "Arm NEON without dot product: widening 16-bit multiply-accumulates, 8 lanes per 128-bit op instead of 4"),
+    (("avx2", "avx", "sse4_2"), 1.0,
+     "x86 without VNNI: ONNX Runtime's U8S8 AVX2 path brings no INT8 speed-up (and can saturate)"),
+)
+
+
+def _isa_key(flag: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", flag.lower())
+
+
+def int8_speedup_for_isa(isa: Iterable[str]) -> tuple[float, str] | None:
+    """How many times a CPU's INT8 peak exceeds its FP32 peak, and why; None for an ISA edgetl does not know."""
+    have = {_isa_key(f) for f in isa}
+    for flags, factor, why in CPU_INT8_SPEEDUP:
+        if any(_isa_key(f) in have for f in flags):
+            return factor, why
+    return None
+
+
+def int8_speedup(profile: DeviceProfile) -> tuple[float, str]:
+    """INT8 over FP32 compute on ``profile``'s device: from the CPU's ISA when ONNX Runtime runs on the
+    CPU, else (an accelerator, or an unknown ISA) from the profile's own peaks."""
+    if profile.runtime == "onnxruntime" and profile.cpu is not None:
+        known = int8_speedup_for_isa(profile.cpu.isa)
+        if known is not None:
+            return known
+    if not profile.supports("int8"):
+        return 1.0, f"{profile.name} does not run INT8"
+    return profile.peak_gflops("int8") / profile.peak_gflops("fp32"), "the profile's INT8 and FP32 peaks"
 
 
 @dataclass(frozen=True)
@@ -50,8 +93,11 @@ class Roofline:
         """Read the roofline of ``profile`` at ``precision`` (the profile must support it)."""
         profile.check_precision(precision)
         eff = profile.efficiency
+        peak = profile.peak_gflops(precision)
+        if precision == "int8":  # what the ISA does with INT8, not a figure typed into the profile
+            peak = profile.peak_gflops("fp32") * int8_speedup(profile)[0]
         return cls(
-            peak_flops=profile.peak_gflops(precision) * 1e9,
+            peak_flops=peak * 1e9,
             bandwidth=profile.memory.bandwidth_gbs.value * 1e9 * eff.bandwidth,
             efficiency={c: float(getattr(eff, c)) for c in OP_CLASSES},
             kernel_overhead=profile.kernel_overhead_us.value * 1e-6,
@@ -98,6 +144,12 @@ def predict_latency(
         precision: ``fp32``, ``fp16`` or ``int8``.
         batch: the batch size.
     """
+    if precision == "int8" and not isinstance(profile, Roofline) and int8_speedup(profile)[0] <= 1.0:
+        # No INT8 arithmetic speed-up: the quantize/dequantize work eats the saved memory traffic, and INT8
+        # is predicted no faster than FP32 (on x86 without VNNI, depthwise nets even run slower).
+        int8 = predict_latency(trace, Roofline.from_profile(profile, "int8"), "int8", batch)
+        fp32 = predict_latency(trace, profile, "fp32", batch)
+        return int8 if int8.latency_ms >= fp32.latency_ms else replace(fp32, precision="int8")
     roof = profile if isinstance(profile, Roofline) else Roofline.from_profile(profile, precision)
     bpe = BYTES_PER_ELEMENT[precision]
     total = compute_bound = memory_bound = overhead = 0.0

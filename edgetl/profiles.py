@@ -25,6 +25,7 @@ import importlib.resources
 import importlib.util
 import logging
 import os
+import platform
 import re
 import types
 import typing
@@ -280,15 +281,15 @@ class DeviceProfile(_Strict):
     def is_this_machine(self) -> bool:
         """Whether the profile was calibrated on this machine.
 
-        A profile that records a machine fingerprint (CPU model, ISA flags, cores, ONNX Runtime version,
-        see :func:`edgetl.machine.fingerprint`) is this machine's when the fingerprint matches; an older
-        one when its host name and CPU model do.
+        A profile that records a machine fingerprint (CPU model, ISA flags, cores, the version of the
+        profile's runtime, see :func:`edgetl.machine.fingerprint`) is this machine's when the fingerprint
+        matches; an older one when its host name and CPU model do.
         """
         cal = self.calibrated
         if not cal:
             return False
         if "fingerprint" in cal:
-            return cal["fingerprint"] == fingerprint()
+            return cal["fingerprint"] == fingerprint(runtime=self.runtime)
         return cal.get("host") == host_name() and cal.get("cpu") == cpu_model()
 
     def references(self, runtime: str | None = None, precision: str | None = None) -> list[Reference]:
@@ -674,6 +675,23 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
         choices = sorted([*registry.profiles, *registry.aliases])
         raise UnknownNameError("device", text, choices, hint="see `edgetl devices`")
     return _copy(registry.profiles[name])
+
+
+DEFAULT_DEVICE_HELP = "[default: this machine's calibrated profile, else x86-avx2 (raspberry-pi-5 on Arm)]"
+
+
+def family_device() -> str:
+    """The built-in profile closest to this machine's CPU family (x86-64: x86-avx2; Arm: raspberry-pi-5)."""
+    machine = platform.machine().lower()
+    return "raspberry-pi-5" if machine in ("aarch64", "arm64", "armv8l") else "x86-avx2"
+
+
+def default_device() -> str:
+    """The device every stage targets when none is named, one rule for export, select and validate: this
+    machine's calibrated profile when there is one (``edgetl device calibrate``), where a budget is judged
+    on a measurement, else :func:`family_device`."""
+    mine = [p.name for p in list_profiles() if p.is_this_machine()]
+    return mine[0] if mine else family_device()
 
 
 def list_profiles() -> list[DeviceProfile]:

@@ -254,7 +254,7 @@ def _validate_section(out: Path) -> list[str]:
         rows.append([f"predicted on {lat.get('predicted_for')}", f"{_f(lat['predicted_ms'], '.3f')} ms"])
     if lat.get("budget_ms") is not None:
         verdict = "**pass**" if lat.get("pass") else "**FAIL**"
-        rows.append(["latency budget", f"{_f(lat.get('judged_ms'), '.3f')} ms ({lat.get('budget_metric')}) vs "
+        rows.append(["latency budget", f"{_f(lat.get('judged_ms'), '.3f')} ms ({lat.get('judged_on')}) vs "
                                        f"{lat['budget_ms']:g} ms: {verdict}"])
     else:
         rows.append(["latency budget", "none set"])

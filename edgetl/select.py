@@ -24,7 +24,7 @@ from edgetl.cost import TraceError, trace_model
 from edgetl.errors import ConstraintError
 from edgetl.options import Constraints, SelectOptions, documented, resolve, split_overrides
 from edgetl.predict import model_size_mb, predict_latency, predict_memory
-from edgetl.profiles import DeviceProfile, load_profile
+from edgetl.profiles import DeviceProfile, default_device, load_profile
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def default_precision(profile: DeviceProfile) -> str:
 
 @documented(SelectOptions)
 def select(
-    device: str | DeviceProfile = "jetson",
+    device: str | DeviceProfile | None = None,
     options: SelectOptions | None = None,
     constraints: Constraints | None = None,
     *,
@@ -191,7 +191,8 @@ def select(
     """Rank the catalog's pretrained backbones for a device.
 
     Args:
-        device: a profile name or alias (``jetson``, ``rpi``, ``x86``), a YAML path, or a profile.
+        device: a profile name or alias (``jetson``, ``rpi``, ``x86``), a YAML path, or a profile; default:
+            :func:`~edgetl.profiles.default_device`.
         options: how to rank (:class:`~edgetl.options.SelectOptions`).
         constraints: what a model must meet (:class:`~edgetl.options.Constraints`); ``max_memory_mb``
             defaults to the profile's model memory budget.
@@ -209,7 +210,7 @@ def select(
     given, limits = split_overrides(kwargs, SelectOptions, Constraints, where="select()")
     opts = resolve(SelectOptions, options, given, "select()")
     limits = resolve(Constraints, constraints, limits, "select()")
-    profile = device if isinstance(device, DeviceProfile) else load_profile(device)
+    profile = device if isinstance(device, DeviceProfile) else load_profile(device or default_device())
     precision = opts.precision or default_precision(profile)
     profile.check_precision(precision)
     if limits.max_memory_mb is None:

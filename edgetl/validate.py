@@ -30,20 +30,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgetl import budget
 from edgetl._io import atomic_write_json
 from edgetl.catalog import Preprocess
-from edgetl.cost import trace_model
 from edgetl.errors import BudgetExceededError, ProfileError
 from edgetl.export import bundle
 from edgetl.export.consistency import check_consistency
 from edgetl.options import ValidateOptions, documented, resolve
-from edgetl.predict import predict_latency
-from edgetl.profiles import DeviceProfile, load_profile
+from edgetl.profiles import DeviceProfile, default_device, load_profile
 from edgetl.runtime.bench import benchmark, peak_rss_mb, reset_peak_rss
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner, tensorrt_available
 
 log = logging.getLogger(__name__)
+
+ENGINE_BATCH = 8
+"""Images per batch when measuring accuracy: at most the largest batch of an edgetl engine's profile."""
 
 
 
@@ -131,31 +133,29 @@ def _runner(folder: Path, runtime: str, threads: int | None, files: dict[str, st
     return runner, "onnxruntime", notes
 
 
-def _predicted_ms(manifest: dict[str, Any], profile: Any) -> float | None:
-    source = manifest.get("source") or {}
-    precision = manifest.get("precision", "fp32")
-    if not profile.supports(precision):
-        return None
-    try:
-        trace = trace_model(source.get("model") or source.get("model_name"), source.get("resolution"))
-        return float(predict_latency(trace, profile, precision, 1).latency_ms)
-    except Exception as exc:  # unknown model or untraceable architecture: the prediction is optional
-        log.info("no latency prediction: %s", exc)
-        return None
-
-
-def _accuracy(folder: Path, data: str | os.PathLike[str], runner_threads: int | None) -> dict[str, Any]:
+def _accuracy(folder: Path, data: str | os.PathLike[str], runner_threads: int | None, runner: Any,
+              runtime: str) -> dict[str, Any]:
+    """Top-1 on ``data`` through the runtime that was timed. With TensorRT, the engine's top-1, and its
+    top-1 agreement with ``model.onnx`` under ONNX Runtime (the model export measured the accuracy of)."""
     # deferred: the image pipeline imports torch, which timing an artifact on the device does not need
-    from edgetl.export.evaluate import collect_logits, folder_eval_set, image_batches, top1
+    from edgetl.export.evaluate import agreement, collect_logits, folder_eval_set, image_batches, top1
 
     classes = json.loads((folder / bundle.LABELS_FILE).read_text())
     pre_doc = json.loads((folder / bundle.PREPROCESS_FILE).read_text())
     preprocess = Preprocess.from_dict(pre_doc["preprocess"])
     eval_set = folder_eval_set(data, classes)
-    with OnnxRuntimeRunner(folder / bundle.MODEL_FILE, providers="cpu", threads=runner_threads) as runner:
-        batches = image_batches(eval_set.records, preprocess, preprocess.crop_size)
-        logits, labels = collect_logits(batches, {"artifact": lambda x: runner.infer(x)["logits"]})
-    return {"data": str(data), "images": len(labels), "top1": round(top1(logits["artifact"], labels), 4)}
+    batches = image_batches(eval_set.records, preprocess, preprocess.crop_size, batch_size=ENGINE_BATCH)
+    with OnnxRuntimeRunner(folder / bundle.MODEL_FILE, providers="cpu", threads=runner_threads) as onnx:
+        models = {"onnx": lambda x: onnx.infer(x)["logits"]}
+        if runtime != "tensorrt":
+            logits, labels = collect_logits(batches, models)
+            return {"data": str(data), "images": len(labels), "top1": round(top1(logits["onnx"], labels), 4)}
+        with runner:
+            logits, labels = collect_logits(batches, {**models, "engine": lambda x: runner.infer(x)["logits"]})
+    return {"data": str(data), "images": len(labels), "runtime": "tensorrt",
+            "top1": round(top1(logits["engine"], labels), 4),
+            "onnx_top1": round(top1(logits["onnx"], labels), 4),
+            "top1_agreement_with_onnx": round(agreement(logits["engine"], logits["onnx"]), 6)}
 
 
 @documented(ValidateOptions)
@@ -170,10 +170,10 @@ def validate(
 ) -> ValidationReport:
     """Verify an artifact's files, measure its latency (and accuracy with ``data``), judge the budgets.
 
-    The latency budget is judged on ``budget_metric`` of the measurement on the device itself (a
-    profile calibrated on this machine); elsewhere on the latency predicted for the device, when the
-    model can be traced (else on the measurement here). The memory budget defaults to the profile's
-    model memory budget.
+    The latency budget is judged by :func:`edgetl.budget.judge_latency`, the rule export uses too: on
+    ``budget_metric`` of the measurement on the device itself (a profile of this machine, timed with
+    its runtime); elsewhere on the latency predicted for the device, when the model can be traced
+    (else on the measurement here). The memory budget defaults to the profile's model memory budget.
 
     Args:
         artifact: the artifact folder written by ``edgetl export``.
@@ -192,6 +192,7 @@ def validate(
         BudgetExceededError: (with ``check``) a budget was missed.
     """
     opts = resolve(ValidateOptions, options, kwargs, "validate()")
+    budget.check_metric(opts.budget_metric, opts.iterations)
     folder = Path(artifact).expanduser()
     manifest = bundle.verify_files(folder)
     check_consistency(folder, manifest)
@@ -201,11 +202,11 @@ def validate(
     runner, runtime, runner_notes = _runner(folder, profile.runtime, threads, files)
     notes += runner_notes
     result, shape, memory_mb = _time(runner, manifest, opts)
-    latency = _latency_verdict(result, opts, manifest, profile, here, notes)
+    latency = _latency_verdict(result, runtime, opts, manifest, profile, notes)
     latency.update(runtime=runtime, threads=threads, shape=list(shape))
     memory = _memory_verdict(memory_mb, folder, opts, profile)
     failures = [f for f in (latency.pop("failure"), memory.pop("failure")) if f]
-    accuracy = _accuracy(folder, opts.data, threads) if opts.data is not None else None
+    accuracy = _accuracy(folder, opts.data, threads, runner, runtime) if opts.data is not None else None
     report = ValidationReport(
         artifact=folder, device=profile.name, runtime=runtime, this_machine=here,
         precision=precision, hashes_ok=True, files=files, latency=latency, memory=memory,
@@ -222,7 +223,7 @@ def validate(
 def _target(device: str | None, manifest: dict[str, Any],
             opts: ValidateOptions) -> tuple[DeviceProfile, bool, int | None, list[str]]:
     """The device profile, whether this machine is it, the threads to time with, and notes for the user."""
-    profile = load_profile(device or manifest.get("device", {}).get("name") or "x86")
+    profile = load_profile(device or manifest.get("device", {}).get("name") or default_device())
     here = profile.is_this_machine()
     threads = opts.threads
     if threads is None and here and profile.calibrated:
@@ -255,29 +256,24 @@ def _time(runner: Any, manifest: dict[str, Any], opts: ValidateOptions) -> tuple
     return result, shape, None if rss_before is None else max(peak - rss_before, 0.0)
 
 
-def _latency_verdict(result: Any, opts: ValidateOptions, manifest: dict[str, Any], profile: DeviceProfile,
-                     here: bool, notes: list[str]) -> dict[str, Any]:
-    # Elsewhere than on the device, the device's predicted latency is the estimate of it: a fast
-    # workstation must not pass a budget the device would miss.
-    predicted = None if here else _predicted_ms(manifest, profile)
-    if not here and predicted is None:
-        notes.append(f"no latency prediction for {profile.name}: the budget is judged on the measurement here")
-    judged = predicted if predicted is not None else float(getattr(result, opts.budget_metric))
-    budget = opts.max_latency_ms
-    metric = f"predicted on {profile.name}" if predicted is not None else f"{opts.budget_metric} measured here"
-    passed = None if budget is None else bool(judged <= budget)
+def _latency_verdict(result: Any, runtime: str, opts: ValidateOptions, manifest: dict[str, Any],
+                     profile: DeviceProfile, notes: list[str]) -> dict[str, Any]:
+    """The measurement here and the budget judged by the one rule (:func:`edgetl.budget.judge_latency`)."""
+    stats = budget.latency_stats(result)
+    on_target = budget.on_target(profile, runtime)
+    source = manifest.get("source") or {}
+    predicted = None if on_target else budget.predicted_ms(
+        source.get("model") or source.get("model_name"), source.get("resolution"), profile,
+        str(manifest.get("precision", "fp32")))
+    verdict = budget.judge_latency(profile, runtime, stats, predicted, opts.max_latency_ms, opts.budget_metric)
+    if verdict["note"] and verdict["basis"] == "measured here":
+        notes.append(verdict["note"])
     return {
-        **{f"{k}_ms": round(getattr(result, k), 4) for k in ("min", "p50", "p90", "p99", "mean")},
-        "cv": round(result.cv, 4),
+        **stats,
         "iterations": result.iterations,
         "predicted_ms": None if predicted is None else round(predicted, 4),
         "predicted_for": None if predicted is None else profile.name,
-        "budget_ms": budget,
-        "budget_metric": metric,
-        "judged_ms": round(judged, 4),
-        "pass": passed,
-        "failure": f"latency {judged:.4g} ms ({metric}) exceeds the budget of {budget:g} ms" if passed is False
-        else None,
+        **verdict,
     }
 
 

@@ -54,3 +54,13 @@ def test_calibrate_rejects_bad_name():
 
     with pytest.raises(ConfigError, match="slug"):
         calibrate(name="My Box")
+
+
+@pytest.mark.tensorrt
+def test_calibrate_on_a_jetson_with_tensorrt_writes_a_tensorrt_profile():
+    result = calibrate(name="jetson-here", models=TINY, rounds=5, resolution=64)
+    profile = load_profile("jetson-here")
+    assert profile.runtime == "tensorrt" and profile.calibrated["runtime"] == "tensorrt"
+    assert profile.is_this_machine() and profile.calibrated["fingerprint"]["tensorrt"]
+    assert {(r.runtime, r.precision) for r in profile.reference} == {("tensorrt", "fp16")}
+    assert set(result.measurements) == set(TINY) and all(m.runtime == "tensorrt" for m in result.measurements.values())

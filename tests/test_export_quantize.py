@@ -13,6 +13,7 @@ from torch import nn
 
 from edgetl.errors import ArtifactError, ConfigError
 from edgetl.export import bundle, quantize
+from edgetl.export.accuracy_control import control_accuracy, relative_error, smallest_passing
 from edgetl.export.evaluate import stratified_sample
 from edgetl.onnx_io import export_onnx
 
@@ -197,3 +198,83 @@ def test_stratified_sample_balances_classes():
     counts = [sum(1 for _, y in sample if y == k) for k in range(3)]
     assert len(sample) == 20 and counts[1] == 5 and abs(counts[0] - counts[2]) <= 1
     assert stratified_sample(records, 20, seed=1) == sample and len(set(sample)) == 20
+
+
+class OutlierNet(nn.Module):
+    """A network plain INT8 breaks: ``mid`` has, in every output channel, one weight of 1000 on an input
+    channel that ReLU always zeroes (FP32 ignores it), so its per-channel int8 scale rounds every other
+    weight to zero. Keeping that one layer in float restores the network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.top = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8, 10)
+        with torch.no_grad():
+            self.stem.weight[0].clamp_(-1e-3, 1e-3)
+            self.stem.bias[0] = -1.0  # channel 0 is dead after the ReLU (a zero weight would be degenerate)
+            self.mid.weight[:, 0, 1, 1] = 1e3
+            self.head.weight.mul_(30)  # logits that depend on the image more than on the bias
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        x = torch.relu(self.mid(torch.relu(self.stem(x))))
+        return self.head(self.top(x).mean((2, 3)))
+
+
+def _images(rng, n):
+    """Noise around a colour of its own per image, so that the classes of a random network vary."""
+    return (rng.standard_normal((n, 3, 32, 32)) + 3 * rng.standard_normal((n, 3, 1, 1))).astype(np.float32)
+
+
+def _logits(path, images):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {"input": x})[0] for x in images])
+
+
+def test_accuracy_control_keeps_only_the_outlier_layer_in_float(tmp_path):
+    torch.manual_seed(0)
+    fp32 = tmp_path / "outlier.onnx"
+    export_onnx(OutlierNet().eval(), fp32, resolution=32)
+    rng = np.random.default_rng(0)
+    calib = [_images(rng, 8) for _ in range(2)]
+    checks = [_images(rng, 16) for _ in range(2)]
+    cache = tmp_path / "ranges.json"
+    plain = quantize.quantize_int8_static(fp32, tmp_path / "int8.onnx", calib, calibration_cache=cache)
+    ref = _logits(fp32, checks)
+
+    def agreement(path):
+        return float(np.mean(_logits(path, checks).argmax(1) == ref.argmax(1)))
+
+    assert agreement(plain.path) < 0.9 and cache.is_file()  # plain INT8 is far over a 1-point budget
+
+    def requantized(kept):
+        return quantize.quantize_int8_static(fp32, tmp_path / "try.onnx", [], keep_float=kept,
+                                             calibration_cache=cache).path  # ranges from the cache
+
+    layers = quantize.quantized_layers(plain.path)
+    assert len(layers) == 4
+    calib_ref = _logits(fp32, calib)
+    result = control_accuracy(layers, lambda kept: relative_error(_logits(requantized(kept), calib), calib_ref),
+                              lambda kept: agreement(requantized(kept)) >= 0.99)
+    assert result.passed and len(result.kept_in_float) == 1 and result.trials == 1
+    mid = result.kept_in_float[0]
+    assert result.sensitivity[0]["layer"] == mid and result.sensitivity[0]["error"] < 0.01
+    mixed = quantize.quantize_int8_static(fp32, tmp_path / "mixed.onnx", [], keep_float=[mid],
+                                          calibration_cache=cache)
+    assert mixed.kept_in_float == [mid] and quantize.quantized_layers(mixed.path) == [n for n in layers if n != mid]
+    assert agreement(mixed.path) >= 0.99
+
+
+def test_the_search_finds_the_fewest_sensitive_layers():
+    ranked = [f"l{i}" for i in range(10)]
+    calls = []
+
+    def passes(kept):
+        calls.append(len(kept))
+        return len(kept) >= 5
+
+    kept, trials = smallest_passing(ranked, passes, limit=8)
+    assert kept == ranked[:5] and trials == len(calls) and calls[:4] == [1, 2, 4, 8]
+    assert smallest_passing(ranked, lambda kept: False, limit=3) == (None, 3)  # 1, 2, 3: then give up

@@ -1,7 +1,14 @@
 import pytest
 
 from edgetl import cost
-from edgetl.predict import Roofline, model_size_mb, predict_latency, predict_memory
+from edgetl.predict import (
+    Roofline,
+    int8_speedup,
+    int8_speedup_for_isa,
+    model_size_mb,
+    predict_latency,
+    predict_memory,
+)
 from edgetl.profiles import list_profiles, load_profile
 
 
@@ -57,3 +64,25 @@ def test_prediction_of_every_published_reference_is_within_2x(profile, ref):
     ratio = pred / ref.latency_ms
     where = f"{profile.name} {ref.model} {ref.precision}"
     assert 0.5 <= ratio <= 2.0, f"{where}: predicted {pred:.2f} ms, published {ref.latency_ms} ms"
+
+
+def test_int8_speed_up_comes_from_the_isa():
+    assert int8_speedup_for_isa(["sse4_2", "avx2", "fma"])[0] == 1.0  # no VNNI: no INT8 speed-up
+    assert int8_speedup_for_isa(["avx2", "avx512f", "avx512-vnni"])[0] == 4.0
+    assert int8_speedup_for_isa(["avx512_vnni", "amx_int8"])[0] == 8.0
+    assert int8_speedup_for_isa(["neon", "asimddp"])[0] == 4.0 and int8_speedup_for_isa(["neon"])[0] == 2.0
+    assert int8_speedup_for_isa(["riscv-v"]) is None
+
+
+@pytest.mark.parametrize("model", ["resnet18", "mobilenet_v3_small"])
+def test_int8_is_predicted_no_faster_without_an_int8_instruction(model):
+    trace = cost.trace_model(model, 64)
+    avx2, vnni = load_profile("x86-avx2"), load_profile("x86-avx512-vnni")
+    # depthwise layers are memory-bound: bytes alone would make INT8 look faster on a CPU that has no INT8 path
+    assert predict_latency(trace, avx2, "int8").latency_ms >= predict_latency(trace, avx2, "fp32").latency_ms
+    assert predict_latency(trace, vnni, "int8").latency_ms < 0.9 * predict_latency(trace, vnni, "fp32").latency_ms
+    data = vnni.model_dump(mode="json", exclude_none=True)
+    data["cpu"]["isa"] = [*data["cpu"]["isa"], "amx_int8"]
+    amx = type(vnni).model_validate({**data, "name": "x86-amx", "aliases": []})
+    assert predict_latency(trace, amx, "int8").latency_ms < predict_latency(trace, vnni, "int8").latency_ms
+    assert int8_speedup(avx2) == int8_speedup_for_isa(avx2.cpu.isa)

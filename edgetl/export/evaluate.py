@@ -168,6 +168,25 @@ def image_batches(records: Sequence[Record], preprocess: Any, resolution: int,
         yield images.numpy().astype(np.float32, copy=False), labels.numpy()
 
 
+@dataclass(frozen=True)
+class ImageBatches:
+    """Images as NCHW float32 batches, decoded again on each pass and never held together.
+
+    ``len()`` is the number of batches; iterating yields the arrays (without labels).
+    """
+
+    records: Sequence[Record]
+    preprocess: Any
+    resolution: int
+    batch_size: int = EVAL_BATCH
+
+    def __len__(self) -> int:
+        return -(-len(self.records) // self.batch_size)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (x for x, _ in image_batches(self.records, self.preprocess, self.resolution, self.batch_size))
+
+
 def random_batches(resolution: int, count: int = 8, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """Standard-normal inputs (what normalised images look like to a network), for parity without images."""
     x = np.random.default_rng(seed).standard_normal((count, 3, resolution, resolution), dtype=np.float32)

@@ -24,7 +24,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ class QuantReport:
         calib_images: images the calibration saw (static only).
         calib_fallback: why the calibration method asked for was replaced by minmax, if it was.
         exclude_op_types: op types left in float.
+        kept_in_float: layers (node names) left in float by accuracy control.
         op_counts: node count by op type of the result.
     """
 
@@ -77,6 +78,7 @@ class QuantReport:
     calib_fallback: str | None = None
     exclude_op_types: list[str] = field(default_factory=list)
     op_counts: dict[str, int] = field(default_factory=dict)
+    kept_in_float: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -206,26 +208,44 @@ def _toposort(graph: Any) -> None:
 # --- INT8 ----------------------------------------------------------------------------------------
 
 
-def _single_images(batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-    for batch in batches:
-        for i in range(len(batch)):
-            yield batch[i : i + 1]
+def _replayable(calibration: Iterable[np.ndarray]) -> Iterable[np.ndarray]:
+    """``calibration`` if it can be iterated again and knows its length (batches decoded on each pass);
+    else its batches kept in a list (one-shot iterators: the caller chose to hold them)."""
+    if hasattr(calibration, "__len__") and not isinstance(calibration, Iterator):
+        return calibration
+    return [np.ascontiguousarray(b, dtype=np.float32) for b in calibration]
 
 
 def _calibration_reader(batches: Iterable[np.ndarray], input_name: str) -> Any:
+    """A data reader that feeds the calibrator one batch per ``collect_data`` call.
+
+    ``quantize_static`` with ``CalibStridedMinMax`` (any calibration method, despite the name) calls
+    ``set_range`` then ``collect_data`` for each stride; with a stride of one batch the calibrator folds
+    each batch into its running min/max or its histograms before the next one is decoded, so its memory
+    is one batch's activations, whatever the number of images.
+    """
     from onnxruntime.quantization import CalibrationDataReader  # deferred: heavy
 
     class _Reader(CalibrationDataReader):
-        """Feeds NCHW float32 batches to the calibrator and counts the images it saw."""
+        """Streams NCHW float32 batches to the calibrator and counts the images it saw."""
 
         def __init__(self) -> None:
+            self._count = len(batches)  # type: ignore[arg-type]
             self._it = iter(batches)
+            self._left = self._count
             self.images = 0
 
+        def __len__(self) -> int:
+            return self._count
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self._left = end_index - start_index  # strides come in order: the next batches of the stream
+
         def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self._it, None)
+            batch = next(self._it, None) if self._left > 0 else None
             if batch is None:
                 return None
+            self._left -= 1
             batch = np.ascontiguousarray(batch, dtype=np.float32)
             self.images += int(batch.shape[0])
             return {input_name: batch}
@@ -291,6 +311,8 @@ def quantize_int8_static(
     reduce_range: bool = False,
     symmetric_activations: bool = False,
     exclude_op_types: Sequence[str] = (),
+    keep_float: Sequence[str] = (),
+    calibration_cache: str | os.PathLike[str] | None = None,
 ) -> QuantReport:
     """Static INT8 quantization in QDQ format, calibrated on images.
 
@@ -299,12 +321,19 @@ def quantize_int8_static(
     Args:
         src: the FP32 model (input ``input``).
         dst: the QDQ model to write (atomically).
-        calibration: NCHW float32 batches, prepared as at inference (the eval transform).
+        calibration: NCHW float32 batches, prepared as at inference (the eval transform). A sized
+            re-iterable source (:class:`~edgetl.export.evaluate.ImageBatches`) is decoded batch by batch
+            and never held whole; the calibrator's memory does not grow with the number of images.
         calib_method: ``minmax``, ``entropy`` or ``percentile`` (99.999th).
         per_channel: per-output-channel weight scales (what MobileNets need).
         reduce_range: quantize weights to 7 bits (x86 CPUs without VNNI).
         symmetric_activations: int8 activations with zero point 0 (TensorRT); else uint8 (ORT CPU).
         exclude_op_types: op types to keep in float (e.g. ``["Add", "Mul"]``).
+        keep_float: node names to keep in float (see :func:`quantized_layers`), e.g. the layers
+            accuracy control found most sensitive.
+        calibration_cache: a JSON file of activation ranges (ONNX Runtime's calibration cache): written
+            by the first call, read by the next ones, which then skip calibration (``calibration`` may
+            be empty) and only re-quantize.
 
     Returns:
         A :class:`QuantReport` with ``mode="static"``.
@@ -323,21 +352,22 @@ def quantize_int8_static(
         options = _StaticOptions(
             input_name=model.graph.input[0].name, per_channel=per_channel, reduce_range=reduce_range,
             symmetric_activations=symmetric_activations,
-            exclude_nodes=[n.name for n in model.graph.node if n.op_type in excluded],
+            exclude_nodes=[n.name for n in model.graph.node if n.op_type in excluded or n.name in keep_float],
+            cache=None if calibration_cache is None else Path(calibration_cache),
         )
-        batches = [np.ascontiguousarray(b, dtype=np.float32) for b in calibration]  # kept for a retry
-        if not batches or sum(len(b) for b in batches) == 0:
+        batches = _replayable(calibration)  # iterated again for a retry with minmax
+        if len(batches) == 0 and not (options.cache and options.cache.is_file()):  # type: ignore[arg-type]
             raise ConfigError("no calibration images: pass --calib-data DIR with some images")
         out = Path(tmp) / "int8.onnx"
         used, images, fallback = _quantize_static_or_minmax(pre, out, batches, calib_method, options)
-        quantized = _save_copy(out, dst)
+        quantized = _save_copy(out, dst, lambda m: _float_inputs(m, keep_float))
     log.info("static INT8 (%s, %d calibration images) -> %s", used, images, dst)
     return QuantReport(
         precision="int8", mode="static", path=dst, file_bytes=dst.stat().st_size,
         seconds=time.perf_counter() - start, format="QDQ", per_channel=per_channel, reduce_range=reduce_range,
         activation_type="int8" if symmetric_activations else "uint8", weight_type="int8",
         calib_method=used, calib_images=images, calib_fallback=fallback, exclude_op_types=excluded,
-        op_counts=_op_counts(quantized),
+        op_counts=_op_counts(quantized), kept_in_float=list(keep_float),
     )
 
 
@@ -350,9 +380,10 @@ class _StaticOptions:
     reduce_range: bool
     symmetric_activations: bool
     exclude_nodes: list[str]
+    cache: Path | None = None
 
 
-def _quantize_static_or_minmax(pre: Path, out: Path, batches: list[np.ndarray], calib_method: str,
+def _quantize_static_or_minmax(pre: Path, out: Path, batches: Iterable[np.ndarray], calib_method: str,
                                options: _StaticOptions) -> tuple[str, int, str | None]:
     """Quantize with ``calib_method``, falling back to minmax if it fails; return (method used, images, why)."""
     try:
@@ -363,13 +394,15 @@ def _quantize_static_or_minmax(pre: Path, out: Path, batches: list[np.ndarray], 
         # The histogram calibrators fail on degenerate activation ranges ("Too many bins for data range").
         fallback = f"{calib_method} calibration failed ({_one_line(exc, 120)}); used minmax"
         log.warning("%s", fallback)
+        if options.cache is not None:
+            options.cache.unlink(missing_ok=True)  # it may hold the failed method's ranges
     try:
         return "minmax", _quantize_static(pre, out, batches, "minmax", options), fallback
     except Exception as exc2:
         raise ExportError(f"ONNX Runtime static quantization failed: {_one_line(exc2)}") from exc2
 
 
-def _quantize_static(pre: Path, out: Path, batches: list[np.ndarray], method: str, options: _StaticOptions) -> int:
+def _quantize_static(pre: Path, out: Path, batches: Iterable[np.ndarray], method: str, options: _StaticOptions) -> int:
     """One quantize_static call; returns the number of calibration images it saw."""
     from onnxruntime.quantization import (  # deferred: heavy
         CalibrationMethod,
@@ -383,9 +416,12 @@ def _quantize_static(pre: Path, out: Path, batches: list[np.ndarray], method: st
     extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": options.symmetric_activations}
     if method == "percentile":
         extra["CalibPercentile"] = 99.999
-    # The histogram calibrators stack activations across batches: feed them equal shapes.
-    feed = _single_images(batches) if method != "minmax" else iter(batches)
-    reader = _calibration_reader(feed, options.input_name)
+    extra["CalibStridedMinMax"] = 1  # one batch per collect_data call: memory bounded by one batch
+    if options.exclude_nodes:
+        # The quantizer drops a Relu whose output Q clips at zero; a layer kept in float reads the tensor
+        # before that Q (see _float_inputs), so the Relu must stay.
+        extra["QDQKeepRemovableActivations"] = True
+    reader = _calibration_reader(batches, options.input_name)
     with _quiet_logs():
         quantize_static(
             str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
@@ -393,15 +429,61 @@ def _quantize_static(pre: Path, out: Path, batches: list[np.ndarray], method: st
             activation_type=QuantType.QInt8 if options.symmetric_activations else QuantType.QUInt8,
             weight_type=QuantType.QInt8, nodes_to_exclude=options.exclude_nodes or None,
             calibrate_method=methods[method], extra_options=extra,
+            calibration_cache_path=None if options.cache is None else str(options.cache),
         )
     return reader.images
 
 
-def _save_copy(path: Path, dst: Path) -> Any:
-    """Copy the ONNX model at ``path`` to ``dst`` (atomically); return the model."""
+def quantized_layers(path: str | os.PathLike[str]) -> list[str]:
+    """The names of the weighted layers (Conv, Gemm, MatMul) a QDQ model runs in INT8: those whose weight
+    comes through a DequantizeLinear, in graph order; :func:`quantize_int8_static` takes them as ``keep_float``."""
+    import onnx  # deferred: heavy
+
+    model = onnx.load(str(path), load_external_data=False)
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in model.graph.node
+            if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in dequantized]
+
+
+def _float_inputs(model: Any, names: Sequence[str]) -> None:
+    """Feed the layers kept in float their float inputs, bypassing the Q/DQ pair in front of them, and drop
+    pairs nobody reads any more.
+
+    Otherwise ONNX Runtime's optimizer (WeightBiasQuantization, 1.20+) sees DequantizeLinear -> Conv with a
+    float weight and quantizes that weight per tensor at load time: the layer is INT8 again, and worse.
+    """
+    if not names:
+        return
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.name not in names:
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]
+    _drop_unread(model, ("QuantizeLinear", "DequantizeLinear"))
+
+
+def _drop_unread(model: Any, op_types: tuple[str, ...]) -> None:
+    """Remove nodes of ``op_types`` whose outputs nothing reads (repeatedly: a DQ, then its Q)."""
+    while True:
+        read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        dead = [n for n in model.graph.node if n.op_type in op_types and not any(o in read for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            model.graph.node.remove(n)
+
+
+def _save_copy(path: Path, dst: Path, edit: Callable[[Any], None] | None = None) -> Any:
+    """Copy the ONNX model at ``path`` to ``dst`` (atomically), edited by ``edit``; return the model."""
     import onnx  # deferred: heavy
 
     model = onnx.load(str(path))
+    if edit is not None:
+        edit(model)
     with atomic_path(dst) as tmp_dst:
         onnx.save_model(model, str(tmp_dst))
     return model

@@ -1,0 +1,120 @@
+"""The latency-budget rule, one for export, validate and build.
+
+A latency budget is judged on the device it is meant for:
+
+- **on the target** (the profile describes this machine, see :meth:`DeviceProfile.is_this_machine`,
+  and the measurement was made with the profile's runtime): on the measurement, at ``metric``;
+- **elsewhere**: on the latency predicted for the device (:mod:`edgetl.predict`); the measurement
+  made here is reported for information only, since a fast workstation must not pass a budget the
+  device would miss, nor a slow one fail it;
+- when the model cannot be traced, so there is no prediction: on the measurement here, and the
+  verdict says so.
+
+Percentiles are reported only where the number of runs supports them: the q-th percentile needs at
+least ``100 / (100 - q)`` runs (p90: 10, p99: 100), else it is the maximum under another name.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from edgetl.cost import trace_model
+from edgetl.errors import ConfigError
+from edgetl.predict import predict_latency
+from edgetl.profiles import DeviceProfile
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRIC = "p50"
+"""The statistic a budget is judged on when nothing else is asked for."""
+PERCENTILES = (25, 50, 90, 99)
+
+
+def runs_needed(q: float) -> int:
+    """The fewest runs whose ``q``-th percentile is not just their maximum: ``100 / (100 - q)``."""
+    return math.ceil(100 / (100 - q) - 1e-9)
+
+
+def latency_stats(result: Any) -> dict[str, Any]:
+    """The statistics of a :class:`~edgetl.runtime.bench.BenchResult` that its number of runs supports (ms)."""
+    n = int(result.iterations)
+    stats: dict[str, Any] = {"min_ms": round(result.min, 4), "mean_ms": round(result.mean, 4),
+                             "max_ms": round(result.max, 4)}
+    for q in PERCENTILES:
+        if n >= runs_needed(q):
+            stats[f"p{q}_ms"] = round(result.percentile(q), 4)
+    stats.update(cv=round(result.cv, 4), runs=n)
+    omitted = [f"p{q}" for q in PERCENTILES if n < runs_needed(q)]
+    if omitted:
+        stats["omitted"] = f"{', '.join(omitted)}: {n} runs are too few (p{{q}} needs 100/(100-q) runs)"
+    return stats
+
+
+def check_metric(metric: str, runs: int) -> None:
+    """Refuse a budget metric that ``runs`` timed runs cannot estimate (p99 from 60 runs)."""
+    if metric.startswith("p") and runs < runs_needed(float(metric[1:])):
+        raise ConfigError(f"a {metric} budget needs at least {runs_needed(float(metric[1:]))} timed runs; "
+                          f"raise the runs (got {runs}) or judge on p50")
+
+
+def on_target(profile: DeviceProfile, runtime: str) -> bool:
+    """Whether a measurement made here with ``runtime`` is a measurement on ``profile``'s device."""
+    return runtime == profile.runtime and profile.is_this_machine()
+
+
+def predicted_ms(model: Any, resolution: int | None, profile: DeviceProfile, precision: str) -> float | None:
+    """The latency predicted for ``model`` (a catalog name or card) on ``profile`` at batch 1, or None
+    when the device does not run ``precision`` or the model cannot be traced."""
+    if not profile.supports(precision) or model is None:
+        return None
+    try:
+        trace = trace_model(model, resolution)
+    except Exception as exc:  # unknown model or untraceable architecture: a prediction is optional
+        log.info("no latency prediction for %s: %s", model, exc)
+        return None
+    return float(predict_latency(trace, profile, precision, 1).latency_ms)
+
+
+def judge_latency(profile: DeviceProfile, runtime: str, measured: Mapping[str, Any] | None,
+                  predicted: float | None, budget_ms: float | None,
+                  metric: str = DEFAULT_METRIC) -> dict[str, Any]:
+    """Judge a latency budget by the one rule (see the module's docstring).
+
+    Args:
+        profile: the target device.
+        runtime: the runtime that made ``measured`` here (``onnxruntime``, ``tensorrt``).
+        measured: statistics measured here (``p50_ms``, ``min_ms``...), or None.
+        predicted: the latency predicted for the device (ms), or None.
+        budget_ms: the budget, or None for none.
+        metric: the statistic of a measurement on the target that is judged.
+
+    Returns:
+        ``basis`` (``measured on target``, ``predicted`` or ``measured here``), ``judged_on`` (a phrase),
+        ``judged_ms``, ``budget_ms``, ``pass`` (None without a budget or a figure), ``failure``
+        (a sentence, or None) and ``note`` (what the host's measurement means, or None).
+    """
+    target = on_target(profile, runtime)
+    key = f"{metric}_ms"
+    if target and measured and key in measured:
+        basis, judged = "measured on target", float(measured[key])
+        judged_on = f"{metric} measured on {profile.name} (this machine, {runtime})"
+        note = None
+    elif predicted is not None:
+        basis, judged, judged_on = "predicted", float(predicted), f"predicted for {profile.name}"
+        note = (f"this machine is not {profile.name} with {profile.runtime}: the measurement here "
+                f"({runtime}) is for information only; the budget is judged on the prediction")
+    elif measured and key in measured:
+        basis, judged = "measured here", float(measured[key])
+        judged_on = f"{metric} measured here with {runtime} (no prediction for {profile.name})"
+        note = f"no latency prediction for {profile.name}: the budget is judged on the measurement here"
+    else:
+        basis, judged, judged_on, note = None, None, None, None
+    passed = None if budget_ms is None or judged is None else bool(judged <= budget_ms)
+    failure = (f"latency {judged:.4g} ms ({judged_on}) exceeds the budget of {budget_ms:g} ms"
+               if passed is False else None)
+    return {"on_target": target, "basis": basis, "budget_metric": metric, "judged_on": judged_on,
+            "judged_ms": None if judged is None else round(judged, 4), "budget_ms": budget_ms,
+            "pass": passed, "failure": failure, "note": note}
