@@ -203,6 +203,79 @@ def _numel(t: Any) -> int:
     return int(t.numel())
 
 
+class _Recorder:
+    """Per-op costs and the live activation memory of one forward pass, fed op by op by a dispatch mode."""
+
+    def __init__(self, params: set[int], flop_registry: dict[Any, Any]) -> None:
+        self.params = params
+        self.flop_registry = flop_registry
+        self.ops: list[OpCost] = []
+        self.live = 0
+        self.peak = 0
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def track(self, t: Any) -> None:
+        n = _numel(t)
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(t, self._free, n)
+
+    def _is_weight(self, t: Any) -> bool:
+        return id(t) in self.params or getattr(t, "_et_w", False)
+
+    def on_op(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any, flat_in: list[Any],
+              flat_out: list[Any]) -> None:
+        name = func.overloadpacket.__name__
+        cls = classify(name, args)
+        if cls is None:
+            self._propagate(flat_in, flat_out)
+            return
+        acts = [a for a in flat_in if not self._is_weight(a)]
+        weight = sum(_numel(a) for a in flat_in if self._is_weight(a))
+        act_out = sum(_numel(o) for o in flat_out[:1])
+        root, fused = self._fusion(name, acts)
+        idx = len(self.ops)
+        flops = self._flops(func, args, kwargs, out, act_out, cls)
+        self.ops.append(OpCost(name, cls, flops, weight, sum(_numel(a) for a in acts), act_out, fused))
+        new_root = root if fused else (idx if cls in COMPUTE_CLASSES else None)
+        for o in flat_out[:1]:
+            o._et_root = new_root
+            if not name.endswith("_"):  # in-place ops allocate nothing
+                self.track(o)
+
+    def _propagate(self, flat_in: list[Any], flat_out: list[Any]) -> None:
+        """Views and constants cost nothing; they carry weight-ness and the fusion root on."""
+        src = flat_in[0] if flat_in else None
+        for o in flat_out:
+            if src is not None and self._is_weight(src):
+                o._et_w = True
+            elif src is not None:
+                o._et_root = getattr(src, "_et_root", None)
+
+    def _flops(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any, act_out: int, cls: str) -> float:
+        packet = func.overloadpacket
+        if packet in self.flop_registry:
+            try:
+                return float(self.flop_registry[packet](*args, **kwargs, out_val=out))
+            except Exception:  # a formula that does not accept these arguments
+                return float(act_out)
+        return float(act_out) if cls != "data_movement" else 0.0
+
+    @staticmethod
+    def _fusion(name: str, acts: list[Any]) -> tuple[int | None, bool]:
+        """The compute op this one would fuse into (the root of its input), and whether it does."""
+        root = next((r for r in (getattr(a, "_et_root", None) for a in acts) if r is not None), None)
+        if root is None:
+            return None, False
+        if name in _FOLDED_NORMS or name in _UNARY_FUSABLE:
+            return root, True
+        if name in _BINARY_FUSABLE and len(acts) <= 2:
+            return root, len({tuple(a.shape) for a in acts}) == 1 or len(acts) == 1
+        return root, False
+
+
 def trace_module(model: Any, resolution: int | tuple[int, int], name: str = "model") -> CostTrace:
     """Trace an ``nn.Module`` (ideally on the meta device) at batch 1 and return its per-op costs.
 
@@ -211,7 +284,7 @@ def trace_module(model: Any, resolution: int | tuple[int, int], name: str = "mod
         resolution: input size, an int for square inputs or (H, W).
         name: a label stored in the trace.
     """
-    import torch
+    import torch  # deferred: heavy, and a warm cache needs no trace
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
     from torch.utils.flop_counter import flop_registry
@@ -220,89 +293,29 @@ def trace_module(model: Any, resolution: int | tuple[int, int], name: str = "mod
     if any(p.device.type != "meta" for p in model.parameters()):
         model = model.to("meta")
     model.eval()
-    params = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
-    n_params = sum(p.numel() for p in model.parameters())
-
-    ops: list[OpCost] = []
-    live = [0, 0]  # current, peak activation elements
-
-    def _free(n: int) -> None:
-        live[0] -= n
-
-    def _track(t: Any) -> None:
-        n = _numel(t)
-        live[0] += n
-        live[1] = max(live[1], live[0])
-        weakref.finalize(t, _free, n)
+    recorder = _Recorder({id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}, flop_registry)
 
     class _Mode(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
-            name = func.overloadpacket.__name__
             flat_in = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
             flat_out = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
-            is_weight = [id(a) in params or getattr(a, "_et_w", False) for a in flat_in]
-            cls = classify(name, args)
-            if cls is None:
-                # views and constants: propagate weight-ness and the fusion root, cost nothing
-                src = flat_in[0] if flat_in else None
-                for o in flat_out:
-                    if src is not None and (id(src) in params or getattr(src, "_et_w", False)):
-                        o._et_w = True
-                    elif src is not None:
-                        o._et_root = getattr(src, "_et_root", None)
-                return out
-            acts = [a for a, wt in zip(flat_in, is_weight, strict=True) if not wt]
-            weight = sum(_numel(a) for a, wt in zip(flat_in, is_weight, strict=True) if wt)
-            act_in = sum(_numel(a) for a in acts)
-            act_out = sum(_numel(o) for o in flat_out[:1])
-            packet = func.overloadpacket
-            if packet in flop_registry:
-                try:
-                    flops = float(flop_registry[packet](*args, **kwargs, out_val=out))
-                except Exception:  # a formula that does not accept these arguments
-                    flops = float(act_out)
-            else:
-                flops = float(act_out) if cls != "data_movement" else 0.0
-
-            roots = [getattr(a, "_et_root", None) for a in acts]
-            root = next((r for r in roots if r is not None), None)
-            fused = False
-            if root is not None:
-                if name in _FOLDED_NORMS or name in _UNARY_FUSABLE:
-                    fused = True
-                elif name in _BINARY_FUSABLE and len(acts) <= 2:
-                    shapes = {tuple(a.shape) for a in acts}
-                    fused = len(shapes) == 1 or len(acts) == 1
-            idx = len(ops)
-            ops.append(OpCost(name, cls, flops, weight, act_in, act_out, fused))
-            new_root = root if fused else (idx if cls in COMPUTE_CLASSES else None)
-            inplace = name.endswith("_")
-            for o in flat_out[:1]:
-                o._et_root = new_root
-                if not inplace:
-                    _track(o)
+            recorder.on_op(func, args, kwargs, out, flat_in, flat_out)
             return out
 
     prev = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # trace the real matmuls, not the fused fast path
     try:
         x = torch.empty(1, 3, h, w, device="meta")
-        _track(x)
+        recorder.track(x)
         with torch.no_grad(), _Mode():
             model(x)
     finally:
         torch.backends.mha.set_fastpath_enabled(prev)
-    return CostTrace(
-        model=name,
-        resolution=h,
-        torch_version=torch_version(),
-        params=n_params,
-        peak_activation=live[1],
-        input_elements=3 * h * w,
-        ops=ops,
-    )
+    return CostTrace(model=name, resolution=h, torch_version=torch_version(),
+                     params=sum(p.numel() for p in model.parameters()), peak_activation=recorder.peak,
+                     input_elements=3 * h * w, ops=recorder.ops)
 
 
 @lru_cache(maxsize=1)
