@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from edgetl.data import make_demo_dataset
+from edgetl.export.api import export
 from edgetl.finetune.api import finetune
 from edgetl.finetune.distributed import EpochSampler
 from edgetl.finetune.features import FeatureBatches, FeatureCache
@@ -59,3 +60,7 @@ def test_lp_ft_run_probes_then_fine_tunes_the_top_blocks(tmp_path):
     assert ckpt["linear_probe"] == probe and ckpt["strategy"]["unfreeze"] == 2
     state = load_file(out / "model.safetensors")
     assert state["classifier.3.weight"].shape == (3, 1024)
+    # the run (FrozenBatchNorm in its frozen blocks during training) exports like any other
+    artifact = export(out, tmp_path / "artifact", precision="fp32", rounds=3, device="x86")
+    assert artifact.passed and (artifact.path / "model.onnx").is_file()
+    assert artifact.to_dict()["parity"]["max_abs_diff"] <= 1e-4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import signal
@@ -199,3 +200,15 @@ def test_without_pretrained_weights_auto_trains_everything(demo, tmp_path):
     result = finetune(MODEL, demo, tmp_path / "run", strategy="auto", domain="similar", epochs=1, **COMMON)
     assert result.strategy.strategy == "full"  # not a probe of random features, whatever --domain says
     assert "no pretrained weights" in result.strategy.reason
+
+
+def test_image_cache_changes_nothing_but_the_decoding(demo, tmp_path, caplog):
+    opts = dict(strategy="partial", unfreeze=2, epochs=2, augment="light", **COMMON)
+    with caplog.at_level(logging.INFO, logger="edgetl.data"):
+        cached = finetune(MODEL, demo, tmp_path / "cached", image_cache=True, **opts)
+    assert "decoded" in caplog.text and "images once" in caplog.text and cached.metrics["image_cache"]
+    plain = finetune(MODEL, demo, tmp_path / "plain", image_cache=False, **opts)
+    assert not plain.metrics["image_cache"]
+    a, b = load_file(tmp_path / "cached" / "last.safetensors"), load_file(tmp_path / "plain" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert cached.metrics["epochs"][-1]["train_loss"] == plain.metrics["epochs"][-1]["train_loss"]

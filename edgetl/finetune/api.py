@@ -540,6 +540,7 @@ class _Run:
                      need / 2**20, self._cache_budget / 2**20)
             return None
         self._cache_budget -= need
+        self.image_cache = True
         return D.DecodedStore.build(records, prepare)
 
     def _eval_loader(self, records: list, cache: bool = True) -> Any:
@@ -568,7 +569,7 @@ class _Run:
 
     def _loaders(self) -> tuple[Any, Any, Any]:
         o = self.opts
-        self._cache_budget = D.memory_budget()
+        self._cache_budget, self.image_cache = D.memory_budget(), False
         bs = int(o["batch_size"])
         labels = [y for _, y in self.splits.train]
         if self.use_cache:
@@ -766,6 +767,7 @@ class _Run:
             "linear_probe": self.probe,
             "precision_train": self.precision.to_dict(),
             "feature_cache": self.use_cache,
+            "image_cache": self.image_cache,
             "world_size": self.dist.world_size,
             "epochs": state.history,
             "best_epoch": state.best_epoch,
