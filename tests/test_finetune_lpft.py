@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from edgetl.data import make_demo_dataset
+from edgetl.errors import TrainingInterrupted
 from edgetl.export.api import export
 from edgetl.finetune.api import finetune
 from edgetl.finetune.distributed import EpochSampler
@@ -64,3 +67,26 @@ def test_lp_ft_run_probes_then_fine_tunes_the_top_blocks(tmp_path):
     artifact = export(out, tmp_path / "artifact", precision="fp32", rounds=3, device="x86")
     assert artifact.passed and (artifact.path / "model.onnx").is_file()
     assert artifact.to_dict()["parity"]["max_abs_diff"] <= 1e-4
+
+
+def test_lp_ft_resumes_into_its_second_phase_without_probing_again(tmp_path):
+    data = make_demo_dataset(tmp_path / "demo", num_classes=3, train_per_class=8, val_per_class=4, size=32)
+    opts = dict(weights="none", strategy="lp-ft", unfreeze=2, epochs=2, resolution=32, batch_size=8, device="cpu",
+                progress=False)
+    full = finetune("mobilenet_v3_small", data, tmp_path / "full", **opts)
+
+    def interrupt(epoch, _record):
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "interrupted"
+    with pytest.raises(TrainingInterrupted):
+        finetune("mobilenet_v3_small", data, out, callbacks=(interrupt,), **opts)
+    saved = json.loads((out / "last.json").read_text())["linear_probe"]
+    resumed = finetune(out=out, resume=True, device="cpu", progress=False)
+    assert resumed.resumed_from == 1
+    assert resumed.metrics["linear_probe"] == saved  # read back from the checkpoint (its time too): not probed again
+    probe = full.metrics["linear_probe"]
+    assert {k: v for k, v in probe.items() if k != "seconds"} == {k: v for k, v in saved.items() if k != "seconds"}
+    a, b = load_file(tmp_path / "full" / "last.safetensors"), load_file(out / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 
@@ -246,6 +247,22 @@ def test_resnet_stages_are_the_stem_and_four_layers():
     below, head = stages(model, card)
     assert [s.name for s in below] == ["conv1..bn1", "layer1", "layer2", "layer3", "layer4"]
     assert head.params == ("fc.weight", "fc.bias")
+
+
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "mobilenetv4_conv_small", "vit_small_patch16_224",
+                                  "convnext_atto", "fastvit_t8"])
+def test_timm_models_are_grouped_by_their_own_group_matcher(arch):
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False, num_classes=3)
+    card = dataclasses.replace(get_card("resnet18"), name=arch, family="timm", block_paths=(),
+                               head_path=model.default_cfg["classifier"])
+    below, head = stages(model, card)
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(n for s in [*below, head] for n in s.params) == sorted(names)  # each parameter once
+    assert 3 <= len(below) <= 8 and 0.7 ** len(below) >= 0.05
+    assert any(s.name.startswith(("blocks", "stages")) for s in below)  # timm's block/stage names, not ours
+    assert f"{card.head_path}.weight" in head.params
 
 
 def _architectures():
