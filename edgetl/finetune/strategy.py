@@ -24,6 +24,8 @@ synthetic shapes. Without pretrained weights there is nothing to transfer, so th
 different.
 
 Without pretrained weights there is nothing to transfer: ``auto`` trains everything (``full``).
+``lp-ft`` (:mod:`edgetl.finetune.lpft`) is only used when asked for: ``auto`` does not pick it until a
+measurement on pretrained features shows a cell of the table where it wins.
 
 Freezing: frozen parameters get ``requires_grad=False``; inside frozen blocks every BatchNorm layer is
 swapped for a :class:`FrozenBatchNorm` (as torchvision's ``FrozenBatchNorm2d`` and timm's
