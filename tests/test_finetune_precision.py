@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from edgetl.catalog import build_architecture, get_card, replace_head
+from edgetl.data import make_demo_dataset
 from edgetl.errors import ConfigError
+from edgetl.finetune.api import finetune
 from edgetl.finetune.precision import cpu_flags, cpu_has_native_bf16, resolve_precision
 from edgetl.finetune.strategy import apply_strategy, build_param_groups, choose_strategy
 from edgetl.finetune.trainer import TrainConfig, Trainer, make_scheduler
@@ -60,3 +62,11 @@ def test_bf16_autocast_trains_float32_weights_on_the_cpu():
     assert logits_dtypes[0] == torch.bfloat16  # the matmuls ran in bf16
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
     assert torch.isfinite(torch.tensor(stats["train_loss"])) and not model.conv1.weight.equal(before)
+
+
+def test_fp16_training_on_the_cpu_is_a_one_line_error(tmp_path):
+    data = make_demo_dataset(tmp_path / "demo", num_classes=2, train_per_class=4, val_per_class=2, size=32)
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU") as info:
+        finetune("mobilenet_v3_small", data, tmp_path / "run", weights="none", device="cpu", precision_train="fp16",
+                 progress=False)
+    assert "\n" not in str(info.value) and not (tmp_path / "run").exists()

@@ -313,7 +313,6 @@ class _Run:
         self.dist = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        self.precision = resolve_precision(o.get("precision_train") or "auto", self.device)
         deterministic = torch.are_deterministic_algorithms_enabled()
         try:
             seed_everything(int(o["seed"]), bool(o["deterministic"]))
@@ -332,6 +331,7 @@ class _Run:
             raise ConfigError(f"--workers must be >= 0, got {o['workers']}")
         if o["resolution"] is not None and int(o["resolution"]) < 16:
             raise ConfigError(f"--resolution must be >= 16 pixels, got {o['resolution']}")
+        self.precision = resolve_precision(o.get("precision_train") or "auto", self.device)
 
     def _write_config(self) -> None:
         atomic_write_text(self.run_dir / CONFIG_FILE, yaml.safe_dump(
