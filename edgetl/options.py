@@ -28,10 +28,11 @@ ExportPrecision = Literal["fp32", "fp16", "int8", "auto"]
 CalibMethod = Literal["minmax", "entropy", "percentile"]
 Int8Mode = Literal["auto", "static", "dynamic"]
 BudgetMetric = Literal["min", "p50", "p90", "p99"]
-Strategy = Literal["auto", "linear", "partial", "full"]
+Strategy = Literal["auto", "linear", "partial", "full", "lp-ft"]
 Domain = Literal["auto", "similar", "different"]
 Augment = Literal["none", "light", "strong"]
 TrainDevice = Literal["auto", "cpu", "cuda"]
+TrainPrecisionChoice = Literal["auto", "fp32", "bf16", "fp16"]
 OnBadImage = Literal["skip", "error"]
 ZooName = Literal["torchvision", "timm"]
 Zoo = Literal["all", ZooName]
@@ -109,9 +110,11 @@ class FinetuneOptions(StageOptions):
     """How ``edgetl finetune`` trains (the model, the data and the run folder are given separately)."""
 
     weights: str = option("imagenet", "Backbone weights: imagenet, none (random), or a state_dict PATH.")
-    strategy: Strategy = option("auto", "What to train: auto (chosen from the data), linear, partial or full.")
-    unfreeze: int | None = option(None, "Blocks to train with --strategy partial [default: the last quarter].",
-                                  ge=0)
+    strategy: Strategy = option(
+        "auto", "What to train: auto (chosen from the data), linear, partial, full, or lp-ft (a linear probe, "
+                "then the top blocks fine-tuned from its head at a tenth of the LR).")
+    unfreeze: int | None = option(
+        None, "Blocks to train with --strategy partial or lp-ft [default: the last quarter].", ge=0)
     domain: Domain = option("auto", "Similarity of the images to ImageNet (auto: measured).")
     epochs: int = option(10, "Most epochs to train.", ge=1)
     lr: float = option(1e-3, "The head's peak learning rate.", gt=0, le=10)
@@ -129,12 +132,18 @@ class FinetuneOptions(StageOptions):
     patience: int = option(5, "Stop after N epochs without a better val accuracy (0: never).", ge=0)
     seed: int = option(0, "Seed of the split, the initialisation and every epoch's randomness.", ge=0, le=MAX_SEED)
     device: TrainDevice = option("auto", "Where to train (not the target device).")
+    precision_train: TrainPrecisionChoice = option(
+        "auto", "Training arithmetic: auto is bf16 autocast + channels-last on CPUs and GPUs with native bf16, "
+                "fp16 with a GradScaler on other GPUs, fp32 on other CPUs.")
     workers: int = option(0, "Data-loading processes.", ge=0)
     on_bad_image: OnBadImage = option("skip", "What to do with an image that cannot be decoded.")
     deterministic: bool = option(False, "Deterministic algorithms only.")
     feature_cache: bool | None = option(
         None, "Train the linear probe on cached backbone features: on (an error where impossible), off, or "
               "[default] whenever possible.")
+    image_cache: bool | None = option(
+        None, "Decode the images once and keep them in memory (uint8): on, off, or [default] when they fit in a "
+              "quarter of the free RAM.")
     checkpoint_interval: float = option(
         30.0, "Seconds between checkpoints (0: every epoch; the last epoch is always saved).", ge=0)
 

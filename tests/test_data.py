@@ -20,8 +20,11 @@ from edgetl.data import (
     DEMO_SHAPES,
     DEMO_TEXTURES,
     DatasetSplits,
+    DecodedStore,
+    build_tensor_pipeline,
     build_transform,
     check_image,
+    estimate_bytes,
     load_rgb,
     make_demo_dataset,
     make_loader,
@@ -480,6 +483,61 @@ def test_train_transform_none_is_the_eval_transform_and_augment_changes_images()
         assert not torch.equal(a, b)
     with pytest.raises(UnknownNameError, match="did you mean 'strong'"):
         build_transform(PRE, train=True, augment="strng")
+
+
+def test_tensor_pipeline_evaluates_exactly_as_the_pil_transform():
+    rng = np.random.default_rng(1)
+    for size in ((50, 70), (30, 20), (41, 41)):
+        img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        prepare, tf = build_tensor_pipeline(PRE)
+        assert torch.equal(tf(prepare(img)), build_transform(PRE)(img)), size
+
+
+def test_tensor_pipeline_train_step_is_seeded_and_augments():
+    rng = np.random.default_rng(2)
+    img = Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    for augment in ("light", "strong"):
+        prepare, tf = build_tensor_pipeline(PRE, train=True, augment=augment)
+        stored = prepare(img)
+        assert stored.dtype == torch.uint8 and min(stored.shape[1:]) < 90  # shrunk once, to what crops need
+        assert min(stored.shape[1:]) >= 32 / (0.5 if augment == "light" else 0.2) ** 0.5
+        torch.manual_seed(0)
+        a = tf(stored)
+        torch.manual_seed(0)
+        assert torch.equal(a, tf(stored)) and a.shape == (3, 32, 32) and a.dtype == torch.float32
+        assert not torch.equal(a, tf(stored))
+    small = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    assert build_tensor_pipeline(PRE, train=True)[0](small).shape == (3, 20, 30)  # never enlarged
+
+
+def test_decoded_store_gives_the_batches_of_decoding_every_epoch(tmp_path, caplog):
+    trunc, garbage = _dataset_with_bad_files(tmp_path)
+    splits = scan_dataset(tmp_path, check="none", seed=0)
+    prepare, tf = build_tensor_pipeline(PRE, train=True, augment="light")
+    store = DecodedStore.build(splits.train, prepare)
+    good = [r for r, t in zip(splits.train, store.images, strict=True) if t is not None]
+    assert store.nbytes == estimate_bytes(good, prepare.stored_shape)  # the headers predict the memory
+    assert sum(t is None for t in store.images) == sum(p in (trunc, garbage) for p, _ in splits.train)
+
+    def epochs(**kwargs):
+        loader = make_loader(splits.train, tf, batch_size=4, shuffle=True, seed=3, prepare=prepare, **kwargs)
+        out = []
+        for epoch in range(2):
+            loader.dataset.set_epoch(epoch)
+            out.append([(x.clone(), y.clone()) for x, y in loader])
+        return out, loader
+
+    with caplog.at_level(logging.WARNING, logger="edgetl.data"):
+        cached, loader = epochs(store=store)
+    warnings = caplog.text
+    decoded, _ = epochs()
+    for a, b in zip(cached, decoded, strict=True):
+        assert len(a) == len(b)
+        assert all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(a, b, strict=True))
+    assert not torch.equal(cached[0][0][0], cached[1][0][0])  # each epoch draws new crops
+    bad = {p for p, _ in loader.skipped}
+    for path in bad:
+        assert warnings.count(path.name) == 1  # reported once by name, not once per epoch
 
 
 # --- loaders --------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from edgetl.catalog import build_architecture, get_card, replace_head
 from edgetl.data import make_demo_dataset
 from edgetl.finetune.api import finetune, load_trained_model
+from edgetl.finetune.precision import cuda_has_native_bf16
 from edgetl.finetune.strategy import apply_strategy, build_param_groups, choose_strategy
 from edgetl.finetune.trainer import TrainConfig, Trainer, make_scheduler
 
@@ -19,10 +20,10 @@ def test_amp_trainer_on_cuda():
     replace_head(model, card, 3)
     plan = apply_strategy(model, card, choose_strategy("full", len(card.block_paths)))
     model.cuda().to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(build_param_groups(model, plan, lr=1e-3))
+    optimizer = torch.optim.AdamW(build_param_groups(model, plan, card, lr=1e-3))
     trainer = Trainer(model, optimizer, make_scheduler(optimizer, 2, 1, 0), TrainConfig(epochs=1, progress=False),
                       torch.device("cuda"), num_classes=3)
-    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    expected = torch.bfloat16 if cuda_has_native_bf16() else torch.float16
     assert trainer.amp_dtype == expected and trainer.channels_last
     assert (trainer.scaler is not None) == (expected == torch.float16)
     batches = [(torch.randn(8, 3, 64, 64), torch.randint(0, 3, (8,))) for _ in range(2)]

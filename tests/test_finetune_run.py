@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import signal
@@ -13,10 +14,13 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from edgetl.catalog import build_architecture, get_card, replace_head
 from edgetl.cli import cli
 from edgetl.data import make_demo_dataset
 from edgetl.errors import CheckpointError, ConfigError, TrainingInterrupted
 from edgetl.finetune.api import finetune, load_trained_model
+from edgetl.finetune.precision import cpu_has_native_bf16
+from edgetl.finetune.strategy import apply_strategy, choose_strategy
 
 MODEL = "mobilenet_v3_small"
 COMMON = dict(weights="none", resolution=32, batch_size=16, device="cpu", progress=False, seed=0)
@@ -29,6 +33,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune-data") / "demo"
     return make_demo_dataset(root, num_classes=4, train_per_class=8, val_per_class=4, test_per_class=2, size=32)
+
+
+def trainable_count() -> int:
+    """Parameters a partial run with --unfreeze 2 trains (counted on a fresh model)."""
+    card = get_card(MODEL)
+    model = build_architecture(MODEL)
+    replace_head(model, card, 4)
+    apply_strategy(model, card, choose_strategy("partial", len(card.block_paths), unfreeze=2))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_run_dir_outputs_and_metrics(demo, tmp_path):
@@ -45,6 +58,14 @@ def test_run_dir_outputs_and_metrics(demo, tmp_path):
     assert len(metrics["epochs"]) == 2
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_s", "lr"):
         assert key in metrics["epochs"][0], key
+    # the LR groups that trained: the head, then the stages top-down; random weights have no features to
+    # protect, so no layer decay
+    groups = metrics["param_groups"]
+    assert groups[0]["name"] == "head" and len(groups) >= 2
+    assert [g["lr_scale"] for g in groups] == [1.0] * len(groups)
+    assert sum(g["params"] for g in groups) == trainable_count()
+    assert metrics["precision_train"]["requested"] == "auto" and metrics["precision_train"]["device"] == "cpu"
+    assert metrics["precision_train"]["dtype"] == ("bf16" if cpu_has_native_bf16() else "fp32")
     classes = sorted(d.name for d in (demo / "train").iterdir())
     assert metrics["classes"] == classes and set(metrics["per_class_accuracy"]) == set(classes)
     assert metrics["confusion_split"] == "test"
@@ -150,14 +171,13 @@ def test_cli_finetune_json(demo, tmp_path):
     ])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["strategy"]["strategy"] == "partial"  # small dataset, no pretrained weights -> different
+    assert doc["strategy"]["strategy"] == "full"  # no pretrained weights: nothing to transfer
     assert "no pretrained weights" in doc["strategy"]["reason"]
     assert doc["run_dir"] == str(out) and doc["skipped"] == []
     assert (out / "model.safetensors").is_file()
 
 
 def test_auto_strategy_measures_the_domain_with_pretrained_weights(demo, tmp_path, monkeypatch):
-    from edgetl.catalog import build_architecture, get_card
     from edgetl.weights import weights_file_name
 
     folder = tmp_path / "weights"
@@ -176,7 +196,19 @@ def test_auto_strategy_measures_the_domain_with_pretrained_weights(demo, tmp_pat
     assert ckpt["strategy"]["domain"]["source"] == "measured"
 
 
-def test_without_pretrained_weights_domain_similar_still_counts_as_different(demo, tmp_path):
+def test_without_pretrained_weights_auto_trains_everything(demo, tmp_path):
     result = finetune(MODEL, demo, tmp_path / "run", strategy="auto", domain="similar", epochs=1, **COMMON)
-    assert result.strategy.strategy == "partial"  # small data, different domain: not a probe of random features
+    assert result.strategy.strategy == "full"  # not a probe of random features, whatever --domain says
     assert "no pretrained weights" in result.strategy.reason
+
+
+def test_image_cache_changes_nothing_but_the_decoding(demo, tmp_path, caplog):
+    opts = dict(strategy="partial", unfreeze=2, epochs=2, augment="light", **COMMON)
+    with caplog.at_level(logging.INFO, logger="edgetl.data"):
+        cached = finetune(MODEL, demo, tmp_path / "cached", image_cache=True, **opts)
+    assert "decoded" in caplog.text and "images once" in caplog.text and cached.metrics["image_cache"]
+    plain = finetune(MODEL, demo, tmp_path / "plain", image_cache=False, **opts)
+    assert not plain.metrics["image_cache"]
+    a, b = load_file(tmp_path / "cached" / "last.safetensors"), load_file(tmp_path / "plain" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert cached.metrics["epochs"][-1]["train_loss"] == plain.metrics["epochs"][-1]["train_loss"]

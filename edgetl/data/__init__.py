@@ -28,6 +28,11 @@ from edgetl.data.splits import IMBALANCE_WARN_RATIO, SPLITS, DatasetSplits, Reco
 
 _LAZY = {
     "build_transform": "edgetl.data.transforms",
+    "build_tensor_pipeline": "edgetl.data.transforms",
+    "PrepareImage": "edgetl.data.transforms",
+    "DecodedStore": "edgetl.data.store",
+    "estimate_bytes": "edgetl.data.store",
+    "memory_budget": "edgetl.data.store",
     "BadSample": "edgetl.data.loader",
     "ImageDataset": "edgetl.data.loader",
     "ImageLoader": "edgetl.data.loader",

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from edgetl.data.decode import ALPHA_BACKGROUND, try_decode
 from edgetl.data.options import ON_BAD_IMAGE, check_choice
+from edgetl.data.store import DecodedStore
 from edgetl.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,10 @@ class ImageDataset(Dataset):
             ``(seed, epoch, index)`` (see :meth:`set_epoch`), the same in any worker process and
             with any number of workers; persistent workers never see a reseeded loader, so
             seeding per image is what makes a resumed run draw the same crops.
+        prepare: a deterministic step applied to the decoded image before ``transform`` (e.g.
+            :class:`~edgetl.data.transforms.PrepareImage`: resize once, to a uint8 tensor).
+        store: the prepared images, decoded once (a :class:`~edgetl.data.store.DecodedStore` over
+            ``records``); files are not read again.
     """
 
     def __init__(
@@ -72,9 +77,12 @@ class ImageDataset(Dataset):
         on_bad_image: str = "skip",
         background: tuple[int, int, int] = ALPHA_BACKGROUND,
         seed: int | None = None,
+        prepare: Callable[[Image.Image], Any] | None = None,
+        store: DecodedStore | None = None,
     ) -> None:
         check_choice("on_bad_image", on_bad_image, ON_BAD_IMAGE)
         self.records = [(str(p), int(y)) for p, y in records]
+        self.prepare, self.store = prepare, store
         self.transform = transform
         self.on_bad_image = on_bad_image
         self.background = background
@@ -97,9 +105,17 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _load(self, index: int) -> tuple[Any, str]:
+        if self.store is not None:
+            return self.store[index]
+        image, reason = try_decode(self.records[index][0], self.background)
+        if image is not None and self.prepare is not None:
+            image = self.prepare(image)
+        return image, reason
+
     def __getitem__(self, index: int) -> tuple[Any, int] | BadSample:
         path, label = self.records[index]
-        image, reason = try_decode(path, self.background)
+        image, reason = self._load(index)
         if image is None:
             if self.on_bad_image == "error":
                 raise DataError(f"cannot decode image {path}: {reason}; replace or remove the file")
@@ -164,6 +180,8 @@ def make_loader(
     on_bad_image: str = "skip",
     drop_last: bool = False,
     skipped: list | None = None,
+    prepare: Callable[[Image.Image], Any] | None = None,
+    store: DecodedStore | None = None,
 ) -> DataLoader:
     """Build a DataLoader over ``(path, label)`` records that survives unreadable files.
 
@@ -183,13 +201,16 @@ def make_loader(
         drop_last: drop the last incomplete batch.
         skipped: a list to append skipped files to (pass ``splits.skipped`` for the run summary);
             also available as ``loader.skipped``.
+        prepare: a deterministic step before ``transform`` (see :class:`ImageDataset`).
+        store: ``records`` decoded and prepared once (see :class:`ImageDataset`).
 
     Raises:
         DataError: ``records`` is empty.
     """
     _check_loader_args(records, on_bad_image, balance, sampler)
     random_order = shuffle or sampler is not None or balance
-    dataset = ImageDataset(records, transform, on_bad_image="skip", seed=seed if random_order else None)
+    dataset = ImageDataset(records, transform, on_bad_image="skip", seed=seed if random_order else None,
+                           prepare=prepare, store=store)
     if balance:
         sampler = balanced_sampler(dataset.targets, seed=seed)
     return ImageLoader(

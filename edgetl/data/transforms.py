@@ -5,19 +5,23 @@ This module imports torchvision: :mod:`edgetl.data` loads it on first use of :fu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
 from PIL import Image
 from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import functional as TF
 
 from edgetl.data.options import AUGMENTATIONS, check_choice
 
 if TYPE_CHECKING:
-    import torch
-
     from edgetl.catalog import Preprocess
+
+MIN_CROP_SCALE = {"light": 0.5, "strong": 0.2}
+"""The smallest area fraction RandomResizedCrop takes under each augmentation."""
 
 
 def build_transform(
@@ -91,3 +95,77 @@ def _train_transform(pre: Preprocess, interp: InterpolationMode, normalize: T.No
             T.RandomErasing(p=0.25, value=0),
         ]
     return T.Compose(ops)
+
+
+# --- the tensor pipeline: decode and resize once (cacheable), then augment uint8 tensors ----------
+
+
+class PrepareImage:
+    """A decoded RGB image -> a uint8 ``3 x H x W`` tensor whose shorter side is ``short_side``.
+
+    With ``shrink_only`` a smaller image is kept as it is (training crops resize it anyway); without it
+    this is exactly the evaluation transform's ``Resize`` on the PIL image.
+    """
+
+    def __init__(self, short_side: int, interpolation: InterpolationMode, shrink_only: bool) -> None:
+        self.short_side, self.interpolation, self.shrink_only = short_side, interpolation, shrink_only
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if not (self.shrink_only and min(image.size) <= self.short_side):
+            image = TF.resize(image, self.short_side, interpolation=self.interpolation, antialias=True)
+        return TF.pil_to_tensor(image)
+
+    def stored_shape(self, width: int, height: int) -> tuple[int, int]:
+        """The (height, width) an image of this size is kept at."""
+        short = min(width, height)
+        if self.shrink_only and short <= self.short_side:
+            return height, width
+        return (self.short_side, int(self.short_side * width / height)) if height <= width else (
+            int(self.short_side * height / width), self.short_side)
+
+
+class _ToFloat:
+    """uint8 -> float32 in [0, 1], computed as ``ToTensor`` does (``x / 255``), so both pipelines agree bitwise."""
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return image.to(torch.float32).div(255)
+
+
+def build_tensor_pipeline(
+    preprocess: Preprocess | Any,
+    resolution: int | None = None,
+    train: bool = False,
+    augment: str = "light",
+) -> tuple[PrepareImage, Callable[[torch.Tensor], torch.Tensor]]:
+    """The transform of :func:`build_transform`, split into a deterministic step and a tensor step.
+
+    ``prepare`` (a :class:`PrepareImage`) resizes the decoded image once: to ``resize_size`` for
+    evaluation (then the tensor step's center crop gives exactly :func:`build_transform`'s output),
+    and for training to the smallest size that the smallest random crop still samples at full
+    resolution (``crop_size / sqrt(min_scale)``). Its output can be cached; the tensor step
+    (torchvision.transforms.v2 on uint8 tensors) draws the random augmentation.
+
+    Returns:
+        ``(prepare, transform)``.
+    """
+    check_choice("augment", augment, AUGMENTATIONS)
+    pre = getattr(preprocess, "preprocess", preprocess).at_resolution(resolution)
+    interp = _interpolation(pre.interpolation)
+    normalize = v2.Normalize(mean=list(pre.mean), std=list(pre.std))
+    if not train or augment == "none":
+        prepare = PrepareImage(pre.resize_size, interp, shrink_only=False)
+        return prepare, v2.Compose([v2.CenterCrop(pre.crop_size), _ToFloat(), normalize])
+    strong = augment == "strong"
+    short = max(pre.resize_size, math.ceil(pre.crop_size / math.sqrt(MIN_CROP_SCALE[augment])))
+    fill = [round(255 * m) for m in pre.mean]
+    ops: list[Any] = [
+        v2.RandomResizedCrop(pre.crop_size, scale=(MIN_CROP_SCALE[augment], 1.0), interpolation=interp, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomRotation(20 if strong else 10, interpolation=InterpolationMode.BILINEAR, fill=fill),
+    ]
+    if strong:
+        ops.append(v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05))
+    ops += [_ToFloat(), normalize]
+    if strong:
+        ops.append(v2.RandomErasing(p=0.25, value=0))
+    return PrepareImage(short, interp, shrink_only=True), v2.Compose(ops)

@@ -47,15 +47,17 @@ from edgetl.errors import CheckpointError, ConfigError, TrainingInterrupted
 from edgetl.finetune import checkpoint as ckpt
 from edgetl.finetune.distributed import DistInfo, EpochSampler, ShardSampler, barrier, init_distributed, shutdown
 from edgetl.finetune.features import DEFAULT_MAX_MEMORY_MB, FeatureBatches, extract_features, head_is_output
+from edgetl.finetune.lpft import FT_LR_SCALE, fit_probe
 from edgetl.finetune.model import load_trained_model as _load
+from edgetl.finetune.precision import resolve_precision
 from edgetl.finetune.strategy import (
-    BACKBONE_LR_SCALE,
     DOMAIN_SAMPLE_IMAGES,
     DomainEstimate,
     StrategyDecision,
     apply_strategy,
     build_param_groups,
     choose_strategy,
+    describe_param_groups,
     estimate_domain,
 )
 from edgetl.finetune.trainer import (
@@ -87,7 +89,7 @@ _RUN_OPTIONS = (
     "model", "data", "weights", "weights_dir", "strategy", "unfreeze", "domain", "epochs", "lr",
     "layer_decay", "weight_decay", "warmup_epochs", "label_smoothing", "batch_size", "resolution", "seed",
     "val_split", "test_split", "augment", "balance", "on_bad_image", "patience", "deterministic",
-    "feature_cache",
+    "feature_cache", "precision_train",
 )
 
 
@@ -366,6 +368,7 @@ class _Run:
             raise ConfigError(f"--workers must be >= 0, got {o['workers']}")
         if o["resolution"] is not None and int(o["resolution"]) < 16:
             raise ConfigError(f"--resolution must be >= 16 pixels, got {o['resolution']}")
+        self.precision = resolve_precision(o.get("precision_train") or "auto", self.device)
 
     def _write_config(self) -> None:
         atomic_write_text(self.run_dir / CONFIG_FILE, yaml.safe_dump(
@@ -382,6 +385,7 @@ class _Run:
         _check_batchnorm_batch(self.loaded.model, int(self.opts["batch_size"]), self.decision.strategy)
         self._start_run_dir()
         self._build_network()
+        self.probe = resume[0].get("linear_probe") if resume is not None else self._linear_probe()
         train_loader, val_loader, forward = self._loaders()
         trainer = self._trainer_ref = self._trainer(forward, steps_per_epoch=len(train_loader))
         state = self._restore(trainer, *resume) if resume is not None else None
@@ -440,9 +444,31 @@ class _Run:
         replace_head(net, self.card, len(self.classes))
         self.plan = apply_strategy(net, self.card, self.decision)
         net.to(self.device)
-        if self.device.type == "cuda":
+        if self.precision.channels_last:
             net.to(memory_format=torch.channels_last)
         self.use_cache = self._use_feature_cache(self.opts["resolution"])
+
+    def _linear_probe(self) -> dict[str, Any] | None:
+        """lp-ft's first phase: the new head trained on cached features until the validation loss plateaus."""
+        if self.decision.strategy != "lp-ft":
+            return None
+        o, head_path = self.opts, self.card.head_path
+        res = int(o["resolution"])
+        if not head_is_output(self.net, head_path, torch.zeros(1, 3, res, res, device=self.device)):
+            log.warning("lp-ft: %s's head is not its last layer, so its features cannot be cached; the probe phase "
+                        "is left out (this run is partial fine-tuning at the lower LR)", self.card.name)
+            return None
+        train_cache = self._features(self.splits.train, "train")
+        val_cache = self._features(self.splits.val, "val")
+        bs = int(o["batch_size"])
+        sampler = self._train_sampler(len(train_cache), train_cache.labels.tolist(), distributed=False)
+        result = fit_probe(
+            self.net.get_submodule(head_path), FeatureBatches(train_cache, bs, sampler),
+            FeatureBatches(val_cache, bs) if val_cache is not None else None, lr=float(o["lr"]),
+            weight_decay=float(o["weight_decay"]), label_smoothing=float(o["label_smoothing"]), device=self.device,
+            num_classes=len(self.classes), seed=int(o["seed"]),
+        )
+        return result.to_dict()
 
     def _fit(self, trainer: Any, train_loader: Any, val_loader: Any, state: Any) -> Any:
         try:
@@ -530,22 +556,40 @@ class _Run:
         rank = self.dist.rank if distributed else 0
         return EpochSampler(size, int(o["seed"]), weights, world, rank)
 
-    def _image_loader(self, records: list, transform: Any, sampler: Any, drop_last: bool = False) -> Any:
+    def _image_loader(self, records: list, pipeline: tuple[Any, Any], sampler: Any, drop_last: bool = False,
+                      cache: bool = True) -> Any:
         o = self.opts
+        prepare, transform = pipeline
         return D.make_loader(
             records, transform, int(o["batch_size"]), shuffle=False, num_workers=int(o["workers"]),
             device=self.device, sampler=sampler, seed=int(o["seed"]), on_bad_image=o["on_bad_image"],
-            drop_last=drop_last, skipped=self.splits.skipped,
+            drop_last=drop_last, skipped=self.splits.skipped, prepare=prepare,
+            store=self._image_store(records, prepare) if cache else None,
         )
 
-    def _eval_loader(self, records: list) -> Any:
+    def _image_store(self, records: list, prepare: Any) -> Any:
+        """The records decoded once, when --image-cache says so or they fit the memory budget; else None."""
+        wanted = self.opts.get("image_cache")
+        if wanted is False or (wanted is None and self.dist.enabled):  # each rank would hold every image
+            return None
+        need = D.estimate_bytes(records, prepare.stored_shape)
+        if wanted is None and need > self._cache_budget:
+            log.info("images are decoded every epoch: %.0f MB decoded > %.0f MB budget (a quarter of the free RAM)",
+                     need / 2**20, self._cache_budget / 2**20)
+            return None
+        self._cache_budget -= need
+        self.image_cache = True
+        return D.DecodedStore.build(records, prepare)
+
+    def _eval_loader(self, records: list, cache: bool = True) -> Any:
         if not records:
             return None
         sampler = ShardSampler(len(records), self.dist.world_size, self.dist.rank) if self.dist.enabled else None
-        return self._image_loader(records, self.eval_tf, sampler)
+        pipeline = D.build_tensor_pipeline(self.card.preprocess, self.opts["resolution"], train=False)
+        return self._image_loader(records, pipeline, sampler, cache=cache)
 
     def _features(self, records: list, name: str) -> Any:
-        loader = self._eval_loader(records)
+        loader = self._eval_loader(records, cache=False)  # read once: nothing to gain from keeping the images
         if loader is None:
             return None
 
@@ -554,20 +598,16 @@ class _Run:
             bar.start(f"caching {name} features", len(loader))
             cache = extract_features(
                 self.net, self.card.head_path, loader, self.device,
-                amp_dtype=self._amp_dtype(), channels_last=self.device.type == "cuda",
+                amp_dtype=self.precision.autocast_dtype, channels_last=self.precision.channels_last,
                 disk_dir=self.run_dir / ".feature_cache", name=name, dist=self.dist,
                 progress=lambda _done: bar.update(),
             )
         log.info("cached %d %s features of size %d in %.1f s", len(cache), name, cache.dim, time.perf_counter() - t0)
         return cache
 
-    def _amp_dtype(self) -> Any:
-        if self.device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
     def _loaders(self) -> tuple[Any, Any, Any]:
         o = self.opts
+        self._cache_budget, self.image_cache = D.memory_budget(), False
         bs = int(o["batch_size"])
         labels = [y for _, y in self.splits.train]
         if self.use_cache:
@@ -577,11 +617,11 @@ class _Run:
             train = FeatureBatches(train_cache, bs, sampler)
             val = FeatureBatches(self.val_cache, bs) if self.val_cache is not None else None
             return train, val, self.net.get_submodule(self.card.head_path)
-        train_tf = D.build_transform(self.card.preprocess, o["resolution"], train=True, augment=o["augment"])
+        pipeline = D.build_tensor_pipeline(self.card.preprocess, o["resolution"], train=True, augment=o["augment"])
         sampler = self._train_sampler(len(self.splits.train), labels, distributed=True)
         # A last batch of one image breaks BatchNorm in training mode: drop it in that case only.
         drop_last = len(sampler) % bs == 1 and self.decision.strategy != "linear"
-        train = self._image_loader(self.splits.train, train_tf, sampler, drop_last=drop_last)
+        train = self._image_loader(self.splits.train, pipeline, sampler, drop_last=drop_last)
         val = self._eval_loader(self.splits.val)
         forward = self.net
         if self.dist.enabled:
@@ -592,17 +632,20 @@ class _Run:
 
     def _trainer(self, forward: Any, steps_per_epoch: int) -> Any:
         o = self.opts
+        # lp-ft fine-tunes from the probed head at a lower LR
+        lr = float(o["lr"]) * (FT_LR_SCALE if self.decision.strategy == "lp-ft" else 1.0)
         config = TrainConfig(
-            epochs=int(o["epochs"]), lr=float(o["lr"]), layer_decay=float(o["layer_decay"]),
+            epochs=int(o["epochs"]), lr=lr, layer_decay=float(o["layer_decay"]),
             weight_decay=float(o["weight_decay"]), warmup_epochs=float(o["warmup_epochs"]),
             patience=o["patience"], label_smoothing=float(o["label_smoothing"]), seed=int(o["seed"]),
             deterministic=bool(o["deterministic"]), progress=self.progress and self.dist.is_main,
+            precision=self.precision,
         )
         config.validate()
-        # The backbone's smaller LR protects pretrained features; random weights have none to protect.
-        backbone_scale = BACKBONE_LR_SCALE if self.loaded.pretrained else 1.0
-        groups = build_param_groups(self.net, self.plan, config.lr, config.layer_decay, config.weight_decay,
-                                    backbone_lr_scale=backbone_scale)
+        # The lower stages' smaller LR protects pretrained features; random weights have none to protect.
+        decay = config.layer_decay if self.loaded.pretrained else 1.0
+        groups = build_param_groups(self.net, self.plan, self.card, config.lr, decay, config.weight_decay)
+        self.param_groups = describe_param_groups(groups)
         fused = self.device.type == "cuda" and not config.deterministic
         optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=fused or None)
         scheduler = make_scheduler(optimizer, steps_per_epoch, config.epochs, config.warmup_epochs)
@@ -635,6 +678,7 @@ class _Run:
             "num_classes": len(self.classes),
             "classes": list(self.classes),
             "strategy": self.decision.to_dict(),
+            "linear_probe": self.probe,
             "resolution": int(o["resolution"]),
             "preprocess": self.preprocess.to_dict(),
             "feature_cache": self.use_cache,
@@ -742,7 +786,7 @@ class _Run:
         if self.use_cache:
             cache = self._features(self.splits.test, "test")
             return val, trainer.evaluate(FeatureBatches(cache, int(self.opts["batch_size"])))
-        return val, trainer.evaluate(self._eval_loader(self.splits.test))
+        return val, trainer.evaluate(self._eval_loader(self.splits.test, cache=False))
 
     def _skipped_everywhere(self) -> list[tuple[str, str]]:
         skipped = [(str(p), r) for p, r in self.splits.skipped]
@@ -757,7 +801,11 @@ class _Run:
         return {
             "model": self.card.id,
             "strategy": self.decision.to_dict(),
+            "param_groups": self.param_groups,
+            "linear_probe": self.probe,
+            "precision_train": self.precision.to_dict(),
             "feature_cache": self.use_cache,
+            "image_cache": self.image_cache,
             "world_size": self.dist.world_size,
             "epochs": state.history,
             "best_epoch": state.best_epoch,

@@ -23,28 +23,38 @@ photos of ImageNet-like objects, and below it on X-rays, spectrograms, satellite
 synthetic shapes. Without pretrained weights there is nothing to transfer, so the domain counts as
 different.
 
-Freezing: frozen parameters get ``requires_grad=False``, and frozen modules are locked in eval mode:
-their ``train()`` is overridden, so ``model.train()`` cannot switch them back. Frozen BatchNorm
-layers therefore never update their running statistics, and frozen dropout/stochastic depth is off.
-Under the linear probe everything but the head is frozen, so the backbone is a fixed function of the
-image and its features can be cached (:mod:`edgetl.finetune.features`).
+Without pretrained weights there is nothing to transfer: ``auto`` trains everything (``full``).
+``lp-ft`` (:mod:`edgetl.finetune.lpft`) is only used when asked for: ``auto`` does not pick it until a
+measurement on pretrained features shows a cell of the table where it wins.
+
+Freezing: frozen parameters get ``requires_grad=False``; inside frozen blocks every BatchNorm layer is
+swapped for a :class:`FrozenBatchNorm` (as torchvision's ``FrozenBatchNorm2d`` and timm's
+``freeze_batch_norm_2d`` do) and every dropout or stochastic-depth layer for ``nn.Identity`` (what it
+computes in eval mode). Frozen layers therefore never update their running statistics, whatever
+``model.train()`` says, and the model still pickles (``torch.save(model)``) and exports. Under the
+linear probe everything but the head is frozen, so the backbone is a fixed function of the image and
+its features can be cached (:mod:`edgetl.finetune.features`).
+
+Learning rates: parameters are grouped by stage (:mod:`edgetl.finetune.stages`); the head trains at
+``lr`` and each stage below at ``layer_decay`` times the stage above it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import types
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import StochasticDepth
 
 from edgetl.catalog import ModelCard
 from edgetl.errors import ConfigError
+from edgetl.finetune.stages import stages
 from edgetl.options import STRATEGIES
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +63,6 @@ SMALL_MAX_IMAGES = 1000
 SMALL_MAX_PER_CLASS = 100
 DOMAIN_CONFIDENCE_THRESHOLD = 0.5
 DOMAIN_SAMPLE_IMAGES = 256
-BACKBONE_LR_SCALE = 0.1
 
 _TABLE = {
     ("small", "similar"): "linear",
@@ -108,8 +117,8 @@ class StrategyDecision:
     """The fine-tuning strategy to use and why.
 
     Attributes:
-        strategy: ``linear``, ``partial`` or ``full``.
-        unfreeze: how many trunk blocks train (0 for linear, all for full).
+        strategy: ``linear``, ``partial``, ``full`` or ``lp-ft``.
+        unfreeze: how many trunk blocks train (0 for linear, all for full; under lp-ft, in its second phase).
         num_blocks: how many trunk blocks the model has.
         requested: what was asked for (``auto`` or an explicit strategy).
         size: ``small`` or ``large`` (the dataset-size class), when auto decided.
@@ -160,12 +169,12 @@ def choose_strategy(
     """Decide the strategy: an explicit one, or ``auto`` from dataset size and domain similarity.
 
     Args:
-        requested: ``auto``, ``linear``, ``partial`` or ``full``.
+        requested: ``auto``, ``linear``, ``partial``, ``full`` or ``lp-ft``.
         num_blocks: the number of trunk blocks (``len(card.block_paths)``).
         num_train: training images (auto only).
         num_classes: classes (auto only).
         domain: the domain estimate (auto only; see :func:`estimate_domain`).
-        unfreeze: blocks to train under partial (default: :func:`default_unfreeze`).
+        unfreeze: blocks to train under partial and lp-ft (default: :func:`default_unfreeze`).
 
     Raises:
         ConfigError: unknown strategy, ``auto`` without a domain, or an impossible ``unfreeze``.
@@ -179,8 +188,11 @@ def choose_strategy(
         if domain is None:
             raise ConfigError("the auto strategy needs a domain estimate")
         size, size_reason = dataset_size_class(num_train, num_classes)
-        strategy = _TABLE[(size, domain.domain)]
-        reason = f"{size_reason}, {domain.reason} -> {strategy}"
+        if domain.source == "no-pretrained-weights":
+            strategy, reason = "full", "no pretrained weights, so nothing to transfer -> full"
+        else:
+            strategy = _TABLE[(size, domain.domain)]
+            reason = f"{size_reason}, {domain.reason} -> {strategy}"
     else:
         strategy, reason = requested, f"requested (--strategy {requested})"
     if strategy == "linear":
@@ -189,8 +201,9 @@ def choose_strategy(
         n = num_blocks
     else:
         n = unfreeze if unfreeze is not None else default_unfreeze(num_blocks)
-        reason += f", training the last {n} of {num_blocks} blocks"
-    if unfreeze is not None and strategy != "partial":
+        first = "a linear probe, then " if strategy == "lp-ft" else ""
+        reason += f", {first}training the last {n} of {num_blocks} blocks"
+    if unfreeze is not None and strategy not in ("partial", "lp-ft"):
         log.warning("--unfreeze %d is ignored: the strategy is %s", unfreeze, strategy)
     return StrategyDecision(strategy, n, num_blocks, requested, reason, size, domain if requested == "auto" else None)
 
@@ -209,8 +222,6 @@ def mean_max_softmax(
     Returns:
         (mean confidence, number of images measured).
     """
-    import torch
-
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -290,11 +301,62 @@ class FreezePlan:
         return None
 
 
-def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    """``train()`` of a frozen module: it and its children stay in eval mode."""
-    from torch import nn
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm with fixed statistics and affine parameters, all buffers: eval-mode BatchNorm in any mode.
 
-    return nn.Module.train(self, False)
+    It computes exactly what the BatchNorm it replaces computes in eval mode (``F.batch_norm`` with
+    ``training=False``), and its state dict has the same keys (``num_batches_tracked`` included), so a
+    checkpoint loads into the original architecture unchanged.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    @classmethod
+    def from_batch_norm(cls, bn: nn.modules.batchnorm._BatchNorm) -> FrozenBatchNorm:
+        """A frozen copy of ``bn`` (sharing no storage with it)."""
+        frozen = cls(bn.num_features, bn.eps).to(device=bn.running_mean.device)
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            value = getattr(bn, name)
+            if value is not None:
+                getattr(frozen, name).copy_(value.detach())
+        return frozen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def _frozen_replacement(module: nn.Module) -> nn.Module | None:
+    """What a module in a frozen block becomes, or None to keep it (and look inside it)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+        return FrozenBatchNorm.from_batch_norm(module)
+    if isinstance(module, (nn.modules.dropout._DropoutNd, StochasticDepth)) or type(module).__name__ == "DropPath":
+        return nn.Identity()  # what dropout and stochastic depth compute in eval mode
+    return None
+
+
+def freeze_modules(model: nn.Module, path: str) -> int:
+    """Swap the BatchNorm, dropout and stochastic-depth layers at or below ``path`` for frozen equivalents.
+
+    Returns:
+        How many modules were swapped.
+    """
+    module = model.get_submodule(path)
+    new = _frozen_replacement(module)
+    if new is not None:
+        parent_path, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, attr, new)
+        return 1
+    return sum(freeze_modules(model, f"{path}.{name}" if path else name) for name, _ in list(module.named_children()))
 
 
 def _trunk_roots(model: nn.Module, head_path: str) -> list[str]:
@@ -316,7 +378,7 @@ def _trunk_roots(model: nn.Module, head_path: str) -> list[str]:
 
 
 def apply_strategy(model: nn.Module, card: ModelCard, decision: StrategyDecision) -> FreezePlan:
-    """Freeze ``model`` for ``decision`` in place and lock its frozen modules in eval mode.
+    """Freeze ``model`` for ``decision`` in place: ``requires_grad`` off, frozen BatchNorm and no dropout.
 
     The model must already have its new head at ``card.head_path``.
 
@@ -329,7 +391,7 @@ def apply_strategy(model: nn.Module, card: ModelCard, decision: StrategyDecision
     frozen = blocks[: len(blocks) - n]
     if decision.strategy == "linear":
         locked = tuple(_trunk_roots(model, card.head_path))
-    elif decision.strategy == "partial":
+    elif decision.strategy in ("partial", "lp-ft"):
         locked = frozen
     else:
         locked = ()
@@ -338,8 +400,6 @@ def apply_strategy(model: nn.Module, card: ModelCard, decision: StrategyDecision
         owner = plan.block_of(name)
         param.requires_grad_(decision.strategy == "full" or owner == card.head_path or owner in trainable)
     # A BatchNorm layer outside every block (rare) is locked too when all its parameters are frozen.
-    from torch import nn
-
     extra = [
         path
         for path, module in model.named_modules()
@@ -349,9 +409,7 @@ def apply_strategy(model: nn.Module, card: ModelCard, decision: StrategyDecision
     ]
     plan = FreezePlan(plan.strategy, plan.head_path, trainable, frozen, (*locked, *extra))
     for path in plan.locked:
-        module = model.get_submodule(path)
-        module.train = types.MethodType(_frozen_train, module)  # type: ignore[method-assign]
-        module.train(False)
+        freeze_modules(model, path)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     log.info("strategy %s: %d of %d parameters train (%d blocks + head)",
@@ -363,8 +421,6 @@ def apply_strategy(model: nn.Module, card: ModelCard, decision: StrategyDecision
 
 
 def _no_decay_names(model: nn.Module) -> set[str]:
-    from torch import nn
-
     norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
     names: set[str] = set()
     for mod_name, module in model.named_modules():
@@ -378,52 +434,47 @@ def _no_decay_names(model: nn.Module) -> set[str]:
 def build_param_groups(
     model: nn.Module,
     plan: FreezePlan,
+    card: ModelCard,
     lr: float,
     layer_decay: float = 0.7,
     weight_decay: float = 0.05,
-    backbone_lr_scale: float = BACKBONE_LR_SCALE,
 ) -> list[dict[str, Any]]:
-    """AdamW parameter groups: the head at ``lr``, trainable blocks at a smaller, decaying LR.
+    """AdamW parameter groups by stage: the head at ``lr``, each stage below at ``layer_decay`` times the one above.
 
-    The top (last) trainable block trains at ``lr * backbone_lr_scale``; each block below it at
-    ``layer_decay`` times the one above. Parameters in no block (ViT's position embedding and class
-    token) train, under full fine-tuning only, at the bottom block's LR. Norm layers, biases and
-    embeddings get no weight decay.
+    Stages come from :func:`edgetl.finetune.stages.stages` (timm's ``group_matcher``, or the family's
+    stage list). Only trainable parameters are grouped. Norm layers, biases and embeddings get no
+    weight decay.
 
     Returns:
-        Groups with ``params``, ``lr``, ``weight_decay`` and a ``name`` (``head``, a block path or
-        ``other``, suffixed ``/decay`` or ``/no_decay``), head first then blocks top-down.
+        Groups with ``params``, ``lr``, ``lr_scale``, ``weight_decay`` and a ``name`` (``head`` or a
+        stage's name, suffixed ``/decay`` or ``/no_decay``), head first, then the stages top-down.
     """
     if lr <= 0:
         raise ConfigError(f"--lr must be > 0, got {lr}")
     if not 0 < layer_decay <= 1:
         raise ConfigError(f"--layer-decay must be in (0, 1], got {layer_decay}")
     no_decay = _no_decay_names(model)
-    blocks_top_down = list(reversed(plan.trainable_blocks))
-    scale = {plan.head_path: 1.0}
-    for depth, block in enumerate(blocks_top_down):
-        scale[block] = backbone_lr_scale * layer_decay**depth
-    bottom = backbone_lr_scale * layer_decay ** max(0, len(blocks_top_down) - 1)
-    order = [plan.head_path, *blocks_top_down, "other"]
-    buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        owner = plan.block_of(name) or "other"
-        buckets.setdefault((owner, name not in no_decay), []).append(param)
+    params = dict(model.named_parameters())
+    below, head = stages(model, card)
     groups = []
-    for owner in order:
+    for depth, stage in enumerate([head, *reversed(below)]):
+        scale = layer_decay**depth
         for decay in (True, False):
-            params = buckets.get((owner, decay))
-            if not params:
-                continue
-            s = scale.get(owner, bottom)
-            groups.append(
-                {
-                    "params": params,
-                    "lr": lr * s,
+            members = [params[n] for n in stage.params if params[n].requires_grad and (n not in no_decay) == decay]
+            if members:
+                groups.append({
+                    "params": members, "lr": lr * scale, "lr_scale": scale,
                     "weight_decay": weight_decay if decay else 0.0,
-                    "name": f"{owner}/{'decay' if decay else 'no_decay'}",
-                }
-            )
+                    "name": f"{stage.name}/{'decay' if decay else 'no_decay'}",
+                })
     return groups
+
+
+def describe_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each LR group's name, LR scale and parameter count (``/decay`` and ``/no_decay`` halves together)."""
+    out: dict[str, dict[str, Any]] = {}
+    for g in groups:
+        name = g["name"].rsplit("/", 1)[0]
+        entry = out.setdefault(name, {"name": name, "lr_scale": g["lr_scale"], "params": 0})
+        entry["params"] += sum(p.numel() for p in g["params"])
+    return list(out.values())

@@ -1,7 +1,7 @@
 """The training loop: ``fit`` / ``train_one_epoch`` / ``evaluate``.
 
-- Device auto-detection; on CUDA, automatic mixed precision (bf16 where supported, else fp16 with a
-  GradScaler) and channels-last memory format.
+- Device auto-detection; mixed precision and channels-last as :mod:`edgetl.finetune.precision` decides
+  (bf16 on CPUs and GPUs that compute it natively, fp16 with a GradScaler on other GPUs, else fp32).
 - AdamW with per-step linear warm-up and cosine decay (:func:`make_scheduler`).
 - Each epoch's randomness (data order, augmentation, dropout) is reseeded from ``(seed, epoch)``,
   so a run resumed at an epoch boundary computes exactly what the uninterrupted run would have.
@@ -35,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from edgetl.errors import BackendUnavailableError, ConfigError, TrainingInterrupted
 from edgetl.finetune.distributed import DistInfo, all_reduce_sum, broadcast_flag
 from edgetl.finetune.metrics import EvalResult
+from edgetl.finetune.precision import TrainPrecision, resolve_precision
 
 if TYPE_CHECKING:
     import torch
@@ -58,8 +59,8 @@ class TrainConfig:
         patience: stop after this many epochs without a better validation accuracy (None or 0: never).
         label_smoothing: cross-entropy label smoothing.
         grad_clip: clip the gradient norm to this value (None: no clipping).
-        amp: mixed precision; None means on for CUDA, off for the CPU.
-        channels_last: channels-last memory format; None means on for CUDA.
+        precision: the training arithmetic (None: ``auto`` for the device, see
+            :func:`~edgetl.finetune.precision.resolve_precision`).
         seed: the run's seed.
         deterministic: use deterministic algorithms only (slower on GPU).
         progress: show rich progress bars on stderr.
@@ -73,8 +74,7 @@ class TrainConfig:
     patience: int | None = 5
     label_smoothing: float = 0.0
     grad_clip: float | None = None
-    amp: bool | None = None
-    channels_last: bool | None = None
+    precision: TrainPrecision | None = None
     seed: int = 0
     deterministic: bool = False
     progress: bool = True
@@ -275,15 +275,10 @@ class Trainer:
         self.on_best = on_best
         self.on_epoch_end = on_epoch_end
         self.callbacks = callbacks
-        cuda = device.type == "cuda"
-        self.amp_dtype: torch.dtype | None = None
-        if config.amp if config.amp is not None else cuda:
-            if not cuda:
-                log.info("mixed precision is only used on CUDA; training in float32")
-            else:
-                self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.channels_last = config.channels_last if config.channels_last is not None else cuda
+        self.precision = config.precision or resolve_precision("auto", device)
+        self.amp_dtype = self.precision.autocast_dtype
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision.grad_scaler else None
+        self.channels_last = self.precision.channels_last
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.last_eval: EvalResult | None = None
         self._guard: _SigintGuard | None = None

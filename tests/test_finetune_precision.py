@@ -1,0 +1,72 @@
+"""--precision-train: detecting native bf16 from the CPU flags, and training under bf16 autocast on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgetl.catalog import build_architecture, get_card, replace_head
+from edgetl.data import make_demo_dataset
+from edgetl.errors import ConfigError
+from edgetl.finetune.api import finetune
+from edgetl.finetune.precision import cpu_flags, cpu_has_native_bf16, resolve_precision
+from edgetl.finetune.strategy import apply_strategy, build_param_groups, choose_strategy
+from edgetl.finetune.trainer import TrainConfig, Trainer, make_scheduler
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+XEON = """processor\t: 0
+vendor_id\t: GenuineIntel
+flags\t\t: fpu vme sse2 avx2 avx512f avx512bw avx512_vnni avx512_bf16 amx_tile amx_int8
+processor\t: 1
+"""
+EPYC = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+GRAVITON3 = "processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd sve i8mm bf16 svebf16\n"
+
+
+@pytest.mark.parametrize(("text", "native"), [(XEON, True), (EPYC, False), (GRAVITON3, True), ("", False)])
+def test_cpu_flags_name_the_bf16_units(tmp_path, text, native):
+    info = tmp_path / "cpuinfo"
+    info.write_text(text)
+    flags = cpu_flags(info)
+    assert bool(flags & {"amx_bf16", "avx512_bf16", "bf16"}) == native
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_resolve_on_the_cpu():
+    auto = resolve_precision("auto", "cpu")
+    assert auto.dtype == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert auto.channels_last == (auto.dtype == "bf16") and not auto.grad_scaler
+    bf16 = resolve_precision("bf16", "cpu")
+    assert bf16.autocast_dtype == torch.bfloat16 and bf16.channels_last
+    assert resolve_precision("fp32", "cpu").autocast_dtype is None
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_bf16_autocast_trains_float32_weights_on_the_cpu():
+    card = get_card("resnet18")
+    torch.manual_seed(0)
+    model = build_architecture("resnet18")
+    replace_head(model, card, 3)
+    plan = apply_strategy(model, card, choose_strategy("full", len(card.block_paths)))
+    model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(build_param_groups(model, plan, card, lr=1e-3))
+    config = TrainConfig(epochs=1, progress=False, precision=resolve_precision("bf16", "cpu"))
+    trainer = Trainer(model, optimizer, make_scheduler(optimizer, 2, 1, 0), config, torch.device("cpu"), 3)
+    logits_dtypes = []
+    model.fc.register_forward_hook(lambda _m, _i, out: logits_dtypes.append(out.dtype))
+    batches = [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])) for _ in range(2)]
+    before = model.conv1.weight.detach().clone()
+    stats = trainer.train_one_epoch(batches)
+    assert logits_dtypes[0] == torch.bfloat16  # the matmuls ran in bf16
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
+    assert torch.isfinite(torch.tensor(stats["train_loss"])) and not model.conv1.weight.equal(before)
+
+
+def test_fp16_training_on_the_cpu_is_a_one_line_error(tmp_path):
+    data = make_demo_dataset(tmp_path / "demo", num_classes=2, train_per_class=4, val_per_class=2, size=32)
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU") as info:
+        finetune("mobilenet_v3_small", data, tmp_path / "run", weights="none", device="cpu", precision_train="fp16",
+                 progress=False)
+    assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
