@@ -27,11 +27,13 @@ from typing import Any
 import yaml
 
 from edgetl._io import atomic_write_text
+from edgetl.catalog import get_card
 from edgetl.demo_data import make_demo_dataset
-from edgetl.errors import ConfigError
+from edgetl.errors import BudgetExceededError, ConfigError
 from edgetl.folders import require_ours
 from edgetl.pipeline import BuildResult, build
 from edgetl.profiles import family_device
+from edgetl.weights import weights_file_name
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +148,7 @@ def write_demo(out: str | os.PathLike[str], epochs: int = 8, train_per_class: in
 
 
 def _import_lite0(folder: Path) -> Path:
-    from edgetl.catalog import get_card
-    from edgetl.weights import weights_file_name  # deferred: both import torch
-    from edgetl.weights_import import import_weights
+    from edgetl.weights_import import import_weights  # deferred: it imports torch
 
     source = packaged_lite0()
     if source is None:
@@ -196,8 +196,6 @@ def run_demo(
         demo.baseline = _baseline(path.parent, result, force, say)
         _append_comparison(result, demo.baseline)
     if check and result.failures:
-        from edgetl.errors import BudgetExceededError
-
         raise BudgetExceededError(f"{'; '.join(result.failures)} (see {result.report})")
     return demo
 

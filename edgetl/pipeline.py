@@ -59,12 +59,29 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import edgetl
 from edgetl._io import atomic_write_json, sha256_file
 from edgetl.buildfile import BuildConfig, check_names, config_from_dict, load_build_config
+from edgetl.catalog import get_card
+from edgetl.data import scan_dataset
 from edgetl.data.discover import walk_images
-from edgetl.errors import BudgetExceededError, CheckpointError, EdgetlError, TrainingInterrupted
+from edgetl.errors import (
+    BudgetExceededError,
+    CheckpointError,
+    DataError,
+    EdgetlError,
+    TrainingInterrupted,
+    UnknownNameError,
+    WeightsError,
+)
+from edgetl.finetune.checkpoint import LAST_META, tensors_digest
 from edgetl.folders import BUILD_LOCK_FILE, BUILD_STATE_FILE, check_apart, folder_lock, require_ours
 from edgetl.options import TABLE_ROWS
+from edgetl.profiles import load_profile
+from edgetl.report import write_report
+from edgetl.select import default_precision, select
+from edgetl.validate import validate
+from edgetl.weights import find_weights_file, weights_file_name
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +136,12 @@ def dataset_fingerprint(data: str | os.PathLike[str], mode: str = "stat") -> dic
     Raises:
         DataError: the dataset does not exist.
     """
-    from edgetl.errors import DataError
 
     root = Path(data)
     if not root.exists():
         raise DataError(f"dataset path {root} does not exist; fix `data:` in the build file")
     if root.is_dir():
         return files_fingerprint(_image_files(root), root, mode)
-    from edgetl.data import scan_dataset
 
     splits = scan_dataset(root, check="none")
     paths = [root, *sorted({Path(p) for split in ("train", "val", "test") for p, _ in getattr(splits, split)})]
@@ -134,8 +149,6 @@ def dataset_fingerprint(data: str | os.PathLike[str], mode: str = "stat") -> dic
 
 
 def _versions() -> dict[str, str | None]:
-    import edgetl
-
     out: dict[str, str | None] = {"edgetl": edgetl.__version__}
     for pkg in ("torch", "torchvision", "onnx", "onnxruntime"):
         try:
@@ -283,7 +296,6 @@ class _Build:
 
     def __init__(self, config: BuildConfig, source: str, force: set[str], progress: Callable[[str], None] | None,
                  progress_bars: bool) -> None:
-        from edgetl.profiles import load_profile
 
         self.config = config
         self.source = source
@@ -384,7 +396,6 @@ class _Build:
                                    self._run_validate)
             failures = list(exported["summary"].get("failures") or []) + list(
                 validated["summary"].get("failures") or [])
-            from edgetl.report import write_report
 
             seconds = time.perf_counter() - self.start
             report = write_report(self.out, cfg, self.outcomes, failures, source=self.source, seconds=seconds)
@@ -405,8 +416,6 @@ class _Build:
         return self.out / ARTIFACT_DIR
 
     def _select_precision(self) -> str:
-        from edgetl.select import default_precision
-
         cfg = self.config
         if cfg.select.precision:
             return cfg.select.precision
@@ -434,9 +443,6 @@ class _Build:
         return [d / "ranking.json", d / "pareto.png"]
 
     def _run_select(self, prev: dict[str, Any]) -> tuple[dict[str, Any], str]:
-        from edgetl.catalog import get_card
-        from edgetl.select import select
-
         cfg = self.config
         precision = self._select_precision()
         options = cfg.select.model_copy(update={"precision": precision, "resolution": self._select_resolution()})
@@ -501,8 +507,6 @@ class _Build:
         if spec.lower() == "none":
             return "none"
         if spec.lower() == "imagenet":
-            from edgetl.catalog import get_card
-            from edgetl.weights import find_weights_file, weights_file_name
 
             card = get_card(model)
             path = find_weights_file(card, cfg.weights_dir)
@@ -515,7 +519,6 @@ class _Build:
             return {"imagenet": entry}
         path = Path(spec)
         if not path.is_file():
-            from edgetl.errors import WeightsError
 
             raise WeightsError(f"finetune.weights: {path} does not exist; pass imagenet, none, or a state_dict file")
         return {"path": _file_entry(path, path.parent, self.config.data_fingerprint)}
@@ -533,8 +536,7 @@ class _Build:
         return [self.run_dir / n for n in ("model.safetensors", "checkpoint.json", "metrics.json", "splits.json")]
 
     def _run_finetune(self, prev: dict[str, Any]) -> tuple[dict[str, Any], str]:
-        from edgetl.finetune.api import finetune
-        from edgetl.finetune.checkpoint import LAST_META
+        from edgetl.finetune.api import finetune  # deferred: the training stage imports torch
 
         cfg = self.config
         model = self.state.get("select")["summary"]["model"]
@@ -581,7 +583,6 @@ class _Build:
             "epochs_run": result.epochs_run,
             "_resumed": resume,
         }
-        from edgetl.finetune.checkpoint import tensors_digest
 
         digest = _digest([tensors_digest(result.checkpoint), result.classes])
         return summary, digest
@@ -611,7 +612,7 @@ class _Build:
         return [manifest] + [self.artifact_dir / name for name in files]
 
     def _run_export(self, prev: dict[str, Any]) -> tuple[dict[str, Any], str]:
-        from edgetl.export.api import export
+        from edgetl.export.api import export  # deferred: the export stage imports torch
 
         cfg = self.config
         artifact = export(
@@ -661,8 +662,6 @@ class _Build:
         return [self.artifact_dir / "validation.json"]
 
     def _run_validate(self, prev: dict[str, Any]) -> tuple[dict[str, Any], str]:
-        from edgetl.validate import validate
-
         options = self.config.validate_.model_copy(update={
             "data": self._validation_data(), "max_latency_ms": self._validation_budget(),
             "max_memory_mb": self._memory_budget()})
@@ -691,7 +690,6 @@ def _force_set(force: bool | str | Iterable[str]) -> set[str]:
     names = [force] if isinstance(force, str) else list(force)
     bad = [n for n in names if n not in STAGES]
     if bad:
-        from edgetl.errors import UnknownNameError
 
         raise UnknownNameError("stage", bad[0], STAGES, "stages: " + ", ".join(STAGES))
     return set(names)
