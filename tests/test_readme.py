@@ -134,7 +134,13 @@ def test_every_readme_command_runs(tmp_path):
     assert ran >= 10
     # what the tutorial promises exists
     assert (work / "edgetl-demo" / "build" / "report.md").is_file()
-    assert (work / "artifacts" / "textures" / "model_data.h").is_file()
+    assert (work / "artifacts" / "lite0" / "model_data.h").is_file()
+    assert (work / "weights" / "timm" / "tf_efficientnet_lite0.in1k.safetensors").is_file()
+    assert json.loads((work / "predictions.json").read_text())[0]["top"][0]["label"] in ("checker", "dots", "rings",
+                                                                                          "stripes")
+    # the demo transferred: the pretrained run and its from-scratch baseline are both in the report
+    report = (work / "edgetl-demo" / "build" / "report.md").read_text()
+    assert "Transfer against training from scratch" in report and "timm/tf_efficientnet_lite0" in report
     assert (work / "firmware" / "include" / "model_data.h").is_file()
     assert (work / "pareto.png").is_file() and (work / "ranking.csv").is_file()
     # after the demo nothing changed, so `--rerun validate` reruns validate alone, as the README says
