@@ -304,3 +304,22 @@ def test_warmup_then_cosine_schedule():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
     assert lrs[-1] < 0.01
+
+
+def test_frozen_timm_norm_act_keeps_its_activation_and_keys():
+    """timm's BatchNormAct2d normalises, then applies its activation: freezing must keep both."""
+    import timm
+
+    from edgetl.finetune.strategy import freeze_modules
+
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    keys = set(model.state_dict())
+    assert freeze_modules(model, "") > 0
+    model.train()
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    assert set(model.state_dict()) == keys

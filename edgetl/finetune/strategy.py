@@ -301,6 +301,10 @@ class FreezePlan:
         return None
 
 
+_NORM_ACT_TAIL = ("drop", "act")
+"""What timm's ``BatchNormAct2d`` applies after normalising, in this order."""
+
+
 class FrozenBatchNorm(nn.Module):
     """BatchNorm with fixed statistics and affine parameters, all buffers: eval-mode BatchNorm in any mode.
 
@@ -320,16 +324,25 @@ class FrozenBatchNorm(nn.Module):
 
     @classmethod
     def from_batch_norm(cls, bn: nn.modules.batchnorm._BatchNorm) -> FrozenBatchNorm:
-        """A frozen copy of ``bn`` (sharing no storage with it)."""
+        """A frozen copy of ``bn`` (sharing no storage with it). timm's ``BatchNormAct2d`` applies its
+        ``drop`` and ``act`` after normalising; the copy keeps them and applies them in the same order."""
         frozen = cls(bn.num_features, bn.eps).to(device=bn.running_mean.device)
         for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             value = getattr(bn, name)
             if value is not None:
                 getattr(frozen, name).copy_(value.detach())
+        for name in _NORM_ACT_TAIL:
+            if isinstance(getattr(bn, name, None), nn.Module):
+                frozen.add_module(name, getattr(bn, name))
         return frozen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        for name in _NORM_ACT_TAIL:
+            tail = self._modules.get(name)
+            if tail is not None:
+                x = tail(x)
+        return x
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
@@ -338,6 +351,10 @@ class FrozenBatchNorm(nn.Module):
 def _frozen_replacement(module: nn.Module) -> nn.Module | None:
     """What a module in a frozen block becomes, or None to keep it (and look inside it)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+        extra = {name for name, _ in module.named_children()} - set(_NORM_ACT_TAIL)
+        if extra:  # a BatchNorm subclass whose forward does more than we know: train it rather than break it
+            log.warning("not freezing %s: unknown parts %s", type(module).__name__, ", ".join(sorted(extra)))
+            return None
         return FrozenBatchNorm.from_batch_norm(module)
     if isinstance(module, (nn.modules.dropout._DropoutNd, StochasticDepth)) or type(module).__name__ == "DropPath":
         return nn.Identity()  # what dropout and stochastic depth compute in eval mode
