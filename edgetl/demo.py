@@ -33,6 +33,7 @@ from edgetl.errors import BudgetExceededError, ConfigError
 from edgetl.folders import require_ours
 from edgetl.pipeline import BuildResult, build
 from edgetl.profiles import family_device
+from edgetl.report import BASELINE_FILE, write_report
 from edgetl.weights import weights_file_name
 
 log = logging.getLogger(__name__)
@@ -190,11 +191,14 @@ def run_demo(
         say(f"demo: {note}")
     path = write_demo(out, epochs=epochs, train_per_class=train_per_class, device=device, pretrained=pretrained)
     say(f"demo: wrote {path} and the synthetic dataset in {path.parent / DEMO_DATA}")
+    if not pretrained:  # a comparison from an earlier pretrained demo would not describe this build
+        (path.parent / DEMO_BUILD / BASELINE_FILE).unlink(missing_ok=True)
     result = build(path, force=force, check=False, progress=progress, progress_bars=progress_bars)
     demo = DemoResult(result, pretrained, note=note)
     if pretrained:
         demo.baseline = _baseline(path.parent, result, force, say)
-        _append_comparison(result, demo.baseline)
+        write_report(result.out, result.config, result.stages, result.failures, source=str(path),
+                     seconds=result.seconds)
     if check and result.failures:
         raise BudgetExceededError(f"{'; '.join(result.failures)} (see {result.report})")
     return demo
@@ -218,7 +222,7 @@ def _baseline(folder: Path, result: BuildResult, force: bool, say: Callable[[str
 
     f = result.config.finetune
     budget = {"epochs": f.epochs, "resolution": f.resolution, "batch_size": f.batch_size, "seed": f.seed}
-    run_dir, record = folder / DEMO_BASELINE, folder / DEMO_BASELINE / "baseline.json"
+    run_dir, record = folder / DEMO_BASELINE, result.out / BASELINE_FILE
     if not force and record.is_file():
         saved = json.loads(record.read_text())
         if saved.get("budget") == budget and saved.get("model") == result.model:
@@ -233,31 +237,8 @@ def _baseline(folder: Path, result: BuildResult, force: bool, say: Callable[[str
     run = finetune(result.model, str(result.config.data), run_dir, weights="none", strategy="full",
                    device="cpu", progress=False, **budget)
     doc = {"model": result.model, "budget": budget, "weights": "none", "strategy": run.strategy.strategy,
+           "run_dir": str(run_dir),
            "val_accuracy": run.val_accuracy, "test_accuracy": run.test_accuracy,
            "seconds": round(time.perf_counter() - start, 1)}
     atomic_write_text(record, json.dumps(doc, indent=2))
     return doc
-
-
-def _append_comparison(result: BuildResult, baseline: dict[str, Any]) -> None:
-    """Add the transfer-versus-scratch table to the build's ``report.md``."""
-    summary = result.stage("finetune").summary
-
-    def pct(value: float | None) -> str:
-        return "—" if value is None else f"{100 * value:.1f}%"
-
-    rows = [
-        f"| ImageNet weights ({summary.get('strategy')}) | {pct(summary.get('val_accuracy'))} | "
-        f"{pct(summary.get('test_accuracy'))} |",
-        f"| random weights ({baseline['strategy']}) | {pct(baseline['val_accuracy'])} | "
-        f"{pct(baseline['test_accuracy'])} |",
-    ]
-    section = "\n".join([
-        "", "## Transfer against training from scratch", "",
-        f"The same network ({result.model}), data, epochs ({baseline['budget']['epochs']}), resolution "
-        f"({baseline['budget']['resolution']} px) and seed; the baseline is in `../{DEMO_BASELINE}/`.", "",
-        "| starting weights | val top-1 | test top-1 |", "|---|---|---|", *rows, "",
-    ])
-    text = result.report.read_text()
-    marker = "\n## Transfer against training from scratch"
-    atomic_write_text(result.report, text.split(marker)[0].rstrip("\n") + "\n" + section)

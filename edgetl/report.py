@@ -283,6 +283,28 @@ def _artifact_section(out: Path) -> list[str]:
                                                                     [False, True, False]), ""]
 
 
+BASELINE_FILE = "baseline.json"
+"""A from-scratch run of the build's network with the same budget (``edgetl demo`` writes one), if any."""
+
+
+def _baseline_section(out: Path) -> list[str]:
+    """The fine-tuned run beside the same network trained from random weights with the same budget."""
+    baseline, metrics = _read(out / BASELINE_FILE), _read(out / "run" / "metrics.json")
+    if not baseline or not metrics:
+        return []
+    budget = baseline.get("budget") or {}
+    strategy = (metrics.get("strategy") or {}).get("strategy")
+    return [
+        "", "## Transfer against training from scratch", "",
+        f"The same network ({baseline.get('model')}), data, epochs ({budget.get('epochs')}), resolution "
+        f"({budget.get('resolution')} px) and seed, from random weights (`{baseline.get('run_dir')}`).", "",
+        "| starting weights | val top-1 | test top-1 |", "|---|---|---|",
+        f"| pretrained ({strategy}) | {_pct(metrics.get('val_accuracy'))} | {_pct(metrics.get('test_accuracy'))} |",
+        f"| random ({baseline.get('strategy')}) | {_pct(baseline.get('val_accuracy'))} | "
+        f"{_pct(baseline.get('test_accuracy'))} |",
+    ]
+
+
 def write_report(out: str | os.PathLike[str], config: Any, outcomes: Sequence[Any], failures: Sequence[str],
                  source: str = "", seconds: float | None = None) -> Path:
     """Write ``OUT/report.md`` and its plots (``OUT/report/*.png``) from the build's files.
@@ -319,6 +341,7 @@ def write_report(out: str | os.PathLike[str], config: Any, outcomes: Sequence[An
     lines += _export_section(out, plots, budget)
     lines += _validate_section(out)
     lines += _artifact_section(out)
+    lines += _baseline_section(out)
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
