@@ -6,6 +6,7 @@ All loops train the same model (all layers, AdamW) on the same images with the s
 - **plain fp32**: torchvision ImageFolder + PIL transforms, NCHW float32, as a tutorial writes it;
 - **edgetl fp32**: edgetl with ``precision_train="fp32"`` and ``image_cache=False`` (what edgetl did
   before mixed precision and the decoded-image cache);
+- **edgetl fp32 + cache**: fp32 with the decoded-image cache: what ``auto`` does on a CPU without native bf16;
 - **edgetl auto**: edgetl's defaults: bf16 autocast + channels-last where the CPU has native bf16 (AMX or
   AVX-512 BF16), fp32 elsewhere, and the decoded-image cache when the images fit a quarter of free RAM.
 
@@ -104,7 +105,7 @@ def main() -> None:
         parser.error("--epochs must be >= 2 (the first epoch is a warm-up)")
 
     images = 4 * args.per_class
-    rates: dict[str, list[float]] = {"plain fp32": [], "edgetl fp32": [], "edgetl auto": []}
+    rates: dict[str, list[float]] = {"plain fp32": [], "edgetl fp32": [], "edgetl fp32+cache": [], "edgetl auto": []}
     used: dict[str, str] = {"plain fp32": "fp32, PIL every epoch"}
     with tempfile.TemporaryDirectory() as tmp:
         # train/ only: every loop sees exactly the same images (edgetl holds out nothing: val_split=0)
@@ -116,6 +117,9 @@ def main() -> None:
             r, used["edgetl fp32"] = edgetl_loop(args, demo / "train", Path(tmp) / f"fp32-{i}",
                                                  precision_train="fp32", image_cache=False)
             rates["edgetl fp32"] += r
+            r, used["edgetl fp32+cache"] = edgetl_loop(args, demo / "train", Path(tmp) / f"cache-{i}",
+                                                       precision_train="fp32", image_cache=True)
+            rates["edgetl fp32+cache"] += r
             r, used["edgetl auto"] = edgetl_loop(args, demo / "train", Path(tmp) / f"auto-{i}")
             rates["edgetl auto"] += r
     _report(args, rates, used, images)
@@ -124,12 +128,12 @@ def main() -> None:
 def _report(args: argparse.Namespace, rates: dict[str, list[float]], used: dict[str, str], images: int) -> None:
     print(f"\nfull fine-tuning throughput: {args.model}, {args.resolution} px (images {args.image_size} px), "
           f"batch {args.batch_size}, {images} images, {args.workers} workers, {torch.get_num_threads()} threads, CPU")
-    print(f"{'loop':<14}{'uses':<28}{'best img/s':>11}{'median img/s':>14}{'median epoch s':>16}{'epochs':>8}")
+    print(f"{'loop':<18}{'uses':<28}{'best img/s':>11}{'median img/s':>14}{'median epoch s':>16}{'epochs':>8}")
     for name, r in rates.items():
         med = statistics.median(r)
-        print(f"{name:<14}{used[name]:<28}{max(r):>11.1f}{med:>14.1f}{images / med:>16.2f}{len(r):>8}")
+        print(f"{name:<18}{used[name]:<28}{max(r):>11.1f}{med:>14.1f}{images / med:>16.2f}{len(r):>8}")
     base = rates["plain fp32"]
-    for name in ("edgetl fp32", "edgetl auto"):
+    for name in ("edgetl fp32", "edgetl fp32+cache", "edgetl auto"):
         print(f"ratio {name} / plain fp32: {max(rates[name]) / max(base):.2f} (best), "
               f"{statistics.median(rates[name]) / statistics.median(base):.2f} (median)")
 
