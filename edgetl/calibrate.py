@@ -3,7 +3,9 @@
 1. Read the CPU (model, cores, ISA flags, clock) and RAM from the operating system, and derive the
    dense fp32 peak: ``threads x GHz x SIMD lanes x 2 (FMA) x 2 (FMA units)``.
 2. Measure memory bandwidth with a large array copy (best of several).
-3. Time a set of calibration architectures with ONNX Runtime (interleaved, minimum of many runs).
+3. Time a set of calibration architectures with ONNX Runtime, each in its steady state (alone, warmed up,
+   consecutive runs; :func:`edgetl.measure.measure_models`), and keep the minimum of many runs. Not
+   interleaved: the fit predicts a deployed model, which runs alone, again and again.
 4. Fit the per-op-class efficiencies, the bandwidth efficiency and the per-kernel overhead with
    :func:`edgetl.predict.fit_roofline`.
 5. Write a profile that passes the same strict schema, with the measurements in ``reference``.
@@ -156,7 +158,7 @@ def calibrate(
         progress: called as ``progress(done, total, step)``.
         measurements: timings of ``models`` made on this machine already (by
             :func:`edgetl.measure.measure_models` with the same ``threads``); they are fitted instead of
-            timing the models again, e.g. to fit on timings interleaved with other models.
+            timing the models again (e.g. timed in the same session as held-out models).
         runtime: ``onnxruntime`` (the CPU) or ``tensorrt`` (FP16 engines on a Jetson's GPU; a
             ``runtime: tensorrt`` profile); default: tensorrt on a Jetson where it is available, else
             onnxruntime.
@@ -343,7 +345,8 @@ def _efficiency(fit: RooflineFit, models: int, rounds: int, timed: str = "ONNX R
     return {
         "derived": (
             f"fitted by edgetl device calibrate to {models} models timed as {timed} "
-            f"(minimum of {rounds} interleaved runs); {100 * fit.within(0.2):.0f}% of them within ±20% after "
+            f"(each alone, warmed up, minimum of {rounds} consecutive runs); "
+            f"{100 * fit.within(0.2):.0f}% of them within ±20% after "
             "the fit; classes no calibration model exercises keep the fitted bound"
         ),
         **{k: round(min(1.0, max(v, 1e-4)), 5) for k, v in fit.efficiency.items()},

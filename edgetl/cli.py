@@ -227,7 +227,8 @@ def _measure_ranking(ranking, n: int, threads: int | None, quiet: bool) -> str:
         )
     for r in rows:
         r.measured_ms = results[r.card.id].min_ms
-    notes = [f"measured here with ONNX Runtime CPU fp32 (minimum of {results[rows[0].card.id].runs} interleaved runs)"]
+    runs = results[rows[0].card.id].runs
+    notes = [f"measured here with ONNX Runtime CPU fp32 (each alone, warmed up, minimum of {runs} consecutive runs)"]
     if not p.is_this_machine():
         notes.append(
             f"'{p.name}' is not this machine: the measurement is of this machine, the prediction of {p.name}; "

@@ -1,9 +1,16 @@
 """Measure catalog architectures for real on this machine with ONNX Runtime.
 
 Latency does not depend on the values of the weights, so each architecture is built with random
-weights, exported to ONNX once and cached (:func:`edgetl.onnx_cache.cached_catalog_onnx`). Models are then timed
-round-robin (interleaved), and the figure used is the minimum over many runs: on a shared machine
-the median moves by up to 2x between runs while the minimum is stable to about 10%.
+weights, exported to ONNX once and cached (:func:`edgetl.onnx_cache.cached_catalog_onnx`).
+
+These timings predict deployment, so each model is timed in its **steady state**: alone, warmed up,
+then consecutive runs of the same model (:func:`edgetl.runtime.bench.benchmark`), as a deployed model
+runs. Interleaving models round-robin (:func:`edgetl.runtime.bench.benchmark_interleaved`) is for
+comparing candidates fairly under drift (export's precision choice); it leaves each model with cold
+caches, and on a 2-core machine its minima ran 1.1-2.5x slower than steady state for small and medium
+networks, a bias a predictor fitted on them inherits. The figure used is the minimum (or a low
+percentile) over many runs: on a shared machine the median moves by up to 2x between runs while the
+minimum is stable to about 10%.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from pathlib import Path
 
 from edgetl.catalog import get_card
 from edgetl.onnx_cache import cached_catalog_onnx
-from edgetl.runtime.bench import benchmark_interleaved
+from edgetl.runtime.bench import BenchResult, benchmark
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner
 
@@ -50,51 +57,51 @@ def measure_models(
     batch: int = 1,
     threads: int | None = None,
     rounds: int = 30,
-    warmup: int = 3,
+    warmup: int = 5,
     progress: Callable[[int, int, str], None] | None = None,
     runtime: str = "onnxruntime",
 ) -> dict[str, Measurement]:
-    """Time catalog architectures with ONNX Runtime on the CPU (or as FP16 TensorRT engines), interleaved.
+    """Time catalog architectures with ONNX Runtime on the CPU (or as FP16 TensorRT engines), each in its steady state.
+
+    One model at a time: its session is loaded, run ``warmup`` times untimed, then ``rounds`` times
+    consecutively, and released before the next model (not interleaved with the other models).
 
     Args:
         models: catalog names or ids.
         resolution: one input size for all (default: each model's own).
         batch: the batch size.
         threads: ONNX Runtime intra-op threads (default: all cores).
-        rounds: timed runs per model (round-robin over the models).
-        warmup: untimed runs per model first.
+        rounds: consecutive timed runs per model.
+        warmup: untimed runs of the same model just before its timed runs.
         progress: called as ``progress(done, total, model)`` while models are exported.
         runtime: ``onnxruntime`` (CPU) or ``tensorrt`` (an FP16 engine built from each model here).
 
     Returns:
         A :class:`Measurement` per model name, keyed as given.
     """
-    runners = {}
-    shapes = {}
+    sizes = {name: int(resolution or get_card(name).resolution) for name in models}
+    onnx = {}
     for i, name in enumerate(models):
         if progress:
             progress(i, len(models), name)
-        res = int(resolution or get_card(name).resolution)
-        onnx = architecture_onnx(name, res)
-        runners[name] = (TensorRTRunner(onnx, precision="fp16", max_batch=batch, opt_batch=batch, name=name)
-                         if runtime == "tensorrt"
-                         else OnnxRuntimeRunner(onnx, providers="cpu", threads=threads, name=name))
-        shapes[name] = (batch, 3, res, res)
+        onnx[name] = architecture_onnx(name, sizes[name])
     if progress:
         progress(len(models), len(models), "timing")
-    results = benchmark_interleaved(runners, shapes, rounds=rounds, warmup=warmup, cv_threshold=10.0, settle=1)
-    return {
-        name: Measurement(
-            model=name,
-            resolution=shapes[name][2],
-            batch=batch,
-            min_ms=r.min,
-            p10_ms=r.percentile(10),
-            p50_ms=r.p50,
-            cv=r.cv,
-            runs=r.iterations,
-            runtime=runtime,
-            threads=threads or os.cpu_count(),
-        )
-        for name, r in results.items()
-    }
+    out = {}
+    for name in models:
+        runner = (TensorRTRunner(onnx[name], precision="fp16", max_batch=batch, opt_batch=batch, name=name)
+                  if runtime == "tensorrt"
+                  else OnnxRuntimeRunner(onnx[name], providers="cpu", threads=threads, name=name))
+        res = sizes[name]
+        # alone, warmed up, consecutive runs: the steady state a deployed model runs in
+        result = benchmark(runner, (batch, 3, res, res), iterations=rounds, warmup=warmup, cv_threshold=10.0)
+        out[name] = _measurement(name, res, batch, result, runtime, threads)
+    return out
+
+
+def _measurement(name: str, resolution: int, batch: int, r: BenchResult, runtime: str,
+                 threads: int | None) -> Measurement:
+    return Measurement(
+        model=name, resolution=resolution, batch=batch, min_ms=r.min, p10_ms=r.percentile(10), p50_ms=r.p50,
+        cv=r.cv, runs=r.iterations, runtime=runtime, threads=threads or os.cpu_count(),
+    )

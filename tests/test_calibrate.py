@@ -64,3 +64,16 @@ def test_calibrate_on_a_jetson_with_tensorrt_writes_a_tensorrt_profile():
     assert profile.is_this_machine() and profile.calibrated["fingerprint"]["tensorrt"]
     assert {(r.runtime, r.precision) for r in profile.reference} == {("tensorrt", "fp16")}
     assert set(result.measurements) == set(TINY) and all(m.runtime == "tensorrt" for m in result.measurements.values())
+
+
+def test_measure_models_times_each_model_alone_in_its_steady_state():
+    from edgetl.measure import measure_models
+
+    seen = []
+    results = measure_models(("squeezenet1_1", "mobilenet_v3_small"), resolution=32, threads=1, rounds=4, warmup=2,
+                             progress=lambda done, total, step: seen.append(step))
+    assert list(results) == ["squeezenet1_1", "mobilenet_v3_small"]
+    for m in results.values():
+        assert m.runs == 4 and m.resolution == 32 and m.runtime == "onnxruntime" and m.threads == 1
+        assert 0 < m.min_ms <= m.p10_ms <= m.p50_ms
+    assert seen[-1] == "timing"

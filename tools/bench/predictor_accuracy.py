@@ -1,7 +1,8 @@
 """Publish the latency predictor's error on this machine.
 
-Times edgetl's calibration models and held-out catalog models in one interleaved session (batch 1,
-224x224, ONNX Runtime fp32, minimum of many runs), fits a profile of this machine on the calibration
+Times edgetl's calibration models and held-out catalog models in one session, each in its steady state
+as calibrate does (alone, warmed up, then the minimum of many consecutive runs; batch 1, 224x224,
+ONNX Runtime fp32), fits a profile of this machine on the calibration
 models only (``edgetl.calibrate.calibrate(measurements=...)``), then predicts the held-out models
 the fit never saw. Prints predicted vs measured per model, the share within ±10% and ±20%, and the
 Spearman rank correlation; side by side with the naive predictor (one ms-per-GFLOP constant fitted on
@@ -57,8 +58,8 @@ def main() -> None:
 
     start = time.monotonic()
     held = [m for m in args.models if get_card(m).name not in {get_card(c).name for c in CALIBRATION_MODELS}]
-    # One interleaved session for the calibration and the held-out models: load from other tenants of
-    # a shared machine then slows both alike, and the error left is the predictor's own.
+    # One session for the calibration and the held-out models, each timed alone in its steady state as
+    # calibrate and a deployment run it; the held-out models are timed the same way as the fitted ones.
     measured = measure_models([*CALIBRATION_MODELS, *held], resolution=args.resolution, threads=args.threads,
                               rounds=args.rounds)
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,7 +68,7 @@ def main() -> None:
             resolution=args.resolution, measurements=measured,
         )
         profile = load_profile(str(cal.path))
-    print(f"timed {len(measured)} models interleaved, fitted on the {len(CALIBRATION_MODELS)} calibration models "
+    print(f"timed {len(measured)} models (steady state), fitted on the {len(CALIBRATION_MODELS)} calibration models "
           f"in {time.monotonic() - start:.0f} s; fit ratios (pred/meas):")
     print("  " + ", ".join(f"{m} {r:.2f}" for m, r in cal.ratios.items()))
 
