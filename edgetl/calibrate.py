@@ -247,7 +247,8 @@ def _tensorrt_profile_data(name: str, base: DeviceProfile, fit: RooflineFit, mea
         calibrated={"host": host, "cpu": cpu.model, "date": today, "runtime": "tensorrt", "runtime_version": version,
                     "fingerprint": fingerprint(cpu, "tensorrt")},
         reference=[{"model": m.model, "precision": "fp16", "batch": m.batch, "resolution": m.resolution,
-                    "latency_ms": round(m.min_ms, 4), "runtime": "tensorrt", "metric": "min", "source": "measured"}
+                    "latency_ms": round(m.min_ms, 4), "runtime": "tensorrt", "metric": "min",
+                    "used_for_fit": True, "source": "measured"}
                    for m in measurements.values()],
     )
     return data
@@ -314,7 +315,8 @@ def _profile_data(name: str, machine: _Machine, fit: RooflineFit, measurements: 
                        "fingerprint": fingerprint(cpu)},
         "reference": [
             {"model": m.model, "precision": "fp32", "batch": m.batch, "resolution": m.resolution,
-             "latency_ms": round(m.min_ms, 4), "runtime": "onnxruntime", "metric": "min", "source": "measured"}
+             "latency_ms": round(m.min_ms, 4), "runtime": "onnxruntime", "metric": "min", "used_for_fit": True,
+             "source": "measured"}
             for m in measurements.values()
         ],
     }

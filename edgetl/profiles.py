@@ -155,7 +155,12 @@ class CPU(_Provenance):
 
 
 class Reference(_Provenance):
-    """A published (or measured) latency of one model on the device."""
+    """A published (or measured) latency of one model on the device.
+
+    ``runtime`` is required: a prediction is checked only against references of the profile's own
+    runtime. ``used_for_fit`` marks a reference the profile's efficiencies were derived (fitted) from; it
+    is then no check of the prediction, and the tests leave it out.
+    """
 
     model: Text
     precision: Precision
@@ -164,6 +169,7 @@ class Reference(_Provenance):
     latency_ms: float = Field(gt=0)
     runtime: ReferenceRuntime
     metric: Metric
+    used_for_fit: bool = False
     note: Text | None = None
 
     @field_validator("runtime", mode="before")
@@ -299,6 +305,11 @@ class DeviceProfile(_Strict):
             for r in self.reference
             if (runtime is None or r.runtime == runtime) and (precision is None or r.precision == precision)
         ]
+
+    def held_out_references(self) -> list[Reference]:
+        """The references a prediction can be checked against: measured with the profile's own runtime
+        (ONNX Runtime against ONNX Runtime, TensorRT against TensorRT) and not used to fit the profile."""
+        return [r for r in self.reference if r.runtime == self.runtime and not r.used_for_fit]
 
     def to_yaml(self) -> str:
         """Render the profile as YAML in the layout of the built-in files; it loads back unchanged."""
@@ -545,6 +556,11 @@ def format_validation_error(exc: ValidationError, limit: int = 3) -> str:
 
 def builtin_profile_dir() -> Path:
     """The folder of the profiles shipped with edgetl."""
+    # A source checkout's own profiles/ first: an editable install's finder may point edgetl.profile_data at
+    # another checkout (a git worktree run with PYTHONPATH), and the code and its profiles must match.
+    checkout = Path(__file__).resolve().parent.parent / "profiles"
+    if (checkout / "__init__.py").is_file() and (Path(__file__).resolve().parent.parent / "pyproject.toml").is_file():
+        return checkout
     try:
         spec = importlib.util.find_spec(_DATA_PACKAGE)
     except ModuleNotFoundError:

@@ -26,6 +26,7 @@ def test_calibrate_writes_a_valid_profile_that_select_finds():
     assert profile.runtime == "onnxruntime" and profile.calibrated["threads"] == 1
     assert {r.model for r in profile.reference} == set(TINY)
     assert all(r.metric == "min" and r.resolution == 64 for r in profile.reference)
+    assert all(r.used_for_fit for r in profile.reference) and not profile.held_out_references()  # fitted on them
     assert all(0 < v <= 1 for v in profile.efficiency.model_dump().values() if isinstance(v, float))
     # the fit reproduces what it was fitted to within a factor of two
     assert all(0.5 < r < 2.0 for r in result.ratios.values()), result.ratios

@@ -52,13 +52,22 @@ def test_memory_and_size_shrink_with_precision():
 
 
 def _references():
+    """Every reference, skipped (with the reason) unless it is a like-with-like, held-out check."""
     for profile in list_profiles():
+        held_out = profile.held_out_references()
         for ref in profile.reference:
-            yield pytest.param(profile, ref, id=f"{profile.name}-{ref.model}-{ref.precision}")
+            marks = []
+            if ref.runtime != profile.runtime:
+                why = f"measured with {ref.runtime}; {profile.name} predicts {profile.runtime}"
+                marks = [pytest.mark.skip(reason=why)]
+            elif ref.used_for_fit:
+                marks = [pytest.mark.skip(reason=f"{profile.name}'s efficiencies were fitted to it: no held-out check")]
+            assert (not marks) == (ref in held_out)
+            yield pytest.param(profile, ref, id=f"{profile.name}-{ref.model}-{ref.precision}", marks=marks)
 
 
 @pytest.mark.parametrize(("profile", "ref"), list(_references()))
-def test_prediction_of_every_published_reference_is_within_2x(profile, ref):
+def test_prediction_of_every_held_out_reference_of_the_same_runtime_is_within_2x(profile, ref):
     trace = cost.trace_model(ref.model, ref.resolution)
     pred = predict_latency(trace, profile, ref.precision, ref.batch).latency_ms
     ratio = pred / ref.latency_ms
@@ -86,3 +95,12 @@ def test_int8_is_predicted_no_faster_without_an_int8_instruction(model):
     amx = type(vnni).model_validate({**data, "name": "x86-amx", "aliases": []})
     assert predict_latency(trace, amx, "int8").latency_ms < predict_latency(trace, vnni, "int8").latency_ms
     assert int8_speedup(avx2) == int8_speedup_for_isa(avx2.cpu.isa)
+
+
+def test_only_held_out_references_of_the_profiles_runtime_check_a_prediction():
+    nano = load_profile("jetson-nano")
+    checked = nano.held_out_references()
+    assert checked and all(r.runtime == "tensorrt" and not r.used_for_fit for r in checked)
+    assert "resnet18" not in {r.model for r in checked}  # its efficiencies were derived from resnet18
+    assert load_profile("jetson-agx-orin-64gb").held_out_references() == []
+    assert load_profile("raspberry-pi-5").held_out_references() == []  # ExecuTorch, not ONNX Runtime
