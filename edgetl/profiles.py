@@ -101,6 +101,20 @@ class Overhead(_Provenance):
     value: float = Field(ge=0)
 
 
+class RssFit(_Provenance):
+    """The runtime's memory as a function of the model, fitted to measured peak RSS (MB = 1e6 bytes)::
+
+        memory = weights_factor x weights + activations_factor x peak live activations + constant_mb
+
+    ``weights_factor`` covers the runtime's copies of the weights (the file read, the initializers and
+    their pre-packed layouts); ``activations_factor`` its activation arena; ``constant_mb`` the session.
+    """
+
+    weights_factor: float = Field(ge=0)
+    activations_factor: float = Field(ge=0)
+    constant_mb: float = Field(ge=0)
+
+
 class Memory(_Strict):
     """Memory of the device (MB = 2**20 bytes for RAM sizes, GB/s = 1e9 bytes per second)."""
 
@@ -108,6 +122,7 @@ class Memory(_Strict):
     bandwidth_gbs: Figure
     model_budget_mb: Figure
     runtime_overhead_mb: Overhead
+    rss_fit: RssFit | None = None
 
     @model_validator(mode="after")
     def _budget_fits(self) -> Memory:
@@ -240,7 +255,8 @@ class DeviceProfile(_Strict):
 
     def _provenances(self) -> list[tuple[str, _Provenance]]:
         items: list[tuple[str, _Provenance]] = [(f"compute.{k}", v) for k, v in self.compute.items()]
-        items += [(f"memory.{k}", getattr(self.memory, k)) for k in Memory.model_fields]
+        items += [(f"memory.{k}", getattr(self.memory, k)) for k in Memory.model_fields
+                  if getattr(self.memory, k) is not None]
         items += [("efficiency", self.efficiency), ("kernel_overhead_us", self.kernel_overhead_us)]
         if self.cpu is not None:
             items.append(("cpu", self.cpu))

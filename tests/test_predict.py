@@ -3,6 +3,7 @@ import pytest
 from edgetl import cost
 from edgetl.predict import (
     Roofline,
+    fit_memory,
     int8_speedup,
     int8_speedup_for_isa,
     model_size_mb,
@@ -104,3 +105,25 @@ def test_only_held_out_references_of_the_profiles_runtime_check_a_prediction():
     assert "resnet18" not in {r.model for r in checked}  # its efficiencies were derived from resnet18
     assert load_profile("jetson-agx-orin-64gb").held_out_references() == []
     assert load_profile("raspberry-pi-5").held_out_references() == []  # ExecuTorch, not ONNX Runtime
+
+
+def test_memory_fit_recovers_the_terms_and_predict_memory_uses_them():
+    def trace(params, acts):
+        return cost.CostTrace("toy", 8, "x", params=params, peak_activation=acts, input_elements=192, ops=[])
+
+    traces = [trace(1_000_000, 400_000), trace(3_500_000, 3_000_000), trace(11_700_000, 800_000),
+              trace(25_600_000, 2_000_000), trace(133_000_000, 3_200_000)]
+    measured = [3.2 * t.params * 4 / 1e6 + 1.5 * t.peak_activation * 4 / 1e6 + 14.0 for t in traces]
+    fit = fit_memory(list(zip(traces, measured, strict=True)))
+    assert fit.weights_factor == pytest.approx(3.2, rel=1e-3) and fit.activations_factor == pytest.approx(1.5, rel=1e-2)
+    assert fit.constant_mb == pytest.approx(14.0, rel=1e-2) and fit.within(0.01) == 1.0
+
+    data = load_profile("x86-avx2").model_dump(mode="json", exclude_none=True)
+    data["memory"]["rss_fit"] = {"weights_factor": 3.2, "activations_factor": 1.5, "constant_mb": 14.0,
+                                 "derived": "fitted by hand"}
+    profile = type(load_profile("x86-avx2")).model_validate(data)
+    pred = predict_memory(traces[2], profile, "fp32")
+    assert pred.memory_mb == pytest.approx(measured[2])
+    assert pred.weights_mb == pytest.approx(3.2 * 46.8) and pred.runtime_mb == 14.0
+    int8 = predict_memory(traces[2], profile, "int8")
+    assert int8.weights_mb == pytest.approx(pred.weights_mb / 4)
