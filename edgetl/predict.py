@@ -75,8 +75,12 @@ def int8_speedup_for_isa(isa: Iterable[str]) -> tuple[float, str] | None:
 
 
 def int8_speedup(profile: DeviceProfile) -> tuple[float, str]:
-    """INT8 over FP32 compute on ``profile``'s device: from the CPU's ISA when ONNX Runtime runs on the
-    CPU, else (an accelerator, or an unknown ISA) from the profile's own peaks."""
+    """INT8 over FP32 compute on ``profile``'s device: measured by ``edgetl device calibrate`` when the profile
+    has it (``int8_speedup``), else from the CPU's ISA when ONNX Runtime runs on the CPU, else (an
+    accelerator, or an unknown ISA) from the profile's own peaks."""
+    if profile.int8_speedup is not None and profile.supports("int8"):
+        measured = profile.int8_speedup
+        return float(measured.value), f"measured: {measured.derived or measured.source}"
     if profile.runtime == "onnxruntime" and profile.cpu is not None:
         known = int8_speedup_for_isa(profile.cpu.isa)
         if known is not None:

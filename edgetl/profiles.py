@@ -211,6 +211,9 @@ class DeviceProfile(_Strict):
     memory: Memory
     efficiency: Efficiency
     kernel_overhead_us: Overhead
+    int8_speedup: Figure | None = None
+    """INT8 over FP32 speed-up measured on the device (``edgetl device calibrate``); it replaces the one the ISA
+    implies."""
     cpu: CPU | None = None
     calibrated: dict[str, Any] | None = None
     reference: list[Reference] = Field(default_factory=list)
@@ -258,6 +261,8 @@ class DeviceProfile(_Strict):
         items += [(f"memory.{k}", getattr(self.memory, k)) for k in Memory.model_fields
                   if getattr(self.memory, k) is not None]
         items += [("efficiency", self.efficiency), ("kernel_overhead_us", self.kernel_overhead_us)]
+        if self.int8_speedup is not None:
+            items.append(("int8_speedup", self.int8_speedup))
         if self.cpu is not None:
             items.append(("cpu", self.cpu))
         items += [(f"reference[{i}]", r) for i, r in enumerate(self.reference)]

@@ -30,6 +30,9 @@ def test_calibrate_writes_a_valid_profile_that_select_finds():
     fit = profile.memory.rss_fit
     assert fit is not None and fit.weights_factor > 1 and "fresh process" in fit.derived
     assert set(result.memory_mb) == set(TINY) and all(0.5 < r < 2.0 for r in result.memory_ratios.values())
+    assert profile.int8_speedup is not None and "resnet18" in profile.int8_speedup.derived
+    assert profile.compute["int8"].value == pytest.approx(profile.compute["fp32"].value * profile.int8_speedup.value,
+                                                          rel=1e-2)
     assert all(0 < v <= 1 for v in profile.efficiency.model_dump().values() if isinstance(v, float))
     # the fit reproduces what it was fitted to within a factor of two
     assert all(0.5 < r < 2.0 for r in result.ratios.values()), result.ratios

@@ -127,3 +127,15 @@ def test_memory_fit_recovers_the_terms_and_predict_memory_uses_them():
     assert pred.weights_mb == pytest.approx(3.2 * 46.8) and pred.runtime_mb == 14.0
     int8 = predict_memory(traces[2], profile, "int8")
     assert int8.weights_mb == pytest.approx(pred.weights_mb / 4)
+
+
+def test_a_measured_int8_speed_up_replaces_the_isas():
+    vnni = load_profile("x86-avx512-vnni")
+    data = vnni.model_dump(mode="json", exclude_none=True)
+    data["int8_speedup"] = {"value": 1.5, "derived": "measured by hand"}
+    measured = type(vnni).model_validate(data)
+    assert int8_speedup(measured) == (1.5, "measured: measured by hand")
+    trace = cost.trace_model("resnet18", 64)
+    slower = predict_latency(trace, measured, "int8").latency_ms
+    assert slower > predict_latency(trace, vnni, "int8").latency_ms  # 1.5x instead of VNNI's 4x
+    assert slower < predict_latency(trace, measured, "fp32").latency_ms
