@@ -94,6 +94,7 @@ def main() -> None:
         cal = calibrate(
             name="bench-local", out=Path(tmp) / "bench-local.yaml", threads=args.threads, rounds=args.rounds,
             resolution=args.resolution, measurements=measured, memory_mb={m: memory[m] for m in MEMORY_MODELS},
+            int8=False,  # fp32 only here
         )
         profile = load_profile(str(cal.path))
     print(f"timed {len(measured)} models (steady state), fitted on the {len(CALIBRATION_MODELS)} calibration models "
