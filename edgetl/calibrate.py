@@ -11,7 +11,8 @@
 5. Time ResNet-18 at FP32 and as static INT8 (QDQ) side by side and keep the ratio: the INT8 speed-up of
    this machine, measured rather than inferred from its ISA.
 6. Measure the peak RSS of a few models' sessions (each in a fresh process: load + 3 inferences) and fit
-   ``weights x factor + activations x factor + constant`` to them (:func:`edgetl.predict.fit_memory`).
+   ``conv weights x factor + other weights x factor + activations x factor + constant`` to them
+   (:func:`edgetl.predict.fit_memory`).
 7. Write a profile that passes the same strict schema, with the measurements in ``reference``.
 """
 
@@ -441,6 +442,7 @@ def _rss_fit(machine: _Machine) -> dict[str, Any]:
     if fit is None:
         return {}
     return {"rss_fit": {
+        "conv_weights_factor": round(fit.conv_weights_factor, 3),
         "weights_factor": round(fit.weights_factor, 3),
         "activations_factor": round(fit.activations_factor, 3),
         "constant_mb": round(fit.constant_mb, 1),

@@ -15,7 +15,7 @@ with ``B`` the batch size, ``peak`` the device's dense peak in GFLOP/s for the p
 Memory is what the deployed model needs resident. With a profile fitted to measured peak RSS
 (``memory.rss_fit``, written by ``edgetl device calibrate``)::
 
-    memory = weights_factor * params * bytes_per_element
+    memory = (conv_weights_factor * conv_weights + weights_factor * other_weights) * bytes_per_element
              + activations_factor * peak_live_activations * B * bytes_per_element + constant
 
 (the runtime keeps several copies of the weights: the file read, the initializers, their pre-packed
@@ -204,10 +204,17 @@ def predict_memory(
     acts = trace.peak_activation * batch * bpe / 1e6
     fit = profile.memory.rss_fit
     if fit is not None:
-        weights, acts, runtime = weights * fit.weights_factor, acts * fit.activations_factor, fit.constant_mb
+        conv = conv_weights(trace) * bpe / 1e6
+        weights = conv * fit.conv_weights_factor + (weights - conv) * fit.weights_factor
+        acts, runtime = acts * fit.activations_factor, fit.constant_mb
     else:
         runtime = float(profile.memory.runtime_overhead_mb.value)
     return MemoryPrediction(weights + acts + runtime, weights, acts, runtime)
+
+
+def conv_weights(trace: CostTrace) -> int:
+    """The weight elements of the model's convolutions (dense, grouped and depthwise), at most its parameters."""
+    return min(trace.params, sum(op.weight for op in trace.ops if op.cls in ("conv", "depthwise")))
 
 
 def model_size_mb(params: int, precision: str) -> float:
@@ -309,14 +316,16 @@ def fit_roofline(
 class MemoryFit:
     """The runtime's memory fitted to measured peak RSS (see :func:`fit_memory`), in MB = 1e6 bytes."""
 
+    conv_weights_factor: float
     weights_factor: float
     activations_factor: float
     constant_mb: float
     ratios: list[float]  # predicted / measured for each fitted sample
 
-    def predict_mb(self, weights_mb: float, activations_mb: float) -> float:
-        """The memory of a model with these fp32 weights and peak live activations (MB)."""
-        return self.weights_factor * weights_mb + self.activations_factor * activations_mb + self.constant_mb
+    def predict_mb(self, conv_mb: float, other_mb: float, activations_mb: float) -> float:
+        """The memory of a model with these convolution and other weights and peak live activations (MB)."""
+        return (self.conv_weights_factor * conv_mb + self.weights_factor * other_mb
+                + self.activations_factor * activations_mb + self.constant_mb)
 
     def within(self, tolerance: float) -> float:
         """Fraction of fitted samples whose prediction is within ``tolerance`` (0.25 = ±25%)."""
@@ -324,8 +333,8 @@ class MemoryFit:
 
 
 def fit_memory(samples: list[tuple[CostTrace, float]], precision: str = "fp32") -> MemoryFit:
-    """Fit ``memory = a * weights + b * activations + c`` to measured peak RSS (MB), non-negative, weighted by
-    1/measured (a relative error, so a 30 MB model weighs as much as a 600 MB one).
+    """Fit ``memory = a * conv weights + b * other weights + c * activations + d`` to measured peak RSS (MB),
+    non-negative, weighted by 1/measured (a relative error, so a 30 MB model weighs as much as a 600 MB one).
 
     Args:
         samples: ``(trace, measured_mb)`` pairs at batch 1.
@@ -334,10 +343,11 @@ def fit_memory(samples: list[tuple[CostTrace, float]], precision: str = "fp32") 
     from scipy.optimize import nnls  # deferred: heavy
 
     bpe = BYTES_PER_ELEMENT[precision]
-    design = np.array([[t.params * bpe / 1e6, t.peak_activation * bpe / 1e6, 1.0] for t, _ in samples])
+    design = np.array([[conv_weights(t) * bpe / 1e6, (t.params - conv_weights(t)) * bpe / 1e6,
+                        t.peak_activation * bpe / 1e6, 1.0] for t, _ in samples])
     measured = np.array([m for _, m in samples])
     w = 1.0 / measured
-    (a, b, c), _ = nnls(design * w[:, None], measured * w)
-    fit = MemoryFit(float(a), float(b), float(c), [])
-    fit.ratios = [fit.predict_mb(f[0], f[1]) / m for f, m in zip(design, measured, strict=True)]
+    (a, b, c, d), _ = nnls(design * w[:, None], measured * w)
+    fit = MemoryFit(float(a), float(b), float(c), float(d), [])
+    fit.ratios = [fit.predict_mb(*f[:3]) / m for f, m in zip(design, measured, strict=True)]
     return fit

@@ -104,12 +104,15 @@ class Overhead(_Provenance):
 class RssFit(_Provenance):
     """The runtime's memory as a function of the model, fitted to measured peak RSS (MB = 1e6 bytes)::
 
-        memory = weights_factor x weights + activations_factor x peak live activations + constant_mb
+        memory = conv_weights_factor x convolution weights + weights_factor x the other weights
+                 + activations_factor x peak live activations + constant_mb
 
-    ``weights_factor`` covers the runtime's copies of the weights (the file read, the initializers and
-    their pre-packed layouts); ``activations_factor`` its activation arena; ``constant_mb`` the session.
+    The weight factors cover the runtime's copies of the weights (the file read, the initializers and their
+    pre-packed layouts: ONNX Runtime re-lays convolution weights out, so they cost more than FC/matmul ones);
+    ``activations_factor`` the activation arena; ``constant_mb`` the session.
     """
 
+    conv_weights_factor: float = Field(ge=0)
     weights_factor: float = Field(ge=0)
     activations_factor: float = Field(ge=0)
     constant_mb: float = Field(ge=0)

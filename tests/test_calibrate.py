@@ -28,7 +28,7 @@ def test_calibrate_writes_a_valid_profile_that_select_finds():
     assert all(r.metric == "min" and r.resolution == 64 for r in profile.reference)
     assert all(r.used_for_fit for r in profile.reference) and not profile.held_out_references()  # fitted on them
     fit = profile.memory.rss_fit
-    assert fit is not None and fit.weights_factor > 1 and "fresh process" in fit.derived
+    assert fit is not None and fit.conv_weights_factor > 1 and "fresh process" in fit.derived
     assert set(result.memory_mb) == set(TINY) and all(0.5 < r < 2.0 for r in result.memory_ratios.values())
     assert profile.int8_speedup is not None and "resnet18" in profile.int8_speedup.derived
     assert profile.compute["int8"].value == pytest.approx(profile.compute["fp32"].value * profile.int8_speedup.value,

@@ -108,24 +108,29 @@ def test_only_held_out_references_of_the_profiles_runtime_check_a_prediction():
 
 
 def test_memory_fit_recovers_the_terms_and_predict_memory_uses_them():
-    def trace(params, acts):
-        return cost.CostTrace("toy", 8, "x", params=params, peak_activation=acts, input_elements=192, ops=[])
+    def trace(conv, fc, acts):
+        ops = [cost.OpCost("convolution", "conv", flops=1e6, weight=conv, act_in=acts, act_out=acts, fused=False),
+               cost.OpCost("addmm", "matmul", flops=1e3, weight=fc, act_in=10, act_out=10, fused=False)]
+        return cost.CostTrace("toy", 8, "x", params=conv + fc, peak_activation=acts, input_elements=192, ops=ops)
 
-    traces = [trace(1_000_000, 400_000), trace(3_500_000, 3_000_000), trace(11_700_000, 800_000),
-              trace(25_600_000, 2_000_000), trace(133_000_000, 3_200_000)]
-    measured = [3.2 * t.params * 4 / 1e6 + 1.5 * t.peak_activation * 4 / 1e6 + 14.0 for t in traces]
+    traces = [trace(1_000_000, 0, 400_000), trace(2_200_000, 1_300_000, 3_000_000), trace(11_200_000, 500_000, 800_000),
+              trace(23_500_000, 2_100_000, 2_000_000), trace(9_400_000, 123_600_000, 3_200_000)]
+    measured = [(3.2 * t.ops[0].weight + 1.8 * t.ops[1].weight + 1.5 * t.peak_activation) * 4 / 1e6 + 14.0
+                for t in traces]
     fit = fit_memory(list(zip(traces, measured, strict=True)))
-    assert fit.weights_factor == pytest.approx(3.2, rel=1e-3) and fit.activations_factor == pytest.approx(1.5, rel=1e-2)
-    assert fit.constant_mb == pytest.approx(14.0, rel=1e-2) and fit.within(0.01) == 1.0
+    assert fit.conv_weights_factor == pytest.approx(3.2, rel=1e-3)
+    assert fit.weights_factor == pytest.approx(1.8, rel=1e-3)
+    assert fit.activations_factor == pytest.approx(1.5, rel=1e-2) and fit.constant_mb == pytest.approx(14.0, rel=1e-2)
+    assert fit.within(0.01) == 1.0
 
     data = load_profile("x86-avx2").model_dump(mode="json", exclude_none=True)
-    data["memory"]["rss_fit"] = {"weights_factor": 3.2, "activations_factor": 1.5, "constant_mb": 14.0,
-                                 "derived": "fitted by hand"}
+    data["memory"]["rss_fit"] = {"conv_weights_factor": 3.2, "weights_factor": 1.8, "activations_factor": 1.5,
+                                 "constant_mb": 14.0, "derived": "fitted by hand"}
     profile = type(load_profile("x86-avx2")).model_validate(data)
-    pred = predict_memory(traces[2], profile, "fp32")
-    assert pred.memory_mb == pytest.approx(measured[2])
-    assert pred.weights_mb == pytest.approx(3.2 * 46.8) and pred.runtime_mb == 14.0
-    int8 = predict_memory(traces[2], profile, "int8")
+    pred = predict_memory(traces[4], profile, "fp32")
+    assert pred.memory_mb == pytest.approx(measured[4])
+    assert pred.weights_mb == pytest.approx((3.2 * 9.4 + 1.8 * 123.6) * 4) and pred.runtime_mb == 14.0
+    int8 = predict_memory(traces[4], profile, "int8")
     assert int8.weights_mb == pytest.approx(pred.weights_mb / 4)
 
 

@@ -100,7 +100,8 @@ def main() -> None:
     print(f"timed {len(measured)} models (steady state), fitted on the {len(CALIBRATION_MODELS)} calibration models "
           f"in {time.monotonic() - start:.0f} s; fit ratios (pred/meas):")
     print("  " + ", ".join(f"{m} {r:.2f}" for m, r in cal.ratios.items()))
-    print("memory fit on " + ", ".join(f"{m} {r:.2f}" for m, r in cal.memory_ratios.items()))
+    print("memory fit (MB measured, fitted/measured): " + ", ".join(
+        f"{m} {cal.memory_mb[m]:.0f} ({r:.2f})" for m, r in cal.memory_ratios.items()))
     _print_latency(held, measured, cal, profile, args)
     _print_memory(_memory_rows(held, memory, profile, args.resolution))
     print(f"\ntotal {time.monotonic() - start:.0f} s")
