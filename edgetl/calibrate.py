@@ -4,7 +4,7 @@
    dense fp32 peak: ``threads x GHz x SIMD lanes x 2 (FMA) x 2 (FMA units)``.
 2. Measure memory bandwidth with a large array copy (best of several).
 3. Time a set of calibration architectures with ONNX Runtime, each in its steady state (alone, warmed up,
-   consecutive runs; :func:`edgetl.measure.measure_models`), and keep the minimum of many runs. Not
+   consecutive runs, in three passes; :func:`edgetl.measure.measure_models`), and keep the minimum of many runs. Not
    interleaved: the fit predicts a deployed model, which runs alone, again and again.
 4. Fit the per-op-class efficiencies, the bandwidth efficiency and the per-kernel overhead with
    :func:`edgetl.predict.fit_roofline`.

@@ -63,11 +63,14 @@ def measure_models(
     warmup: int = 5,
     progress: Callable[[int, int, str], None] | None = None,
     runtime: str = "onnxruntime",
+    passes: int = 3,
 ) -> dict[str, Measurement]:
     """Time catalog architectures with ONNX Runtime on the CPU (or as FP16 TensorRT engines), each in its steady state.
 
-    One model at a time: its session is loaded, run ``warmup`` times untimed, then ``rounds`` times
-    consecutively, and released before the next model (not interleaved with the other models).
+    One model at a time: its session is loaded, run ``warmup`` times untimed, then consecutively, and released
+    before the next model (not interleaved with the other models). This is done in ``passes`` passes over the
+    models, each taking a share of the ``rounds`` runs, and the statistics are over all of them: a burst of load
+    from another tenant that outlasts one block of runs then spoils one pass of that model, not all its runs.
 
     Args:
         models: catalog names or ids.
@@ -78,6 +81,7 @@ def measure_models(
         warmup: untimed runs of the same model just before its timed runs.
         progress: called as ``progress(done, total, model)`` while models are exported.
         runtime: ``onnxruntime`` (CPU) or ``tensorrt`` (an FP16 engine built from each model here).
+        passes: passes over the models; each model gets ``ceil(rounds / passes)`` consecutive timed runs per pass.
 
     Returns:
         A :class:`Measurement` per model name, keyed as given.
@@ -90,16 +94,20 @@ def measure_models(
         onnx[name] = architecture_onnx(name, sizes[name])
     if progress:
         progress(len(models), len(models), "timing")
-    out = {}
-    for name in models:
-        runner = (TensorRTRunner(onnx[name], precision="fp16", max_batch=batch, opt_batch=batch, name=name)
-                  if runtime == "tensorrt"
-                  else OnnxRuntimeRunner(onnx[name], providers="cpu", threads=threads, name=name))
-        res = sizes[name]
-        # alone, warmed up, consecutive runs: the steady state a deployed model runs in
-        result = benchmark(runner, (batch, 3, res, res), iterations=rounds, warmup=warmup, cv_threshold=10.0)
-        out[name] = _measurement(name, res, batch, result, runtime, threads)
-    return out
+    times: dict[str, list[float]] = {name: [] for name in models}
+    per_pass = -(-rounds // max(1, passes))
+    for _ in range(max(1, passes)):
+        for name in models:
+            runner = (TensorRTRunner(onnx[name], precision="fp16", max_batch=batch, opt_batch=batch, name=name)
+                      if runtime == "tensorrt"
+                      else OnnxRuntimeRunner(onnx[name], providers="cpu", threads=threads, name=name))
+            res = sizes[name]
+            # alone, warmed up, consecutive runs: the steady state a deployed model runs in
+            result = benchmark(runner, (batch, 3, res, res), iterations=per_pass, warmup=warmup, cv_threshold=10.0)
+            times[name] += [t / 1e3 for t in result.times_ms]
+    return {name: _measurement(name, sizes[name], batch, BenchResult.from_times(
+        times[name], name=name, backend=runtime, shape=(batch, 3, sizes[name], sizes[name]), warmup=warmup,
+        cv_threshold=10.0), runtime, threads) for name in models}
 
 
 def _measurement(name: str, resolution: int, batch: int, r: BenchResult, runtime: str,

@@ -78,7 +78,7 @@ def test_measure_models_times_each_model_alone_in_its_steady_state():
 
     seen = []
     results = measure_models(("squeezenet1_1", "mobilenet_v3_small"), resolution=32, threads=1, rounds=4, warmup=2,
-                             progress=lambda done, total, step: seen.append(step))
+                             progress=lambda done, total, step: seen.append(step), passes=2)
     assert list(results) == ["squeezenet1_1", "mobilenet_v3_small"]
     for m in results.values():
         assert m.runs == 4 and m.resolution == 32 and m.runtime == "onnxruntime" and m.threads == 1
