@@ -3,10 +3,17 @@
 1. Read the CPU (model, cores, ISA flags, clock) and RAM from the operating system, and derive the
    dense fp32 peak: ``threads x GHz x SIMD lanes x 2 (FMA) x 2 (FMA units)``.
 2. Measure memory bandwidth with a large array copy (best of several).
-3. Time a set of calibration architectures with ONNX Runtime (interleaved, minimum of many runs).
+3. Time a set of calibration architectures with ONNX Runtime, each in its steady state (alone, warmed up,
+   consecutive runs, in three passes; :func:`edgetl.measure.measure_models`), and keep the minimum of many runs. Not
+   interleaved: the fit predicts a deployed model, which runs alone, again and again.
 4. Fit the per-op-class efficiencies, the bandwidth efficiency and the per-kernel overhead with
    :func:`edgetl.predict.fit_roofline`.
-5. Write a profile that passes the same strict schema, with the measurements in ``reference``.
+5. Time ResNet-18 at FP32 and as static INT8 (QDQ) side by side and keep the ratio: the INT8 speed-up of
+   this machine, measured rather than inferred from its ISA.
+6. Measure the peak RSS of a few models' sessions (each in a fresh process: load + 3 inferences) and fit
+   ``conv weights x factor + other weights x factor + activations x factor + constant`` to them
+   (:func:`edgetl.predict.fit_memory`).
+7. Write a profile that passes the same strict schema, with the measurements in ``reference``.
 """
 
 from __future__ import annotations
@@ -15,20 +22,25 @@ import datetime as _dt
 import logging
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgetl.catalog import get_card
 from edgetl.cost import trace_model
 from edgetl.errors import ConfigError
+from edgetl.export.quantize import quantize_int8_static
 from edgetl.machine import CpuInfo, fingerprint, host_name, read_cpu, runtime_version
-from edgetl.measure import Measurement, measure_models
-from edgetl.predict import RooflineFit, fit_roofline, int8_speedup_for_isa
+from edgetl.measure import Measurement, architecture_onnx, measure_memory, measure_models
+from edgetl.predict import MemoryFit, RooflineFit, fit_memory, fit_roofline, int8_speedup_for_isa
 from edgetl.profiles import DeviceProfile, load_profile, save_profile, user_profile_dir
+from edgetl.runtime.bench import benchmark_interleaved, random_input
+from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import tensorrt_available
 
 log = logging.getLogger(__name__)
@@ -56,6 +68,13 @@ CALIBRATION_MODELS: tuple[str, ...] = (
     "efficientnet_b3",
     "resnet152",
     "shufflenet_v2_x1_5",
+)
+
+#: Architectures whose session peak RSS ``calibrate`` measures to fit the memory model: from 1 to 133 M
+#: parameters, with small and large live activations (depthwise nets, dense concatenations).
+MEMORY_MODELS: tuple[str, ...] = (
+    "squeezenet1_1", "mobilenet_v3_small", "mobilenet_v2", "efficientnet_b0", "resnet18", "densenet169",
+    "resnet50", "convnext_tiny", "vgg13",
 )
 
 
@@ -118,6 +137,8 @@ class CalibrationResult:
     measurements: dict[str, Measurement]
     ratios: dict[str, float]
     seconds: float
+    memory_mb: dict[str, float] = field(default_factory=dict)
+    memory_ratios: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -130,6 +151,10 @@ class _Machine:
     overhead_mb: float
     peak_fp32: float = 0.0
     peak_note: str = ""
+    memory_mb: dict[str, float] = field(default_factory=dict)
+    memory_fit: MemoryFit | None = None
+    int8_speedup: float | None = None
+    int8_note: str = ""
 
 
 def calibrate(
@@ -142,6 +167,8 @@ def calibrate(
     progress: Callable[[int, int, str], None] | None = None,
     measurements: dict[str, Measurement] | None = None,
     runtime: str | None = None,
+    memory_mb: dict[str, float] | None = None,
+    int8: bool = True,
 ) -> CalibrationResult:
     """Measure this machine and write a device profile fitted to it.
 
@@ -156,10 +183,14 @@ def calibrate(
         progress: called as ``progress(done, total, step)``.
         measurements: timings of ``models`` made on this machine already (by
             :func:`edgetl.measure.measure_models` with the same ``threads``); they are fitted instead of
-            timing the models again, e.g. to fit on timings interleaved with other models.
+            timing the models again (e.g. timed in the same session as held-out models).
         runtime: ``onnxruntime`` (the CPU) or ``tensorrt`` (FP16 engines on a Jetson's GPU; a
             ``runtime: tensorrt`` profile); default: tensorrt on a Jetson where it is available, else
             onnxruntime.
+        memory_mb: session peak RSS (MB) of models measured on this machine already (by
+            :func:`edgetl.measure.measure_memory`); fitted instead of measuring :data:`MEMORY_MODELS` again.
+        int8: time :data:`INT8_MODEL` at FP32 and INT8 and store the measured INT8 speed-up (``False`` keeps
+            the speed-up the ISA implies).
 
     Returns:
         A :class:`CalibrationResult`.
@@ -179,10 +210,67 @@ def calibrate(
     fit = fit_roofline(samples, machine.peak_fp32 * 1e9, machine.bandwidth_gbs * 1e9, "fp32")
     ratios = {m: r for m, r in zip(measurements, fit.ratios, strict=True)}
     if progress:
+        progress(len(models) + 1, len(models) + 2, "memory of a few sessions, INT8 against FP32")
+    _fit_memory(machine, memory_mb, _memory_models(models), resolution)
+    if int8:
+        _measure_int8(machine, resolution, rounds)
+    if progress:
         progress(len(models) + 2, len(models) + 2, "done")
     profile = DeviceProfile.model_validate(_profile_data(name, machine, fit, measurements, rounds))
     saved = save_profile(profile, Path(out) if out else user_profile_dir() / f"{name}.yaml")
-    return CalibrationResult(profile, saved, measurements, ratios, time.monotonic() - start)
+    memory_ratios = dict(zip(machine.memory_mb, machine.memory_fit.ratios, strict=True)) if machine.memory_fit else {}
+    return CalibrationResult(profile, saved, measurements, ratios, time.monotonic() - start, machine.memory_mb,
+                             memory_ratios)
+
+
+#: The model timed at FP32 and INT8 to measure the INT8 speed-up: dense convolutions, as ISA INT8 paths favour.
+INT8_MODEL = "resnet18"
+
+
+def _measure_int8(machine: _Machine, resolution: int | None, rounds: int) -> None:
+    """Time :data:`INT8_MODEL` at FP32 and as static QDQ INT8 (calibrated on random inputs: latency does not
+    depend on the values) and store FP32 / INT8 on ``machine``.
+
+    The two are timed interleaved, in blocks of 3 after an untimed run: this *compares* two candidates, so
+    load on a shared machine must hit both alike; only their ratio is kept, never either latency.
+    """
+    res = int(resolution or get_card(INT8_MODEL).resolution)
+    fp32 = architecture_onnx(INT8_MODEL, res)
+    shape = (1, 3, res, res)
+    # x86 without VNNI: 7-bit weights, as export quantizes for it (ONNX Runtime's U8S8 AVX2 path saturates)
+    reduce = (int8_speedup_for_isa(machine.cpu.isa) or (1.0, ""))[0] <= 1.0
+    with tempfile.TemporaryDirectory(prefix="edgetl-int8-") as tmp:
+        int8 = Path(tmp) / "int8.onnx"
+        quantize_int8_static(fp32, int8, [random_input(shape, seed) for seed in range(4)], reduce_range=reduce)
+        runners = {p: OnnxRuntimeRunner(path, providers="cpu", threads=machine.threads, name=p)
+                   for p, path in (("fp32", fp32), ("int8", int8))}
+        results = benchmark_interleaved(runners, shape, rounds=max(1, -(-rounds // 3)), iterations_per_round=3,
+                                        warmup=5, settle=1, cv_threshold=10.0)
+    machine.int8_speedup = results["fp32"].min / results["int8"].min
+    machine.int8_note = (
+        f"measured by edgetl device calibrate: {INT8_MODEL} at {res} px, FP32 {results['fp32'].min:.2f} ms / static "
+        f"QDQ INT8 {results['int8'].min:.2f} ms (minimum of {results['int8'].iterations} runs each, interleaved"
+        f"{', 7-bit weights' if reduce else ''}), {machine.threads} threads"
+    )
+
+
+def _memory_models(models: Sequence[str]) -> list[str]:
+    """The models whose memory is measured: those of :data:`MEMORY_MODELS` among ``models``, else up to 6 of them."""
+    chosen = [m for m in models if m in MEMORY_MODELS]
+    return chosen if len(chosen) >= 4 else list(models[:6])
+
+
+def _fit_memory(machine: _Machine, given: dict[str, float] | None, models: list[str],
+                resolution: int | None) -> None:
+    """Measure (or take from ``given``) the session peak RSS of ``models`` and fit the memory model to it."""
+    if given is None:
+        given = measure_memory(models, resolution=resolution, threads=machine.threads)
+    if len(given) < 3:  # three terms to fit
+        log.warning("memory model not fitted: %d measured models, 3 needed", len(given))
+        return
+    machine.memory_mb = dict(given)
+    samples = [(trace_model(m, resolution or get_card(m).resolution), mb) for m, mb in given.items()]
+    machine.memory_fit = fit_memory(samples, "fp32")
 
 
 #: Built-in Jetson profiles by the words of ``/proc/device-tree/model``, most specific first.
@@ -245,7 +333,8 @@ def _tensorrt_profile_data(name: str, base: DeviceProfile, fit: RooflineFit, mea
         calibrated={"host": host, "cpu": cpu.model, "date": today, "runtime": "tensorrt", "runtime_version": version,
                     "fingerprint": fingerprint(cpu, "tensorrt")},
         reference=[{"model": m.model, "precision": "fp16", "batch": m.batch, "resolution": m.resolution,
-                    "latency_ms": round(m.min_ms, 4), "runtime": "tensorrt", "metric": "min", "source": "measured"}
+                    "latency_ms": round(m.min_ms, 4), "runtime": "tensorrt", "metric": "min",
+                    "used_for_fit": True, "source": "measured"}
                    for m in measurements.values()],
     )
     return data
@@ -305,6 +394,8 @@ def _profile_data(name: str, machine: _Machine, fit: RooflineFit, measurements: 
         "efficiency": _efficiency(fit, len(measurements), rounds),
         "kernel_overhead_us": {"value": round(fit.kernel_overhead_us, 3),
                                "derived": "fitted by edgetl device calibrate"},
+        **({"int8_speedup": {"value": round(machine.int8_speedup, 3), "derived": machine.int8_note}}
+           if machine.int8_speedup is not None else {}),
         "cpu": {"cores": cpu.cores, "threads": cpu.cores, "isa": cpu.isa, "model": cpu.model, "ghz": cpu.ghz,
                 "derived": "read from /proc/cpuinfo and cpufreq"},
         "calibrated": {"host": host, "cpu": cpu.model, "date": today, "runtime": "onnxruntime",
@@ -312,18 +403,23 @@ def _profile_data(name: str, machine: _Machine, fit: RooflineFit, measurements: 
                        "fingerprint": fingerprint(cpu)},
         "reference": [
             {"model": m.model, "precision": "fp32", "batch": m.batch, "resolution": m.resolution,
-             "latency_ms": round(m.min_ms, 4), "runtime": "onnxruntime", "metric": "min", "source": "measured"}
+             "latency_ms": round(m.min_ms, 4), "runtime": "onnxruntime", "metric": "min", "used_for_fit": True,
+             "source": "measured"}
             for m in measurements.values()
         ],
     }
 
 
 def _compute(machine: _Machine) -> dict[str, Any]:
-    int8_factor, int8_path = int8_speedup_for_isa(machine.cpu.isa) or (1.0, "an ISA edgetl does not know")
+    if machine.int8_speedup is not None:
+        int8_factor = machine.int8_speedup
+        int8_note = f"fp32 peak x the measured INT8 speed-up {machine.int8_speedup:.2f}"
+    else:
+        factor, path = int8_speedup_for_isa(machine.cpu.isa) or (1.0, "an ISA edgetl does not know")
+        int8_factor, int8_note = factor, f"fp32 peak x {factor:g} ({path}); not measured"
     return {
         "fp32": {"value": round(machine.peak_fp32, 1), "derived": machine.peak_note},
-        "int8": {"value": round(machine.peak_fp32 * int8_factor, 1),
-                 "derived": f"fp32 peak x {int8_factor:g} ({int8_path}); not measured"},
+        "int8": {"value": round(machine.peak_fp32 * int8_factor, 1), "derived": int8_note},
     }
 
 
@@ -336,14 +432,36 @@ def _memory(machine: _Machine) -> dict[str, Any]:
         "model_budget_mb": {"value": round(ram_mb * 0.5), "derived": "ram_mb x 0.5"},
         "runtime_overhead_mb": {"value": round(machine.overhead_mb, 1),
                                 "derived": "measured: RSS growth of creating and running an ONNX Runtime session"},
+        **_rss_fit(machine),
     }
+
+
+def _rss_fit(machine: _Machine) -> dict[str, Any]:
+    """The ``memory.rss_fit`` entry: the memory model fitted to the sessions measured here, and how."""
+    fit = machine.memory_fit
+    if fit is None:
+        return {}
+    return {"rss_fit": {
+        "conv_weights_factor": round(fit.conv_weights_factor, 3),
+        "weights_factor": round(fit.weights_factor, 3),
+        "activations_factor": round(fit.activations_factor, 3),
+        "constant_mb": round(fit.constant_mb, 1),
+        "derived": (
+            f"fitted by edgetl device calibrate (non-negative least squares, relative error) to the peak RSS of "
+            f"ONNX Runtime fp32 sessions of {len(machine.memory_mb)} models ({', '.join(machine.memory_mb)}), "
+            f"each in a fresh process: RSS before the session to the peak after loading it and 3 inferences at "
+            f"batch 1; {100 * fit.within(0.25):.0f}% of them within ±25% after the fit; INT8 and FP16 take the same "
+            "factors on their smaller weights"
+        ),
+    }}
 
 
 def _efficiency(fit: RooflineFit, models: int, rounds: int, timed: str = "ONNX Runtime fp32") -> dict[str, Any]:
     return {
         "derived": (
             f"fitted by edgetl device calibrate to {models} models timed as {timed} "
-            f"(minimum of {rounds} interleaved runs); {100 * fit.within(0.2):.0f}% of them within ±20% after "
+            f"(each alone, warmed up, minimum of {rounds} consecutive runs); "
+            f"{100 * fit.within(0.2):.0f}% of them within ±20% after "
             "the fit; classes no calibration model exercises keep the fitted bound"
         ),
         **{k: round(min(1.0, max(v, 1e-4)), 5) for k, v in fit.efficiency.items()},

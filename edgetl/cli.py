@@ -227,7 +227,8 @@ def _measure_ranking(ranking, n: int, threads: int | None, quiet: bool) -> str:
         )
     for r in rows:
         r.measured_ms = results[r.card.id].min_ms
-    notes = [f"measured here with ONNX Runtime CPU fp32 (minimum of {results[rows[0].card.id].runs} interleaved runs)"]
+    runs = results[rows[0].card.id].runs
+    notes = [f"measured here with ONNX Runtime CPU fp32 (each alone, warmed up, minimum of {runs} consecutive runs)"]
     if not p.is_this_machine():
         notes.append(
             f"'{p.name}' is not this machine: the measurement is of this machine, the prediction of {p.name}; "
@@ -591,6 +592,10 @@ def device_calibrate_cmd(name: str, out: str | None, threads: int | None, rounds
             m: {"measured_ms": round(meas.min_ms, 3), "cv": round(meas.cv, 3), "fit_ratio": round(result.ratios[m], 3)}
             for m, meas in result.measurements.items()
         },
+        "memory": {
+            m: {"measured_mb": round(mb, 1), "fit_ratio": round(result.memory_ratios[m], 3)}
+            for m, mb in result.memory_mb.items() if m in result.memory_ratios
+        },
     }
     if as_json:
         emit_json(summary)
@@ -604,6 +609,9 @@ def device_calibrate_cmd(name: str, out: str | None, threads: int | None, rounds
         table.add_row(m, f"{d['measured_ms']:.2f}", f"{d['cv']:.2f}", f"{d['fit_ratio']:.2f}")
     console = _stdout_console()
     console.print(table)
+    if summary["memory"]:
+        console.print("session peak RSS, measured MB (fitted / measured): " + ", ".join(
+            f"{m} {d['measured_mb']:.0f} ({d['fit_ratio']:.2f})" for m, d in summary["memory"].items()))
     console.print(f"wrote {result.path}; use it with --device {result.profile.name}")
 
 

@@ -12,7 +12,14 @@ with ``B`` the batch size, ``peak`` the device's dense peak in GFLOP/s for the p
 ``eff[class]`` the fraction of peak the device reaches on that op class, and bytes per element
 4 / 2 / 1 for fp32 / fp16 / int8. The model's latency is the sum over ops.
 
-Memory is what the deployed model needs resident::
+Memory is what the deployed model needs resident. With a profile fitted to measured peak RSS
+(``memory.rss_fit``, written by ``edgetl device calibrate``)::
+
+    memory = (conv_weights_factor * conv_weights + weights_factor * other_weights) * bytes_per_element
+             + activations_factor * peak_live_activations * B * bytes_per_element + constant
+
+(the runtime keeps several copies of the weights: the file read, the initializers, their pre-packed
+layouts), else the plain sum with the profile's ``runtime_overhead_mb``::
 
     memory = params * bytes_per_element + peak_live_activations * B * bytes_per_element
              + runtime_overhead
@@ -68,8 +75,12 @@ def int8_speedup_for_isa(isa: Iterable[str]) -> tuple[float, str] | None:
 
 
 def int8_speedup(profile: DeviceProfile) -> tuple[float, str]:
-    """INT8 over FP32 compute on ``profile``'s device: from the CPU's ISA when ONNX Runtime runs on the
-    CPU, else (an accelerator, or an unknown ISA) from the profile's own peaks."""
+    """INT8 over FP32 compute on ``profile``'s device: measured by ``edgetl device calibrate`` when the profile
+    has it (``int8_speedup``), else from the CPU's ISA when ONNX Runtime runs on the CPU, else (an
+    accelerator, or an unknown ISA) from the profile's own peaks."""
+    if profile.int8_speedup is not None and profile.supports("int8"):
+        measured = profile.int8_speedup
+        return float(measured.value), f"measured: {measured.derived or measured.source}"
     if profile.runtime == "onnxruntime" and profile.cpu is not None:
         known = int8_speedup_for_isa(profile.cpu.isa)
         if known is not None:
@@ -125,7 +136,8 @@ class LatencyPrediction:
 
 @dataclass
 class MemoryPrediction:
-    """Predicted resident memory of the deployed model (MB = 1e6 bytes)."""
+    """Predicted resident memory of the deployed model (MB = 1e6 bytes): the weights as the runtime holds them,
+    the activations (arena) and the runtime's own constant."""
 
     memory_mb: float
     weights_mb: float
@@ -184,12 +196,25 @@ def predict_latency(
 def predict_memory(
     trace: CostTrace, profile: DeviceProfile, precision: str, batch: int = 1
 ) -> MemoryPrediction:
-    """Predict the resident memory of ``trace``'s model on a device at ``precision`` and ``batch``."""
+    """Predict the resident memory of ``trace``'s model on a device at ``precision`` and ``batch``: with the
+    profile's ``memory.rss_fit`` when it has one (fitted to measured peak RSS), else weights + activations +
+    ``runtime_overhead_mb``."""
     bpe = BYTES_PER_ELEMENT[precision]
     weights = trace.params * bpe / 1e6
     acts = trace.peak_activation * batch * bpe / 1e6
-    runtime = float(profile.memory.runtime_overhead_mb.value)
+    fit = profile.memory.rss_fit
+    if fit is not None:
+        conv = conv_weights(trace) * bpe / 1e6
+        weights = conv * fit.conv_weights_factor + (weights - conv) * fit.weights_factor
+        acts, runtime = acts * fit.activations_factor, fit.constant_mb
+    else:
+        runtime = float(profile.memory.runtime_overhead_mb.value)
     return MemoryPrediction(weights + acts + runtime, weights, acts, runtime)
+
+
+def conv_weights(trace: CostTrace) -> int:
+    """The weight elements of the model's convolutions (dense, grouped and depthwise), at most its parameters."""
+    return min(trace.params, sum(op.weight for op in trace.ops if op.cls in ("conv", "depthwise")))
 
 
 def model_size_mb(params: int, precision: str) -> float:
@@ -285,3 +310,44 @@ def fit_roofline(
         kernel_overhead_us=float(np.exp(x[-1]) * 1e6),
         ratios=[float(r) for r in ratios],
     )
+
+
+@dataclass
+class MemoryFit:
+    """The runtime's memory fitted to measured peak RSS (see :func:`fit_memory`), in MB = 1e6 bytes."""
+
+    conv_weights_factor: float
+    weights_factor: float
+    activations_factor: float
+    constant_mb: float
+    ratios: list[float]  # predicted / measured for each fitted sample
+
+    def predict_mb(self, conv_mb: float, other_mb: float, activations_mb: float) -> float:
+        """The memory of a model with these convolution and other weights and peak live activations (MB)."""
+        return (self.conv_weights_factor * conv_mb + self.weights_factor * other_mb
+                + self.activations_factor * activations_mb + self.constant_mb)
+
+    def within(self, tolerance: float) -> float:
+        """Fraction of fitted samples whose prediction is within ``tolerance`` (0.25 = ±25%)."""
+        return sum(1 for r in self.ratios if abs(r - 1.0) <= tolerance) / len(self.ratios) if self.ratios else 0.0
+
+
+def fit_memory(samples: list[tuple[CostTrace, float]], precision: str = "fp32") -> MemoryFit:
+    """Fit ``memory = a * conv weights + b * other weights + c * activations + d`` to measured peak RSS (MB),
+    non-negative, weighted by 1/measured (a relative error, so a 30 MB model weighs as much as a 600 MB one).
+
+    Args:
+        samples: ``(trace, measured_mb)`` pairs at batch 1.
+        precision: the precision the samples were measured at.
+    """
+    from scipy.optimize import nnls  # deferred: heavy
+
+    bpe = BYTES_PER_ELEMENT[precision]
+    design = np.array([[conv_weights(t) * bpe / 1e6, (t.params - conv_weights(t)) * bpe / 1e6,
+                        t.peak_activation * bpe / 1e6, 1.0] for t, _ in samples])
+    measured = np.array([m for _, m in samples])
+    w = 1.0 / measured
+    (a, b, c, d), _ = nnls(design * w[:, None], measured * w)
+    fit = MemoryFit(float(a), float(b), float(c), float(d), [])
+    fit.ratios = [fit.predict_mb(*f[:3]) / m for f, m in zip(design, measured, strict=True)]
+    return fit

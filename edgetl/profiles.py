@@ -101,6 +101,23 @@ class Overhead(_Provenance):
     value: float = Field(ge=0)
 
 
+class RssFit(_Provenance):
+    """The runtime's memory as a function of the model, fitted to measured peak RSS (MB = 1e6 bytes)::
+
+        memory = conv_weights_factor x convolution weights + weights_factor x the other weights
+                 + activations_factor x peak live activations + constant_mb
+
+    The weight factors cover the runtime's copies of the weights (the file read, the initializers and their
+    pre-packed layouts: ONNX Runtime re-lays convolution weights out, so they cost more than FC/matmul ones);
+    ``activations_factor`` the activation arena; ``constant_mb`` the session.
+    """
+
+    conv_weights_factor: float = Field(ge=0)
+    weights_factor: float = Field(ge=0)
+    activations_factor: float = Field(ge=0)
+    constant_mb: float = Field(ge=0)
+
+
 class Memory(_Strict):
     """Memory of the device (MB = 2**20 bytes for RAM sizes, GB/s = 1e9 bytes per second)."""
 
@@ -108,6 +125,7 @@ class Memory(_Strict):
     bandwidth_gbs: Figure
     model_budget_mb: Figure
     runtime_overhead_mb: Overhead
+    rss_fit: RssFit | None = None
 
     @model_validator(mode="after")
     def _budget_fits(self) -> Memory:
@@ -155,7 +173,12 @@ class CPU(_Provenance):
 
 
 class Reference(_Provenance):
-    """A published (or measured) latency of one model on the device."""
+    """A published (or measured) latency of one model on the device.
+
+    ``runtime`` is required: a prediction is checked only against references of the profile's own
+    runtime. ``used_for_fit`` marks a reference the profile's efficiencies were derived (fitted) from; it
+    is then no check of the prediction, and the tests leave it out.
+    """
 
     model: Text
     precision: Precision
@@ -164,6 +187,7 @@ class Reference(_Provenance):
     latency_ms: float = Field(gt=0)
     runtime: ReferenceRuntime
     metric: Metric
+    used_for_fit: bool = False
     note: Text | None = None
 
     @field_validator("runtime", mode="before")
@@ -190,6 +214,9 @@ class DeviceProfile(_Strict):
     memory: Memory
     efficiency: Efficiency
     kernel_overhead_us: Overhead
+    int8_speedup: Figure | None = None
+    """INT8 over FP32 speed-up measured on the device (``edgetl device calibrate``); it replaces the one the ISA
+    implies."""
     cpu: CPU | None = None
     calibrated: dict[str, Any] | None = None
     reference: list[Reference] = Field(default_factory=list)
@@ -234,8 +261,11 @@ class DeviceProfile(_Strict):
 
     def _provenances(self) -> list[tuple[str, _Provenance]]:
         items: list[tuple[str, _Provenance]] = [(f"compute.{k}", v) for k, v in self.compute.items()]
-        items += [(f"memory.{k}", getattr(self.memory, k)) for k in Memory.model_fields]
+        items += [(f"memory.{k}", getattr(self.memory, k)) for k in Memory.model_fields
+                  if getattr(self.memory, k) is not None]
         items += [("efficiency", self.efficiency), ("kernel_overhead_us", self.kernel_overhead_us)]
+        if self.int8_speedup is not None:
+            items.append(("int8_speedup", self.int8_speedup))
         if self.cpu is not None:
             items.append(("cpu", self.cpu))
         items += [(f"reference[{i}]", r) for i, r in enumerate(self.reference)]
@@ -299,6 +329,11 @@ class DeviceProfile(_Strict):
             for r in self.reference
             if (runtime is None or r.runtime == runtime) and (precision is None or r.precision == precision)
         ]
+
+    def held_out_references(self) -> list[Reference]:
+        """The references a prediction can be checked against: measured with the profile's own runtime
+        (ONNX Runtime against ONNX Runtime, TensorRT against TensorRT) and not used to fit the profile."""
+        return [r for r in self.reference if r.runtime == self.runtime and not r.used_for_fit]
 
     def to_yaml(self) -> str:
         """Render the profile as YAML in the layout of the built-in files; it loads back unchanged."""
@@ -545,6 +580,11 @@ def format_validation_error(exc: ValidationError, limit: int = 3) -> str:
 
 def builtin_profile_dir() -> Path:
     """The folder of the profiles shipped with edgetl."""
+    # A source checkout's own profiles/ first: an editable install's finder may point edgetl.profile_data at
+    # another checkout (a git worktree run with PYTHONPATH), and the code and its profiles must match.
+    checkout = Path(__file__).resolve().parent.parent / "profiles"
+    if (checkout / "__init__.py").is_file() and (Path(__file__).resolve().parent.parent / "pyproject.toml").is_file():
+        return checkout
     try:
         spec = importlib.util.find_spec(_DATA_PACKAGE)
     except ModuleNotFoundError:

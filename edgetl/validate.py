@@ -246,7 +246,8 @@ def _check_precision(manifest: dict[str, Any], profile: DeviceProfile) -> str:
 
 
 def _time(runner: Any, manifest: dict[str, Any], opts: ValidateOptions) -> tuple[Any, tuple[int, ...], float | None]:
-    """Time the model at batch 1; also return the memory the runtime took with the model loaded."""
+    """Time the model at batch 1 in its steady state (alone, warmed up, consecutive runs: a deployment
+    latency, not interleaved); also return the memory the runtime took with the model loaded."""
     resolution = int((manifest.get("source") or {}).get("resolution") or manifest["onnx"]["input"]["shape"][-1])
     shape = (1, 3, resolution, resolution)
     rss_before = _vm_rss_mb()

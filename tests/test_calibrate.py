@@ -26,6 +26,13 @@ def test_calibrate_writes_a_valid_profile_that_select_finds():
     assert profile.runtime == "onnxruntime" and profile.calibrated["threads"] == 1
     assert {r.model for r in profile.reference} == set(TINY)
     assert all(r.metric == "min" and r.resolution == 64 for r in profile.reference)
+    assert all(r.used_for_fit for r in profile.reference) and not profile.held_out_references()  # fitted on them
+    fit = profile.memory.rss_fit
+    assert fit is not None and fit.conv_weights_factor > 1 and "fresh process" in fit.derived
+    assert set(result.memory_mb) == set(TINY) and all(0.5 < r < 2.0 for r in result.memory_ratios.values())
+    assert profile.int8_speedup is not None and "resnet18" in profile.int8_speedup.derived
+    assert profile.compute["int8"].value == pytest.approx(profile.compute["fp32"].value * profile.int8_speedup.value,
+                                                          rel=1e-2)
     assert all(0 < v <= 1 for v in profile.efficiency.model_dump().values() if isinstance(v, float))
     # the fit reproduces what it was fitted to within a factor of two
     assert all(0.5 < r < 2.0 for r in result.ratios.values()), result.ratios
@@ -64,3 +71,24 @@ def test_calibrate_on_a_jetson_with_tensorrt_writes_a_tensorrt_profile():
     assert profile.is_this_machine() and profile.calibrated["fingerprint"]["tensorrt"]
     assert {(r.runtime, r.precision) for r in profile.reference} == {("tensorrt", "fp16")}
     assert set(result.measurements) == set(TINY) and all(m.runtime == "tensorrt" for m in result.measurements.values())
+
+
+def test_measure_models_times_each_model_alone_in_its_steady_state():
+    from edgetl.measure import measure_models
+
+    seen = []
+    results = measure_models(("squeezenet1_1", "mobilenet_v3_small"), resolution=32, threads=1, rounds=4, warmup=2,
+                             progress=lambda done, total, step: seen.append(step), passes=2)
+    assert list(results) == ["squeezenet1_1", "mobilenet_v3_small"]
+    for m in results.values():
+        assert m.runs == 4 and m.resolution == 32 and m.runtime == "onnxruntime" and m.threads == 1
+        assert 0 < m.min_ms <= m.p10_ms <= m.p50_ms
+    assert seen[-1] == "timing"
+
+
+def test_a_sessions_peak_rss_is_measured_in_a_fresh_process_and_grows_with_the_weights():
+    from edgetl.measure import measure_memory
+
+    mb = measure_memory(("squeezenet1_1", "resnet18"), resolution=32, threads=1, runs=1)
+    # resnet18 has 47 MB of fp32 weights, squeezenet1_1 5 MB; the runtime holds more than one copy
+    assert 0 < mb["squeezenet1_1"] < mb["resnet18"] and mb["resnet18"] > 47

@@ -291,3 +291,12 @@ def test_devices_skips_broken_profile_with_a_warning(tmp_path, caplog):
     assert any("broken.yaml:" in r.getMessage() and "invalid YAML" in r.getMessage() for r in caplog.records)
     result = CliRunner().invoke(cli, ["--profiles", str(tmp_path), "select", "--device", "broken"])
     assert result.exit_code == 1 and "broken.yaml:" in result.stderr and "invalid YAML" in result.stderr
+
+
+def test_a_reference_without_its_runtime_is_rejected(tmp_path):
+    text = builtin_text("jetson-nano")
+    old = "latency_ms: 20.2, runtime: tensorrt, "
+    assert old in text
+    path = write(tmp_path, "jetson-nano", text.replace(old, "latency_ms: 20.2, ", 1))
+    with pytest.raises(ProfileError, match=r"reference\[1\]\.runtime: field required"):
+        load_profile(str(path))

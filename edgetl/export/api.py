@@ -8,7 +8,8 @@ The steps, all in a hidden folder beside ``out`` that is renamed into place at t
 3. build the precision candidates: FP16 (``keep_io_types``), INT8 static QDQ calibrated on a
    stratified sample of the training images (or ``calib_data``), or INT8 dynamic for linear-heavy models;
 4. measure each candidate's accuracy on the evaluation images and its latency on this machine
-   (interleaved runs; ranked on the minimum), and predict its latency on the target device;
+   (interleaved runs, because this *compares* candidates: drift hits them alike; ranked on the minimum),
+   and predict its latency on the target device;
 5. keep the fastest candidate within the accuracy budget (``precision="auto"``), or the one asked for;
 6. optionally build a TensorRT engine and a C header; write labels, preprocessing and the manifest
    with every file's sha256; publish the folder.
@@ -457,6 +458,11 @@ def _parity(precision: str, got: np.ndarray, ref: np.ndarray, labelled: bool, ma
 
 def _measure(candidates: list[_Candidate], resolution: int, threads: int | None, rounds: int,
              say: Callable[[str], None]) -> None:
+    """Time the candidates against each other, interleaved so load on a shared machine hits them all alike.
+
+    This compares candidates (which precision is fastest here); it is not a deployment latency, which is a
+    steady state (:func:`edgetl.runtime.bench.benchmark`, as validate and the TensorRT engine are timed).
+    """
     live = [c for c in candidates if c.rejected is None or c.precision == "fp32"]
     say(f"timing {', '.join(c.precision for c in live)} on this machine ({rounds} interleaved runs each)")
     runners = {c.precision: OnnxRuntimeRunner(c.path, providers="cpu", threads=threads, name=c.precision)

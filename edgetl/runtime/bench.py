@@ -4,11 +4,16 @@ Timings on a shared machine are noisy: other tenants take the cores and the medi
 move by 2x between runs. So:
 
 - :func:`benchmark` times one runner after a warm-up and reports the coefficient of variation (CV);
-  above 10% the result is flagged ``unstable`` and a warning is logged, as trtexec does.
+  above 10% the result is flagged ``unstable`` and a warning is logged, as trtexec does. This is the
+  steady state a deployed model runs in (the same model, warmed up, run after run): use it for any
+  latency meant to predict deployment (calibrate, ``select --measure``, validate, a TensorRT engine).
 - :func:`benchmark_interleaved` times several runners round-robin, in a shuffled order each round,
   so a burst of load hits every model alike; an untimed settle run at the start of each block keeps
-  the previous session's spinning threads out of the timings. Compare models (or calibrate a predictor) on ``min`` or
-  a low percentile (``result.percentile(10)``) of such a run, not on one model's median.
+  the previous session's spinning threads out of the timings. Use it only to *compare* candidates
+  against each other (export's precision choice): each model then runs with caches the others
+  evicted, and small networks ran 1.1-2.5x slower than in their steady state, so these figures are
+  not a deployment latency. Compare on ``min`` or a low percentile (``result.percentile(10)``), not
+  on one model's median.
 
 Python's garbage collector is paused while timing (as :mod:`timeit` does).
 """
@@ -282,6 +287,9 @@ def benchmark_interleaved(
     settle: int = 0,
 ) -> dict[str, BenchResult]:
     """Time several runners round-robin, so that load on a shared machine hits them all alike.
+
+    For comparing candidates against each other only; a latency that predicts deployment comes from
+    :func:`benchmark` (steady state).
 
     Every runner is activated and warmed up first. Then each round runs every runner
     ``iterations_per_round`` times, in a fresh random order per round (``shuffle``) or in a rotating

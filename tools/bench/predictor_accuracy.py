@@ -1,11 +1,15 @@
 """Publish the latency predictor's error on this machine.
 
-Times edgetl's calibration models and held-out catalog models in one interleaved session (batch 1,
-224x224, ONNX Runtime fp32, minimum of many runs), fits a profile of this machine on the calibration
+Times edgetl's calibration models and held-out catalog models in one session, each in its steady state
+as calibrate does (alone, warmed up, then the minimum of many consecutive runs; batch 1, 224x224,
+ONNX Runtime fp32), fits a profile of this machine on the calibration
 models only (``edgetl.calibrate.calibrate(measurements=...)``), then predicts the held-out models
 the fit never saw. Prints predicted vs measured per model, the share within ±10% and ±20%, and the
 Spearman rank correlation; side by side with the naive predictor (one ms-per-GFLOP constant fitted on
-the same calibration runs).
+the same calibration runs). Then memory: the session peak RSS of each held-out model (ONNX Runtime
+fp32, each in a fresh process), predicted with the memory model calibrate fits (``memory.rss_fit``, fitted
+on ``MEMORY_MODELS``) and with the plain weights + activations + constant, against the measurement
+(target: within ±25%).
 
     python tools/bench/predictor_accuracy.py --threads 2
 """
@@ -20,11 +24,11 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-from edgetl.calibrate import CALIBRATION_MODELS, calibrate
+from edgetl.calibrate import CALIBRATION_MODELS, MEMORY_MODELS, calibrate
 from edgetl.catalog import get_card
 from edgetl.cost import trace_model
-from edgetl.measure import measure_models
-from edgetl.predict import predict_latency
+from edgetl.measure import measure_memory, measure_models
+from edgetl.predict import predict_latency, predict_memory
 from edgetl.profiles import load_profile
 
 HELD_OUT = (
@@ -47,6 +51,30 @@ def _report(name: str, ratios: list[float], predicted: list[float], measured: li
     )
 
 
+def _memory_rows(held: list[str], memory: dict[str, float], profile, resolution: int) -> list[tuple]:
+    """(model, weights MB, predicted with the fit, predicted without it, measured) per held-out model."""
+    bare = profile.model_copy(deep=True)
+    bare.memory.rss_fit = None  # today's predictor: weights + activations + runtime_overhead_mb
+    rows = []
+    for m in held:
+        trace = trace_model(m, resolution)
+        rows.append((m, trace.params * 4 / 1e6, predict_memory(trace, profile, "fp32").memory_mb,
+                     predict_memory(trace, bare, "fp32").memory_mb, memory[m]))
+    return rows
+
+
+def _print_memory(rows: list[tuple]) -> None:
+    print("\nheld-out models: session peak RSS (ONNX Runtime fp32, each in a fresh process: load + 3 runs), MB")
+    print(f"{'model':<22}{'weights':>9}{'predicted':>11}{'before':>9}{'measured':>10}{'ratio':>8}{'before r':>10}")
+    for m, w, pred, bare, meas in rows:
+        print(f"{m:<22}{w:9.1f}{pred:11.1f}{bare:9.1f}{meas:10.1f}{pred / meas:8.2f}{bare / meas:10.2f}")
+    for name, col in (("memory, fitted (rss_fit)", 2), ("memory, weights+acts+const", 3)):
+        ratios = [r[col] / r[4] for r in rows]
+        median = 100 * statistics.median(abs(r - 1) for r in ratios)
+        print(f"{name:<28} within ±25%: {_share_within(ratios, 0.25):5.1f}%   within ±10%: "
+              f"{_share_within(ratios, 0.1):5.1f}%   median |error|: {median:.1f}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -57,20 +85,29 @@ def main() -> None:
 
     start = time.monotonic()
     held = [m for m in args.models if get_card(m).name not in {get_card(c).name for c in CALIBRATION_MODELS}]
-    # One interleaved session for the calibration and the held-out models: load from other tenants of
-    # a shared machine then slows both alike, and the error left is the predictor's own.
+    # One session for the calibration and the held-out models, each timed alone in its steady state as
+    # calibrate and a deployment run it; the held-out models are timed the same way as the fitted ones.
     measured = measure_models([*CALIBRATION_MODELS, *held], resolution=args.resolution, threads=args.threads,
                               rounds=args.rounds)
+    memory = measure_memory([*MEMORY_MODELS, *held], resolution=args.resolution, threads=args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         cal = calibrate(
             name="bench-local", out=Path(tmp) / "bench-local.yaml", threads=args.threads, rounds=args.rounds,
-            resolution=args.resolution, measurements=measured,
+            resolution=args.resolution, measurements=measured, memory_mb={m: memory[m] for m in MEMORY_MODELS},
+            int8=False,  # fp32 only here
         )
         profile = load_profile(str(cal.path))
-    print(f"timed {len(measured)} models interleaved, fitted on the {len(CALIBRATION_MODELS)} calibration models "
+    print(f"timed {len(measured)} models (steady state), fitted on the {len(CALIBRATION_MODELS)} calibration models "
           f"in {time.monotonic() - start:.0f} s; fit ratios (pred/meas):")
     print("  " + ", ".join(f"{m} {r:.2f}" for m, r in cal.ratios.items()))
+    print("memory fit (MB measured, fitted/measured): " + ", ".join(
+        f"{m} {cal.memory_mb[m]:.0f} ({r:.2f})" for m, r in cal.memory_ratios.items()))
+    _print_latency(held, measured, cal, profile, args)
+    _print_memory(_memory_rows(held, memory, profile, args.resolution))
+    print(f"\ntotal {time.monotonic() - start:.0f} s")
 
+
+def _print_latency(held: list[str], measured: dict, cal, profile, args: argparse.Namespace) -> None:
     # the naive way: one ms-per-GFLOP constant, least squares on the calibration runs
     cal_flops = [trace_model(m, args.resolution).flops / 1e9 for m in cal.measurements]
     cal_ms = [m.min_ms for m in cal.measurements.values()]
@@ -92,7 +129,6 @@ def main() -> None:
     print()
     print(_report("edgetl roofline (fitted)", ratios, [r[2] for r in rows], [r[4] for r in rows]))
     print(_report("naive ms-per-GFLOP", naive_ratios, [r[3] for r in rows], [r[4] for r in rows]))
-    print(f"\ntotal {time.monotonic() - start:.0f} s")
 
 
 if __name__ == "__main__":
