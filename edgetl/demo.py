@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -229,8 +230,6 @@ def _baseline(folder: Path, result: BuildResult, force: bool, say: Callable[[str
             say("demo: the from-scratch baseline is up to date")
             return saved
     if run_dir.exists():
-        import shutil
-
         shutil.rmtree(run_dir)
     say(f"demo: training the from-scratch baseline ({result.model}, random weights, {f.epochs} epochs)")
     start = time.perf_counter()

@@ -76,6 +76,7 @@ class Classifier:
     transform: Callable[[Image.Image], np.ndarray]
     forward: Callable[[np.ndarray], np.ndarray]
     runtime: str
+    close: Callable[[], None] = lambda: None
 
 
 def open_source(
@@ -112,7 +113,7 @@ def _artifact_classifier(folder: Path) -> Classifier:
             "onnxruntime"
     runner.activate()
     return Classifier(str(folder), "artifact", labels, lambda img: prepare(img, doc),
-                      lambda x: np.asarray(runner.infer(x)["logits"]), runtime)
+                      lambda x: np.asarray(runner.infer(x)["logits"]), runtime, close=runner.deactivate)
 
 
 def prepare(image: Image.Image, doc: dict[str, Any]) -> np.ndarray:
@@ -225,4 +226,8 @@ def predict(
     """
     if not images:
         raise ConfigError("no images given; pass one or more image files")
-    return classify(open_source(source, weights=weights, weights_dir=weights_dir), list(images), top=top)
+    classifier = open_source(source, weights=weights, weights_dir=weights_dir)
+    try:
+        return classify(classifier, list(images), top=top)
+    finally:
+        classifier.close()  # an artifact's runtime session

@@ -54,11 +54,6 @@ def host_name() -> str:
     return platform.node() or "this machine"
 
 
-def host_id() -> str:
-    """A short identity of this machine: host name and CPU model."""
-    return f"{platform.node()} ({cpu_model()})"
-
-
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (or the platform's processor string)."""
     try:

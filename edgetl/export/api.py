@@ -674,6 +674,7 @@ def _control_accuracy(job: _Job, src: _Source, candidates: list[_Candidate],
     probe = list(ImageBatches(calib[0][:SENSITIVITY_IMAGES], src.preprocess, src.resolution, CALIB_BATCH))
     fp32_probe = _onnx_logits(fp32_path, ((x, np.zeros(len(x))) for x in probe), job.threads)
     tried: dict[tuple[str, ...], _Candidate] = {}
+    evaluation = list(_eval_batches(src, calib, lambda _: None)[0])  # decoded once for every try below
 
     def error_with_float(kept: list[str]) -> float:
         path = _quantize_static(job, fp32_path, fp32_path.parent / "int8-probe.onnx", [], method, kept).path
@@ -684,8 +685,7 @@ def _control_accuracy(job: _Job, src: _Source, candidates: list[_Candidate],
         report = _quantize_static(job, fp32_path, dst, [], method, kept)
         c = _Candidate("int8", dst, "static", quant={**int8.quant, "kept_in_float": kept,
                                                      "op_counts": report.op_counts, "file_bytes": report.file_bytes})
-        batches, _ = _eval_batches(src, calib, lambda _: None)
-        _score(c, _onnx_logits(dst, batches, job.threads), ref, max_drop)
+        _score(c, _onnx_logits(dst, evaluation, job.threads), ref, max_drop)
         tried[tuple(kept)] = c
         return _rejection(c, max_drop) is None
 
