@@ -38,7 +38,7 @@ from edgetl.catalog import ModelCard, build_architecture, get_card
 
 log = logging.getLogger(__name__)
 
-_TRACE_SCHEMA = 3
+_TRACE_SCHEMA = 4
 
 OP_CLASSES: tuple[str, ...] = (
     "conv",
@@ -118,6 +118,34 @@ def classify(op: str, args: tuple[Any, ...]) -> str | None:
     return "elementwise"
 
 
+def geometry(op: str, args: tuple[Any, ...], out: Any) -> tuple[int, ...]:
+    """The shape parameters that set a compute kernel's speed (empty for other ops):
+
+    - convolutions: ``(cin, cout, kh, kw, stride_h, stride_w, dilation_h, dilation_w, groups, hin, win, hout, wout)``;
+    - matrix products: ``(batch, m, k, n)``;
+    - batch norms: the input's ``(channels, height, width)``.
+    """
+    try:
+        if op in _CONV_OPS and out is not None:
+            x, w = args[0], args[1]
+            stride, dilation, groups = list(args[3]), list(args[5]), int(args[8])
+            return (int(x.shape[1]), int(w.shape[0]), int(w.shape[2]), int(w.shape[3]), *_pair(stride),
+                    *_pair(dilation), groups, int(x.shape[2]), int(x.shape[3]), int(out.shape[2]), int(out.shape[3]))
+        if op in ("mm", "addmm", "bmm", "baddbmm"):
+            a, b = (args[1], args[2]) if op in ("addmm", "baddbmm") else (args[0], args[1])
+            batch = int(a.shape[0]) if a.dim() == 3 else 1
+            return (batch, int(a.shape[-2]), int(a.shape[-1]), int(b.shape[-1]))
+        if op in _FOLDED_NORMS and args[0].dim() == 4:
+            return tuple(int(d) for d in args[0].shape[1:])
+    except (IndexError, TypeError, AttributeError, ValueError):  # an unusual overload: no geometry
+        return ()
+    return ()
+
+
+def _pair(v: list[Any]) -> tuple[int, int]:
+    return (int(v[0]), int(v[-1])) if v else (1, 1)
+
+
 @dataclass
 class OpCost:
     """The cost of one op at batch 1. Element counts, not bytes: the precision sets the byte width."""
@@ -129,13 +157,15 @@ class OpCost:
     act_in: int
     act_out: int
     fused: bool
+    geom: tuple[int, ...] = ()
 
     def to_row(self) -> list[Any]:
-        return [self.op, self.cls, self.flops, self.weight, self.act_in, self.act_out, int(self.fused)]
+        return [self.op, self.cls, self.flops, self.weight, self.act_in, self.act_out, int(self.fused), list(self.geom)]
 
     @classmethod
     def from_row(cls, row: list[Any]) -> OpCost:
-        return cls(row[0], row[1], float(row[2]), int(row[3]), int(row[4]), int(row[5]), bool(row[6]))
+        return cls(row[0], row[1], float(row[2]), int(row[3]), int(row[4]), int(row[5]), bool(row[6]),
+                   tuple(int(v) for v in row[7]))
 
 
 @dataclass
@@ -238,8 +268,10 @@ class _Recorder:
         root, fused = self._fusion(name, acts)
         idx = len(self.ops)
         flops = self._flops(func, args, kwargs, out, act_out, cls)
-        self.ops.append(OpCost(name, cls, flops, weight, sum(_numel(a) for a in acts), act_out, fused))
-        new_root = root if fused else (idx if cls in COMPUTE_CLASSES else None)
+        self.ops.append(OpCost(name, cls, flops, weight, sum(_numel(a) for a in acts), act_out, fused,
+                               geometry(name, args, flat_out[0] if flat_out else None)))
+        # a batch norm no conv absorbs runs as a 1x1 depthwise conv (ONNX Runtime, TensorRT): what follows fuses into it
+        new_root = root if fused else (idx if cls in COMPUTE_CLASSES or name in _FOLDED_NORMS else None)
         for o in flat_out[:1]:
             o._et_root = new_root
             if not name.endswith("_"):  # in-place ops allocate nothing
