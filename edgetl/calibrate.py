@@ -10,10 +10,14 @@
    :func:`edgetl.predict.fit_roofline`.
 5. Time ResNet-18 at FP32 and as static INT8 (QDQ) side by side and keep the ratio: the INT8 speed-up of
    this machine, measured rather than inferred from its ISA.
-6. Measure the peak RSS of a few models' sessions (each in a fresh process: load + 3 inferences) and fit
+6. Time the kernels one by one (:mod:`edgetl.kernels`): every kernel of the calibration models under ONNX
+   Runtime's profiler, in place, and micro-graphs of a sample of the distinct convolutions and matrix products
+   of the catalog's models; with what the profiler adds to a kernel, the rate at which weights stream from
+   DRAM and the last-level cache. They predict this machine's latency kernel by kernel.
+7. Measure the peak RSS of a few models' sessions (each in a fresh process: load + 3 inferences) and fit
    ``conv weights x factor + other weights x factor + activations x factor + constant`` to them
    (:func:`edgetl.predict.fit_memory`).
-7. Write a profile that passes the same strict schema, with the measurements in ``reference``.
+8. Write a profile that passes the same strict schema, with the measurements in ``reference``.
 """
 
 from __future__ import annotations
@@ -31,12 +35,24 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.catalog import get_card
-from edgetl.cost import trace_model
+from edgetl.catalog import get_card, list_models
+from edgetl.cost import CostTrace, TraceError, trace_model
 from edgetl.errors import ConfigError
 from edgetl.export.quantize import quantize_int8_static
-from edgetl.machine import CpuInfo, fingerprint, host_name, read_cpu, runtime_version
+from edgetl.kernels import (
+    distinct_kernels,
+    fit_kernel_model,
+    measure_channel_block,
+    measure_profiler_us,
+    measure_run_overhead_us,
+    measure_stream_gbs,
+    micro_graph,
+    profile_onnx,
+    spread_sample,
+)
+from edgetl.machine import CpuInfo, fingerprint, host_name, last_level_cache_mb, read_cpu, runtime_version
 from edgetl.measure import Measurement, architecture_onnx, measure_memory, measure_models
+from edgetl.options import KERNEL_SAMPLES
 from edgetl.predict import MemoryFit, RooflineFit, fit_memory, fit_roofline, int8_speedup_for_isa
 from edgetl.profiles import DeviceProfile, load_profile, save_profile, user_profile_dir
 from edgetl.runtime.bench import benchmark_interleaved, random_input
@@ -155,6 +171,7 @@ class _Machine:
     memory_fit: MemoryFit | None = None
     int8_speedup: float | None = None
     int8_note: str = ""
+    kernels: dict[str, Any] | None = None
 
 
 def calibrate(
@@ -169,6 +186,8 @@ def calibrate(
     runtime: str | None = None,
     memory_mb: dict[str, float] | None = None,
     int8: bool = True,
+    kernel_models: Sequence[str] | None = None,
+    kernel_samples: int = KERNEL_SAMPLES,
 ) -> CalibrationResult:
     """Measure this machine and write a device profile fitted to it.
 
@@ -191,6 +210,10 @@ def calibrate(
             :func:`edgetl.measure.measure_memory`); fitted instead of measuring :data:`MEMORY_MODELS` again.
         int8: time :data:`INT8_MODEL` at FP32 and INT8 and store the measured INT8 speed-up (``False`` keeps
             the speed-up the ISA implies).
+        kernel_models: the models whose distinct convolutions and matrix products are sampled for micro-graphs
+            (default: every architecture of the catalog, at its default weights).
+        kernel_samples: how many micro-graphs to time (0: no kernel timings; latency is then predicted by the
+            fitted roofline alone).
 
     Returns:
         A :class:`CalibrationResult`.
@@ -214,6 +237,10 @@ def calibrate(
     _fit_memory(machine, memory_mb, _memory_models(models), resolution)
     if int8:
         _measure_int8(machine, resolution, rounds)
+    if kernel_samples > 0:
+        if progress:
+            progress(len(models) + 1, len(models) + 2, "kernels, one by one")
+        machine.kernels = _measure_kernels(machine, list(measurements), resolution, kernel_models, kernel_samples)
     if progress:
         progress(len(models) + 2, len(models) + 2, "done")
     profile = DeviceProfile.model_validate(_profile_data(name, machine, fit, measurements, rounds))
@@ -252,6 +279,48 @@ def _measure_int8(machine: _Machine, resolution: int | None, rounds: int) -> Non
         f"QDQ INT8 {results['int8'].min:.2f} ms (minimum of {results['int8'].iterations} runs each, interleaved"
         f"{', 7-bit weights' if reduce else ''}), {machine.threads} threads"
     )
+
+
+def _measure_kernels(machine: _Machine, models: list[str], resolution: int | None,
+                     sources: Sequence[str] | None, count: int) -> dict[str, Any]:
+    """Time the kernels of ``models`` in place and ``count`` micro-graphs of the distinct kernels of ``sources``;
+    return the profile's ``kernels`` entry."""
+    threads = machine.threads
+    profiler_us, block = measure_profiler_us(threads), measure_channel_block(threads)
+    samples = []
+    for name in models:
+        res = int(resolution or get_card(name).resolution)
+        samples += profile_onnx(architecture_onnx(name, res), (1, 3, res, res), threads).samples(profiler_us, block)
+    in_place = len(samples)
+    traces = _kernel_traces(sources, resolution)
+    for op in spread_sample(distinct_kernels(traces), count):
+        data, feeds = micro_graph(op)
+        samples += profile_onnx(data, feeds, threads, warmup=3, runs=8).samples(profiler_us, block)
+    cache_mb = last_level_cache_mb()
+    model = fit_kernel_model(samples, threads, measure_stream_gbs(threads, cache_mb), cache_mb, block,
+                             measure_run_overhead_us(threads))
+    return {**model.to_dict(), "profiler_us": round(profiler_us, 2), "derived": (
+        f"measured by edgetl device calibrate with ONNX Runtime's profiler, {threads} threads: the {in_place} kernels "
+        f"of the {len(models)} calibration models in place and {len(samples) - in_place} micro-graphs of the distinct "
+        f"convolutions and matrix products of {len(traces)} catalog models, each the fastest of its "
+        f"runs after warm-up, less the profiler's own {profiler_us:.1f} us per kernel (measured with chains of "
+        f"convolutions timed with and without it); one sample per distinct kernel (median); weights stream from DRAM "
+        f"at {model.stream_gbs:.1f} GB/s (a matrix-vector product of 4x the {cache_mb:.0f} MB last-level cache); "
+        f"blocked convolutions pad channels to multiples of {block} (read from the shapes the profiler reports); "
+        f"a run costs {model.run_us:.0f} us beyond its kernels (a one-ReLU model)")}
+
+
+def _kernel_traces(sources: Sequence[str] | None, resolution: int | None) -> list[CostTrace]:
+    """The cost traces of ``sources`` (default: every catalog architecture); those that cannot be traced are
+    skipped."""
+    names = list(sources) if sources is not None else [c.name for c in list_models(default_only=True)]
+    traces = []
+    for name in names:
+        try:
+            traces.append(trace_model(name, resolution))
+        except TraceError as exc:
+            log.debug("kernel sources: %s", exc)
+    return traces
 
 
 def _memory_models(models: Sequence[str]) -> list[str]:
@@ -396,6 +465,7 @@ def _profile_data(name: str, machine: _Machine, fit: RooflineFit, measurements: 
                                "derived": "fitted by edgetl device calibrate"},
         **({"int8_speedup": {"value": round(machine.int8_speedup, 3), "derived": machine.int8_note}}
            if machine.int8_speedup is not None else {}),
+        **({"kernels": machine.kernels} if machine.kernels is not None else {}),
         "cpu": {"cores": cpu.cores, "threads": cpu.cores, "isa": cpu.isa, "model": cpu.model, "ghz": cpu.ghz,
                 "derived": "read from /proc/cpuinfo and cpufreq"},
         "calibrated": {"host": host, "cpu": cpu.model, "date": today, "runtime": "onnxruntime",

@@ -20,6 +20,7 @@ import click
 from edgetl.cli_options import cli_options, parse
 from edgetl.errors import BudgetExceededError, ConfigError, ConstraintError, EdgetlError
 from edgetl.options import (
+    KERNEL_SAMPLES,
     MAX_RESOLUTION,
     MIN_RESOLUTION,
     PRECISIONS,
@@ -576,14 +577,18 @@ def device_group() -> None:
 @click.option("--runtime", type=click.Choice(["onnxruntime", "tensorrt"]), default=None,
               help="What to time: ONNX Runtime on the CPU, or FP16 TensorRT engines on a Jetson "
                    "[default: tensorrt on a Jetson that has it].")
+@click.option("--kernel-samples", type=click.IntRange(min=0), default=KERNEL_SAMPLES, show_default=True,
+              help="Micro-graphs of the catalog's distinct kernels to time; latency is then predicted kernel by "
+                   "kernel (0: the fitted roofline only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document on stdout.")
 def device_calibrate_cmd(name: str, out: str | None, threads: int | None, rounds: int, runtime: str | None,
-                         as_json: bool) -> None:
+                         kernel_samples: int, as_json: bool) -> None:
     """Measure this machine and write a device profile fitted to it."""
     from edgetl.calibrate import calibrate
 
     with _progress("calibrating") as advance:
-        result = calibrate(name=name, out=out, threads=threads, rounds=rounds, progress=advance, runtime=runtime)
+        result = calibrate(name=name, out=out, threads=threads, rounds=rounds, progress=advance, runtime=runtime,
+                           kernel_samples=kernel_samples)
     summary = {
         "profile": result.profile.name,
         "path": str(result.path),

@@ -91,6 +91,25 @@ def read_cpu() -> CpuInfo:
     return CpuInfo(cpu_model(), available_cores(), round(ghz, 3), isa, round(_ram_mb()))
 
 
+_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def last_level_cache_mb(caches: Path = _CACHES) -> float:
+    """The size of the CPU's last-level cache in MB (1e6 bytes), from sysfs; 0 where the system does not say."""
+    best_level, size = 0, 0.0
+    for index in sorted(caches.glob("index*")) if caches.is_dir() else []:
+        try:
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip().upper()
+        except (OSError, ValueError):
+            continue
+        m = re.fullmatch(r"(\d+)([KMG]?)", text)
+        if m and level >= best_level:
+            best_level = level
+            size = int(m.group(1)) * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[m.group(2)] / 1e6
+    return size
+
+
 def _ram_mb() -> float:
     try:
         m = re.search(r"MemTotal:\s+(\d+) kB", _MEMINFO.read_text())

@@ -50,6 +50,8 @@ ZOOS: tuple[str, ...] = get_args(ZooName)
 MIN_RESOLUTION, MAX_RESOLUTION = 16, 4096
 MAX_SEED = 2**32 - 1
 TABLE_ROWS = 15
+#: Micro-graphs ``edgetl device calibrate`` times by default (a sample of the catalog's distinct kernels).
+KERNEL_SAMPLES = 400
 """Rows a ranking table shows when ``top`` is not given (machine output keeps every row)."""
 
 

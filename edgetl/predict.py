@@ -1,6 +1,8 @@
 """Latency and memory prediction from a :class:`~edgetl.cost.CostTrace` and a device profile.
 
-Latency is a per-op roofline. For every op that the runtime launches as its own kernel (ops fused
+On a profile with kernel timings measured by ``edgetl device calibrate`` (``kernels``), latency is the sum over
+the model's kernels of the device's own kernel timings (:mod:`edgetl.kernels`). Elsewhere it is a per-op
+roofline. For every op that the runtime launches as its own kernel (ops fused
 into a preceding conv/matmul are free, see :mod:`edgetl.cost`)::
 
     t_op = max(FLOPs * B / (peak[precision] * eff[class]),  bytes / (bandwidth * eff[bandwidth]))
@@ -156,6 +158,8 @@ def predict_latency(
         precision: ``fp32``, ``fp16`` or ``int8``.
         batch: the batch size.
     """
+    if not isinstance(profile, Roofline) and profile.kernel_model() is not None and precision in ("fp32", "int8"):
+        return _kernel_prediction(trace, profile, precision, batch)
     if precision == "int8" and not isinstance(profile, Roofline) and int8_speedup(profile)[0] <= 1.0:
         # No INT8 arithmetic speed-up: the quantize/dequantize work eats the saved memory traffic, and INT8
         # is predicted no faster than FP32 (on x86 without VNNI, depthwise nets even run slower).
@@ -190,6 +194,35 @@ def predict_latency(
         memory_bound_ms=memory_bound * 1e3,
         overhead_ms=overhead * 1e3,
         by_class_ms={k: v * 1e3 for k, v in by_class.items() if v},
+    )
+
+
+#: The op class each kernel kind belongs to (for the per-class breakdown).
+_KIND_CLASS = {"conv": "conv", "depthwise": "depthwise", "grouped": "depthwise", "grouped_plain": "depthwise",
+               "matmul": "matmul",
+               "bmm": "attention", "softmax": "attention", "norm": "norm", "pool": "pool",
+               "elementwise": "elementwise", "data_movement": "data_movement"}
+
+
+def _kernel_prediction(trace: CostTrace, profile: DeviceProfile, precision: str, batch: int) -> LatencyPrediction:
+    """The sum over the model's kernels of the kernel timings measured on the device (FP32); INT8 scales it by what
+    the roofline predicts INT8 saves over FP32 on this device (its measured or ISA-implied INT8 speed-up)."""
+    from edgetl.kernels import op_kernel  # deferred: only calibrated profiles need it
+
+    total, by_kind = profile.kernel_model().predict_ms(trace, batch)
+    scale = 1.0
+    if precision == "int8":
+        bare = profile.model_copy(update={"kernels": None})
+        scale = predict_latency(trace, bare, "int8", batch).latency_ms / predict_latency(trace, bare, "fp32",
+                                                                                          batch).latency_ms
+    by_class: dict[str, float] = {}
+    for kind, ms in by_kind.items():
+        by_class[_KIND_CLASS[kind]] = by_class.get(_KIND_CLASS[kind], 0.0) + ms * scale
+    compute = sum(by_class.get(c, 0.0) for c in ("conv", "depthwise", "matmul", "attention"))
+    return LatencyPrediction(
+        latency_ms=total * scale, batch=batch, precision=precision,
+        kernels=sum(1 for op in trace.ops if op_kernel(op) is not None),
+        compute_bound_ms=compute, memory_bound_ms=total * scale - compute, overhead_ms=0.0, by_class_ms=by_class,
     )
 
 

@@ -151,6 +151,42 @@ class Efficiency(_Provenance):
     bandwidth: Fraction
 
 
+class KernelTimings(_Provenance):
+    """The device's kernels timed one by one (``edgetl device calibrate``), from which latency is predicted as the
+    sum over a model's kernels (:mod:`edgetl.kernels`).
+
+    Each sample row is ``[kind, feature..., microseconds]`` with the features of :data:`edgetl.kernels.FEATURES`.
+    ``profiler_us`` is what the profiler added to each kernel it timed (already taken off the samples),
+    ``stream_gbs`` the rate at which a kernel streams weights from DRAM and ``cache_mb`` the last-level cache:
+    a model whose weights exceed it reads them from DRAM on every run. ``block`` is the channel block of the
+    runtime's blocked convolutions (:func:`edgetl.kernels.blocked_channels`), ``run_us`` what a run costs beyond
+    its kernels.
+    """
+
+    threads: int = Field(ge=1)
+    profiler_us: float = Field(ge=0)
+    stream_gbs: float = Field(ge=0)
+    cache_mb: float = Field(ge=0)
+    block: int = Field(default=1, ge=1)
+    run_us: float = Field(default=0.0, ge=0)
+    samples: list[list[str | float]] = Field(min_length=3)
+
+    @field_validator("samples")
+    @classmethod
+    def _rows(cls, rows: list[list[str | float]]) -> list[list[str | float]]:
+        from edgetl.kernels import FEATURES  # deferred: the kernel model is needed only to predict
+
+        for i, row in enumerate(rows):
+            kind = row[0] if row else None
+            if kind not in FEATURES:
+                raise ValueError(f"samples[{i}]: unknown kernel kind {kind!r}; one of {', '.join(FEATURES)}")
+            if len(row) != len(FEATURES[kind]) + 2 or not all(
+                    isinstance(v, (int, float)) and v > 0 for v in row[1:]):
+                raise ValueError(f"samples[{i}]: a {kind} row is [{kind}, {', '.join(FEATURES[kind])}, microseconds], "
+                                 "all positive")
+        return rows
+
+
 class CPU(_Provenance):
     """The host CPU: core and thread counts, instruction-set extensions (``/proc/cpuinfo`` spelling)."""
 
@@ -217,11 +253,14 @@ class DeviceProfile(_Strict):
     int8_speedup: Figure | None = None
     """INT8 over FP32 speed-up measured on the device (``edgetl device calibrate``); it replaces the one the ISA
     implies."""
+    kernels: KernelTimings | None = None
+    """Kernel-level timings measured on the device; when present they predict ONNX Runtime latency."""
     cpu: CPU | None = None
     calibrated: dict[str, Any] | None = None
     reference: list[Reference] = Field(default_factory=list)
 
     _path: Path | None = PrivateAttr(default=None)
+    _kernel_model: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _consistent(self) -> DeviceProfile:
@@ -266,6 +305,8 @@ class DeviceProfile(_Strict):
         items += [("efficiency", self.efficiency), ("kernel_overhead_us", self.kernel_overhead_us)]
         if self.int8_speedup is not None:
             items.append(("int8_speedup", self.int8_speedup))
+        if self.kernels is not None:
+            items.append(("kernels", self.kernels))
         if self.cpu is not None:
             items.append(("cpu", self.cpu))
         items += [(f"reference[{i}]", r) for i, r in enumerate(self.reference)]
@@ -275,6 +316,16 @@ class DeviceProfile(_Strict):
     def path(self) -> Path | None:
         """The YAML file the profile was loaded from (``None`` for a profile built in memory)."""
         return self._path
+
+    def kernel_model(self) -> Any:
+        """The :class:`edgetl.kernels.KernelModel` fitted to ``kernels`` (built once), or None without them."""
+        if self.kernels is None:
+            return None
+        if self._kernel_model is None:
+            from edgetl.kernels import KernelModel  # deferred: numpy and scipy
+
+            self._kernel_model = KernelModel.from_dict(self.kernels.model_dump())
+        return self._kernel_model
 
     def supports(self, precision: str) -> bool:
         """Return whether the device's runtime can run ``precision``."""
@@ -402,7 +453,7 @@ def _for_yaml(obj: Any, key: str = "") -> Any:
     if isinstance(obj, dict):
         out = {k: _for_yaml(v, k) for k, v in obj.items()}
         leaf = all(not isinstance(v, dict) for v in obj.values())
-        if leaf and key not in ("efficiency", "sources", "calibrated", ""):
+        if leaf and key not in ("efficiency", "sources", "calibrated", "kernels", ""):
             # a figure reads best as {value: ..., source: ...}: provenance last
             last = {k: out.pop(k) for k in ("source", "derived") if k in out}
             return _Flow({**out, **last})

@@ -5,7 +5,9 @@ from click.testing import CliRunner
 
 from edgetl.calibrate import calibrate, measure_bandwidth
 from edgetl.cli import cli
+from edgetl.cost import trace_model
 from edgetl.machine import read_cpu
+from edgetl.predict import predict_latency
 from edgetl.profiles import load_profile, user_profile_dir
 from edgetl.select import select
 
@@ -20,7 +22,8 @@ def test_read_cpu_and_bandwidth():
 
 @pytest.mark.slow
 def test_calibrate_writes_a_valid_profile_that_select_finds():
-    result = calibrate(name="ci-box", models=TINY, rounds=5, resolution=64, threads=1)
+    result = calibrate(name="ci-box", models=TINY, rounds=5, resolution=64, threads=1, kernel_models=TINY,
+                       kernel_samples=12)
     assert result.path == user_profile_dir() / "ci-box.yaml"
     profile = load_profile("ci-box")
     assert profile.runtime == "onnxruntime" and profile.calibrated["threads"] == 1
@@ -38,6 +41,14 @@ def test_calibrate_writes_a_valid_profile_that_select_finds():
     assert all(0.5 < r < 2.0 for r in result.ratios.values()), result.ratios
     ranking = select(device="ci-box", models="mobilenet*", resolution=64)
     assert ranking.rows
+    # kernel by kernel: the kernels were timed apart from the whole models, which check them
+    kernels = profile.kernels
+    assert kernels is not None and kernels.threads == 1 and kernels.block in (1, 8, 16) and kernels.stream_gbs > 0
+    assert "profiler" in kernels.derived and len(kernels.samples) > 20
+    predicted = {r.model: predict_latency(trace_model(r.model, 64), profile, "fp32").latency_ms
+                 for r in profile.reference}
+    assert all(1 / 3 < predicted[r.model] / r.latency_ms < 3 for r in profile.reference), predicted
+    assert max(predicted, key=predicted.get) == "resnet18"  # 0.6 GFLOP at 64 px against 0.02-0.07
 
 
 @pytest.mark.slow

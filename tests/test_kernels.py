@@ -1,0 +1,149 @@
+"""The kernel-level latency model: a cost trace and ONNX Runtime's profiler must describe the same kernels, a
+micro-graph must run the kernel it stands for, and the fit must not extrapolate past what was measured."""
+
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+from edgetl.cost import trace_model, trace_module
+from edgetl.kernels import (
+    FEATURES,
+    KernelModel,
+    KernelSample,
+    distinct_kernels,
+    fit_kernel_model,
+    measure_channel_block,
+    micro_graph,
+    node_kernel,
+    op_kernel,
+    profile_onnx,
+    spread_sample,
+)
+from edgetl.measure import architecture_onnx
+from edgetl.onnx_io import export_onnx
+from edgetl.profiles import KernelTimings
+
+COMPUTE = ("conv", "depthwise", "grouped", "grouped_plain", "matmul", "bmm")
+
+
+@pytest.fixture(scope="module")
+def block() -> int:
+    return measure_channel_block(threads=1)
+
+
+class _Mixed(nn.Module):
+    """Grouped and depthwise convs (blocked: 16 channels a group), a batch norm no conv absorbs, GELU and a tiny
+    attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, stride=2, padding=1)
+        self.grouped = nn.Conv2d(32, 32, 3, padding=1, groups=2)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.pre_norm = nn.BatchNorm2d(64)
+        self.mix = nn.Conv2d(64, 64, 1)
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.cat([self.grouped(x), self.dw(x)], 1)
+        x = self.mix(torch.relu(self.pre_norm(x)))
+        x = nn.functional.gelu(x)
+        tokens = x.flatten(2).transpose(1, 2)
+        tokens = self.attn(tokens, tokens, tokens, need_weights=False)[0]
+        return self.head(tokens.mean(1))
+
+
+def _compute_kernels(kernels) -> Counter:
+    return Counter((kind, tuple(round(f) for f in feats)) for kind, feats in kernels if kind in COMPUTE)
+
+
+def _runtime_kernels(run, block: int) -> list:
+    return [k for op, ins, outs, params, _ in run.kernels
+            if (k := node_kernel(op, ins, outs, params, block)) is not None]
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "regnet_x_400mf"])
+def test_a_trace_and_the_runtime_profiler_see_the_same_compute_kernels(name, block):
+    trace = trace_model(name, 64)
+    run = profile_onnx(architecture_onnx(name, 64), (1, 3, 64, 64), threads=1, warmup=1, runs=1)
+    assert _compute_kernels(k for op in trace.ops if (k := op_kernel(op, block=block)) is not None) == (
+        _compute_kernels(_runtime_kernels(run, block)))
+
+
+def test_unfused_batch_norm_gelu_and_attention_are_kernels_as_onnx_runtime_runs_them(tmp_path, block):
+    model = _Mixed().eval()
+    trace = trace_module(model.to("meta"), 32)
+    export_onnx(_Mixed().eval(), tmp_path / "mixed.onnx", resolution=32)
+    run = profile_onnx(tmp_path / "mixed.onnx", (1, 3, 32, 32), threads=1, warmup=1, runs=1)
+    traced = [k for op in trace.ops if (k := op_kernel(op, block=block)) is not None]
+    ran = _runtime_kernels(run, block)
+    assert _compute_kernels(traced) == _compute_kernels(ran)
+    kinds = Counter(kind for kind, _ in traced)
+    assert kinds["grouped"] == 1 and kinds["depthwise"] == 2  # the 3x3 depthwise and the batch norm after the concat
+    assert kinds["bmm"] == 2 and kinds["softmax"] == 1
+    assert any(op.op.startswith("gelu") for op in trace.ops if op_kernel(op) is not None)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "regnet_x_400mf", "vit_b_32"])
+def test_a_micro_graph_runs_the_kernel_it_stands_for(name, block):
+    ops = distinct_kernels([trace_model(name, 64 if name != "vit_b_32" else 224)])
+    picked = spread_sample(ops, 6)
+    assert {op_kernel(op)[0] for op in picked} == {op_kernel(op)[0] for op in ops}  # every kind is sampled
+    for op in picked[:4]:
+        data, feeds = micro_graph(op)
+        samples = profile_onnx(data, feeds, threads=1, warmup=0, runs=1).samples(block=block)
+        kind, feats = op_kernel(op, block=block)
+        assert [(s.kind, tuple(round(f) for f in s.features)) for s in samples] == [
+            (kind, tuple(round(f) for f in feats))]
+
+
+def _samples(kind: str, rate: float, overhead: float = 2.0) -> list[KernelSample]:
+    out = []
+    for cin in (16, 32, 64, 128):
+        for size in (7, 14, 28):
+            area = size * size
+            feats = (2.0 * cin * cin * 9 * area, cin, cin, 9, area, area)
+            out.append(KernelSample(kind, feats, overhead + feats[0] / rate))
+    return out
+
+
+def test_a_kernel_far_outside_the_samples_is_never_predicted_faster_than_the_fastest_rate_seen():
+    model = fit_kernel_model(_samples("conv", rate=50e3), threads=2)
+    huge = (2.0 * 4096 * 4096 * 9 * 224 * 224, 4096, 4096, 9, 224 * 224, 224 * 224)
+    assert model.kernel_us("conv", huge) >= huge[0] / 50e3 * 0.99
+
+
+def test_weights_beyond_the_last_level_cache_stream_from_dram():
+    trace = trace_model("vgg11", 224)  # 530 MB of fp32 weights
+    samples = _samples("conv", rate=1e9) + [
+        KernelSample("matmul", (2.0 * k * n, 1, k, n), 5.0) for k, n in ((64, 64), (256, 128), (512, 1000))]
+    cached = fit_kernel_model(samples, threads=2, stream_gbs=20.0, cache_mb=1e6)
+    from_dram = fit_kernel_model(samples, threads=2, stream_gbs=20.0, cache_mb=32.0)
+    fc_bytes = sum(op.weight * 4 for op in trace.ops if op.cls == "matmul")
+    assert from_dram.predict_ms(trace)[0] >= fc_bytes / 20e9 * 1e3
+    assert cached.predict_ms(trace)[0] < fc_bytes / 20e9 * 1e3
+
+
+def test_a_stored_kernel_model_predicts_as_the_one_it_was_built_from():
+    model = fit_kernel_model(_samples("conv", 40e3) + _samples("conv", 60e3, overhead=3.0), threads=2,
+                             stream_gbs=30.0, cache_mb=32.0)
+    stored = {**model.to_dict(), "profiler_us": 3.0, "derived": "test"}
+    rebuilt = KernelModel.from_dict(KernelTimings.model_validate(stored).model_dump())
+    trace = trace_model("resnet18", 64)
+    assert rebuilt.predict_ms(trace)[0] == pytest.approx(model.predict_ms(trace)[0], rel=1e-3)  # rows are rounded
+    assert len(stored["samples"]) == len(_samples("conv", 1.0))  # one row per distinct kernel
+
+
+@pytest.mark.parametrize("row", [["conv", 1.0, 2.0], ["attention", 1.0, 2.0], ["pool", -1.0, 2.0]])
+def test_the_profile_schema_rejects_a_malformed_kernel_row(row):
+    good = [["pool", 1000.0, 3.0]] * 3
+    with pytest.raises(ValueError, match="samples"):
+        KernelTimings(threads=1, profiler_us=1, stream_gbs=1, cache_mb=1, samples=[*good, row], derived="x")
+
+
+def test_every_kind_has_features():
+    assert all(FEATURES[k][0] in ("flops", "elements") for k in FEATURES)
