@@ -136,7 +136,7 @@ class FinetuneOptions(StageOptions):
     device: TrainDevice = option("auto", "Where to train (not the target device).")
     precision_train: TrainPrecisionChoice = option(
         "auto", "Training arithmetic: auto is bf16 autocast + channels-last on CPUs and GPUs with native bf16, "
-                "fp16 with a GradScaler on other GPUs, fp32 on other CPUs.")
+                "fp16 with a GradScaler on other GPUs, fp32 + channels-last on other CPUs.")
     workers: int = option(0, "Data-loading processes.", ge=0)
     on_bad_image: OnBadImage = option("skip", "What to do with an image that cannot be decoded.")
     deterministic: bool = option(False, "Deterministic algorithms only.")

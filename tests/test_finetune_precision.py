@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from edgetl.catalog import build_architecture, get_card, replace_head
 from edgetl.data import make_demo_dataset
 from edgetl.errors import ConfigError
+from edgetl.export.api import export
+from edgetl.finetune import precision as precision_module
 from edgetl.finetune.api import finetune
 from edgetl.finetune.precision import cpu_flags, cpu_has_native_bf16, resolve_precision
 from edgetl.finetune.strategy import apply_strategy, build_param_groups, choose_strategy
@@ -36,10 +41,11 @@ def test_cpu_flags_name_the_bf16_units(tmp_path, text, native):
 def test_resolve_on_the_cpu():
     auto = resolve_precision("auto", "cpu")
     assert auto.dtype == ("bf16" if cpu_has_native_bf16() else "fp32")
-    assert auto.channels_last == (auto.dtype == "bf16") and not auto.grad_scaler
+    assert auto.channels_last and not auto.grad_scaler  # oneDNN convolves channels-last, in fp32 too
     bf16 = resolve_precision("bf16", "cpu")
     assert bf16.autocast_dtype == torch.bfloat16 and bf16.channels_last
-    assert resolve_precision("fp32", "cpu").autocast_dtype is None
+    fp32 = resolve_precision("fp32", "cpu")
+    assert fp32.autocast_dtype is None and fp32.channels_last
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16", "cpu")
 
@@ -70,3 +76,48 @@ def test_fp16_training_on_the_cpu_is_a_one_line_error(tmp_path):
         finetune("mobilenet_v3_small", data, tmp_path / "run", weights="none", device="cpu", precision_train="fp16",
                  progress=False)
     assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("cap", "native"), [
+    ("AVX2", False), ("avx512_core_vnni", False), (" sse41 ", False), ("AVX2_VNNI_2", False),
+    ("AVX512_CORE_BF16", None), ("avx512_core_amx", None), ("DEFAULT", None), ("all", None), ("", None),
+])
+def test_an_onednn_isa_cap_below_bf16_means_no_native_bf16(monkeypatch, cap, native):
+    """ONEDNN_MAX_CPU_ISA=AVX2 stops oneDNN using the bf16 units, so auto trains in fp32 (None: the CPU decides)."""
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    cpu_has_native_bf16.cache_clear()
+    try:
+        assert cpu_has_native_bf16() is (True if native is None else native)
+        auto = resolve_precision("auto", "cpu")
+        assert auto.dtype == ("bf16" if native is None else "fp32") and auto.channels_last
+        if native is False:
+            assert cap.strip().upper() in auto.reason
+    finally:
+        cpu_has_native_bf16.cache_clear()  # the next caller reads the real environment
+
+
+def test_the_older_dnnl_name_caps_too(monkeypatch):
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "avx2")
+    cpu_has_native_bf16.cache_clear()
+    try:
+        assert not cpu_has_native_bf16()
+    finally:
+        cpu_has_native_bf16.cache_clear()
+
+
+def test_an_fp32_run_trains_channels_last_and_exports_as_usual(tmp_path):
+    """channels-last is a memory layout: the saved weights are plain contiguous tensors and the export matches."""
+    data = make_demo_dataset(tmp_path / "demo", num_classes=3, train_per_class=8, val_per_class=4, size=32)
+    out = tmp_path / "run"
+    finetune("resnet18", data, out, weights="none", strategy="full", epochs=1, resolution=32, batch_size=8,
+             device="cpu", precision_train="fp32", progress=False)
+    used = json.loads((out / "metrics.json").read_text())["precision_train"]
+    assert used["dtype"] == "fp32" and used["channels_last"]
+    state = load_file(out / "model.safetensors")
+    assert state["conv1.weight"].shape == (64, 3, 7, 7) and state["conv1.weight"].is_contiguous()
+    artifact = export(out, tmp_path / "artifact", precision="fp32", rounds=3, device="x86")
+    assert artifact.passed and artifact.to_dict()["parity"]["max_abs_diff"] <= 1e-4

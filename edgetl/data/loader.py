@@ -99,7 +99,10 @@ class ImageDataset(Dataset):
         if self.seed is None:
             return self.transform(image)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + int(self._epoch) * 7_919 + index * 104_729) % 2**63)
+            # the CPU generator only, which is all the transforms draw from: torch.manual_seed would also
+            # queue a seed for every lazily initialised accelerator, formatting a stack trace for each, per image
+            torch.default_generator.manual_seed(
+                (self.seed * 1_000_003 + int(self._epoch) * 7_919 + index * 104_729) % 2**63)
             return self.transform(image)
 
     def __len__(self) -> int:

