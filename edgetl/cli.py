@@ -245,7 +245,8 @@ def _print_ranking(ranking, measured: bool = False) -> None:
 
     p = ranking.profile
     title = (
-        f"{p.name} · {ranking.precision} · batch {ranking.batch} · predicted by the roofline model"
+        f"{p.name} · {ranking.precision} · batch {ranking.batch} · predicted "
+        f"{'kernel by kernel from timings calibrated on the device' if p.kernels else 'by the roofline model'}"
         f" · constraints: {ranking.constraints.describe()}"
     )
     table = Table(title=title)

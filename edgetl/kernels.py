@@ -324,7 +324,8 @@ def _shapes(items: Any) -> list[list[int]]:
 
 
 def distinct_kernels(traces: Iterable[CostTrace],
-                     kinds: Sequence[str] = ("conv", "depthwise", "grouped", "matmul")) -> list[OpCost]:
+                     kinds: Sequence[str] = ("conv", "depthwise", "grouped", "grouped_plain", "matmul", "bmm")
+                     ) -> list[OpCost]:
     """The distinct convolutions and matrix products (by geometry) the traces run, first seen first."""
     seen: dict[tuple, OpCost] = {}
     for trace in traces:
@@ -352,8 +353,8 @@ def spread_sample(ops: Sequence[OpCost], count: int) -> list[OpCost]:
 
 
 def micro_graph(op: OpCost) -> tuple[bytes, dict[str, np.ndarray]]:
-    """A one-kernel ONNX model of a trace's convolution, batch norm or matrix product (random weights), and its
-    input."""
+    """A one-kernel ONNX model of a trace's convolution, batch norm or matrix product (random weights; a product of
+    two activations takes both as inputs), and its inputs."""
     g = op.geom
     if len(g) == 3:  # a batch norm, as runtimes run it: a 1x1 depthwise conv
         c, h, w = g
@@ -365,6 +366,8 @@ def micro_graph(op: OpCost) -> tuple[bytes, dict[str, np.ndarray]]:
         pads = [pad_h // 2, pad_w // 2, pad_h - pad_h // 2, pad_w - pad_w // 2]
         return _conv_chain(cin, cout, (kh, kw), (sh, sw), (dh, dw), groups, (hin, win), pads, (hout, wout), 1)
     b, m, k, n = g
+    if op.weight == 0 and op.cls == "attention":  # two activations: scores or the weighted sum of values
+        return _batched_matmul(b, m, k, n)
     x_shape, y_shape = ([b, m, k], [b, m, n]) if b > 1 else ([m, k], [m, n])
     return _matmul(x_shape, k, n, y_shape)
 
@@ -397,11 +400,22 @@ def _matmul(x_shape: list[int], k: int, n: int, y_shape: list[int]) -> tuple[byt
     return _model_bytes([node], x.shape, "y", y_shape, [w]), {"x": x}
 
 
+def _batched_matmul(b: int, m: int, k: int, n: int) -> tuple[bytes, dict[str, np.ndarray]]:
+    from onnx import helper  # deferred: heavy
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((b, m, k), dtype=np.float32), rng.standard_normal((b, k, n), dtype=np.float32)
+    node = helper.make_node("MatMul", ["x", "v"], ["y"])
+    return _model_bytes([node], x.shape, "y", [b, m, n], [], {"v": y.shape}), {"x": x, "v": y}
+
+
 def _model_bytes(nodes: list[Any], x_shape: Sequence[int], out: str, out_shape: Sequence[int],
-                 inits: list[Any]) -> bytes:
+                 inits: list[Any], more_inputs: dict[str, Sequence[int]] | None = None) -> bytes:
     from onnx import TensorProto, helper  # deferred: heavy
 
-    graph = helper.make_graph(nodes, "kernels", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+              for name, shape in {"x": x_shape, **(more_inputs or {})}.items()]
+    graph = helper.make_graph(nodes, "kernels", inputs,
                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -489,32 +503,38 @@ class KindFit:
     residuals: list[float] = field(default_factory=list)
     _xs: np.ndarray | None = field(default=None, repr=False, compare=False)
 
-    def _x(self, feats: Sequence[float]) -> np.ndarray:
+    def _x(self, feats: Any) -> np.ndarray:
         logs = np.log(np.maximum(np.asarray(feats, dtype=float), 1e-9))
         return (logs - np.asarray(self.center)) / np.asarray(self.scale)
 
     def trend_us(self, feats: Sequence[float]) -> float:
         """The fitted trend, without the neighbours' correction."""
-        x = self._x(feats)
-        rate = math.exp(min(50.0, self.rate_coef[0] + float(x @ np.asarray(self.rate_coef[1:]))))
-        rate = min(max(rate, self.rate_range[0]), self.rate_range[1])
-        return self.overhead_us + feats[0] / rate
+        return float(self._trend(np.asarray([feats], dtype=float))[0])
 
     def predict_us(self, feats: Sequence[float]) -> float:
         """The predicted time of a kernel with these features, in microseconds."""
-        return self.trend_us(feats) * math.exp(self._correction(self._x(feats)))
+        return float(self.predict_many(np.asarray([feats], dtype=float))[0])
 
-    def _correction(self, x: np.ndarray) -> float:
+    def predict_many(self, feats: np.ndarray) -> np.ndarray:
+        """The predicted times (µs) of kernels with these features (one row each)."""
+        return self._trend(feats) * np.exp(self._correction(self._x(feats)))
+
+    def _trend(self, feats: np.ndarray) -> np.ndarray:
+        x = self._x(feats)
+        rate = np.exp(np.minimum(50.0, self.rate_coef[0] + x @ np.asarray(self.rate_coef[1:])))
+        return self.overhead_us + feats[:, 0] / np.clip(rate, *self.rate_range)
+
+    def _correction(self, x: np.ndarray) -> np.ndarray:
+        """The weighted residuals of each row's nearest samples (rows of standardised log-features)."""
         if not self.samples:
-            return 0.0
+            return np.zeros(len(x))
         if self._xs is None:
-            self._xs = np.array([self._x(s.features) for s in self.samples])
-        dist = np.sqrt(((self._xs - x) ** 2).sum(axis=1))
-        order = np.argsort(dist)[:NEIGHBOURS]
-        weights = np.maximum(0.0, 1.0 - dist[order] / _REACH) ** 2
-        if weights.sum() <= 0:
-            return 0.0
-        return float((weights * np.asarray(self.residuals)[order]).sum() / max(weights.sum(), 1.0))
+            self._xs = self._x([s.features for s in self.samples])
+        dist = np.sqrt(((x[:, None, :] - self._xs[None, :, :]) ** 2).sum(axis=2))
+        order = np.argsort(dist, axis=1)[:, :NEIGHBOURS]
+        weights = np.maximum(0.0, 1.0 - np.take_along_axis(dist, order, axis=1) / _REACH) ** 2
+        residuals = np.asarray(self.residuals)[order]
+        return (weights * residuals).sum(axis=1) / np.maximum(weights.sum(axis=1), 1.0)
 
 
 def fit_kind(samples: Sequence[KernelSample], ridge: float = 1e-2) -> KindFit:
@@ -570,26 +590,38 @@ class KernelModel:
     run_us: float = 0.0
 
     def kernel_us(self, kind: str, feats: Sequence[float]) -> float:
-        """One kernel's predicted time in microseconds (a kind nothing measured: the elementwise fit on its bytes)."""
+        """One kernel's predicted time in microseconds."""
+        return float(self._kind_us(kind, np.asarray([feats], dtype=float))[0])
+
+    def _kind_us(self, kind: str, feats: np.ndarray) -> np.ndarray:
+        """Predicted times of kernels of one kind. A kind too few kernels measured takes the fit of its nearest
+        kind: a batched matrix product the matmul fit, a grouped convolution the other grouped fit, anything else
+        the elementwise fit on its bytes."""
         fit = self.fits.get(kind)
+        if fit is None and kind == "bmm" and "matmul" in self.fits:
+            fit, feats = self.fits["matmul"], np.column_stack([feats[:, 0], feats[:, 1] * feats[:, 2], feats[:, 3:]])
+        elif fit is None and kind in ("grouped", "grouped_plain"):
+            fit = self.fits.get("grouped_plain" if kind == "grouped" else "grouped")
         if fit is None:
             fit = self.fits.get("elementwise")
-            feats = (feats[-1] if kind in ("matmul", "bmm") else feats[0],) if fit is not None else feats
-        return fit.predict_us(feats) if fit is not None else 0.0
+            if fit is None:
+                return np.zeros(len(feats))
+            feats = feats[:, -1:] if kind in ("matmul", "bmm") else feats[:, :1]
+        return fit.predict_many(feats)
 
     def predict_ms(self, trace: CostTrace, batch: int = 1, bytes_per_element: int = 4
                    ) -> tuple[float, dict[str, float]]:
         """The predicted latency of one batch (ms) and its split per kind (ms)."""
         from_dram = self.stream_gbs > 0 and trace.params * bytes_per_element > self.cache_mb * 1e6
-        by_kind: dict[str, float] = {}
+        rows: dict[str, tuple[list[tuple[float, ...]], list[float]]] = {}
         for op in trace.ops:
             k = op_kernel(op, batch, self.block)
-            if k is None:
-                continue
-            us = self.kernel_us(*k)
-            if from_dram:
-                us = max(us, op.weight * bytes_per_element / (self.stream_gbs * 1e3))
-            by_kind[k[0]] = by_kind.get(k[0], 0.0) + us / 1e3
+            if k is not None:
+                feats, dram_us = rows.setdefault(k[0], ([], []))
+                feats.append(k[1])
+                dram_us.append(op.weight * bytes_per_element / (self.stream_gbs * 1e3) if from_dram else 0.0)
+        by_kind = {kind: float(np.maximum(self._kind_us(kind, np.asarray(feats, dtype=float)), dram).sum()) / 1e3
+                   for kind, (feats, dram) in rows.items()}
         return sum(by_kind.values()) + self.run_us / 1e3, by_kind
 
     def to_dict(self) -> dict[str, Any]:
