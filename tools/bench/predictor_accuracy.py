@@ -1,12 +1,19 @@
 """Publish the latency predictor's error on this machine.
 
-Times edgetl's calibration models and held-out catalog models in one session, each in its steady state
-as calibrate does (alone, warmed up, then the minimum of many consecutive runs; batch 1, 224x224,
-ONNX Runtime fp32), fits a profile of this machine on the calibration
-models only (``edgetl.calibrate.calibrate(measurements=...)``), then predicts the held-out models
-the fit never saw. Prints predicted vs measured per model, the share within ±10% and ±20%, and the
-Spearman rank correlation; side by side with the naive predictor (one ms-per-GFLOP constant fitted on
-the same calibration runs). Then memory: the session peak RSS of each held-out model (ONNX Runtime
+Times edgetl's calibration models and held-out catalog models of both zoos in one session, each in its steady
+state as calibrate does (alone, warmed up, then the minimum of many consecutive runs; batch 1, 224x224,
+ONNX Runtime fp32), then calibrates a profile of this machine (``edgetl.calibrate.calibrate(measurements=...)``)
+that never sees a held-out model: the roofline is fitted on the calibration models, the kernels are profiled in
+the calibration models and sampled for micro-graphs from every other catalog architecture. It then predicts the
+held-out models and prints predicted vs measured per model, the share within ±10% and ±20%, and the Spearman rank
+correlation of three predictors side by side:
+
+- **kernel-level** (what a calibrated profile predicts with): the sum over the model's kernels of the kernel timings;
+- **roofline**: the per-op-class roofline fitted to the calibration models' whole-model timings (the predictor of
+  profiles without kernel timings, and edgetl's before kernel-level calibration);
+- **naive**: one ms-per-GFLOP constant fitted on the same calibration runs.
+
+Then memory: the session peak RSS of each held-out model (ONNX Runtime
 fp32, each in a fresh process), predicted with the memory model calibrate fits (``memory.rss_fit``, fitted
 on ``MEMORY_MODELS``) and with the plain weights + activations + constant, against the measurement
 (target: within ±25%).
@@ -25,7 +32,7 @@ from pathlib import Path
 from scipy.stats import spearmanr
 
 from edgetl.calibrate import CALIBRATION_MODELS, MEMORY_MODELS, calibrate
-from edgetl.catalog import get_card
+from edgetl.catalog import get_card, list_models
 from edgetl.cost import trace_model
 from edgetl.measure import measure_memory, measure_models
 from edgetl.predict import predict_latency, predict_memory
@@ -36,6 +43,11 @@ HELD_OUT = (
     "efficientnet_b2", "regnet_y_400mf", "regnet_x_800mf", "regnet_y_800mf", "mnasnet0_5", "mnasnet1_0",
     "shufflenet_v2_x0_5", "squeezenet1_0", "densenet121", "googlenet", "alexnet", "vgg11", "swin_t",
     "vit_b_16",
+    # timm: re-parameterised (MobileOne, RepViT, FastViT), attention (MobileViTv2, EfficientFormerV2, EfficientViT,
+    # MobileNetV4 hybrid), SiLU, GELU and hard-swish activations
+    "timm/mobilenetv4_conv_medium", "timm/fastvit_t12", "timm/repvit_m1_1", "timm/mobileone_s1",
+    "timm/efficientvit_b1", "timm/lcnet_100", "timm/convnext_pico", "timm/mobilevitv2_100",
+    "timm/efficientformerv2_s1", "timm/mobilenetv4_hybrid_medium", "timm/tinynet_b", "timm/regnety_008",
 )
 
 
@@ -81,6 +93,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30, help="timed runs per model")
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--models", nargs="*", default=list(HELD_OUT), help="held-out models to predict")
+    parser.add_argument("--kernel-samples", type=int, default=400, help="micro-graphs calibrate times")
     args = parser.parse_args()
 
     start = time.monotonic()
@@ -90,15 +103,20 @@ def main() -> None:
     measured = measure_models([*CALIBRATION_MODELS, *held], resolution=args.resolution, threads=args.threads,
                               rounds=args.rounds)
     memory = measure_memory([*MEMORY_MODELS, *held], resolution=args.resolution, threads=args.threads)
+    held_names = {get_card(m).name for m in held}
+    sources = [c.name for c in list_models(default_only=True) if c.name not in held_names]
     with tempfile.TemporaryDirectory() as tmp:
         cal = calibrate(
             name="bench-local", out=Path(tmp) / "bench-local.yaml", threads=args.threads, rounds=args.rounds,
             resolution=args.resolution, measurements=measured, memory_mb={m: memory[m] for m in MEMORY_MODELS},
             int8=False,  # fp32 only here
+            kernel_models=sources, kernel_samples=args.kernel_samples,
         )
         profile = load_profile(str(cal.path))
-    print(f"timed {len(measured)} models (steady state), fitted on the {len(CALIBRATION_MODELS)} calibration models "
-          f"in {time.monotonic() - start:.0f} s; fit ratios (pred/meas):")
+    print(f"timed {len(measured)} models (steady state), calibrated on the {len(CALIBRATION_MODELS)} calibration "
+          f"models (kernels sampled from {len(sources)} architectures, none held out) in "
+          f"{time.monotonic() - start:.0f} s; calibrate itself took {cal.seconds:.0f} s; roofline fit ratios "
+          "(pred/meas):")
     print("  " + ", ".join(f"{m} {r:.2f}" for m, r in cal.ratios.items()))
     print("memory fit (MB measured, fitted/measured): " + ", ".join(
         f"{m} {cal.memory_mb[m]:.0f} ({r:.2f})" for m, r in cal.memory_ratios.items()))
@@ -112,23 +130,26 @@ def _print_latency(held: list[str], measured: dict, cal, profile, args: argparse
     cal_flops = [trace_model(m, args.resolution).flops / 1e9 for m in cal.measurements]
     cal_ms = [m.min_ms for m in cal.measurements.values()]
     ms_per_gflop = sum(f * t for f, t in zip(cal_flops, cal_ms, strict=True)) / sum(f * f for f in cal_flops)
+    roofline = profile.model_copy(update={"kernels": None})
 
     rows = []
     for m in held:
         trace = trace_model(m, args.resolution)
-        pred = predict_latency(trace, profile, "fp32", 1).latency_ms
-        naive = trace.flops / 1e9 * ms_per_gflop
-        rows.append((m, trace.flops / 1e9, pred, naive, measured[m].min_ms, measured[m].cv))
+        rows.append((m, trace.flops / 1e9, predict_latency(trace, profile, "fp32", 1).latency_ms,
+                     predict_latency(trace, roofline, "fp32", 1).latency_ms, trace.flops / 1e9 * ms_per_gflop,
+                     measured[m].min_ms, measured[m].cv))
 
     print(f"\nheld-out models, batch 1, {args.resolution}x{args.resolution}, ONNX Runtime fp32, {args.threads} threads")
-    print(f"{'model':<22}{'GFLOP':>8}{'predicted':>11}{'naive':>9}{'measured':>10}{'ratio':>8}{'naive r':>9}{'CV':>6}")
-    for m, gf, pred, naive, meas, cv in rows:
-        print(f"{m:<22}{gf:8.2f}{pred:11.2f}{naive:9.2f}{meas:10.2f}{pred / meas:8.2f}{naive / meas:9.2f}{cv:6.2f}")
-    ratios = [p / t for _, _, p, _, t, _ in rows]
-    naive_ratios = [n / t for _, _, _, n, t, _ in rows]
+    print(f"{'model':<30}{'GFLOP':>7}{'kernels':>9}{'roofline':>10}{'naive':>8}{'measured':>10}"
+          f"{'ratio':>7}{'roof r':>8}{'naive r':>8}{'CV':>6}")
+    for m, gf, kern, roof, naive, meas, cv in rows:
+        print(f"{m:<30}{gf:7.2f}{kern:9.2f}{roof:10.2f}{naive:8.2f}{meas:10.2f}"
+              f"{kern / meas:7.2f}{roof / meas:8.2f}{naive / meas:8.2f}{cv:6.2f}")
+    measured_ms = [r[5] for r in rows]
     print()
-    print(_report("edgetl roofline (fitted)", ratios, [r[2] for r in rows], [r[4] for r in rows]))
-    print(_report("naive ms-per-GFLOP", naive_ratios, [r[3] for r in rows], [r[4] for r in rows]))
+    for label, col in (("edgetl kernel-level", 2), ("edgetl roofline (fitted)", 3), ("naive ms-per-GFLOP", 4)):
+        predicted = [r[col] for r in rows]
+        print(_report(label, [p / t for p, t in zip(predicted, measured_ms, strict=True)], predicted, measured_ms))
 
 
 if __name__ == "__main__":
