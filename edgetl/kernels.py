@@ -131,13 +131,10 @@ def op_kernel(op: OpCost, batch: int = 1, block: int = 1) -> tuple[str, tuple[fl
 
 
 def _memory_kind(op: OpCost) -> str:
+    """The memory-bound kind of a trace op (a compute op without geometry is costed by its bytes, as elementwise)."""
     if op.cls == "attention":
         return "softmax"
-    if op.cls in ("norm", "pool", "data_movement"):
-        return op.cls
-    if op.cls in ("conv", "depthwise", "matmul"):  # a compute op without geometry: cost it by its bytes
-        return "elementwise"
-    return "elementwise"
+    return op.cls if op.cls in ("norm", "pool", "data_movement") else "elementwise"
 
 
 def blocked_channels(cin: int, cout: int, groups: int, block: int) -> tuple[int, int, bool]:
