@@ -230,12 +230,6 @@ class ProfiledRun:
                 out.append(KernelSample(k[0], k[1], _less(us, profiler_us)))
         return out
 
-    def kernel_us(self, profiler_us: float = 0.0) -> float:
-        """The sum of the kernels' times (layout reorders and views left out), each less the profiler's cost
-        ``profiler_us``."""
-        return sum(_less(us, profiler_us) for op, ins, outs, params, us in self.kernels
-                   if node_kernel(op, ins, outs, params) is not None)
-
 
 def _less(us: float, profiler_us: float) -> float:
     """A profiled kernel's time less the profiler's own cost, kept at a fifth of the profiled time at least."""
@@ -560,7 +554,7 @@ def fit_kind(samples: Sequence[KernelSample], ridge: float = 1e-2) -> KindFit:
     rates = work / np.maximum(us - overhead, 0.05 * us)
     fit = KindFit(overhead, [float(v) for v in p[1:]], [float(c) for c in center], [float(v) for v in scale],
                   (float(rates.min()), float(rates.max())), list(samples))
-    fit.residuals = [float(np.log(u) - np.log(fit.trend_us(f))) for f, u in zip(feats, us, strict=True)]
+    fit.residuals = [float(r) for r in np.log(us) - np.log(fit._trend(feats))]
     return fit
 
 
