@@ -212,8 +212,8 @@ def calibrate(
             the speed-up the ISA implies).
         kernel_models: the models whose distinct convolutions and matrix products are sampled for micro-graphs
             (default: every architecture of the catalog, at its default weights).
-        kernel_samples: how many micro-graphs to time (0: no kernel timings; latency is then predicted by the
-            fitted roofline alone).
+        kernel_samples: how many micro-graphs to time (ONNX Runtime only; 0: no kernel timings, and latency is
+            then predicted by the fitted roofline alone).
 
     Returns:
         A :class:`CalibrationResult`.

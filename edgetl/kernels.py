@@ -38,7 +38,6 @@ import json
 import math
 import os
 import tempfile
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,8 @@ from typing import Any
 import numpy as np
 
 from edgetl.cost import CostTrace, OpCost
+from edgetl.runtime.bench import benchmark, random_input
+from edgetl.runtime.onnxruntime import OnnxRuntimeRunner, session_options
 
 KINDS: tuple[str, ...] = (
     "conv", "depthwise", "grouped", "grouped_plain", "matmul", "bmm", "softmax", "norm", "pool", "elementwise",
@@ -218,7 +219,6 @@ class ProfiledRun:
     """A model run under ONNX Runtime's profiler in its steady state."""
 
     kernels: list[tuple[str, list[list[int]], list[list[int]], int, float]]  # op, inputs, outputs, param bytes, µs
-    run_us: float  # the fastest whole run
 
     def samples(self, profiler_us: float = 0.0, block: int = 1) -> list[KernelSample]:
         """The kernels as samples (layout reorders and views left out), each less the profiler's own cost
@@ -239,51 +239,32 @@ def _less(us: float, profiler_us: float) -> float:
 def profile_onnx(model: str | os.PathLike[str] | bytes, feeds: dict[str, np.ndarray] | Sequence[int],
                  threads: int | None, warmup: int = 5, runs: int = 10) -> ProfiledRun:
     """Run ``model`` ``warmup`` times, then ``runs`` times under ONNX Runtime's profiler, consecutively, and keep
-    each kernel's fastest run and the fastest whole run.
+    each kernel's fastest run.
 
-    ``feeds`` is the inputs, or the shape of the model's one input (filled with random values).
-
-    Sessions are set up as :class:`~edgetl.runtime.onnxruntime.OnnxRuntimeRunner` sets them up (all graph
-    optimizations, one inter-op thread, sequential execution).
+    ``feeds`` is the inputs, or the shape of the model's one input (filled with random values). The session is
+    set up as every edgetl session is (:func:`edgetl.runtime.onnxruntime.session_options`), with the profiler on.
     """
+    import onnxruntime as ort  # deferred: heavy
+
     with tempfile.TemporaryDirectory(prefix="edgetl-prof-") as tmp:
-        session = _session(model, threads, profile_prefix=str(Path(tmp) / "prof"))
+        options = session_options(threads)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "prof")
+        session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options,
+                                       providers=["CPUExecutionProvider"])
         if not isinstance(feeds, dict):
-            rng = np.random.default_rng(0)
-            feeds = {session.get_inputs()[0].name: rng.standard_normal(tuple(feeds), dtype=np.float32)}
+            feeds = {session.get_inputs()[0].name: random_input(feeds)}
         for _ in range(warmup + runs):
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
     return _summarise(events, skip_runs=warmup)
 
 
-def time_plain_us(model: str | os.PathLike[str] | bytes, feeds: dict[str, np.ndarray], threads: int | None,
-                  warmup: int = 5, runs: int = 30) -> float:
-    """The fastest of ``runs`` consecutive whole runs of ``model`` after ``warmup`` (no profiler), in microseconds."""
-    session = _session(model, threads)
-    for _ in range(warmup):
-        session.run(None, feeds)
-    best = math.inf
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        best = min(best, time.perf_counter() - start)
-    return best * 1e6
-
-
-def _session(model: str | os.PathLike[str] | bytes, threads: int | None, profile_prefix: str | None = None) -> Any:
-    import onnxruntime as ort  # deferred: heavy
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or 0
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    if profile_prefix is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options,
-                                providers=["CPUExecutionProvider"])
+def time_plain_us(model: bytes, feeds: dict[str, np.ndarray], threads: int | None, warmup: int = 5,
+                  runs: int = 30) -> float:
+    """The fastest of ``runs`` consecutive runs of ``model`` after ``warmup``, without the profiler (µs)."""
+    runner = OnnxRuntimeRunner(model, providers="cpu", threads=threads, name="kernels")
+    return benchmark(runner, feed=feeds, iterations=runs, warmup=warmup, cv_threshold=10.0).min * 1e3
 
 
 def _summarise(events: list[dict[str, Any]], skip_runs: int) -> ProfiledRun:
@@ -299,8 +280,7 @@ def _summarise(events: list[dict[str, Any]], skip_runs: int) -> ProfiledRun:
         if name not in best or us < best[name][4]:
             best[name] = (str(args.get("op_name", "")), _shapes(args.get("input_type_shape")),
                           _shapes(args.get("output_type_shape")), int(args.get("parameter_size", 0) or 0), us)
-    run_us = min((float(r["dur"]) for r in runs[skip_runs:]), default=math.nan)
-    return ProfiledRun(list(best.values()), run_us)
+    return ProfiledRun(list(best.values()))
 
 
 def _shapes(items: Any) -> list[list[int]]:
@@ -497,14 +477,6 @@ class KindFit:
     def _x(self, feats: Any) -> np.ndarray:
         logs = np.log(np.maximum(np.asarray(feats, dtype=float), 1e-9))
         return (logs - np.asarray(self.center)) / np.asarray(self.scale)
-
-    def trend_us(self, feats: Sequence[float]) -> float:
-        """The fitted trend, without the neighbours' correction."""
-        return float(self._trend(np.asarray([feats], dtype=float))[0])
-
-    def predict_us(self, feats: Sequence[float]) -> float:
-        """The predicted time of a kernel with these features, in microseconds."""
-        return float(self.predict_many(np.asarray([feats], dtype=float))[0])
 
     def predict_many(self, feats: np.ndarray) -> np.ndarray:
         """The predicted times (µs) of kernels with these features (one row each)."""

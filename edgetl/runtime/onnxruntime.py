@@ -145,15 +145,7 @@ class OnnxRuntimeRunner(Runner):
     def activate_impl(self) -> None:
         import onnxruntime as ort  # deferred: heavy
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = getattr(
-            ort.GraphOptimizationLevel, _OPT_LEVELS[self.graph_optimization_level]
-        )
-        if self.threads is not None:
-            options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
+        options = session_options(self.threads, self.graph_optimization_level)
         try:
             self.session = ort.InferenceSession(
                 self._model, sess_options=options, providers=self.providers,
@@ -190,6 +182,21 @@ class OnnxRuntimeRunner(Runner):
         """The providers the live session uses (after any fallback)."""
         self._require_active("active_providers")
         return list(self.session.get_providers())
+
+
+def session_options(threads: int | None = None, graph_optimization_level: str = "all") -> Any:
+    """The ``onnxruntime.SessionOptions`` every edgetl session uses: ``threads`` intra-op threads (None: every
+    core), one inter-op thread, sequential execution, quiet logs."""
+    import onnxruntime as ort  # deferred: heavy
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[graph_optimization_level])
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return options
 
 
 def _dim(d: Any) -> int | str | None:
