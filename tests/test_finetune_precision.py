@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -10,10 +12,11 @@ from safetensors.torch import load_file
 
 from edgetl.catalog import build_architecture, get_card, replace_head
 from edgetl.data import make_demo_dataset
-from edgetl.errors import ConfigError
+from edgetl.errors import ConfigError, TrainingInterrupted
 from edgetl.export.api import export
 from edgetl.finetune import precision as precision_module
 from edgetl.finetune.api import finetune
+from edgetl.finetune.conv_dtype import trainable_grouped_convs
 from edgetl.finetune.precision import cpu_flags, cpu_has_native_bf16, resolve_precision
 from edgetl.finetune.strategy import apply_strategy, build_param_groups, choose_strategy
 from edgetl.finetune.trainer import TrainConfig, Trainer, make_scheduler
@@ -121,3 +124,28 @@ def test_an_fp32_run_trains_channels_last_and_exports_as_usual(tmp_path):
     assert state["conv1.weight"].shape == (64, 3, 7, 7) and state["conv1.weight"].is_contiguous()
     artifact = export(out, tmp_path / "artifact", precision="fp32", rounds=3, device="x86")
     assert artifact.passed and artifact.to_dict()["parity"]["max_abs_diff"] <= 1e-4
+
+
+def test_bf16_runs_record_their_fp32_convolutions_and_a_resumed_run_keeps_them(tmp_path):
+    """The timed choice is in metrics.json and the checkpoint; --resume reuses the checkpoint's, not a new timing."""
+    data = make_demo_dataset(tmp_path / "demo", num_classes=2, train_per_class=8, val_per_class=2, size=32)
+    out = tmp_path / "run"
+
+    def interrupt_after_first_epoch(epoch, record):
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        finetune("mobilenet_v3_small", data, out, weights="none", strategy="full", epochs=2, resolution=32,
+                 batch_size=8, device="cpu", precision_train="bf16", progress=False,
+                 callbacks=(interrupt_after_first_epoch,))
+    last = json.loads((out / "last.json").read_text())
+    candidates = sorted(trainable_grouped_convs(build_architecture("mobilenet_v3_small")))
+    assert set(last["fp32_convs"]) <= set(candidates)
+    different = [] if last["fp32_convs"] else candidates[:1]  # what the timing did not choose
+    (out / "last.json").write_text(json.dumps({**last, "fp32_convs": different}))
+
+    resumed = finetune(out=out, resume=True, device="cpu", progress=False)
+    used = resumed.metrics["precision_train"]
+    assert used["dtype"] == "bf16" and used["fp32_convs"] == different
+    assert f"{len(different)} of {len(candidates)} trainable grouped convolutions in fp32 (kept" in used["reason"]

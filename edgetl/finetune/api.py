@@ -29,7 +29,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +45,16 @@ from edgetl._io import atomic_write_json, atomic_write_text
 from edgetl.catalog import get_card, replace_head, torchvision_version
 from edgetl.errors import CheckpointError, ConfigError, TrainingInterrupted
 from edgetl.finetune import checkpoint as ckpt
-from edgetl.finetune.distributed import DistInfo, EpochSampler, ShardSampler, barrier, init_distributed, shutdown
+from edgetl.finetune.conv_dtype import choose_fp32_convs, trainable_grouped_convs, with_fp32_convs
+from edgetl.finetune.distributed import (
+    DistInfo,
+    EpochSampler,
+    ShardSampler,
+    barrier,
+    broadcast_mask,
+    init_distributed,
+    shutdown,
+)
 from edgetl.finetune.features import DEFAULT_MAX_MEMORY_MB, FeatureBatches, extract_features, head_is_output
 from edgetl.finetune.lpft import FT_LR_SCALE, fit_probe
 from edgetl.finetune.model import load_trained_model as _load
@@ -385,6 +394,7 @@ class _Run:
         _check_batchnorm_batch(self.loaded.model, int(self.opts["batch_size"]), self.decision.strategy)
         self._start_run_dir()
         self._build_network()
+        self._choose_conv_dtypes(resume[0] if resume is not None else None)
         self.probe = resume[0].get("linear_probe") if resume is not None else self._linear_probe()
         train_loader, val_loader, forward = self._loaders()
         trainer = self._trainer_ref = self._trainer(forward, steps_per_epoch=len(train_loader))
@@ -447,6 +457,24 @@ class _Run:
         if self.precision.channels_last:
             net.to(memory_format=torch.channels_last)
         self.use_cache = self._use_feature_cache(self.opts["resolution"])
+
+    def _choose_conv_dtypes(self, resumed: dict[str, Any] | None) -> None:
+        """Time which trainable grouped convolutions train faster in fp32 (rank 0's choice holds on every rank;
+        a resumed run keeps its own)."""
+        if self.use_cache:
+            return
+        if resumed is not None and "fp32_convs" in resumed:
+            self.precision = with_fp32_convs(self.precision, resumed["fp32_convs"],
+                                             len(trainable_grouped_convs(self.net)), kept=True)
+            return
+        o = self.opts
+        self.precision = choose_fp32_convs(self.net, self.precision, int(o["resolution"]), int(o["batch_size"]),
+                                           self.device)
+        if self.dist.enabled:
+            names = sorted(trainable_grouped_convs(self.net))
+            mask = broadcast_mask(self.dist, [n in self.precision.fp32_convs for n in names], self.device)
+            chosen = tuple(n for n, c in zip(names, mask, strict=True) if c)
+            self.precision = replace(self.precision, fp32_convs=chosen)
 
     def _linear_probe(self) -> dict[str, Any] | None:
         """lp-ft's first phase: the new head trained on cached features until the validation loss plateaus."""
@@ -684,6 +712,7 @@ class _Run:
             "resolution": int(o["resolution"]),
             "preprocess": self.preprocess.to_dict(),
             "feature_cache": self.use_cache,
+            "fp32_convs": list(self.precision.fp32_convs),
             "world_size": self.dist.world_size,
             "config": {k: o[k] for k in _RUN_OPTIONS},
         }

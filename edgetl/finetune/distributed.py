@@ -97,6 +97,18 @@ def broadcast_flag(info: DistInfo, flag: bool, device: Any) -> bool:
     return bool(t.item() > 0)
 
 
+def broadcast_mask(info: DistInfo, mask: list[bool], device: Any) -> list[bool]:
+    """Rank 0's ``mask`` on every rank (e.g. a choice each rank timed for itself, which must agree)."""
+    if not info.enabled or not mask:
+        return mask
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if m else 0.0 for m in mask], device=device)
+    dist.broadcast(t, src=0)
+    return [bool(v > 0) for v in t.tolist()]
+
+
 class EpochSampler:
     """A seeded sampler whose order depends only on ``(seed, epoch)``, so a resumed run sees the same data.
 

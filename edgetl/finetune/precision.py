@@ -18,6 +18,8 @@ with oneDNN capped to AVX2, 1.1x and 1.4-1.8x. It is a memory layout only: the w
 exported are the same tensors.
 
 Weights, optimizer state and gradients stay in float32 (autocast only lowers the matmuls and convolutions).
+Under bf16 on the CPU, the trainable grouped convolutions that train faster in fp32 there stay in fp32
+(:mod:`edgetl.finetune.conv_dtype` times them before training).
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class TrainPrecision:
         grad_scaler: whether gradients are scaled (fp16 only).
         device: ``cpu`` or ``cuda``.
         reason: one sentence.
+        fp32_convs: the modules (by name) of the convolutions that train in fp32 under autocast
+            (:mod:`edgetl.finetune.conv_dtype`).
+        conv_timings: the timings that chose them, one row per distinct convolution.
     """
 
     requested: str
@@ -63,6 +68,8 @@ class TrainPrecision:
     grad_scaler: bool
     device: str
     reason: str
+    fp32_convs: tuple[str, ...] = ()
+    conv_timings: tuple[dict[str, Any], ...] = ()
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -70,7 +77,8 @@ class TrainPrecision:
         return _DTYPES.get(self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As ``metrics.json`` holds it."""
+        return {**asdict(self), "fp32_convs": list(self.fp32_convs), "conv_timings": list(self.conv_timings)}
 
 
 def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:

@@ -279,6 +279,7 @@ class Trainer:
         self.amp_dtype = self.precision.autocast_dtype
         self.scaler = torch.amp.GradScaler(device.type) if self.precision.grad_scaler else None
         self.channels_last = self.precision.channels_last
+        self._fp32_weights = [model.get_submodule(name).weight for name in self.precision.fp32_convs]
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.last_eval: EvalResult | None = None
         self._guard: _SigintGuard | None = None
@@ -301,6 +302,17 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def _train_autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast for a training step: the precision's fp32 convolutions run in fp32 inside it."""
+        if not self._fp32_weights:
+            return self._autocast()
+        from edgetl.finetune.conv_dtype import Fp32Convs  # deferred: it imports torch
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._autocast())
+        stack.enter_context(Fp32Convs(self._fp32_weights))
+        return stack
+
     def _interrupted(self) -> bool:
         local = self._guard is not None and self._guard.flag
         return broadcast_flag(self.dist, local, self.device) if self.dist.enabled else local
@@ -319,7 +331,7 @@ class Trainer:
         self._progress.start(f"epoch {epoch + 1}/{self.config.epochs}", len(loader))
         for step, (images, labels) in enumerate(loader):
             images, labels = self._to_device(images, labels)
-            with self._autocast():
+            with self._train_autocast():
                 logits = self.forward_module(images)
                 loss = self.criterion(logits, labels)
             self.optimizer.zero_grad(set_to_none=True)
