@@ -102,3 +102,13 @@ def test_the_choice_is_timed_once_per_machine_and_recorded(monkeypatch):
     monkeypatch.setattr(conv_dtype, "time_conv", no_timing)
     again = choose_fp32_convs(model, bf16, 32, 4, CPU)
     assert again.fp32_convs == chosen.fp32_convs and again.conv_timings == chosen.conv_timings
+
+
+@pytest.mark.parametrize("damage", ["{not json", "[1, 2]", '{"key": "not a timing"}'])
+def test_a_damaged_timing_cache_is_timed_again_and_rewritten(damage):
+    model = lite0("partial", unfreeze=5)
+    path = cache_dir("conv_dtype") / "timings.json"
+    path.write_text(damage)
+    chosen = choose_fp32_convs(model, resolve_precision("bf16", "cpu"), 32, 2, CPU)
+    assert chosen.conv_timings and all(r["bf16_ms"] > 0 for r in chosen.conv_timings)
+    assert isinstance(json.loads(path.read_text()), dict)

@@ -201,9 +201,12 @@ def cached_timings(calls: Iterable[ConvCall], batch: int, device: torch.device) 
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
+    cache = cache if isinstance(cache, dict) else {}
     out, new = {}, 0
+    where = {"machine": fingerprint(runtime="torch"), "onednn_cap": onednn_isa_cap(),
+             "threads": torch.get_num_threads(), "batch": batch}
     for call in calls:
-        key = _cache_key(call, batch)
+        key = _cache_key(where, call)
         hit = cache.get(key)
         if not (isinstance(hit, list) and len(hit) == 2 and all(isinstance(v, (int, float)) for v in hit)):
             hit, new = list(time_conv(call, batch, device)), new + 1
@@ -217,7 +220,6 @@ def cached_timings(calls: Iterable[ConvCall], batch: int, device: torch.device) 
     return out
 
 
-def _cache_key(call: ConvCall, batch: int) -> str:
-    what = {"machine": fingerprint(runtime="torch"), "onednn_cap": onednn_isa_cap(),
-            "threads": torch.get_num_threads(), "batch": batch, "call": repr(call)}
+def _cache_key(where: dict[str, Any], call: ConvCall) -> str:
+    what = {**where, "call": repr(call)}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
