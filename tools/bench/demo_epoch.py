@@ -8,6 +8,10 @@ the runs alternate (this, other, this, ...) because shared machines drift. The t
 ``metrics.json``'s ``epochs[*].seconds``: the training pass, data loading included, validation not.
 The first epoch of each run is a warm-up and is left out.
 
+Then the floor: this checkout's training steps alone, on the same number of in-memory images (random tensors
+already on the device, no data loading), with edgetl's ``Trainer`` and the precision ``auto`` picks; an epoch
+of the real loop cannot be faster than that.
+
     git worktree add /tmp/old <commit>
     python tools/bench/demo_epoch.py --against /tmp/old
     python tools/bench/demo_epoch.py --against /tmp/old --max-isa AVX2   # as on a CPU without bf16
@@ -27,6 +31,7 @@ from pathlib import Path
 
 from isa_cap import describe_isa, restart_with_isa_cap
 
+from edgetl.catalog import build_architecture, get_card, replace_head
 from edgetl.demo import demo_config
 from edgetl.demo_data import make_demo_dataset
 
@@ -57,6 +62,31 @@ def describe(metrics: dict) -> str:
     if p is None:
         return "fp32, cache off (not recorded)"
     return f"{p['dtype']}{' NHWC' if p['channels_last'] else ''}, cache {'on' if metrics.get('image_cache') else 'off'}"
+
+
+def steps_alone(options: dict, images: int, epochs: int) -> float:
+    """The best epoch (s) of this checkout's training steps on ``images`` in-memory images: no data loading."""
+    import torch
+
+    from edgetl.finetune.precision import resolve_precision
+    from edgetl.finetune.strategy import apply_strategy, build_param_groups, choose_strategy
+    from edgetl.finetune.trainer import TrainConfig, Trainer, make_scheduler
+
+    card, size, batch = get_card("resnet18"), int(options["resolution"]), int(options["batch_size"])
+    torch.manual_seed(0)
+    model = build_architecture(card.id)
+    replace_head(model, card, 4)
+    plan = apply_strategy(model, card, choose_strategy("full", len(card.block_paths)))
+    precision = resolve_precision("auto", "cpu")
+    if precision.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(build_param_groups(model, plan, card, lr=float(options["lr"])), fused=True)
+    batches = [(torch.randn(min(batch, images - i), 3, size, size), torch.randint(0, 4, (min(batch, images - i),)))
+               for i in range(0, images, batch)]
+    config = TrainConfig(epochs=epochs, lr=float(options["lr"]), progress=False, precision=precision)
+    trainer = Trainer(model, optimizer, make_scheduler(optimizer, len(batches), epochs, 0), config,
+                      torch.device("cpu"), 4)
+    return min(trainer.train_one_epoch(batches)["seconds"] for _ in range(epochs))
 
 
 def main() -> None:
@@ -93,6 +123,9 @@ def main() -> None:
     this, other = seconds["this"], seconds["other"]
     print(f"epoch time this / other: {min(this) / min(other):.2f} (best), "
           f"{statistics.median(this) / statistics.median(other):.2f} (median)")
+    floor = steps_alone(options, 4 * args.train_per_class, args.epochs)
+    print(f"this checkout's training steps alone (in-memory images, no data loading): best epoch {floor:.2f} s, "
+          f"{floor / min(other):.2f} of the other checkout's best epoch")
 
 
 if __name__ == "__main__":
