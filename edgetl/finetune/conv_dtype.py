@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -176,11 +177,11 @@ def choose_fp32_convs(model: nn.Module, precision: TrainPrecision, resolution: i
     if device.type != "cpu" or precision.autocast_dtype is not torch.bfloat16:
         return precision
     calls = record_grouped_convs(model, resolution, device, precision.channels_last)
-    timings = cached_timings(dict.fromkeys(calls.values()), batch, device)
+    counts = Counter(calls.values())
+    timings = cached_timings(counts, batch, device)
     fp32 = [name for name, call in calls.items() if timings[call][1] <= FP32_MARGIN * timings[call][0]]
-    rows = [{"conv": call.describe(), "count": sum(1 for c in calls.values() if c == call),
-             "bf16_ms": round(bf16, 3), "fp32_ms": round(f32, 3), "fp32": f32 <= FP32_MARGIN * bf16}
-            for call, (bf16, f32) in timings.items()]
+    rows = [{"conv": call.describe(), "count": counts[call], "bf16_ms": round(bf16, 3), "fp32_ms": round(f32, 3),
+             "fp32": f32 <= FP32_MARGIN * bf16} for call, (bf16, f32) in timings.items()]
     return with_fp32_convs(precision, fp32, len(calls), rows)
 
 

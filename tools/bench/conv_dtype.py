@@ -23,8 +23,8 @@ import torch
 
 from edgetl.catalog import build_architecture, get_card, replace_head
 from edgetl.finetune.conv_dtype import choose_fp32_convs, trainable_grouped_convs
-from edgetl.finetune.precision import cpu_has_native_bf16, resolve_precision
-from edgetl.finetune.strategy import apply_strategy, build_param_groups, choose_strategy
+from edgetl.finetune.precision import TrainPrecision, cpu_has_native_bf16, resolve_precision
+from edgetl.finetune.strategy import FreezePlan, apply_strategy, build_param_groups, choose_strategy
 from edgetl.finetune.trainer import TrainConfig, Trainer, make_scheduler
 
 MODELS = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "timm/tf_efficientnet_lite0",
@@ -32,34 +32,40 @@ MODELS = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "timm/tf_effi
 CPU = torch.device("cpu")
 
 
-def network(name: str, classes: int) -> torch.nn.Module:
+def network(name: str, classes: int = 4) -> tuple[torch.nn.Module, FreezePlan]:
+    """The catalog model with random weights and a new head, every layer training, channels-last."""
     card = get_card(name)
     torch.manual_seed(0)
     model = build_architecture(card.id)
     replace_head(model, card, classes)
-    apply_strategy(model, card, choose_strategy("full", len(card.block_paths)))
-    return model.to(memory_format=torch.channels_last)
-
-
-def trainer(model: torch.nn.Module, name: str, precision, steps: int) -> Trainer:
-    card = get_card(name)
     plan = apply_strategy(model, card, choose_strategy("full", len(card.block_paths)))
-    optimizer = torch.optim.AdamW(build_param_groups(model, plan, card, lr=1e-3), fused=True)
-    config = TrainConfig(epochs=1, progress=False, precision=precision)
-    return Trainer(model, optimizer, make_scheduler(optimizer, steps, 1, 0), config, CPU, 4)
+    return model.to(memory_format=torch.channels_last), plan
+
+
+def trainer(model: torch.nn.Module, plan: FreezePlan, name: str, precision: TrainPrecision, steps: int,
+            epochs: int = 1, lr: float = 1e-3, classes: int = 4) -> Trainer:
+    """edgetl's training loop over ``model`` (fused AdamW on the plan's groups, warm-up-free cosine)."""
+    optimizer = torch.optim.AdamW(build_param_groups(model, plan, get_card(name), lr=lr), fused=True)
+    config = TrainConfig(epochs=epochs, lr=lr, progress=False, precision=precision)
+    return Trainer(model, optimizer, make_scheduler(optimizer, steps, epochs, 0), config, CPU, classes)
+
+
+def random_batches(images: int, batch: int, resolution: int, classes: int = 4) -> list[tuple[torch.Tensor, ...]]:
+    """``images`` random images in batches of ``batch`` (the last one smaller), already in memory."""
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(min(batch, images - i), 3, resolution, resolution, generator=gen),
+             torch.randint(0, classes, (min(batch, images - i),), generator=gen)) for i in range(0, images, batch)]
 
 
 def bench(name: str, args: argparse.Namespace) -> None:
-    base = network(name, 4)
+    base, plan = network(name)
     bf16 = resolve_precision("bf16", "cpu")
     start = time.perf_counter()
     chosen = choose_fp32_convs(base, bf16, args.resolution, args.batch_size, CPU)
     choice_s = time.perf_counter() - start
     variants = {"fp32": resolve_precision("fp32", "cpu"), "bf16": bf16, "bf16 + fp32 grouped": chosen}
-    trainers = {k: trainer(copy.deepcopy(base), name, p, args.steps) for k, p in variants.items()}
-    gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(args.batch_size, 3, args.resolution, args.resolution, generator=gen),
-                torch.randint(0, 4, (args.batch_size,), generator=gen)) for _ in range(args.steps)]
+    trainers = {k: trainer(copy.deepcopy(base), plan, name, p, args.steps) for k, p in variants.items()}
+    batches = random_batches(args.steps * args.batch_size, args.batch_size, args.resolution)
     best = dict.fromkeys(trainers, float("inf"))
     for epoch in range(args.epochs + 1):
         for k, t in trainers.items():

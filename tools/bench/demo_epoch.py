@@ -29,11 +29,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from conv_dtype import network, random_batches, trainer
 from isa_cap import describe_isa, restart_with_isa_cap
 
-from edgetl.catalog import build_architecture, get_card, replace_head
 from edgetl.demo import demo_config
 from edgetl.demo_data import make_demo_dataset
+from edgetl.finetune.precision import resolve_precision
 
 HERE = Path(__file__).resolve().parents[2]
 CHILD = """
@@ -66,27 +67,11 @@ def describe(metrics: dict) -> str:
 
 def steps_alone(options: dict, images: int, epochs: int) -> float:
     """The best epoch (s) of this checkout's training steps on ``images`` in-memory images: no data loading."""
-    import torch
-
-    from edgetl.finetune.precision import resolve_precision
-    from edgetl.finetune.strategy import apply_strategy, build_param_groups, choose_strategy
-    from edgetl.finetune.trainer import TrainConfig, Trainer, make_scheduler
-
-    card, size, batch = get_card("resnet18"), int(options["resolution"]), int(options["batch_size"])
-    torch.manual_seed(0)
-    model = build_architecture(card.id)
-    replace_head(model, card, 4)
-    plan = apply_strategy(model, card, choose_strategy("full", len(card.block_paths)))
+    model, plan = network("resnet18")
     precision = resolve_precision("auto", "cpu")
-    if precision.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(build_param_groups(model, plan, card, lr=float(options["lr"])), fused=True)
-    batches = [(torch.randn(min(batch, images - i), 3, size, size), torch.randint(0, 4, (min(batch, images - i),)))
-               for i in range(0, images, batch)]
-    config = TrainConfig(epochs=epochs, lr=float(options["lr"]), progress=False, precision=precision)
-    trainer = Trainer(model, optimizer, make_scheduler(optimizer, len(batches), epochs, 0), config,
-                      torch.device("cpu"), 4)
-    return min(trainer.train_one_epoch(batches)["seconds"] for _ in range(epochs))
+    batches = random_batches(images, int(options["batch_size"]), int(options["resolution"]))
+    loop = trainer(model, plan, "resnet18", precision, len(batches), epochs, float(options["lr"]))
+    return min(loop.train_one_epoch(batches)["seconds"] for _ in range(epochs))
 
 
 def main() -> None:
