@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edgetl.catalog import get_card
+from edgetl.device.profiles import load_profile
 from edgetl.errors import ConfigError, EdgetlError
 from edgetl.options import (
     Constraints,
@@ -25,7 +25,7 @@ from edgetl.options import (
     ValidateOptions,
     format_errors,
 )
-from edgetl.profiles import load_profile
+from edgetl.zoo.catalog import get_card
 
 
 class BuildConfig(StageOptions):

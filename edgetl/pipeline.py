@@ -62,9 +62,9 @@ from typing import Any
 import edgetl
 from edgetl._io import atomic_write_json, sha256_file
 from edgetl.buildfile import BuildConfig, check_names, config_from_dict, load_build_config
-from edgetl.catalog import get_card
 from edgetl.data import scan_dataset
 from edgetl.data.discover import walk_images
+from edgetl.device.profiles import load_profile
 from edgetl.errors import (
     BudgetExceededError,
     CheckpointError,
@@ -77,11 +77,11 @@ from edgetl.errors import (
 from edgetl.finetune.checkpoint import LAST_META, tensors_digest
 from edgetl.folders import BUILD_LOCK_FILE, BUILD_STATE_FILE, check_apart, folder_lock, require_ours
 from edgetl.options import TABLE_ROWS
-from edgetl.profiles import load_profile
 from edgetl.report import write_report
 from edgetl.select import default_precision, select
 from edgetl.validate import validate
-from edgetl.weights import find_weights_file, weights_file_name
+from edgetl.zoo.catalog import get_card
+from edgetl.zoo.weights import find_weights_file, weights_file_name
 
 log = logging.getLogger(__name__)
 

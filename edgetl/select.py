@@ -1,7 +1,7 @@
 """Rank the catalog's pretrained backbones for a device: constraints, ordering and the Pareto front.
 
-For each catalog entry the model's cost trace (:mod:`edgetl.cost`) is fed to the predictor
-(:mod:`edgetl.predict`) with the device profile, giving latency, memory and size at the chosen precision.
+For each catalog entry the model's cost trace (:mod:`edgetl.zoo.cost`) is fed to the predictor
+(:mod:`edgetl.device.latency`) with the device profile, giving latency, memory and size at the chosen precision.
 Entries that meet every constraint are ranked first, most accurate first, ties to the lower latency.
 The Pareto front is the set of entries that no other entry beats on both ImageNet top-1 and latency.
 """
@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from edgetl._io import atomic_write_text
-from edgetl.catalog import ModelCard, list_models
-from edgetl.cost import TraceError, trace_model
+from edgetl.device.latency import model_size_mb, predict_latency, predict_memory
+from edgetl.device.profiles import DeviceProfile, default_device, load_profile
 from edgetl.errors import ConstraintError
 from edgetl.options import Constraints, SelectOptions, documented, resolve, split_overrides
-from edgetl.predict import model_size_mb, predict_latency, predict_memory
-from edgetl.profiles import DeviceProfile, default_device, load_profile
+from edgetl.zoo.catalog import ModelCard, list_models
+from edgetl.zoo.cost import TraceError, trace_model
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def select(
 
     Args:
         device: a profile name or alias (``jetson``, ``rpi``, ``x86``), a YAML path, or a profile; default:
-            :func:`~edgetl.profiles.default_device`.
+            :func:`~edgetl.device.profiles.default_device`.
         options: how to rank (:class:`~edgetl.options.SelectOptions`).
         constraints: what a model must meet (:class:`~edgetl.options.Constraints`); ``max_memory_mb``
             defaults to the profile's model memory budget.

@@ -30,17 +30,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edgetl import budget
 from edgetl._io import atomic_write_json
-from edgetl.catalog import Preprocess
+from edgetl.device import budget
+from edgetl.device.profiles import DeviceProfile, default_device, load_profile
 from edgetl.errors import BudgetExceededError, ProfileError
 from edgetl.export import bundle
 from edgetl.export.consistency import check_consistency
 from edgetl.options import ValidateOptions, documented, resolve
-from edgetl.profiles import DeviceProfile, default_device, load_profile
 from edgetl.runtime.bench import benchmark, peak_rss_mb, reset_peak_rss
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner, tensorrt_available
+from edgetl.zoo.catalog import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def validate(
 ) -> ValidationReport:
     """Verify an artifact's files, measure its latency (and accuracy with ``data``), judge the budgets.
 
-    The latency budget is judged by :func:`edgetl.budget.judge_latency`, the rule export uses too: on
+    The latency budget is judged by :func:`edgetl.device.budget.judge_latency`, the rule export uses too: on
     ``budget_metric`` of the measurement on the device itself (a profile of this machine, timed with
     its runtime); elsewhere on the latency predicted for the device, when the model can be traced
     (else on the measurement here). The memory budget defaults to the profile's model memory budget.
@@ -259,7 +259,7 @@ def _time(runner: Any, manifest: dict[str, Any], opts: ValidateOptions) -> tuple
 
 def _latency_verdict(result: Any, runtime: str, opts: ValidateOptions, manifest: dict[str, Any],
                      profile: DeviceProfile, notes: list[str]) -> dict[str, Any]:
-    """The measurement here and the budget judged by the one rule (:func:`edgetl.budget.judge_latency`)."""
+    """The measurement here and the budget judged by the one rule (:func:`edgetl.device.budget.judge_latency`)."""
     stats = budget.latency_stats(result)
     on_target = budget.on_target(profile, runtime)
     source = manifest.get("source") or {}

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from edgetl import budget
 from edgetl.data import make_demo_dataset
+from edgetl.device import budget
+from edgetl.device.machine import fingerprint, read_cpu
+from edgetl.device.profiles import default_device, family_device, load_profile, save_profile, user_profile_dir
 from edgetl.errors import ConfigError
 from edgetl.export.api import SPEED_MARGIN, export
-from edgetl.machine import fingerprint, read_cpu
-from edgetl.profiles import default_device, family_device, load_profile, save_profile, user_profile_dir
 from edgetl.runtime.bench import BenchResult
 from edgetl.select import select
 from edgetl.validate import validate

@@ -3,13 +3,13 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from edgetl.calibrate import calibrate, measure_bandwidth
+from edgetl.calibrate.api import calibrate, measure_bandwidth
 from edgetl.cli import cli
-from edgetl.cost import trace_model
-from edgetl.machine import read_cpu
-from edgetl.predict import predict_latency
-from edgetl.profiles import load_profile, user_profile_dir
+from edgetl.device.latency import predict_latency
+from edgetl.device.machine import read_cpu
+from edgetl.device.profiles import load_profile, user_profile_dir
 from edgetl.select import select
+from edgetl.zoo.cost import trace_model
 
 TINY = ("resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5")
 
@@ -87,7 +87,7 @@ def test_calibrate_on_a_jetson_with_tensorrt_writes_a_tensorrt_profile():
 
 
 def test_measure_models_times_each_model_alone_in_its_steady_state():
-    from edgetl.measure import measure_models
+    from edgetl.calibrate.measure import measure_models
 
     seen = []
     results = measure_models(("squeezenet1_1", "mobilenet_v3_small"), resolution=32, threads=1, rounds=4, warmup=2,
@@ -100,7 +100,7 @@ def test_measure_models_times_each_model_alone_in_its_steady_state():
 
 
 def test_a_sessions_peak_rss_is_measured_in_a_fresh_process_and_grows_with_the_weights():
-    from edgetl.measure import measure_memory
+    from edgetl.calibrate.measure import measure_memory
 
     mb = measure_memory(("squeezenet1_1", "resnet18"), resolution=32, threads=1, runs=1)
     # resnet18 has 47 MB of fp32 weights, squeezenet1_1 5 MB; the runtime holds more than one copy

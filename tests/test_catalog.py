@@ -6,8 +6,8 @@ import pytest
 import torch
 from torchvision import models as tvm
 
-from edgetl import catalog
 from edgetl.errors import EdgetlError, UnknownNameError
+from edgetl.zoo import catalog
 
 
 def _torchvision_entries():

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from edgetl._io import cache_dir
-from edgetl.catalog import build_architecture, get_card, replace_head
 from edgetl.finetune import conv_dtype
 from edgetl.finetune.conv_dtype import (
     FP32_MARGIN,
@@ -20,6 +19,7 @@ from edgetl.finetune.conv_dtype import (
 )
 from edgetl.finetune.precision import resolve_precision
 from edgetl.finetune.strategy import apply_strategy, choose_strategy
+from edgetl.zoo.catalog import build_architecture, get_card, replace_head
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from edgetl import catalog, cost
+from edgetl.zoo import catalog, cost
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "vit_b_16"])

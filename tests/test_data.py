@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-from edgetl.catalog import Preprocess
 from edgetl.data import (
     ALPHA_BACKGROUND,
     DEMO_SHAPES,
@@ -32,6 +31,7 @@ from edgetl.data import (
     to_rgb,
 )
 from edgetl.errors import DataError, EdgetlError, UnknownNameError
+from edgetl.zoo.catalog import Preprocess
 
 PRE = Preprocess(resize_size=40, crop_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 

@@ -14,11 +14,11 @@ from edgetl.cli import cli
 from edgetl.data import make_demo_dataset
 from edgetl.errors import BudgetExceededError, ConfigError, ExportError
 from edgetl.export import api as export_api
-from edgetl.export import quantize
 from edgetl.export.api import export
 from edgetl.finetune.api import finetune
 from edgetl.options import EXPORT_PRECISIONS
 from edgetl.validate import validate
+from edgetl.zoo import quantize
 
 FAST = dict(rounds=3, device="x86")
 LAYOUT = {"model.onnx", "labels.json", "preprocess.json", "manifest.json", "manifest.sha256"}

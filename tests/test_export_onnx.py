@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from edgetl import onnx_cache
 from edgetl.errors import ConfigError, ExportError
 from edgetl.export.onnx import check_parity
-from edgetl.onnx_io import export_onnx
+from edgetl.zoo import onnx_cache
+from edgetl.zoo.onnx_io import export_onnx
 
 
 class TinyNet(nn.Module):
@@ -208,7 +208,7 @@ def test_onnxslim_failure_keeps_the_exported_graph(tmp_path, monkeypatch, caplog
         raise RuntimeError("pattern matcher exploded")
 
     monkeypatch.setattr(onnxslim, "slim", broken)
-    with caplog.at_level(logging.WARNING, logger="edgetl.onnx_io"):
+    with caplog.at_level(logging.WARNING, logger="edgetl.zoo.onnx_io"):
         report = export_onnx(_tiny(), tmp_path / "m.onnx", resolution=16, exporter="torchscript")
     assert not report.simplified
     assert "exploded" in report.simplify_error

@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from edgetl.errors import ArtifactError, ConfigError
-from edgetl.export import bundle, quantize
+from edgetl.export import bundle
 from edgetl.export.accuracy_control import control_accuracy, relative_error, smallest_passing
 from edgetl.export.evaluate import stratified_sample
-from edgetl.onnx_io import export_onnx
+from edgetl.zoo import quantize
+from edgetl.zoo.onnx_io import export_onnx
 
 
 class ConvNet(nn.Module):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edgetl.catalog import get_card
 from edgetl.data import make_demo_dataset
+from edgetl.zoo.catalog import get_card
 
 REPO = Path(__file__).resolve().parents[1]
 

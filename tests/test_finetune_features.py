@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from edgetl.catalog import build_architecture, get_card, replace_head
 from edgetl.finetune.distributed import EpochSampler, ShardSampler
 from edgetl.finetune.features import FeatureBatches, extract_features, head_is_output
+from edgetl.zoo.catalog import build_architecture, get_card, replace_head
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

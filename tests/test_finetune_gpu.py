@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgetl.catalog import build_architecture, get_card, replace_head
 from edgetl.data import make_demo_dataset
 from edgetl.finetune.api import finetune, load_trained_model
 from edgetl.finetune.precision import cuda_has_native_bf16
 from edgetl.finetune.strategy import apply_strategy, build_param_groups, choose_strategy
 from edgetl.finetune.trainer import TrainConfig, Trainer, make_scheduler
+from edgetl.zoo.catalog import build_architecture, get_card, replace_head
 
 
 @pytest.mark.gpu

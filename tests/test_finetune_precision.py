@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from edgetl.catalog import build_architecture, get_card, replace_head
 from edgetl.data import make_demo_dataset
 from edgetl.errors import ConfigError, TrainingInterrupted
 from edgetl.export.api import export
@@ -20,6 +19,7 @@ from edgetl.finetune.conv_dtype import trainable_grouped_convs
 from edgetl.finetune.precision import cpu_flags, cpu_has_native_bf16, resolve_precision
 from edgetl.finetune.strategy import apply_strategy, build_param_groups, choose_strategy
 from edgetl.finetune.trainer import TrainConfig, Trainer, make_scheduler
+from edgetl.zoo.catalog import build_architecture, get_card, replace_head
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -14,13 +14,13 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from edgetl.catalog import build_architecture, get_card, replace_head
 from edgetl.cli import cli
 from edgetl.data import make_demo_dataset
 from edgetl.errors import CheckpointError, ConfigError, TrainingInterrupted
 from edgetl.finetune.api import finetune, load_trained_model
 from edgetl.finetune.precision import cpu_has_native_bf16
 from edgetl.finetune.strategy import apply_strategy, choose_strategy
+from edgetl.zoo.catalog import build_architecture, get_card, replace_head
 
 MODEL = "mobilenet_v3_small"
 COMMON = dict(weights="none", resolution=32, batch_size=16, device="cpu", progress=False, seed=0)
@@ -178,7 +178,7 @@ def test_cli_finetune_json(demo, tmp_path):
 
 
 def test_auto_strategy_measures_the_domain_with_pretrained_weights(demo, tmp_path, monkeypatch):
-    from edgetl.weights import weights_file_name
+    from edgetl.zoo.weights import weights_file_name
 
     folder = tmp_path / "weights"
     folder.mkdir()

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from edgetl.catalog import build_architecture, get_card, list_models, replace_head
 from edgetl.errors import ConfigError
 from edgetl.finetune.stages import stages
 from edgetl.finetune.strategy import (
@@ -26,6 +25,7 @@ from edgetl.finetune.strategy import (
     estimate_domain,
 )
 from edgetl.finetune.trainer import TrainConfig, Trainer, make_scheduler
+from edgetl.zoo.catalog import build_architecture, get_card, list_models, replace_head
 
 SIMILAR = DomainEstimate("similar", "user")
 DIFFERENT = DomainEstimate("different", "user")

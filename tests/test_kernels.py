@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from edgetl.cost import trace_model, trace_module
-from edgetl.kernels import (
+from edgetl.calibrate.measure import architecture_onnx
+from edgetl.device.kernel_model import (
     FEATURES,
     KernelModel,
     KernelSample,
@@ -21,9 +21,9 @@ from edgetl.kernels import (
     profile_onnx,
     spread_sample,
 )
-from edgetl.measure import architecture_onnx
-from edgetl.onnx_io import export_onnx
-from edgetl.profiles import KernelTimings
+from edgetl.device.profiles import KernelTimings
+from edgetl.zoo.cost import trace_model, trace_module
+from edgetl.zoo.onnx_io import export_onnx
 
 COMPUTE = ("conv", "depthwise", "grouped", "grouped_plain", "matmul", "bmm")
 

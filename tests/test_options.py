@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from edgetl.buildfile import BuildConfig, config_from_dict
 from edgetl.cli import cli
-from edgetl.cli_options import _param_name, _walk, parse
+from edgetl.cli.params import _param_name, _walk, parse
 from edgetl.errors import ConfigError
 from edgetl.options import (
     Constraints,

@@ -27,7 +27,7 @@ def test_wheel_lists_profiles_and_modules(wheel):
     shipped = {Path(n).name for n in names if n.startswith("edgetl/profile_data/") and n.endswith(".yaml")}
     in_repo = {p.name for p in (ROOT / "profiles").glob("*.yaml")}
     assert shipped == in_repo and len(shipped) >= 10
-    for module in ("edgetl/cli.py", "edgetl/catalog.py", "edgetl/select.py", "edgetl/__main__.py"):
+    for module in ("edgetl/cli/__init__.py", "edgetl/zoo/catalog.py", "edgetl/select.py", "edgetl/__main__.py"):
         assert module in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "edgetl = edgetl.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -40,7 +40,7 @@ def test_plain_install_finds_builtin_profiles(wheel, tmp_path):
         check=True,
     )
     code = (
-        "import edgetl, edgetl.profiles as p\n"
+        "import edgetl, edgetl.device.profiles as p\n"
         f"assert edgetl.__file__.startswith({str(target)!r}), edgetl.__file__\n"
         "names = [x.name for x in p.list_profiles()]\n"
         "assert 'jetson-orin-nano' in names and len(names) >= 10, names\n"

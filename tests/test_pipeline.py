@@ -262,8 +262,8 @@ def test_nothing_fits_is_a_user_error(tmp_path):
 
 def _fake_weights_dir(folder: Path, name: str = "mobilenet_v3_small") -> Path:
     """A torchvision-format weights file (random values) under torchvision's file name: no download."""
-    from edgetl.catalog import build_architecture, get_card
-    from edgetl.weights import weights_file_name
+    from edgetl.zoo.catalog import build_architecture, get_card
+    from edgetl.zoo.weights import weights_file_name
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

@@ -1,7 +1,6 @@
 import pytest
 
-from edgetl import cost
-from edgetl.predict import (
+from edgetl.device.latency import (
     Roofline,
     fit_memory,
     int8_speedup,
@@ -10,7 +9,8 @@ from edgetl.predict import (
     predict_latency,
     predict_memory,
 )
-from edgetl.profiles import list_profiles, load_profile
+from edgetl.device.profiles import list_profiles, load_profile
+from edgetl.zoo import cost
 
 
 def _trace(ops):

@@ -12,8 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from edgetl.cli import cli
-from edgetl.errors import ProfileError, UnknownNameError
-from edgetl.profiles import (
+from edgetl.device.profiles import (
     DeviceProfile,
     builtin_profile_dir,
     list_profiles,
@@ -22,6 +21,7 @@ from edgetl.profiles import (
     save_profile,
     user_profile_dir,
 )
+from edgetl.errors import ProfileError, UnknownNameError
 
 REQUIRED = {
     "jetson-nano",
@@ -215,7 +215,7 @@ def test_extra_folder_overrides_builtin_and_user_dir(tmp_path, monkeypatch, capl
     write(first, "x86-avx2", builtin_text("x86-avx2").replace("value: 51.2", "value: 20"))
     monkeypatch.setenv("EDGETL_PROFILE_PATH", f"{first}{os.pathsep}{second}")
     assert profile_search_path() == [builtin_profile_dir(), user, second, first]
-    with caplog.at_level("DEBUG", logger="edgetl.profiles"):
+    with caplog.at_level("DEBUG", logger="edgetl.device.profiles"):
         profile = load_profile("x86-avx2")
     assert profile.memory.bandwidth_gbs.value == 20  # like PATH: the first entry wins
     assert profile.path == first / "x86-avx2.yaml"

@@ -12,7 +12,6 @@ from torch import nn
 
 from edgetl.cli import cli
 from edgetl.errors import BackendUnavailableError, ConfigError, EdgetlError, ExportError
-from edgetl.onnx_io import export_onnx
 from edgetl.runtime import make_runner
 from edgetl.runtime.bench import (
     BenchResult,
@@ -23,6 +22,7 @@ from edgetl.runtime.bench import (
 )
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner, resolve_providers
 from edgetl.runtime.torch import TorchRunner
+from edgetl.zoo.onnx_io import export_onnx
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 

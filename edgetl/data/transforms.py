@@ -18,7 +18,7 @@ from torchvision.transforms import functional as TF
 from edgetl.data.options import AUGMENTATIONS, check_choice
 
 if TYPE_CHECKING:
-    from edgetl.catalog import Preprocess
+    from edgetl.zoo.catalog import Preprocess
 
 MIN_CROP_SCALE = {"light": 0.5, "strong": 0.2}
 """The smallest area fraction RandomResizedCrop takes under each augmentation."""
@@ -30,7 +30,7 @@ def build_transform(
     train: bool = False,
     augment: str = "light",
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """Build the image transform for a model from its ModelCard's :class:`~edgetl.catalog.Preprocess`.
+    """Build the image transform for a model from its ModelCard's :class:`~edgetl.zoo.catalog.Preprocess`.
 
     The evaluation transform is resize (shorter side to ``resize_size``), center-crop to
     ``crop_size``, to tensor and normalize, as torchvision's weights transforms do. The training

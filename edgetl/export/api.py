@@ -2,7 +2,7 @@
 
 The steps, all in a hidden folder beside ``out`` that is renamed into place at the end:
 
-1. load the model (``load_trained_model`` for a run, ``edgetl.weights.load_model`` for a catalog name);
+1. load the model (``load_trained_model`` for a run, ``edgetl.zoo.weights.load_model`` for a catalog name);
 2. export FP32 ONNX (checker, shape inference, onnxslim) and check parity with PyTorch on the
    evaluation images: max |diff| <= 1e-4 and 100% top-1 agreement;
 3. build the precision candidates: FP16 (``keep_io_types``), INT8 static QDQ calibrated on a
@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import edgetl
-from edgetl import budget
-from edgetl.catalog import ModelCard, Preprocess, deployed_model, get_card
+from edgetl.device import budget
+from edgetl.device.profiles import DeviceProfile, default_device, load_profile
 from edgetl.errors import BudgetExceededError, ConfigError, ExportError
-from edgetl.export import bundle, quantize
+from edgetl.export import bundle
 from edgetl.export.accuracy_control import control_accuracy, relative_error
 from edgetl.export.evaluate import (
     EvalSet,
@@ -57,13 +57,14 @@ from edgetl.export.evaluate import (
 )
 from edgetl.export.tensorrt import build_tensorrt_engine, engine_precision, require_tensorrt
 from edgetl.finetune.model import load_trained_model
-from edgetl.onnx_io import export_onnx
 from edgetl.options import ExportOptions, documented, resolve
-from edgetl.profiles import DeviceProfile, default_device, load_profile
 from edgetl.runtime.bench import benchmark, benchmark_interleaved
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner
-from edgetl.weights import load_model
+from edgetl.zoo import quantize
+from edgetl.zoo.catalog import ModelCard, Preprocess, deployed_model, get_card
+from edgetl.zoo.onnx_io import export_onnx
+from edgetl.zoo.weights import load_model
 
 if TYPE_CHECKING:
     import torch
@@ -578,7 +579,8 @@ def export(
         out: the artifact folder to write.
         options: how to build and judge it (:class:`~edgetl.options.ExportOptions`); its fields may also
             be given as keyword arguments (``export(run, out, precision="int8")``).
-        device: the target device profile (name, alias or YAML path); default: :func:`~edgetl.profiles.default_device`.
+        device: the target device profile (name, alias or YAML path); default:
+            :func:`~edgetl.device.profiles.default_device`.
         weights: for a catalog name: ``imagenet``, a state_dict PATH, or ``none`` (random, for timing).
         weights_dir: offline folder of pretrained weights files (default ``$EDGETL_WEIGHTS_DIR``).
         resolution: input size for a catalog model (default: its own); a run keeps its training size.
@@ -926,7 +928,7 @@ def _accuracy_section(chosen: _Candidate, evaluation: dict[str, Any], max_drop: 
 def _latency_section(chosen: _Candidate, profile: DeviceProfile, threads: int | None,
                      budget_ms: float | None, engine_info: dict[str, Any] | None) -> dict[str, Any]:
     """The shipped candidate's latency (its engine's, when one was built), judged by the one budget rule
-    (:func:`edgetl.budget.judge_latency`)."""
+    (:func:`edgetl.device.budget.judge_latency`)."""
     runtime = "tensorrt" if engine_info else "onnxruntime"
     lat = engine_info["latency"] if engine_info else (chosen.latency or {})
     verdict = budget.judge_latency(profile, runtime, lat, chosen.predicted_ms, budget_ms)

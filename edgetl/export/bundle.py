@@ -182,7 +182,7 @@ def preprocess_document(preprocess: Any, resolution: int) -> dict[str, Any]:
         "dtype": "float32",
         "input_shape": [1, 3, d["crop_size"], d["crop_size"]],
         "formula": "x = (pixel * scale - mean[c]) / std[c], pixels in 0..255, channels in color_order",
-        # the plain fields again, in the names of edgetl.catalog.Preprocess, to rebuild the transform
+        # the plain fields again, in the names of edgetl.zoo.catalog.Preprocess, to rebuild the transform
         "preprocess": d,
     }
 

@@ -1,6 +1,6 @@
-"""The export stage's ONNX step: the model's ONNX file (see :mod:`edgetl.onnx_io`) and its parity with PyTorch.
+"""The export stage's ONNX step: the model's ONNX file (see :mod:`edgetl.zoo.onnx_io`) and its parity with PyTorch.
 
-The export itself lives in the core module :mod:`edgetl.onnx_io`, which benchmarks and device
+The export itself lives in the core module :mod:`edgetl.zoo.onnx_io`, which benchmarks and device
 calibration also use; this module adds what only the export stage needs.
 """
 
@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgetl.errors import ConfigError, ExportError
-from edgetl.onnx_io import eval_mode, module_device
 from edgetl.runtime.base import OUTPUT_NAME
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
+from edgetl.zoo.onnx_io import eval_mode, module_device
 
 if TYPE_CHECKING:
     import torch

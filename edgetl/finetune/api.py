@@ -42,7 +42,6 @@ from torch.utils.data import DistributedSampler
 
 from edgetl import data as D
 from edgetl._io import atomic_write_json, atomic_write_text
-from edgetl.catalog import get_card, replace_head, torchvision_version
 from edgetl.errors import CheckpointError, ConfigError, TrainingInterrupted
 from edgetl.finetune import checkpoint as ckpt
 from edgetl.finetune.conv_dtype import choose_fp32_convs, trainable_grouped_convs, with_fp32_convs
@@ -80,7 +79,8 @@ from edgetl.finetune.trainer import (
 )
 from edgetl.folders import folder_lock, require_ours
 from edgetl.options import FinetuneOptions, documented, resolve
-from edgetl.weights import load_model
+from edgetl.zoo.catalog import get_card, replace_head, torchvision_version
+from edgetl.zoo.weights import load_model
 
 if TYPE_CHECKING:
     from edgetl.finetune.model import TrainedModel

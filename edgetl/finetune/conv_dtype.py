@@ -38,8 +38,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from edgetl._io import atomic_write_json, cache_dir
+from edgetl.device.machine import fingerprint
 from edgetl.finetune.precision import TrainPrecision, onednn_isa_cap
-from edgetl.machine import fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgetl.catalog import ModelCard, Preprocess, get_card, replace_head
 from edgetl.errors import CheckpointError
 from edgetl.finetune import checkpoint as ckpt
+from edgetl.zoo.catalog import ModelCard, Preprocess, get_card, replace_head
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def load_trained_model(run_dir: str | os.PathLike[str], device: str | torch.devi
     Raises:
         CheckpointError: the folder is not a finished edgetl run, or its files do not match.
     """
-    from edgetl.weights import build_network
+    from edgetl.zoo.weights import build_network
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from edgetl.catalog import ModelCard
+from edgetl.zoo.catalog import ModelCard
 
 MAX_STAGES = 8
 MATCH_PREV_GROUP = (99999,)

@@ -51,10 +51,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from edgetl.catalog import ModelCard
 from edgetl.errors import ConfigError
 from edgetl.finetune.stages import stages
 from edgetl.options import STRATEGIES
+from edgetl.zoo.catalog import ModelCard
 
 log = logging.getLogger(__name__)
 

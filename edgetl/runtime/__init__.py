@@ -51,7 +51,7 @@ def make_runner(kind: str, model_or_path: Any, **kwargs: Any) -> Runner:
         if not isinstance(model_or_path, (str, os.PathLike, bytes, bytearray)):
             raise ConfigError(
                 f"the onnxruntime runtime needs an ONNX file, got {type(model_or_path).__name__}; "
-                "export the model first (edgetl.onnx_io.export_onnx)"
+                "export the model first (edgetl.zoo.onnx_io.export_onnx)"
             )
         return OnnxRuntimeRunner(model_or_path, **kwargs)
     if kind == "torch":

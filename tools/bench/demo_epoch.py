@@ -32,8 +32,8 @@ from pathlib import Path
 from conv_dtype import network, random_batches, trainer
 from isa_cap import describe_isa, restart_with_isa_cap
 
+from edgetl.data.synthetic import make_demo_dataset
 from edgetl.demo import demo_config
-from edgetl.demo_data import make_demo_dataset
 from edgetl.finetune.precision import resolve_precision
 
 HERE = Path(__file__).resolve().parents[2]

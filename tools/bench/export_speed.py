@@ -37,7 +37,7 @@ from edgetl.export.api import export
 from edgetl.runtime.bench import benchmark_interleaved
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.torch import TorchRunner
-from edgetl.weights import load_model
+from edgetl.zoo.weights import load_model
 
 MODELS = ("mobilenet_v3_small", "resnet18", "efficientnet_b0", "resnet50", "regnet_y_400mf")
 

@@ -25,10 +25,10 @@ from torch import nn
 from torchvision import datasets, models
 from torchvision import transforms as T
 
-from edgetl.catalog import get_card
 from edgetl.data import make_demo_dataset
 from edgetl.finetune import finetune
-from edgetl.weights import load_model
+from edgetl.zoo.catalog import get_card
+from edgetl.zoo.weights import load_model
 
 
 def naive_linear_probe(args: argparse.Namespace, data: Path) -> tuple[float, float]:

@@ -2,7 +2,7 @@
 
 Times edgetl's calibration models and held-out catalog models of both zoos in one session, each in its steady
 state as calibrate does (alone, warmed up, then the minimum of many consecutive runs; batch 1, 224x224,
-ONNX Runtime fp32), then calibrates a profile of this machine (``edgetl.calibrate.calibrate(measurements=...)``)
+ONNX Runtime fp32), then calibrates a profile of this machine (``edgetl.calibrate.api.calibrate(measurements=...)``)
 that never sees a held-out model: the roofline is fitted on the calibration models, the kernels are profiled in
 the calibration models and sampled for micro-graphs from every other catalog architecture. It then predicts the
 held-out models and prints predicted vs measured per model, the share within ±10% and ±20%, and the Spearman rank
@@ -31,12 +31,12 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-from edgetl.calibrate import CALIBRATION_MODELS, MEMORY_MODELS, calibrate
-from edgetl.catalog import get_card, list_models
-from edgetl.cost import trace_model
-from edgetl.measure import measure_memory, measure_models
-from edgetl.predict import predict_latency, predict_memory
-from edgetl.profiles import load_profile
+from edgetl.calibrate.api import CALIBRATION_MODELS, MEMORY_MODELS, calibrate
+from edgetl.calibrate.measure import measure_memory, measure_models
+from edgetl.device.latency import predict_latency, predict_memory
+from edgetl.device.profiles import load_profile
+from edgetl.zoo.catalog import get_card, list_models
+from edgetl.zoo.cost import trace_model
 
 HELD_OUT = (
     "resnet34", "resnet101", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v3_large", "efficientnet_b1",

@@ -40,9 +40,9 @@ from torch import nn
 from torchvision import datasets, models
 from torchvision import transforms as T
 
-from edgetl.catalog import get_card
 from edgetl.data import make_demo_dataset
 from edgetl.finetune import finetune
+from edgetl.zoo.catalog import get_card
 
 
 def plain_loop(args: argparse.Namespace, data: Path) -> list[float]:

@@ -32,8 +32,7 @@ from torch import nn
 from torchvision import datasets
 from torchvision import transforms as T
 
-from edgetl.catalog import get_card
-from edgetl.demo_data import (
+from edgetl.data.synthetic import (
     DEMO_SHAPES,
     DEMO_TEXTURES,
     contrasting_colour,
@@ -45,8 +44,9 @@ from edgetl.demo_data import (
 )
 from edgetl.finetune import finetune
 from edgetl.options import STRATEGIES
-from edgetl.weights import load_model
-from edgetl.weights_import import import_weights
+from edgetl.zoo.catalog import get_card
+from edgetl.zoo.weights import load_model
+from edgetl.zoo.weights_import import import_weights
 
 MODEL = "timm/tf_efficientnet_lite0"
 TRAIN_STYLES = ("solid", "textured")

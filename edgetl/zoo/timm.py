@@ -1,11 +1,11 @@
-"""timm as the catalog's second zoo: edge-friendly ImageNet-1K backbones as :class:`~edgetl.catalog.ModelCard`.
+"""timm as the catalog's second zoo: edge-friendly ImageNet-1K backbones as :class:`~edgetl.zoo.catalog.ModelCard`.
 
 Names follow the Hugging Face hub ids: ``timm/<arch>.<tag>`` (``timm/mobilenetv4_conv_small.e2400_r224_in1k``);
 ``timm/<arch>`` is timm's default tag, the first one its registry lists.
 
 Which entries: every pretrained tag of :data:`FAMILIES` whose classifier has ImageNet-1K's 1000 classes (the tag
 names ``in1k``) and which has a row in timm's published results (``results-imagenet.csv``, vendored as
-``edgetl/timm_results.csv`` with its provenance on the first line).
+``edgetl/zoo/timm_results.csv`` with its provenance on the first line).
 
 Where each figure comes from:
 

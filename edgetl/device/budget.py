@@ -4,7 +4,7 @@ A latency budget is judged on the device it is meant for:
 
 - **on the target** (the profile describes this machine, see :meth:`DeviceProfile.is_this_machine`,
   and the measurement was made with the profile's runtime): on the measurement, at ``metric``;
-- **elsewhere**: on the latency predicted for the device (:mod:`edgetl.predict`); the measurement
+- **elsewhere**: on the latency predicted for the device (:mod:`edgetl.device.latency`); the measurement
   made here is reported for information only, since a fast workstation must not pass a budget the
   device would miss, nor a slow one fail it;
 - when the model cannot be traced, so there is no prediction: on the measurement here, and the
@@ -21,10 +21,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from edgetl.cost import trace_model
+from edgetl.device.latency import predict_latency
+from edgetl.device.profiles import DeviceProfile
 from edgetl.errors import ConfigError
-from edgetl.predict import predict_latency
-from edgetl.profiles import DeviceProfile
+from edgetl.zoo.cost import trace_model
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The model catalog: torchvision's and timm's ImageNet-1K classifiers, as :class:`ModelCard` entries.
 
 Two zoos: every torchvision ImageNet-1K classification weight entry (below), and timm's edge-friendly families
-(:mod:`edgetl.zoo_timm`, names ``timm/<arch>.<tag>``). For torchvision, all figures (acc@1, acc@5, params,
+(:mod:`edgetl.zoo.timm`, names ``timm/<arch>.<tag>``). For torchvision, all figures (acc@1, acc@5, params,
 GFLOPs, file size, minimum input size, resize, crop, mean and std) are read from torchvision's own weights
 metadata (``Weights.meta`` and ``Weights.transforms``), never typed by hand. The head's module path and the
 ordered trunk blocks are derived from the architecture itself, built on the meta device without weights.
@@ -29,10 +29,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgetl import zoo_timm
 from edgetl._io import atomic_write_json, cache_dir
 from edgetl.errors import UnknownNameError
 from edgetl.options import ZOOS
+from edgetl.zoo import timm as zoo_timm
 
 if TYPE_CHECKING:
     import torch
@@ -440,7 +440,7 @@ def imagenet_categories() -> tuple[str, ...]:
 
 
 def _cards_from_timm() -> list[ModelCard]:
-    """Cards for :func:`edgetl.zoo_timm.entries`, sized by tracing each deployed architecture once per resolution."""
+    """Cards for :func:`edgetl.zoo.timm.entries`, sized by tracing each deployed architecture once per resolution."""
     categories = imagenet_categories()
     groups: dict[str, list[zoo_timm.Entry]] = {}
     for e in zoo_timm.entries():
@@ -450,7 +450,7 @@ def _cards_from_timm() -> list[ModelCard]:
 
 def _timm_arch_cards(arch: str, group: list[zoo_timm.Entry], categories: tuple[str, ...]) -> list[ModelCard]:
     """The cards of one timm architecture's tags: one meta build for the layout, fused in place for the trace."""
-    from edgetl import cost
+    from edgetl.zoo import cost
 
     kwargs = zoo_timm.arch_kwargs(arch, group[0].resolution)
     model = zoo_timm.build(arch, meta=True, **kwargs)

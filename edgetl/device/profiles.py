@@ -46,8 +46,8 @@ from pydantic import (
 )
 
 from edgetl._io import atomic_write_text
+from edgetl.device.machine import cpu_model, fingerprint, host_name
 from edgetl.errors import ProfileError, UnknownNameError, did_you_mean
-from edgetl.machine import cpu_model, fingerprint, host_name
 from edgetl.options import PRECISIONS, Precision
 
 log = logging.getLogger(__name__)
@@ -153,14 +153,15 @@ class Efficiency(_Provenance):
 
 class KernelTimings(_Provenance):
     """The device's kernels timed one by one (``edgetl device calibrate``), from which latency is predicted as the
-    sum over a model's kernels (:mod:`edgetl.kernels`).
+    sum over a model's kernels (:mod:`edgetl.device.kernel_model`).
 
-    Each sample row is ``[kind, feature..., microseconds]`` with the features of :data:`edgetl.kernels.FEATURES`.
+    Each sample row is ``[kind, feature..., microseconds]`` with the features of
+    :data:`edgetl.device.kernel_model.FEATURES`.
     ``profiler_us`` is what the profiler added to each kernel it timed (already taken off the samples),
     ``stream_gbs`` the rate at which a kernel streams weights from DRAM and ``cache_mb`` the last-level cache:
     a model whose weights exceed it reads them from DRAM on every run. ``block`` is the channel block of the
-    runtime's blocked convolutions (:func:`edgetl.kernels.blocked_channels`), ``run_us`` what a run costs beyond
-    its kernels.
+    runtime's blocked convolutions (:func:`edgetl.device.kernel_model.blocked_channels`), ``run_us`` what a
+    run costs beyond its kernels.
     """
 
     threads: int = Field(ge=1)
@@ -174,7 +175,7 @@ class KernelTimings(_Provenance):
     @field_validator("samples")
     @classmethod
     def _rows(cls, rows: list[list[str | float]]) -> list[list[str | float]]:
-        from edgetl.kernels import FEATURES  # deferred: the kernel model is needed only to predict
+        from edgetl.device.kernel_model import FEATURES  # deferred: the kernel model is needed only to predict
 
         for i, row in enumerate(rows):
             kind = row[0] if row else None
@@ -318,11 +319,11 @@ class DeviceProfile(_Strict):
         return self._path
 
     def kernel_model(self) -> Any:
-        """The :class:`edgetl.kernels.KernelModel` fitted to ``kernels`` (built once), or None without them."""
+        """The :class:`~edgetl.device.kernel_model.KernelModel` fitted to ``kernels`` (built once), or None."""
         if self.kernels is None:
             return None
         if self._kernel_model is None:
-            from edgetl.kernels import KernelModel  # deferred: numpy and scipy
+            from edgetl.device.kernel_model import KernelModel  # deferred: numpy and scipy
 
             self._kernel_model = KernelModel.from_dict(self.kernels.model_dump())
         return self._kernel_model
@@ -363,7 +364,7 @@ class DeviceProfile(_Strict):
         """Whether the profile was calibrated on this machine.
 
         A profile that records a machine fingerprint (CPU model, ISA flags, cores, the version of the
-        profile's runtime, see :func:`edgetl.machine.fingerprint`) is this machine's when the fingerprint
+        profile's runtime, see :func:`edgetl.device.machine.fingerprint`) is this machine's when the fingerprint
         matches; an older one when its host name and CPU model do.
         """
         cal = self.calibrated
@@ -633,8 +634,8 @@ def builtin_profile_dir() -> Path:
     """The folder of the profiles shipped with edgetl."""
     # A source checkout's own profiles/ first: an editable install's finder may point edgetl.profile_data at
     # another checkout (a git worktree run with PYTHONPATH), and the code and its profiles must match.
-    checkout = Path(__file__).resolve().parent.parent / "profiles"
-    if (checkout / "__init__.py").is_file() and (Path(__file__).resolve().parent.parent / "pyproject.toml").is_file():
+    checkout = Path(__file__).resolve().parents[2] / "profiles"
+    if (checkout / "__init__.py").is_file() and (Path(__file__).resolve().parents[2] / "pyproject.toml").is_file():
         return checkout
     try:
         spec = importlib.util.find_spec(_DATA_PACKAGE)
@@ -644,7 +645,7 @@ def builtin_profile_dir() -> Path:
         root = importlib.resources.files(_DATA_PACKAGE)
         if isinstance(root, Path):
             return root
-    return Path(__file__).resolve().parent.parent / "profiles"
+    return Path(__file__).resolve().parents[2] / "profiles"
 
 
 def user_profile_dir() -> Path:

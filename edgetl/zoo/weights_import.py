@@ -14,7 +14,7 @@ timm's ``tf_efficientnet_lite0``. :func:`import_weights` maps such a file onto a
    have the same number they are paired in order as well; otherwise the architecture's own (zero) counters are
    kept, and the log says so. Evaluation never reads them.
 4. The result is written atomically, as safetensors for timm (``<dir>/timm/<arch>.<tag>.safetensors``) or under
-   torchvision's file name for torchvision, in the layout :func:`edgetl.weights.load_model` looks in, so
+   torchvision's file name for torchvision, in the layout :func:`edgetl.zoo.weights.load_model` looks in, so
    ``load_model(name, weights="imagenet", weights_dir=dir)`` loads it offline.
 """
 
@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgetl._io import atomic_path, sha256_file
-from edgetl.catalog import ModelCard, build_architecture, get_card
 from edgetl.errors import WeightsError
-from edgetl.weights import hub_checkpoints_dir, load_state_dict_file, resolve_weights_dir, weights_file_name
+from edgetl.zoo.catalog import ModelCard, build_architecture, get_card
+from edgetl.zoo.weights import hub_checkpoints_dir, load_state_dict_file, resolve_weights_dir, weights_file_name
 
 if TYPE_CHECKING:
     import torch
@@ -74,7 +74,7 @@ def _target_state(card: ModelCard) -> dict[str, torch.Tensor]:
     which is what a file in the weights folder holds.
     """
     if card.zoo == "timm":
-        from edgetl import zoo_timm
+        from edgetl.zoo import timm as zoo_timm
 
         return zoo_timm.build(zoo_timm.split_name(card.name)[0], meta=True).state_dict()
     return build_architecture(card.id, meta=True).state_dict()

@@ -13,10 +13,10 @@ from importlib import metadata
 from typing import Any
 
 from edgetl._io import atomic_write_json, cache_dir
-from edgetl.catalog import deployed_model, get_card
 from edgetl.errors import ConfigError
-from edgetl.onnx_io import DEFAULT_OPSET, OnnxExportReport, export_onnx
-from edgetl.weights import load_model
+from edgetl.zoo.catalog import deployed_model, get_card
+from edgetl.zoo.onnx_io import DEFAULT_OPSET, OnnxExportReport, export_onnx
+from edgetl.zoo.weights import load_model
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ def export_catalog_model(
         path: the ``.onnx`` file to write.
         resolution: the input size (default: the size the catalog's accuracy was measured at).
         weights: None for random init (timing does not need real weights), ``imagenet`` or a PATH
-            to a state_dict (see :func:`edgetl.weights.load_model`).
+            to a state_dict (see :func:`edgetl.zoo.weights.load_model`).
         seed: the seed of the random init (the torch RNG state outside is left untouched).
-        **kwargs: passed to :func:`edgetl.onnx_io.export_onnx` (``batch``, ``opset``, ``simplify``...).
+        **kwargs: passed to :func:`edgetl.zoo.onnx_io.export_onnx` (``batch``, ``opset``, ``simplify``...).
     """
     card = get_card(name)
     resolution = card.resolution if resolution is None else resolution

@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from edgetl._io import atomic_path, sha256_file
-from edgetl.catalog import ModelCard, get_card
 from edgetl.errors import WeightsError
+from edgetl.zoo.catalog import ModelCard, get_card
 
 if TYPE_CHECKING:
     import torch
@@ -192,7 +192,7 @@ def _download_timm(card: ModelCard, folder: Path) -> Path:
     """Load ``card``'s weights with timm's own loading (Hugging Face hub) and save them as safetensors."""
     from safetensors.torch import save_file
 
-    from edgetl import zoo_timm
+    from edgetl.zoo import timm as zoo_timm
 
     dst = folder / weights_file_name(card)
     hub_id = card.id.removeprefix(zoo_timm.PREFIX)
@@ -282,7 +282,7 @@ def arch_kwargs_for(card: ModelCard, pretrained: bool, resolution: int | None = 
     ``img_size`` (its attention biases are sized for it, so pretrained weights need their own 224 px).
     """
     if card.zoo == "timm":
-        from edgetl.catalog import input_size_kwargs
+        from edgetl.zoo.catalog import input_size_kwargs
 
         return input_size_kwargs(card.name, int(resolution or card.resolution))
     kwargs: dict[str, Any] = {}
@@ -298,7 +298,7 @@ def arch_kwargs_for(card: ModelCard, pretrained: bool, resolution: int | None = 
 
 def build_network(card: ModelCard, arch_kwargs: dict[str, Any], num_classes: int | None = None) -> torch.nn.Module:
     """Build ``card``'s architecture with random weights and the given builder arguments, in eval mode."""
-    from edgetl.catalog import build_architecture
+    from edgetl.zoo.catalog import build_architecture
 
     kwargs = dict(arch_kwargs)
     if num_classes is not None:
@@ -457,7 +457,7 @@ def load_model(
 def _read_pretrained(card: ModelCard, path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Read ``card``'s pretrained weights file into a state_dict in the layout of edgetl's build of it."""
     if card.zoo == "timm":
-        from edgetl import zoo_timm
+        from edgetl.zoo import timm as zoo_timm
 
         state = load_state_dict_file(path)
         return zoo_timm.adapt_state_dict(zoo_timm.split_name(card.name)[0], state)

@@ -17,7 +17,8 @@ from typing import Any
 
 import click
 
-from edgetl.cli_options import cli_options, parse
+from edgetl.cli.params import cli_options, parse
+from edgetl.device.profiles import DEFAULT_DEVICE_HELP
 from edgetl.errors import BudgetExceededError, ConfigError, ConstraintError, EdgetlError
 from edgetl.options import (
     KERNEL_SAMPLES,
@@ -32,7 +33,6 @@ from edgetl.options import (
     TimingOptions,
     ValidateOptions,
 )
-from edgetl.profiles import DEFAULT_DEVICE_HELP
 
 log = logging.getLogger("edgetl")
 
@@ -149,7 +149,7 @@ def _pct(value: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def models_cmd(as_json: bool, **kwargs) -> None:
     """List the catalog: torchvision's ImageNet-1K weights and timm's edge families (timm/<arch>.<tag>)."""
-    from edgetl.catalog import list_models
+    from edgetl.zoo.catalog import list_models
 
     opts = parse(SelectOptions, kwargs)
     cards = list_models(opts.models, default_only=not opts.all_weights, zoo=opts.zoo)
@@ -216,7 +216,7 @@ def select_cmd(device, as_json, csv_path, plot_path, measure_n, threads, **kwarg
 
 def _measure_ranking(ranking, n: int, threads: int | None, quiet: bool) -> str:
     """Time the top ``n`` rows on this machine and attach ``measured_ms``; return a note for the user."""
-    from edgetl.measure import measure_models
+    from edgetl.calibrate.measure import measure_models
 
     rows = ranking.rows[:n]
     p = ranking.profile
@@ -311,7 +311,7 @@ def _peak(profile, precision: str) -> str:
 
 
 def _profile_file(profile) -> str:
-    from edgetl.profiles import builtin_profile_dir
+    from edgetl.device.profiles import builtin_profile_dir
 
     path = profile.path
     if path is None:
@@ -323,7 +323,7 @@ def _profile_file(profile) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the profiles as one JSON list on stdout.")
 def devices_cmd(as_json: bool) -> None:
     """List the device profiles (built-in, user folder, EDGETL_PROFILE_PATH / --profiles)."""
-    from edgetl.profiles import list_profiles, profile_search_path
+    from edgetl.device.profiles import list_profiles, profile_search_path
 
     profiles = list_profiles()
     if as_json:
@@ -405,7 +405,7 @@ def weights_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the file path as JSON.")
 def weights_pull_cmd(model: str, dest: str | None, as_json: bool) -> None:
     """Download MODEL's ImageNet weights (hash-checked) to copy to an offline machine."""
-    from edgetl.weights import pull_weights
+    from edgetl.zoo.weights import pull_weights
 
     path = pull_weights(model, dest, progress=not as_json)
     if as_json:
@@ -427,8 +427,8 @@ def weights_import_cmd(file: str, model: str, dest: str | None, as_json: bool) -
     FILE is read with weights_only=True: a pickle that carries code is refused, never run. Pass the same
     folder as --weights-dir (or $EDGETL_WEIGHTS_DIR) to use the weights offline.
     """
-    from edgetl.catalog import get_card
-    from edgetl.weights_import import import_weights
+    from edgetl.zoo.catalog import get_card
+    from edgetl.zoo.weights_import import import_weights
 
     path = import_weights(file, model, dest)
     if as_json:
@@ -448,7 +448,7 @@ def weights_import_cmd(file: str, model: str, dest: str | None, as_json: bool) -
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as one JSON list on stdout.")
 def predict_cmd(source, images, top, weights, weights_dir, as_json) -> None:
     """Classify IMAGE... with SOURCE: an artifact folder (run as firmware would), a run folder or a catalog name."""
-    from edgetl.infer import predict
+    from edgetl.predict import predict
 
     predictions = predict(source, images, top=top, weights=weights, weights_dir=weights_dir)
     if as_json:
@@ -526,9 +526,9 @@ def _bench_target(target: str, runtime: str, batch: int | None, resolution: int 
 
 def _catalog_bench_target(target: str, runtime: str, batch: int | None, resolution: int | None, err: Any,
                           info: dict[str, Any]) -> tuple[Any, tuple[int, int, int, int], dict[str, Any]]:
-    from edgetl.catalog import deployed_model, get_card
-    from edgetl.onnx_cache import cached_catalog_onnx
-    from edgetl.weights import load_model
+    from edgetl.zoo.catalog import deployed_model, get_card
+    from edgetl.zoo.onnx_cache import cached_catalog_onnx
+    from edgetl.zoo.weights import load_model
 
     card = get_card(target)
     res = resolution or card.resolution
@@ -585,7 +585,7 @@ def device_group() -> None:
 def device_calibrate_cmd(name: str, out: str | None, threads: int | None, rounds: int, runtime: str | None,
                          kernel_samples: int, as_json: bool) -> None:
     """Measure this machine and write a device profile fitted to it."""
-    from edgetl.calibrate import calibrate
+    from edgetl.calibrate.api import calibrate
 
     with _progress("calibrating") as advance:
         result = calibrate(name=name, out=out, threads=threads, rounds=rounds, progress=advance, runtime=runtime,

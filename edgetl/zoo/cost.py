@@ -19,7 +19,7 @@ softmax stay separate kernels. View ops (reshape, transpose, expand, ...) cost n
 Peak live activation elements come from tracking when each output is freed during the pass.
 
 Traces are cached as JSON under the cache folder, keyed by torch version, architecture and resolution;
-activations and FLOPs scale linearly with batch, weights do not (see :mod:`edgetl.predict`).
+activations and FLOPs scale linearly with batch, weights do not (see :mod:`edgetl.device.latency`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from importlib import metadata
 from typing import Any
 
 from edgetl._io import atomic_write_json, cache_dir
-from edgetl.catalog import ModelCard, build_architecture, get_card
+from edgetl.zoo.catalog import ModelCard, build_architecture, get_card
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Write a PyTorch image model as a checked, simplified ONNX file: the export that stages and benchmarks share.
 
 Every exported model follows one convention: input ``input`` (NCHW float32, batch dimension
-``batch`` when dynamic), output ``logits``. The graph comes from :mod:`edgetl.onnx_exporters`, is
+``batch`` when dynamic), output ``logits``. The graph comes from :mod:`edgetl.zoo.onnx_exporters`, is
 checked, simplified with onnxslim where that keeps it valid, and written atomically.
 
 torch, onnx, onnxruntime and onnxslim are imported inside the functions that use them, so importing
@@ -25,8 +25,8 @@ import numpy as np
 
 from edgetl._io import atomic_path
 from edgetl.errors import ConfigError, ExportError
-from edgetl.onnx_exporters import EXPORTERS, one_line, opset_of, quiet, run_exporters
 from edgetl.runtime.base import INPUT_NAME, OUTPUT_NAME
+from edgetl.zoo.onnx_exporters import EXPORTERS, one_line, opset_of, quiet, run_exporters
 
 if TYPE_CHECKING:
     import onnx

@@ -1,7 +1,7 @@
 """Measure catalog architectures for real on this machine with ONNX Runtime.
 
 Latency does not depend on the values of the weights, so each architecture is built with random
-weights, exported to ONNX once and cached (:func:`edgetl.onnx_cache.cached_catalog_onnx`).
+weights, exported to ONNX once and cached (:func:`edgetl.zoo.onnx_cache.cached_catalog_onnx`).
 
 These timings predict deployment, so each model is timed in its **steady state**: alone, warmed up,
 then consecutive runs of the same model (:func:`edgetl.runtime.bench.benchmark`), as a deployed model
@@ -23,12 +23,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgetl.catalog import get_card
 from edgetl.errors import ConfigError
-from edgetl.onnx_cache import cached_catalog_onnx
 from edgetl.runtime.bench import BenchResult, benchmark
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner
+from edgetl.zoo.catalog import get_card
+from edgetl.zoo.onnx_cache import cached_catalog_onnx
 
 log = logging.getLogger(__name__)
 

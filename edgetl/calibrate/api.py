@@ -4,19 +4,19 @@
    dense fp32 peak: ``threads x GHz x SIMD lanes x 2 (FMA) x 2 (FMA units)``.
 2. Measure memory bandwidth with a large array copy (best of several).
 3. Time a set of calibration architectures with ONNX Runtime, each in its steady state (alone, warmed up,
-   consecutive runs, in three passes; :func:`edgetl.measure.measure_models`), and keep the minimum of many runs. Not
-   interleaved: the fit predicts a deployed model, which runs alone, again and again.
+   consecutive runs, in three passes; :func:`edgetl.calibrate.measure.measure_models`), and keep the
+   minimum of many runs. Not interleaved: the fit predicts a deployed model, which runs alone, again and again.
 4. Fit the per-op-class efficiencies, the bandwidth efficiency and the per-kernel overhead with
-   :func:`edgetl.predict.fit_roofline`.
+   :func:`edgetl.device.latency.fit_roofline`.
 5. Time ResNet-18 at FP32 and as static INT8 (QDQ) side by side and keep the ratio: the INT8 speed-up of
    this machine, measured rather than inferred from its ISA.
-6. Time the kernels one by one (:mod:`edgetl.kernels`): every kernel of the calibration models under ONNX
+6. Time the kernels one by one (:mod:`edgetl.device.kernel_model`): every kernel of the calibration models under ONNX
    Runtime's profiler, in place, and micro-graphs of a sample of the distinct convolutions and matrix products
    of the catalog's models; with what the profiler adds to a kernel, the rate at which weights stream from
    DRAM and the last-level cache. They predict this machine's latency kernel by kernel.
 7. Measure the peak RSS of a few models' sessions (each in a fresh process: load + 3 inferences) and fit
    ``conv weights x factor + other weights x factor + activations x factor + constant`` to them
-   (:func:`edgetl.predict.fit_memory`).
+   (:func:`edgetl.device.latency.fit_memory`).
 8. Write a profile that passes the same strict schema, with the measurements in ``reference``.
 """
 
@@ -35,11 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.catalog import get_card, list_models
-from edgetl.cost import CostTrace, TraceError, trace_model
-from edgetl.errors import ConfigError
-from edgetl.export.quantize import quantize_int8_static
-from edgetl.kernels import (
+from edgetl.calibrate.measure import Measurement, architecture_onnx, measure_memory, measure_models
+from edgetl.device.kernel_model import (
     distinct_kernels,
     fit_kernel_model,
     measure_channel_block,
@@ -50,14 +47,17 @@ from edgetl.kernels import (
     profile_onnx,
     spread_sample,
 )
-from edgetl.machine import CpuInfo, fingerprint, host_name, last_level_cache_mb, read_cpu, runtime_version
-from edgetl.measure import Measurement, architecture_onnx, measure_memory, measure_models
+from edgetl.device.latency import MemoryFit, RooflineFit, fit_memory, fit_roofline, int8_speedup_for_isa
+from edgetl.device.machine import CpuInfo, fingerprint, host_name, last_level_cache_mb, read_cpu, runtime_version
+from edgetl.device.profiles import DeviceProfile, load_profile, save_profile, user_profile_dir
+from edgetl.errors import ConfigError
 from edgetl.options import KERNEL_SAMPLES
-from edgetl.predict import MemoryFit, RooflineFit, fit_memory, fit_roofline, int8_speedup_for_isa
-from edgetl.profiles import DeviceProfile, load_profile, save_profile, user_profile_dir
 from edgetl.runtime.bench import benchmark_interleaved, random_input
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import tensorrt_available
+from edgetl.zoo.catalog import get_card, list_models
+from edgetl.zoo.cost import CostTrace, TraceError, trace_model
+from edgetl.zoo.quantize import quantize_int8_static
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +201,13 @@ def calibrate(
         resolution: time every model at this input size (default: each model's own, as select predicts).
         progress: called as ``progress(done, total, step)``.
         measurements: timings of ``models`` made on this machine already (by
-            :func:`edgetl.measure.measure_models` with the same ``threads``); they are fitted instead of
+            :func:`edgetl.calibrate.measure.measure_models` with the same ``threads``); they are fitted instead of
             timing the models again (e.g. timed in the same session as held-out models).
         runtime: ``onnxruntime`` (the CPU) or ``tensorrt`` (FP16 engines on a Jetson's GPU; a
             ``runtime: tensorrt`` profile); default: tensorrt on a Jetson where it is available, else
             onnxruntime.
         memory_mb: session peak RSS (MB) of models measured on this machine already (by
-            :func:`edgetl.measure.measure_memory`); fitted instead of measuring :data:`MEMORY_MODELS` again.
+            :func:`edgetl.calibrate.measure.measure_memory`); fitted instead of measuring :data:`MEMORY_MODELS` again.
         int8: time :data:`INT8_MODEL` at FP32 and INT8 and store the measured INT8 speed-up (``False`` keeps
             the speed-up the ISA implies).
         kernel_models: the models whose distinct convolutions and matrix products are sampled for micro-graphs

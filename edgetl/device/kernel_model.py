@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.cost import CostTrace, OpCost
 from edgetl.runtime.bench import benchmark, random_input
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner, session_options
+from edgetl.zoo.cost import CostTrace, OpCost
 
 KINDS: tuple[str, ...] = (
     "conv", "depthwise", "grouped", "grouped_plain", "matmul", "bmm", "softmax", "norm", "pool", "elementwise",
