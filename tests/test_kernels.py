@@ -16,7 +16,7 @@ from edgetl.calibrate.kernel_timing import (
 )
 from edgetl.calibrate.measure import architecture_onnx
 from edgetl.device.kernel_model import FEATURES, KernelModel, KernelSample, fit_kernel_model, node_kernel, op_kernel
-from edgetl.device.profiles import KernelTimings
+from edgetl.device.schema import KernelTimings
 from edgetl.zoo.cost import trace_model, trace_module
 from edgetl.zoo.onnx_io import export_onnx
 
