@@ -31,10 +31,12 @@ from edgetl.zoo.catalog import get_card
 class BuildConfig(StageOptions):
     """A build file: the device and its constraints, the model, the data, and each stage's options."""
 
-    device: str = Field(description="target device profile: a name, an alias or a YAML path")
+    device: str = Field(description="target device profile: a name, an alias or a YAML path",
+                        examples=["x86  # see `edgetl devices`"])
     constraints: Constraints = Constraints()
     model: str = Field("auto", description="a catalog name, or auto: select's most accurate model that fits")
-    data: Path = Field(description="class folders, a folder with train/ and val/, or a CSV of path,label")
+    data: Path = Field(description="class folders, a folder with train/ and val/, or a CSV of path,label",
+                       examples=["path/to/images"])
     weights_dir: Path | None = Field(None, description="offline torchvision weights [default: $EDGETL_WEIGHTS_DIR]")
     data_fingerprint: Literal["stat", "content"] = "stat"
     select: SelectOptions = SelectOptions()
@@ -94,11 +96,6 @@ class BuildConfig(StageOptions):
         return self.model_dump(mode="json", by_alias=True)
 
 
-def format_config_error(exc: ValidationError, source: str, limit: int = 3) -> str:
-    """One line: ``file: field: what is wrong; how to fix it`` (unknown keys first: they explain the rest)."""
-    return format_errors(exc, BuildConfig, source, limit)
-
-
 def load_build_config(path: str | os.PathLike[str]) -> BuildConfig:
     """Read and validate a build file; relative paths resolve against its folder.
 
@@ -149,5 +146,5 @@ def config_from_dict(data: dict[str, Any], source: str = "build config",
     try:
         config = BuildConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_config_error(exc, source)) from None
+        raise ConfigError(format_errors(exc, BuildConfig, source)) from None
     return config.resolve_paths(base if base is not None else Path.cwd())

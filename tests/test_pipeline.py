@@ -78,7 +78,7 @@ def test_unknown_key_names_field_and_suggests(tmp_path):
 
 def test_missing_and_wrong_values_are_one_line_each(tmp_path):
     config = {k: v for k, v in TINY.items() if k != "data"}
-    assert "data: required; add `data:" in _config_error(tmp_path, config)
+    assert "data: field required; add `data:" in _config_error(tmp_path, config)
     msg = _config_error(tmp_path, {**TINY, "export": {"precision": "int4"}})
     assert "export.precision" in msg and "'int4'" in msg and "fp32" in msg
     assert "finetune.epochs" in _config_error(tmp_path, {**TINY, "finetune": {"epochs": 0}})

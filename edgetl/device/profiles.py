@@ -22,21 +22,20 @@ import importlib.util
 import logging
 import os
 import platform
-import types
-import typing
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from edgetl._io import atomic_write_text
 
 # DeviceProfile is re-exported: `from edgetl.device.profiles import DeviceProfile` is the public spelling
-from edgetl.device.schema import DeviceProfile, Efficiency, _Provenance
-from edgetl.errors import ProfileError, UnknownNameError, did_you_mean
+from edgetl.device.schema import DeviceProfile
+from edgetl.errors import ProfileError, UnknownNameError
+from edgetl.options import format_errors
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +153,7 @@ def _validate(data: dict[str, Any], path: Path) -> DeviceProfile:
     try:
         profile = DeviceProfile.model_validate(data)
     except ValidationError as exc:
-        raise ProfileError(f"{path}: {format_validation_error(exc)}") from None
+        raise ProfileError(format_errors(exc, DeviceProfile, str(path))) from None
     if profile.name != path.stem:
         raise ProfileError(
             f"{path}: name: '{profile.name}' does not match the file name; "
@@ -172,114 +171,6 @@ def read_profile_file(path: str | os.PathLike[str]) -> DeviceProfile:
     """
     path = Path(path).expanduser()
     return _validate(_read_yaml(path), path)
-
-
-# --- Error messages -----------------------------------------------------------------------------
-
-
-def _unwrap(tp: Any) -> Any:
-    while True:
-        origin = typing.get_origin(tp)
-        if origin is Annotated:
-            tp = typing.get_args(tp)[0]
-        elif origin in (typing.Union, types.UnionType):
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
-            if len(args) != 1:
-                return tp
-            tp = args[0]
-        else:
-            return tp
-
-
-def _type_at(loc: tuple[Any, ...]) -> Any:
-    """The annotation of the field at ``loc`` in :class:`DeviceProfile` (``None`` if unknown)."""
-    tp: Any = DeviceProfile
-    for part in loc:
-        tp = _unwrap(tp)
-        origin = typing.get_origin(tp)
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            field = tp.model_fields.get(part) if isinstance(part, str) else None
-            if field is None:
-                return None
-            tp = field.annotation
-        elif origin is list:
-            tp = typing.get_args(tp)[0]
-        elif origin is dict:
-            tp = typing.get_args(tp)[1]
-        else:
-            return None
-    return _unwrap(tp)
-
-
-def _example(tp: Any, parent: Any) -> str:
-    if isinstance(tp, type) and issubclass(tp, _Provenance) and "value" in tp.model_fields:
-        return "{value: ..., source: ...}"
-    if parent is Efficiency:
-        return "0.3  # fraction of peak, in (0, 1]"
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return "{" + ", ".join(f"{k}: ..." for k, f in tp.model_fields.items() if f.is_required()) + "}"
-    if typing.get_origin(tp) is Literal:
-        choices = typing.get_args(tp)
-        return f"{choices[0]}  # one of {', '.join(map(str, choices))}"
-    if typing.get_origin(tp) is list:
-        return "[...]"
-    if typing.get_origin(tp) is dict:
-        return "{...}"
-    return "..."
-
-
-def _dotted(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part == "[key]":
-            continue
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
-
-
-def _describe(error: dict[str, Any]) -> str:
-    loc = tuple(error.get("loc", ()))
-    kind = error.get("type", "")
-    msg = str(error.get("msg", "")).removeprefix("Value error, ")
-    path = _dotted(loc)
-    if kind == "missing":
-        example = _example(_type_at(loc), _unwrap(_type_at(loc[:-1])))
-        return f"{path}: field required; add `{loc[-1]}: {example}`"
-    if kind == "extra_forbidden":
-        parent = _unwrap(_type_at(loc[:-1]))
-        is_model = isinstance(parent, type) and issubclass(parent, BaseModel)
-        allowed = list(parent.model_fields) if is_model else []
-        hint = did_you_mean(str(loc[-1]), allowed, n=1)
-        maybe = f"did you mean '{hint[0]}'? " if hint else ""
-        return f"{path}: unknown key; {maybe}remove or rename it (allowed here: {', '.join(allowed)})"
-    if kind == "value_error" and not loc:
-        return msg
-    if kind == "string_pattern_mismatch":
-        return (
-            f"{path}: {error.get('input')!r} is not a valid name; use lowercase letters, digits, '-', '.' "
-            f"and '_', e.g. 'my-jetson'"
-        )
-    if msg and msg[0].isupper() and not msg[:2].isupper():
-        msg = msg[0].lower() + msg[1:]
-    given = error.get("input")
-    if "[key]" in loc:
-        msg = msg.replace("input should", "key should")
-    elif isinstance(given, (int, float, str, bool)) and kind != "value_error":
-        msg = f"{msg} (got {given!r})"
-    return f"{path}: {msg}"
-
-
-def format_validation_error(exc: ValidationError, limit: int = 3) -> str:
-    """Turn a pydantic error into one line: ``field.path: what is wrong; how to fix it``."""
-    # an unknown key usually explains a "field required" next to it (a typo), so it goes first
-    errors = sorted(exc.errors(include_url=False), key=lambda e: e.get("type") != "extra_forbidden")
-    text = " | ".join(_describe(e) for e in errors[:limit])
-    if len(errors) > limit:
-        text += f" (and {len(errors) - limit} more)"
-    return " ".join(text.split())
 
 
 # --- Search path and registry -------------------------------------------------------------------

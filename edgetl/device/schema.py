@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -35,8 +35,9 @@ Family = Literal["jetson", "raspberry-pi", "x86", "custom"]
 Runtime = Literal["tensorrt", "onnxruntime"]
 ReferenceRuntime = Literal["tensorrt", "onnxruntime", "torch", "executorch", "tflite"]
 Metric = Literal["mean", "p50", "p90", "min"]
-Fraction = Annotated[float, Field(gt=0, le=1)]
-Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")]
+Fraction = Annotated[float, Field(gt=0, le=1, examples=["0.3  # fraction of peak, in (0, 1]"])]
+Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$",
+                            description="a name: lowercase letters, digits, '-', '.' and '_', e.g. 'my-jetson'")]
 Text = Annotated[str, Field(min_length=1)]
 
 
@@ -63,11 +64,15 @@ class _Provenance(_Strict):
 class Figure(_Provenance):
     """A positive number with its provenance."""
 
+    EXAMPLE: ClassVar[str] = "{value: ..., source: ...}"
+
     value: float = Field(gt=0)
 
 
 class Overhead(_Provenance):
     """A non-negative cost (time or memory) with its provenance."""
+
+    EXAMPLE: ClassVar[str] = "{value: ..., source: ...}"
 
     value: float = Field(ge=0)
 
