@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edgetl._io import load_yaml
 from edgetl.device.profiles import load_profile
 from edgetl.errors import ConfigError, EdgetlError
 from edgetl.options import (
@@ -100,25 +100,14 @@ def load_build_config(path: str | os.PathLike[str]) -> BuildConfig:
     """Read and validate a build file; relative paths resolve against its folder.
 
     Raises:
-        ConfigError: a missing or unreadable file, invalid YAML, or a schema error (one line naming
-            the file, the field and the fix).
+        ConfigError: a missing or unreadable file, invalid YAML (a key given twice too), or a schema error
+            (one line naming the file, the line or the field, and the fix).
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"build file {path} does not exist; write one (see `edgetl demo`, which writes an example)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file; save it as UTF-8 YAML") from None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: invalid YAML: {exc.problem}; fix the syntax there") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
-    if not isinstance(data, dict):
-        got = "an empty file" if data is None else f"a {type(data).__name__}"
-        raise ConfigError(f"{path}: expected a mapping with at least `device:` and `data:`, got {got}")
+    data = load_yaml(path, "the build file", "a mapping with at least `device:` and `data:`",
+                     "see `edgetl demo`, which writes an example")
     return config_from_dict(data, source=str(path), base=path.parent)
 
 

@@ -108,6 +108,14 @@ def test_invalid_yaml_names_the_line(tmp_path):
         load_build_config(path)
 
 
+def test_a_section_given_twice_is_refused_naming_its_line(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("device: x86\ndata: data\nfinetune:\n  epochs: 1\nfinetune:\n  epochs: 300\n")
+    with pytest.raises(ConfigError) as info:
+        load_build_config(path)
+    assert str(info.value) == f"{path}:5:1: invalid YAML: duplicate key 'finetune'; remove one of them"
+
+
 def test_relative_paths_resolve_against_the_build_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = _write(tmp_path / "proj", {**TINY, "weights_dir": "w", "device": "profiles/board.yaml",

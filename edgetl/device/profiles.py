@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from edgetl._io import atomic_write_text
+from edgetl._io import atomic_write_text, load_yaml, parse_yaml
 
 # DeviceProfile is re-exported: `from edgetl.device.profiles import DeviceProfile` is the public spelling
 from edgetl.device.schema import DeviceProfile
@@ -46,29 +46,6 @@ CONFIG_DIR_ENV = "EDGETL_CONFIG_DIR"
 _DATA_PACKAGE = "edgetl.profile_data"
 
 # --- YAML reading and writing -------------------------------------------------------------------
-
-_BaseLoader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
-    """Safe loader that rejects duplicate keys instead of silently keeping the last one."""
-
-
-def _construct_mapping(loader: Any, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    seen: dict[Any, Any] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key '{key}'", key_node.start_mark
-            )
-        seen[key] = True
-    return loader.construct_mapping(node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
 
 class _Dumper(yaml.SafeDumper):
     """Dumper that writes figures, references and short lists in flow style, like the built-in files."""
@@ -122,31 +99,8 @@ def profile_yaml(profile: DeviceProfile) -> str:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ProfileError(f"{path}: not a UTF-8 text file; save it as UTF-8 YAML") from None
-    except OSError as exc:
-        raise ProfileError(f"{path}: cannot read the profile ({exc.strerror}); check the path") from None
-    try:
-        data = yaml.load(text, Loader=_Loader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        problem = " ".join(str(exc.problem or exc.context or "syntax error").split())
-        if exc.problem and exc.context and exc.context_mark is not None:
-            problem += f" ({exc.context} at line {exc.context_mark.line + 1})"
-        fix = "remove one of them" if problem.startswith("duplicate key") else "fix the syntax there"
-        raise ProfileError(f"{path}{where}: invalid YAML: {problem}; {fix}") from None
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
-    if not isinstance(data, dict):
-        got = "an empty file" if data is None else f"a {type(data).__name__}"
-        raise ProfileError(
-            f"{path}: expected a mapping of profile fields (name:, family:, runtime:, ...), got {got}; "
-            f"start from a built-in profile (see `edgetl devices`)"
-        )
-    return data
+    return load_yaml(path, "the profile", "a mapping of profile fields (name:, family:, runtime:, ...)",
+                     "start from a built-in profile (see `edgetl devices`)", error=ProfileError)
 
 
 def _validate(data: dict[str, Any], path: Path) -> DeviceProfile:
@@ -364,7 +318,7 @@ def save_profile(profile: DeviceProfile, path: str | os.PathLike[str]) -> Path:
         )
     text = profile_yaml(profile)
     try:
-        again = _validate(yaml.load(text, Loader=_Loader), path)
+        again = _validate(parse_yaml(text, str(path), ProfileError), path)
     except ProfileError as exc:
         raise ProfileError(f"profile {profile.name} does not survive a YAML round trip: {exc}") from None
     if again.model_dump() != profile.model_dump():
