@@ -286,6 +286,16 @@ def default_device() -> str:
     return mine[0] if mine else family_device()
 
 
+def threads_for(profile: DeviceProfile, requested: int | None) -> int | None:
+    """The threads to run with: ``requested`` if given, else, on the machine ``profile`` was calibrated on, the
+    threads it was calibrated with (a measurement then matches the profile's); else None (the runtime's default).
+    """
+    if requested is None and profile.is_this_machine():
+        threads = (profile.calibrated or {}).get("threads")
+        return None if threads is None else int(threads)
+    return requested
+
+
 def list_profiles() -> list[DeviceProfile]:
     """All profiles on the search path (later folders replacing earlier ones), sorted by name."""
     registry = _current()

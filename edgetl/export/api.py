@@ -34,7 +34,7 @@ import numpy as np
 
 from edgetl.device import budget
 from edgetl.device.machine import package_versions
-from edgetl.device.profiles import DeviceProfile, default_device, load_profile
+from edgetl.device.profiles import DeviceProfile, default_device, load_profile, threads_for
 from edgetl.errors import BudgetExceededError, ConfigError, ExportError
 from edgetl.export import bundle
 from edgetl.export.accuracy_control import control_accuracy, relative_error
@@ -621,10 +621,7 @@ def _start(source: str | os.PathLike[str], out: str | os.PathLike[str], opts: Ex
     bundle.check_not_inside(Path(out), {"the run": source if _is_run_dir(source) else None, "--data": data,
                                         "--calib-data": opts.calibration.data})
     out_path = bundle.check_destination(out, force)
-    job = _Job(opts, profile, out_path, progress, threads=opts.threads)
-    if job.threads is None and profile.is_this_machine() and profile.calibrated:
-        job.threads = profile.calibrated.get("threads")
-    return job
+    return _Job(opts, profile, out_path, progress, threads=threads_for(profile, opts.threads))
 
 
 def _require_tensorrt(job: _Job, src: _Source) -> None:
