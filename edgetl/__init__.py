@@ -37,7 +37,7 @@ _API = {
     "ModelCard": "edgetl.zoo.catalog",
     "load_profile": "edgetl.device.profiles",
     "list_profiles": "edgetl.device.profiles",
-    "DeviceProfile": "edgetl.device.profiles",
+    "DeviceProfile": "edgetl.device.schema",
     "SelectOptions": "edgetl.options",
     "Constraints": "edgetl.options",
     "FinetuneOptions": "edgetl.options",

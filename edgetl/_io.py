@@ -1,4 +1,4 @@
-"""Small file helpers shared by every stage: atomic writes, hashing and the cache folder."""
+"""Small file helpers shared by every stage: atomic writes, hashing, the cache folder and strict YAML reading."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from edgetl.errors import ConfigError, EdgetlError
 
 
 def cache_dir(*parts: str) -> Path:
@@ -75,3 +78,75 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def _strict_loader() -> type:
+    """A safe YAML loader that refuses a key given twice in one mapping instead of keeping the last silently."""
+    import yaml  # deferred: only the readers of YAML files need it
+
+    class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+        pass
+
+    def construct_mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
+        loader.flatten_mapping(node)
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return Loader
+
+
+def parse_yaml(text: str, source: str, error: type[EdgetlError] = ConfigError) -> Any:
+    """Parse YAML ``text`` strictly (safe types only, no key twice in a mapping).
+
+    Raises:
+        error: one line, ``source:LINE:COLUMN: invalid YAML: what; how to fix it``.
+    """
+    import yaml  # deferred: only the readers of YAML files need it
+
+    try:
+        return yaml.load(text, Loader=_strict_loader())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(exc.problem or exc.context or "syntax error").split())
+        if exc.problem and exc.context and exc.context_mark is not None:
+            problem += f" ({exc.context} at line {exc.context_mark.line + 1})"
+        fix = "remove one of them" if problem.startswith("duplicate key") else "fix the syntax there"
+        raise error(f"{source}{where}: invalid YAML: {problem}; {fix}") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{source}: invalid YAML: {' '.join(str(exc).split())}") from None
+
+
+def load_yaml(path: str | os.PathLike[str], what: str, expected: str, hint: str,
+              error: type[EdgetlError] = ConfigError) -> dict[str, Any]:
+    """Read a UTF-8 YAML file whose top level is a mapping, strictly (see :func:`parse_yaml`).
+
+    Args:
+        path: the file.
+        what: the file's kind, for messages (``"the profile"``).
+        expected: the mapping it should hold, for messages (``"a mapping of profile fields (name:, ...)"``).
+        hint: how to get a good file when the top level is not a mapping.
+        error: the error class raised.
+
+    Raises:
+        error: one line naming the file (and line and column for a syntax error or a duplicate key) and the fix.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a UTF-8 text file; save it as UTF-8 YAML") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what} ({exc.strerror}); check the path") from None
+    data = parse_yaml(text, str(path), error)
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise error(f"{path}: expected {expected}, got {got}; {hint}")
+    return data

@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edgetl._io import load_yaml
 from edgetl.device.profiles import load_profile
 from edgetl.errors import ConfigError, EdgetlError
 from edgetl.options import (
@@ -31,10 +31,12 @@ from edgetl.zoo.catalog import get_card
 class BuildConfig(StageOptions):
     """A build file: the device and its constraints, the model, the data, and each stage's options."""
 
-    device: str = Field(description="target device profile: a name, an alias or a YAML path")
+    device: str = Field(description="target device profile: a name, an alias or a YAML path",
+                        examples=["x86  # see `edgetl devices`"])
     constraints: Constraints = Constraints()
     model: str = Field("auto", description="a catalog name, or auto: select's most accurate model that fits")
-    data: Path = Field(description="class folders, a folder with train/ and val/, or a CSV of path,label")
+    data: Path = Field(description="class folders, a folder with train/ and val/, or a CSV of path,label",
+                       examples=["path/to/images"])
     weights_dir: Path | None = Field(None, description="offline torchvision weights [default: $EDGETL_WEIGHTS_DIR]")
     data_fingerprint: Literal["stat", "content"] = "stat"
     select: SelectOptions = SelectOptions()
@@ -94,34 +96,18 @@ class BuildConfig(StageOptions):
         return self.model_dump(mode="json", by_alias=True)
 
 
-def format_config_error(exc: ValidationError, source: str, limit: int = 3) -> str:
-    """One line: ``file: field: what is wrong; how to fix it`` (unknown keys first: they explain the rest)."""
-    return format_errors(exc, BuildConfig, source, limit)
-
-
 def load_build_config(path: str | os.PathLike[str]) -> BuildConfig:
     """Read and validate a build file; relative paths resolve against its folder.
 
     Raises:
-        ConfigError: a missing or unreadable file, invalid YAML, or a schema error (one line naming
-            the file, the field and the fix).
+        ConfigError: a missing or unreadable file, invalid YAML (a key given twice too), or a schema error
+            (one line naming the file, the line or the field, and the fix).
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"build file {path} does not exist; write one (see `edgetl demo`, which writes an example)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file; save it as UTF-8 YAML") from None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: invalid YAML: {exc.problem}; fix the syntax there") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
-    if not isinstance(data, dict):
-        got = "an empty file" if data is None else f"a {type(data).__name__}"
-        raise ConfigError(f"{path}: expected a mapping with at least `device:` and `data:`, got {got}")
+    data = load_yaml(path, "the build file", "a mapping with at least `device:` and `data:`",
+                     "see `edgetl demo`, which writes an example")
     return config_from_dict(data, source=str(path), base=path.parent)
 
 
@@ -149,5 +135,5 @@ def config_from_dict(data: dict[str, Any], source: str = "build config",
     try:
         config = BuildConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_config_error(exc, source)) from None
+        raise ConfigError(format_errors(exc, BuildConfig, source)) from None
     return config.resolve_paths(base if base is not None else Path.cwd())

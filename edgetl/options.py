@@ -17,9 +17,10 @@ from __future__ import annotations
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from edgetl.errors import ConfigError, did_you_mean
 
@@ -230,31 +231,60 @@ def split_overrides(kwargs: dict[str, Any], *models: type[BaseModel], where: str
     return parts
 
 
-def _field_at(model: type[BaseModel], loc: tuple[str, ...]) -> Any:
-    """The pydantic field at ``loc`` (keys nested through sub-models), or None."""
-    field, current = None, model
+def _unwrap(tp: Any) -> tuple[Any, FieldInfo | None]:
+    """``tp`` without ``Annotated`` and ``| None``, and the field info an ``Annotated`` carried (or None)."""
+    info = None
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp, *meta = typing.get_args(tp)
+            info = next((m for m in meta if isinstance(m, FieldInfo)), info)
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp, info
+            tp = args[0]
+        else:
+            return tp, info
+
+
+def _lookup(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, FieldInfo | None]:
+    """The type at ``loc`` (keys by alias or name through sub-models, list indices, dict keys and values) and the
+    field info that describes it; ``(None, None)`` where ``loc`` leaves the schema."""
+    tp: Any = model
+    field: FieldInfo | None = None
     for part in loc:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return None
-        field = {f.alias or name: f for name, f in current.model_fields.items()}.get(part)
-        if field is None:
-            return None
-        current = unwrap_optional(field.annotation)
-    return field
+        tp, _ = _unwrap(tp)
+        origin = typing.get_origin(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = {f.alias or name: f for name, f in tp.model_fields.items()}.get(str(part))
+            if field is None:
+                return None, None
+            tp = field.annotation
+        elif origin is list and typing.get_args(tp):
+            tp = typing.get_args(tp)[0]
+        elif origin is dict and typing.get_args(tp):
+            tp = typing.get_args(tp)[0 if part == "[key]" else 1]
+        else:
+            return None, None
+    tp, inner = _unwrap(tp)
+    return tp, inner or field
 
 
-def field_help(model: type[BaseModel], loc: tuple[str, ...]) -> str | None:
+def _field_at(model: type[BaseModel], loc: tuple[Any, ...]) -> FieldInfo | None:
+    """The pydantic field (or annotated type) at ``loc``, or None."""
+    return _lookup(model, loc)[1] if loc else None
+
+
+def field_help(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
     """The help text of the field at ``loc``."""
     field = _field_at(model, loc)
     return None if field is None else field.description
 
 
-def sub_model(model: type[BaseModel], loc: tuple[str, ...]) -> type[BaseModel] | None:
+def sub_model(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The option model that holds the fields below ``loc`` (``model`` itself for an empty ``loc``)."""
-    if not loc:
-        return model
-    field = _field_at(model, loc)
-    sub = None if field is None else unwrap_optional(field.annotation)
+    sub = _lookup(model, loc)[0]
     return sub if isinstance(sub, type) and issubclass(sub, BaseModel) else None
 
 
@@ -271,38 +301,66 @@ def keys_of(model: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
+def dotted(loc: tuple[Any, ...]) -> str:
+    """A location as the user writes it in YAML: ``memory.bandwidth_gbs``, ``reference[1].runtime``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part != "[key]":
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def example(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """What to write at ``loc``: the field's first ``examples`` entry, a model's ``EXAMPLE``, its required keys,
+    a choice, or ``...``."""
+    tp, field = _lookup(model, loc)
+    if field is not None and field.examples:
+        return str(field.examples[0])
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        given = getattr(tp, "EXAMPLE", None)
+        return given or "{" + ", ".join(f"{k}: ..." for k in keys_of(tp) if tp.model_fields[k].is_required()) + "}"
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        return f"{choices[0]}  # one of {', '.join(map(str, choices))}"
+    return {list: "[...]", dict: "{...}"}.get(typing.get_origin(tp), "...")
+
+
 def describe_error(error: dict[str, Any], model: type[BaseModel], name: Any = None) -> str:
     """One pydantic error as ``field: what is wrong; how to fix it``.
 
     Args:
         error: one item of ``ValidationError.errors()``.
-        model: the model that was validated (for allowed keys and help texts).
-        name: turns a location tuple into the user's spelling (``--calib-method``, ``export.opset``);
-            default: dotted keys.
+        model: the model that was validated (for allowed keys, examples and help texts).
+        name: turns a location tuple (of strings) into the user's spelling (``--calib-method``); default:
+            :func:`dotted` (``export.opset``, ``reference[1].runtime``).
     """
-    loc = tuple(str(p) for p in error.get("loc", ()))
-    where = (name or ".".join)(loc) if loc else "(top level)"
+    loc = tuple(error.get("loc", ()))
+    where = name(tuple(str(p) for p in loc)) if name and loc else dotted(loc)
     kind = error.get("type", "")
-    msg = str(error.get("msg", "")).removeprefix("Value error, ")
+    msg = _lower_first(str(error.get("msg", "")).removeprefix("Value error, "))
     given = error.get("input")
     if kind == "extra_forbidden":
         allowed = keys_of(sub_model(model, loc[:-1]) or model)
-        hint = did_you_mean(loc[-1], allowed, n=1)
+        hint = did_you_mean(str(loc[-1]), allowed, n=1)
         maybe = f"did you mean '{hint[0]}'? " if hint else ""
         return f"{where}: unknown key; {maybe}remove or rename it (allowed here: {', '.join(allowed)})"
     if kind == "missing":
-        example = {"device": "x86  # see `edgetl devices`", "data": "path/to/images"}.get(loc[-1], "...")
-        return f"{where}: required; add `{loc[-1]}: {example}`"
+        return f"{where}: field required; add `{loc[-1]}: {example(model, loc)}`"
     if kind in ("model_type", "dict_type"):
         parent = sub_model(model, loc)
         keys = ", ".join(keys_of(parent)) if parent else "..."
         return f"{where}: expected a mapping ({keys}), got {given!r}"
-    msg = _lower_first(msg)
-    if isinstance(given, (int, float, str, bool)) and kind != "value_error":
+    if not loc:
+        return msg
+    if "[key]" in loc:
+        msg = msg.replace("input should", "key should")
+    elif isinstance(given, (int, float, str, bool)) and kind != "value_error":
         msg = f"{msg} (got {given!r})"
     help_text = field_help(model, loc)
     about = f" — {_lower_first(help_text.rstrip('.'))}" if help_text else ""
-    return f"{where}: {msg}{about}" if loc else msg
+    return f"{where}: {msg}{about}"
 
 
 def _lower_first(text: str) -> str:
@@ -311,7 +369,16 @@ def _lower_first(text: str) -> str:
 
 def format_errors(exc: ValidationError, model: type[BaseModel], source: str, limit: int = 3,
                   name: Any = None) -> str:
-    """One line, ``source: field: what is wrong | ...``, unknown keys first (they explain the rest)."""
+    """One line, ``source: field: what is wrong; how to fix it | ...``, unknown keys first (they explain the rest:
+    a typo also leaves a field missing). Build files, device profiles, the API and the CLI all word errors so.
+
+    Args:
+        exc: the error of validating ``model``.
+        model: the model that was validated.
+        source: where the data came from (a file, ``export()``, a command).
+        limit: errors shown; the rest are counted.
+        name: see :func:`describe_error`.
+    """
     errors = sorted(exc.errors(include_url=False), key=lambda e: e.get("type") != "extra_forbidden")
     text = " | ".join(describe_error(e, model, name) for e in errors[:limit])
     if len(errors) > limit:

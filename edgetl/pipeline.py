@@ -55,15 +55,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import edgetl
 from edgetl._io import atomic_write_json, sha256_file
 from edgetl.buildfile import BuildConfig, check_names, config_from_dict, load_build_config
 from edgetl.data import scan_dataset
 from edgetl.data.discover import walk_images
+from edgetl.device.machine import package_versions
 from edgetl.device.profiles import load_profile
 from edgetl.errors import (
     BudgetExceededError,
@@ -146,16 +145,6 @@ def dataset_fingerprint(data: str | os.PathLike[str], mode: str = "stat") -> dic
     splits = scan_dataset(root, check="none")
     paths = [root, *sorted({Path(p) for split in ("train", "val", "test") for p, _ in getattr(splits, split)})]
     return files_fingerprint(paths, root.parent, mode)
-
-
-def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"edgetl": edgetl.__version__}
-    for pkg in ("torch", "torchvision", "onnx", "onnxruntime"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def _outputs_fingerprint(paths: Iterable[Path]) -> dict[str, list[int]] | None:
@@ -304,7 +293,7 @@ class _Build:
         self.progress_bars = progress_bars
         self.out = Path(config.out)
         self.profile = load_profile(config.device)
-        self.versions = _versions()
+        self.versions = package_versions()
         self.outcomes: list[StageOutcome] = []
         self.start = time.perf_counter()
         self._data_fingerprint: dict[str, Any] | None = None

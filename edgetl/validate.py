@@ -32,7 +32,7 @@ from typing import Any
 
 from edgetl._io import atomic_write_json
 from edgetl.device import budget
-from edgetl.device.profiles import DeviceProfile, default_device, load_profile
+from edgetl.device.profiles import DeviceProfile, default_device, load_profile, threads_for
 from edgetl.errors import BudgetExceededError, ProfileError
 from edgetl.export import bundle
 from edgetl.export.consistency import check_consistency
@@ -225,9 +225,7 @@ def _target(device: str | None, manifest: dict[str, Any],
     """The device profile, whether this machine is it, the threads to time with, and notes for the user."""
     profile = load_profile(device or manifest.get("device", {}).get("name") or default_device())
     here = profile.is_this_machine()
-    threads = opts.threads
-    if threads is None and here and profile.calibrated:
-        threads = profile.calibrated.get("threads")
+    threads = threads_for(profile, opts.threads)
     notes = [] if here else [
         f"'{profile.name}' is not this machine: latency is measured here, and predicted for {profile.name}; "
         "run `edgetl device calibrate` for a profile of this machine"

@@ -513,6 +513,14 @@ def _build_typo(w: World, d: Path) -> list[str]:
     return ["build", str(_build_file(d, w, finetune={"epoch": 1}))]
 
 
+def _build_duplicate_key(w: World, d: Path) -> list[str]:
+    path = _build_file(d, w)
+    text = path.read_text()
+    assert "  epochs: 1\n" in text
+    path.write_text(text.replace("  epochs: 1\n", "  epochs: 1\n  epochs: 300\n"))  # the last one must not win
+    return ["build", str(path)]
+
+
 def _build_not_mapping(w: World, d: Path) -> list[str]:
     (d / "pipeline.yaml").write_text("- just\n- a list\n")
     return ["build", str(d / "pipeline.yaml")]
@@ -637,6 +645,8 @@ CASES = [
     Case("build-locked", _build_locked, 1, r"another edgetl build is writing"),
     Case("build-nan", _build_nan, 1, r"finetune\.lr: .*finite", json=True),
     Case("build-typo", _build_typo, 1, r"finetune\.epoch: unknown key; did you mean 'epochs'"),
+    Case("build-duplicate-key", _build_duplicate_key, 1,
+         r"pipeline\.yaml:\d+:3: invalid YAML: duplicate key 'epochs'; remove one of them"),
     Case("build-not-mapping", _build_not_mapping, 1, r"expected a mapping"),
     Case("build-file-missing", _args("build", "{d}/nope.yaml"), 1, r"nope\.yaml"),
     Case("demo-user-folder", _demo_user_folder, 1, r"files that edgetl did not write"),

@@ -8,7 +8,14 @@ import pytest
 from edgetl.data import make_demo_dataset
 from edgetl.device import budget
 from edgetl.device.machine import fingerprint, read_cpu
-from edgetl.device.profiles import default_device, family_device, load_profile, save_profile, user_profile_dir
+from edgetl.device.profiles import (
+    default_device,
+    family_device,
+    load_profile,
+    save_profile,
+    threads_for,
+    user_profile_dir,
+)
 from edgetl.errors import ConfigError
 from edgetl.export.api import SPEED_MARGIN, export
 from edgetl.runtime.bench import BenchResult
@@ -33,6 +40,12 @@ def this_box(tmp_path, monkeypatch):
     profile = type(base).model_validate(data)
     save_profile(profile, user_profile_dir() / "this-box.yaml")
     return load_profile("this-box")
+
+
+def test_the_calibrated_threads_apply_on_that_machine_only(this_box):
+    assert threads_for(this_box, None) == 1  # this machine: time as it was calibrated
+    assert threads_for(this_box, 3) == 3  # an explicit request wins
+    assert threads_for(load_profile("x86-avx2"), None) is None  # another device: the runtime's default
 
 
 def _verdicts(tmp_path, device, max_latency_ms):

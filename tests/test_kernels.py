@@ -7,21 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from edgetl.calibrate.measure import architecture_onnx
-from edgetl.device.kernel_model import (
-    FEATURES,
-    KernelModel,
-    KernelSample,
+from edgetl.calibrate.kernel_timing import (
     distinct_kernels,
-    fit_kernel_model,
     measure_channel_block,
     micro_graph,
-    node_kernel,
-    op_kernel,
     profile_onnx,
     spread_sample,
 )
-from edgetl.device.profiles import KernelTimings
+from edgetl.calibrate.measure import architecture_onnx
+from edgetl.device.kernel_model import FEATURES, KernelModel, KernelSample, fit_kernel_model, node_kernel, op_kernel
+from edgetl.device.schema import KernelTimings
 from edgetl.zoo.cost import trace_model, trace_module
 from edgetl.zoo.onnx_io import export_onnx
 
@@ -147,3 +142,18 @@ def test_the_profile_schema_rejects_a_malformed_kernel_row(row):
 
 def test_every_kind_has_features():
     assert all(FEATURES[k][0] in ("flops", "elements") for k in FEATURES)
+
+
+def test_the_kernel_model_needs_no_runtime():
+    """Predicting from a profile's kernels runs where only numpy is installed: the fit and prediction import no
+    ONNX Runtime, ONNX or torch, not even inside a function (the timing lives in edgetl.calibrate.kernel_timing)."""
+    import ast
+    from pathlib import Path
+
+    import edgetl.device.kernel_model as km
+
+    tree = ast.parse(Path(km.__file__).read_text(encoding="utf-8"))
+    nodes = list(ast.walk(tree))
+    names = {a.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for a in node.names}
+    names |= {(node.module or "").split(".")[0] for node in nodes if isinstance(node, ast.ImportFrom)}
+    assert not names & {"onnxruntime", "onnx", "torch"}

@@ -78,7 +78,7 @@ def test_unknown_key_names_field_and_suggests(tmp_path):
 
 def test_missing_and_wrong_values_are_one_line_each(tmp_path):
     config = {k: v for k, v in TINY.items() if k != "data"}
-    assert "data: required; add `data:" in _config_error(tmp_path, config)
+    assert "data: field required; add `data:" in _config_error(tmp_path, config)
     msg = _config_error(tmp_path, {**TINY, "export": {"precision": "int4"}})
     assert "export.precision" in msg and "'int4'" in msg and "fp32" in msg
     assert "finetune.epochs" in _config_error(tmp_path, {**TINY, "finetune": {"epochs": 0}})
@@ -106,6 +106,14 @@ def test_invalid_yaml_names_the_line(tmp_path):
     path.write_text("device: x86\ndata: [unclosed\n")
     with pytest.raises(ConfigError, match=r"p\.yaml:\d+:\d+: invalid YAML"):
         load_build_config(path)
+
+
+def test_a_section_given_twice_is_refused_naming_its_line(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("device: x86\ndata: data\nfinetune:\n  epochs: 1\nfinetune:\n  epochs: 300\n")
+    with pytest.raises(ConfigError) as info:
+        load_build_config(path)
+    assert str(info.value) == f"{path}:5:1: invalid YAML: duplicate key 'finetune'; remove one of them"
 
 
 def test_relative_paths_resolve_against_the_build_file(tmp_path, monkeypatch):

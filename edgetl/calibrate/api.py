@@ -10,10 +10,11 @@
    :func:`edgetl.device.latency.fit_roofline`.
 5. Time ResNet-18 at FP32 and as static INT8 (QDQ) side by side and keep the ratio: the INT8 speed-up of
    this machine, measured rather than inferred from its ISA.
-6. Time the kernels one by one (:mod:`edgetl.device.kernel_model`): every kernel of the calibration models under ONNX
-   Runtime's profiler, in place, and micro-graphs of a sample of the distinct convolutions and matrix products
-   of the catalog's models; with what the profiler adds to a kernel, the rate at which weights stream from
-   DRAM and the last-level cache. They predict this machine's latency kernel by kernel.
+6. Time the kernels one by one (:mod:`edgetl.calibrate.kernel_timing`): every kernel of the calibration models
+   under ONNX Runtime's profiler, in place, and micro-graphs of a sample of the distinct convolutions and matrix
+   products of the catalog's models; with what the profiler adds to a kernel, the rate at which weights stream from
+   DRAM and the last-level cache. They predict this machine's latency kernel by kernel
+   (:mod:`edgetl.device.kernel_model`).
 7. Measure the peak RSS of a few models' sessions (each in a fresh process: load + 3 inferences) and fit
    ``conv weights x factor + other weights x factor + activations x factor + constant`` to them
    (:func:`edgetl.device.latency.fit_memory`).
@@ -35,10 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.calibrate.measure import Measurement, architecture_onnx, measure_memory, measure_models
-from edgetl.device.kernel_model import (
+from edgetl.calibrate.kernel_timing import (
     distinct_kernels,
-    fit_kernel_model,
     measure_channel_block,
     measure_profiler_us,
     measure_run_overhead_us,
@@ -47,6 +46,8 @@ from edgetl.device.kernel_model import (
     profile_onnx,
     spread_sample,
 )
+from edgetl.calibrate.measure import Measurement, architecture_onnx, measure_memory, measure_models
+from edgetl.device.kernel_model import fit_kernel_model
 from edgetl.device.latency import MemoryFit, RooflineFit, fit_memory, fit_roofline, int8_speedup_for_isa
 from edgetl.device.machine import CpuInfo, fingerprint, host_name, last_level_cache_mb, read_cpu, runtime_version
 from edgetl.device.profiles import DeviceProfile, load_profile, save_profile, user_profile_dir

@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from edgetl.cli.params import cli_options, parse
-from edgetl.device.profiles import DEFAULT_DEVICE_HELP
+from edgetl.device.profiles import DEFAULT_DEVICE_HELP, threads_for
 from edgetl.errors import BudgetExceededError, ConfigError, ConstraintError, EdgetlError
 from edgetl.options import (
     KERNEL_SAMPLES,
@@ -220,8 +220,7 @@ def _measure_ranking(ranking, n: int, threads: int | None, quiet: bool) -> str:
 
     rows = ranking.rows[:n]
     p = ranking.profile
-    if threads is None and p.is_this_machine():
-        threads = p.calibrated.get("threads")
+    threads = threads_for(p, threads)
     with _progress("exporting for measurement") as advance:
         results = measure_models(
             [r.card.id for r in rows], resolution=None, batch=ranking.batch, threads=threads, progress=advance

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from edgetl.device.latency import predict_latency
-from edgetl.device.profiles import DeviceProfile
+from edgetl.device.schema import DeviceProfile
 from edgetl.errors import ConfigError
 from edgetl.zoo.cost import trace_model
 

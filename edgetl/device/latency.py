@@ -42,7 +42,7 @@ import numpy as np
 from edgetl.zoo.cost import OP_CLASSES, CostTrace
 
 if TYPE_CHECKING:
-    from edgetl.device.profiles import DeviceProfile
+    from edgetl.device.schema import DeviceProfile
 
 BYTES_PER_ELEMENT: dict[str, int] = {"fp32": 4, "fp16": 2, "int8": 1}
 

@@ -138,3 +138,20 @@ def runtime_version(runtime: str) -> str | None:
         with contextlib.suppress(metadata.PackageNotFoundError):
             return metadata.version(dist)
     return None
+
+
+#: The packages whose versions an artifact's manifest and a build's stage keys record.
+VERSIONED_PACKAGES: tuple[str, ...] = ("torch", "torchvision", "onnx", "onnxruntime", "onnxslim")
+
+
+def package_versions() -> dict[str, str | None]:
+    """edgetl's, Python's and :data:`VERSIONED_PACKAGES`' versions (None: not installed), read from package
+    metadata without importing them."""
+    from edgetl import __version__  # the package's own version, defined once in its __init__
+
+    versions: dict[str, str | None] = {"edgetl": __version__, "python": platform.python_version()}
+    for pkg in VERSIONED_PACKAGES:
+        versions[pkg] = None
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[pkg] = metadata.version(pkg)
+    return versions

@@ -22,21 +22,19 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-import edgetl
 from edgetl.device import budget
-from edgetl.device.profiles import DeviceProfile, default_device, load_profile
+from edgetl.device.machine import package_versions
+from edgetl.device.profiles import DeviceProfile, default_device, load_profile, threads_for
 from edgetl.errors import BudgetExceededError, ConfigError, ExportError
 from edgetl.export import bundle
 from edgetl.export.accuracy_control import control_accuracy, relative_error
@@ -251,16 +249,6 @@ def _reduce_range(profile: DeviceProfile) -> bool:
 
 def _fast_fp16(profile: DeviceProfile) -> bool:
     return "fp16" in profile.precisions and profile.runtime == "tensorrt"
-
-
-def _versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"edgetl": edgetl.__version__, "python": platform.python_version()}
-    for pkg in ("torch", "torchvision", "onnx", "onnxruntime", "onnxslim"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return versions
 
 
 # --- the steps -----------------------------------------------------------------------------------
@@ -633,10 +621,7 @@ def _start(source: str | os.PathLike[str], out: str | os.PathLike[str], opts: Ex
     bundle.check_not_inside(Path(out), {"the run": source if _is_run_dir(source) else None, "--data": data,
                                         "--calib-data": opts.calibration.data})
     out_path = bundle.check_destination(out, force)
-    job = _Job(opts, profile, out_path, progress, threads=opts.threads)
-    if job.threads is None and profile.is_this_machine() and profile.calibrated:
-        job.threads = profile.calibrated.get("threads")
-    return job
+    return _Job(opts, profile, out_path, progress, threads=threads_for(profile, opts.threads))
 
 
 def _require_tensorrt(job: _Job, src: _Source) -> None:
@@ -832,7 +817,7 @@ def _manifest(job: _Job, src: _Source, onnx_report: Any, candidates: list[_Candi
         "format": bundle.ARTIFACT_FORMAT,
         "version": bundle.ARTIFACT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {**_versions(), "tensorrt": engine_info["tensorrt_version"] if engine_info else None},
+        "versions": {**package_versions(), "tensorrt": engine_info["tensorrt_version"] if engine_info else None},
         "source": {**src.description, "resolution": src.resolution, "num_classes": len(src.classes)},
         "precision": chosen.precision,
         "requested_precision": precision,
