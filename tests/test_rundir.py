@@ -6,6 +6,7 @@ tests that damage a run work on a copy.
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import subprocess
@@ -158,3 +159,27 @@ def test_a_run_dir_is_a_value(tmp_path):
 def test_importing_rundir_does_not_import_torch():
     code = "import sys, edgetl.finetune.rundir; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+RUN_FILE_NAMES = {"config.yaml", "splits.json", "model.safetensors", "checkpoint.json", "last.safetensors",
+                  "last.optim.safetensors", "last.json", "metrics.json", "curves.png", "confusion.png"}
+OWNERS = {PACKAGE / "folders.py", PACKAGE / "finetune" / "rundir.py"}
+
+
+def _code_strings(tree: ast.AST) -> set[str]:
+    """String constants of a module's code, docstrings left out."""
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)}
+    return {node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings}
+
+
+def test_run_file_names_are_defined_only_by_their_owners():
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path in OWNERS:
+            continue
+        literal = _code_strings(ast.parse(path.read_text(encoding="utf-8"))) & RUN_FILE_NAMES
+        found += [f"{path.relative_to(PACKAGE.parent)}: {name}" for name in sorted(literal)]
+    assert not found, "run file names outside RunDir and folders.py: " + ", ".join(found)
