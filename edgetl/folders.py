@@ -35,7 +35,12 @@ LOCK_FILE = ".edgetl.lock"
 BUILD_STATE_FILE = ".edgetl-build.json"
 BUILD_LOCK_FILE = ".edgetl-build.lock"
 ARTIFACT_FORMAT = "edgetl.artifact"
-_RUN_MARKS = ("splits.json", "checkpoint.json", "last.json")
+# The files that mark a fine-tuning run; edgetl.finetune.rundir.RunDir owns the rest of the run's layout.
+RUN_CONFIG_FILE = "config.yaml"
+RUN_SPLITS_FILE = "splits.json"
+RUN_CHECKPOINT_FILE = "checkpoint.json"
+RUN_LAST_FILE = "last.json"
+_RUN_MARKS = (RUN_SPLITS_FILE, RUN_CHECKPOINT_FILE, RUN_LAST_FILE)
 # Files edgetl may leave in a folder before its layout is complete (locks, atomic-write temporaries).
 _OWN_HIDDEN = (LOCK_FILE, BUILD_LOCK_FILE, BUILD_STATE_FILE)
 
@@ -49,7 +54,7 @@ def folder_kind(folder: str | os.PathLike[str]) -> str | None:
         return None
     if _is_artifact(folder / "manifest.json"):
         return "artifact"
-    if (folder / "config.yaml").is_file() and any((folder / m).is_file() for m in _RUN_MARKS):
+    if (folder / RUN_CONFIG_FILE).is_file() and any((folder / m).is_file() for m in _RUN_MARKS):
         return "run"
     if (folder / BUILD_STATE_FILE).is_file():
         return "build"

@@ -73,7 +73,8 @@ from edgetl.errors import (
     UnknownNameError,
     WeightsError,
 )
-from edgetl.finetune.checkpoint import LAST_META, tensors_digest
+from edgetl.finetune.checkpoint import tensors_digest
+from edgetl.finetune.rundir import RunDir
 from edgetl.folders import BUILD_LOCK_FILE, BUILD_STATE_FILE, check_apart, folder_lock, require_ours
 from edgetl.options import TABLE_ROWS
 from edgetl.report import write_report
@@ -522,7 +523,7 @@ class _Build:
         }
 
     def _finetune_outputs(self) -> list[Path]:
-        return [self.run_dir / n for n in ("model.safetensors", "checkpoint.json", "metrics.json", "splits.json")]
+        return RunDir(self.run_dir).outputs()
 
     def _run_finetune(self, prev: dict[str, Any]) -> tuple[dict[str, Any], str]:
         from edgetl.finetune.api import finetune  # deferred: the training stage imports torch
@@ -532,7 +533,7 @@ class _Build:
         key = self.state.get("finetune").get("key")
         resume = (
             "finetune" not in self.force and prev.get("key") == key and prev.get("status") in ("running", "failed")
-            and (self.run_dir / LAST_META).is_file()
+            and RunDir(self.run_dir).can_resume()
         )
         if resume:
             self.say(f"finetune: resuming the interrupted run in {self.run_dir}")

@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from edgetl.errors import ConfigError, DataError
 from edgetl.export import bundle
+from edgetl.finetune.rundir import RunDir
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner, tensorrt_available
 
@@ -150,6 +151,7 @@ def _torch_classifier(name: str, kind: str, labels: Sequence[str], model: Any, p
 
 
 def _run_classifier(folder: Path) -> Classifier:
+    RunDir(folder).read_checkpoint()  # a folder that is no finished run is refused before torch is imported
     from edgetl.finetune.model import load_trained_model  # deferred: it imports torch
 
     trained = load_trained_model(folder, device="cpu")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl._io import atomic_path, atomic_write_text
+from edgetl.finetune.rundir import RunDir
 from edgetl.plots import pyplot, save_figure
 
 PLOTS_DIR = "report"
@@ -127,9 +128,9 @@ def _select_section(out: Path, plots: Path) -> list[str]:
 
 
 def _finetune_section(out: Path, plots: Path) -> list[str]:
-    run = out / "run"
-    metrics = _read(run / "metrics.json")
-    ckpt = _read(run / "checkpoint.json")
+    run = RunDir(out / "run")
+    metrics = _read(run.metrics)
+    ckpt = _read(run.checkpoint)
     if not metrics:
         return []
     config = ckpt.get("config") or {}
@@ -171,10 +172,9 @@ def _finetune_section(out: Path, plots: Path) -> list[str]:
         lines.append(f"Per-class accuracy ({split}): " + ", ".join(f"{k} {_pct(v)}" for k, v in per_class.items())
                      + ".")
         lines.append("")
-    if _copy(run / "curves.png", plots / "curves.png"):
-        lines += [f"![training curves]({PLOTS_DIR}/curves.png)", ""]
-    if _copy(run / "confusion.png", plots / "confusion.png"):
-        lines += [f"![confusion matrix]({PLOTS_DIR}/confusion.png)", ""]
+    for src, what in ((run.curves, "training curves"), (run.confusion, "confusion matrix")):
+        if _copy(src, plots / src.name):
+            lines += [f"![{what}]({PLOTS_DIR}/{src.name})", ""]
     return lines
 
 
@@ -289,7 +289,7 @@ BASELINE_FILE = "baseline.json"
 
 def _baseline_section(out: Path) -> list[str]:
     """The fine-tuned run beside the same network trained from random weights with the same budget."""
-    baseline, metrics = _read(out / BASELINE_FILE), _read(out / "run" / "metrics.json")
+    baseline, metrics = _read(out / BASELINE_FILE), _read(RunDir(out / "run").metrics)
     if not baseline or not metrics:
         return []
     budget = baseline.get("budget") or {}

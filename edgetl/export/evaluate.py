@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -21,11 +20,11 @@ from typing import Any
 import numpy as np
 
 from edgetl.data import IMG_EXTENSIONS, build_transform, make_loader
-from edgetl.errors import CheckpointError, DataError
+from edgetl.errors import DataError
+from edgetl.finetune.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-SPLITS_FILE = "splits.json"
 EVAL_BATCH = 32
 
 Record = tuple[Path, int]
@@ -47,29 +46,13 @@ class EvalSet:
         return len(self.records)
 
 
-def read_run_splits(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The run's ``splits.json`` (train/val/test records and class names).
-
-    Raises:
-        CheckpointError: the run folder has no readable splits.json.
-    """
-    path = Path(run_dir) / SPLITS_FILE
-    try:
-        splits = json.loads(path.read_text())
-    except OSError as exc:
-        raise CheckpointError(f"{path} is missing: the run folder is incomplete; re-run `edgetl finetune`") from exc
-    except ValueError as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); re-run `edgetl finetune`") from exc
-    return splits
-
-
 def _records(items: Sequence[Sequence[Any]]) -> list[Record]:
     return [(Path(p), int(y)) for p, y in items]
 
 
 def run_eval_set(run_dir: str | os.PathLike[str]) -> EvalSet | None:
     """The run's validation split (or its test split), or None when it has neither."""
-    splits = read_run_splits(run_dir)
+    splits = RunDir(run_dir).read_splits()
     for split in ("val", "test"):
         records = _records(splits.get(split) or [])
         if records:
@@ -79,7 +62,7 @@ def run_eval_set(run_dir: str | os.PathLike[str]) -> EvalSet | None:
 
 def run_train_records(run_dir: str | os.PathLike[str]) -> list[Record]:
     """The run's training records."""
-    return _records(read_run_splits(run_dir).get("train") or [])
+    return _records(RunDir(run_dir).read_splits().get("train") or [])
 
 
 def folder_eval_set(data: str | os.PathLike[str], classes: Sequence[str]) -> EvalSet:

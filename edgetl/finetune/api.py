@@ -13,6 +13,8 @@ RUN_DIR after a run::
     metrics.json              per-epoch metrics, final val/test accuracy, per-class accuracy, confusion
     curves.png, confusion.png the training curves and the confusion matrix
 
+(:class:`edgetl.finetune.rundir.RunDir` names these files.)
+
 Nothing is ever pickled: tensors go to safetensors, everything else to JSON/YAML.
 """
 
@@ -58,6 +60,7 @@ from edgetl.finetune.features import DEFAULT_MAX_MEMORY_MB, FeatureBatches, extr
 from edgetl.finetune.lpft import FT_LR_SCALE, fit_probe
 from edgetl.finetune.model import load_trained_model as _load
 from edgetl.finetune.precision import resolve_precision
+from edgetl.finetune.rundir import RunDir
 from edgetl.finetune.strategy import (
     DOMAIN_SAMPLE_IMAGES,
     DomainEstimate,
@@ -86,12 +89,6 @@ if TYPE_CHECKING:
     from edgetl.finetune.model import TrainedModel
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.json"
-SPLITS_FILE = "splits.json"
-CURVES_PNG = "curves.png"
-CONFUSION_PNG = "confusion.png"
 
 # Options that define the training computation; --resume takes them from config.yaml.
 _RUN_OPTIONS = (
@@ -178,9 +175,9 @@ def load_trained_model(run_dir: str | os.PathLike[str], device: str | torch.devi
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
 
-    path = run_dir / CONFIG_FILE
+    path = RunDir(run_dir).config
     if not path.is_file():
-        raise CheckpointError(f"{run_dir} has no {CONFIG_FILE}: it is not an edgetl run folder to resume")
+        raise CheckpointError(f"{run_dir} has no {path.name}: it is not an edgetl run folder to resume")
     try:
         return dict(yaml.safe_load(path.read_text()) or {})
     except yaml.YAMLError as exc:
@@ -189,7 +186,7 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
 
 def _resume_options(run_dir: Path, given: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
     saved = _read_config(run_dir)
-    if not (run_dir / ckpt.LAST_META).is_file():
+    if not RunDir(run_dir).can_resume():
         raise CheckpointError(f"{run_dir} has no finished epoch to resume from; start the run again without --resume")
     if given.get("model") and get_card(given["model"]).id != saved.get("model"):
         raise ConfigError(
@@ -225,7 +222,7 @@ def _same_option(given: Any, saved: Any) -> bool:
 
 
 def _check_fresh(run_dir: Path) -> None:
-    if (run_dir / ckpt.LAST_META).exists() or (run_dir / ckpt.BEST_META).exists():
+    if RunDir(run_dir).has_checkpoint():
         raise CheckpointError(
             f"{run_dir} already holds a run; resume it with --resume, or choose another --out"
         )
@@ -338,6 +335,7 @@ class _Run:
                  callbacks: tuple[Callable[..., None], ...], on_decision: Callable[[StrategyDecision], None] | None,
                  checkpoint_interval: float = 30.0):
         self.run_dir = run_dir
+        self.rundir = RunDir(run_dir)
         self.opts = opts
         self.resume = resume
         self.progress = progress
@@ -380,7 +378,7 @@ class _Run:
         self.precision = resolve_precision(o.get("precision_train") or "auto", self.device)
 
     def _write_config(self) -> None:
-        atomic_write_text(self.run_dir / CONFIG_FILE, yaml.safe_dump(
+        atomic_write_text(self.rundir.config, yaml.safe_dump(
             {k: self.opts[k] for k in _RUN_OPTIONS}, sort_keys=False))
 
     def _run(self) -> RunResult:
@@ -446,7 +444,7 @@ class _Run:
         if self.dist.is_main and not self.resume:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_config()
-            atomic_write_json(self.run_dir / SPLITS_FILE, _splits_json(self.splits))
+            atomic_write_json(self.rundir.splits, _splits_json(self.splits))
 
     def _build_network(self) -> None:
         net = self.net = self.loaded.model
@@ -760,7 +758,7 @@ class _Run:
         missing, unexpected = self.net.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise CheckpointError(
-                f"{self.run_dir / ckpt.LAST_WEIGHTS} does not match the model ({len(missing)} missing keys)"
+                f"{self.rundir.last_weights} does not match the model ({len(missing)} missing keys)"
             )
         try:
             trainer.optimizer.load_state_dict(optim)
@@ -786,7 +784,7 @@ class _Run:
         barrier(self.dist)
         return RunResult(
             run_dir=self.run_dir,
-            checkpoint=self.run_dir / ckpt.BEST_WEIGHTS,
+            checkpoint=self.rundir.weights,
             model=self.card.id,
             classes=self.classes,
             strategy=self.decision,
@@ -857,11 +855,11 @@ class _Run:
     def _write_metrics(self, state: Any, metrics: dict[str, Any], final: Any) -> None:
         from edgetl.plots import plot_confusion_matrix, plot_training_curves  # deferred: matplotlib is heavy
 
-        atomic_write_json(self.run_dir / METRICS_FILE, metrics)
-        plot_training_curves(state.history, self.run_dir / CURVES_PNG)
+        atomic_write_json(self.rundir.metrics, metrics)
+        plot_training_curves(state.history, self.rundir.curves)
         if final is not None:
             title = f"confusion matrix ({metrics['confusion_split']}, epoch {state.best_epoch})"
-            plot_confusion_matrix(final.confusion, self.classes, self.run_dir / CONFUSION_PNG, title=title)
+            plot_confusion_matrix(final.confusion, self.classes, self.rundir.confusion, title=title)
         summary = {k: metrics[k] for k in ("val_accuracy", "test_accuracy", "best_epoch", "epochs_run",
                                             "per_class_accuracy", "confusion_matrix", "confusion_split")}
         ckpt.update_best_meta(self.run_dir, final_metrics=summary, history=state.history)

@@ -16,7 +16,6 @@ come from different saves (a crash between two writes) is detected instead of si
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -25,19 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from edgetl._io import atomic_write_bytes, atomic_write_json
 from edgetl.errors import CheckpointError
+from edgetl.finetune.rundir import FORMAT, VERSION, RunDir, read_state
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-
-FORMAT = "edgetl.checkpoint"
-VERSION = 1
-BEST_WEIGHTS = "model.safetensors"
-BEST_META = "checkpoint.json"
-LAST_WEIGHTS = "last.safetensors"
-LAST_OPTIM = "last.optim.safetensors"
-LAST_META = "last.json"
 
 
 def _to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -93,26 +85,6 @@ def tensors_digest(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a checkpoint's JSON state.
-
-    Raises:
-        CheckpointError: the file is missing, not JSON, or not an edgetl checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist; is {path.parent} an edgetl run folder?")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an edgetl checkpoint (no format: {FORMAT})")
-    if int(meta.get("version", 0)) > VERSION:
-        raise CheckpointError(f"{path} was written by a newer edgetl (checkpoint version {meta['version']})")
-    return meta
-
-
 # --- optimizer state -----------------------------------------------------------------------------
 
 
@@ -154,21 +126,21 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 def save_best(run_dir: str | os.PathLike[str], model_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write the best checkpoint (``model.safetensors`` + ``checkpoint.json``); return the weights path."""
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     token = secrets.token_hex(8)
-    digest = write_tensors(run_dir / BEST_WEIGHTS, model_state, {"format": FORMAT, "token": token})
+    digest = write_tensors(run.weights, model_state, {"format": FORMAT, "token": token})
     atomic_write_json(
-        run_dir / BEST_META,
+        run.checkpoint,
         {"format": FORMAT, "version": VERSION, **meta, "token": token,
-         "weights_file": BEST_WEIGHTS, "weights_sha256": digest},
+         "weights_file": run.weights.name, "weights_sha256": digest},
     )
-    return run_dir / BEST_WEIGHTS
+    return run.weights
 
 
 def update_best_meta(run_dir: str | os.PathLike[str], **fields: Any) -> None:
     """Add or replace fields in ``checkpoint.json`` (e.g. the final test metrics)."""
-    path = Path(run_dir) / BEST_META
-    meta = read_json(path)
+    path = RunDir(run_dir).checkpoint
+    meta = read_state(path)
     meta.update(fields)
     atomic_write_json(path, meta)
 
@@ -180,17 +152,17 @@ def save_last(
     meta: dict[str, Any],
 ) -> Path:
     """Write the resume checkpoint (``last.safetensors``, ``last.optim.safetensors``, ``last.json``)."""
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     token = secrets.token_hex(8)
     opt_tensors, opt_meta = split_optimizer_state(optimizer_state)
-    write_tensors(run_dir / LAST_OPTIM, opt_tensors, {"format": FORMAT, "token": token})
-    write_tensors(run_dir / LAST_WEIGHTS, model_state, {"format": FORMAT, "token": token})
+    write_tensors(run.last_optimizer, opt_tensors, {"format": FORMAT, "token": token})
+    write_tensors(run.last_weights, model_state, {"format": FORMAT, "token": token})
     atomic_write_json(
-        run_dir / LAST_META,
+        run.last,
         {"format": FORMAT, "version": VERSION, **meta, "optimizer": opt_meta, "token": token,
-         "weights_file": LAST_WEIGHTS, "optimizer_file": LAST_OPTIM},
+         "weights_file": run.last_weights.name, "optimizer_file": run.last_optimizer.name},
     )
-    return run_dir / LAST_WEIGHTS
+    return run.last_weights
 
 
 def _check_token(path: Path, file_meta: dict[str, str], token: str | None) -> None:
@@ -203,9 +175,9 @@ def _check_token(path: Path, file_meta: dict[str, str], token: str | None) -> No
 
 def load_best(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read the best checkpoint: (JSON state, weights). Never unpickles anything."""
-    run_dir = Path(run_dir)
-    meta = read_json(run_dir / BEST_META)
-    path = run_dir / meta.get("weights_file", BEST_WEIGHTS)
+    run = RunDir(run_dir)
+    meta = run.read_checkpoint()
+    path = run.path / meta.get("weights_file", run.weights.name)
     tensors, file_meta = read_tensors(path)
     _check_token(path, file_meta, meta.get("token"))
     return meta, tensors
@@ -213,10 +185,10 @@ def load_best(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
 
 def load_last(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """Read the resume checkpoint: (JSON state, model weights, optimizer state_dict)."""
-    run_dir = Path(run_dir)
-    meta = read_json(run_dir / LAST_META)
-    weights_path = run_dir / meta.get("weights_file", LAST_WEIGHTS)
-    optim_path = run_dir / meta.get("optimizer_file", LAST_OPTIM)
+    run = RunDir(run_dir)
+    meta = run.read_last()
+    weights_path = run.path / meta.get("weights_file", run.last_weights.name)
+    optim_path = run.path / meta.get("optimizer_file", run.last_optimizer.name)
     weights, wmeta = read_tensors(weights_path)
     _check_token(weights_path, wmeta, meta.get("token"))
     opt_tensors, ometa = read_tensors(optim_path)

@@ -12,6 +12,7 @@ from torch import nn
 
 from edgetl.errors import CheckpointError
 from edgetl.finetune import checkpoint as ckpt
+from edgetl.finetune.rundir import RunDir
 from edgetl.zoo.catalog import ModelCard, Preprocess, get_card, replace_head
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def load_trained_model(run_dir: str | os.PathLike[str], device: str | torch.devi
         preprocess = Preprocess.from_dict(meta["preprocess"])
         arch_kwargs = dict(meta.get("arch_kwargs") or {})
     except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{run_dir / ckpt.BEST_META} lacks field {exc}; it is incomplete") from exc
+        raise CheckpointError(f"{RunDir(run_dir).checkpoint} lacks field {exc}; it is incomplete") from exc
     if "input_size" in arch_kwargs:  # JSON turned MaxViT's tuple into a list
         arch_kwargs["input_size"] = tuple(arch_kwargs["input_size"])
     network = build_network(card, arch_kwargs)
@@ -111,7 +112,7 @@ def load_trained_model(run_dir: str | os.PathLike[str], device: str | torch.devi
     missing, unexpected = network.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
-            f"{run_dir / ckpt.BEST_WEIGHTS} does not match {card.name} with {len(classes)} classes "
+            f"{RunDir(run_dir).weights} does not match {card.name} with {len(classes)} classes "
             f"({len(missing)} missing, {len(unexpected)} unexpected keys)"
         )
     network.eval()

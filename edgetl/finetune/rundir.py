@@ -1,0 +1,172 @@
+"""The run folder of ``edgetl finetune``: what each file is called and how its JSON files are read.
+
+:class:`RunDir` is the one owner of the layout (torch-free, so export, predict, report and the build
+runner use it without importing the training code)::
+
+    config.yaml               the resolved options (what --resume reuses)
+    splits.json               the train/val/test files and labels, and the skipped files
+    model.safetensors         the best weights (highest validation accuracy)
+    checkpoint.json           the best weights' JSON state: model, classes, strategy, preprocess, metrics
+    last.safetensors          weights after the last finished epoch (for --resume)
+    last.optim.safetensors    AdamW state after the last finished epoch
+    last.json                 loop, scheduler and optimizer scalars after the last finished epoch
+    metrics.json              per-epoch metrics, final val/test accuracy, per-class accuracy, confusion
+    curves.png, confusion.png the training curves and the confusion matrix
+
+The four names that mark a folder as a run are defined in :mod:`edgetl.folders` (the core layer, which
+recognises every kind of edgetl output and may not import this package); the rest are defined here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgetl.errors import CheckpointError
+from edgetl.folders import RUN_CHECKPOINT_FILE, RUN_CONFIG_FILE, RUN_LAST_FILE, RUN_SPLITS_FILE, folder_kind
+
+FORMAT = "edgetl.checkpoint"
+VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+LAST_WEIGHTS_FILE = "last.safetensors"
+LAST_OPTIM_FILE = "last.optim.safetensors"
+METRICS_FILE = "metrics.json"
+CURVES_FILE = "curves.png"
+CONFUSION_FILE = "confusion.png"
+
+
+def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a checkpoint's JSON state (``checkpoint.json`` or ``last.json``); nothing is unpickled.
+
+    Raises:
+        CheckpointError: the file is missing, not JSON, or not an edgetl checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; is {path.parent} an edgetl run folder?")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an edgetl checkpoint (no format: {FORMAT})")
+    if int(meta.get("version", 0)) > VERSION:
+        raise CheckpointError(f"{path} was written by a newer edgetl (checkpoint version {meta['version']})")
+    return meta
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A fine-tuning run folder: the path of each of its files, and readers for its JSON files.
+
+    Attributes:
+        path: the run folder (the ``--out`` of ``edgetl finetune``); a str is turned into a Path.
+    """
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def config(self) -> Path:
+        """``config.yaml``: the resolved options."""
+        return self.path / RUN_CONFIG_FILE
+
+    @property
+    def splits(self) -> Path:
+        """``splits.json``: the train/val/test records, class names and skipped files."""
+        return self.path / RUN_SPLITS_FILE
+
+    @property
+    def weights(self) -> Path:
+        """``model.safetensors``: the best weights."""
+        return self.path / WEIGHTS_FILE
+
+    @property
+    def checkpoint(self) -> Path:
+        """``checkpoint.json``: the best weights' JSON state."""
+        return self.path / RUN_CHECKPOINT_FILE
+
+    @property
+    def last_weights(self) -> Path:
+        """``last.safetensors``: the weights after the last finished epoch."""
+        return self.path / LAST_WEIGHTS_FILE
+
+    @property
+    def last_optimizer(self) -> Path:
+        """``last.optim.safetensors``: the optimizer tensors after the last finished epoch."""
+        return self.path / LAST_OPTIM_FILE
+
+    @property
+    def last(self) -> Path:
+        """``last.json``: the resume state after the last finished epoch."""
+        return self.path / RUN_LAST_FILE
+
+    @property
+    def metrics(self) -> Path:
+        """``metrics.json``: per-epoch and final metrics."""
+        return self.path / METRICS_FILE
+
+    @property
+    def curves(self) -> Path:
+        """``curves.png``: the training curves."""
+        return self.path / CURVES_FILE
+
+    @property
+    def confusion(self) -> Path:
+        """``confusion.png``: the confusion matrix."""
+        return self.path / CONFUSION_FILE
+
+    def outputs(self) -> list[Path]:
+        """The files a finished run leaves: best weights, their state, metrics and splits.
+
+        A build's finetune stage is up to date only while all of them are unchanged.
+        """
+        return [self.weights, self.checkpoint, self.metrics, self.splits]
+
+    def is_run(self) -> bool:
+        """Whether the folder looks like a run: ``config.yaml`` with splits or a checkpoint state."""
+        return folder_kind(self.path) == "run"
+
+    def can_resume(self) -> bool:
+        """Whether an epoch has finished, so ``--resume`` has a state to start from."""
+        return self.last.is_file()
+
+    def has_checkpoint(self) -> bool:
+        """Whether a checkpoint state (best or last) exists, i.e. a run was started here."""
+        return self.last.exists() or self.checkpoint.exists()
+
+    def read_checkpoint(self) -> dict[str, Any]:
+        """The best weights' JSON state (``checkpoint.json``).
+
+        Raises:
+            CheckpointError: it is missing, not JSON, or not an edgetl checkpoint (the message names it).
+        """
+        return read_state(self.checkpoint)
+
+    def read_last(self) -> dict[str, Any]:
+        """The resume state (``last.json``).
+
+        Raises:
+            CheckpointError: it is missing, not JSON, or not an edgetl checkpoint (the message names it).
+        """
+        return read_state(self.last)
+
+    def read_splits(self) -> dict[str, Any]:
+        """The run's ``splits.json``: ``classes``, ``source``, ``train``/``val``/``test`` records, ``skipped``.
+
+        Raises:
+            CheckpointError: the file is missing or not valid JSON (the message names it).
+        """
+        try:
+            return json.loads(self.splits.read_text())
+        except OSError as exc:
+            raise CheckpointError(
+                f"{self.splits} is missing: the run folder is incomplete; re-run `edgetl finetune`"
+            ) from exc
+        except ValueError as exc:
+            raise CheckpointError(f"{self.splits} is not valid JSON ({exc}); re-run `edgetl finetune`") from exc
