@@ -22,7 +22,8 @@ from edgetl.device.kernel_model import (
     spread_sample,
 )
 from edgetl.device.profiles import KernelTimings
-from edgetl.zoo.cost import trace_model, trace_module
+from edgetl.zoo.cost import trace_module
+from edgetl.zoo.model_cost import trace_model
 from edgetl.zoo.onnx_io import export_onnx
 
 COMPUTE = ("conv", "depthwise", "grouped", "grouped_plain", "matmul", "bmm")
