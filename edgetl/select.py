@@ -24,7 +24,8 @@ from edgetl.device.profiles import DeviceProfile, default_device, load_profile
 from edgetl.errors import ConstraintError
 from edgetl.options import Constraints, SelectOptions, documented, resolve, split_overrides
 from edgetl.zoo.catalog import ModelCard, list_models
-from edgetl.zoo.cost import TraceError, trace_model
+from edgetl.zoo.cost import TraceError
+from edgetl.zoo.model_cost import trace_model
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from edgetl.device.latency import predict_latency
 from edgetl.device.machine import read_cpu
 from edgetl.device.profiles import load_profile, user_profile_dir
 from edgetl.select import select
-from edgetl.zoo.cost import trace_model
+from edgetl.zoo.model_cost import trace_model
 
 TINY = ("resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5")
 

@@ -117,7 +117,7 @@ def test_regnet_builds_on_meta():
 def test_warm_catalog_does_not_import_torch(tmp_path):
     catalog.list_models()  # warm the session's cache
     code = (
-        "import sys\nfrom edgetl import catalog\ncs = catalog.list_models()\n"
+        "import sys\nfrom edgetl.zoo import catalog\ncs = catalog.list_models()\n"
         "assert len(cs) > 180 and catalog.get_card('timm/repvit_m1').zoo == 'timm'\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "assert 'timm' not in sys.modules, 'timm was imported'\n"

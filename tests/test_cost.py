@@ -3,20 +3,20 @@ import json
 import pytest
 import torch
 
-from edgetl.zoo import catalog, cost
+from edgetl.zoo import catalog, cost, model_cost
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "vit_b_16"])
 def test_flops_and_params_match_torchvision(name):
     card = catalog.get_card(name)
-    trace = cost.trace_model(card)
+    trace = model_cost.trace_model(card)
     assert trace.params == card.params
     # torchvision's "GFLOPS" are multiply-accumulates; the trace counts 2 FLOPs per MAC
     assert trace.flops / 2e9 == pytest.approx(card.gflops, rel=0.03)
 
 
 def test_resnet18_fusion():
-    trace = cost.trace_model("resnet18")
+    trace = model_cost.trace_model("resnet18")
     unfused = [o for o in trace.ops if not o.fused]
     assert all(o.fused for o in trace.ops if o.cls == "norm")  # BatchNorm folded into the conv
     assert all(o.fused for o in trace.ops if o.cls == "elementwise")  # ReLU and residual adds fused
@@ -27,14 +27,14 @@ def test_resnet18_fusion():
 
 
 def test_squeeze_excitation_multiply_is_not_fused():
-    trace = cost.trace_model("efficientnet_b0")
+    trace = model_cost.trace_model("efficientnet_b0")
     se_muls = [o for o in trace.ops if o.op == "mul" and not o.fused]
     assert len(se_muls) == 16
     assert any(o.cls == "depthwise" for o in trace.ops)
 
 
 def test_vit_attention_and_layernorm():
-    trace = cost.trace_model("vit_b_16")
+    trace = model_cost.trace_model("vit_b_16")
     by = trace.by_class()
     assert by["attention"]["flops"] > 0
     assert by["matmul"]["flops"] > 10 * by["attention"]["flops"]
@@ -42,7 +42,7 @@ def test_vit_attention_and_layernorm():
 
 
 def test_peak_activation_is_between_largest_tensor_and_total():
-    trace = cost.trace_model("resnet18")
+    trace = model_cost.trace_model("resnet18")
     largest = max(o.act_out for o in trace.ops)
     total = sum(o.act_out for o in trace.ops) + trace.input_elements
     assert largest <= trace.peak_activation < total
@@ -67,7 +67,7 @@ def test_trace_module_on_a_custom_model():
 
 
 def test_trace_is_cached_on_disk_keyed_by_model_resolution_and_torch(tmp_path):
-    trace = cost.trace_model("mobilenet_v3_small", 96)
+    trace = model_cost.trace_model("mobilenet_v3_small", 96)
     path = cost._cache_path("mobilenet_v3_small", 96)
     assert path.exists()
     assert f"torch-{torch.__version__.split('+')[0]}" in str(path.parent) or "torch-" in str(path.parent)
@@ -79,7 +79,7 @@ def test_trace_is_cached_on_disk_keyed_by_model_resolution_and_torch(tmp_path):
 
 def test_untraceable_resolution_gives_reason():
     with pytest.raises(cost.TraceError, match="alexnet at 16px"):
-        cost.trace_model("alexnet", 16)
+        model_cost.trace_model("alexnet", 16)
 
 
 @pytest.mark.slow
@@ -87,7 +87,7 @@ def test_every_catalog_model_traces_at_its_own_resolution():
     failed = []
     for card in catalog.list_models():
         try:
-            trace = cost.trace_model(card)
+            trace = model_cost.trace_model(card)
         except cost.TraceError as exc:
             failed.append(str(exc))
             continue

@@ -17,7 +17,8 @@ from edgetl.calibrate.kernel_timing import (
 from edgetl.calibrate.measure import architecture_onnx
 from edgetl.device.kernel_model import FEATURES, KernelModel, KernelSample, fit_kernel_model, node_kernel, op_kernel
 from edgetl.device.schema import KernelTimings
-from edgetl.zoo.cost import trace_model, trace_module
+from edgetl.zoo.cost import trace_module
+from edgetl.zoo.model_cost import trace_model
 from edgetl.zoo.onnx_io import export_onnx
 
 COMPUTE = ("conv", "depthwise", "grouped", "grouped_plain", "matmul", "bmm")

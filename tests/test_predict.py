@@ -10,7 +10,7 @@ from edgetl.device.latency import (
     predict_memory,
 )
 from edgetl.device.profiles import list_profiles, load_profile
-from edgetl.zoo import cost
+from edgetl.zoo import cost, model_cost
 
 
 def _trace(ops):
@@ -44,7 +44,7 @@ def test_batch_scales_activations_not_weights():
 
 def test_memory_and_size_shrink_with_precision():
     profile = load_profile("x86-avx2")
-    trace = cost.trace_model("resnet18", 64)
+    trace = model_cost.trace_model("resnet18", 64)
     fp32 = predict_memory(trace, profile, "fp32")
     int8 = predict_memory(trace, profile, "int8")
     assert int8.weights_mb == pytest.approx(fp32.weights_mb / 4)
@@ -69,7 +69,7 @@ def _references():
 
 @pytest.mark.parametrize(("profile", "ref"), list(_references()))
 def test_prediction_of_every_held_out_reference_of_the_same_runtime_is_within_2x(profile, ref):
-    trace = cost.trace_model(ref.model, ref.resolution)
+    trace = model_cost.trace_model(ref.model, ref.resolution)
     pred = predict_latency(trace, profile, ref.precision, ref.batch).latency_ms
     ratio = pred / ref.latency_ms
     where = f"{profile.name} {ref.model} {ref.precision}"
@@ -86,7 +86,7 @@ def test_int8_speed_up_comes_from_the_isa():
 
 @pytest.mark.parametrize("model", ["resnet18", "mobilenet_v3_small"])
 def test_int8_is_predicted_no_faster_without_an_int8_instruction(model):
-    trace = cost.trace_model(model, 64)
+    trace = model_cost.trace_model(model, 64)
     avx2, vnni = load_profile("x86-avx2"), load_profile("x86-avx512-vnni")
     # depthwise layers are memory-bound: bytes alone would make INT8 look faster on a CPU that has no INT8 path
     assert predict_latency(trace, avx2, "int8").latency_ms >= predict_latency(trace, avx2, "fp32").latency_ms
@@ -140,7 +140,7 @@ def test_a_measured_int8_speed_up_replaces_the_isas():
     data["int8_speedup"] = {"value": 1.5, "derived": "measured by hand"}
     measured = type(vnni).model_validate(data)
     assert int8_speedup(measured) == (1.5, "measured: measured by hand")
-    trace = cost.trace_model("resnet18", 64)
+    trace = model_cost.trace_model("resnet18", 64)
     slower = predict_latency(trace, measured, "int8").latency_ms
     assert slower > predict_latency(trace, vnni, "int8").latency_ms  # 1.5x instead of VNNI's 4x
     assert slower < predict_latency(trace, measured, "fp32").latency_ms

@@ -215,7 +215,7 @@ def test_timm_pull_keeps_a_present_file_and_never_downloads_offline(tmp_path, mo
 
 def test_timm_efficientformerv2_is_sized_for_the_training_resolution(tmp_path):
     loaded = load_model("timm/efficientformerv2_s0", "none", resolution=128)
-    assert loaded.arch_kwargs == {"img_size": 128}
+    assert loaded.arch_kwargs == {"distillation": False, "img_size": 128}
     with torch.no_grad():
         assert loaded.model(torch.randn(1, 3, 128, 128)).shape == (1, 1000)
     assert load_model("timm/lcnet_050", "none", resolution=96).arch_kwargs == {}

@@ -14,7 +14,7 @@ import torch
 from timm.models import get_pretrained_cfg
 
 from edgetl.errors import UnknownNameError
-from edgetl.zoo import catalog, cost
+from edgetl.zoo import catalog, model_cost
 from edgetl.zoo import timm as zoo_timm
 
 SHARED_CSV = Path("/work/shared/reference/timm/results-imagenet.csv")
@@ -97,7 +97,7 @@ def test_unknown_timm_names_suggest():
 def test_params_and_gflops_are_of_the_reparameterised_network():
     card = catalog.get_card("timm/mobileone_s0")
     unfused = sum(p.numel() for p in catalog.build_architecture(card.id, meta=True).parameters())
-    trace = cost.trace_model(card)
+    trace = model_cost.trace_model(card)
     assert card.params == trace.params < unfused
     assert card.gflops == pytest.approx(trace.flops / 2e9, rel=1e-3)
     on_cpu = zoo_timm.build("mobileone_s0", meta=False, deploy=True)  # fused with real tensors
@@ -108,12 +108,12 @@ def test_params_and_gflops_are_of_the_reparameterised_network():
 
 
 def test_timm_ops_are_classified():
-    by = cost.trace_model("timm/mobilenetv4_hybrid_medium").by_class()
+    by = model_cost.trace_model("timm/mobilenetv4_hybrid_medium").by_class()
     assert by["attention"]["flops"] > 0 and by["depthwise"]["flops"] > 0
-    ops = {o.op: o.cls for o in cost.trace_model("timm/mobilevitv2_050").ops}
+    ops = {o.op: o.cls for o in model_cost.trace_model("timm/mobilevitv2_050").ops}
     assert ops.get("upsample_bilinear2d", "data_movement") == "data_movement"
     assert ops["silu"] == "elementwise"
-    hs = [o for o in cost.trace_model("timm/lcnet_050").ops if o.op.startswith("hardswish")]
+    hs = [o for o in model_cost.trace_model("timm/lcnet_050").ops if o.op.startswith("hardswish")]
     assert hs and all(o.fused for o in hs)
 
 

@@ -57,7 +57,8 @@ from edgetl.runtime.bench import benchmark_interleaved, random_input
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import tensorrt_available
 from edgetl.zoo.catalog import get_card, list_models
-from edgetl.zoo.cost import CostTrace, TraceError, trace_model
+from edgetl.zoo.cost import CostTrace, TraceError
+from edgetl.zoo.model_cost import trace_model
 from edgetl.zoo.quantize import quantize_int8_static
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from typing import Any
 from edgetl.device.latency import predict_latency
 from edgetl.device.schema import DeviceProfile
 from edgetl.errors import ConfigError
-from edgetl.zoo.cost import trace_model
+from edgetl.zoo.model_cost import trace_model
 
 log = logging.getLogger(__name__)
 

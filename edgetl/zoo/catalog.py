@@ -245,33 +245,50 @@ def build_architecture(
         **kwargs: passed to the torchvision builder or ``timm.create_model`` (e.g. ``num_classes``).
     """
     builder = get_card(name).name
-    if resolution is not None:
-        kwargs.update(input_size_kwargs(builder, resolution))
+    kwargs = {**arch_kwargs(builder, resolution), **kwargs}
     if zoo_timm.is_timm(builder):
-        arch = zoo_timm.split_name(builder)[0]
-        return zoo_timm.build(arch, meta=meta, deploy=deploy, **{**zoo_timm.arch_kwargs(arch), **kwargs})
+        return zoo_timm.build(zoo_timm.split_name(builder)[0], meta=meta, deploy=deploy, **kwargs)
     return _build(builder, meta, **kwargs)
 
 
-def input_size_kwargs(builder: str, resolution: int) -> dict[str, Any]:
-    """Builder arguments that fix the input size of architectures with positional embeddings."""
-    if zoo_timm.is_timm(builder):
-        return {k: v for k, v in zoo_timm.arch_kwargs(zoo_timm.split_name(builder)[0], resolution).items()
-                if k == "img_size"}
-    if builder.startswith("vit_"):
-        return {"image_size": resolution}
-    if builder.startswith("maxvit"):
-        return {"input_size": (resolution, resolution)}
-    return {}
+def arch_kwargs(name: str, resolution: int | None = None, pretrained: bool = True) -> dict[str, Any]:
+    """The builder keyword arguments edgetl builds an architecture of either zoo with: the one place that decides them.
+
+    - GoogLeNet and Inception v3 lose their auxiliary classifiers (fine-tuning trains one head); for pretrained
+      weights they are built as torchvision builds them with weights (``transform_input``, no initialisation).
+    - timm's RepViT and EfficientFormer-v2 get one classifier (``distillation=False``, see :mod:`edgetl.zoo.timm`).
+    - Architectures whose shape depends on the input size are sized for ``resolution``: ViT's ``image_size``,
+      MaxViT's ``input_size``, EfficientFormer-v2's ``img_size``.
+
+    Args:
+        name: a builder name or card id (``vit_b_16``, ``timm/efficientformerv2_s0.snap_dist_in1k``); the name
+            alone decides, so this works while the catalog itself is being built.
+        resolution: the input size; None leaves the builder's default size (224 px).
+        pretrained: whether pretrained weights will be loaded (GoogLeNet's and Inception's input transform).
+
+    Returns:
+        The keyword arguments for the torchvision builder or ``timm.create_model``.
+    """
+    if zoo_timm.is_timm(name):
+        arch = zoo_timm.split_name(name)[0]
+        kwargs: dict[str, Any] = {"distillation": False} if arch.startswith(zoo_timm.SINGLE_HEAD) else {}
+        if arch.startswith("efficientformerv2_") and resolution:
+            kwargs["img_size"] = int(resolution)
+        return kwargs
+    builder = name.strip().partition(".")[0].lower()
+    kwargs = {}
+    if builder in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, transform_input=pretrained, init_weights=not pretrained)
+    if resolution and builder.startswith("vit_"):
+        kwargs["image_size"] = int(resolution)
+    elif resolution and builder.startswith("maxvit"):
+        kwargs["input_size"] = (int(resolution), int(resolution))
+    return kwargs
 
 
 def _build(builder: str, meta: bool, **kwargs: Any) -> torch.nn.Module:
     import torch
     from torchvision import models
-
-    if builder in ("googlenet", "inception_v3"):
-        # as torchvision builds them with pretrained weights: no auxiliary heads at inference
-        kwargs = {"aux_logits": False, "init_weights": False, "transform_input": True, **kwargs}
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -395,7 +412,7 @@ def _cards_from_torchvision() -> list[ModelCard]:
         if not entries:
             continue
         default = enum.DEFAULT
-        model = _build(name, meta=True)
+        model = _build(name, meta=True, **arch_kwargs(name))
         head, blocks = _derive_layout(model)
         for w in entries:
             meta = w.meta
@@ -452,14 +469,14 @@ def _timm_arch_cards(arch: str, group: list[zoo_timm.Entry], categories: tuple[s
     """The cards of one timm architecture's tags: one meta build for the layout, fused in place for the trace."""
     from edgetl.zoo import cost
 
-    kwargs = zoo_timm.arch_kwargs(arch, group[0].resolution)
+    kwargs = arch_kwargs(zoo_timm.PREFIX + arch, group[0].resolution)
     model = zoo_timm.build(arch, meta=True, **kwargs)
     head, blocks = _derive_layout(model, zoo_timm.head_path(arch, group[0].cfg))
     file_mb = round(sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20, 3)
     fused: dict[int, torch.nn.Module] = {}
 
     def deployed(res: int) -> torch.nn.Module:
-        kw = zoo_timm.arch_kwargs(arch, res)
+        kw = arch_kwargs(zoo_timm.PREFIX + arch, res)
         if kw != kwargs:  # the architecture depends on the input size: build it for this one
             return zoo_timm.build(arch, meta=True, deploy=True, **kw)
         if not fused:

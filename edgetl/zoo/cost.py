@@ -20,6 +20,9 @@ Peak live activation elements come from tracking when each output is freed durin
 
 Traces are cached as JSON under the cache folder, keyed by torch version, architecture and resolution;
 activations and FLOPs scale linearly with batch, weights do not (see :mod:`edgetl.device.latency`).
+
+This module knows nothing of the catalog; the trace of a catalog model is
+:func:`edgetl.zoo.model_cost.trace_model`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ from importlib import metadata
 from typing import Any
 
 from edgetl._io import atomic_write_json, cache_dir
-from edgetl.zoo.catalog import ModelCard, build_architecture, get_card
 
 log = logging.getLogger(__name__)
 
@@ -373,27 +375,6 @@ def cached_trace(arch: str, resolution: int) -> CostTrace | None:
 
 class TraceError(Exception):
     """A model that could not be traced (internal; select lists it with the reason)."""
-
-
-def trace_model(model: str | ModelCard, resolution: int | None = None) -> CostTrace:
-    """Return the cost trace of a catalog model, from the cache or by tracing it on the meta device.
-
-    The traced network is the deployed one (``build_architecture(..., deploy=True)``): timm's
-    re-parameterisable models are fused first, as they run after export.
-
-    Args:
-        model: a catalog name (``resnet50``, ``resnet50.IMAGENET1K_V1``) or a :class:`ModelCard`.
-        resolution: the square input size; defaults to the card's crop size.
-
-    Raises:
-        UnknownNameError: the model is not in the catalog.
-        TraceError: the architecture cannot run at that resolution.
-    """
-    card = model if isinstance(model, ModelCard) else get_card(model)
-    res = int(resolution or card.resolution)
-    return trace_architecture(
-        card.name, res, lambda: build_architecture(card.id, meta=True, resolution=res, deploy=True)
-    )
 
 
 def trace_architecture(name: str, resolution: int, build: Callable[[], Any]) -> CostTrace:

@@ -68,7 +68,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "convnext": ("convnext_atto*", "convnext_femto*", "convnext_pico*", "convnext_nano*"),
     "regnet": ("regnetx_*", "regnety_*", "regnetv_*"),
 }
-_SINGLE_HEAD = ("repvit_", "efficientformerv2_")  # built with distillation=False, see the module docstring
+SINGLE_HEAD = ("repvit_", "efficientformerv2_")  # built with distillation=False, see the module docstring
 
 
 def is_timm(name: str) -> bool:
@@ -129,16 +129,6 @@ def write_vendored_results(source: str | Path, ids: list[tuple[str, int]], dest:
 
 
 # --- building ---------------------------------------------------------------------------------
-
-
-def arch_kwargs(arch: str, resolution: int | None = None) -> dict[str, Any]:
-    """timm ``create_model`` arguments edgetl always uses for ``arch`` (one classifier; EfficientFormer-v2's size)."""
-    kwargs: dict[str, Any] = {}
-    if arch.startswith(_SINGLE_HEAD):
-        kwargs["distillation"] = False
-    if arch.startswith("efficientformerv2_") and resolution:
-        kwargs["img_size"] = int(resolution)
-    return kwargs
 
 
 @contextlib.contextmanager

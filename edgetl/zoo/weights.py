@@ -45,7 +45,7 @@ from urllib.parse import urlparse
 
 from edgetl._io import atomic_path, sha256_file
 from edgetl.errors import WeightsError
-from edgetl.zoo.catalog import ModelCard, get_card
+from edgetl.zoo.catalog import ModelCard, arch_kwargs, get_card
 
 if TYPE_CHECKING:
     import torch
@@ -73,8 +73,8 @@ class LoadedModel:
         card: the catalog entry.
         weights: ``imagenet``, ``none`` or the PATH given.
         pretrained: whether the weights are pretrained (domain measurement needs the ImageNet head).
-        arch_kwargs: the keyword arguments the torchvision builder was called with; rebuilding the
-            architecture for a checkpoint needs the same ones.
+        arch_kwargs: the keyword arguments the builder (torchvision's or timm's) was called with, from
+            :func:`~edgetl.zoo.catalog.arch_kwargs`; rebuilding the architecture for a checkpoint needs the same ones.
         file: the weights file that was read, if any.
         sha256: that file's sha256, when it was hashed.
         verified: how the file was checked (``sha256-prefix``, ``torch-hub-cache``, ``architecture``, ...).
@@ -273,29 +273,6 @@ def _check_file(card: ModelCard, path: Path, from_weights_dir: bool) -> tuple[st
     return digest, "architecture (sha256 prefix mismatch)"
 
 
-def arch_kwargs_for(card: ModelCard, pretrained: bool, resolution: int | None = None) -> dict[str, Any]:
-    """The builder keyword arguments edgetl uses for ``card``'s architecture.
-
-    They mirror what torchvision's builders set when given weights (``transform_input`` for GoogLeNet
-    and Inception, the image size of ViT and MaxViT), drop auxiliary classifiers (fine-tuning trains
-    one head), and size ViT/MaxViT for ``resolution``. timm models take none, except EfficientFormer-v2's
-    ``img_size`` (its attention biases are sized for it, so pretrained weights need their own 224 px).
-    """
-    if card.zoo == "timm":
-        from edgetl.zoo.catalog import input_size_kwargs
-
-        return input_size_kwargs(card.name, int(resolution or card.resolution))
-    kwargs: dict[str, Any] = {}
-    if card.family in ("googlenet", "inception"):
-        kwargs.update(aux_logits=False, transform_input=pretrained, init_weights=not pretrained)
-    size = resolution or card.min_size[0]
-    if card.family == "vit":
-        kwargs["image_size"] = int(size)
-    elif card.family == "maxvit":
-        kwargs["input_size"] = (int(size), int(size))
-    return kwargs
-
-
 def build_network(card: ModelCard, arch_kwargs: dict[str, Any], num_classes: int | None = None) -> torch.nn.Module:
     """Build ``card``'s architecture with random weights and the given builder arguments, in eval mode."""
     from edgetl.zoo.catalog import build_architecture
@@ -351,7 +328,7 @@ def _load_failure(exc: Exception) -> str:
 
 
 def _fix_keys(card: ModelCard, state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Adapt a torchvision state_dict to the network built with :func:`arch_kwargs_for`."""
+    """Adapt a torchvision state_dict to edgetl's build of it (:func:`~edgetl.zoo.catalog.arch_kwargs`)."""
     fixed: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         match = _DENSENET_KEY.match(key)
@@ -414,7 +391,8 @@ def load_model(
         weights: ``imagenet``, ``none`` (or None), or a PATH to a state_dict file.
         weights_dir: an offline weights folder, laid out as the module docstring says (default
             ``$EDGETL_WEIGHTS_DIR``).
-        resolution: the training resolution (sizes ViT's position embeddings; others ignore it).
+        resolution: the training resolution, default the card's: it sizes the architectures whose shape depends
+            on it (ViT, MaxViT, EfficientFormer-v2); others ignore it.
         progress: show a progress bar if weights have to be downloaded.
 
     Returns:
@@ -428,7 +406,7 @@ def load_model(
     spec = "none" if weights is None else str(weights)
     kind = spec.lower() if spec.lower() in ("imagenet", "none", "pretrained", "default") else "path"
     pretrained = kind != "none"
-    kwargs = arch_kwargs_for(card, pretrained=pretrained, resolution=resolution)
+    kwargs = arch_kwargs(card.id, resolution or card.resolution, pretrained=pretrained)
     model = build_network(card, kwargs)
     if kind == "none":
         return LoadedModel(model, card, "none", False, kwargs, verified="random init")

@@ -36,7 +36,7 @@ from edgetl.calibrate.measure import measure_memory, measure_models
 from edgetl.device.latency import predict_latency, predict_memory
 from edgetl.device.profiles import load_profile
 from edgetl.zoo.catalog import get_card, list_models
-from edgetl.zoo.cost import trace_model
+from edgetl.zoo.model_cost import trace_model
 
 HELD_OUT = (
     "resnet34", "resnet101", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v3_large", "efficientnet_b1",
