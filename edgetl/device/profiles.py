@@ -48,6 +48,7 @@ from pydantic import (
 from edgetl._io import atomic_write_text
 from edgetl.device.machine import cpu_model, fingerprint, host_name
 from edgetl.errors import ProfileError, UnknownNameError, did_you_mean
+from edgetl.options import DEFAULT_DEVICE_HELP as DEFAULT_DEVICE_HELP  # defined beside the --device option
 from edgetl.options import PRECISIONS, Precision
 
 log = logging.getLogger(__name__)
@@ -767,9 +768,6 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
         choices = sorted([*registry.profiles, *registry.aliases])
         raise UnknownNameError("device", text, choices, hint="see `edgetl devices`")
     return _copy(registry.profiles[name])
-
-
-DEFAULT_DEVICE_HELP = "[default: this machine's calibrated profile, else x86-avx2 (raspberry-pi-5 on Arm)]"
 
 
 def family_device() -> str:
