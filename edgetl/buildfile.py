@@ -17,13 +17,17 @@ from edgetl._io import load_yaml
 from edgetl.device.profiles import load_profile
 from edgetl.errors import ConfigError, EdgetlError
 from edgetl.options import (
+    REQUIRED,
     Constraints,
     ExportOptions,
     FinetuneOptions,
     SelectOptions,
+    SourceOptions,
     StageOptions,
+    TargetOptions,
     ValidateOptions,
     format_errors,
+    shared_field,
 )
 from edgetl.zoo.catalog import get_card
 
@@ -31,13 +35,12 @@ from edgetl.zoo.catalog import get_card
 class BuildConfig(StageOptions):
     """A build file: the device and its constraints, the model, the data, and each stage's options."""
 
-    device: str = Field(description="target device profile: a name, an alias or a YAML path",
-                        examples=["x86  # see `edgetl devices`"])
+    device: str = shared_field(TargetOptions, "device", default=REQUIRED)
     constraints: Constraints = Constraints()
     model: str = Field("auto", description="a catalog name, or auto: select's most accurate model that fits")
     data: Path = Field(description="class folders, a folder with train/ and val/, or a CSV of path,label",
                        examples=["path/to/images"])
-    weights_dir: Path | None = Field(None, description="offline torchvision weights [default: $EDGETL_WEIGHTS_DIR]")
+    weights_dir: Path | None = shared_field(SourceOptions, "weights_dir")
     data_fingerprint: Literal["stat", "content"] = "stat"
     select: SelectOptions = SelectOptions()
     finetune: FinetuneOptions = FinetuneOptions()

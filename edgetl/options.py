@@ -1,12 +1,17 @@
 """Every stage option, defined once: its name, type, default, bounds and help text.
 
 One pydantic model per stage (:class:`SelectOptions` with :class:`Constraints`, :class:`FinetuneOptions`,
-:class:`ExportOptions`, :class:`ValidateOptions`) is the single source for the three ways in:
+:class:`ExportOptions`, :class:`ValidateOptions`), plus the inputs several commands share
+(:class:`SourceOptions`, :class:`TargetOptions`, :class:`OutputOptions`), is the single source for the three
+ways in:
 
 - the Python API takes the model, or its fields as keyword arguments (validated by the same model);
 - a build file's sections *are* these models (``BuildConfig.export`` is an :class:`ExportOptions`);
 - the CLI's options are generated from the fields (:mod:`edgetl.cli.params`): ``--calib-method`` is
   ``ExportOptions.calibration.method``, and its ``--help`` is the field's description.
+
+A stage model or the build file that carries a shared input takes the shared field itself
+(:func:`shared_field`), so ``--resolution`` has one help text and one set of bounds everywhere.
 
 The shared enumerations (precisions, calibration methods, budget metrics...) are defined here and
 nowhere else. This module imports nothing heavier than pydantic, so every layer may use it.
@@ -14,6 +19,8 @@ nowhere else. This module imports nothing heavier than pydantic, so every layer 
 
 from __future__ import annotations
 
+import copy
+import os
 import types
 import typing
 from pathlib import Path
@@ -21,6 +28,7 @@ from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
 from edgetl.errors import ConfigError, did_you_mean
 
@@ -54,6 +62,10 @@ TABLE_ROWS = 15
 #: Micro-graphs ``edgetl device calibrate`` times by default (a sample of the catalog's distinct kernels).
 KERNEL_SAMPLES = 400
 """Rows a ranking table shows when ``top`` is not given (machine output keeps every row)."""
+#: The device a stage targets when none is named (:func:`edgetl.device.profiles.default_device`).
+DEFAULT_DEVICE = "this machine's calibrated profile, else x86-avx2 (raspberry-pi-5 on Arm)"
+DEFAULT_DEVICE_HELP = f"[default: {DEFAULT_DEVICE}]"
+REQUIRED = PydanticUndefined
 
 
 def option(default: Any, help: str, *, flag: str | None = None, **bounds: Any) -> Any:
@@ -65,6 +77,50 @@ class StageOptions(BaseModel):
     """Base of the option models: unknown keys, NaN and infinity are errors; instances are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def shared_field(model: type[BaseModel], name: str, **changes: Any) -> Any:
+    """The field ``name`` of a shared option model, for another model that carries the same input.
+
+    The copy keeps the help text, the bounds and the CLI flag; ``changes`` sets attributes such as the
+    ``default`` (``REQUIRED`` makes it required).
+    """
+    field = copy.deepcopy(model.model_fields[name])
+    for key, value in changes.items():
+        setattr(field, key, value)
+    return field
+
+
+class SourceOptions(StageOptions):
+    """Which model, with which weights, at which input size (``finetune``, ``export``, ``predict``...)."""
+
+    model: str | None = option(None, "Catalog model name or id, e.g. resnet18 (see `edgetl models`).",
+                               flag="--model/-m")
+    weights: str | None = option(
+        None, "Pretrained weights of a catalog model: imagenet | none (random init) | PATH to a state_dict "
+              "[default: imagenet; export needs it named for a catalog MODEL].")
+    weights_dir: Path | None = option(
+        None, "Offline folder of pretrained weights files [default: a build file's weights_dir, else "
+              "$EDGETL_WEIGHTS_DIR].")
+    resolution: int | None = option(
+        None, "Input size in pixels [default: the model's own].", ge=MIN_RESOLUTION, le=MAX_RESOLUTION)
+
+
+class TargetOptions(StageOptions):
+    """Where the model will run, and how this machine times it."""
+
+    device: str | None = option(
+        None, "Target device profile: a name, an alias (jetson, rpi, x86, ...) or a YAML path [default: an "
+              f"artifact's own device; else {DEFAULT_DEVICE}].", flag="--device/-d")
+    threads: int | None = option(
+        None, "ONNX Runtime threads when timing on this machine [default: the calibrated profile's when the "
+              "device is this machine, else all cores].", ge=1)
+
+
+class OutputOptions(StageOptions):
+    """How a command reports its result (``as_json``: the name ``json`` is taken by pydantic)."""
+
+    as_json: bool = option(False, "Print one JSON document on stdout; progress goes to stderr.", flag="--json")
 
 
 class Constraints(StageOptions):
@@ -96,8 +152,7 @@ class SelectOptions(StageOptions):
     precision: Precision | None = option(
         None, "Deployment precision of the prediction [default: a fixed export precision, else fp16 where "
               "the device has it, else fp32].")
-    resolution: int | None = option(
-        None, "Input size for every model [default: each model's own].", ge=MIN_RESOLUTION, le=MAX_RESOLUTION)
+    resolution: int | None = shared_field(SourceOptions, "resolution")
     batch: int = option(1, "Images per inference, for latency and memory.", ge=1)
     models: str | None = option(None, "Only catalog entries matching this glob, e.g. 'mobilenet*'.",
                                 flag="--models/--filter")
@@ -112,7 +167,7 @@ class SelectOptions(StageOptions):
 class FinetuneOptions(StageOptions):
     """How ``edgetl finetune`` trains (the model, the data and the run folder are given separately)."""
 
-    weights: str = option("imagenet", "Backbone weights: imagenet, none (random), or a state_dict PATH.")
+    weights: str = shared_field(SourceOptions, "weights", default="imagenet")
     strategy: Strategy = option(
         "auto", "What to train: auto (chosen from the data), linear, partial, full, or lp-ft (a linear probe, "
                 "then the top blocks fine-tuned from its head at a tenth of the LR).")
@@ -126,8 +181,7 @@ class FinetuneOptions(StageOptions):
     warmup_epochs: float = option(1.0, "Epochs of linear LR warm-up.", ge=0)
     label_smoothing: float = option(0.0, "Cross-entropy label smoothing.", ge=0, lt=1)
     batch_size: int = option(32, "Images per step (per process under torchrun).", ge=1)
-    resolution: int | None = option(
-        None, "Input size [default: the model's].", ge=MIN_RESOLUTION, le=MAX_RESOLUTION)
+    resolution: int | None = shared_field(SourceOptions, "resolution")
     val_split: float = option(0.2, "Fraction of the images held out for validation.", ge=0, lt=1)
     test_split: float = option(0.0, "Fraction of the images held out for the final test.", ge=0, lt=1)
     augment: Augment | None = option(None, "Augmentation [default: none for the linear probe, light otherwise].")
@@ -174,7 +228,7 @@ class ExportOptions(StageOptions):
     c_header: bool = option(False, "Also write model_data.h (the ONNX bytes as a C array).")
     max_accuracy_drop: float = option(1.0, "Largest top-1 drop from FP32 to ship, in points.", ge=0, le=100)
     max_latency_ms: float | None = option(None, "Latency budget in ms; a miss exits with code 3.", gt=0)
-    threads: int | None = option(None, "ONNX Runtime threads for timing [default: all cores].", ge=1)
+    threads: int | None = shared_field(TargetOptions, "threads")
     rounds: int = option(60, "Timed runs per candidate (interleaved).", ge=1)
     seed: int = option(0, "Seed of the calibration sample.", ge=0, le=MAX_SEED)
 
@@ -184,8 +238,7 @@ class TimingOptions(StageOptions):
 
     iterations: int = option(100, "Timed inferences.", ge=1)
     warmup: int = option(10, "Untimed inferences first.", ge=0)
-    threads: int | None = option(
-        None, "Intra-op threads [default: a calibrated profile's, else all cores].", ge=1)
+    threads: int | None = shared_field(TargetOptions, "threads")
 
 
 class ValidateOptions(TimingOptions):
@@ -215,6 +268,18 @@ def resolve(model: type[M], options: M | None, overrides: dict[str, Any], where:
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, model, where)) from None
+
+
+def shared_inputs(model: type[M], where: str, **values: Any) -> M:
+    """API keyword arguments that are fields of a shared model (``weights=``, ``resolution=``...), validated by
+    it; a path given for a text field is taken as text.
+
+    Raises:
+        ConfigError: one line naming ``where`` and the field, e.g. ``export(): resolution: ...``.
+    """
+    text = {name for name, f in model.model_fields.items() if unwrap_optional(f.annotation) is str}
+    given = {k: os.fspath(v) if k in text and isinstance(v, os.PathLike) else v for k, v in values.items()}
+    return resolve(model, None, given, where)
 
 
 def split_overrides(kwargs: dict[str, Any], *models: type[BaseModel], where: str) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from edgetl.errors import ConfigError, DataError
 from edgetl.export import bundle
 from edgetl.finetune.rundir import RunDir
+from edgetl.options import SourceOptions, shared_inputs
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner, tensorrt_available
 
@@ -228,7 +229,8 @@ def predict(
     """
     if not images:
         raise ConfigError("no images given; pass one or more image files")
-    classifier = open_source(source, weights=weights, weights_dir=weights_dir)
+    given = shared_inputs(SourceOptions, "predict()", weights=weights, weights_dir=weights_dir)
+    classifier = open_source(source, weights=given.weights, weights_dir=given.weights_dir)
     try:
         return classify(classifier, list(images), top=top)
     finally:

@@ -17,7 +17,10 @@ from edgetl.options import (
     Constraints,
     ExportOptions,
     FinetuneOptions,
+    OutputOptions,
     SelectOptions,
+    SourceOptions,
+    TargetOptions,
     ValidateOptions,
     resolve,
     unwrap_optional,
@@ -25,11 +28,18 @@ from edgetl.options import (
 
 # command -> (its option models, the place-specific parameters that are not stage options)
 STAGES = {
-    "select": ((SelectOptions, Constraints), {"device", "as_json", "csv_path", "plot_path", "measure_n", "threads"}),
-    "finetune": ((FinetuneOptions,), {"model", "data", "out", "weights_dir", "resume", "as_json"}),
-    "export": ((ExportOptions,), {"source", "out", "device", "weights", "weights_dir", "resolution", "data", "force",
-                                  "as_json"}),
-    "validate": ((ValidateOptions,), {"artifact", "device", "as_json"}),
+    "select": ((SelectOptions, Constraints), {"csv_path", "plot_path", "measure_n"}),
+    "finetune": ((FinetuneOptions,), {"data", "out", "resume"}),
+    "export": ((ExportOptions,), {"source", "out", "data", "force"}),
+    "validate": ((ValidateOptions,), {"artifact"}),
+}
+# command -> the shared inputs it takes (edgetl.options.SourceOptions, TargetOptions, OutputOptions)
+SHARED = {
+    "select": {TargetOptions: ("device", "threads"), OutputOptions: ("as_json",)},
+    "finetune": {SourceOptions: ("model", "weights_dir"), OutputOptions: ("as_json",)},
+    "export": {TargetOptions: ("device",), SourceOptions: ("weights", "weights_dir", "resolution"),
+               OutputOptions: ("as_json",)},
+    "validate": {TargetOptions: ("device",), OutputOptions: ("as_json",)},
 }
 REQUIRED_ARGS = {"select": ["--device", "x86"], "finetune": ["--out", "runs/x"], "export": ["run", "--out", "art"],
                  "validate": ["art"]}
@@ -72,6 +82,7 @@ def _cases():
 def test_every_cli_parameter_is_a_stage_option_or_listed_as_place_specific():
     for command, (models, place_specific) in STAGES.items():
         generated = {_param_name(m, path) for m in models for path, _, _ in _walk(m)}
+        generated |= {_param_name(m, (name,)) for m, names in SHARED[command].items() for name in names}
         params = {p.name for p in _command(command).params} - {"help"}
         assert params - generated == place_specific, command
 
@@ -162,3 +173,75 @@ def test_no_function_in_edgetl_is_over_80_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
                 long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
+
+
+def _all_commands(group: click.Group = cli, prefix: tuple[str, ...] = ()):
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _all_commands(command, (*prefix, name))
+        else:
+            yield (*prefix, name), command
+
+
+# flags that mean something else in one command (the CLI surface fixes their names)
+NOT_SHARED = {("finetune", "--device"): "the training device (auto, cpu, cuda), FinetuneOptions.device",
+              ("demo", "--device"): "the demo's own default, x86-avx2 or raspberry-pi-5 by CPU family",
+              ("demo", "--weights"): "which demo runs: imagenet (transfer) or none (ResNet-18 from scratch)",
+              ("weights", "import", "--model"): "the architecture of the imported file, required"}
+SHARED_FIELDS = [(model, name, field) for model in (SourceOptions, TargetOptions, OutputOptions)
+                 for name, field in model.model_fields.items()]
+
+
+@pytest.mark.parametrize(("model", "name", "field"), SHARED_FIELDS, ids=[n for _, n, _ in SHARED_FIELDS])
+def test_a_shared_flag_has_one_help_text_in_every_command(model, name, field):
+    flag = (field.json_schema_extra or {}).get("flag", "--" + name.replace("_", "-")).split("/")[0]
+    users = []
+    for path, command in _all_commands():
+        for param in command.params:
+            if flag in getattr(param, "opts", ()) and (*path, flag) not in NOT_SHARED:
+                assert param.help.startswith(field.description), (path, flag, param.help)
+                users.append(path)
+    assert len(users) >= 2 or flag == "--model", (flag, users)
+
+
+@pytest.mark.parametrize("command", [["select"], ["export"], ["validate"]])
+def test_every_target_command_shows_the_one_device_help(command):
+    result = CliRunner().invoke(cli, [*command, "--help"], terminal_width=400)
+    assert result.exit_code == 0
+    shown = " ".join(result.output.split())
+    assert " ".join(TargetOptions.model_fields["device"].description.split()) in shown
+    assert " ".join(OutputOptions.model_fields["as_json"].description.split()) in shown
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["select", "--threads", "0"], "--threads"),
+    (["export", "run", "--out", "art", "--threads", "0"], "--threads"),
+    (["validate", "art", "--threads", "0"], "--threads"),
+    (["bench", "resnet18", "--threads", "0"], "--threads"),
+    (["device", "calibrate", "--threads", "0"], "--threads"),
+    (["select", "--resolution", "5"], "--resolution"),
+    (["finetune", "--out", "runs/x", "--resolution", "5"], "--resolution"),
+    (["export", "resnet18", "--weights", "none", "--out", "art", "--resolution", "5"], "--resolution"),
+    (["bench", "resnet18", "--resolution", "5"], "--resolution"),
+], ids=lambda v: "-".join(v) if isinstance(v, list) else v)
+def test_a_shared_value_out_of_bounds_names_the_flag_in_every_command(argv, flag, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"{flag}: input should be greater than or equal to" in errors[0], result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_build_file_and_the_api_take_the_shared_fields():
+    for key, model in (("device", TargetOptions), ("weights_dir", SourceOptions)):
+        assert BuildConfig.model_fields[key].description == model.model_fields[key].description
+    assert FinetuneOptions.model_fields["weights"].description == SourceOptions.model_fields["weights"].description
+    for stage in (ExportOptions, ValidateOptions):
+        assert stage.model_fields["threads"].metadata == TargetOptions.model_fields["threads"].metadata
+    import edgetl
+
+    with pytest.raises(ConfigError, match=r"export\(\): resolution: .*greater than or equal to 16"):
+        edgetl.export("resnet18", "art", weights="none", resolution=5)
+    with pytest.raises(ConfigError, match=r"predict\(\): weights_dir: "):
+        edgetl.predict("resnet18", ["x.png"], weights_dir=3)

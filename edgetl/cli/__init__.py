@@ -18,18 +18,19 @@ from typing import Any
 import click
 
 from edgetl.cli.params import cli_options, parse
-from edgetl.device.profiles import DEFAULT_DEVICE_HELP, threads_for
+from edgetl.device.profiles import threads_for
 from edgetl.errors import BudgetExceededError, ConfigError, ConstraintError, EdgetlError
 from edgetl.options import (
     KERNEL_SAMPLES,
-    MAX_RESOLUTION,
-    MIN_RESOLUTION,
     PRECISIONS,
     TABLE_ROWS,
     Constraints,
     ExportOptions,
     FinetuneOptions,
+    OutputOptions,
     SelectOptions,
+    SourceOptions,
+    TargetOptions,
     TimingOptions,
     ValidateOptions,
 )
@@ -140,18 +141,23 @@ def cli(profiles_dir: tuple[str, ...], verbose: int) -> None:
         os.environ["EDGETL_PROFILE_PATH"] = extra + (os.pathsep + current if current else "")
 
 
+def _typed(options) -> dict[str, Any]:
+    """The options the user typed, as API keyword arguments (the API supplies the defaults)."""
+    return options.model_dump(exclude_unset=True)
+
+
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
 @cli.command("models")
 @cli_options(SelectOptions, only=("models", "all_weights", "zoo"))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
-def models_cmd(as_json: bool, **kwargs) -> None:
+@cli_options(OutputOptions)
+def models_cmd(**kwargs) -> None:
     """List the catalog: torchvision's ImageNet-1K weights and timm's edge families (timm/<arch>.<tag>)."""
     from edgetl.zoo.catalog import list_models
 
-    opts = parse(SelectOptions, kwargs)
+    opts, as_json = parse(SelectOptions, kwargs), parse(OutputOptions, kwargs).as_json
     cards = list_models(opts.models, default_only=not opts.all_weights, zoo=opts.zoo)
     if as_json:
         emit_json([c.summary() for c in cards])
@@ -170,25 +176,23 @@ def models_cmd(as_json: bool, **kwargs) -> None:
 
 
 @cli.command("select")
-@click.option("--device", "-d", default=None,
-              help=f"Device profile name or alias (jetson, rpi, x86, ...) {DEFAULT_DEVICE_HELP}.")
+@cli_options(TargetOptions)
 @cli_options(SelectOptions)
 @cli_options(Constraints)
-@click.option("--json", "as_json", is_flag=True, help="Print every ranked row as one JSON list on stdout.")
+@cli_options(OutputOptions)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
               help="Also write every ranked row as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write the Pareto bubble chart (PNG).")
 @click.option("--measure", "measure_n", type=click.IntRange(min=1), default=None, is_flag=False, flag_value=5,
-              help="Also time the top N (default 5) for real on this machine with ONNX Runtime.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Threads for --measure [default: the profile's, else all].")
-def select_cmd(device, as_json, csv_path, plot_path, measure_n, threads, **kwargs) -> None:
+              help="Also time the top N (default 5) for real on this machine with ONNX Runtime (see --threads).")
+def select_cmd(csv_path, plot_path, measure_n, **kwargs) -> None:
     """Rank pretrained backbones for a device by predicted latency, memory, size and top-1."""
+    target, as_json = parse(TargetOptions, kwargs), parse(OutputOptions, kwargs).as_json
     options, constraints = parse(SelectOptions, kwargs), parse(Constraints, kwargs)
     from edgetl.select import select
     with _progress("tracing models (cached afterwards)") as advance:
-        ranking = select(device, options, constraints, progress=advance)
+        ranking = select(target.device, options, constraints, progress=advance)
     for model_id, reason in ranking.skipped:
         click.echo(f"warning: could not predict {model_id}: {reason}", err=True)
     if plot_path:
@@ -201,7 +205,7 @@ def select_cmd(device, as_json, csv_path, plot_path, measure_n, threads, **kwarg
         raise ConstraintError(ranking.no_fit_message())
     measured_note = None
     if measure_n:
-        measured_note = _measure_ranking(ranking, measure_n, threads, quiet=as_json)
+        measured_note = _measure_ranking(ranking, measure_n, target.threads, quiet=as_json)
     if as_json:
         rows = ranking.to_json()
         if measure_n:
@@ -319,11 +323,12 @@ def _profile_file(profile) -> str:
 
 
 @cli.command("devices")
-@click.option("--json", "as_json", is_flag=True, help="Print the profiles as one JSON list on stdout.")
-def devices_cmd(as_json: bool) -> None:
+@cli_options(OutputOptions)
+def devices_cmd(**kwargs) -> None:
     """List the device profiles (built-in, user folder, EDGETL_PROFILE_PATH / --profiles)."""
     from edgetl.device.profiles import list_profiles, profile_search_path
 
+    as_json = parse(OutputOptions, kwargs).as_json
     profiles = list_profiles()
     if as_json:
         emit_json([p.model_dump(mode="json") for p in profiles])
@@ -350,17 +355,17 @@ def devices_cmd(as_json: bool) -> None:
 
 
 @cli.command("finetune")
-@click.option("--model", "-m", default=None, help="Catalog model name or id, e.g. resnet18 (see `edgetl models`).")
+@cli_options(SourceOptions, only=("model",))
 @click.option("--data", default=None, type=click.Path(exists=True),
               help="Folder of class folders, a folder with train/ and val/, or a CSV of path,label.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
-@click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
-              help="Offline folder of pretrained weights files [default: $EDGETL_WEIGHTS_DIR].")
+@cli_options(SourceOptions, only=("weights_dir",))
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @cli_options(FinetuneOptions)
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document on stdout.")
-def finetune_cmd(model, data, out, weights_dir, resume, as_json, **kwargs) -> None:
+@cli_options(OutputOptions)
+def finetune_cmd(data, out, resume, **kwargs) -> None:
     """Fine-tune a backbone on your images and write RUN_DIR (weights, metrics, plots)."""
+    source, as_json = parse(SourceOptions, kwargs), parse(OutputOptions, kwargs).as_json
     options = parse(FinetuneOptions, kwargs)
     from edgetl.finetune.api import finetune
     err = _stderr_console()
@@ -368,7 +373,7 @@ def finetune_cmd(model, data, out, weights_dir, resume, as_json, **kwargs) -> No
     def show_decision(decision) -> None:
         err.print(f"[bold]strategy:[/bold] {decision.strategy} — {decision.reason}")
 
-    result = finetune(model, data, out, options, weights_dir=weights_dir, resume=resume, progress=True,
+    result = finetune(source.model, data, out, options, weights_dir=source.weights_dir, resume=resume, progress=True,
                       on_decision=show_decision)
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return
@@ -401,11 +406,12 @@ def weights_group() -> None:
 @click.argument("model")
 @click.option("--dir", "dest", type=click.Path(file_okay=False), default=None,
               help="Destination folder [default: $EDGETL_WEIGHTS_DIR or ~/.cache/torch/hub/checkpoints].")
-@click.option("--json", "as_json", is_flag=True, help="Print the file path as JSON.")
-def weights_pull_cmd(model: str, dest: str | None, as_json: bool) -> None:
+@cli_options(OutputOptions)
+def weights_pull_cmd(model: str, dest: str | None, **kwargs) -> None:
     """Download MODEL's ImageNet weights (hash-checked) to copy to an offline machine."""
     from edgetl.zoo.weights import pull_weights
 
+    as_json = parse(OutputOptions, kwargs).as_json
     path = pull_weights(model, dest, progress=not as_json)
     if as_json:
         emit_json({"model": model, "file": str(path)})
@@ -419,8 +425,8 @@ def weights_pull_cmd(model: str, dest: str | None, as_json: bool) -> None:
               help="Catalog model whose architecture FILE holds, e.g. timm/tf_efficientnet_lite0.")
 @click.option("--dir", "dest", type=click.Path(file_okay=False), default=None,
               help="Weights folder to write into [default: $EDGETL_WEIGHTS_DIR or ~/.cache/torch/hub/checkpoints].")
-@click.option("--json", "as_json", is_flag=True, help="Print the file path as JSON.")
-def weights_import_cmd(file: str, model: str, dest: str | None, as_json: bool) -> None:
+@cli_options(OutputOptions)
+def weights_import_cmd(file: str, model: str, dest: str | None, **kwargs) -> None:
     """Map a foreign state_dict FILE onto MODEL by order and shape, verify every tensor, save it as safetensors.
 
     FILE is read with weights_only=True: a pickle that carries code is refused, never run. Pass the same
@@ -429,6 +435,7 @@ def weights_import_cmd(file: str, model: str, dest: str | None, as_json: bool) -
     from edgetl.zoo.catalog import get_card
     from edgetl.zoo.weights_import import import_weights
 
+    as_json = parse(OutputOptions, kwargs).as_json
     path = import_weights(file, model, dest)
     if as_json:
         emit_json({"model": get_card(model).id, "file": str(path)})
@@ -440,16 +447,14 @@ def weights_import_cmd(file: str, model: str, dest: str | None, as_json: bool) -
 @click.argument("source", metavar="SOURCE")
 @click.argument("images", metavar="IMAGE...", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes to show per image.")
-@click.option("--weights", default="imagenet", show_default=True,
-              help="With a catalog name: imagenet, none (random), or a state_dict PATH.")
-@click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
-              help="Offline folder of pretrained weights files [default: $EDGETL_WEIGHTS_DIR].")
-@click.option("--json", "as_json", is_flag=True, help="Print the predictions as one JSON list on stdout.")
-def predict_cmd(source, images, top, weights, weights_dir, as_json) -> None:
+@cli_options(SourceOptions, only=("weights", "weights_dir"))
+@cli_options(OutputOptions)
+def predict_cmd(source, images, top, **kwargs) -> None:
     """Classify IMAGE... with SOURCE: an artifact folder (run as firmware would), a run folder or a catalog name."""
     from edgetl.predict import predict
 
-    predictions = predict(source, images, top=top, weights=weights, weights_dir=weights_dir)
+    given, as_json = _typed(parse(SourceOptions, kwargs)), parse(OutputOptions, kwargs).as_json
+    predictions = predict(source, images, top=top, **given)
     if as_json:
         emit_json([p.to_dict() for p in predictions])
         return
@@ -466,13 +471,12 @@ def predict_cmd(source, images, top, weights, weights_dir, as_json) -> None:
               show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               help="Images per inference [default: 1, or the file's fixed batch].")
-@click.option("--resolution", type=click.IntRange(MIN_RESOLUTION, MAX_RESOLUTION), default=None,
-              help="Input size [default: the model's own resolution, or the file's input size].")
+@cli_options(SourceOptions, only=("resolution",))
 @cli_options(TimingOptions)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
               help="TensorRT engine precision (tensorrt runtime only; int8 needs a QDQ model).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
-def bench_cmd(target, runtime, batch, resolution, precision, as_json, **kwargs) -> None:
+@cli_options(OutputOptions)
+def bench_cmd(target, runtime, batch, precision, **kwargs) -> None:
     """Time a catalog model (exported with random weights) or an ONNX file on this machine.
 
     Reports latency percentiles, throughput, peak memory and the coefficient of variation; a CV
@@ -481,7 +485,8 @@ def bench_cmd(target, runtime, batch, resolution, precision, as_json, **kwargs) 
     from edgetl.runtime import make_runner
     from edgetl.runtime.bench import benchmark
 
-    timing = parse(TimingOptions, kwargs)
+    timing, resolution = parse(TimingOptions, kwargs), parse(SourceOptions, kwargs).resolution
+    as_json = parse(OutputOptions, kwargs).as_json
     err = _stderr_console()
     path, shape, info = _bench_target(target, runtime, batch, resolution, err)
     info["threads"] = timing.threads
@@ -572,7 +577,7 @@ def device_group() -> None:
 @click.option("--name", default="local", show_default=True, help="Profile name (then usable as --device NAME).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="YAML file to write [default: the user profile folder, where --device finds it].")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads [default: all cores].")
+@cli_options(TargetOptions, only=("threads",))
 @click.option("--rounds", type=click.IntRange(min=1), default=25, show_default=True, help="Timed runs per model.")
 @click.option("--runtime", type=click.Choice(["onnxruntime", "tensorrt"]), default=None,
               help="What to time: ONNX Runtime on the CPU, or FP16 TensorRT engines on a Jetson "
@@ -580,12 +585,13 @@ def device_group() -> None:
 @click.option("--kernel-samples", type=click.IntRange(min=0), default=KERNEL_SAMPLES, show_default=True,
               help="Micro-graphs of the catalog's distinct kernels to time; latency is then predicted kernel by "
                    "kernel (0: the fitted roofline only).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document on stdout.")
-def device_calibrate_cmd(name: str, out: str | None, threads: int | None, rounds: int, runtime: str | None,
-                         kernel_samples: int, as_json: bool) -> None:
+@cli_options(OutputOptions)
+def device_calibrate_cmd(name: str, out: str | None, rounds: int, runtime: str | None, kernel_samples: int,
+                         **kwargs) -> None:
     """Measure this machine and write a device profile fitted to it."""
     from edgetl.calibrate.api import calibrate
 
+    threads, as_json = parse(TargetOptions, kwargs).threads, parse(OutputOptions, kwargs).as_json
     with _progress("calibrating") as advance:
         result = calibrate(name=name, out=out, threads=threads, rounds=rounds, progress=advance, runtime=runtime,
                            kernel_samples=kernel_samples)
@@ -623,28 +629,21 @@ def device_calibrate_cmd(name: str, out: str | None, threads: int | None, rounds
 @cli.command("export")
 @click.argument("source", metavar="RUN_DIR|MODEL")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
-@click.option("--device", "-d", default=None,
-              help=f"Target device profile (name, alias or YAML) {DEFAULT_DEVICE_HELP}.")
-@click.option("--weights", default=None,
-              help="With a catalog MODEL instead of RUN_DIR: imagenet, a state_dict PATH, or none (random).")
-@click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
-              help="Offline folder of pretrained weights files [default: $EDGETL_WEIGHTS_DIR].")
-@click.option("--resolution", type=click.IntRange(MIN_RESOLUTION, MAX_RESOLUTION), default=None,
-              help="Input size of a catalog MODEL [default: its own].")
+@cli_options(TargetOptions, only=("device",))
+@cli_options(SourceOptions, only=("weights", "weights_dir", "resolution"))
 @click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
               help="Class folders to measure accuracy on [default: the run's validation split].")
 @cli_options(ExportOptions)
 @click.option("--force", is_flag=True, help="Replace an existing --out folder (swapped atomically).")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON document on stdout.")
-def export_cmd(source, out, device, weights, weights_dir, resolution, data, force, as_json, **kwargs) -> None:
+@cli_options(OutputOptions)
+def export_cmd(source, out, data, force, **kwargs) -> None:
     """Export RUN_DIR (or a catalog MODEL with --weights) to an artifact folder: ONNX, INT8/FP16, manifest."""
-    options = parse(ExportOptions, kwargs)
+    given = {**_typed(parse(TargetOptions, kwargs)), **_typed(parse(SourceOptions, kwargs))}
+    options, as_json = parse(ExportOptions, kwargs), parse(OutputOptions, kwargs).as_json
     from edgetl.export.api import export
     with _stderr_console().status("exporting") as status:
-        artifact = export(
-            source, out, options, device=device, weights=weights, weights_dir=weights_dir, resolution=resolution,
-            data=data, force=force, check=False, progress=lambda msg: status.update(msg),
-        )
+        artifact = export(source, out, options, **given, data=data, force=force, check=False,
+                          progress=lambda msg: status.update(msg))
     if as_json:
         emit_json(artifact.to_dict())
     else:
@@ -702,11 +701,12 @@ def _print_artifact(artifact) -> None:
 
 @cli.command("validate")
 @click.argument("artifact", metavar="ARTIFACT_DIR", type=click.Path(file_okay=False))
-@click.option("--device", "-d", default=None, help="Device profile [default: the one the artifact was exported for].")
+@cli_options(TargetOptions, only=("device",))
 @cli_options(ValidateOptions)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document on stdout.")
-def validate_cmd(artifact, device, as_json, **kwargs) -> None:
+@cli_options(OutputOptions)
+def validate_cmd(artifact, **kwargs) -> None:
     """Verify ARTIFACT_DIR's hashes, measure latency (and accuracy with --data) against the budgets."""
+    device, as_json = parse(TargetOptions, kwargs).device, parse(OutputOptions, kwargs).as_json
     options = parse(ValidateOptions, kwargs)
     from edgetl.validate import validate
     with _stderr_console().status(f"validating {artifact}"):
@@ -757,16 +757,16 @@ _BUILD_STAGES = ("select", "finetune", "export", "validate")
 @click.option("--force", is_flag=True, help="Rerun every stage, even those whose inputs did not change.")
 @click.option("--rerun", type=click.Choice(_BUILD_STAGES), multiple=True,
               help="Rerun this stage (repeatable); later stages rerun if its output changes.")
-@click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
-              help="Offline folder of torchvision weights files [default: weights_dir:, else $EDGETL_WEIGHTS_DIR].")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document on stdout.")
-def build_cmd(pipeline, out, force, rerun, weights_dir, as_json) -> None:
+@cli_options(SourceOptions, only=("weights_dir",))
+@cli_options(OutputOptions)
+def build_cmd(pipeline, out, force, rerun, **kwargs) -> None:
     """Run select -> finetune -> export -> validate from PIPELINE.yaml, skipping unchanged stages.
 
     Writes OUT/report.md. Exit code 3 when a budget (accuracy drop, latency, memory) is missed.
     """
     from edgetl.pipeline import build
 
+    weights_dir, as_json = parse(SourceOptions, kwargs).weights_dir, parse(OutputOptions, kwargs).as_json
     err = _stderr_console()
     result = build(pipeline, out=out, force=True if force else list(rerun), weights_dir=weights_dir, check=False,
                    progress=lambda msg: err.print(msg, highlight=False), progress_bars=True)
@@ -784,11 +784,12 @@ def build_cmd(pipeline, out, force, rerun, weights_dir, as_json) -> None:
               help="imagenet: fine-tune the packaged EfficientNet-Lite0 and compare it with training from scratch; "
                    "none: train ResNet-18 from scratch.")
 @click.option("--force", is_flag=True, help="Rerun every stage.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document on stdout.")
-def demo_cmd(out, epochs, train_per_class, device, weights, force, as_json) -> None:
+@cli_options(OutputOptions)
+def demo_cmd(out, epochs, train_per_class, device, weights, force, **kwargs) -> None:
     """Run the whole pipeline offline on a synthetic dataset (CPU): transfer from ImageNet weights, in minutes."""
     from edgetl.demo import run_demo
 
+    as_json = parse(OutputOptions, kwargs).as_json
     err = _stderr_console()
     result = run_demo(out, epochs=epochs, train_per_class=train_per_class, device=device, weights=weights,
                       force=force, check=False, progress=lambda msg: err.print(msg, highlight=False),

@@ -63,6 +63,8 @@ def _click_type(annotation: Any) -> Any:
 
 def _shown_default(field: Any, flags: list[str]) -> str | None:
     default = field.default
+    if _is_bool(field) and "/" not in flags[0]:  # a lone flag such as --json: off unless given
+        return None
     if _is_bool(field) and default is not None:
         on, off = flags[0].split("/")
         return (on if default else off).lstrip("-")
@@ -94,10 +96,10 @@ def cli_options(model: type[BaseModel], only: tuple[str, ...] | None = None) -> 
         for path, field, flags in reversed(list(_walk(model))):
             if only is not None and path[0] not in only:
                 continue
-            shown = _shown_default(field, flags)
+            shown = None if "[default:" in field.description else _shown_default(field, flags)
             help_text = field.description + (f"  [default: {shown}]" if shown is not None else "")
             kind = _click_type(field.annotation)
-            extra = {} if kind is None else {"type": kind}
+            extra = {"is_flag": True} if kind is None else {"type": kind}
             func = click.option(*flags, _param_name(model, path), default=None, help=help_text, **extra)(func)
         return func
 

@@ -269,9 +269,6 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
     return _copy(registry.profiles[name])
 
 
-DEFAULT_DEVICE_HELP = "[default: this machine's calibrated profile, else x86-avx2 (raspberry-pi-5 on Arm)]"
-
-
 def family_device() -> str:
     """The built-in profile closest to this machine's CPU family (x86-64: x86-avx2; Arm: raspberry-pi-5)."""
     machine = platform.machine().lower()

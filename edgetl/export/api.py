@@ -55,7 +55,7 @@ from edgetl.export.evaluate import (
 )
 from edgetl.export.tensorrt import build_tensorrt_engine, engine_precision, require_tensorrt
 from edgetl.finetune.model import load_trained_model
-from edgetl.options import ExportOptions, documented, resolve
+from edgetl.options import ExportOptions, SourceOptions, documented, resolve, shared_inputs
 from edgetl.runtime.bench import benchmark, benchmark_interleaved
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner
@@ -589,9 +589,10 @@ def export(
             the export failed; nothing is left at ``out`` (an existing folder is left intact).
     """
     opts = resolve(ExportOptions, options, kwargs, "export()")
+    given = shared_inputs(SourceOptions, "export()", weights=weights, weights_dir=weights_dir, resolution=resolution)
     job = _start(source, out, opts, device, data, force, progress)
     job.say("loading the model")
-    src = _load_source(source, weights, weights_dir, resolution, data)
+    src = _load_source(source, given.weights, given.weights_dir, given.resolution, data)
     if opts.tensorrt:
         _require_tensorrt(job, src)
     with bundle.staging_dir(job.out_path) as stage:
