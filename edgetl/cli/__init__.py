@@ -128,13 +128,10 @@ def unexpected_message(exc: BaseException) -> str:
 def cli(profiles_dir: tuple[str, ...], verbose: int) -> None:
     """edgetl: pick a backbone for an edge device, fine-tune it, export and validate it."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    from rich.logging import RichHandler
-
-    logging.basicConfig(
-        level=level,
-        format="%(message)s",
-        handlers=[RichHandler(console=_stderr_console(), show_time=False, show_path=False)],
-    )
+    # a plain line per record: rich would wrap a long path at the terminal's width
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     if profiles_dir:
         extra = os.pathsep.join(profiles_dir)
         current = os.environ.get("EDGETL_PROFILE_PATH")
