@@ -12,8 +12,11 @@ The public API is loaded lazily, so ``import edgetl`` does not import torch.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import sys
 import types
+import warnings
 from importlib import import_module
 from typing import Any
 
@@ -51,6 +54,54 @@ _API = {
 }
 
 __all__ = sorted(_API)
+
+#: Modules that moved when the flat package became zoo/, device/ and calibrate/: the old names still import,
+#: with a DeprecationWarning. (``edgetl.predict`` now classifies images; the latency predictor it was is
+#: ``edgetl.device.latency``.)
+_MOVED = {
+    "edgetl.catalog": "edgetl.zoo.catalog",
+    "edgetl.zoo_timm": "edgetl.zoo.timm",
+    "edgetl.weights": "edgetl.zoo.weights",
+    "edgetl.weights_import": "edgetl.zoo.weights_import",
+    "edgetl.cost": "edgetl.zoo.cost",
+    "edgetl.onnx_io": "edgetl.zoo.onnx_io",
+    "edgetl.onnx_exporters": "edgetl.zoo.onnx_exporters",
+    "edgetl.onnx_cache": "edgetl.zoo.onnx_cache",
+    "edgetl.export.quantize": "edgetl.zoo.quantize",
+    "edgetl.profiles": "edgetl.device.profiles",
+    "edgetl.machine": "edgetl.device.machine",
+    "edgetl.budget": "edgetl.device.budget",
+    "edgetl.kernels": "edgetl.device.kernel_model",
+    "edgetl.measure": "edgetl.calibrate.measure",
+    "edgetl.infer": "edgetl.predict",
+    "edgetl.demo_data": "edgetl.data.synthetic",
+    "edgetl.cli_options": "edgetl.cli.params",
+}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports an old module name as the module it moved to, with a DeprecationWarning."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, Any] = {}
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        return importlib.util.spec_from_loader(name, self) if name in _MOVED else None
+
+    def create_module(self, spec: Any) -> types.ModuleType:
+        warnings.warn(f"{spec.name} moved to {_MOVED[spec.name]}; import it from there", DeprecationWarning,
+                      stacklevel=2)
+        module = import_module(_MOVED[spec.name])
+        self._specs[module.__name__] = module.__spec__
+        return module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        """The module is already executed; give it back the spec the import machinery replaced."""
+        module.__spec__ = self._specs[module.__name__]
+
+
+if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):
+    sys.meta_path.append(_MovedModules())
 
 
 class _Package(types.ModuleType):

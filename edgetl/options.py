@@ -59,9 +59,9 @@ ZOOS: tuple[str, ...] = get_args(ZooName)
 MIN_RESOLUTION, MAX_RESOLUTION = 16, 4096
 MAX_SEED = 2**32 - 1
 TABLE_ROWS = 15
+"""Rows a ranking table shows when ``top`` is not given (machine output keeps every row)."""
 #: Micro-graphs ``edgetl device calibrate`` times by default (a sample of the catalog's distinct kernels).
 KERNEL_SAMPLES = 400
-"""Rows a ranking table shows when ``top`` is not given (machine output keeps every row)."""
 #: The device a stage targets when none is named (:func:`edgetl.device.profiles.default_device`).
 DEFAULT_DEVICE = "this machine's calibrated profile, else x86-avx2 (raspberry-pi-5 on Arm)"
 DEFAULT_DEVICE_HELP = f"[default: {DEFAULT_DEVICE}]"

@@ -9,6 +9,10 @@ imports inside functions count too.
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "edgetl"
@@ -130,3 +134,25 @@ def test_few_modules_at_the_top():
 def test_the_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_moved_modules_still_import_with_a_deprecation_warning():
+    code = textwrap.dedent("""
+        import importlib, json, warnings
+        import edgetl
+        out = {}
+        for old, new in edgetl._MOVED.items():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                module = importlib.import_module(old)
+            out[old] = [module is importlib.import_module(new), module.__spec__.name,
+                        [str(w.message) for w in caught if w.category is DeprecationWarning]]
+        print(json.dumps(out))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    seen = json.loads(result.stdout)
+    assert seen, "no moved modules listed"
+    for old, (same, spec_name, warned) in seen.items():
+        assert same, old
+        assert spec_name != old, f"{old}: the moved-to module lost its own spec"
+        assert len(warned) == 1 and old in warned[0] and "moved to" in warned[0], (old, warned)
