@@ -315,3 +315,45 @@ def test_a_command_s_flags_are_the_shared_models_its_stage_takes(stage):
                 assert same, (stage, flag)
                 continue
             assert same == (model in STAGE_INPUTS[stage]), (stage, model.__name__, flag)
+
+
+def test_a_build_file_s_top_level_shared_inputs_reach_the_stages():
+    from edgetl.buildfile import BUILD_INPUTS, stage_inputs
+
+    assert all(issubclass(BuildConfig, m) for m in BUILD_INPUTS)
+    cfg = config_from_dict({"device": "x86", "data": ".", "threads": 3, "resolution": 64, "weights": "none"},
+                           base=Path("/tmp"))
+    assert (cfg.export.threads, cfg.validate_.threads) == (3, 3)  # the sections' default: timed with 3 threads
+    assert (cfg.finetune.resolution, cfg.select.resolution, cfg.finetune.weights) == (64, 64, "none")
+    assert cfg.finetune.device == "auto"  # FinetuneOptions.device (where to train) is another option
+    assert stage_inputs(cfg, "export", cfg.export) == {"device": "x86", "weights": "none", "resolution": 64}
+    assert stage_inputs(cfg, "export", cfg.export, skip=(SourceOptions,)) == {"device": "x86"}
+    assert stage_inputs(cfg, "validate", cfg.validate_) == {"device": "x86"}
+    section_wins = config_from_dict({"device": "x86", "data": ".", "threads": 3, "export": {"threads": 1}})
+    assert (section_wins.export.threads, section_wins.validate_.threads) == (1, 3)
+    with pytest.raises(ConfigError, match="thread: unknown key; did you mean 'threads'"):
+        config_from_dict({"device": "x86", "data": ".", "thread": 3})
+    with pytest.raises(ConfigError, match="device: field required"):
+        config_from_dict({"data": "."})
+
+
+def test_a_build_file_s_top_level_threads_reach_export_s_timing(tmp_path, monkeypatch):
+    """A build runs export with the build file's top-level inputs; export times with the threads they say."""
+    import importlib
+
+    from edgetl.buildfile import stage_inputs
+
+    export_api = importlib.import_module("edgetl.export.api")  # edgetl.export is also the function
+
+    cfg = config_from_dict({"device": "x86", "data": ".", "threads": 3}, base=tmp_path)
+    seen = {}
+
+    def measure(candidates, resolution, threads, rounds, say):
+        seen["threads"] = threads
+        raise KeyboardInterrupt  # stop here: the timing is what this test is about
+
+    monkeypatch.setattr(export_api, "_measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        export_api.export("resnet18", tmp_path / "art", cfg.export, weights="none", resolution=32, precision="fp32",
+                          simplify=False, **stage_inputs(cfg, "export", cfg.export, skip=(SourceOptions,)))
+    assert seen["threads"] == 3
