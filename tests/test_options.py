@@ -285,12 +285,12 @@ def test_take_inputs_splits_keywords_between_the_stage_and_its_shared_models(mon
     assert inputs[TargetOptions] == TargetOptions(device="x86", threads=2)  # the stage's copy, said once
     assert inputs[SourceOptions].weights == "none"
 
-    class RecordOptions(StageOptions):
-        note: str | None = option(None, "A note.")
+    class ProbeOptions(StageOptions):  # a shared model added later, with a field no other model has
+        probe_ticket: str | None = option(None, "A ticket.")
 
-    monkeypatch.setitem(STAGE_INPUTS, "export", (*STAGE_INPUTS["export"], RecordOptions))
-    _, inputs = take_inputs("export", {"note": "x"}, (ExportOptions, None))
-    assert inputs[RecordOptions].note == "x"  # a new shared model needs no new parameter
+    monkeypatch.setitem(STAGE_INPUTS, "export", (*STAGE_INPUTS["export"], ProbeOptions))
+    _, inputs = take_inputs("export", {"probe_ticket": "x"}, (ExportOptions, None))
+    assert inputs[ProbeOptions].probe_ticket == "x"  # a new shared model needs no new parameter
 
 
 def _command_path(stage: str) -> click.Command:
