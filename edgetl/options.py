@@ -91,11 +91,13 @@ def shared_field(model: type[BaseModel], name: str, **changes: Any) -> Any:
     return field
 
 
-class SourceOptions(StageOptions):
-    """Which model, with which weights, at which input size (``finetune``, ``export``, ``predict``...)."""
+#: Help of ``--model`` (``finetune``'s catalog model; ``export`` and ``predict`` take it as their SOURCE argument).
+MODEL_HELP = "Catalog model name or id, e.g. resnet18 (see `edgetl models`)."
 
-    model: str | None = option(None, "Catalog model name or id, e.g. resnet18 (see `edgetl models`).",
-                               flag="--model/-m")
+
+class SourceOptions(StageOptions):
+    """The pretrained weights of a catalog model and its input size (``finetune``, ``export``, ``predict``)."""
+
     weights: str | None = option(
         None, "Pretrained weights of a catalog model: imagenet | none (random init) | PATH to a state_dict "
               "[default: imagenet; export needs it named for a catalog MODEL].")
@@ -251,6 +253,31 @@ class ValidateOptions(TimingOptions):
     budget_metric: BudgetMetric = option("p50", "Which latency statistic the budget is judged on.")
 
 
+#: The shared inputs each stage takes, whole: its API accepts their fields as keyword arguments, its command
+#: declares their flags, and a build file takes them as top-level keys (for the stages a build runs). A field
+#: added to one of these models reaches every stage listed with it; read it where it is used.
+STAGE_INPUTS: dict[str, tuple[type[StageOptions], ...]] = {
+    "select": (TargetOptions,),
+    "finetune": (SourceOptions,),
+    "export": (SourceOptions, TargetOptions),
+    "validate": (TargetOptions,),
+    "predict": (SourceOptions,),
+}
+
+
+def shared_models(*stages: str) -> tuple[type[StageOptions], ...]:
+    """The shared models ``stages`` take (each once, in order)."""
+    return tuple(dict.fromkeys(m for stage in stages for m in STAGE_INPUTS[stage]))
+
+
+def same_option(a: type[BaseModel], b: type[BaseModel], name: str) -> bool:
+    """Whether ``a`` and ``b`` both have the option ``name`` with one meaning (one is the other's
+    :func:`shared_field` copy), as ``ExportOptions.threads`` and ``TargetOptions.threads``; not
+    ``FinetuneOptions.device`` (where to train) and ``TargetOptions.device``."""
+    fa, fb = a.model_fields.get(name), b.model_fields.get(name)
+    return fa is not None and fb is not None and fa.description == fb.description
+
+
 M = TypeVar("M", bound=StageOptions)
 
 
@@ -280,6 +307,38 @@ def shared_inputs(model: type[M], where: str, **values: Any) -> M:
     text = {name for name, f in model.model_fields.items() if unwrap_optional(f.annotation) is str}
     given = {k: os.fspath(v) if k in text and isinstance(v, os.PathLike) else v for k, v in values.items()}
     return resolve(model, None, given, where)
+
+
+def take_inputs(stage: str, kwargs: dict[str, Any], *models: tuple[type[StageOptions], StageOptions | None],
+                ) -> tuple[list[Any], dict[type[StageOptions], Any]]:
+    """A stage function's keyword arguments, split between its stage models and the shared models it takes
+    (:data:`STAGE_INPUTS`), each validated.
+
+    A keyword both a stage model and a shared model define (``threads``: a :func:`shared_field` copy) is the
+    stage model's; the shared model then holds the stage's value, so either says the same.
+
+    Args:
+        stage: the stage's name (``export``); errors say ``export(): ...``.
+        kwargs: the keyword arguments (``None`` values of shared fields count as not given).
+        models: ``(model, options)`` per stage model: the class and the options object given (or None).
+
+    Returns:
+        The stage options in the order of ``models``, and each shared model's validated instance.
+
+    Raises:
+        ConfigError: an unknown keyword (with a suggestion) or a bad value, in one line.
+    """
+    where = f"{stage}()"
+    shared = STAGE_INPUTS[stage]
+    parts = split_overrides(kwargs, *(m for m, _ in models), *shared, where=where)
+    stage_opts = [resolve(m, given, part, where) for (m, given), part in zip(models, parts, strict=False)]
+    inputs: dict[type[StageOptions], Any] = {}
+    for model, part in zip(shared, parts[len(models):], strict=True):
+        values = {k: v for k, v in part.items() if v is not None}
+        for opts in stage_opts:
+            values.update({k: getattr(opts, k) for k in model.model_fields if same_option(type(opts), model, k)})
+        inputs[model] = shared_inputs(model, where, **values)
+    return stage_opts, inputs
 
 
 def split_overrides(kwargs: dict[str, Any], *models: type[BaseModel], where: str) -> list[dict[str, Any]]:
@@ -465,13 +524,25 @@ def reference(model: type[BaseModel], prefix: str = "") -> list[str]:
     return lines
 
 
-def documented(model: type[BaseModel]):
-    """Append ``model``'s option reference to a stage function's docstring (the help text lives once)."""
+def documented(model: type[BaseModel] | None, stage: str | None = None):
+    """Append ``model``'s option reference (and that of the shared models ``stage`` takes) to a stage function's
+    docstring (the help text lives once)."""
+
+    def block(title: str, lines: list[str]) -> str:
+        body = "\n".join(f"        {line}" for line in lines)
+        return f"\n\n    {title}:\n{body}\n" if lines else ""
 
     def decorate(func):
-        lines = "\n".join(f"        {line}" for line in reference(model))
-        func.__doc__ = (func.__doc__ or "").rstrip() + (
-            f"\n\n    Options (fields of :class:`{model.__name__}`, also accepted as keyword arguments):\n{lines}\n")
+        text = (func.__doc__ or "").rstrip()
+        if model is not None:
+            text += block(f"Options (fields of :class:`{model.__name__}`, also accepted as keyword arguments)",
+                          reference(model)).rstrip()
+        for shared in STAGE_INPUTS.get(stage, ()) if stage else ():
+            lines = [line for line in reference(shared)
+                     if model is None or not same_option(model, shared, line.split(" ", 1)[0].rstrip(":"))]
+            text += block(f"Shared inputs (fields of :class:`{shared.__name__}`, accepted as keyword arguments)",
+                          lines).rstrip()
+        func.__doc__ = text + "\n"
         return func
 
     return decorate

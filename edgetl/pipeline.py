@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl._io import atomic_write_json, sha256_file
-from edgetl.buildfile import BuildConfig, check_names, config_from_dict, load_build_config
+from edgetl.buildfile import BUILD_STAGES, BuildConfig, check_names, config_from_dict, load_build_config, stage_inputs
 from edgetl.data import scan_dataset
 from edgetl.data.discover import walk_images
 from edgetl.device.machine import package_versions
@@ -76,7 +76,7 @@ from edgetl.errors import (
 from edgetl.finetune.checkpoint import tensors_digest
 from edgetl.finetune.rundir import RunDir
 from edgetl.folders import BUILD_LOCK_FILE, BUILD_STATE_FILE, check_apart, folder_lock, require_ours
-from edgetl.options import TABLE_ROWS
+from edgetl.options import TABLE_ROWS, SourceOptions
 from edgetl.report import write_report
 from edgetl.select import default_precision, select
 from edgetl.validate import validate
@@ -85,7 +85,7 @@ from edgetl.zoo.weights import find_weights_file, weights_file_name
 
 log = logging.getLogger(__name__)
 
-STAGES = ("select", "finetune", "export", "validate")
+STAGES = BUILD_STAGES
 STATE_FILE = BUILD_STATE_FILE
 LOCK_FILE = BUILD_LOCK_FILE
 STATE_VERSION = 1
@@ -436,7 +436,8 @@ class _Build:
         cfg = self.config
         precision = self._select_precision()
         options = cfg.select.model_copy(update={"precision": precision, "resolution": self._select_resolution()})
-        ranking = select(self.profile, options, cfg.constraints)
+        inputs = stage_inputs(cfg, "select", options, given=("device",))  # the profile is loaded already
+        ranking = select(self.profile, options, cfg.constraints, **inputs)
         n_fit = sum(1 for r in ranking.candidates if r.fits)
         if cfg.model == "auto":
             best = ranking.best  # raises ConstraintError naming the nearest misses when nothing fits
@@ -544,8 +545,9 @@ class _Build:
             self.say(f"finetune: strategy {decision.strategy} — {decision.reason}")
 
         def train(resume: bool) -> Any:
-            return finetune(model, str(cfg.data), self.run_dir, cfg.finetune, weights_dir=_str(cfg.weights_dir),
-                            resume=resume, progress=self.progress_bars, on_decision=show)
+            return finetune(model, str(cfg.data), self.run_dir, cfg.finetune, resume=resume,
+                            progress=self.progress_bars, on_decision=show,
+                            **stage_inputs(cfg, "finetune", cfg.finetune))
 
         try:
             try:
@@ -579,12 +581,17 @@ class _Build:
 
     # export
 
+    def _export_inputs(self) -> dict[str, Any]:
+        # the source is the run: the build file's weights and resolution went to finetune
+        return stage_inputs(self.config, "export", self.config.export, skip=(SourceOptions,))
+
     def _export_parts(self, finetune_digest: str) -> dict[str, Any]:
         cfg = self.config
         calib = cfg.export.calibration.data
         return {
             "model": finetune_digest,
             "options": cfg.export.model_dump(mode="json"),
+            "inputs": {k: str(v) if isinstance(v, Path) else v for k, v in self._export_inputs().items()},
             "device": self.profile.model_dump(mode="json"),
             # the run's train/val images calibrate and evaluate the export
             "data": self.data_fingerprint(),
@@ -606,7 +613,7 @@ class _Build:
 
         cfg = self.config
         artifact = export(
-            self.run_dir, self.artifact_dir, cfg.export, device=cfg.device, weights_dir=_str(cfg.weights_dir),
+            self.run_dir, self.artifact_dir, cfg.export, **self._export_inputs(),
             force=True, check=False, progress=lambda msg: self.say(f"export: {msg}"),
         )
         acc = artifact.accuracy
@@ -655,7 +662,8 @@ class _Build:
         options = self.config.validate_.model_copy(update={
             "data": self._validation_data(), "max_latency_ms": self._validation_budget(),
             "max_memory_mb": self._memory_budget()})
-        report = validate(self.artifact_dir, self.config.device, options, write=True, check=False)
+        report = validate(self.artifact_dir, options=options, write=True, check=False,
+                          **stage_inputs(self.config, "validate", options))
         lat = report.latency
         summary = {
             "passed": report.passed,
@@ -741,7 +749,3 @@ def build(
         error.result = result  # type: ignore[attr-defined]
         raise error
     return result
-
-
-def _str(path: Path | None) -> str | None:
-    return None if path is None else str(path)

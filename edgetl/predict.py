@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from edgetl.errors import ConfigError, DataError
 from edgetl.export import bundle
 from edgetl.finetune.rundir import RunDir
-from edgetl.options import SourceOptions, shared_inputs
+from edgetl.options import SourceOptions, documented, take_inputs
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner, tensorrt_available
 
@@ -85,21 +85,27 @@ def open_source(
     source: str | os.PathLike[str],
     weights: str | os.PathLike[str] | None = "imagenet",
     weights_dir: str | os.PathLike[str] | None = None,
+    resolution: int | None = None,
 ) -> Classifier:
     """Open an artifact folder, a run folder or a catalog name as a :class:`Classifier`.
+
+    ``resolution`` is a catalog model's input size (default: its own); an artifact or a run keeps its own.
 
     Raises:
         ArtifactError: an artifact whose files do not match its manifest.
         CheckpointError: a folder that is neither an artifact nor a finished run.
+        ConfigError: a resolution for an artifact or a run.
         UnknownNameError: ``source`` is not a catalog name.
         WeightsError: the weights are not on this machine.
     """
     path = Path(source).expanduser()
+    if path.is_dir() and resolution is not None:
+        raise ConfigError(f"{source} keeps the input size it was trained at; drop --resolution")
     if (path / bundle.MANIFEST_FILE).is_file():
         return _artifact_classifier(path)
     if path.is_dir():
         return _run_classifier(path)
-    return _catalog_classifier(str(source), weights, weights_dir)
+    return _catalog_classifier(str(source), weights, weights_dir, resolution)
 
 
 def _artifact_classifier(folder: Path) -> Classifier:
@@ -160,15 +166,15 @@ def _run_classifier(folder: Path) -> Classifier:
                              trained.resolution)
 
 
-def _catalog_classifier(name: str, weights: Any, weights_dir: Any) -> Classifier:
+def _catalog_classifier(name: str, weights: Any, weights_dir: Any, resolution: int | None = None) -> Classifier:
     from edgetl.zoo.weights import load_model  # deferred: it imports torch
 
-    loaded = load_model(name, weights=weights, weights_dir=weights_dir)
+    loaded = load_model(name, weights=weights, weights_dir=weights_dir, resolution=resolution)
     card = loaded.card
     labels = list(card.categories) or [f"class_{i}" for i in range(card.num_classes)]
     if not loaded.pretrained:
         log.warning("%s has random weights: its predictions mean nothing", card.id)
-    return _torch_classifier(card.id, "catalog", labels, loaded.model, card.preprocess)
+    return _torch_classifier(card.id, "catalog", labels, loaded.model, card.preprocess, resolution)
 
 
 def _open_image(image: Any) -> tuple[str, Image.Image]:
@@ -204,12 +210,14 @@ def classify(classifier: Classifier, images: Sequence[Any], top: int = 5, batch_
     return out
 
 
+@documented(None, "predict")
 def predict(
     source: str | os.PathLike[str],
     images: Sequence[Any],
     top: int = 5,
     weights: str | os.PathLike[str] | None = "imagenet",
     weights_dir: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
 ) -> list[Prediction]:
     """Classify images with a model source and return the top-K labels with probabilities, per image.
 
@@ -220,6 +228,8 @@ def predict(
         weights: for a catalog name: ``imagenet`` (default), ``none`` or a PATH (see
             :func:`edgetl.zoo.weights.load_model`).
         weights_dir: for a catalog name: the offline weights folder (default ``$EDGETL_WEIGHTS_DIR``).
+        **kwargs: the other fields of the shared inputs predict takes (:data:`~edgetl.options.STAGE_INPUTS`),
+            e.g. ``resolution`` (a catalog model's input size; default: its own).
 
     Returns:
         One :class:`Prediction` per image, in the order given.
@@ -229,8 +239,10 @@ def predict(
     """
     if not images:
         raise ConfigError("no images given; pass one or more image files")
-    given = shared_inputs(SourceOptions, "predict()", weights=weights, weights_dir=weights_dir)
-    classifier = open_source(source, weights=given.weights, weights_dir=given.weights_dir)
+    _, inputs = take_inputs("predict", {"weights": weights, "weights_dir": weights_dir, **kwargs})
+    given = inputs[SourceOptions]
+    classifier = open_source(source, weights=given.weights, weights_dir=given.weights_dir,
+                             resolution=given.resolution)
     try:
         return classify(classifier, list(images), top=top)
     finally:

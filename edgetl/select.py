@@ -22,7 +22,7 @@ from edgetl._io import atomic_write_text
 from edgetl.device.latency import model_size_mb, predict_latency, predict_memory
 from edgetl.device.profiles import DeviceProfile, default_device, load_profile
 from edgetl.errors import ConstraintError
-from edgetl.options import Constraints, SelectOptions, documented, resolve, split_overrides
+from edgetl.options import Constraints, SelectOptions, TargetOptions, documented, take_inputs
 from edgetl.zoo.catalog import ModelCard, list_models
 from edgetl.zoo.cost import TraceError
 from edgetl.zoo.model_cost import trace_model
@@ -88,6 +88,7 @@ class Ranking:
     candidates: list[RankedModel]
     top: int | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    target: TargetOptions = field(default_factory=TargetOptions)
 
     @property
     def rows(self) -> list[RankedModel]:
@@ -180,7 +181,7 @@ def default_precision(profile: DeviceProfile) -> str:
     return "fp16" if "fp16" in profile.precisions else "fp32"
 
 
-@documented(SelectOptions)
+@documented(SelectOptions, "select")
 def select(
     device: str | DeviceProfile | None = None,
     options: SelectOptions | None = None,
@@ -198,7 +199,9 @@ def select(
         constraints: what a model must meet (:class:`~edgetl.options.Constraints`); ``max_memory_mb``
             defaults to the profile's model memory budget.
         progress: called as ``progress(done, total, model)`` while traces are computed.
-        **kwargs: fields of either model, e.g. ``select("jetson", precision="fp16", max_latency_ms=5)``.
+        **kwargs: fields of either model, e.g. ``select("jetson", precision="fp16", max_latency_ms=5)``, and of
+            the shared inputs select takes (:data:`~edgetl.options.STAGE_INPUTS`), e.g. ``threads`` (kept on
+            ``Ranking.target`` for timing the ranked models on this machine).
 
     Returns:
         A :class:`Ranking`. It is not an error for nothing to fit: ``Ranking.best`` raises then.
@@ -208,10 +211,11 @@ def select(
         ProfileError: the device does not support the precision.
         ConfigError: an option or constraint is not valid.
     """
-    given, limits = split_overrides(kwargs, SelectOptions, Constraints, where="select()")
-    opts = resolve(SelectOptions, options, given, "select()")
-    limits = resolve(Constraints, constraints, limits, "select()")
-    profile = device if isinstance(device, DeviceProfile) else load_profile(device or default_device())
+    named = {} if isinstance(device, DeviceProfile) else {"device": device}
+    (opts, limits), inputs = take_inputs("select", {**named, **kwargs}, (SelectOptions, options),
+                                         (Constraints, constraints))
+    target = inputs[TargetOptions]
+    profile = device if isinstance(device, DeviceProfile) else load_profile(target.device or default_device())
     precision = opts.precision or default_precision(profile)
     profile.check_precision(precision)
     if limits.max_memory_mb is None:
@@ -220,7 +224,7 @@ def select(
     candidates, skipped = _predict_all(cards, profile, precision, opts, limits, progress)
     _mark_pareto(candidates)
     candidates.sort(key=lambda r: (not r.fits, -r.card.top1, r.latency_ms))
-    return Ranking(profile, precision, opts.batch, limits, candidates, opts.top, skipped)
+    return Ranking(profile, precision, opts.batch, limits, candidates, opts.top, skipped, target)
 
 
 def _ranked_cards(opts: SelectOptions) -> list[ModelCard]:

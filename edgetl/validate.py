@@ -36,7 +36,7 @@ from edgetl.device.profiles import DeviceProfile, default_device, load_profile, 
 from edgetl.errors import BudgetExceededError, ProfileError
 from edgetl.export import bundle
 from edgetl.export.consistency import check_consistency
-from edgetl.options import ValidateOptions, documented, resolve
+from edgetl.options import TargetOptions, ValidateOptions, documented, take_inputs
 from edgetl.runtime.bench import benchmark, peak_rss_mb, reset_peak_rss
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner, tensorrt_available
@@ -158,7 +158,7 @@ def _accuracy(folder: Path, data: str | os.PathLike[str], runner_threads: int | 
             "top1_agreement_with_onnx": round(agreement(logits["engine"], logits["onnx"]), 6)}
 
 
-@documented(ValidateOptions)
+@documented(ValidateOptions, "validate")
 def validate(
     artifact: str | os.PathLike[str],
     device: str | None = None,
@@ -182,6 +182,8 @@ def validate(
             may also be given as keyword arguments (``validate(folder, max_latency_ms=30)``).
         write: write the report to ``ARTIFACT/validation.json``.
         check: raise :class:`BudgetExceededError` when a budget is missed (after writing the report).
+        **kwargs: fields of :class:`~edgetl.options.ValidateOptions` and of the shared inputs validate takes
+            (:data:`~edgetl.options.STAGE_INPUTS`: ``device``, ``threads``).
 
     Returns:
         The :class:`ValidationReport`.
@@ -191,13 +193,13 @@ def validate(
             anything runs).
         BudgetExceededError: (with ``check``) a budget was missed.
     """
-    opts = resolve(ValidateOptions, options, kwargs, "validate()")
+    (opts,), inputs = take_inputs("validate", {"device": device, **kwargs}, (ValidateOptions, options))
     budget.check_metric(opts.budget_metric, opts.iterations)
     folder = Path(artifact).expanduser()
     manifest = bundle.verify_files(folder)
     check_consistency(folder, manifest)
     files = {name: rec["sha256"] for name, rec in manifest["files"].items()}
-    profile, here, threads, notes = _target(device, manifest, opts)
+    profile, here, threads, notes = _target(inputs[TargetOptions], manifest)
     precision = _check_precision(manifest, profile)
     runner, runtime, runner_notes = _runner(folder, profile.runtime, threads, files)
     notes += runner_notes
@@ -220,12 +222,11 @@ def validate(
     return report
 
 
-def _target(device: str | None, manifest: dict[str, Any],
-            opts: ValidateOptions) -> tuple[DeviceProfile, bool, int | None, list[str]]:
+def _target(target: TargetOptions, manifest: dict[str, Any]) -> tuple[DeviceProfile, bool, int | None, list[str]]:
     """The device profile, whether this machine is it, the threads to time with, and notes for the user."""
-    profile = load_profile(device or manifest.get("device", {}).get("name") or default_device())
+    profile = load_profile(target.device or manifest.get("device", {}).get("name") or default_device())
     here = profile.is_this_machine()
-    threads = threads_for(profile, opts.threads)
+    threads = threads_for(profile, target.threads)
     notes = [] if here else [
         f"'{profile.name}' is not this machine: latency is measured here, and predicted for {profile.name}; "
         "run `edgetl device calibrate` for a profile of this machine"

@@ -14,6 +14,7 @@ from edgetl.cli import cli
 from edgetl.cli.params import _param_name, _walk, parse
 from edgetl.errors import ConfigError
 from edgetl.options import (
+    STAGE_INPUTS,
     Constraints,
     ExportOptions,
     FinetuneOptions,
@@ -23,24 +24,20 @@ from edgetl.options import (
     TargetOptions,
     ValidateOptions,
     resolve,
+    same_option,
+    shared_models,
     unwrap_optional,
 )
 
 # command -> (its option models, the place-specific parameters that are not stage options)
 STAGES = {
     "select": ((SelectOptions, Constraints), {"csv_path", "plot_path", "measure_n"}),
-    "finetune": ((FinetuneOptions,), {"data", "out", "resume"}),
+    "finetune": ((FinetuneOptions,), {"model", "data", "out", "resume"}),
     "export": ((ExportOptions,), {"source", "out", "data", "force"}),
     "validate": ((ValidateOptions,), {"artifact"}),
 }
-# command -> the shared inputs it takes (edgetl.options.SourceOptions, TargetOptions, OutputOptions)
-SHARED = {
-    "select": {TargetOptions: ("device", "threads"), OutputOptions: ("as_json",)},
-    "finetune": {SourceOptions: ("model", "weights_dir"), OutputOptions: ("as_json",)},
-    "export": {TargetOptions: ("device",), SourceOptions: ("weights", "weights_dir", "resolution"),
-               OutputOptions: ("as_json",)},
-    "validate": {TargetOptions: ("device",), OutputOptions: ("as_json",)},
-}
+# command -> the shared inputs it takes: its stage's, whole (edgetl.options.STAGE_INPUTS), and how it prints
+SHARED = {command: (*STAGE_INPUTS[command], OutputOptions) for command in (*STAGES, "predict")}
 REQUIRED_ARGS = {"select": ["--device", "x86"], "finetune": ["--out", "runs/x"], "export": ["run", "--out", "art"],
                  "validate": ["art"]}
 BUILD_SECTIONS = {SelectOptions: "select", Constraints: "constraints", FinetuneOptions: "finetune",
@@ -81,8 +78,7 @@ def _cases():
 
 def test_every_cli_parameter_is_a_stage_option_or_listed_as_place_specific():
     for command, (models, place_specific) in STAGES.items():
-        generated = {_param_name(m, path) for m in models for path, _, _ in _walk(m)}
-        generated |= {_param_name(m, (name,)) for m, names in SHARED[command].items() for name in names}
+        generated = {_param_name(m, path) for m in (*models, *SHARED[command]) for path, _, _ in _walk(m)}
         params = {p.name for p in _command(command).params} - {"help"}
         assert params - generated == place_specific, command
 
@@ -245,3 +241,119 @@ def test_the_build_file_and_the_api_take_the_shared_fields():
         edgetl.export("resnet18", "art", weights="none", resolution=5)
     with pytest.raises(ConfigError, match=r"predict\(\): weights_dir: "):
         edgetl.predict("resnet18", ["x.png"], weights_dir=3)
+
+
+# --- shared inputs travel as whole models: the API, the CLI and the build file take any field of them -----------
+
+STAGE_FUNCTIONS = {"select": lambda **kw: _api().select(**kw),
+                   "finetune": lambda **kw: _api().finetune("resnet18", ".", "runs/x", **kw),
+                   "export": lambda **kw: _api().export("resnet18", "art", **kw),
+                   "validate": lambda **kw: _api().validate("art", **kw),
+                   "predict": lambda **kw: _api().predict("resnet18", ["x.png"], **kw)}
+
+
+def _api():
+    import edgetl
+
+    return edgetl
+
+
+@pytest.mark.parametrize("stage", list(STAGE_INPUTS))
+def test_an_unknown_api_keyword_is_refused_naming_it(stage, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"{stage}\(\): unknown option 'devise'"):
+        STAGE_FUNCTIONS[stage](devise="x86")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("stage", list(STAGE_INPUTS))
+def test_every_field_of_a_stage_s_shared_models_is_an_api_keyword(stage, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for model in STAGE_INPUTS[stage]:
+        for name in model.model_fields:
+            # a wrongly typed value: the keyword is known, and its model (or the stage's copy) refuses it
+            with pytest.raises(ConfigError, match=rf"{stage}\(\): {name}: "):
+                STAGE_FUNCTIONS[stage](**{name: [1]})
+
+
+def test_take_inputs_splits_keywords_between_the_stage_and_its_shared_models(monkeypatch):
+    from edgetl.options import StageOptions, option, take_inputs
+
+    (opts,), inputs = take_inputs("export", {"threads": 2, "device": "x86", "opset": 18, "weights": "none"},
+                                  (ExportOptions, None))
+    assert (opts.threads, opts.opset) == (2, 18)
+    assert inputs[TargetOptions] == TargetOptions(device="x86", threads=2)  # the stage's copy, said once
+    assert inputs[SourceOptions].weights == "none"
+
+    class ProbeOptions(StageOptions):  # a shared model added later, with a field no other model has
+        probe_ticket: str | None = option(None, "A ticket.")
+
+    monkeypatch.setitem(STAGE_INPUTS, "export", (*STAGE_INPUTS["export"], ProbeOptions))
+    _, inputs = take_inputs("export", {"probe_ticket": "x"}, (ExportOptions, None))
+    assert inputs[ProbeOptions].probe_ticket == "x"  # a new shared model needs no new parameter
+
+
+def _command_path(stage: str) -> click.Command:
+    return cli.commands[stage]
+
+
+ALL_SHARED = shared_models(*STAGE_INPUTS)
+
+
+@pytest.mark.parametrize("stage", list(STAGE_INPUTS))
+def test_a_command_s_flags_are_the_shared_models_its_stage_takes(stage):
+    """Every field of a shared model the stage takes is a flag (its own or the stage model's copy), and no
+    field of another shared model is (but for a stage option that copies it, as select's --resolution): no flag
+    is silently ignored, none is missing."""
+    params = {o: p for p in _command_path(stage).params for o in getattr(p, "opts", ())}
+    stage_models = STAGES.get(stage, ((),))[0]
+    for model in ALL_SHARED:
+        for (name,), field, flags in _walk(model):
+            flag = flags[0].split("/")[0]
+            same = flag in params and (params[flag].help or "").startswith(field.description)
+            if any(same_option(m, model, name) for m in stage_models):
+                assert same, (stage, flag)
+                continue
+            assert same == (model in STAGE_INPUTS[stage]), (stage, model.__name__, flag)
+
+
+def test_a_build_file_s_top_level_shared_inputs_reach_the_stages():
+    from edgetl.buildfile import BUILD_INPUTS, stage_inputs
+
+    assert all(issubclass(BuildConfig, m) for m in BUILD_INPUTS)
+    cfg = config_from_dict({"device": "x86", "data": ".", "threads": 3, "resolution": 64, "weights": "none"},
+                           base=Path("/tmp"))
+    assert (cfg.export.threads, cfg.validate_.threads) == (3, 3)  # the sections' default: timed with 3 threads
+    assert (cfg.finetune.resolution, cfg.select.resolution, cfg.finetune.weights) == (64, 64, "none")
+    assert cfg.finetune.device == "auto"  # FinetuneOptions.device (where to train) is another option
+    assert stage_inputs(cfg, "export", cfg.export) == {"device": "x86", "weights": "none", "resolution": 64}
+    assert stage_inputs(cfg, "export", cfg.export, skip=(SourceOptions,)) == {"device": "x86"}
+    assert stage_inputs(cfg, "validate", cfg.validate_) == {"device": "x86"}
+    section_wins = config_from_dict({"device": "x86", "data": ".", "threads": 3, "export": {"threads": 1}})
+    assert (section_wins.export.threads, section_wins.validate_.threads) == (1, 3)
+    with pytest.raises(ConfigError, match="thread: unknown key; did you mean 'threads'"):
+        config_from_dict({"device": "x86", "data": ".", "thread": 3})
+    with pytest.raises(ConfigError, match="device: field required"):
+        config_from_dict({"data": "."})
+
+
+def test_a_build_file_s_top_level_threads_reach_export_s_timing(tmp_path, monkeypatch):
+    """A build runs export with the build file's top-level inputs; export times with the threads they say."""
+    import importlib
+
+    from edgetl.buildfile import stage_inputs
+
+    export_api = importlib.import_module("edgetl.export.api")  # edgetl.export is also the function
+
+    cfg = config_from_dict({"device": "x86", "data": ".", "threads": 3}, base=tmp_path)
+    seen = {}
+
+    def measure(candidates, resolution, threads, rounds, say):
+        seen["threads"] = threads
+        raise KeyboardInterrupt  # stop here: the timing is what this test is about
+
+    monkeypatch.setattr(export_api, "_measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        export_api.export("resnet18", tmp_path / "art", cfg.export, weights="none", resolution=32, precision="fp32",
+                          simplify=False, **stage_inputs(cfg, "export", cfg.export, skip=(SourceOptions,)))
+    assert seen["threads"] == 3

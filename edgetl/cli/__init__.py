@@ -17,11 +17,12 @@ from typing import Any
 
 import click
 
-from edgetl.cli.params import cli_options, parse
+from edgetl.cli.params import cli_inputs, cli_options, parse, parse_inputs
 from edgetl.device.profiles import threads_for
 from edgetl.errors import BudgetExceededError, ConfigError, ConstraintError, EdgetlError
 from edgetl.options import (
     KERNEL_SAMPLES,
+    MODEL_HELP,
     PRECISIONS,
     TABLE_ROWS,
     Constraints,
@@ -138,11 +139,6 @@ def cli(profiles_dir: tuple[str, ...], verbose: int) -> None:
         os.environ["EDGETL_PROFILE_PATH"] = extra + (os.pathsep + current if current else "")
 
 
-def _typed(options) -> dict[str, Any]:
-    """The options the user typed, as API keyword arguments (the API supplies the defaults)."""
-    return options.model_dump(exclude_unset=True)
-
-
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
@@ -173,7 +169,7 @@ def models_cmd(**kwargs) -> None:
 
 
 @cli.command("select")
-@cli_options(TargetOptions)
+@cli_inputs("select")
 @cli_options(SelectOptions)
 @cli_options(Constraints)
 @cli_options(OutputOptions)
@@ -185,11 +181,11 @@ def models_cmd(**kwargs) -> None:
               help="Also time the top N (default 5) for real on this machine with ONNX Runtime (see --threads).")
 def select_cmd(csv_path, plot_path, measure_n, **kwargs) -> None:
     """Rank pretrained backbones for a device by predicted latency, memory, size and top-1."""
-    target, as_json = parse(TargetOptions, kwargs), parse(OutputOptions, kwargs).as_json
+    inputs, as_json = parse_inputs("select", kwargs), parse(OutputOptions, kwargs).as_json
     options, constraints = parse(SelectOptions, kwargs), parse(Constraints, kwargs)
     from edgetl.select import select
     with _progress("tracing models (cached afterwards)") as advance:
-        ranking = select(target.device, options, constraints, progress=advance)
+        ranking = select(options=options, constraints=constraints, progress=advance, **inputs)
     for model_id, reason in ranking.skipped:
         click.echo(f"warning: could not predict {model_id}: {reason}", err=True)
     if plot_path:
@@ -202,7 +198,7 @@ def select_cmd(csv_path, plot_path, measure_n, **kwargs) -> None:
         raise ConstraintError(ranking.no_fit_message())
     measured_note = None
     if measure_n:
-        measured_note = _measure_ranking(ranking, measure_n, target.threads, quiet=as_json)
+        measured_note = _measure_ranking(ranking, measure_n, ranking.target.threads, quiet=as_json)
     if as_json:
         rows = ranking.to_json()
         if measure_n:
@@ -352,17 +348,17 @@ def devices_cmd(**kwargs) -> None:
 
 
 @cli.command("finetune")
-@cli_options(SourceOptions, only=("model",))
+@click.option("--model", "-m", default=None, help=MODEL_HELP)
 @click.option("--data", default=None, type=click.Path(exists=True),
               help="Folder of class folders, a folder with train/ and val/, or a CSV of path,label.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
-@cli_options(SourceOptions, only=("weights_dir",))
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
+@cli_inputs("finetune")
 @cli_options(FinetuneOptions)
 @cli_options(OutputOptions)
-def finetune_cmd(data, out, resume, **kwargs) -> None:
+def finetune_cmd(model, data, out, resume, **kwargs) -> None:
     """Fine-tune a backbone on your images and write RUN_DIR (weights, metrics, plots)."""
-    source, as_json = parse(SourceOptions, kwargs), parse(OutputOptions, kwargs).as_json
+    inputs, as_json = parse_inputs("finetune", kwargs), parse(OutputOptions, kwargs).as_json
     options = parse(FinetuneOptions, kwargs)
     from edgetl.finetune.api import finetune
     err = _stderr_console()
@@ -370,8 +366,7 @@ def finetune_cmd(data, out, resume, **kwargs) -> None:
     def show_decision(decision) -> None:
         err.print(f"[bold]strategy:[/bold] {decision.strategy} — {decision.reason}")
 
-    result = finetune(source.model, data, out, options, weights_dir=source.weights_dir, resume=resume, progress=True,
-                      on_decision=show_decision)
+    result = finetune(model, data, out, options, resume=resume, progress=True, on_decision=show_decision, **inputs)
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return
     if as_json:
@@ -444,14 +439,14 @@ def weights_import_cmd(file: str, model: str, dest: str | None, **kwargs) -> Non
 @click.argument("source", metavar="SOURCE")
 @click.argument("images", metavar="IMAGE...", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes to show per image.")
-@cli_options(SourceOptions, only=("weights", "weights_dir"))
+@cli_inputs("predict")
 @cli_options(OutputOptions)
 def predict_cmd(source, images, top, **kwargs) -> None:
     """Classify IMAGE... with SOURCE: an artifact folder (run as firmware would), a run folder or a catalog name."""
     from edgetl.predict import predict
 
-    given, as_json = _typed(parse(SourceOptions, kwargs)), parse(OutputOptions, kwargs).as_json
-    predictions = predict(source, images, top=top, **given)
+    inputs, as_json = parse_inputs("predict", kwargs), parse(OutputOptions, kwargs).as_json
+    predictions = predict(source, images, top=top, **inputs)
     if as_json:
         emit_json([p.to_dict() for p in predictions])
         return
@@ -626,20 +621,19 @@ def device_calibrate_cmd(name: str, out: str | None, rounds: int, runtime: str |
 @cli.command("export")
 @click.argument("source", metavar="RUN_DIR|MODEL")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
-@cli_options(TargetOptions, only=("device",))
-@cli_options(SourceOptions, only=("weights", "weights_dir", "resolution"))
 @click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
               help="Class folders to measure accuracy on [default: the run's validation split].")
+@cli_inputs("export")
 @cli_options(ExportOptions)
 @click.option("--force", is_flag=True, help="Replace an existing --out folder (swapped atomically).")
 @cli_options(OutputOptions)
 def export_cmd(source, out, data, force, **kwargs) -> None:
     """Export RUN_DIR (or a catalog MODEL with --weights) to an artifact folder: ONNX, INT8/FP16, manifest."""
-    given = {**_typed(parse(TargetOptions, kwargs)), **_typed(parse(SourceOptions, kwargs))}
+    inputs = parse_inputs("export", kwargs)
     options, as_json = parse(ExportOptions, kwargs), parse(OutputOptions, kwargs).as_json
     from edgetl.export.api import export
     with _stderr_console().status("exporting") as status:
-        artifact = export(source, out, options, **given, data=data, force=force, check=False,
+        artifact = export(source, out, options, **inputs, data=data, force=force, check=False,
                           progress=lambda msg: status.update(msg))
     if as_json:
         emit_json(artifact.to_dict())
@@ -698,16 +692,16 @@ def _print_artifact(artifact) -> None:
 
 @cli.command("validate")
 @click.argument("artifact", metavar="ARTIFACT_DIR", type=click.Path(file_okay=False))
-@cli_options(TargetOptions, only=("device",))
+@cli_inputs("validate")
 @cli_options(ValidateOptions)
 @cli_options(OutputOptions)
 def validate_cmd(artifact, **kwargs) -> None:
     """Verify ARTIFACT_DIR's hashes, measure latency (and accuracy with --data) against the budgets."""
-    device, as_json = parse(TargetOptions, kwargs).device, parse(OutputOptions, kwargs).as_json
+    inputs, as_json = parse_inputs("validate", kwargs), parse(OutputOptions, kwargs).as_json
     options = parse(ValidateOptions, kwargs)
     from edgetl.validate import validate
     with _stderr_console().status(f"validating {artifact}"):
-        report = validate(artifact, device, options, check=False)
+        report = validate(artifact, options=options, check=False, **inputs)
     if as_json:
         emit_json(report.to_dict())
     else:

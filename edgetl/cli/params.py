@@ -4,6 +4,10 @@
 ``calibration.method``), with the field's help text, choices and default. The command then calls
 ``parse(ExportOptions, kwargs)`` to get the validated model back. Only the options the user typed are
 passed on, so the model supplies every default, and a bad value is reported with the flag's name.
+
+``@cli_inputs("export")`` declares the shared models a stage takes (:data:`edgetl.options.STAGE_INPUTS`),
+whole, and ``parse_inputs("export", kwargs)`` returns what the user typed of them as the stage function's
+keyword arguments: a field added to a shared model becomes a flag of every command whose stage takes it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from click.core import ParameterSource
 from pydantic import BaseModel, ValidationError
 
 from edgetl.errors import ConfigError
-from edgetl.options import StageOptions, format_errors, unwrap_optional
+from edgetl.options import STAGE_INPUTS, StageOptions, format_errors, unwrap_optional
 
 M = TypeVar("M", bound=StageOptions)
 _SEP = "__"
@@ -89,12 +93,32 @@ def flag_names(model: type[BaseModel]) -> dict[tuple[str, ...], str]:
     return {path: flags[0].split("/")[0] for path, _, flags in _walk(model)}
 
 
+def _declared(func: Callable, flags: list[str], field: Any) -> bool:
+    """Whether ``func`` already has the flag, as the same option (a stage model's :func:`shared_field` copy of a
+    shared input: ``ExportOptions.threads`` declares ``--threads`` for ``TargetOptions.threads`` too).
+
+    Raises:
+        TypeError: the flag is taken by an option that means something else (a programming error).
+    """
+    names = {f.split("/")[0] for f in flags}
+    for param in getattr(func, "__click_params__", ()):
+        if names & {o.split("/")[0] for o in param.opts}:
+            if not (param.help or "").startswith(field.description):
+                raise TypeError(f"{func.__name__}: {sorted(names)[0]} is declared twice with different meanings")
+            return True
+    return False
+
+
 def cli_options(model: type[BaseModel], only: tuple[str, ...] | None = None) -> Callable[[Callable], Callable]:
-    """A decorator adding one click option per field of ``model`` (or per top-level field named in ``only``)."""
+    """A decorator adding one click option per field of ``model`` (or per top-level field named in ``only``).
+
+    A flag the command already declares for the same option (declared by a decorator listed below this one) is
+    not declared again; :func:`parse` then leaves that field unset.
+    """
 
     def decorate(func: Callable) -> Callable:
         for path, field, flags in reversed(list(_walk(model))):
-            if only is not None and path[0] not in only:
+            if (only is not None and path[0] not in only) or _declared(func, flags, field):
                 continue
             shown = None if "[default:" in field.description else _shown_default(field, flags)
             help_text = field.description + (f"  [default: {shown}]" if shown is not None else "")
@@ -129,3 +153,22 @@ def parse(model: type[M], kwargs: dict[str, Any]) -> M:
         flags = flag_names(model)
         where = ctx.command_path
         raise ConfigError(format_errors(exc, model, where, name=lambda loc: flags.get(loc, loc[-1]))) from None
+
+
+def cli_inputs(stage: str) -> Callable[[Callable], Callable]:
+    """Declare the flags of every shared model ``stage`` takes (list it above the stage model's decorator)."""
+
+    def decorate(func: Callable) -> Callable:
+        for model in reversed(STAGE_INPUTS[stage]):
+            func = cli_options(model)(func)
+        return func
+
+    return decorate
+
+
+def parse_inputs(stage: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What the user typed of ``stage``'s shared models, validated, as the stage function's keyword arguments."""
+    given: dict[str, Any] = {}
+    for model in STAGE_INPUTS[stage]:
+        given.update(parse(model, kwargs).model_dump(exclude_unset=True))
+    return given

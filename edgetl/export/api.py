@@ -55,7 +55,7 @@ from edgetl.export.evaluate import (
 )
 from edgetl.export.tensorrt import build_tensorrt_engine, engine_precision, require_tensorrt
 from edgetl.finetune.model import load_trained_model
-from edgetl.options import ExportOptions, SourceOptions, documented, resolve, shared_inputs
+from edgetl.options import ExportOptions, SourceOptions, TargetOptions, documented, take_inputs
 from edgetl.runtime.bench import benchmark, benchmark_interleaved
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner
@@ -510,6 +510,7 @@ class _Job:
     """One export: the options, the target and where the artifact goes."""
 
     opts: ExportOptions
+    inputs: dict[type, Any]
     profile: DeviceProfile
     out_path: Path
     progress: Callable[[str], None] | None
@@ -543,16 +544,12 @@ class _Verdict:
     failures: list[str]
 
 
-@documented(ExportOptions)
+@documented(ExportOptions, "export")
 def export(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
     options: ExportOptions | None = None,
     *,
-    device: str | None = None,
-    weights: str | None = None,
-    weights_dir: str | os.PathLike[str] | None = None,
-    resolution: int | None = None,
     data: str | os.PathLike[str] | None = None,
     force: bool = False,
     check: bool = True,
@@ -567,17 +564,17 @@ def export(
         out: the artifact folder to write.
         options: how to build and judge it (:class:`~edgetl.options.ExportOptions`); its fields may also
             be given as keyword arguments (``export(run, out, precision="int8")``).
-        device: the target device profile (name, alias or YAML path); default:
-            :func:`~edgetl.device.profiles.default_device`.
-        weights: for a catalog name: ``imagenet``, a state_dict PATH, or ``none`` (random, for timing).
-        weights_dir: offline folder of pretrained weights files (default ``$EDGETL_WEIGHTS_DIR``).
-        resolution: input size for a catalog model (default: its own); a run keeps its training size.
         data: a folder of class folders to measure accuracy on, instead of the run's validation split.
         force: replace an existing ``out`` (swapped atomically).
         check: raise :class:`BudgetExceededError` when a budget is missed (after writing the artifact).
         candidates_dir: also copy every candidate's ONNX file here (``fp32.onnx``, ``int8.onnx``...), outside
             the artifact, e.g. to compare them (``tools/bench/export_speed.py`` does).
         progress: called with a short message at each step.
+        **kwargs: fields of :class:`~edgetl.options.ExportOptions` and of the shared inputs export takes
+            (:data:`~edgetl.options.STAGE_INPUTS`): ``device`` (the target profile: a name, an alias or a YAML
+            path; default: :func:`~edgetl.device.profiles.default_device`), ``threads``; for a catalog name
+            ``weights`` (``imagenet``, a state_dict PATH, or ``none``: random, for timing), ``weights_dir``
+            and ``resolution`` (default: its own; a run keeps its training size).
 
     Returns:
         The :class:`Artifact`.
@@ -588,10 +585,10 @@ def export(
         ExportError, ConfigError, CheckpointError, DataError, ProfileError, BackendUnavailableError:
             the export failed; nothing is left at ``out`` (an existing folder is left intact).
     """
-    opts = resolve(ExportOptions, options, kwargs, "export()")
-    given = shared_inputs(SourceOptions, "export()", weights=weights, weights_dir=weights_dir, resolution=resolution)
-    job = _start(source, out, opts, device, data, force, progress)
+    (opts,), inputs = take_inputs("export", kwargs, (ExportOptions, options))
+    job = _start(source, out, opts, inputs, data, force, progress)
     job.say("loading the model")
+    given = inputs[SourceOptions]
     src = _load_source(source, given.weights, given.weights_dir, given.resolution, data)
     if opts.tensorrt:
         _require_tensorrt(job, src)
@@ -612,17 +609,18 @@ def export(
     return _finish(job, manifest, chosen, verdict, check)
 
 
-def _start(source: str | os.PathLike[str], out: str | os.PathLike[str], opts: ExportOptions, device: str | None,
+def _start(source: str | os.PathLike[str], out: str | os.PathLike[str], opts: ExportOptions, inputs: dict[type, Any],
            data: str | os.PathLike[str] | None, force: bool, progress: Callable[[str], None] | None) -> _Job:
     """Check everything that can be checked before any work: options, device, destination."""
     quantize.check_exclude(opts.exclude_op_types)
-    profile = load_profile(device or default_device())
+    profile = load_profile(inputs[TargetOptions].device or default_device())
     if opts.precision != "auto":
         profile.check_precision(opts.precision)
     bundle.check_not_inside(Path(out), {"the run": source if _is_run_dir(source) else None, "--data": data,
                                         "--calib-data": opts.calibration.data})
     out_path = bundle.check_destination(out, force)
-    return _Job(opts, profile, out_path, progress, threads=threads_for(profile, opts.threads))
+    return _Job(opts, inputs, profile, out_path, progress,
+                threads=threads_for(profile, inputs[TargetOptions].threads))
 
 
 def _require_tensorrt(job: _Job, src: _Source) -> None:

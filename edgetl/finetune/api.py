@@ -81,7 +81,7 @@ from edgetl.finetune.trainer import (
     seed_everything,
 )
 from edgetl.folders import folder_lock, require_ours
-from edgetl.options import FinetuneOptions, documented, resolve
+from edgetl.options import FinetuneOptions, SourceOptions, documented, take_inputs
 from edgetl.zoo.catalog import get_card, replace_head, torchvision_version
 from edgetl.zoo.weights import load_model
 
@@ -251,14 +251,13 @@ def _splits_digest(splits: Any) -> str:
 # --- the run -------------------------------------------------------------------------------------
 
 
-@documented(FinetuneOptions)
+@documented(FinetuneOptions, "finetune")
 def finetune(
     model: str | None = None,
     data: str | os.PathLike[str] | None = None,
     out: str | os.PathLike[str] | None = None,
     options: FinetuneOptions | None = None,
     *,
-    weights_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     progress: bool = True,
     callbacks: tuple[Callable[[int, dict[str, Any]], None], ...] = (),
@@ -274,12 +273,14 @@ def finetune(
         out: the run folder to write.
         options: how to train (:class:`~edgetl.options.FinetuneOptions`); its fields may also be given
             as keyword arguments (``finetune("resnet18", "images/", "runs/a", epochs=5)``).
-        weights_dir: offline folder of pretrained weights files (default ``$EDGETL_WEIGHTS_DIR``).
         resume: continue the run in ``out`` from its last finished epoch, with its saved options;
             options given now that differ from the saved ones are an error.
         progress: show progress bars on stderr.
         callbacks: called with ``(epoch, record)`` after each finished (and saved) epoch.
         on_decision: called with the strategy decision before training starts.
+        **kwargs: fields of :class:`~edgetl.options.FinetuneOptions` and of the shared inputs finetune takes
+            (:data:`~edgetl.options.STAGE_INPUTS`), e.g. ``weights_dir`` (an offline folder of pretrained
+            weights files; default ``$EDGETL_WEIGHTS_DIR``).
 
     Returns:
         The run's result: accuracies, best epoch, checkpoint path, strategy and reason.
@@ -288,7 +289,8 @@ def finetune(
         DataError, WeightsError, ConfigError, CheckpointError: bad input (one-line message).
         TrainingInterrupted: Ctrl-C; the last finished epoch is saved (exit code 130 in the CLI).
     """
-    opts = resolve(FinetuneOptions, options, kwargs, "finetune()")
+    (opts,), inputs = take_inputs("finetune", kwargs, (FinetuneOptions, options))
+    weights_dir = inputs[SourceOptions].weights_dir
     if out is None:
         raise ConfigError("finetune needs an output folder (out=... / --out RUN_DIR)")
     run_dir = require_ours(out, ("run",), "--out", "a run")
