@@ -90,8 +90,10 @@ class BuildConfig(StageOptions):
             "finetune": self.finetune.model_copy(update={"weights": weights}),
             "export": self.export.model_copy(update={
                 "calibration": self.export.calibration.model_copy(update={"data": fix(self.export.calibration.data)}),
+                "sign_key": fix(self.export.sign_key),
             }),
-            "validate_": self.validate_.model_copy(update={"data": fix(self.validate_.data)}),
+            "validate_": self.validate_.model_copy(update={"data": fix(self.validate_.data),
+                                                           "verify_key": fix(self.validate_.verify_key)}),
         })
 
     def to_dict(self) -> dict[str, Any]:

@@ -257,3 +257,36 @@ def test_verify_key_needs_an_artifact_and_a_public_key(signed, keys, image):
     with pytest.raises(ConfigError, match="is a private key; pass the public key"):
         edgetl.validate(signed, verify_key=keys["ed"][0], write=False)
 
+
+
+def test_build_files_take_the_keys_relative_to_their_folder_and_check_them_first(tmp_path):
+    from edgetl.buildfile import config_from_dict
+    from edgetl.pipeline import build
+
+    config = config_from_dict({"device": "x86", "data": ".", "export": {"sign_key": "keys/signing.pem"},
+                               "validate": {"verify_key": "keys/signing.pub"}}, base=tmp_path)
+    assert config.export.sign_key == tmp_path / "keys" / "signing.pem"
+    assert config.validate_.verify_key == tmp_path / "keys" / "signing.pub"
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ConfigError, match=r"build config: export.sign_key: .*missing.pem does not exist"):
+        build({"device": "x86", "data": str(tmp_path / "data"), "out": str(tmp_path / "out"),
+               "export": {"sign_key": str(tmp_path / "missing.pem")}})
+    assert not (tmp_path / "out").exists()
+
+
+
+def test_a_new_key_at_the_same_path_reruns_the_build_export_and_keeps_no_secret(tmp_path):
+    from edgetl.buildfile import config_from_dict
+    from edgetl.pipeline import _Build
+
+    (tmp_path / "data").mkdir()
+    config = config_from_dict({"device": "x86", "data": "data", "export": {"sign_key": "signing.pem"}}, base=tmp_path)
+    parts = []
+    for _ in range(2):
+        private, _public = _write_key(tmp_path, "signing", ed25519.Ed25519PrivateKey.generate())
+        job = _Build(config, "pipeline.yaml", set(), None, False)
+        parts.append(job._export_parts("finetune-digest"))
+        secret = [row for row in private.read_text().splitlines() if row and not row.startswith("-----")]
+        assert not any(row in json.dumps(parts[-1]) for row in secret)
+    assert parts[0]["signing_key"] != parts[1]["signing_key"]  # the stage's inputs changed: export reruns
+    assert job.artifact_dir / "manifest.sig" in job._export_outputs()

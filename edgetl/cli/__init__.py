@@ -760,6 +760,7 @@ _BUILD_STAGES = ("select", "finetune", "export", "validate")
 @click.option("--rerun", type=click.Choice(_BUILD_STAGES), multiple=True,
               help="Rerun this stage (repeatable); later stages rerun if its output changes.")
 @cli_options(SourceOptions, only=("weights_dir",))
+@cli_options(ExportOptions, only=("sign_key",))
 @cli_options(OutputOptions)
 def build_cmd(pipeline, out, force, rerun, **kwargs) -> None:
     """Run select -> finetune -> export -> validate from PIPELINE.yaml, skipping unchanged stages.
@@ -769,9 +770,10 @@ def build_cmd(pipeline, out, force, rerun, **kwargs) -> None:
     from edgetl.pipeline import build
 
     weights_dir, as_json = parse(SourceOptions, kwargs).weights_dir, parse(OutputOptions, kwargs).as_json
+    sign_key = parse(ExportOptions, kwargs).sign_key
     err = _stderr_console()
     result = build(pipeline, out=out, force=True if force else list(rerun), weights_dir=weights_dir, check=False,
-                   progress=lambda msg: err.print(msg, highlight=False), progress_bars=True)
+                   progress=lambda msg: err.print(msg, highlight=False), progress_bars=True, sign_key=sign_key)
     _finish_build(result, as_json)
 
 
