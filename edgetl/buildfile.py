@@ -124,8 +124,10 @@ class BuildConfig(*reversed(BUILD_INPUTS)):  # type: ignore[misc]  # the first m
             "finetune": self.finetune.model_copy(update={"weights": fix_weights(self.finetune.weights)}),
             "export": self.export.model_copy(update={
                 "calibration": self.export.calibration.model_copy(update={"data": fix(self.export.calibration.data)}),
+                "sign_key": fix(self.export.sign_key),
             }),
-            "validate_": self.validate_.model_copy(update={"data": fix(self.validate_.data)}),
+            "validate_": self.validate_.model_copy(update={"data": fix(self.validate_.data),
+                                                           "verify_key": fix(self.validate_.verify_key)}),
         })
 
     def to_dict(self) -> dict[str, Any]:

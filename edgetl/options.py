@@ -233,6 +233,10 @@ class ExportOptions(StageOptions):
     threads: int | None = shared_field(TargetOptions, "threads")
     rounds: int = option(60, "Timed runs per candidate (interleaved).", ge=1)
     seed: int = option(0, "Seed of the calibration sample.", ge=0, le=MAX_SEED)
+    sign_key: Path | None = option(
+        None, "Private key (PEM, Ed25519 or ECDSA P-256) to sign the manifest with, into manifest.sig; an "
+              "encrypted key takes its passphrase from $EDGETL_SIGN_PASSPHRASE [default: not signed, "
+              "only checksummed].")
 
 
 class TimingOptions(StageOptions):
@@ -251,6 +255,9 @@ class ValidateOptions(TimingOptions):
     max_memory_mb: float | None = option(
         None, "Memory budget in MB; a miss exits with code 3 [default: the profile's model memory budget].", gt=0)
     budget_metric: BudgetMetric = option("p50", "Which latency statistic the budget is judged on.")
+    verify_key: Path | None = option(
+        None, "Public key (PEM) the artifact must be signed with: a missing or invalid signature, or any changed "
+              "file, exits 1 [default: check the checksums only].")
 
 
 #: The shared inputs each stage takes, whole: its API accepts their fields as keyword arguments, its command

@@ -73,6 +73,7 @@ from edgetl.errors import (
     UnknownNameError,
     WeightsError,
 )
+from edgetl.export import signing
 from edgetl.finetune.checkpoint import tensors_digest
 from edgetl.finetune.rundir import RunDir
 from edgetl.folders import BUILD_LOCK_FILE, BUILD_STATE_FILE, check_apart, folder_lock, require_ours
@@ -588,6 +589,7 @@ class _Build:
     def _export_parts(self, finetune_digest: str) -> dict[str, Any]:
         cfg = self.config
         calib = cfg.export.calibration.data
+        signer = signing.load_signer(cfg.export.sign_key)
         return {
             "model": finetune_digest,
             "options": cfg.export.model_dump(mode="json"),
@@ -598,15 +600,18 @@ class _Build:
             "calibration_data": None if calib is None else files_fingerprint(
                 _image_files(calib), calib, cfg.data_fingerprint) if calib.is_dir() else str(calib),
             "versions": self.versions,
+            # the key's public fingerprint: a new key at the same path signs again (and nothing secret is kept)
+            "signing_key": None if signer is None else signer.fingerprint,
         }
 
     def _export_outputs(self) -> list[Path]:
         manifest = self.artifact_dir / "manifest.json"
+        signature = [self.artifact_dir / signing.SIGNATURE_FILE] if self.config.export.sign_key else []
         try:
             files = list(json.loads(manifest.read_text()).get("files", {}))
         except (OSError, ValueError):
-            return [manifest]
-        return [manifest] + [self.artifact_dir / name for name in files]
+            return [manifest, *signature]
+        return [manifest, *signature] + [self.artifact_dir / name for name in files]
 
     def _run_export(self, prev: dict[str, Any]) -> tuple[dict[str, Any], str]:
         from edgetl.export.api import export  # deferred: the export stage imports torch
@@ -699,6 +704,7 @@ def build(
     out: str | os.PathLike[str] | None = None,
     force: bool | str | Iterable[str] = False,
     weights_dir: str | os.PathLike[str] | None = None,
+    sign_key: str | os.PathLike[str] | None = None,
     check: bool = True,
     progress: Callable[[str], None] | None = None,
     progress_bars: bool = False,
@@ -712,6 +718,7 @@ def build(
         force: ``True`` reruns every stage; a stage name or names (``"export"``) rerun those.
         weights_dir: override ``weights_dir:`` (an offline folder of torchvision weights; the default
             is ``$EDGETL_WEIGHTS_DIR``).
+        sign_key: override ``export.sign_key`` (a private key, PEM, that signs the artifact's manifest).
         check: raise :class:`BudgetExceededError` (exit code 3) when a budget was missed, after the
             report is written. Its ``result`` attribute holds the :class:`BuildResult`.
         progress: called with a one-line message at each step.
@@ -738,9 +745,14 @@ def build(
         updates["out"] = Path(out).expanduser().resolve()
     if weights_dir is not None:
         updates["weights_dir"] = Path(weights_dir).expanduser().resolve()
+    if sign_key is not None:
+        updates["export"] = cfg.export.model_copy(update={"sign_key": Path(sign_key).expanduser().resolve()})
     if updates:
         cfg = cfg.model_copy(update=updates)
     check_names(cfg, source)
+    signing.load_signer(cfg.export.sign_key, f"{source}: export.sign_key:")  # a bad key fails before any stage
+    if cfg.validate_.verify_key is not None:
+        signing.load_public_key(cfg.validate_.verify_key, f"{source}: validate.verify_key:")
     check_apart(cfg.out, {"data:": cfg.data, "validate.data:": cfg.validate_.data,
                           "export.calibration.data:": cfg.export.calibration.data}, "out:")
     result = _Build(cfg, source, force_set, progress, progress_bars).run()

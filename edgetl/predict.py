@@ -27,9 +27,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from edgetl.errors import ConfigError, DataError
-from edgetl.export import bundle
+from edgetl.export import bundle, signing
 from edgetl.finetune.rundir import RunDir
-from edgetl.options import SourceOptions, documented, take_inputs
+from edgetl.options import SourceOptions, ValidateOptions, documented, shared_inputs, take_inputs
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner, tensorrt_available
 
@@ -86,13 +86,17 @@ def open_source(
     weights: str | os.PathLike[str] | None = "imagenet",
     weights_dir: str | os.PathLike[str] | None = None,
     resolution: int | None = None,
+    verify_key: str | os.PathLike[str] | None = None,
 ) -> Classifier:
     """Open an artifact folder, a run folder or a catalog name as a :class:`Classifier`.
 
     ``resolution`` is a catalog model's input size (default: its own); an artifact or a run keeps its own.
+    With ``verify_key`` (a public key, PEM), ``source`` must be an artifact signed with it.
 
     Raises:
-        ArtifactError: an artifact whose files do not match its manifest.
+        ArtifactError: an artifact whose files do not match its manifest, or (with ``verify_key``) whose
+            signature is missing or invalid.
+        ConfigError: ``verify_key`` with a source that is not an artifact.
         CheckpointError: a folder that is neither an artifact nor a finished run.
         ConfigError: a resolution for an artifact or a run.
         UnknownNameError: ``source`` is not a catalog name.
@@ -102,14 +106,18 @@ def open_source(
     if path.is_dir() and resolution is not None:
         raise ConfigError(f"{source} keeps the input size it was trained at; drop --resolution")
     if (path / bundle.MANIFEST_FILE).is_file():
-        return _artifact_classifier(path)
+        return _artifact_classifier(path, verify_key)
+    if verify_key is not None:
+        what = "a run folder" if path.is_dir() else "a catalog name"
+        raise ConfigError(f"--verify-key checks an artifact's signature, and {source} is {what}; drop --verify-key")
     if path.is_dir():
         return _run_classifier(path)
     return _catalog_classifier(str(source), weights, weights_dir, resolution)
 
 
-def _artifact_classifier(folder: Path) -> Classifier:
-    manifest = bundle.verify_files(folder)
+def _artifact_classifier(folder: Path, verify_key: str | os.PathLike[str] | None = None) -> Classifier:
+    manifest, integrity = signing.verify_artifact(folder, verify_key)
+    log.info("%s: %s", folder, integrity["summary"])
     labels = json.loads((folder / bundle.LABELS_FILE).read_text())
     doc = json.loads((folder / bundle.PREPROCESS_FILE).read_text())
     device = manifest.get("device") or {}
@@ -217,6 +225,7 @@ def predict(
     top: int = 5,
     weights: str | os.PathLike[str] | None = "imagenet",
     weights_dir: str | os.PathLike[str] | None = None,
+    verify_key: str | os.PathLike[str] | None = None,
     **kwargs: Any,
 ) -> list[Prediction]:
     """Classify images with a model source and return the top-K labels with probabilities, per image.
@@ -228,6 +237,7 @@ def predict(
         weights: for a catalog name: ``imagenet`` (default), ``none`` or a PATH (see
             :func:`edgetl.zoo.weights.load_model`).
         weights_dir: for a catalog name: the offline weights folder (default ``$EDGETL_WEIGHTS_DIR``).
+        verify_key: a public key (PEM): ``source`` must be an artifact signed with it, and unchanged since.
         **kwargs: the other fields of the shared inputs predict takes (:data:`~edgetl.options.STAGE_INPUTS`),
             e.g. ``resolution`` (a catalog model's input size; default: its own).
 
@@ -241,8 +251,9 @@ def predict(
         raise ConfigError("no images given; pass one or more image files")
     _, inputs = take_inputs("predict", {"weights": weights, "weights_dir": weights_dir, **kwargs})
     given = inputs[SourceOptions]
+    key = shared_inputs(ValidateOptions, "predict()", verify_key=verify_key).verify_key
     classifier = open_source(source, weights=given.weights, weights_dir=given.weights_dir,
-                             resolution=given.resolution)
+                             resolution=given.resolution, verify_key=key)
     try:
         return classify(classifier, list(images), top=top)
     finally:

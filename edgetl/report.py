@@ -240,8 +240,10 @@ def _validate_section(out: Path) -> list[str]:
         return []
     lat, mem = v.get("latency") or {}, v.get("memory") or {}
     lines = ["## 4. Validation", ""]
+    integrity = (v.get("integrity") or {}).get("summary") or "checksummed, not signed"
     lines.append(
-        f"All {len(v.get('files') or {})} artifact files match their sha256. Device **{v['device']}**, measured "
+        f"All {len(v.get('files') or {})} artifact files match their sha256 ({integrity}). "
+        f"Device **{v['device']}**, measured "
         f"here with {lat.get('runtime')} ({lat.get('threads') or 'all'} threads), {lat.get('iterations')} runs:"
     )
     lines.append("")

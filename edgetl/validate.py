@@ -7,6 +7,9 @@ Order of the checks:
    ``sha256 mismatch for model.onnx``, and so is a file the manifest does not list (added after
    export, so unverified). ``validation.json`` is not hashed: validate writes it. Links, subfolders
    and hidden files are refused, and the manifest must match its digest (``manifest.sha256``).
+   With ``verify_key``, the signature over the manifest is checked before anything else
+   (:mod:`edgetl.export.signing`); without, the report says how the artifact is protected
+   (``checksummed, not signed``, or signed but not verified).
    Then the files must agree (:mod:`edgetl.export.consistency`): as many outputs as labels, the
    precision claimed is the graph's, the input shape is preprocess.json's.
 2. **Latency**, measured here with the runtime the device profile names: ONNX Runtime (CPU) for CPU
@@ -34,7 +37,7 @@ from edgetl._io import atomic_write_json
 from edgetl.device import budget
 from edgetl.device.profiles import DeviceProfile, default_device, load_profile, threads_for
 from edgetl.errors import BudgetExceededError, ProfileError
-from edgetl.export import bundle
+from edgetl.export import bundle, signing
 from edgetl.export.consistency import check_consistency
 from edgetl.options import TargetOptions, ValidateOptions, documented, take_inputs
 from edgetl.runtime.bench import benchmark, peak_rss_mb, reset_peak_rss
@@ -63,6 +66,8 @@ class ValidationReport:
         accuracy: top-1 on ``data`` (None without data).
         failures: the budgets that were missed, one sentence each.
         notes: things the reader should know (another device, a fallback runtime).
+        integrity: how the artifact is protected: ``status`` (``signed`` or ``checksummed, not signed``),
+            ``verified`` (its signature was checked with a public key), the key's fingerprint and a ``summary``.
     """
 
     artifact: Path
@@ -78,6 +83,7 @@ class ValidationReport:
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     created: str = ""
+    integrity: dict[str, Any] = field(default_factory=lambda: {"summary": signing.NOT_SIGNED})
 
     @property
     def passed(self) -> bool:
@@ -92,6 +98,7 @@ class ValidationReport:
             "this_machine": self.this_machine,
             "precision": self.precision,
             "hashes_ok": self.hashes_ok,
+            "integrity": dict(self.integrity),
             "files": self.files,
             "latency": self.latency,
             "memory": self.memory,
@@ -189,14 +196,14 @@ def validate(
         The :class:`ValidationReport`.
 
     Raises:
-        ArtifactError: a missing or tampered file, or files that contradict each other (checked before
-            anything runs).
+        ArtifactError: a missing or tampered file, files that contradict each other, or (with ``verify_key``)
+            a missing or invalid signature (checked before anything runs).
         BudgetExceededError: (with ``check``) a budget was missed.
     """
     (opts,), inputs = take_inputs("validate", {"device": device, **kwargs}, (ValidateOptions, options))
     budget.check_metric(opts.budget_metric, opts.iterations)
     folder = Path(artifact).expanduser()
-    manifest = bundle.verify_files(folder)
+    manifest, integrity = signing.verify_artifact(folder, opts.verify_key)
     check_consistency(folder, manifest)
     files = {name: rec["sha256"] for name, rec in manifest["files"].items()}
     profile, here, threads, notes = _target(inputs[TargetOptions], manifest)
@@ -212,7 +219,7 @@ def validate(
     report = ValidationReport(
         artifact=folder, device=profile.name, runtime=runtime, this_machine=here,
         precision=precision, hashes_ok=True, files=files, latency=latency, memory=memory,
-        accuracy=accuracy, failures=failures, notes=notes,
+        accuracy=accuracy, failures=failures, notes=notes, integrity=integrity,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     if write:

@@ -440,13 +440,15 @@ def weights_import_cmd(file: str, model: str, dest: str | None, **kwargs) -> Non
 @click.argument("images", metavar="IMAGE...", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes to show per image.")
 @cli_inputs("predict")
+@cli_options(ValidateOptions, only=("verify_key",))
 @cli_options(OutputOptions)
 def predict_cmd(source, images, top, **kwargs) -> None:
     """Classify IMAGE... with SOURCE: an artifact folder (run as firmware would), a run folder or a catalog name."""
     from edgetl.predict import predict
 
     inputs, as_json = parse_inputs("predict", kwargs), parse(OutputOptions, kwargs).as_json
-    predictions = predict(source, images, top=top, **inputs)
+    verify_key = parse(ValidateOptions, kwargs).verify_key
+    predictions = predict(source, images, top=top, **inputs, verify_key=verify_key)
     if as_json:
         emit_json([p.to_dict() for p in predictions])
         return
@@ -686,6 +688,9 @@ def _print_artifact(artifact) -> None:
         t = m["tensorrt"]
         console.print(f"TensorRT {t['tensorrt_version']} {t['precision']} engine for {t['gpu']} "
                       f"(compute capability {t['compute_capability']})")
+    from edgetl.export.signing import describe
+
+    console.print(f"integrity: {describe(m, verified=None)}")
     state = "[green]passed[/]" if artifact.passed else "[red]FAILED[/]: " + "; ".join(artifact.failures)
     console.print(f"shipped [bold]{artifact.precision}[/] · files: {', '.join(artifact.files)} · {state}")
 
@@ -716,7 +721,7 @@ def _print_validation(report) -> None:
     table = Table(title=f"validate {report.artifact} · {report.device} · {report.precision}", show_header=False)
     table.add_column("check", style="bold")
     table.add_column("value")
-    table.add_row("files", f"{len(report.files)} files, sha256 ok")
+    table.add_row("files", f"{len(report.files)} files, sha256 ok; {report.integrity.get('summary')}")
     table.add_row("runtime here", f"{lat['runtime']} (threads: {lat['threads'] or 'all'})")
     shown = " · ".join(f"{k} {lat[f'{k}_ms']:.3f}" for k in ("p50", "p90", "p99", "min") if f"{k}_ms" in lat)
     table.add_row("latency ms", f"{shown} (CV {100 * lat['cv']:.0f}%, {lat['runs']} runs)")
@@ -749,6 +754,7 @@ _BUILD_STAGES = ("select", "finetune", "export", "validate")
 @click.option("--rerun", type=click.Choice(_BUILD_STAGES), multiple=True,
               help="Rerun this stage (repeatable); later stages rerun if its output changes.")
 @cli_options(SourceOptions, only=("weights_dir",))
+@cli_options(ExportOptions, only=("sign_key",))
 @cli_options(OutputOptions)
 def build_cmd(pipeline, out, force, rerun, **kwargs) -> None:
     """Run select -> finetune -> export -> validate from PIPELINE.yaml, skipping unchanged stages.
@@ -758,9 +764,10 @@ def build_cmd(pipeline, out, force, rerun, **kwargs) -> None:
     from edgetl.pipeline import build
 
     weights_dir, as_json = parse(SourceOptions, kwargs).weights_dir, parse(OutputOptions, kwargs).as_json
+    sign_key = parse(ExportOptions, kwargs).sign_key
     err = _stderr_console()
     result = build(pipeline, out=out, force=True if force else list(rerun), weights_dir=weights_dir, check=False,
-                   progress=lambda msg: err.print(msg, highlight=False), progress_bars=True)
+                   progress=lambda msg: err.print(msg, highlight=False), progress_bars=True, sign_key=sign_key)
     _finish_build(result, as_json)
 
 

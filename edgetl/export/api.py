@@ -12,7 +12,8 @@ The steps, all in a hidden folder beside ``out`` that is renamed into place at t
    and predict its latency on the target device;
 5. keep the fastest candidate within the accuracy budget (``precision="auto"``), or the one asked for;
 6. optionally build a TensorRT engine and a C header; write labels, preprocessing and the manifest
-   with every file's sha256; publish the folder.
+   with every file's sha256; with ``sign_key``, sign the manifest (:mod:`edgetl.export.signing`);
+   publish the folder.
 
 A missed budget (accuracy drop, latency) raises :class:`~edgetl.errors.BudgetExceededError` (exit 3)
 only after the artifact is written and its manifest records the failure.
@@ -36,7 +37,7 @@ from edgetl.device import budget
 from edgetl.device.machine import package_versions
 from edgetl.device.profiles import DeviceProfile, default_device, load_profile, threads_for
 from edgetl.errors import BudgetExceededError, ConfigError, ExportError
-from edgetl.export import bundle
+from edgetl.export import bundle, signing
 from edgetl.export.accuracy_control import control_accuracy, relative_error
 from edgetl.export.evaluate import (
     EvalSet,
@@ -587,6 +588,7 @@ def export(
     """
     (opts,), inputs = take_inputs("export", kwargs, (ExportOptions, options))
     job = _start(source, out, opts, inputs, data, force, progress)
+    signer = signing.load_signer(opts.sign_key)  # a bad key fails before any work
     job.say("loading the model")
     given = inputs[SourceOptions]
     src = _load_source(source, given.weights, given.weights_dir, given.resolution, data)
@@ -604,7 +606,8 @@ def export(
         for c in candidates if candidates_dir is not None else ():
             bundle.copy_file(c.path, Path(candidates_dir) / f"{c.precision}.onnx")
         shutil.rmtree(work)
-        manifest = bundle.write_manifest(stage, manifest)
+        manifest = bundle.write_manifest(stage, {**manifest, "integrity": signing.integrity(signer)})
+        signing.sign_manifest(stage, signer)
         bundle.publish(stage, job.out_path, force)
     return _finish(job, manifest, chosen, verdict, check)
 
@@ -617,7 +620,7 @@ def _start(source: str | os.PathLike[str], out: str | os.PathLike[str], opts: Ex
     if opts.precision != "auto":
         profile.check_precision(opts.precision)
     bundle.check_not_inside(Path(out), {"the run": source if _is_run_dir(source) else None, "--data": data,
-                                        "--calib-data": opts.calibration.data})
+                                        "--calib-data": opts.calibration.data, "--sign-key": opts.sign_key})
     out_path = bundle.check_destination(out, force)
     return _Job(opts, inputs, profile, out_path, progress,
                 threads=threads_for(profile, inputs[TargetOptions].threads))

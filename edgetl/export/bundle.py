@@ -10,6 +10,7 @@ Layout::
       model.engine      only with --tensorrt
       model_data.h      only with --c-header
       manifest.sha256   the digest of the manifest's canonical content (:func:`manifest_digest`)
+      manifest.sig      only with --sign-key: a signature over manifest.json (:mod:`edgetl.export.signing`)
 
 The folder is built in a hidden sibling (``.NAME.tmp-XXXX``) and renamed into place, so an
 interrupted or failed export leaves no folder that looks finished. An existing folder is either
@@ -51,11 +52,12 @@ ENGINE_FILE = "model.engine"
 HEADER_FILE = "model_data.h"
 VALIDATION_FILE = "validation.json"
 DIGEST_FILE = "manifest.sha256"
+SIGNATURE_FILE = "manifest.sig"
 REQUIRED_FILES = (MODEL_FILE, LABELS_FILE, PREPROCESS_FILE, MANIFEST_FILE)
 ARTIFACT_FORMAT = "edgetl.artifact"
 ARTIFACT_VERSION = 1
 DIGEST_PLACEHOLDER = "<manifest digest>"
-_UNHASHED = (MANIFEST_FILE, VALIDATION_FILE, DIGEST_FILE)
+_UNHASHED = (MANIFEST_FILE, VALIDATION_FILE, DIGEST_FILE, SIGNATURE_FILE)
 
 _HEADER_BYTES_PER_LINE = 16
 
@@ -197,7 +199,8 @@ def file_record(path: Path) -> dict[str, Any]:
 
 
 def hash_files(folder: Path, skip: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every artifact file in ``folder`` except the manifest, its digest and validation.json."""
+    """sha256 and size of every artifact file in ``folder`` except the manifest, its digest and signature, and
+    validation.json."""
     return {
         p.name: file_record(p) for p in sorted(folder.iterdir())
         if p.is_file() and p.name not in (*_UNHASHED, *skip) and not p.name.startswith(".")
