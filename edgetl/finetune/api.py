@@ -3,7 +3,7 @@
 RUN_DIR after a run::
 
     config.yaml               the resolved options (what --resume reuses)
-    splits.json               the train/val/test files and labels, and the skipped files
+    splits.json               the train/val/test files and labels, how the test split was made, the skipped files
     model.safetensors         the best weights (highest validation accuracy)
     checkpoint.json           model, weights source, classes, strategy, resolution, preprocess,
                               per-epoch metrics, final metrics: what load_trained_model() reads
@@ -890,6 +890,7 @@ def _splits_json(splits: Any) -> dict[str, Any]:
     return {
         "classes": list(splits.classes),
         "source": splits.source,
+        "test_split": splits.test_choice.to_dict() if splits.test_choice is not None else None,
         **{name: [[str(p), int(y)] for p, y in getattr(splits, name)] for name in ("train", "val", "test")},
         "skipped": [[str(p), r] for p, r in splits.skipped],
     }
