@@ -10,7 +10,8 @@ runner use it without importing the training code)::
     last.safetensors          weights after the last finished epoch (for --resume)
     last.optim.safetensors    AdamW state after the last finished epoch
     last.json                 loop, scheduler and optimizer scalars after the last finished epoch
-    metrics.json              per-epoch metrics, final val/test accuracy, per-class accuracy, confusion
+    metrics.json              per-epoch metrics; what chose the model (selection: val accuracy, best epoch);
+                              test accuracy with its count, 95% Wilson interval and per-class accuracy; confusion
     curves.png, confusion.png the training curves and the confusion matrix
 
 The four names that mark a folder as a run are defined in :mod:`edgetl.folders` (the core layer, which
