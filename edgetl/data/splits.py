@@ -51,7 +51,7 @@ class DatasetSplits:
     source: str
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     root: Path | None = None
-    test_choice: TestSplitChoice | None = None
+    test_choice: HoldoutChoice | None = None
 
     @property
     def num_classes(self) -> int:
@@ -150,7 +150,7 @@ def _class_totals(*groups: list[Record]) -> dict[int, int]:
 
 
 @dataclass(frozen=True)
-class TestSplitChoice:
+class HoldoutChoice:
     """How the test split was made: what was asked, the fraction of all images used, and why.
 
     Attributes:
@@ -164,11 +164,12 @@ class TestSplitChoice:
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"requested": fraction or "auto", "fraction", "reason"}``, as ``splits.json`` records it."""
         return {"requested": "auto" if self.requested is None else self.requested, "fraction": self.fraction,
                 "reason": self.reason}
 
 
-def choose_test_split(found: Found, test_split: float | None) -> TestSplitChoice:
+def choose_test_split(found: Found, test_split: float | None) -> HoldoutChoice:
     """The fraction of all images to hold out for the test: ``test_split``, or with None (auto)
     :data:`AUTO_TEST_FRACTION` when every class would keep :data:`AUTO_TEST_MIN_PER_CLASS` test images.
 
@@ -180,19 +181,20 @@ def choose_test_split(found: Found, test_split: float | None) -> TestSplitChoice
         why = f"the dataset's own test set ({len(assigned['test'])} images) is used as given"
         if test_split:
             why += f"; test_split={test_split} is not applied"
-        return TestSplitChoice(test_split, 0.0, why)
+        return HoldoutChoice(test_split, 0.0, why)
     if test_split is not None:
-        return TestSplitChoice(test_split, test_split, f"{test_split:g} of each class's images, asked for")
+        why = f"{test_split:g} of each class's images, as asked" if test_split else "none, as asked (test_split=0)"
+        return HoldoutChoice(test_split, test_split, why)
     if not pool and assigned["val"]:
-        return TestSplitChoice(None, 0.0, "no test split: the dataset comes with its own train and val sets and "
+        return HoldoutChoice(None, 0.0, "no test split: the dataset comes with its own train and val sets and "
                                           "no test set (add a test/ folder or CSV test rows, or set test_split)")
     totals = _class_totals(assigned["train"], assigned["val"], pool)
     label, n = min(totals.items(), key=lambda item: (round(item[1] * AUTO_TEST_FRACTION), item[0]))
     if round(n * AUTO_TEST_FRACTION) < AUTO_TEST_MIN_PER_CLASS:
-        return TestSplitChoice(None, 0.0, (
+        return HoldoutChoice(None, 0.0, (
             f"no test split: class '{classes[label]}' has {n} images, too few to hold out "
             f"{AUTO_TEST_MIN_PER_CLASS} test images at {AUTO_TEST_FRACTION:g} (set test_split to hold one out anyway)"))
-    return TestSplitChoice(None, AUTO_TEST_FRACTION, (
+    return HoldoutChoice(None, AUTO_TEST_FRACTION, (
         f"{AUTO_TEST_FRACTION:g} of each class's images held out for the final test (auto: every class keeps at "
         f"least {AUTO_TEST_MIN_PER_CLASS})"))
 
