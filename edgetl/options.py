@@ -60,6 +60,10 @@ MIN_RESOLUTION, MAX_RESOLUTION = 16, 4096
 MAX_SEED = 2**32 - 1
 TABLE_ROWS = 15
 """Rows a ranking table shows when ``top`` is not given (machine output keeps every row)."""
+#: The fraction of all images the automatic test split holds out, when every class keeps enough test images.
+AUTO_TEST_FRACTION = 0.1
+#: The fewest test images per class the automatic test split accepts; with fewer it holds out none.
+AUTO_TEST_MIN_PER_CLASS = 5
 #: Micro-graphs ``edgetl device calibrate`` times by default (a sample of the catalog's distinct kernels).
 KERNEL_SAMPLES = 400
 #: The device a stage targets when none is named (:func:`edgetl.device.profiles.default_device`).
@@ -184,8 +188,15 @@ class FinetuneOptions(StageOptions):
     label_smoothing: float = option(0.0, "Cross-entropy label smoothing.", ge=0, lt=1)
     batch_size: int = option(32, "Images per step (per process under torchrun).", ge=1)
     resolution: int | None = shared_field(SourceOptions, "resolution")
-    val_split: float = option(0.2, "Fraction of the images held out for validation.", ge=0, lt=1)
-    test_split: float = option(0.0, "Fraction of the images held out for the final test.", ge=0, lt=1)
+    val_split: float = option(
+        0.2, "Fraction of each class's images held out for validation (it chooses the best epoch) when the dataset "
+             "has no validation set.", ge=0, lt=1)
+    test_split: float | None = option(
+        None, "Fraction of all images held out, before training, for the final test: stratified per class, "
+              "seeded, recorded in splits.json, never used to choose anything; the validation split is then "
+              f"taken from the rest [default: {AUTO_TEST_FRACTION:g} of a dataset edgetl splits itself when "
+              f"every class keeps at least {AUTO_TEST_MIN_PER_CLASS} test images, else 0; a dataset's own test/ "
+              "folder or CSV test rows are used as given].", ge=0, lt=1)
     augment: Augment | None = option(None, "Augmentation [default: none for the linear probe, light otherwise].")
     balance: bool = option(False, "Sample classes equally often.")
     patience: int = option(5, "Stop after N epochs without a better val accuracy (0: never).", ge=0)

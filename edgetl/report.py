@@ -162,20 +162,48 @@ def _finetune_section(out: Path, plots: Path) -> list[str]:
         ["batch size · resolution", f"{config.get('batch_size')} · {ckpt.get('resolution')} px"],
         ["augmentation", config.get("augment")],
         ["feature cache", "yes (backbone run once)" if metrics.get("feature_cache") else "no"],
-        ["validation accuracy", _pct(metrics.get("val_accuracy"))],
-        ["test accuracy", _pct(metrics.get("test_accuracy"))],
+        ["validation accuracy (chose the epoch)", _selection_accuracy(metrics)],
+        ["test accuracy (chose nothing)", _test_accuracy(metrics)],
     ]
     lines += [_table(["", ""], hp), ""]
-    per_class = metrics.get("per_class_accuracy") or {}
-    if per_class:
-        split = metrics.get("confusion_split") or "val"
-        lines.append(f"Per-class accuracy ({split}): " + ", ".join(f"{k} {_pct(v)}" for k, v in per_class.items())
-                     + ".")
-        lines.append("")
+    lines += _per_class_lines(metrics)
     for src, what in ((run.curves, "training curves"), (run.confusion, "confusion matrix")):
         if _copy(src, plots / src.name):
             lines += [f"![{what}]({PLOTS_DIR}/{src.name})", ""]
     return lines
+
+
+def _selection_accuracy(metrics: dict[str, Any]) -> str:
+    """The validation accuracy, said to be what chose the model (so optimistic)."""
+    val = metrics.get("val") or {}
+    if metrics.get("val_accuracy") is None:
+        return "— (no validation split: the training accuracy chose the epoch)"
+    count = f" on {val['images']} images" if val.get("images") else ""
+    return f"{_pct(metrics.get('val_accuracy'))}{count} (optimistic: these images chose the epoch)"
+
+
+def _test_accuracy(metrics: dict[str, Any]) -> str:
+    """The test accuracy with its image count and 95% interval, or why there is none."""
+    test = metrics.get("test") or {}
+    if metrics.get("test_accuracy") is None:
+        reason = ((metrics.get("dataset") or {}).get("test_split") or {}).get("reason")
+        return f"— ({reason})" if reason else "—"
+    ci = test.get("ci95") or {}
+    if "images" not in test or not ci:
+        return _pct(metrics.get("test_accuracy"))
+    return (f"{_pct(metrics['test_accuracy'])} ({test.get('correct')}/{test['images']} images; "
+            f"95% Wilson interval {_pct(ci.get('low'))}–{_pct(ci.get('high'))})")
+
+
+def _per_class_lines(metrics: dict[str, Any]) -> list[str]:
+    """Per-class accuracy on the split of the confusion matrix (the test split when there is one)."""
+    per_class = metrics.get("per_class_accuracy") or {}
+    if not per_class:
+        return []
+    split = metrics.get("confusion_split") or "val"
+    counts = (metrics.get(split) or {}).get("per_class_images") or {}
+    parts = [f"{k} {_pct(v)}" + (f" of {counts[k]}" if k in counts else "") for k, v in per_class.items()]
+    return [f"Per-class accuracy ({split}): " + ", ".join(parts) + ".", ""]
 
 
 def _export_section(out: Path, plots: Path, budget_ms: float | None) -> list[str]:
@@ -300,7 +328,7 @@ def _baseline_section(out: Path) -> list[str]:
         "", "## Transfer against training from scratch", "",
         f"The same network ({baseline.get('model')}), data, epochs ({budget.get('epochs')}), resolution "
         f"({budget.get('resolution')} px) and seed, from random weights (`{baseline.get('run_dir')}`).", "",
-        "| starting weights | val top-1 | test top-1 |", "|---|---|---|",
+        "| starting weights | val top-1 (chose the epoch) | test top-1 |", "|---|---|---|",
         f"| pretrained ({strategy}) | {_pct(metrics.get('val_accuracy'))} | {_pct(metrics.get('test_accuracy'))} |",
         f"| random ({baseline.get('strategy')}) | {_pct(baseline.get('val_accuracy'))} | "
         f"{_pct(baseline.get('test_accuracy'))} |",

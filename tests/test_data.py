@@ -337,16 +337,91 @@ def test_a_class_with_one_image_stays_in_train(tmp_path, caplog):
     assert "without validation images" in caplog.text and "b" in caplog.text
 
 
-def test_test_split_takes_part_of_val(tmp_path):
+def test_test_split_is_a_fraction_of_all_images_taken_first(tmp_path):
     _tree(tmp_path, {"a": 20, "b": 20})
-    splits = scan_dataset(tmp_path, val_split=0.4, test_split=0.5, seed=0)
-    assert splits.class_counts("train") == {"a": 12, "b": 12}
+    splits = scan_dataset(tmp_path, val_split=0.2, test_split=0.2, seed=0)
+    assert splits.class_counts("test") == {"a": 4, "b": 4}  # 0.2 of all 40, not of the validation set
     assert splits.class_counts("val") == {"a": 4, "b": 4}
-    assert splits.class_counts("test") == {"a": 4, "b": 4}
+    assert splits.class_counts("train") == {"a": 12, "b": 12}
     everything = splits.train + splits.val + splits.test
     assert len(set(everything)) == 40
     summary = splits.summary()
     assert summary["sizes"] == {"train": 24, "val": 8, "test": 8}
+    assert summary["test_split"] == {"requested": 0.2, "fraction": 0.2, "reason": summary["test_split"]["reason"]}
+
+
+@pytest.mark.parametrize("counts", [{"a": 37, "b": 23, "c": 41}, {"a": 100, "b": 9, "c": 3}])
+def test_test_split_holds_out_its_fraction_disjoint_and_stable(tmp_path, counts):
+    _tree(tmp_path, counts)
+    n = sum(counts.values())
+    s1 = scan_dataset(tmp_path, val_split=0.2, test_split=0.2, seed=7)
+    assert abs(len(s1.test) - round(0.2 * n)) <= len(counts)
+    assert not set(s1.test) & (set(s1.train) | set(s1.val))
+    assert len(s1.train) + len(s1.val) + len(s1.test) == n
+    assert all(n >= 1 for n in s1.class_counts("train").values())
+    again = scan_dataset(tmp_path, val_split=0.2, test_split=0.2, seed=7)
+    assert (again.train, again.val, again.test) == (s1.train, s1.val, s1.test)
+    other = scan_dataset(tmp_path, val_split=0.2, test_split=0.2, seed=8)
+    assert set(other.test) != set(s1.test)
+
+
+def test_test_split_does_not_move_the_validation_split_without_it(tmp_path):
+    _tree(tmp_path, {"a": 20, "b": 10})
+    plain = scan_dataset(tmp_path, val_split=0.2, test_split=0.0, seed=3)
+    auto = scan_dataset(tmp_path, val_split=0.2, seed=3)  # too small for the automatic test split
+    assert not plain.test and not auto.test
+    assert (plain.train, plain.val) == (auto.train, auto.val)
+    assert "too few" in auto.test_choice.reason and "'b'" in auto.test_choice.reason
+
+
+def test_auto_test_split_holds_out_a_tenth_when_every_class_can_afford_it(tmp_path, caplog):
+    _tree(tmp_path, {"a": 60, "b": 50})
+    with caplog.at_level(logging.INFO, logger="edgetl.data"):
+        splits = scan_dataset(tmp_path, val_split=0.2, seed=0)
+    assert splits.class_counts("test") == {"a": 6, "b": 5}
+    assert splits.class_counts("val") == {"a": 12, "b": 10}  # 0.2 of all the images, from the rest
+    assert splits.summary()["test_split"]["requested"] == "auto"
+    assert splits.summary()["test_split"]["fraction"] == 0.1
+    assert "test split: 0.1 of each class" in caplog.text
+
+
+def test_auto_test_split_leaves_a_small_class_alone_and_says_why(tmp_path, caplog):
+    _tree(tmp_path, {"a": 60, "b": 44})  # b: round(4.4) = 4 test images, fewer than 5
+    with caplog.at_level(logging.INFO, logger="edgetl.data"):
+        splits = scan_dataset(tmp_path)
+    assert not splits.test and splits.summary()["test_split"]["fraction"] == 0.0
+    assert "class 'b' has 44 images" in caplog.text
+
+
+def test_a_given_test_set_is_used_as_given(tmp_path, caplog):
+    _tree(tmp_path / "train", {"a": 60, "b": 60})
+    _tree(tmp_path / "test", {"a": 2, "b": 3})
+    with caplog.at_level(logging.INFO, logger="edgetl.data"):
+        splits = scan_dataset(tmp_path, test_split=0.3)
+    assert splits.class_counts("test") == {"a": 2, "b": 3}
+    assert splits.class_counts("val") == {"a": 12, "b": 12}
+    assert "used as given" in caplog.text and "not applied" in caplog.text
+
+
+def test_train_and_val_folders_get_no_automatic_test_split(tmp_path):
+    _tree(tmp_path / "train", {"a": 60, "b": 60})
+    _tree(tmp_path / "val", {"a": 10, "b": 10})
+    auto = scan_dataset(tmp_path)
+    assert not auto.test and "own train and val" in auto.test_choice.reason
+    asked = scan_dataset(tmp_path, test_split=0.1)  # 0.1 of all 70 per class, taken from train/
+    assert asked.class_counts("test") == {"a": 7, "b": 7}
+    assert asked.class_counts("val") == {"a": 10, "b": 10}
+    assert all(p.parent.parent.name == "train" for p, _ in asked.test)
+
+
+def test_csv_test_rows_are_the_test_set(tmp_path):
+    lines = []
+    for i in range(60):
+        _img(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png,{'cat' if i % 2 else 'dog'},{'test' if i < 4 else ''}")
+    (tmp_path / "l.csv").write_text("\n".join(lines))
+    splits = scan_dataset(tmp_path / "l.csv")
+    assert sorted(p.name for p, _ in splits.test) == ["0.png", "1.png", "2.png", "3.png"]
 
 
 def test_train_folder_only_holds_out_val(tmp_path):
@@ -361,6 +436,8 @@ def test_bad_split_fractions(tmp_path):
         scan_dataset(tmp_path, val_split=1.5)
     with pytest.raises(DataError, match="test_split"):
         scan_dataset(tmp_path, test_split=1.0)
+    with pytest.raises(DataError, match="val_split \\+ test_split"):
+        scan_dataset(tmp_path, val_split=0.5, test_split=0.5)
     with pytest.raises(UnknownNameError, match="on_bad_image"):
         scan_dataset(tmp_path, on_bad_image="ignore")
 

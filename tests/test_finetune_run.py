@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import signal
 
 import pytest
@@ -15,11 +16,13 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from edgetl.cli import cli
-from edgetl.data import make_demo_dataset
+from edgetl.data import make_demo_dataset, scan_dataset
 from edgetl.errors import CheckpointError, ConfigError, TrainingInterrupted
-from edgetl.finetune.api import finetune, load_trained_model
+from edgetl.finetune.api import _Run, finetune, load_trained_model
+from edgetl.finetune.metrics import wilson_interval
 from edgetl.finetune.precision import cpu_has_native_bf16
 from edgetl.finetune.strategy import apply_strategy, choose_strategy
+from edgetl.finetune.trainer import Trainer
 from edgetl.zoo.catalog import build_architecture, get_card, replace_head
 
 MODEL = "mobilenet_v3_small"
@@ -175,6 +178,56 @@ def test_cli_finetune_json(demo, tmp_path):
     assert "no pretrained weights" in doc["strategy"]["reason"]
     assert doc["run_dir"] == str(out) and doc["skipped"] == []
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def tree(demo, tmp_path_factory):
+    """The demo's train and val images as one folder of class folders, for edgetl to split."""
+    root = tmp_path_factory.mktemp("finetune-tree")
+    for image in sorted(demo.glob("train/*/*.png")) + sorted(demo.glob("val/*/*.png")):
+        (root / image.parent.name).mkdir(exist_ok=True)
+        shutil.copy(image, root / image.parent.name / f"{image.parent.parent.name}-{image.name}")
+    return root
+
+
+def test_test_split_is_held_out_first_and_reported_with_its_interval(tree, tmp_path, monkeypatch):
+    touched: list[tuple[str, int]] = []  # what the run computed features of, and when training ended
+    features, fit = _Run._features, Trainer.fit
+    monkeypatch.setattr(_Run, "_features", lambda self, records, name: touched.append((name, len(records)))
+                        or features(self, records, name))
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a: touched.append(("fit done", 0)) or fit(self, *a))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, [
+        "finetune", "--model", MODEL, "--data", str(tree), "--out", str(out), "--weights", "none",
+        "--strategy", "linear", "--epochs", "2", "--resolution", "32", "--batch-size", "16", "--device", "cpu",
+        "--test-split", "0.2", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    n = sum(1 for _ in tree.rglob("*.png"))  # 48 images, 4 classes
+    splits = json.loads((out / "splits.json").read_text())
+    test, val, train = ({p for p, _ in splits[k]} for k in ("test", "val", "train"))
+    assert abs(len(test) - round(0.2 * n)) <= 4 and len(test) + len(val) + len(train) == n
+    assert not test & (val | train)
+    assert splits["test_split"]["requested"] == 0.2 and splits["test_split"]["fraction"] == 0.2
+    again = scan_dataset(tree, val_split=0.2, test_split=0.2, seed=0)
+    assert {str(p) for p, _ in again.test} == test  # the same seed, the same test images
+
+    # the test images chose nothing: they were read only after training, and the selection counts val only
+    assert touched.index(("test", len(test))) > touched.index(("fit done", 0))
+    assert all(name != "test" for name, _ in touched[: touched.index(("fit done", 0))])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["selection"]["split"] == "val" and metrics["selection"]["images"] == len(val)
+    assert metrics["val"]["images"] == len(val) and metrics["val_accuracy_chose_epoch"] == metrics["val_accuracy"]
+    report = metrics["test"]
+    assert report["images"] == len(test) and report["accuracy"] == metrics["test_accuracy"]
+    assert report["correct"] == round(report["accuracy"] * len(test))
+    low, high = wilson_interval(report["correct"], len(test))
+    assert report["ci95"]["method"] == "wilson" and report["ci95"]["confidence"] == 0.95
+    assert [report["ci95"]["low"], report["ci95"]["high"]] == pytest.approx([low, high], abs=1e-6)
+    assert sum(report["per_class_images"].values()) == len(test)
+    assert set(report["per_class_accuracy"]) == set(metrics["classes"])
+    doc = json.loads(result.stdout)
+    assert doc["test_images"] == len(test) and doc["test_ci95"] == report["ci95"]
 
 
 def test_auto_strategy_measures_the_domain_with_pretrained_weights(demo, tmp_path, monkeypatch):

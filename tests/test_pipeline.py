@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -190,6 +191,11 @@ def test_first_build_writes_artifact_report_and_state(first_build):
                     "## 4. Validation", "## Artifact"):
         assert heading in report, heading
     assert "**Strategy: full**" in report and "int8" in report and "latency budget" in report
+    # the test split reports with its count and interval; validation is labelled as what chose the epoch
+    test_row = r"\| test accuracy \(chose nothing\) \| [\d.]+% \(\d/6 images; 95% Wilson interval [\d.]+%–[\d.]+%\)"
+    assert re.search(test_row, report), report
+    assert re.search(r"\| validation accuracy \(chose the epoch\) \| [\d.]+% on 9 images", report)
+    assert re.search(r"Per-class accuracy \(test\): checker [\d.]+% of 2, dots", report)
     for png in ("pareto.png", "curves.png", "confusion.png", "candidates.png"):
         assert (out / "report" / png).read_bytes()[:4] == b"\x89PNG", png
         assert f"(report/{png})" in report

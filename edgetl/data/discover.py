@@ -3,8 +3,8 @@
 Three inputs are understood:
 
 * a folder with ``train/`` and ``val/`` (and optionally ``test/``) folders of class folders;
-* a single folder of class folders, split into train/val(/test) by ``val_split`` and ``test_split``
-  (stratified per class, seeded);
+* a single folder of class folders, split into train/val/test by ``test_split`` and ``val_split``
+  (stratified per class, seeded; the test split is taken first);
 * a CSV file of ``path,label[,split]`` rows (read by :mod:`edgetl.data.csvfile`).
 """
 
@@ -39,7 +39,7 @@ _MAX_NAMED_WARNINGS = 20
 def scan_dataset(
     data: str | os.PathLike[str],
     val_split: float = 0.2,
-    test_split: float = 0.0,
+    test_split: float | None = None,
     seed: int = 0,
     on_bad_image: str = "skip",
     check: str = "auto",
@@ -49,9 +49,13 @@ def scan_dataset(
     Args:
         data: a folder with ``train/`` and ``val/`` [and ``test/``] folders of class folders, a single
             folder of class folders, or a ``.csv`` file of ``path,label[,split]`` rows.
-        val_split: fraction of each class held out for validation when no validation set is given.
-        test_split: fraction of the validation set moved to a test set when no test set is given
-            (``val_split=0.2, test_split=0.5`` gives 80/10/10).
+        val_split: fraction of each class's images held out for validation when no validation set is given.
+        test_split: fraction of each class's images (of all of them) held out for the final test before the
+            validation split is taken, when no test set is given (``val_split=0.2, test_split=0.1`` gives
+            70/20/10). None (auto) holds out :data:`~edgetl.data.splits.AUTO_TEST_FRACTION` when every class
+            keeps at least :data:`~edgetl.data.splits.AUTO_TEST_MIN_PER_CLASS` test images, and none otherwise
+            or when the dataset comes with its own train and val sets. A dataset's own test set (a ``test/``
+            folder, CSV rows of the ``test`` split) is used as given. See :func:`~edgetl.data.splits.make_splits`.
         seed: seed of the stratified split (the split of a class does not depend on the other classes).
         on_bad_image: ``"skip"`` leaves unreadable files out with a warning that names them (and
             records them in :attr:`DatasetSplits.skipped`); ``"error"`` raises :class:`DataError`.
@@ -75,11 +79,14 @@ def scan_dataset(
     return splits
 
 
-def _check_fractions(val_split: float, test_split: float) -> None:
+def _check_fractions(val_split: float, test_split: float | None) -> None:
     if not 0.0 <= val_split < 1.0:
         raise DataError(f"val_split must be in [0, 1), got {val_split}; e.g. 0.2 holds out 20% per class")
-    if not 0.0 <= test_split < 1.0:
-        raise DataError(f"test_split must be in [0, 1), got {test_split}; it is a fraction of the val set")
+    if test_split is not None and not 0.0 <= test_split < 1.0:
+        raise DataError(f"test_split must be in [0, 1), got {test_split}; it is a fraction of all the images")
+    if test_split is not None and val_split + test_split >= 1.0:
+        raise DataError(f"val_split + test_split must be below 1, got {val_split} + {test_split}; "
+                        "leave images to train on")
 
 
 def _read(root: Path) -> Found:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl.errors import DataError, UnknownNameError
+from edgetl.options import AUTO_TEST_FRACTION, AUTO_TEST_MIN_PER_CLASS
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,11 @@ class DatasetSplits:
         classes: class names; a label is an index into this list.
         train, val, test: the records of each split (``test`` may be empty).
         source: how the splits were made: ``"folders"`` (train/val folders), ``"split"`` (one class-folder
-            tree split by ``val_split``/``test_split``) or ``"csv"``.
+            tree split by ``test_split``/``val_split``) or ``"csv"``.
         skipped: files that were left out because they cannot be decoded, with the reason. Loaders
             built with ``skipped=splits.skipped`` append the files that only fail while training.
         root: the folder or CSV file the dataset was read from.
+        test_choice: how the test split was made (see :func:`choose_test_split`); None when not recorded.
     """
 
     classes: list[str]
@@ -49,6 +51,7 @@ class DatasetSplits:
     source: str
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     root: Path | None = None
+    test_choice: HoldoutChoice | None = None
 
     @property
     def num_classes(self) -> int:
@@ -81,6 +84,7 @@ class DatasetSplits:
             "num_classes": self.num_classes,
             "classes": list(self.classes),
             "sizes": {s: len(self.records(s)) for s in SPLITS},
+            "test_split": self.test_choice.to_dict() if self.test_choice is not None else None,
             "class_counts": {s: self.class_counts(s) for s in SPLITS if self.records(s)},
             "imbalance_ratio": round(ratio, 3) if math.isfinite(ratio) else None,
             "skipped": len(self.skipped),
@@ -115,12 +119,15 @@ def split_key(value: str) -> str | None:
 
 
 def _stratified_take(
-    records: list[Record], fraction: float, seed: int, classes: list[str], tag: str
+    records: list[Record], fraction: float, seed: int, classes: list[str], tag: str,
+    totals: dict[int, int] | None = None, keep: int = 1,
 ) -> tuple[list[Record], list[Record]]:
-    """Split ``records`` per class: return (rest, taken) with ``round(n * fraction)`` taken per class.
+    """Split ``records`` per class: return (rest, taken) with ``round(total * fraction)`` taken per class.
 
-    A class with at least two images keeps at least one on each side. Each class is shuffled by its
-    own generator seeded by (seed, tag, class name), so adding a class does not reshuffle the others.
+    ``total`` is the class's count in ``totals`` (default: its count in ``records``). A class with more
+    than ``keep`` images takes at least one and keeps at least ``keep``; a smaller one takes none. Each
+    class is shuffled by its own generator seeded by (seed, tag, class name), so adding a class does not
+    reshuffle the others.
     """
     by_class: dict[int, list[Record]] = {}
     for rec in records:
@@ -131,35 +138,94 @@ def _stratified_take(
         items = sorted(by_class[label], key=lambda r: str(r[0]))
         random.Random(f"{seed}:{tag}:{classes[label]}").shuffle(items)
         n = len(items)
-        k = round(n * fraction) if fraction > 0 else 0
-        if fraction > 0 and n >= 2:
-            k = min(max(k, 1), n - 1)
-        elif n < 2:
-            k = 0
+        total = totals.get(label, n) if totals is not None else n
+        k = min(max(round(total * fraction), 1), n - keep) if fraction > 0 and n > keep else 0
         taken.extend(items[:k])
         rest.extend(items[k:])
     return rest, taken
 
 
-def make_splits(found: Found, val_split: float, test_split: float, seed: int, root: Path) -> DatasetSplits:
+def _class_totals(*groups: list[Record]) -> dict[int, int]:
+    return dict(Counter(label for group in groups for _, label in group))
+
+
+@dataclass(frozen=True)
+class HoldoutChoice:
+    """How the test split was made: what was asked, the fraction of all images used, and why.
+
+    Attributes:
+        requested: the ``test_split`` asked for (None: auto).
+        fraction: the fraction of all images (per class) held out for the test (0: none held out).
+        reason: one sentence, for the log, ``splits.json`` and the run summary.
+    """
+
+    requested: float | None
+    fraction: float
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"requested": fraction or "auto", "fraction", "reason"}``, as ``splits.json`` records it."""
+        return {"requested": "auto" if self.requested is None else self.requested, "fraction": self.fraction,
+                "reason": self.reason}
+
+
+def choose_test_split(found: Found, test_split: float | None) -> HoldoutChoice:
+    """The fraction of all images to hold out for the test: ``test_split``, or with None (auto)
+    :data:`AUTO_TEST_FRACTION` when every class would keep :data:`AUTO_TEST_MIN_PER_CLASS` test images.
+
+    A dataset that comes with its own test set (a ``test/`` folder, CSV rows of the ``test`` split) keeps
+    it as given; with auto, one that comes with its own train/ and val/ sets is left as it is.
+    """
+    classes, assigned, pool, _ = found
+    if assigned["test"]:
+        why = f"the dataset's own test set ({len(assigned['test'])} images) is used as given"
+        if test_split:
+            why += f"; test_split={test_split} is not applied"
+        return HoldoutChoice(test_split, 0.0, why)
+    if test_split is not None:
+        why = f"{test_split:g} of each class's images, as asked" if test_split else "none, as asked (test_split=0)"
+        return HoldoutChoice(test_split, test_split, why)
+    if not pool and assigned["val"]:
+        return HoldoutChoice(None, 0.0, "no test split: the dataset comes with its own train and val sets and "
+                                          "no test set (add a test/ folder or CSV test rows, or set test_split)")
+    totals = _class_totals(assigned["train"], assigned["val"], pool)
+    label, n = min(totals.items(), key=lambda item: (round(item[1] * AUTO_TEST_FRACTION), item[0]))
+    if round(n * AUTO_TEST_FRACTION) < AUTO_TEST_MIN_PER_CLASS:
+        return HoldoutChoice(None, 0.0, (
+            f"no test split: class '{classes[label]}' has {n} images, too few to hold out "
+            f"{AUTO_TEST_MIN_PER_CLASS} test images at {AUTO_TEST_FRACTION:g} (set test_split to hold one out anyway)"))
+    return HoldoutChoice(None, AUTO_TEST_FRACTION, (
+        f"{AUTO_TEST_FRACTION:g} of each class's images held out for the final test (auto: every class keeps at "
+        f"least {AUTO_TEST_MIN_PER_CLASS})"))
+
+
+def make_splits(found: Found, val_split: float, test_split: float | None, seed: int, root: Path) -> DatasetSplits:
     """Split what a reader ``found`` into train/val/test, stratified per class and seeded.
 
-    Records the reader assigned to a split stay there and the others are split by ``val_split``. Without
-    a validation set, ``val_split`` of each training class is held out; without a test set,
-    ``test_split`` of the validation set becomes the test set.
+    Records the reader assigned to a split stay there. First, unless the dataset has its own test set,
+    the test split (see :func:`choose_test_split`) takes that fraction of each class's images (of all
+    of them) from the unassigned records, or from the training records when every record is assigned.
+    Then, without a validation set, ``val_split`` of each class's remaining images is held out for
+    validation (as a fraction of the images before the test was taken).
     """
     classes, assigned, pool, source = found
     train, val, test = list(assigned["train"]), list(assigned["val"]), list(assigned["test"])
+    choice = choose_test_split(found, test_split)
+    log.info("test split: %s", choice.reason)
+    before = _class_totals(pool or train)
+    if choice.fraction > 0:
+        keep = 2 if val_split > 0 and (pool or not val) else 1  # leave a training and a validation image
+        rest, test = _stratified_take(pool or train, choice.fraction, seed, classes, "test",
+                                      _class_totals(train, val, pool), keep)
+        pool, train = (rest, train) if pool else (pool, rest)
     if pool:
-        pool_train, pool_val = _stratified_take(pool, val_split, seed, classes, "val")
+        pool_train, pool_val = _stratified_take(pool, val_split, seed, classes, "val", before)
         train += pool_train
         val += pool_val
     elif not val and train and val_split > 0:
         log.info("no validation set given: holding out %.0f%% of each training class", 100 * val_split)
-        train, val = _stratified_take(train, val_split, seed, classes, "val")
-    if not test and test_split > 0 and val:
-        val, test = _stratified_take(val, test_split, seed, classes, "test")
-    return DatasetSplits(classes, train, val, test, source=source, root=root)
+        train, val = _stratified_take(train, val_split, seed, classes, "val", before)
+    return DatasetSplits(classes, train, val, test, source=source, root=root, test_choice=choice)
 
 
 def validate_splits(splits: DatasetSplits) -> None:
@@ -179,6 +245,11 @@ def validate_splits(splits: DatasetSplits) -> None:
             log.warning("classes without validation images (accuracy does not measure them): %s", ", ".join(missing))
     else:
         log.warning("the validation set is empty: add images or a val/ folder to measure accuracy")
+    if splits.test:
+        missing = [c for c, n in splits.class_counts("test").items() if n == 0]
+        if missing:
+            log.warning("classes without test images (the test accuracy does not measure them): %s",
+                        ", ".join(missing))
     _warn_imbalance(splits.imbalance_ratio("train"), counts)
     log.info(
         "dataset %s (%s): %d classes, %d train / %d val / %d test images",

@@ -3,14 +3,15 @@
 RUN_DIR after a run::
 
     config.yaml               the resolved options (what --resume reuses)
-    splits.json               the train/val/test files and labels, and the skipped files
+    splits.json               the train/val/test files and labels, how the test split was made, the skipped files
     model.safetensors         the best weights (highest validation accuracy)
     checkpoint.json           model, weights source, classes, strategy, resolution, preprocess,
                               per-epoch metrics, final metrics: what load_trained_model() reads
     last.safetensors          weights after the last finished epoch (for --resume)
     last.optim.safetensors    AdamW state after the last finished epoch
     last.json                 loop, scheduler and optimizer scalars after the last finished epoch
-    metrics.json              per-epoch metrics, final val/test accuracy, per-class accuracy, confusion
+    metrics.json              per-epoch metrics; what chose the model (selection: val accuracy, best epoch);
+                              test accuracy with its count, 95% Wilson interval and per-class accuracy; confusion
     curves.png, confusion.png the training curves and the confusion matrix
 
 (:class:`edgetl.finetune.rundir.RunDir` names these files.)
@@ -109,7 +110,9 @@ class RunResult:
         model: the catalog id of the backbone.
         classes: class names in output order.
         strategy: the strategy used and why.
-        val_accuracy, test_accuracy: final accuracy of the best weights (None without that split).
+        val_accuracy, test_accuracy: final accuracy of the best weights (None without that split). The
+            validation split chose the weights, so only ``test_accuracy`` is an unbiased estimate; ``metrics``
+            holds its image count, 95% Wilson interval and per-class accuracy.
         best_epoch: the epoch whose weights were kept.
         epochs_run: epochs finished (fewer than asked after an early stop).
         stopped_early: whether early stopping ended the run.
@@ -149,6 +152,8 @@ class RunResult:
             "strategy": self.strategy.to_dict(),
             "val_accuracy": self.val_accuracy,
             "test_accuracy": self.test_accuracy,
+            "test_images": (self.metrics.get("test") or {}).get("images"),
+            "test_ci95": (self.metrics.get("test") or {}).get("ci95"),
             "best_epoch": self.best_epoch,
             "epochs_run": self.epochs_run,
             "stopped_early": self.stopped_early,
@@ -843,6 +848,8 @@ class _Run:
             "epochs_run": state.epoch,
             "stopped_early": state.stopped_early,
             "val_accuracy": val.accuracy if val else None,
+            "val_accuracy_chose_epoch": val.accuracy if val else None,
+            "selection": self._selection(state, val),
             "test_accuracy": test.accuracy if test else None,
             "val": val.to_dict(classes) if val else None,
             "test": test.to_dict(classes) if test else None,
@@ -854,6 +861,19 @@ class _Run:
             "skipped_images": len(skipped),
         }
 
+    def _selection(self, state: Any, val: Any) -> dict[str, Any]:
+        """What chose the model: the split, its size, what it chose and its (optimistic) accuracy there."""
+        chose = ["best epoch", "early stopping"] + (["linear probe's epochs"] if self.probe else [])
+        return {
+            "split": "val" if val else "train",
+            "images": val.images if val else len(self.splits.train),
+            "chose": chose,
+            "best_epoch": state.best_epoch,
+            "accuracy": val.accuracy if val else state.best_accuracy,
+            "note": "measured on the images that chose the model, so it is optimistic; the test split, which "
+                    "chose nothing, reports it",
+        }
+
     def _write_metrics(self, state: Any, metrics: dict[str, Any], final: Any) -> None:
         from edgetl.plots import plot_confusion_matrix, plot_training_curves  # deferred: matplotlib is heavy
 
@@ -862,8 +882,9 @@ class _Run:
         if final is not None:
             title = f"confusion matrix ({metrics['confusion_split']}, epoch {state.best_epoch})"
             plot_confusion_matrix(final.confusion, self.classes, self.rundir.confusion, title=title)
-        summary = {k: metrics[k] for k in ("val_accuracy", "test_accuracy", "best_epoch", "epochs_run",
-                                            "per_class_accuracy", "confusion_matrix", "confusion_split")}
+        summary = {k: metrics[k] for k in ("val_accuracy", "val_accuracy_chose_epoch", "selection", "test_accuracy",
+                                            "test", "best_epoch", "epochs_run", "per_class_accuracy",
+                                            "confusion_matrix", "confusion_split")}
         ckpt.update_best_meta(self.run_dir, final_metrics=summary, history=state.history)
 
 
@@ -892,6 +913,7 @@ def _splits_json(splits: Any) -> dict[str, Any]:
     return {
         "classes": list(splits.classes),
         "source": splits.source,
+        "test_split": splits.test_choice.to_dict() if splits.test_choice is not None else None,
         **{name: [[str(p), int(y)] for p, y in getattr(splits, name)] for name in ("train", "val", "test")},
         "skipped": [[str(p), r] for p, r in splits.skipped],
     }

@@ -4,13 +4,14 @@
 runner use it without importing the training code)::
 
     config.yaml               the resolved options (what --resume reuses)
-    splits.json               the train/val/test files and labels, and the skipped files
+    splits.json               the train/val/test files and labels, how the test split was made, the skipped files
     model.safetensors         the best weights (highest validation accuracy)
     checkpoint.json           the best weights' JSON state: model, classes, strategy, preprocess, metrics
     last.safetensors          weights after the last finished epoch (for --resume)
     last.optim.safetensors    AdamW state after the last finished epoch
     last.json                 loop, scheduler and optimizer scalars after the last finished epoch
-    metrics.json              per-epoch metrics, final val/test accuracy, per-class accuracy, confusion
+    metrics.json              per-epoch metrics; what chose the model (selection: val accuracy, best epoch);
+                              test accuracy with its count, 95% Wilson interval and per-class accuracy; confusion
     curves.png, confusion.png the training curves and the confusion matrix
 
 The four names that mark a folder as a run are defined in :mod:`edgetl.folders` (the core layer, which
@@ -157,7 +158,8 @@ class RunDir:
         return read_state(self.last)
 
     def read_splits(self) -> dict[str, Any]:
-        """The run's ``splits.json``: ``classes``, ``source``, ``train``/``val``/``test`` records, ``skipped``.
+        """The run's ``splits.json``: ``classes``, ``source``, ``test_split`` (how the test split was made),
+        ``train``/``val``/``test`` records, ``skipped``.
 
         Raises:
             CheckpointError: the file is missing or not valid JSON (the message names it).
