@@ -1,0 +1,148 @@
+"""One preprocessing (``edgetl.data.preprocess``): the same tensor as torchvision's and timm's evaluation
+transforms for every preprocessing of the catalog, on awkward images.
+
+Tolerance: 1e-4 in normalised units. The pixels are identical (the same Pillow resize, the same crop box);
+what remains is float32 rounding of the normalisation, at most a few ulp of values up to ~130 (the catalog
+has a std of 1/255), i.e. below 2e-5.
+"""
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as samples
+
+from edgetl.data import build_transform, load_rgb
+from edgetl.data.preprocess import PreprocessSpec, crop_box, decode, prepare, resized_size
+from edgetl.zoo.catalog import list_models
+
+TOLERANCE = 1e-4
+ORIENTATION = 0x0112
+
+
+def _kinds():
+    """One card per distinct (resize, crop, interpolation, mean, std) of the catalog."""
+    kinds = {}
+    for card in list_models():
+        p = card.preprocess
+        kinds.setdefault((p.resize_size, p.crop_size, p.interpolation, p.mean, p.std), card)
+    return kinds
+
+
+KINDS = _kinds()
+
+
+def _photo(width, height):
+    return Image.fromarray(samples.chelsea()).resize((width, height), Image.BICUBIC)
+
+
+def _exif_jpeg(path, orientation):
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    _photo(120, 80).save(path, exif=exif, quality=95)
+
+
+def _awkward(folder):
+    """Files of every kind training decodes: odd sizes, alpha, palette, 16-bit, CMYK, EXIF orientations 2-8."""
+    rng = np.random.default_rng(0)
+    files = {}
+
+    def save(name, image, **kw):
+        files[name] = folder / name
+        image.save(files[name], **kw)
+
+    save("photo-640x427.png", _photo(640, 427))
+    save("photo-427x640.png", _photo(427, 640))
+    save("noise-33x97.png", Image.fromarray(rng.integers(0, 256, (97, 33, 3), dtype=np.uint8)))
+    save("noise-97x33.png", Image.fromarray(rng.integers(0, 256, (33, 97, 3), dtype=np.uint8)))
+    save("pixel-1x1.png", Image.new("RGB", (1, 1), (200, 30, 90)))
+    save("strip-4x45.png", Image.fromarray(rng.integers(0, 256, (45, 4, 3), dtype=np.uint8)))
+    rgba = np.dstack([np.asarray(_photo(50, 40)), np.tile(np.linspace(0, 255, 50, dtype=np.uint8), (40, 1))])
+    save("alpha-50x40.png", Image.fromarray(rgba))
+    save("palette-61x47.png", _photo(61, 47).convert("P", palette=Image.ADAPTIVE, colors=16), transparency=0)
+    wide = (np.linspace(0, 65535, 73 * 55).reshape(55, 73)).astype(np.uint16)
+    save("grey16-73x55.png", Image.fromarray(wide))
+    save("cmyk-64x48.jpg", _photo(64, 48).convert("CMYK"), quality=95)
+    for orientation in range(2, 9):
+        files[f"exif{orientation}.jpg"] = folder / f"exif{orientation}.jpg"
+        _exif_jpeg(files[f"exif{orientation}.jpg"], orientation)
+    return files
+
+
+SAME_GEOMETRY = {f"exif{o}.jpg" for o in (2, 3, 4, 5, 7)}
+"""Decoded, they have the size of exif6.jpg or of the 120x80 photo: the per-kind parity skips them."""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return _awkward(tmp_path_factory.mktemp("awkward"))
+
+
+@pytest.fixture(scope="module")
+def decoded(corpus):
+    """Each file as training decodes it."""
+    return {name: load_rgb(path) for name, path in corpus.items()}
+
+
+def test_the_corpus_is_awkward(corpus, decoded):
+    modes = {name: Image.open(path).mode for name, path in corpus.items()}
+    assert modes["grey16-73x55.png"].startswith("I;16") and modes["cmyk-64x48.jpg"] == "CMYK"
+    assert modes["palette-61x47.png"] == "P" and modes["alpha-50x40.png"] == "RGBA"
+    assert decoded["exif6.jpg"].size == (80, 120) and decoded["exif8.jpg"].size == (80, 120)
+    assert all(image.mode == "RGB" for image in decoded.values())
+
+
+def test_torchvision_integer_arithmetic():
+    assert resized_size(640, 427, 256) == (383, 256)  # 383.7 truncated, where rounding gives 384
+    assert resized_size(427, 640, 256) == (256, 383)
+    assert resized_size(4, 45, 7) == (7, 78)
+    assert crop_box(383, 256, (224, 224)) == (80, 16, 304, 240)  # (383 - 224) / 2 = 79.5: ties to even
+    assert crop_box(381, 256, (224, 224)) == (78, 16, 302, 240)  # 78.5 -> 78
+    assert crop_box(10, 10, (13, 12)) == (-1, -1, 11, 12)  # padded as torchvision pads: (crop - size) // 2 before
+
+
+@pytest.mark.parametrize("kind", list(KINDS), ids=[f"{k[0]}-{k[1]}-{k[2]}-{KINDS[k].id}" for k in KINDS])
+def test_parity_with_torchvision_eval_transform(kind, decoded, one_torch_thread):
+    card = KINDS[kind]
+    reference = build_transform(card.preprocess, train=False)
+    spec = PreprocessSpec.from_preprocess(card.preprocess)
+    for name, image in decoded.items():
+        if name in SAME_GEOMETRY:
+            continue
+        ours, theirs = prepare(image, spec), reference(image).numpy()
+        assert ours.shape == theirs.shape == (3, *spec.crop_size), name
+        assert np.abs(ours - theirs).max() <= TOLERANCE, (card.id, name)
+
+
+def _timm_transform(card):
+    import timm.data
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(f"{card.name.split('/', 1)[1]}.{card.weights}").to_dict()
+    return timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=cfg, use_test_size=True))
+
+
+TIMM_KINDS = {k: c for k, c in KINDS.items() if c.name.startswith("timm/")}
+
+
+@pytest.mark.parametrize("kind", list(TIMM_KINDS), ids=[TIMM_KINDS[k].id for k in TIMM_KINDS])
+def test_parity_with_timm_eval_transform(kind, decoded, one_torch_thread):
+    card = TIMM_KINDS[kind]
+    reference = _timm_transform(card)
+    spec = PreprocessSpec.from_preprocess(card.preprocess)
+    for name in ("photo-640x427.png", "photo-427x640.png", "noise-33x97.png", "strip-4x45.png", "exif6.jpg"):
+        ours, theirs = prepare(decoded[name], spec), reference(decoded[name]).numpy()
+        assert np.abs(ours - theirs).max() <= TOLERANCE, (card.id, name)
+
+
+def test_decode_of_a_file_and_of_an_opened_image_is_trainings(corpus, decoded):
+    for name, path in corpus.items():
+        assert np.array_equal(np.asarray(decode(path)), np.asarray(decoded[name])), name
+        with Image.open(path) as opened:
+            assert np.array_equal(np.asarray(decode(opened)), np.asarray(decoded[name])), name
+
+
+def test_bgr_reverses_the_channels(decoded):
+    rgb = PreprocessSpec(40, (32, 32), (0.1, 0.2, 0.3), (0.5, 0.5, 0.5))
+    bgr = PreprocessSpec(40, (32, 32), (0.3, 0.2, 0.1), (0.5, 0.5, 0.5), color_order="BGR")
+    image = decoded["photo-640x427.png"]
+    assert np.array_equal(prepare(image, bgr), prepare(image, rgb)[::-1])
