@@ -12,7 +12,14 @@ from PIL import Image
 from skimage import data as samples
 
 from edgetl.data import build_transform, load_rgb
-from edgetl.data.preprocess import PreprocessSpec, crop_box, decode, prepare, resized_size
+from edgetl.data.preprocess import (
+    PreprocessSpec,
+    crop_box,
+    decode,
+    prepare,
+    read_spec,
+    resized_size,
+)
 from edgetl.zoo.catalog import list_models
 
 TOLERANCE = 1e-4
@@ -146,3 +153,58 @@ def test_bgr_reverses_the_channels(decoded):
     bgr = PreprocessSpec(40, (32, 32), (0.3, 0.2, 0.1), (0.5, 0.5, 0.5), color_order="BGR")
     image = decoded["photo-640x427.png"]
     assert np.array_equal(prepare(image, bgr), prepare(image, rgb)[::-1])
+
+
+# --- predict and validate prepare an artifact's images the same way -------------------------------
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """resnet18's ImageNet classifier with random weights at 32 px, exported in FP32."""
+    from edgetl.export.api import export
+
+    out = tmp_path_factory.mktemp("prep") / "artifact"
+    return export("resnet18", out, precision="fp32", weights="none", resolution=32, rounds=2, simplify=False).path
+
+
+def test_predict_and_validate_feed_the_model_the_same_tensor(artifact, corpus):
+    from edgetl.export.bundle import PREPROCESS_FILE
+    from edgetl.export.evaluate import image_batches
+    from edgetl.predict import open_source
+    from edgetl.validate import ENGINE_BATCH
+
+    spec = read_spec(artifact / PREPROCESS_FILE)
+    names = sorted(corpus)
+    records = [(corpus[name], i) for i, name in enumerate(names)]
+    validated = np.concatenate([x for x, _ in image_batches(records, spec, batch_size=ENGINE_BATCH)])
+    classifier = open_source(artifact)
+    try:
+        predicted = np.stack([classifier.transform(decode(corpus[name])) for name in names])
+    finally:
+        classifier.close()
+    assert np.array_equal(predicted, validated)
+    trained = build_transform(_card("resnet18").preprocess, 32, train=False)
+    for name, x in zip(names, predicted, strict=True):
+        assert np.abs(x - trained(load_rgb(corpus[name])).numpy()).max() <= TOLERANCE, name
+    plain = prepare(Image.open(corpus["exif6.jpg"]).convert("RGB"), spec)  # what predict did before
+    assert np.abs(plain - predicted[names.index("exif6.jpg")]).max() > 0.5
+
+
+def test_predicted_probabilities_are_validates(artifact, corpus):
+    from edgetl.export.bundle import MODEL_FILE, PREPROCESS_FILE
+    from edgetl.export.evaluate import image_batches
+    from edgetl.predict import _softmax, predict
+    from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
+
+    names = ["exif6.jpg", "exif8.jpg", "grey16-73x55.png", "cmyk-64x48.jpg", "alpha-50x40.png", "photo-640x427.png"]
+    spec = read_spec(artifact / PREPROCESS_FILE)
+    (x, _), = image_batches([(corpus[n], 0) for n in names], spec, batch_size=len(names))
+    with OnnxRuntimeRunner(artifact / MODEL_FILE, providers="cpu") as runner:
+        probs = _softmax(np.asarray(runner.infer(x)["logits"]))
+    for row, prediction in zip(probs, predict(artifact, [corpus[n] for n in names], top=5), strict=True):
+        assert list(prediction.indices) == list(np.argsort(-row, kind="stable")[:5]), prediction.image
+        np.testing.assert_allclose(prediction.probabilities, row[list(prediction.indices)], rtol=1e-4, atol=0)
+
+
+def _card(name):
+    return next(c for c in list_models(name) if c.is_default)

@@ -251,6 +251,9 @@ def _upgrade_v1(doc: dict[str, Any]) -> dict[str, Any]:
     for field, (top, inner) in pairs.items():
         if top != inner:
             raise _Bad(f"preprocess.{field}", f"equal to the top-level '{field}' ({json.dumps(top)})", inner)
+    shape = [1, 3, *crop["size"]] if isinstance(crop.get("size"), list) else None
+    if doc.get("input_shape", shape) != shape:
+        raise _Bad("input_shape", f"{json.dumps(shape)}, from crop.size", doc.get("input_shape"))
     return {
         "schema": SCHEMA, "decode": dict(_DECODE), "dtype": doc.get("dtype", "float32"),
         "resize": {"size": resize.get("size"), "interpolation": resize.get("interpolation"), **_RESIZE_RULES},
