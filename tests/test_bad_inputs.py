@@ -426,7 +426,7 @@ def _duplicate_labels(w: World, d: Path) -> list[str]:
 def _preprocess_shape(w: World, d: Path) -> list[str]:
     art = _art(w, d)
     pre = json.loads((art / "preprocess.json").read_text())
-    pre["input_shape"] = [1, 3, 224, 224]
+    pre["crop"]["size"] = [224, 224]
     (art / "preprocess.json").write_text(json.dumps(pre))
     _rehash(art)
     return ["validate", str(art)]
@@ -625,7 +625,7 @@ CASES = [
     Case("validate-precision-lie", _precision_lie, 1, r"says fp32, but model\.onnx is an int8 graph"),
     Case("validate-labels-vs-outputs", _labels_vs_outputs, 1, r"has 3 outputs, labels\.json names 4"),
     Case("validate-duplicate-labels", _duplicate_labels, 1, r"names a class twice"),
-    Case("validate-preprocess-shape", _preprocess_shape, 1, r"json: .input_shape. must be \[1, 3, 32, 32\]"),
+    Case("validate-preprocess-shape", _preprocess_shape, 1, r"preprocess\.json gives \[1, 3, 224, 224\]"),
     Case("validate-files-entry-string", _files_entry_string, 1, r"no sha256 for labels\.json"),
     Case("validate-files-is-list", _files_is_list, 1, r"lists no files"),
     Case("validate-device-null", _device_null, 1, r"'device' must be a mapping", json=True),

@@ -6,19 +6,27 @@ what remains is float32 rounding of the normalisation, at most a few ulp of valu
 has a std of 1/255), i.e. below 2e-5.
 """
 
+import json
+import re
+import shutil
+
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 from skimage import data as samples
 
+from edgetl.cli import cli
 from edgetl.data import build_transform, load_rgb
 from edgetl.data.preprocess import (
+    SCHEMA,
     PreprocessSpec,
     crop_box,
     decode,
     prepare,
     read_spec,
     resized_size,
+    spec_from_document,
 )
 from edgetl.zoo.catalog import list_models
 
@@ -206,5 +214,79 @@ def test_predicted_probabilities_are_validates(artifact, corpus):
         np.testing.assert_allclose(prediction.probabilities, row[list(prediction.indices)], rtol=1e-4, atol=0)
 
 
+# --- preprocess.json: each fact once, validated when read -----------------------------------------
+
+
 def _card(name):
     return next(c for c in list_models(name) if c.is_default)
+
+
+def _rewrite(folder, change):
+    """Edit preprocess.json, then re-hash the artifact as export would, so that only validation can tell."""
+    from edgetl.export import bundle
+
+    doc = json.loads((folder / bundle.PREPROCESS_FILE).read_text())
+    change(doc)
+    (folder / bundle.PREPROCESS_FILE).write_text(json.dumps(doc))
+    bundle.write_manifest(folder, json.loads((folder / bundle.MANIFEST_FILE).read_text()))
+
+
+BAD = {
+    "scale-nan": (lambda d: d.update(scale=float("nan")), r"'scale' must be a finite number > 0, got NaN"),
+    "std-zero": (lambda d: d.update(std=[0, 0, 0]), r"'std' must be three finite numbers > 0, got \[0, 0, 0\]"),
+    "mean-one": (lambda d: d.update(mean=[0.5]), r"'mean' must be three finite numbers, got \[0\.5\]"),
+    "resize-huge": (lambda d: d["resize"].update(size=100000), r"'resize\.size' must be a whole number of pixels"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_preprocess_json_is_refused_by_predict_and_validate(case, artifact, corpus, tmp_path):
+    change, message = BAD[case]
+    folder = tmp_path / "artifact"
+    shutil.copytree(artifact, folder)
+    _rewrite(folder, change)
+    for args in (["predict", str(folder), str(corpus["exif6.jpg"])], ["validate", str(folder)]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1, (args, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and re.search(message, lines[0]) and "preprocess.json" in lines[0], result.stderr
+
+
+def test_export_writes_each_fact_once(artifact):
+    doc = json.loads((artifact / "preprocess.json").read_text())
+    assert doc["schema"] == SCHEMA and "preprocess" not in doc and "input_shape" not in doc
+    spec = spec_from_document(doc)
+    assert spec == PreprocessSpec.from_preprocess(_card("resnet18").preprocess, 32)
+    assert spec.to_document() == doc
+
+
+def test_schema_1_is_read_once_and_its_copies_must_agree(artifact):
+    doc = PreprocessSpec.from_preprocess(_card("resnet18").preprocess, 32).to_document()
+    old = {**{k: doc[k] for k in ("scale", "mean", "std", "color_order", "layout", "dtype", "formula")},
+           "resize": {"size": 37, "edge": "shorter", "interpolation": "bilinear", "antialias": True},
+           "crop": {"size": [32, 32], "mode": "center"}, "input_shape": [1, 3, 32, 32],
+           "preprocess": {"resize_size": 37, "crop_size": 32, "mean": doc["mean"], "std": doc["std"],
+                          "interpolation": "bilinear", "layout": "NCHW", "color_order": "RGB", "scale": doc["scale"]}}
+    assert spec_from_document(old) == spec_from_document(doc)
+    old.update(color_order="BGR", mean=[0, 0, 0])  # the top-level copy only: firmware and validate disagreed
+    with pytest.raises(ValueError, match=r"'preprocess\.mean' must be equal to the top-level 'mean'"):
+        spec_from_document(old)
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (lambda d: d.update(schema=3), "schema"),
+    (lambda d: d.update(colour_order="RGB"), "colour_order"),
+    (lambda d: d.update(color_order="RGBA"), "color_order"),
+    (lambda d: d.update(layout="NHWC"), "layout"),
+    (lambda d: d["resize"].update(interpolation="cubic"), "resize.interpolation"),
+    (lambda d: d["crop"].update(size=[32]), "crop.size"),
+    (lambda d: d["crop"].update(size=[0, 32]), "crop.size"),
+    (lambda d: d.update(std=[1, float("inf"), 1]), "std"),
+    (lambda d: d.update(mean=["0.5", 0.5, 0.5]), "mean"),
+    (lambda d: d.update(scale=True), "scale"),
+])
+def test_every_field_is_checked(change, field):
+    doc = PreprocessSpec.from_preprocess(_card("resnet18").preprocess).to_document()
+    change(doc)
+    with pytest.raises(ValueError, match=f"'{re.escape(field)}' must be"):
+        spec_from_document(doc)
