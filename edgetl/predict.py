@@ -5,10 +5,12 @@
 - an **artifact folder** (``edgetl export``): its files are verified against the manifest, and the model
   runs on the runtime it was built for (TensorRT where the device runs it and it is here, else ONNX
   Runtime on the CPU), fed exactly as ``preprocess.json`` says, with numpy and Pillow only: the path
-  firmware mirrors;
+  firmware mirrors (:mod:`edgetl.data.preprocess`, the preprocessing validate and export measured with);
 - a **finetune run folder**: its best weights in PyTorch, with the run's preprocessing and classes;
 - a **catalog name** (``timm/tf_efficientnet_lite0``, ``resnet18.IMAGENET1K_V1``) with its ImageNet weights
   (``weights``/``weights_dir`` as in :func:`edgetl.zoo.weights.load_model`) and ImageNet's class names.
+
+Every source decodes its images as training does and prepares them with :func:`edgetl.data.preprocess.prepare`.
 
 Not to be confused with :mod:`edgetl.device.latency`, the latency predictor.
 """
@@ -24,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from edgetl.errors import ConfigError, DataError
+from edgetl.data.preprocess import PreprocessSpec, decode, prepare, read_spec
+from edgetl.errors import ConfigError
 from edgetl.export import bundle, signing
 from edgetl.finetune.rundir import RunDir
 from edgetl.options import SourceOptions, ValidateOptions, documented, shared_inputs, take_inputs
@@ -34,10 +37,6 @@ from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner, tensorrt_available
 
 log = logging.getLogger(__name__)
-
-_PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
-                "lanczos": Image.LANCZOS}
-
 
 @dataclass(frozen=True)
 class Prediction:
@@ -119,7 +118,7 @@ def _artifact_classifier(folder: Path, verify_key: str | os.PathLike[str] | None
     manifest, integrity = signing.verify_artifact(folder, verify_key)
     log.info("%s: %s", folder, integrity["summary"])
     labels = json.loads((folder / bundle.LABELS_FILE).read_text())
-    doc = json.loads((folder / bundle.PREPROCESS_FILE).read_text())
+    spec = read_spec(folder / bundle.PREPROCESS_FILE)
     device = manifest.get("device") or {}
     engine = folder / bundle.ENGINE_FILE
     if device.get("runtime") == "tensorrt" and engine.is_file() and tensorrt_available():
@@ -128,41 +127,22 @@ def _artifact_classifier(folder: Path, verify_key: str | os.PathLike[str] | None
         runner, runtime = OnnxRuntimeRunner(folder / bundle.MODEL_FILE, providers="cpu", name="onnxruntime"), \
             "onnxruntime"
     runner.activate()
-    return Classifier(str(folder), "artifact", labels, lambda img: prepare(img, doc),
+    return Classifier(str(folder), "artifact", labels, lambda img: prepare(img, spec),
                       lambda x: np.asarray(runner.infer(x)["logits"]), runtime, close=runner.deactivate)
-
-
-def prepare(image: Image.Image, doc: dict[str, Any]) -> np.ndarray:
-    """An RGB image as ``preprocess.json`` (``doc``) prescribes: resize the shorter edge, center-crop, then
-    ``(pixel * scale - mean[c]) / std[c]`` in ``color_order``, as a ``3 x H x W`` float32 array."""
-    size = int(doc["resize"]["size"])
-    width, height = image.size
-    ratio = size / min(width, height)
-    resized = image.resize((max(size, round(width * ratio)), max(size, round(height * ratio))),
-                           _PIL_FILTERS.get(doc["resize"].get("interpolation", "bilinear"), Image.BILINEAR))
-    crop_h, crop_w = doc["crop"]["size"]
-    left, top = (resized.width - crop_w) // 2, (resized.height - crop_h) // 2
-    pixels = np.asarray(resized.crop((left, top, left + crop_w, top + crop_h)), dtype=np.float32)
-    if doc.get("color_order", "RGB") == "BGR":
-        pixels = pixels[..., ::-1]
-    x = (pixels * float(doc["scale"]) - np.asarray(doc["mean"], np.float32)) / np.asarray(doc["std"], np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
 
 
 def _torch_classifier(name: str, kind: str, labels: Sequence[str], model: Any, preprocess: Any,
                       resolution: int | None = None) -> Classifier:
     import torch  # deferred: an artifact is classified without torch
 
-    from edgetl.data import build_transform
-
-    transform = build_transform(preprocess, resolution, train=False)
+    spec = PreprocessSpec.from_preprocess(preprocess, resolution)
     model = model.eval()
 
     def forward(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return model(torch.from_numpy(x)).float().numpy()
 
-    return Classifier(name, kind, labels, lambda img: transform(img).numpy(), forward, "torch")
+    return Classifier(name, kind, labels, lambda img: prepare(img, spec), forward, "torch")
 
 
 def _run_classifier(folder: Path) -> Classifier:
@@ -186,14 +166,7 @@ def _catalog_classifier(name: str, weights: Any, weights_dir: Any, resolution: i
 
 
 def _open_image(image: Any) -> tuple[str, Image.Image]:
-    if isinstance(image, Image.Image):
-        return "<image>", image.convert("RGB")
-    path = Path(image)
-    try:
-        with Image.open(path) as img:
-            return str(path), img.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DataError(f"cannot read image {path}: {str(exc).splitlines()[0]}") from exc
+    return ("<image>" if isinstance(image, Image.Image) else str(image)), decode(image)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl._io import atomic_write_json
+from edgetl.data.preprocess import read_spec
 from edgetl.device import budget
 from edgetl.device.profiles import DeviceProfile, default_device, load_profile, threads_for
 from edgetl.errors import BudgetExceededError, ProfileError
@@ -43,7 +44,6 @@ from edgetl.options import TargetOptions, ValidateOptions, documented, take_inpu
 from edgetl.runtime.bench import benchmark, peak_rss_mb, reset_peak_rss
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner, tensorrt_available
-from edgetl.zoo.catalog import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +148,9 @@ def _accuracy(folder: Path, data: str | os.PathLike[str], runner_threads: int | 
     from edgetl.export.evaluate import agreement, collect_logits, folder_eval_set, image_batches, top1
 
     classes = json.loads((folder / bundle.LABELS_FILE).read_text())
-    pre_doc = json.loads((folder / bundle.PREPROCESS_FILE).read_text())
-    preprocess = Preprocess.from_dict(pre_doc["preprocess"])
+    spec = read_spec(folder / bundle.PREPROCESS_FILE)
     eval_set = folder_eval_set(data, classes)
-    batches = image_batches(eval_set.records, preprocess, preprocess.crop_size, batch_size=ENGINE_BATCH)
+    batches = image_batches(eval_set.records, spec, batch_size=ENGINE_BATCH)
     with OnnxRuntimeRunner(folder / bundle.MODEL_FILE, providers="cpu", threads=runner_threads) as onnx:
         models = {"onnx": lambda x: onnx.infer(x)["logits"]}
         if runtime != "tensorrt":

@@ -426,7 +426,7 @@ def _duplicate_labels(w: World, d: Path) -> list[str]:
 def _preprocess_shape(w: World, d: Path) -> list[str]:
     art = _art(w, d)
     pre = json.loads((art / "preprocess.json").read_text())
-    pre["input_shape"] = [1, 3, 224, 224]
+    pre["crop"]["size"] = [224, 224]
     (art / "preprocess.json").write_text(json.dumps(pre))
     _rehash(art)
     return ["validate", str(art)]

@@ -5,7 +5,7 @@ Layout::
     ARTIFACT_DIR/
       model.onnx        the model at the chosen precision (input "input" NCHW float32, output "logits")
       labels.json       class names, in output order
-      preprocess.json   resize, crop, mean, std, layout, colour order
+      preprocess.json   decode, resize, crop, scale, mean, std, colour order, layout: each once (schema 2)
       manifest.json     versions, source, precision, sha256 of every file, accuracy, latency
       model.engine      only with --tensorrt
       model_data.h      only with --c-header
@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from edgetl._io import atomic_path, atomic_write_json, atomic_write_text, sha256_file, umask
+from edgetl.data.preprocess import PreprocessSpec
 from edgetl.errors import ArtifactError, ConfigError
 from edgetl.folders import clean_stale_staging, require_ours, staging_prefix
 
@@ -169,24 +170,9 @@ def write_labels(folder: Path, classes: Sequence[str]) -> None:
 
 
 def preprocess_document(preprocess: Any, resolution: int) -> dict[str, Any]:
-    """The content of ``preprocess.json``: every step firmware needs, in order, with explicit values."""
-    pre = preprocess.at_resolution(resolution) if hasattr(preprocess, "at_resolution") else preprocess
-    d = pre.to_dict()
-    return {
-        "resize": {"size": d["resize_size"], "edge": "shorter", "interpolation": d["interpolation"],
-                   "antialias": True},
-        "crop": {"size": [d["crop_size"], d["crop_size"]], "mode": "center"},
-        "scale": d["scale"],
-        "mean": d["mean"],
-        "std": d["std"],
-        "color_order": d["color_order"],
-        "layout": d["layout"],
-        "dtype": "float32",
-        "input_shape": [1, 3, d["crop_size"], d["crop_size"]],
-        "formula": "x = (pixel * scale - mean[c]) / std[c], pixels in 0..255, channels in color_order",
-        # the plain fields again, in the names of edgetl.zoo.catalog.Preprocess, to rebuild the transform
-        "preprocess": d,
-    }
+    """The content of ``preprocess.json``: every step firmware needs, each fact once (see
+    :meth:`edgetl.data.preprocess.PreprocessSpec.to_document`)."""
+    return PreprocessSpec.from_preprocess(preprocess, resolution).to_document()
 
 
 def write_preprocess(folder: Path, preprocess: Any, resolution: int) -> None:
@@ -392,6 +378,9 @@ def c_header(onnx_bytes: bytes, input_shape: Sequence[int | str], output_shape: 
         '#define EDGETL_MODEL_PRECISION "' + precision + '"',
         '#define EDGETL_MODEL_INPUT_NAME "input"',
         '#define EDGETL_MODEL_OUTPUT_NAME "logits"',
+        "/* Input: prepare each image as preprocess.json says (edgetl.data.preprocess): decode to 8-bit RGB (EXIF",
+        "   orientation applied, alpha on white, 16-bit / 257), resize the shorter edge (longer edge floored),",
+        "   center-crop (offset round((resized - crop) / 2), ties to even), x = (pixel * scale - mean[c]) / std[c]. */",
         f"#define EDGETL_MODEL_INPUT_RANK {len(input_shape)}",
         f"#define EDGETL_MODEL_INPUT_SHAPE {_shape_macro(input_shape)} /* NCHW float32 */",
         f"#define EDGETL_MODEL_OUTPUT_RANK {len(output_shape)}",

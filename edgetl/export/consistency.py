@@ -7,7 +7,9 @@ after export, not that what was shipped is what the manifest claims. :func:`chec
 - ``labels.json`` is a list of distinct names, as many as the model has outputs;
 - the graph's precision is the one claimed: quantization ops for ``int8``, float16 weights for
   ``fp16``, neither for ``fp32``;
-- the graph takes one float input ``input`` of the shape ``preprocess.json`` gives, and returns ``logits``;
+- ``preprocess.json`` is valid (:func:`edgetl.data.preprocess.read_spec`: finite, three channels, std > 0,
+  sane sizes, known names), and the graph takes one float input ``input`` of the shape it gives, and returns
+  ``logits``;
 - ``model_data.h`` (when present) names the manifest's digest and the model's length.
 """
 
@@ -20,6 +22,7 @@ from typing import Any
 
 import onnx
 
+from edgetl.data.preprocess import read_spec
 from edgetl.errors import ArtifactError
 from edgetl.export import bundle
 from edgetl.options import PRECISIONS
@@ -36,11 +39,11 @@ def check_consistency(folder: Path, manifest: dict[str, Any]) -> None:
     """Raise :class:`ArtifactError` when the artifact's files contradict each other (see the module doc)."""
     check_manifest_fields(folder, manifest)
     labels = _read_json(folder, bundle.LABELS_FILE)
-    preprocess = _read_json(folder, bundle.PREPROCESS_FILE)
+    spec = read_spec(folder / bundle.PREPROCESS_FILE)
     _check_labels(folder, labels)
     model = _load_graph(folder)
     _check_precision(folder, manifest["precision"], model)
-    _check_io(folder, model, preprocess, len(labels))
+    _check_io(folder, model, spec.input_shape, len(labels))
     if bundle.HEADER_FILE in manifest["files"]:
         _check_header(folder, manifest)
 
@@ -105,7 +108,7 @@ def _dims(value_info: Any) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
 
 
-def _check_io(folder: Path, model: onnx.ModelProto, preprocess: Any, num_labels: int) -> None:
+def _check_io(folder: Path, model: onnx.ModelProto, expected: list[int], num_labels: int) -> None:
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     outputs = list(model.graph.output)
@@ -114,9 +117,8 @@ def _check_io(folder: Path, model: onnx.ModelProto, preprocess: Any, num_labels:
             f"model.onnx in {folder} must take 'input' and return 'logits', it takes "
             f"{[i.name for i in inputs]} and returns {[o.name for o in outputs]}; re-export the artifact"
         )
-    expected = preprocess.get("input_shape") if isinstance(preprocess, dict) else None
     got = _dims(inputs[0])
-    if not isinstance(expected, list) or len(expected) != 4 or len(got) != 4 or got[1:] != list(expected[1:]):
+    if len(got) != 4 or got[1:] != expected[1:]:
         raise ArtifactError(
             f"model.onnx in {folder} takes input of shape {got}, preprocess.json gives {expected}; "
             "the files do not belong together, re-export the artifact"

@@ -3,7 +3,9 @@
 - The evaluation set of a run is its validation split (``splits.json``), or its test split when it
   has no validation split; ``--data DIR`` (a folder of class folders named like the labels) replaces it.
 - The calibration sample is a stratified sample of the run's training images, or of the images
-  under ``--calib-data DIR`` (stratified by their parent folder), prepared with the eval transform.
+  under ``--calib-data DIR`` (stratified by their parent folder).
+- Every image is decoded and prepared by :mod:`edgetl.data.preprocess`, the preprocessing ``predict`` and
+  firmware use.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.data import IMG_EXTENSIONS, build_transform, make_loader
+from edgetl.data import ALPHA_BACKGROUND, IMG_EXTENSIONS
+from edgetl.data.decode import try_decode
+from edgetl.data.preprocess import PreprocessSpec, prepare
 from edgetl.errors import DataError
 from edgetl.finetune.rundir import RunDir
 
@@ -139,16 +143,25 @@ def folder_calibration_records(data: str | os.PathLike[str]) -> list[Record]:
     return records
 
 
-def image_batches(records: Sequence[Record], preprocess: Any, resolution: int,
+def image_batches(records: Sequence[Record], preprocess: Any, resolution: int | None = None,
                   batch_size: int = EVAL_BATCH) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Decode and prepare images with the eval transform; yield ``(NCHW float32, labels)`` batches.
+    """Decode and prepare images (:mod:`edgetl.data.preprocess`); yield ``(NCHW float32, labels)`` batches.
 
-    Unreadable files are skipped with a warning (see :func:`edgetl.data.make_loader`).
+    ``preprocess`` is a :class:`~edgetl.data.preprocess.PreprocessSpec` or a model card's preprocessing (at
+    ``resolution``). Unreadable files are skipped with a warning that names them.
     """
-    transform = build_transform(preprocess, resolution, train=False)
-    loader = make_loader(list(records), transform, batch_size, shuffle=False)
-    for images, labels in loader:
-        yield images.numpy().astype(np.float32, copy=False), labels.numpy()
+    spec = PreprocessSpec.from_preprocess(preprocess, resolution)
+    for start in range(0, len(records), batch_size):
+        images, labels = [], []
+        for path, label in records[start : start + batch_size]:
+            image, reason = try_decode(path, ALPHA_BACKGROUND)
+            if image is None:
+                log.warning("skipping unreadable image %s: %s", path, reason)
+                continue
+            images.append(prepare(image, spec))
+            labels.append(label)
+        if images:
+            yield np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -160,7 +173,7 @@ class ImageBatches:
 
     records: Sequence[Record]
     preprocess: Any
-    resolution: int
+    resolution: int | None
     batch_size: int = EVAL_BATCH
 
     def __len__(self) -> int:
