@@ -55,6 +55,20 @@ class CheckpointError(EdgetlError):
     """A run directory or checkpoint that is missing, incomplete or inconsistent."""
 
 
+class TrainingError(EdgetlError):
+    """Training that cannot go on: the loss became NaN or infinite.
+
+    Attributes:
+        epoch: the epoch (1-based) whose step gave the non-finite loss.
+        step: the step (1-based) within that epoch.
+    """
+
+    def __init__(self, message: str, epoch: int | None = None, step: int | None = None) -> None:
+        self.epoch = epoch
+        self.step = step
+        super().__init__(message)
+
+
 class ExportError(EdgetlError):
     """A model that cannot be exported, converted or quantized."""
 

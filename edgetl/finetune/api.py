@@ -45,7 +45,7 @@ from torch.utils.data import DistributedSampler
 
 from edgetl import data as D
 from edgetl._io import atomic_write_json, atomic_write_text
-from edgetl.errors import CheckpointError, ConfigError, TrainingInterrupted
+from edgetl.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted, WeightsError
 from edgetl.finetune import checkpoint as ckpt
 from edgetl.finetune.conv_dtype import choose_fp32_convs, trainable_grouped_convs, with_fp32_convs
 from edgetl.finetune.distributed import (
@@ -77,6 +77,7 @@ from edgetl.finetune.trainer import (
     ProgressDisplay,
     TrainConfig,
     Trainer,
+    first_nonfinite,
     make_scheduler,
     resolve_device,
     seed_everything,
@@ -369,6 +370,8 @@ class _Run:
             seed_everything(int(o["seed"]), bool(o["deterministic"]))
             self._check_options()
             return self._run()
+        except TrainingError as exc:  # from the probe or the main loop: say what is kept and how to go on
+            raise TrainingError(f"{exc}; training stopped: {self._diverged_hint()}", exc.epoch, exc.step) from exc
         finally:
             torch.use_deterministic_algorithms(deterministic)  # leave the process as it was
             shutdown(self.dist)
@@ -441,6 +444,8 @@ class _Run:
                                  progress=self.progress)
         if self.dist.enabled and main:
             barrier(self.dist)
+        _refuse_nonfinite(self.loaded.model.state_dict(), f"the starting weights ({o['weights']})",
+                          "pass weights that hold numbers (or --weights none to start from random weights)")
         self.preprocess = self.card.preprocess.at_resolution(o["resolution"])
         self.eval_tf = D.build_transform(self.card.preprocess, o["resolution"], train=False)
 
@@ -517,6 +522,16 @@ class _Run:
                 if done else f"no epoch finished, so nothing was saved; start the run again (out={self.run_dir})"
             )
             raise TrainingInterrupted(done, int(self.opts["epochs"]), hint) from exc
+
+    def _diverged_hint(self) -> str:
+        """How to get past a non-finite loss, and what the run folder still holds."""
+        o = self.opts
+        fix = f"lower --lr (it is {o['lr']:g})"
+        if self.precision.autocast_dtype is not None:
+            fix += " or train in fp32 (--precision-train fp32)"
+        last = self.rundir.read_last()["epoch"] if self.rundir.can_resume() else 0
+        kept = f"epoch {last} is kept in {self.run_dir}; " if last else "no epoch finished, so nothing was saved; "
+        return f"{kept}{fix} and start a new run in another --out"
 
     def _decide(self, loaded: Any) -> StrategyDecision:
         o = self.opts
@@ -762,6 +777,7 @@ class _Run:
         self._last_write = time.monotonic()
 
     def _restore(self, trainer: Any, meta: dict[str, Any], weights: dict[str, Any], optim: dict[str, Any]) -> Any:
+        _refuse_nonfinite(weights, f"{self.run_dir}'s last checkpoint", "start a new run in another --out")
         missing, unexpected = self.net.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise CheckpointError(
@@ -886,6 +902,17 @@ class _Run:
                                             "test", "best_epoch", "epochs_run", "per_class_accuracy",
                                             "confusion_matrix", "confusion_split")}
         ckpt.update_best_meta(self.run_dir, final_metrics=summary, history=state.history)
+
+
+def _refuse_nonfinite(tensors: dict[str, torch.Tensor], what: str, fix: str) -> None:
+    """Refuse weights holding a NaN or an infinity, naming the first such tensor."""
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        name, nans, infs = bad
+        raise WeightsError(
+            f"{what} hold non-finite values in {name} ({nans} NaN, {infs} infinite of "
+            f"{tensors[name].numel()}): training from them gives a NaN loss; {fix}"
+        )
 
 
 def _snapshot(obj: Any) -> Any:

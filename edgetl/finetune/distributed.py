@@ -86,6 +86,15 @@ def all_reduce_sum(info: DistInfo, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_min(info: DistInfo, tensor: torch.Tensor) -> torch.Tensor:
+    """The minimum of ``tensor`` over all ranks, in place; return it."""
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
 def broadcast_flag(info: DistInfo, flag: bool, device: Any) -> bool:
     """True on every rank if ``flag`` is true on any rank (e.g. an interruption)."""
     if not info.enabled:

@@ -9,6 +9,11 @@
 - SIGINT: the current step finishes, the last finished epoch's checkpoint is on disk, and
   :class:`~edgetl.errors.TrainingInterrupted` (exit code 130) says how to resume. A second
   Ctrl-C stops at once.
+- A NaN guard: a non-finite training loss stops the run with :class:`~edgetl.errors.TrainingError`, naming
+  the epoch and step, before that epoch reaches a checkpoint. Each step folds ``isfinite(loss)`` into a
+  flag on the device; the flag is read every step on the CPU and every :data:`NONFINITE_CHECK_EVERY` steps
+  (and at each epoch's end) on a GPU, so a GPU run does not wait on the host each step. Under torchrun the
+  flag is reduced over ranks, so every rank stops at the same step.
 - Under torchrun the model is wrapped in DistributedDataParallel by the caller; metrics are reduced
   across ranks and only rank 0 writes.
 """
@@ -24,7 +29,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,8 +37,8 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from edgetl.errors import BackendUnavailableError, ConfigError, TrainingInterrupted
-from edgetl.finetune.distributed import DistInfo, all_reduce_sum, broadcast_flag
+from edgetl.errors import BackendUnavailableError, ConfigError, TrainingError, TrainingInterrupted
+from edgetl.finetune.distributed import DistInfo, all_reduce_min, all_reduce_sum, broadcast_flag
 from edgetl.finetune.metrics import EvalResult
 from edgetl.finetune.precision import TrainPrecision, resolve_precision
 
@@ -44,6 +49,29 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
+
+# On a GPU the non-finite-loss flag is read (a host sync) every this many steps, and at each epoch's end.
+NONFINITE_CHECK_EVERY = 25
+_NO_STEP = 2**62  # the flag's value while every loss was finite
+
+
+def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """The first floating-point tensor holding a NaN or an infinity.
+
+    Args:
+        tensors: named tensors (a ``state_dict``).
+
+    Returns:
+        ``(name, NaN count, infinity count)`` of the first such tensor, or None when all are finite.
+    """
+    import torch  # deferred: heavy
+
+    for name, t in tensors.items():
+        if not (torch.is_floating_point(t) or torch.is_complex(t)):
+            continue
+        if not bool(torch.isfinite(t).all()):
+            return name, int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    return None
 
 
 @dataclass
@@ -326,6 +354,7 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
+        bad_step = torch.full((), _NO_STEP, dtype=torch.long, device=self.device)  # the first non-finite loss
         seen = 0
         start = time.perf_counter()
         self._progress.start(f"epoch {epoch + 1}/{self.config.epochs}", len(loader))
@@ -348,6 +377,9 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(self._params(), self.config.grad_clip)
                 self.optimizer.step()
             self.scheduler.step()
+            bad_step = torch.where(torch.isfinite(loss.detach()) | (bad_step < _NO_STEP), bad_step, step)
+            if self.device.type != "cuda" or (step + 1) % NONFINITE_CHECK_EVERY == 0 or step == len(loader) - 1:
+                self._stop_if_nonfinite(bad_step, epoch, len(loader))
             n = labels.shape[0]
             seen += n
             loss_sum += loss.detach().double() * n
@@ -375,6 +407,16 @@ class Trainer:
             "seconds": elapsed,
             "images_per_s": seen_total / max(elapsed, 1e-9),
         }
+
+    def _stop_if_nonfinite(self, bad_step: torch.Tensor, epoch: int, steps: int) -> None:
+        """Raise TrainingError if a step's loss was NaN or infinite on any rank (the earliest such step)."""
+        first = all_reduce_min(self.dist, bad_step.clone()) if self.dist.enabled else bad_step
+        step = int(first.item())
+        if step < _NO_STEP:
+            raise TrainingError(
+                f"the training loss became NaN or infinite at epoch {epoch + 1}, step {step + 1} of {steps}",
+                epoch=epoch + 1, step=step + 1,
+            )
 
     def _params(self) -> Iterator[torch.nn.Parameter]:
         for group in self.optimizer.param_groups:
