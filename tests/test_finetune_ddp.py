@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from edgetl.data import make_demo_dataset
+from edgetl.finetune.rundir import RunDir
 from edgetl.zoo.catalog import get_card
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,8 @@ def test_torchrun_two_processes(tmp_path):
     # each rank trained on its half (DistributedSampler); the totals are reduced over both ranks
     assert [e["train_images"] for e in metrics["epochs"]] == [32, 32]
     assert metrics["val"]["images"] == 16 and metrics["test"]["images"] == 8
-    for name in ("model.safetensors", "checkpoint.json", "last.safetensors", "last.json", "curves.png",
+    assert RunDir(out).last_weights.is_file() and RunDir(out).last_optimizer.is_file()
+    for name in ("model.safetensors", "checkpoint.json", "last.json", "curves.png",
                  "confusion.png", "config.yaml"):
         assert (out / name).is_file(), name
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -3,6 +3,8 @@
 - Non-finite starting weights are refused before anything is written, naming the tensor (real CLI).
 - A loss that turns NaN mid-run stops the run with exit 1, naming the epoch and step; the last good
   epoch stays on disk and ``--resume`` continues from it.
+- A resume checkpoint torn by a kill resumes from the generation before; a run that cannot resume is
+  cleared by ``--restart`` (only an edgetl run folder, and only the run's own files).
 
 (mobilenet_v3_small, random weights, 32 px, CPU, a tiny demo dataset.)
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +22,9 @@ import pytest
 import torch
 
 from edgetl.data import make_demo_dataset
-from edgetl.errors import TrainingError
+from edgetl.errors import ConfigError, TrainingError, TrainingInterrupted
 from edgetl.finetune.api import finetune
-from edgetl.finetune.rundir import RunDir
+from edgetl.finetune.rundir import LEGACY_LAST_FILES, RunDir
 from edgetl.finetune.trainer import Trainer
 from edgetl.zoo.catalog import build_architecture
 
@@ -108,3 +111,77 @@ def test_nan_loss_in_the_first_epoch_says_nothing_was_saved(demo, tmp_path, monk
         finetune(MODEL, demo, tmp_path / "run", epochs=2, **COMMON)
     assert not RunDir(tmp_path / "run").can_resume()
 
+
+def interrupted_run(demo, out: Path, after: int, epochs: int = 3) -> None:
+    """A run stopped (as Ctrl-C does) after epoch ``after``, every epoch written to disk."""
+    import signal
+
+    def stop(epoch, record):
+        if epoch == after:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        finetune(MODEL, demo, out, epochs=epochs, checkpoint_interval=0, callbacks=(stop,), **COMMON)
+
+
+def test_a_checkpoint_torn_by_a_kill_resumes_from_the_previous_generation(demo, tmp_path):
+    out = tmp_path / "run"
+    interrupted_run(demo, out, after=2)
+    run = RunDir(out)
+    assert run.read_last()["generation"] == 2 and run.last_generations() == {2}  # older generations removed
+    # killed while saving epoch 3: its tensor files are (partly) written, last.json still names generation 2
+    shutil.copy(run.last_weights, run.last_weights_of(3))
+    (out / f".{run.last_optimizer_of(3).name}.x1y2.tmp").write_bytes(b"\0" * 100)
+    proc = edgetl("finetune", "--out", "run", "--resume", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["resumed_from"] == 2 and json.loads(proc.stdout)["epochs_run"] == 3
+    assert run.read_last()["epoch"] == 3 and run.last_generations() == {run.read_last()["generation"]} == {4}
+
+
+def legacy_layout(out: Path, tear: bool) -> None:
+    """Turn a run into the layout edgetl wrote before generations (optionally torn by a kill mid-save)."""
+    run = RunDir(out)
+    meta = json.loads(run.last.read_text())
+    run.last_weights.rename(out / LEGACY_LAST_FILES[0])
+    run.last_optimizer.rename(out / LEGACY_LAST_FILES[1])
+    meta.pop("generation")
+    meta.update(weights_file=LEGACY_LAST_FILES[0], optimizer_file=LEGACY_LAST_FILES[1])
+    if tear:  # the optimizer file was rewritten by the next save, then the process was killed
+        meta["token"] = "0" * 16
+    run.last.write_text(json.dumps(meta))
+
+
+def test_a_run_from_before_generations_resumes(demo, tmp_path):
+    out = tmp_path / "run"
+    interrupted_run(demo, out, after=1, epochs=2)
+    legacy_layout(out, tear=False)
+    resumed = finetune(out=out, resume=True, device="cpu", progress=False)
+    assert resumed.resumed_from == 1 and resumed.epochs_run == 2
+    assert not (out / LEGACY_LAST_FILES[0]).exists() and RunDir(out).last_generations() == {1}
+
+
+def test_restart_clears_a_run_that_cannot_resume_and_refuses_a_foreign_folder(demo, tmp_path):
+    out = tmp_path / "run"
+    interrupted_run(demo, out, after=1, epochs=2)
+    legacy_layout(out, tear=True)
+    (out / "notes.txt").write_text("mine")
+    line = one_line_error(edgetl("finetune", "--out", "run", "--resume", cwd=tmp_path))
+    assert "does not belong to the checkpoint" in line and "--restart" in line
+    line = one_line_error(edgetl("finetune", "-m", MODEL, "--data", str(demo), "--out", "run", *TRAIN, cwd=tmp_path))
+    assert "already holds a run" in line and "--restart" in line
+
+    proc = edgetl("finetune", "-m", MODEL, "--data", str(demo), "--out", "run", *TRAIN, "--restart", "--json",
+                  cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["resumed_from"] is None and json.loads(proc.stdout)["epochs_run"] == 1
+    assert RunDir(out).last_generations() == {1} and not (out / LEGACY_LAST_FILES[1]).exists()
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are removed
+
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"not ours")
+    line = one_line_error(edgetl("finetune", "-m", MODEL, "--data", str(demo), "--out", "photos", *TRAIN,
+                                 "--restart", cwd=tmp_path))
+    assert "files that edgetl did not write" in line and (foreign / "cat.jpg").read_bytes() == b"not ours"
+    with pytest.raises(ConfigError, match="give one of them"):
+        finetune(out=out, resume=True, restart=True)

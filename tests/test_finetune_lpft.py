@@ -18,6 +18,7 @@ from edgetl.finetune.api import finetune
 from edgetl.finetune.distributed import EpochSampler
 from edgetl.finetune.features import FeatureBatches, FeatureCache
 from edgetl.finetune.lpft import FT_LR_SCALE, PATIENCE, fit_probe
+from edgetl.finetune.rundir import RunDir
 from edgetl.finetune.strategy import choose_strategy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -88,5 +89,5 @@ def test_lp_ft_resumes_into_its_second_phase_without_probing_again(tmp_path):
     assert resumed.metrics["linear_probe"] == saved  # read back from the checkpoint (its time too): not probed again
     probe = full.metrics["linear_probe"]
     assert {k: v for k, v in probe.items() if k != "seconds"} == {k: v for k, v in saved.items() if k != "seconds"}
-    a, b = load_file(tmp_path / "full" / "last.safetensors"), load_file(out / "last.safetensors")
+    a, b = load_file(RunDir(tmp_path / "full").last_weights), load_file(RunDir(out).last_weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -21,6 +21,7 @@ from edgetl.errors import CheckpointError, ConfigError, TrainingInterrupted
 from edgetl.finetune.api import _Run, finetune, load_trained_model
 from edgetl.finetune.metrics import wilson_interval
 from edgetl.finetune.precision import cpu_has_native_bf16
+from edgetl.finetune.rundir import RunDir
 from edgetl.finetune.strategy import apply_strategy, choose_strategy
 from edgetl.finetune.trainer import Trainer
 from edgetl.zoo.catalog import build_architecture, get_card, replace_head
@@ -51,8 +52,11 @@ def test_run_dir_outputs_and_metrics(demo, tmp_path):
     out = tmp_path / "run"
     result = finetune(MODEL, demo, out, strategy="partial", unfreeze=2, epochs=2, **COMMON)
     for name in ("config.yaml", "metrics.json", "curves.png", "confusion.png", "model.safetensors",
-                 "checkpoint.json", "last.safetensors", "last.json", "last.optim.safetensors", "splits.json"):
+                 "checkpoint.json", "last.json", "splits.json"):
         assert (out / name).is_file(), name
+    run = RunDir(out)  # the resume checkpoint is a set: last.json names one generation of its tensor files
+    assert run.last_weights == run.last_weights_of(1) and run.last_optimizer == run.last_optimizer_of(1)
+    assert run.last_weights.is_file() and run.last_optimizer.is_file()
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -142,7 +146,7 @@ def test_interrupt_and_resume_matches_an_uninterrupted_run(demo, tmp_path, worke
     resumed = finetune(out=out, resume=True, device="cpu", progress=False, workers=workers)
     assert resumed.resumed_from == 1 and resumed.epochs_run == 2
 
-    a, b = load_file(tmp_path / "full" / "last.safetensors"), load_file(out / "last.safetensors")
+    a, b = load_file(RunDir(tmp_path / "full").last_weights), load_file(RunDir(out).last_weights)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -160,7 +164,7 @@ def test_feature_cache_probe_matches_the_naive_loop(demo, tmp_path):
     assert cached.strategy.strategy == "linear" and cached.metrics["epochs"][0]["train_images"] == 32
     assert cached.val_accuracy == pytest.approx(naive.val_accuracy, abs=1 / 16 + 1e-9)
     assert cached.test_accuracy == pytest.approx(naive.test_accuracy, abs=1 / 8 + 1e-9)
-    a, b = load_file(tmp_path / "cached" / "last.safetensors"), load_file(tmp_path / "naive" / "last.safetensors")
+    a, b = load_file(RunDir(tmp_path / "cached").last_weights), load_file(RunDir(tmp_path / "naive").last_weights)
     assert torch.allclose(a["classifier.3.weight"], b["classifier.3.weight"], atol=1e-4)
     assert torch.equal(a["classifier.0.weight"], b["classifier.0.weight"])  # frozen
     assert torch.equal(a["features.1.block.0.1.running_mean"], b["features.1.block.0.1.running_mean"])
@@ -262,6 +266,6 @@ def test_image_cache_changes_nothing_but_the_decoding(demo, tmp_path, caplog):
     assert "decoded" in caplog.text and "images once" in caplog.text and cached.metrics["image_cache"]
     plain = finetune(MODEL, demo, tmp_path / "plain", image_cache=False, **opts)
     assert not plain.metrics["image_cache"]
-    a, b = load_file(tmp_path / "cached" / "last.safetensors"), load_file(tmp_path / "plain" / "last.safetensors")
+    a, b = load_file(RunDir(tmp_path / "cached").last_weights), load_file(RunDir(tmp_path / "plain").last_weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert cached.metrics["epochs"][-1]["train_loss"] == plain.metrics["epochs"][-1]["train_loss"]

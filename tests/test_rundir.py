@@ -162,7 +162,8 @@ def test_importing_rundir_does_not_import_torch():
 
 
 RUN_FILE_NAMES = {"config.yaml", "splits.json", "model.safetensors", "checkpoint.json", "last.safetensors",
-                  "last.optim.safetensors", "last.json", "metrics.json", "curves.png", "confusion.png"}
+                  "last.optim.safetensors", "last-{gen:06d}.safetensors", "last-{gen:06d}.optim.safetensors",
+                  "last.json", "metrics.json", "curves.png", "confusion.png", ".feature_cache"}
 OWNERS = {PACKAGE / "folders.py", PACKAGE / "finetune" / "rundir.py"}
 
 

@@ -353,10 +353,12 @@ def devices_cmd(**kwargs) -> None:
               help="Folder of class folders, a folder with train/ and val/, or a CSV of path,label.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
+@click.option("--restart", is_flag=True,
+              help="Delete the edgetl run in --out and start over (for a run --resume cannot continue).")
 @cli_inputs("finetune")
 @cli_options(FinetuneOptions)
 @cli_options(OutputOptions)
-def finetune_cmd(model, data, out, resume, **kwargs) -> None:
+def finetune_cmd(model, data, out, resume, restart, **kwargs) -> None:
     """Fine-tune a backbone on your images and write RUN_DIR (weights, metrics, plots)."""
     inputs, as_json = parse_inputs("finetune", kwargs), parse(OutputOptions, kwargs).as_json
     options = parse(FinetuneOptions, kwargs)
@@ -366,7 +368,8 @@ def finetune_cmd(model, data, out, resume, **kwargs) -> None:
     def show_decision(decision) -> None:
         err.print(f"[bold]strategy:[/bold] {decision.strategy} — {decision.reason}")
 
-    result = finetune(model, data, out, options, resume=resume, progress=True, on_decision=show_decision, **inputs)
+    result = finetune(model, data, out, options, resume=resume, restart=restart, progress=True,
+                      on_decision=show_decision, **inputs)
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return
     if as_json:

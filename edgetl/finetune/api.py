@@ -7,9 +7,10 @@ RUN_DIR after a run::
     model.safetensors         the best weights (highest validation accuracy)
     checkpoint.json           model, weights source, classes, strategy, resolution, preprocess,
                               per-epoch metrics, final metrics: what load_trained_model() reads
-    last.safetensors          weights after the last finished epoch (for --resume)
-    last.optim.safetensors    AdamW state after the last finished epoch
-    last.json                 loop, scheduler and optimizer scalars after the last finished epoch
+    last-<gen>.safetensors    weights after the last finished epoch (for --resume)
+    last-<gen>.optim.safetensors  AdamW state after the last finished epoch
+    last.json                 loop, scheduler and optimizer scalars after the last finished epoch, naming the
+                              generation <gen> of the two files above (the three are written as a set)
     metrics.json              per-epoch metrics; what chose the model (selection: val accuracy, best epoch);
                               test accuracy with its count, 95% Wilson interval and per-class accuracy; confusion
     curves.png, confusion.png the training curves and the confusion matrix
@@ -193,7 +194,7 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
 def _resume_options(run_dir: Path, given: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
     saved = _read_config(run_dir)
     if not RunDir(run_dir).can_resume():
-        raise CheckpointError(f"{run_dir} has no finished epoch to resume from; start the run again without --resume")
+        raise CheckpointError(f"{run_dir} has no finished epoch to resume from; start it over with --restart")
     if given.get("model") and get_card(given["model"]).id != saved.get("model"):
         raise ConfigError(
             f"{run_dir} was trained with {saved.get('model')}, not {given['model']}; "
@@ -230,7 +231,8 @@ def _same_option(given: Any, saved: Any) -> bool:
 def _check_fresh(run_dir: Path) -> None:
     if RunDir(run_dir).has_checkpoint():
         raise CheckpointError(
-            f"{run_dir} already holds a run; resume it with --resume, or choose another --out"
+            f"{run_dir} already holds a run; resume it with --resume, start it over with --restart, "
+            "or choose another --out"
         )
 
 
@@ -265,6 +267,7 @@ def finetune(
     options: FinetuneOptions | None = None,
     *,
     resume: bool = False,
+    restart: bool = False,
     progress: bool = True,
     callbacks: tuple[Callable[[int, dict[str, Any]], None], ...] = (),
     on_decision: Callable[[StrategyDecision], None] | None = None,
@@ -281,6 +284,9 @@ def finetune(
             as keyword arguments (``finetune("resnet18", "images/", "runs/a", epochs=5)``).
         resume: continue the run in ``out`` from its last finished epoch, with its saved options;
             options given now that differ from the saved ones are an error.
+        restart: delete the run in ``out`` and start over (for a run that ``resume`` cannot continue). Only an
+            edgetl run folder is cleared, and only once the new run's inputs have been checked; any other
+            folder is refused.
         progress: show progress bars on stderr.
         callbacks: called with ``(epoch, record)`` after each finished (and saved) epoch.
         on_decision: called with the strategy decision before training starts.
@@ -303,16 +309,21 @@ def finetune(
     explicit = {**(options.model_dump(include=options.model_fields_set) if options else {}), **kwargs}
     given = {**opts.model_dump(mode="json"), "model": model, "data": data,
              "weights_dir": None if weights_dir is None else os.fspath(weights_dir)}
+    if resume and restart:
+        raise ConfigError("--resume continues the run in --out and --restart deletes it; give one of them")
     if not resume and (not model or not data):
         raise ConfigError("finetune needs a model and a dataset (--model NAME --data DIR)")
     with _run_lock(run_dir), sigterm_as_interrupt():
         if resume:
             run_opts = _resume_options(run_dir, given, set(explicit) | {"weights_dir"})
         else:
-            _check_fresh(run_dir)
+            if not restart:
+                _check_fresh(run_dir)
             run_opts = {**given, "model": get_card(model).id, "data": str(Path(data).expanduser().resolve())}
         run_opts.update(device=opts.device, workers=opts.workers)
-        return _Run(run_dir, run_opts, resume, progress, callbacks, on_decision, opts.checkpoint_interval).run()
+        run = _Run(run_dir, run_opts, resume, progress, callbacks, on_decision, opts.checkpoint_interval)
+        run.restart = restart
+        return run.run()
 
 
 def _run_lock(run_dir: Path) -> Any:
@@ -356,6 +367,7 @@ class _Run:
         self._pending_best: dict[str, Any] | None = None
         self._pending_last: tuple[Any, Any, dict[str, Any]] | None = None
         self._last_write = time.monotonic()
+        self.restart = False
 
     # -- setup --
 
@@ -432,7 +444,7 @@ class _Run:
         if last[0].get("splits_digest") != self.digest:
             raise CheckpointError(
                 f"the dataset {o['data']} changed since {self.run_dir} was started (files or classes differ); "
-                "start a new run instead of --resume"
+                "start it over with --restart, or start a new run in another --out"
             )
         return last
 
@@ -454,6 +466,11 @@ class _Run:
         if o["augment"] is None:
             o["augment"] = "none" if self.decision.strategy == "linear" else "light"
         if self.dist.is_main and not self.resume:
+            if self.restart and self.run_dir.is_dir():
+                removed = self.rundir.clear()
+                if removed:
+                    log.warning("--restart: removed the run in %s (%d files); starting over", self.run_dir,
+                                len(removed))
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_config()
             atomic_write_json(self.rundir.splits, _splits_json(self.splits))
@@ -531,7 +548,7 @@ class _Run:
             fix += " or train in fp32 (--precision-train fp32)"
         last = self.rundir.read_last()["epoch"] if self.rundir.can_resume() else 0
         kept = f"epoch {last} is kept in {self.run_dir}; " if last else "no epoch finished, so nothing was saved; "
-        return f"{kept}{fix} and start a new run in another --out"
+        return f"{kept}{fix} and start over with `edgetl finetune ... --out {self.run_dir} --restart`"
 
     def _decide(self, loaded: Any) -> StrategyDecision:
         o = self.opts
@@ -647,7 +664,7 @@ class _Run:
             cache = extract_features(
                 self.net, self.card.head_path, loader, self.device,
                 amp_dtype=self.precision.autocast_dtype, channels_last=self.precision.channels_last,
-                disk_dir=self.run_dir / ".feature_cache", name=name, dist=self.dist,
+                disk_dir=self.rundir.feature_cache, name=name, dist=self.dist,
                 progress=lambda _done: bar.update(),
             )
         log.info("cached %d %s features of size %d in %.1f s", len(cache), name, cache.dim, time.perf_counter() - t0)
@@ -777,7 +794,7 @@ class _Run:
         self._last_write = time.monotonic()
 
     def _restore(self, trainer: Any, meta: dict[str, Any], weights: dict[str, Any], optim: dict[str, Any]) -> Any:
-        _refuse_nonfinite(weights, f"{self.run_dir}'s last checkpoint", "start a new run in another --out")
+        _refuse_nonfinite(weights, f"{self.run_dir}'s last checkpoint", "start it over with --restart")
         missing, unexpected = self.net.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise CheckpointError(

@@ -3,14 +3,17 @@
 A run folder holds two checkpoints:
 
 - ``model.safetensors`` + ``checkpoint.json``: the best weights (what ``edgetl export`` loads).
-- ``last.safetensors`` + ``last.optim.safetensors`` + ``last.json``: the state after the last
-  finished epoch, for ``--resume``. Optimizer tensors (AdamW's moments and step counts) go into
-  ``last.optim.safetensors``; scalars (param-group settings, scheduler, grad-scaler, early-stopping
-  state) into ``last.json``.
+- ``last-<gen>.safetensors`` + ``last-<gen>.optim.safetensors`` + ``last.json``: the state after the
+  last finished epoch, for ``--resume``. Optimizer tensors (AdamW's moments and step counts) go into
+  the ``.optim`` file; scalars (param-group settings, scheduler, grad-scaler, early-stopping state)
+  into ``last.json``.
 
-Each file is written atomically. The tensor files carry a random ``token`` in their safetensors
-metadata that the JSON file repeats, and the JSON file is written last, so a checkpoint whose files
-come from different saves (a crash between two writes) is detected instead of silently mixed.
+Each file is written atomically. The resume checkpoint is written as a set: a new generation of the
+two tensor files first, then ``last.json`` naming that generation, then the older generations are
+removed. A kill at any instant leaves ``last.json`` naming a complete set (the new one or the one
+before), so ``--resume`` always has a state to start from. The tensor files also carry a random
+``token`` in their safetensors metadata that the JSON file repeats, so files from different saves
+are detected instead of silently mixed.
 """
 
 from __future__ import annotations
@@ -151,25 +154,31 @@ def save_last(
     optimizer_state: dict[str, Any],
     meta: dict[str, Any],
 ) -> Path:
-    """Write the resume checkpoint (``last.safetensors``, ``last.optim.safetensors``, ``last.json``)."""
+    """Write the resume checkpoint as a set: ``last-<gen>.safetensors``, ``last-<gen>.optim.safetensors``, then
+    ``last.json`` naming generation ``gen``; then remove the older generations. Return the weights path."""
     run = RunDir(run_dir)
+    previous = run.read_last().get("generation", 0) if run.last.is_file() else 0
+    generation = max([int(previous), *run.last_generations()]) + 1  # never overwrite a file on disk
     token = secrets.token_hex(8)
     opt_tensors, opt_meta = split_optimizer_state(optimizer_state)
-    write_tensors(run.last_optimizer, opt_tensors, {"format": FORMAT, "token": token})
-    write_tensors(run.last_weights, model_state, {"format": FORMAT, "token": token})
+    weights, optimizer = run.last_weights_of(generation), run.last_optimizer_of(generation)
+    write_tensors(optimizer, opt_tensors, {"format": FORMAT, "token": token})
+    write_tensors(weights, model_state, {"format": FORMAT, "token": token})
     atomic_write_json(
         run.last,
         {"format": FORMAT, "version": VERSION, **meta, "optimizer": opt_meta, "token": token,
-         "weights_file": run.last_weights.name, "optimizer_file": run.last_optimizer.name},
+         "generation": generation, "weights_file": weights.name, "optimizer_file": optimizer.name},
     )
-    return run.last_weights
+    for stale in run.stale_last_files(keep=generation):
+        stale.unlink(missing_ok=True)
+    return weights
 
 
 def _check_token(path: Path, file_meta: dict[str, str], token: str | None) -> None:
     if token is not None and file_meta.get("token") != token:
         raise CheckpointError(
             f"{path} does not belong to the checkpoint described beside it (the run stopped while "
-            "saving); start the run again without --resume"
+            "saving); start the run over with --restart"
         )
 
 
@@ -187,8 +196,7 @@ def load_last(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
     """Read the resume checkpoint: (JSON state, model weights, optimizer state_dict)."""
     run = RunDir(run_dir)
     meta = run.read_last()
-    weights_path = run.path / meta.get("weights_file", run.last_weights.name)
-    optim_path = run.path / meta.get("optimizer_file", run.last_optimizer.name)
+    weights_path, optim_path = run.last_weights, run.last_optimizer
     weights, wmeta = read_tensors(weights_path)
     _check_token(weights_path, wmeta, meta.get("token"))
     opt_tensors, ometa = read_tensors(optim_path)

@@ -7,12 +7,18 @@ runner use it without importing the training code)::
     splits.json               the train/val/test files and labels, how the test split was made, the skipped files
     model.safetensors         the best weights (highest validation accuracy)
     checkpoint.json           the best weights' JSON state: model, classes, strategy, preprocess, metrics
-    last.safetensors          weights after the last finished epoch (for --resume)
-    last.optim.safetensors    AdamW state after the last finished epoch
-    last.json                 loop, scheduler and optimizer scalars after the last finished epoch
+    last-<gen>.safetensors    weights after the last finished epoch (for --resume), generation <gen>
+    last-<gen>.optim.safetensors  AdamW state after the last finished epoch, generation <gen>
+    last.json                 loop, scheduler and optimizer scalars after the last finished epoch; it names
+                              the generation of the two files above, and is written after them
     metrics.json              per-epoch metrics; what chose the model (selection: val accuracy, best epoch);
                               test accuracy with its count, 95% Wilson interval and per-class accuracy; confusion
     curves.png, confusion.png the training curves and the confusion matrix
+
+The resume checkpoint is a set. Each save writes a new generation of the tensor files, then replaces
+``last.json`` (atomically) to name it, then removes the older generations; so a kill at any instant
+leaves ``last.json`` naming a complete set. Runs written before generations (``last.safetensors``,
+``last.optim.safetensors``) still resume: ``last.json`` names its files.
 
 The four names that mark a folder as a run are defined in :mod:`edgetl.folders` (the core layer, which
 recognises every kind of edgetl output and may not import this package); the rest are defined here.
@@ -22,6 +28,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +40,12 @@ from edgetl.folders import RUN_CHECKPOINT_FILE, RUN_CONFIG_FILE, RUN_LAST_FILE, 
 FORMAT = "edgetl.checkpoint"
 VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
-LAST_WEIGHTS_FILE = "last.safetensors"
-LAST_OPTIM_FILE = "last.optim.safetensors"
+LAST_WEIGHTS_FILE = "last-{gen:06d}.safetensors"
+LAST_OPTIM_FILE = "last-{gen:06d}.optim.safetensors"
+_LAST_SET_FILE = re.compile(r"last-(\d+)(\.optim)?\.safetensors")
+# The resume files of runs written before generations: read, never written.
+LEGACY_LAST_FILES = ("last.safetensors", "last.optim.safetensors")
+FEATURE_CACHE_DIR = ".feature_cache"
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion.png"
@@ -94,13 +106,47 @@ class RunDir:
 
     @property
     def last_weights(self) -> Path:
-        """``last.safetensors``: the weights after the last finished epoch."""
-        return self.path / LAST_WEIGHTS_FILE
+        """The weights after the last finished epoch: the file ``last.json`` names."""
+        return self._named_by_last("weights_file", 0)
 
     @property
     def last_optimizer(self) -> Path:
-        """``last.optim.safetensors``: the optimizer tensors after the last finished epoch."""
-        return self.path / LAST_OPTIM_FILE
+        """The optimizer tensors after the last finished epoch: the file ``last.json`` names."""
+        return self._named_by_last("optimizer_file", 1)
+
+    def _named_by_last(self, key: str, legacy: int) -> Path:
+        try:
+            name = self.read_last().get(key)
+        except CheckpointError:
+            name = None
+        return self.path / Path(str(name or LEGACY_LAST_FILES[legacy])).name
+
+    def last_weights_of(self, generation: int) -> Path:
+        """``last-<gen>.safetensors``: the weights of one generation of the resume checkpoint."""
+        return self.path / LAST_WEIGHTS_FILE.format(gen=generation)
+
+    def last_optimizer_of(self, generation: int) -> Path:
+        """``last-<gen>.optim.safetensors``: the optimizer tensors of one generation of the resume checkpoint."""
+        return self.path / LAST_OPTIM_FILE.format(gen=generation)
+
+    def last_generations(self) -> set[int]:
+        """The generations of resume tensor files on disk (complete or not)."""
+        if not self.path.is_dir():
+            return set()
+        found = (_LAST_SET_FILE.fullmatch(p.name) for p in self.path.iterdir())
+        return {int(m.group(1)) for m in found if m}
+
+    def stale_last_files(self, keep: int) -> list[Path]:
+        """Resume tensor files of every generation but ``keep``, and those of a run from before generations."""
+        stale = [self.path / name for name in LEGACY_LAST_FILES]
+        for gen in self.last_generations() - {keep}:
+            stale += [self.last_weights_of(gen), self.last_optimizer_of(gen)]
+        return [p for p in stale if p.is_file()]
+
+    @property
+    def feature_cache(self) -> Path:
+        """``.feature_cache/``: backbone features spilled to disk by the linear probe."""
+        return self.path / FEATURE_CACHE_DIR
 
     @property
     def last(self) -> Path:
@@ -136,6 +182,27 @@ class RunDir:
     def can_resume(self) -> bool:
         """Whether an epoch has finished, so ``--resume`` has a state to start from."""
         return self.last.is_file()
+
+    def clear(self) -> list[Path]:
+        """Remove every file a run writes here (for ``--restart``); other files and the folder stay.
+
+        Returns:
+            The paths removed.
+        """
+        fixed = {p.name for p in (self.config, self.splits, self.weights, self.checkpoint, self.last, self.metrics,
+                                  self.curves, self.confusion)} | set(LEGACY_LAST_FILES)
+        removed = []
+        for path in sorted(self.path.iterdir()) if self.path.is_dir() else []:
+            name = path.name
+            if name.startswith(".") and name.endswith(".tmp"):  # an atomic write killed midway: .NAME.RANDOM.tmp
+                name = name[1:].rsplit(".", 2)[0]
+            if path.is_file() and not path.is_symlink() and (name in fixed or _LAST_SET_FILE.fullmatch(name)):
+                path.unlink()
+                removed.append(path)
+        if self.feature_cache.is_dir() and not self.feature_cache.is_symlink():
+            shutil.rmtree(self.feature_cache)
+            removed.append(self.feature_cache)
+        return removed
 
     def has_checkpoint(self) -> bool:
         """Whether a checkpoint state (best or last) exists, i.e. a run was started here."""
