@@ -148,3 +148,106 @@ def test_unknown_model_is_an_edgetl_error(lite0_file, tmp_path):
     with pytest.raises(EdgetlError, match="did you mean"):
         import_weights(lite0_file, "timm/tf_efficientnet_lite9", dir=tmp_path)
     assert get_card(LITE0).id == "timm/tf_efficientnet_lite0.in1k"
+
+
+# --- Weights import safety: where it writes, what it refuses, what "verified" checked (issue 20) ---
+
+
+def _foreign(tmp_path, model="timm/lcnet_050", name="foreign.safetensors", edit=None):
+    """A state_dict of ``model``'s architecture under other key names (random init), saved as safetensors."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    native = build_architecture(model).state_dict()
+    foreign = {f"t{i:03d}" + (".num_batches_tracked" if k.endswith("num_batches_tracked") else ""): v.clone()
+               for i, (k, v) in enumerate(native.items())}
+    if edit:
+        edit(foreign)
+    path = tmp_path / name
+    save_file(foreign, str(path))
+    return path
+
+
+def test_default_destination_is_edgetls_own_folder_which_load_model_finds(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGETL_CACHE_DIR", str(tmp_path / "cache"))
+    dst = import_weights(_foreign(tmp_path), "timm/lcnet_050")
+    assert dst == tmp_path / "cache" / "weights" / "timm" / "lcnet_050.ra2_in1k.safetensors"
+    assert not (tmp_path / "torch-home").exists()  # torch hub's cache is never written
+    loaded = load_model("timm/lcnet_050", weights="imagenet")
+    assert loaded.file == dst and loaded.pretrained
+
+
+def test_foreign_caches_are_refused_in_one_line(tmp_path, monkeypatch, lite0_file):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for folder, what in ((tmp_path / "torch-home" / "hub" / "checkpoints", "torch hub's cache"),
+                         (tmp_path / "hf" / "hub", "Hugging Face's cache")):
+        with pytest.raises(WeightsError, match=f"inside {what}") as info:
+            import_weights(lite0_file, LITE0, dir=folder)
+        assert "\n" not in str(info.value) and not folder.exists()
+    monkeypatch.setenv("EDGETL_WEIGHTS_DIR", str(tmp_path / "torch-home" / "hub"))
+    with pytest.raises(WeightsError, match="inside torch hub's cache"):
+        import_weights(lite0_file, LITE0)
+
+
+def test_non_finite_tensors_are_refused_naming_the_tensor(tmp_path):
+    def poison(state):
+        state["t000"].view(-1)[0] = float("nan")
+        state["t001"].view(-1)[-1] = float("inf")
+
+    with pytest.raises(WeightsError, match=r"tensor t000 holds 1 non-finite value") as info:
+        import_weights(_foreign(tmp_path, edit=poison), "timm/lcnet_050", dir=tmp_path / "w")
+    assert "\n" not in str(info.value) and not any((tmp_path / "w").rglob("*.safetensors"))
+
+
+def test_an_existing_file_is_replaced_only_with_force(tmp_path):
+    first = import_weights(_foreign(tmp_path), "timm/lcnet_050", dir=tmp_path / "w")
+    before = first.read_bytes()
+
+    def change(state):
+        state["t000"].mul_(2)
+
+    other = _foreign(tmp_path, name="other.safetensors", edit=change)
+    with pytest.raises(WeightsError, match="already exists; pass --force"):
+        import_weights(other, "timm/lcnet_050", dir=tmp_path / "w")
+    assert first.read_bytes() == before
+    assert import_weights(other, "timm/lcnet_050", dir=tmp_path / "w", force=True) == first
+    assert first.read_bytes() != before
+
+
+def test_a_swapped_batchnorm_mean_and_variance_is_refused(lite0_file, tmp_path):
+    state = torch.load(lite0_file, weights_only=True)
+    mean, var = "_blocks.5._bn1.running_mean", "_blocks.5._bn1.running_var"
+    state[mean], state[var] = state[var], state[mean]
+    torch.save(state, tmp_path / "swapped.pth")
+    with pytest.raises(WeightsError, match=r"blocks\.3\.0\.bn2\.running_var \(from _blocks\.5\._bn1\.running_var\) "
+                                           r"has \d+ negative BatchNorm variance") as info:
+        import_weights(tmp_path / "swapped.pth", LITE0, dir=tmp_path / "w")
+    assert "\n" not in str(info.value) and not (tmp_path / "w").exists()
+
+
+def test_a_wrong_answer_on_the_known_photos_is_refused(lite0_file, tmp_path):
+    state = torch.load(lite0_file, weights_only=True)
+    key = "_blocks.1._expand_conv.weight"
+    state[key] = state[key].flip(0)  # same shape, channels in another order
+    torch.save(state, tmp_path / "shuffled.pth")
+    with pytest.raises(WeightsError, match=r"answers ImageNet class \d+ on scikit-image's chelsea\.png") as info:
+        import_weights(tmp_path / "shuffled.pth", LITE0, dir=tmp_path / "w")
+    assert "\n" not in str(info.value) and not (tmp_path / "w").exists()
+
+
+def test_cli_says_what_verified_means_and_refuses_in_one_line(lite0_file, tmp_path):
+    import subprocess
+    import sys
+
+    edgetl = str(Path(sys.executable).parent / "edgetl")
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch-home")}
+    env.pop("EDGETL_DEBUG", None)
+    help_text = subprocess.run([edgetl, "weights", "import", "--help"], capture_output=True, text=True, env=env,
+                               timeout=120).stdout
+    assert "Verified means" in " ".join(help_text.split()) and "--force" in help_text
+    hub = tmp_path / "torch-home" / "hub" / "checkpoints"
+    proc = subprocess.run([edgetl, "weights", "import", str(lite0_file), "--model", LITE0, "--dir", str(hub)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "inside torch hub's cache" in lines[0], proc.stderr

@@ -419,23 +419,31 @@ def weights_pull_cmd(model: str, dest: str | None, **kwargs) -> None:
 @click.option("--model", "-m", required=True,
               help="Catalog model whose architecture FILE holds, e.g. timm/tf_efficientnet_lite0.")
 @click.option("--dir", "dest", type=click.Path(file_okay=False), default=None,
-              help="Weights folder to write into [default: $EDGETL_WEIGHTS_DIR or ~/.cache/torch/hub/checkpoints].")
+              help="Weights folder to write into, never torch hub's or Hugging Face's cache "
+                   "[default: $EDGETL_WEIGHTS_DIR or ~/.cache/edgetl/weights].")
+@click.option("--force", is_flag=True, help="Replace the weights file if the folder already holds one.")
 @cli_options(OutputOptions)
-def weights_import_cmd(file: str, model: str, dest: str | None, **kwargs) -> None:
-    """Map a foreign state_dict FILE onto MODEL by order and shape, verify every tensor, save it as safetensors.
+def weights_import_cmd(file: str, model: str, dest: str | None, force: bool, **kwargs) -> None:
+    """Map a foreign state_dict FILE onto MODEL by order and shape, verify it, save it where edgetl finds it.
 
-    FILE is read with weights_only=True: a pickle that carries code is refused, never run. Pass the same
-    folder as --weights-dir (or $EDGETL_WEIGHTS_DIR) to use the weights offline.
+    FILE is read with weights_only=True: a pickle that carries code is refused, never run. The default folder
+    is one that finetune, export and predict look in; with --dir, pass the same folder as --weights-dir (or
+    $EDGETL_WEIGHTS_DIR) to use the weights offline. An existing file is replaced only with --force.
+
+    Verified means: every tensor finite (no NaN or inf); tensors paired in order, each pair of the same shape; no
+    BatchNorm running variance negative (zeros are real: dead channels); and, for a model with a known answer
+    (timm/tf_efficientnet_lite0 on scikit-image's cat and coffee photos), the imported network gives that answer.
+    Otherwise nothing is written.
     """
-    from edgetl.zoo.catalog import get_card
-    from edgetl.zoo.weights_import import import_weights
+    from edgetl.zoo.weights_import import import_weights_report
 
     as_json = parse(OutputOptions, kwargs).as_json
-    path = import_weights(file, model, dest)
+    report = import_weights_report(file, model, dest, force=force)
     if as_json:
-        emit_json({"model": get_card(model).id, "file": str(path)})
+        emit_json({"model": report.model, "file": str(report.path), "verified": list(report.checks)})
     else:
-        click.echo(str(path))
+        click.echo(str(report.path))
+        click.echo("verified: " + "; ".join(report.checks), err=True)
 
 
 @cli.command("predict")

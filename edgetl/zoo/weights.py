@@ -5,14 +5,17 @@ or a PATH to a state_dict file (``.pth``/``.pt`` or ``.safetensors``).
 
 Where ImageNet weights come from, in order:
 
-1. ``weights_dir`` (the ``--weights-dir`` option) or ``$EDGETL_WEIGHTS_DIR``: one folder for both zoos.
+1. ``weights_dir`` (the ``--weights-dir`` option) or ``$EDGETL_WEIGHTS_DIR``: one folder for both zoos; else
+   edgetl's own weights folder, ``<cache>/weights`` (``$EDGETL_CACHE_DIR/weights``, by default
+   ``~/.cache/edgetl/weights``), where ``edgetl weights import`` writes by default.
 
    - torchvision: files named like the basenames of torchvision's URLs (``resnet18-f37072fd.pth``);
    - timm: ``timm/<arch>.<tag>.safetensors``, the state_dict timm's pretrained model has
      (``timm/tf_efficientnet_lite0.in1k.safetensors``), as ``edgetl weights pull`` and
      ``edgetl weights import`` write it.
 
-   When such a folder is set, loading is offline: nothing is downloaded.
+   When such a folder is set, loading is offline: nothing is downloaded. edgetl never writes an imported
+   file into another library's cache (torch hub's, Hugging Face's), whose files other programs trust.
 2. torchvision's own cache, ``torch.hub.get_dir()/checkpoints`` (``~/.cache/torch/hub/checkpoints``), same layout.
 3. A download into that cache, unless a weights folder is set or ``$EDGETL_OFFLINE=1``: torchvision's
    (``torch.hub.download_url_to_file`` with the sha256 prefix check), or timm's own loading
@@ -43,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from edgetl._io import atomic_path, sha256_file
+from edgetl._io import atomic_path, cache_dir, sha256_file
 from edgetl.errors import WeightsError
 from edgetl.zoo.catalog import ModelCard, arch_kwargs, get_card
 
@@ -138,6 +141,42 @@ def resolve_weights_dir(weights_dir: str | os.PathLike[str] | None = None) -> Pa
     return Path(value).expanduser() if value else None
 
 
+def own_weights_dir() -> Path | None:
+    """edgetl's own weights folder, ``<cache>/weights`` (:func:`edgetl._io.cache_dir`); None if it cannot be made."""
+    try:
+        return cache_dir("weights")
+    except OSError:
+        return None
+
+
+def foreign_caches() -> list[tuple[str, Path]]:
+    """Other libraries' caches, which edgetl never writes into: torch hub's folder and Hugging Face's cache."""
+    import torch.hub
+
+    found = [("torch hub's cache", Path(torch.hub.get_dir()))]
+    hf_home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    found.append(("Hugging Face's cache", Path(hf_home)))
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            found.append(("Hugging Face's cache", Path(os.environ[var])))
+    return [(what, path.expanduser().resolve()) for what, path in found]
+
+
+def refuse_foreign_cache(folder: Path) -> None:
+    """Refuse to write into ``folder`` when it is (inside) another library's cache.
+
+    Raises:
+        WeightsError: one line naming the folder, the cache it is in, and the fix.
+    """
+    resolved = folder.expanduser().resolve()
+    for what, cache in foreign_caches():
+        if resolved.is_relative_to(cache):
+            raise WeightsError(
+                f"{folder} is inside {what} ({cache}), whose files other programs trust; edgetl does not write "
+                f"there: leave out --dir (edgetl's own weights folder) or pass another folder"
+            )
+
+
 def _verify_policy() -> str:
     policy = os.environ.get(VERIFY_ENV, "warn").strip().lower() or "warn"
     if policy not in VERIFY_POLICIES:
@@ -148,7 +187,7 @@ def _verify_policy() -> str:
 def find_weights_file(card: ModelCard, weights_dir: str | os.PathLike[str] | None = None) -> Path | None:
     """Return the local file holding ``card``'s ImageNet weights, or None if none is on this machine."""
     name = weights_file_name(card)
-    folders = [d for d in (resolve_weights_dir(weights_dir), hub_checkpoints_dir()) if d is not None]
+    folders = [d for d in (resolve_weights_dir(weights_dir), own_weights_dir(), hub_checkpoints_dir()) if d is not None]
     for folder in folders:
         candidate = folder / name
         if candidate.is_file():
@@ -425,11 +464,32 @@ def load_model(
         if offline:
             raise WeightsError(_missing_message(card, wdir))
         path = _download(card, hub_checkpoints_dir(), progress)
-    from_weights_dir = wdir is not None and path.resolve().is_relative_to(wdir.resolve())
+    own = own_weights_dir()
+    from_weights_dir = any(d is not None and path.resolve().is_relative_to(d.resolve()) for d in (wdir, own))
     digest, how = _check_file(card, path, from_weights_dir)
     _load_into(model, _read_pretrained(card, path, model), str(path), card, allow_head_mismatch=False)
     log.info("loaded %s weights from %s (%s)", card.id, path, how)
     return LoadedModel(model.eval(), card, "imagenet", True, kwargs, path, digest, how)
+
+
+def model_from_state(card: ModelCard, state: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
+    """Build ``card``'s pretrained network from a state_dict in the layout of its weights file, in eval mode.
+
+    This is what :func:`load_model` does after reading the file, for a state_dict already in memory
+    (``edgetl weights import`` checks its result this way before writing it).
+
+    Raises:
+        WeightsError: the state_dict does not match the architecture.
+    """
+    model = build_network(card, arch_kwargs(card.id, card.resolution, pretrained=True))
+    if card.zoo == "timm":
+        from edgetl.zoo import timm as zoo_timm
+
+        state = zoo_timm.adapt_state_dict(zoo_timm.split_name(card.name)[0], state)
+    else:
+        state = _fix_keys(card, state, model)
+    _load_into(model, state, source, card, allow_head_mismatch=False)
+    return model.eval()
 
 
 def _read_pretrained(card: ModelCard, path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
