@@ -30,7 +30,7 @@ from PIL import Image
 
 from edgetl.data.preprocess import PreprocessSpec, decode, prepare, read_spec
 from edgetl.errors import ConfigError
-from edgetl.export import bundle, signing
+from edgetl.export import bundle, golden, signing
 from edgetl.finetune.rundir import RunDir
 from edgetl.options import SourceOptions, ValidateOptions, documented, shared_inputs, take_inputs
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
@@ -86,16 +86,19 @@ def open_source(
     weights_dir: str | os.PathLike[str] | None = None,
     resolution: int | None = None,
     verify_key: str | os.PathLike[str] | None = None,
+    check: bool = False,
 ) -> Classifier:
     """Open an artifact folder, a run folder or a catalog name as a :class:`Classifier`.
 
     ``resolution`` is a catalog model's input size (default: its own); an artifact or a run keeps its own.
-    With ``verify_key`` (a public key, PEM), ``source`` must be an artifact signed with it.
+    With ``verify_key`` (a public key, PEM), ``source`` must be an artifact signed with it. With ``check``, an
+    artifact's golden inputs are re-run on its runtime first (:func:`edgetl.export.golden.check`).
 
     Raises:
         ArtifactError: an artifact whose files do not match its manifest, or (with ``verify_key``) whose
             signature is missing or invalid.
-        ConfigError: ``verify_key`` with a source that is not an artifact.
+        ConfigError: ``verify_key`` or ``check`` with a source that is not an artifact.
+        GoldenMismatchError: (with ``check``) the runtime or the preprocessing does not reproduce export's outputs.
         CheckpointError: a folder that is neither an artifact nor a finished run.
         ConfigError: a resolution for an artifact or a run.
         UnknownNameError: ``source`` is not a catalog name.
@@ -105,16 +108,19 @@ def open_source(
     if path.is_dir() and resolution is not None:
         raise ConfigError(f"{source} keeps the input size it was trained at; drop --resolution")
     if (path / bundle.MANIFEST_FILE).is_file():
-        return _artifact_classifier(path, verify_key)
+        return _artifact_classifier(path, verify_key, check)
+    what = "a run folder" if path.is_dir() else "a catalog name"
     if verify_key is not None:
-        what = "a run folder" if path.is_dir() else "a catalog name"
         raise ConfigError(f"--verify-key checks an artifact's signature, and {source} is {what}; drop --verify-key")
+    if check:
+        raise ConfigError(f"--check re-runs an artifact's golden outputs, and {source} is {what}; drop --check")
     if path.is_dir():
         return _run_classifier(path)
     return _catalog_classifier(str(source), weights, weights_dir, resolution)
 
 
-def _artifact_classifier(folder: Path, verify_key: str | os.PathLike[str] | None = None) -> Classifier:
+def _artifact_classifier(folder: Path, verify_key: str | os.PathLike[str] | None = None,
+                         check: bool = False) -> Classifier:
     manifest, integrity = signing.verify_artifact(folder, verify_key)
     log.info("%s: %s", folder, integrity["summary"])
     labels = json.loads((folder / bundle.LABELS_FILE).read_text())
@@ -127,8 +133,24 @@ def _artifact_classifier(folder: Path, verify_key: str | os.PathLike[str] | None
         runner, runtime = OnnxRuntimeRunner(folder / bundle.MODEL_FILE, providers="cpu", name="onnxruntime"), \
             "onnxruntime"
     runner.activate()
+    if check:
+        _check_golden(folder, manifest, runner, runtime)
     return Classifier(str(folder), "artifact", labels, lambda img: prepare(img, spec),
                       lambda x: np.asarray(runner.infer(x)["logits"]), runtime, close=runner.deactivate)
+
+
+def _check_golden(folder: Path, manifest: dict[str, Any], runner: Any, runtime: str) -> None:
+    """Re-run the golden inputs on ``runner`` (active); the runner is closed when they diverge."""
+    try:
+        result = golden.check(folder, manifest, lambda x: runner.infer(x)["logits"],
+                              golden.runtime_precision(manifest, runtime), runtime)
+    except BaseException:
+        runner.deactivate()
+        raise
+    if result["status"] != "passed":
+        log.warning("%s: %s", folder, result["note"])
+    else:
+        log.info("%s: golden outputs: %s", folder, golden.summary(result))
 
 
 def _torch_classifier(name: str, kind: str, labels: Sequence[str], model: Any, preprocess: Any,
@@ -199,6 +221,7 @@ def predict(
     weights: str | os.PathLike[str] | None = "imagenet",
     weights_dir: str | os.PathLike[str] | None = None,
     verify_key: str | os.PathLike[str] | None = None,
+    check: bool = False,
     **kwargs: Any,
 ) -> list[Prediction]:
     """Classify images with a model source and return the top-K labels with probabilities, per image.
@@ -211,6 +234,8 @@ def predict(
             :func:`edgetl.zoo.weights.load_model`).
         weights_dir: for a catalog name: the offline weights folder (default ``$EDGETL_WEIGHTS_DIR``).
         verify_key: a public key (PEM): ``source`` must be an artifact signed with it, and unchanged since.
+        check: first re-run an artifact's golden inputs on its runtime: the stored images prepared with its
+            preprocess.json must give export's inputs, and the outputs export's within the precision's tolerance.
         **kwargs: the other fields of the shared inputs predict takes (:data:`~edgetl.options.STAGE_INPUTS`),
             e.g. ``resolution`` (a catalog model's input size; default: its own).
 
@@ -226,7 +251,7 @@ def predict(
     given = inputs[SourceOptions]
     key = shared_inputs(ValidateOptions, "predict()", verify_key=verify_key).verify_key
     classifier = open_source(source, weights=given.weights, weights_dir=given.weights_dir,
-                             resolution=given.resolution, verify_key=key)
+                             resolution=given.resolution, verify_key=key, check=check)
     try:
         return classify(classifier, list(images), top=top)
     finally:

@@ -12,6 +12,10 @@ Order of the checks:
    (``checksummed, not signed``, or signed but not verified).
    Then the files must agree (:mod:`edgetl.export.consistency`): as many outputs as labels, the
    precision claimed is the graph's, the input shape is preprocess.json's.
+   **Golden outputs** next (:mod:`edgetl.export.golden`): the stored images prepared with preprocess.json must
+   give export's inputs, and the device's runtime must reproduce export's outputs on them within the
+   precision's tolerance, before anything is timed; a divergence is an ArtifactError (exit 1) naming the
+   largest difference. An artifact made before golden outputs existed gets a note and goes on.
 2. **Latency**, measured here with the runtime the device profile names: ONNX Runtime (CPU) for CPU
    profiles, TensorRT (``model.engine``) where TensorRT and a GPU exist, else ONNX Runtime with a
    note. When the profile is not this machine, the report says so and shows the latency predicted
@@ -38,7 +42,7 @@ from edgetl.data.preprocess import read_spec
 from edgetl.device import budget
 from edgetl.device.profiles import DeviceProfile, default_device, load_profile, threads_for
 from edgetl.errors import BudgetExceededError, ProfileError
-from edgetl.export import bundle, signing
+from edgetl.export import bundle, golden, signing
 from edgetl.export.consistency import check_consistency
 from edgetl.options import TargetOptions, ValidateOptions, documented, take_inputs
 from edgetl.runtime.bench import benchmark, peak_rss_mb, reset_peak_rss
@@ -68,6 +72,8 @@ class ValidationReport:
         notes: things the reader should know (another device, a fallback runtime).
         integrity: how the artifact is protected: ``status`` (``signed`` or ``checksummed, not signed``),
             ``verified`` (its signature was checked with a public key), the key's fingerprint and a ``summary``.
+        golden: the golden check (:func:`edgetl.export.golden.check`): ``status`` ``passed`` (with the largest
+            difference and the tolerance) or ``absent`` (with a note).
     """
 
     artifact: Path
@@ -84,6 +90,7 @@ class ValidationReport:
     notes: list[str] = field(default_factory=list)
     created: str = ""
     integrity: dict[str, Any] = field(default_factory=lambda: {"summary": signing.NOT_SIGNED})
+    golden: dict[str, Any] = field(default_factory=lambda: {"status": "not checked"})
 
     @property
     def passed(self) -> bool:
@@ -99,6 +106,7 @@ class ValidationReport:
             "precision": self.precision,
             "hashes_ok": self.hashes_ok,
             "integrity": dict(self.integrity),
+            "golden": dict(self.golden),
             "files": self.files,
             "latency": self.latency,
             "memory": self.memory,
@@ -209,6 +217,7 @@ def validate(
     precision = _check_precision(manifest, profile)
     runner, runtime, runner_notes = _runner(folder, profile.runtime, threads, files)
     notes += runner_notes
+    golden_result = _golden(folder, manifest, runner, runtime, notes)
     result, shape, memory_mb = _time(runner, manifest, opts)
     latency = _latency_verdict(result, runtime, opts, manifest, profile, notes)
     latency.update(runtime=runtime, threads=threads, shape=list(shape))
@@ -218,7 +227,7 @@ def validate(
     report = ValidationReport(
         artifact=folder, device=profile.name, runtime=runtime, this_machine=here,
         precision=precision, hashes_ok=True, files=files, latency=latency, memory=memory,
-        accuracy=accuracy, failures=failures, notes=notes, integrity=integrity,
+        accuracy=accuracy, failures=failures, notes=notes, integrity=integrity, golden=golden_result,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     if write:
@@ -226,6 +235,16 @@ def validate(
     if check:
         report.raise_for_budget()
     return report
+
+
+def _golden(folder: Path, manifest: dict[str, Any], runner: Any, runtime: str, notes: list[str]) -> dict[str, Any]:
+    """Re-run the golden inputs on the runtime that will be timed (:func:`edgetl.export.golden.check`)."""
+    with runner:
+        result = golden.check(folder, manifest, lambda x: runner.infer(x)["logits"],
+                              golden.runtime_precision(manifest, runtime), runtime)
+    if result["status"] != "passed":
+        notes.append(result["note"])
+    return result
 
 
 def _target(target: TargetOptions, manifest: dict[str, Any]) -> tuple[DeviceProfile, bool, int | None, list[str]]:

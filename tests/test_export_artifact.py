@@ -21,7 +21,7 @@ from edgetl.validate import validate
 from edgetl.zoo import quantize
 
 FAST = dict(rounds=3, device="x86")
-LAYOUT = {"model.onnx", "labels.json", "preprocess.json", "manifest.json", "manifest.sha256"}
+LAYOUT = {"model.onnx", "labels.json", "preprocess.json", "golden.npz", "manifest.json", "manifest.sha256"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -117,7 +117,8 @@ def test_json_is_pure_json(copy):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["passed"] and doc["latency"]["pass"] is True and set(doc["files"]) == {
-        "model.onnx", "labels.json", "preprocess.json"}
+        "model.onnx", "labels.json", "preprocess.json", "golden.npz"}
+    assert doc["golden"]["status"] == "passed"
 
 
 def test_accuracy_with_data(copy, tmp_path):

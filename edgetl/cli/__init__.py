@@ -450,16 +450,19 @@ def weights_import_cmd(file: str, model: str, dest: str | None, force: bool, **k
 @click.argument("source", metavar="SOURCE")
 @click.argument("images", metavar="IMAGE...", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes to show per image.")
+@click.option("--check", is_flag=True, default=False,
+              help="First re-run an artifact's golden inputs on this runtime; a divergence from export's outputs "
+                   "(or a preprocess.json that differs from export's) exits 1.")
 @cli_inputs("predict")
 @cli_options(ValidateOptions, only=("verify_key",))
 @cli_options(OutputOptions)
-def predict_cmd(source, images, top, **kwargs) -> None:
+def predict_cmd(source, images, top, check, **kwargs) -> None:
     """Classify IMAGE... with SOURCE: an artifact folder (run as firmware would), a run folder or a catalog name."""
     from edgetl.predict import predict
 
     inputs, as_json = parse_inputs("predict", kwargs), parse(OutputOptions, kwargs).as_json
     verify_key = parse(ValidateOptions, kwargs).verify_key
-    predictions = predict(source, images, top=top, **inputs, verify_key=verify_key)
+    predictions = predict(source, images, top=top, **inputs, verify_key=verify_key, check=check)
     if as_json:
         emit_json([p.to_dict() for p in predictions])
         return
@@ -733,6 +736,9 @@ def _print_validation(report) -> None:
     table.add_column("check", style="bold")
     table.add_column("value")
     table.add_row("files", f"{len(report.files)} files, sha256 ok; {report.integrity.get('summary')}")
+    from edgetl.export.golden import summary as golden_summary
+
+    table.add_row("golden outputs", golden_summary(report.golden))
     table.add_row("runtime here", f"{lat['runtime']} (threads: {lat['threads'] or 'all'})")
     shown = " · ".join(f"{k} {lat[f'{k}_ms']:.3f}" for k in ("p50", "p90", "p99", "min") if f"{k}_ms" in lat)
     table.add_row("latency ms", f"{shown} (CV {100 * lat['cv']:.0f}%, {lat['runs']} runs)")

@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgetl.data.preprocess import PreprocessSpec
 from edgetl.device import budget
 from edgetl.device.machine import package_versions
 from edgetl.device.profiles import DeviceProfile, default_device, load_profile, threads_for
 from edgetl.errors import BudgetExceededError, ConfigError, ExportError
-from edgetl.export import bundle, signing
+from edgetl.export import bundle, golden, signing
 from edgetl.export.accuracy_control import control_accuracy, relative_error
 from edgetl.export.evaluate import (
     EvalSet,
@@ -603,6 +604,7 @@ def export(
         verdict = _judge(job, chosen, evaluation, engine_info)
         job.say("writing the artifact")
         manifest = _write_artifact(job, src, stage, onnx_report, candidates, chosen, verdict, engine_info)
+        manifest["golden"] = _golden(job, src, stage, chosen.precision)
         for c in candidates if candidates_dir is not None else ():
             bundle.copy_file(c.path, Path(candidates_dir) / f"{c.precision}.onnx")
         shutil.rmtree(work)
@@ -810,6 +812,16 @@ def _write_artifact(job: _Job, src: _Source, stage: Path, onnx_report: Any, cand
         bundle.write_c_header(stage, stage / bundle.MODEL_FILE, onnx_report.input_shapes["input"],
                               onnx_report.output_shapes["logits"], len(src.classes), chosen.precision, src.card.name)
     return _manifest(job, src, onnx_report, candidates, chosen, verdict, engine_info)
+
+
+def _golden(job: _Job, src: _Source, stage: Path, precision: str) -> dict[str, Any]:
+    """Write the golden inputs and ``model.onnx``'s outputs on them (:mod:`edgetl.export.golden`), with ONNX
+    Runtime on the CPU as export measured; a seeded, stratified few of the evaluation images, or synthetic ones."""
+    records = stratified_sample(src.eval_set.records, 2 * golden.MAX_INPUTS, job.opts.seed) if src.eval_set else []
+    spec = PreprocessSpec.from_preprocess(src.preprocess, src.resolution)
+    with OnnxRuntimeRunner(stage / bundle.MODEL_FILE, providers="cpu", threads=job.threads) as runner:
+        return golden.write_golden(stage, spec, lambda x: runner.infer(x)["logits"], precision,
+                                   [path for path, _ in records], src.eval_set.source if src.eval_set else "")
 
 
 def _manifest(job: _Job, src: _Source, onnx_report: Any, candidates: list[_Candidate], chosen: _Candidate,

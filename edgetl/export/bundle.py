@@ -6,7 +6,8 @@ Layout::
       model.onnx        the model at the chosen precision (input "input" NCHW float32, output "logits")
       labels.json       class names, in output order
       preprocess.json   decode, resize, crop, scale, mean, std, colour order, layout: each once (schema 2)
-      manifest.json     versions, source, precision, sha256 of every file, accuracy, latency
+      golden.npz        a few source images, their prepared inputs and the model's outputs (:mod:`edgetl.export.golden`)
+      manifest.json     versions, source, precision, sha256 of every file, accuracy, latency, golden tolerances
       model.engine      only with --tensorrt
       model_data.h      only with --c-header
       manifest.sha256   the digest of the manifest's canonical content (:func:`manifest_digest`)
