@@ -365,11 +365,20 @@ def _evaluate(src: _Source, candidates: list[_Candidate], threads: int | None, m
     evaluation = {
         "measured": labelled,
         "source": src.eval_set.source if labelled else None,
+        "chosen_on": src.eval_set.source if labelled else f"top-1 agreement with PyTorch on {inputs}",
+        "unlabelled_reason": None if labelled else _unlabelled_reason(src),
         "images": len(ref.logits),
         "fp32_top1": None if fp32_top1 is None else round(fp32_top1, 4),
         "torch_onnx_max_abs_diff": candidates[0].parity["max_abs_diff"],
     }
     return evaluation, ref
+
+
+def _unlabelled_reason(src: _Source) -> str:
+    if src.kind == "run":
+        return ("the run has no validation split, and its test split only reports: chosen on agreement with "
+                "PyTorch, no labels")
+    return "no labelled images (a catalog model without --data)"
 
 
 def _score(c: _Candidate, got: np.ndarray, ref: _Reference, max_drop: float) -> None:
@@ -894,8 +903,9 @@ def _accuracy_section(chosen: _Candidate, evaluation: dict[str, Any], max_drop: 
         need = chosen.parity.get("min_top1_agreement")
         return {
             "measured": False,
-            "reason": f"no labelled images (a catalog model without --data): top-1 agreement with PyTorch on "
+            "reason": f"{evaluation['unlabelled_reason']}: top-1 agreement with PyTorch on "
                       f"{chosen.parity['inputs']} only",
+            "chosen_on": evaluation["chosen_on"],
             "top1_agreement": chosen.parity["top1_agreement"],
             "inputs": chosen.parity["inputs"],
             "min_top1_agreement": need,
@@ -906,6 +916,7 @@ def _accuracy_section(chosen: _Candidate, evaluation: dict[str, Any], max_drop: 
     return {
         "measured": True,
         "source": evaluation["source"],
+        "chosen_on": evaluation["chosen_on"],
         **acc,
         "max_drop_pts": max_drop,
         "pass": acc["drop_pts"] <= max_drop,

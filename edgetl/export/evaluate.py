@@ -1,7 +1,9 @@
 """Images for the export and validate stages: evaluation sets, calibration samples, batches, top-1.
 
-- The evaluation set of a run is its validation split (``splits.json``), or its test split when it
-  has no validation split; ``--data DIR`` (a folder of class folders named like the labels) replaces it.
+- The evaluation set of a run, which chooses (the precision, the layers kept in float), is its validation
+  split (``splits.json``), never its test split; a run without one chooses on no labelled images (agreement
+  with FP32 on calibration images). ``--data DIR`` (a folder of class folders named like the labels)
+  replaces it. The test split only reports (:func:`run_split_set`).
 - The calibration sample is a stratified sample of the run's training images, or of the images
   under ``--calib-data DIR`` (stratified by their parent folder).
 - Every image is decoded and prepared by :mod:`edgetl.data.preprocess`, the preprocessing ``predict`` and
@@ -55,13 +57,17 @@ def _records(items: Sequence[Sequence[Any]]) -> list[Record]:
 
 
 def run_eval_set(run_dir: str | os.PathLike[str]) -> EvalSet | None:
-    """The run's validation split (or its test split), or None when it has neither."""
-    splits = RunDir(run_dir).read_splits()
-    for split in ("val", "test"):
-        records = _records(splits.get(split) or [])
-        if records:
-            return EvalSet(records, f"{split} split of {run_dir}")
-    return None
+    """The run's validation split, the images that choose; None when it has none.
+
+    Never the test split: that one only reports (see :func:`run_split_set`).
+    """
+    return run_split_set(run_dir, "val")
+
+
+def run_split_set(run_dir: str | os.PathLike[str], split: str) -> EvalSet | None:
+    """One split (``train``, ``val`` or ``test``) of the run, as ``splits.json`` records it; None when empty."""
+    records = _records(RunDir(run_dir).read_splits().get(split) or [])
+    return EvalSet(records, f"{split} split of {run_dir}") if records else None
 
 
 def run_train_records(run_dir: str | os.PathLike[str]) -> list[Record]:
