@@ -70,3 +70,41 @@ def test_without_a_validation_split_export_chooses_on_no_labels_never_on_test(ru
     report = next((i for i, m in enumerate(decoded) if m.startswith("reporting on")), len(decoded))
     choosing = set(decoded[:report])
     assert choosing & {p for p, _ in splits["train"]} and not choosing & test_paths  # no test image chose
+
+
+@pytest.fixture(scope="module")
+def int8_artifact(run_dir, tmp_path_factory):
+    return export(run_dir, tmp_path_factory.mktemp("int8") / "artifact", precision="int8", check=False, **FAST)
+
+
+def test_export_chooses_on_validation_and_reports_on_test(run_dir, int8_artifact):
+    acc = json.loads((int8_artifact.path / "manifest.json").read_text())["accuracy"]
+    assert acc["chosen_on"] == acc["source"] and acc["chosen_on"].startswith("val split of")
+    assert acc["images"] == 12
+    test = acc["test"]
+    assert acc["reported_on"] == test["source"] and test["source"].startswith("test split of")
+    assert test["precision"] == "int8" and test["images"] == 15
+    classes = json.loads((int8_artifact.path / "labels.json").read_text())
+    for which in ("fp32", "artifact"):
+        rep = test[which]
+        assert rep["images"] == 15 and rep["top1"] == pytest.approx(100 * rep["correct"] / 15, abs=1e-3)
+        assert rep["top1_ci95"]["method"] == "wilson" and rep["top1_ci95"]["low"] <= rep["top1"] <= \
+            rep["top1_ci95"]["high"]
+        assert rep["per_class_images"] == dict.fromkeys(classes, 5)
+    assert test["drop_pts"] == pytest.approx(test["fp32"]["top1"] - test["artifact"]["top1"], abs=1e-3)
+    drops = test["per_class_drop_pts"]
+    assert set(drops) == set(classes)
+    assert test["worst_class"] == {"name": max(drops, key=drops.get), "drop_pts": max(drops.values())}
+
+
+def test_drop_report_per_class_and_worst_class():
+    import numpy as np
+
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    fp32 = np.eye(3)[labels]
+    got = np.eye(3)[[0, 0, 1, 0, 1, 1]]  # class 1 loses one image of two, class 2 both
+    rep = evaluate.drop_report(fp32, got, labels, ["a", "b", "c"], "test split of R")
+    assert rep["fp32"]["top1"] == 100.0 and rep["artifact"]["top1"] == pytest.approx(50.0)
+    assert rep["per_class_drop_pts"] == {"a": 0.0, "b": 50.0, "c": 100.0}
+    assert rep["worst_class"] == {"name": "c", "drop_pts": 100.0}
+    assert rep["artifact"]["top1_ci95"]["high"] < 100 and rep["fp32"]["top1_ci95"]["high"] == 100.0

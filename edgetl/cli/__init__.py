@@ -681,6 +681,8 @@ def _print_artifact(artifact) -> None:
                       f"{acc['top1']:.2f}% (drop {acc['drop_pts']:.2f} pts, budget {acc['max_drop_pts']:g})")
     else:
         console.print(f"accuracy: not measured ({acc['reason']})")
+    if acc.get("test"):
+        console.print(_test_line(acc["test"]))
     console.print(f"ranked on: {m['selection']['ranked_on']}")
     if lat.get("note"):
         console.print(f"note: {lat['note']}")
@@ -693,6 +695,14 @@ def _print_artifact(artifact) -> None:
     console.print(f"integrity: {describe(m, verified=None)}")
     state = "[green]passed[/]" if artifact.passed else "[red]FAILED[/]: " + "; ".join(artifact.failures)
     console.print(f"shipped [bold]{artifact.precision}[/] · files: {', '.join(artifact.files)} · {state}")
+
+
+def _test_line(t: dict) -> str:
+    """One line for export's report on the test split."""
+    ci, worst = t["artifact"]["top1_ci95"], t["worst_class"] or {}
+    return (f"test split (chose nothing, {t['images']} images): fp32 {t['fp32']['top1']:.2f}% -> "
+            f"{t['precision']} {t['artifact']['top1']:.2f}% (95% CI {ci['low']:.1f}-{ci['high']:.1f}), "
+            f"drop {t['drop_pts']:.2f} pts; worst class {worst.get('name')} {worst.get('drop_pts', 0):.2f} pts")
 
 
 @cli.command("validate")

@@ -45,11 +45,13 @@ from edgetl.export.evaluate import (
     Record,
     agreement,
     collect_logits,
+    drop_report,
     folder_calibration_records,
     folder_eval_set,
     image_batches,
     random_batches,
     run_eval_set,
+    run_split_set,
     run_train_records,
     stratified_sample,
     top1,
@@ -610,6 +612,7 @@ def export(
         chosen = _decide(job, src, candidates)
         engine_info = _engine(job, src, stage, candidates, chosen)
         verdict = _judge(job, chosen, evaluation, engine_info)
+        verdict.accuracy.update(_report_on_test(job, src, candidates[0], chosen))
         job.say("writing the artifact")
         manifest = _write_artifact(job, src, stage, onnx_report, candidates, chosen, verdict, engine_info)
         for c in candidates if candidates_dir is not None else ():
@@ -692,6 +695,22 @@ def _control_accuracy(job: _Job, src: _Source, candidates: list[_Candidate],
         candidates[i] = tried[tuple(result.kept_in_float)]
         job.say(f"INT8 within budget with {len(result.kept_in_float)} of {len(layers)} layers in float")
     candidates[i].quant = {**candidates[i].quant, "accuracy_control": result.to_dict()}
+
+
+def _report_on_test(job: _Job, src: _Source, fp32: _Candidate, chosen: _Candidate) -> dict[str, Any]:
+    """The shipped model's and FP32's top-1 on the run's test split, which chose nothing: with the count,
+    the 95% Wilson interval, per class, and the drop (per class too, the worst class named)."""
+    test = run_split_set(src.description["run_dir"], "test") if src.kind == "run" else None
+    if test is None:
+        return {"reported_on": None, "test": None}
+    job.say(f"reporting on {len(test)} test images ({test.source})")
+    batches = image_batches(test.records, src.preprocess, src.resolution)
+    with OnnxRuntimeRunner(fp32.path, providers="cpu", threads=job.threads) as ref, \
+            OnnxRuntimeRunner(chosen.path, providers="cpu", threads=job.threads) as shipped:
+        logits, labels = collect_logits(batches, {"fp32": lambda x: ref.infer(x)["logits"],
+                                                  "artifact": lambda x: shipped.infer(x)["logits"]})
+    report = drop_report(logits["fp32"], logits["artifact"], labels, src.classes, test.source)
+    return {"reported_on": test.source, "test": {"precision": chosen.precision, **report}}
 
 
 def _onnx_logits(path: Path, batches: Any, threads: int | None) -> np.ndarray:

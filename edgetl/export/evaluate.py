@@ -27,6 +27,7 @@ from edgetl.data import ALPHA_BACKGROUND, IMG_EXTENSIONS
 from edgetl.data.decode import try_decode
 from edgetl.data.preprocess import PreprocessSpec, prepare
 from edgetl.errors import DataError
+from edgetl.finetune.metrics import interval_dict
 from edgetl.finetune.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -219,3 +220,66 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Fraction (0-1) of inputs whose arg-max class is the same in ``a`` and ``b``."""
     return float(np.mean(a.argmax(1) == b.argmax(1)))
+
+
+def split_report(logits: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Top-1 on one split, in percent, with its count, 95% Wilson interval and per-class top-1.
+
+    Args:
+        logits: ``(images, classes)`` outputs of the model.
+        labels: the true class of each image.
+        classes: the class names, in the model's output order.
+
+    Returns:
+        ``top1``, ``correct``, ``images``, ``top1_ci95`` (``low`` and ``high`` in percent, Wilson),
+        ``per_class_top1`` (None for a class with no image) and ``per_class_images``.
+    """
+    pred = np.asarray(logits).argmax(1)
+    labels = np.asarray(labels)
+    correct, n = int((pred == labels).sum()), len(labels)
+    ci = interval_dict(correct, n)
+    per_class: dict[str, float | None] = {}
+    per_images: dict[str, int] = {}
+    for i, name in enumerate(classes):
+        mask = labels == i
+        per_images[name] = int(mask.sum())
+        per_class[name] = round(100.0 * float(np.mean(pred[mask] == i)), 4) if mask.any() else None
+    return {
+        "top1": round(100.0 * correct / n, 4) if n else None,
+        "correct": correct,
+        "images": n,
+        "top1_ci95": {**ci, "low": round(100 * ci["low"], 4), "high": round(100 * ci["high"], 4)},
+        "per_class_top1": per_class,
+        "per_class_images": per_images,
+    }
+
+
+def drop_report(fp32_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray, classes: Sequence[str],
+                source: str) -> dict[str, Any]:
+    """FP32's and a model's top-1 on the same images, and the drop between them, overall and per class.
+
+    Args:
+        fp32_logits: the FP32 model's outputs.
+        logits: the shipped model's outputs on the same images.
+        labels: the true class of each image.
+        classes: the class names.
+        source: where the images came from (e.g. ``test split of RUN``).
+
+    Returns:
+        ``source``, ``fp32`` and ``artifact`` (:func:`split_report` each), ``drop_pts``, ``per_class_drop_pts``
+        and ``worst_class`` (the class that lost the most, with its drop), in percentage points.
+    """
+    fp32, got = split_report(fp32_logits, labels, classes), split_report(logits, labels, classes)
+    per_class = {name: None if fp32["per_class_top1"][name] is None
+                 else round(fp32["per_class_top1"][name] - got["per_class_top1"][name], 4) for name in classes}
+    measured = {k: v for k, v in per_class.items() if v is not None}
+    worst = max(measured, key=measured.get) if measured else None
+    return {
+        "source": source,
+        "images": got["images"],
+        "fp32": fp32,
+        "artifact": got,
+        "drop_pts": round(fp32["top1"] - got["top1"], 4) if got["images"] else None,
+        "per_class_drop_pts": per_class,
+        "worst_class": None if worst is None else {"name": worst, "drop_pts": measured[worst]},
+    }
