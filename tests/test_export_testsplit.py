@@ -108,3 +108,64 @@ def test_drop_report_per_class_and_worst_class():
     assert rep["per_class_drop_pts"] == {"a": 0.0, "b": 50.0, "c": 100.0}
     assert rep["worst_class"] == {"name": "c", "drop_pts": 100.0}
     assert rep["artifact"]["top1_ci95"]["high"] < 100 and rep["fp32"]["top1_ci95"]["high"] == 100.0
+
+
+QUICK = dict(iterations=3, warmup=1, write=False, check=False)
+
+
+@pytest.fixture(scope="module")
+def fp32_artifact(run_dir, tmp_path_factory):
+    return export(run_dir, tmp_path_factory.mktemp("fp32") / "artifact", precision="fp32", check=False, **FAST)
+
+
+def _independent_top1(artifact_dir, run_dir):
+    """Plain ONNX Runtime and the artifact's preprocess.json over the test images listed in splits.json."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgetl.data.preprocess import load_tensor, read_spec
+
+    spec = read_spec(artifact_dir / "preprocess.json")
+    session = ort.InferenceSession(str(artifact_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    test = _splits(run_dir)["test"]
+    x = np.stack([load_tensor(p, spec) for p, _ in test])
+    logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    return 100.0 * float(np.mean(logits.argmax(1) == np.array([y for _, y in test]))), len(test)
+
+
+@pytest.mark.parametrize("which", ["fp32", "int8"])
+def test_validate_on_the_test_split_measures_what_export_reported(which, run_dir, fp32_artifact, int8_artifact):
+    from edgetl.validate import validate
+
+    artifact = {"fp32": fp32_artifact, "int8": int8_artifact}[which]
+    reported = json.loads((artifact.path / "manifest.json").read_text())["accuracy"]["test"]
+    assert reported["precision"] == which
+    measured = validate(artifact.path, run=run_dir, split="test", **QUICK).accuracy
+    assert measured["data"].startswith("test split of") and measured["images"] == 15
+    for key in ("top1", "correct", "images", "top1_ci95", "per_class_top1", "per_class_images"):
+        assert measured[key] == reported["artifact"][key], key
+    top1, n = _independent_top1(artifact.path, run_dir)
+    assert abs(top1 - reported["artifact"]["top1"]) <= 100.0 / n + 1e-9  # within one image
+
+
+def test_validate_cli_split_and_its_refusals(run_dir, int8_artifact, tmp_path):
+    from click.testing import CliRunner
+
+    from edgetl.cli import cli
+
+    art = str(int8_artifact.path)
+    base = ["validate", art, "--iterations", "3", "--warmup", "1", "--json"]
+    result = CliRunner().invoke(cli, [*base, "--run", str(run_dir), "--split", "val"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"]["images"] == 12
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    splits = _splits(run)
+    splits["test"] = []
+    (run / "splits.json").write_text(json.dumps(splits))
+    for args, needle in (([*base, "--run", str(run)], "--test-split"),
+                         ([*base, "--split", "test"], "--run RUN"),
+                         ([*base, "--run", str(run_dir), "--data", str(run)], "not both")):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and needle in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1

@@ -711,7 +711,8 @@ def _test_line(t: dict) -> str:
 @cli_options(ValidateOptions)
 @cli_options(OutputOptions)
 def validate_cmd(artifact, **kwargs) -> None:
-    """Verify ARTIFACT_DIR's hashes, measure latency (and accuracy with --data) against the budgets."""
+    """Verify ARTIFACT_DIR's hashes, measure latency (and accuracy with --data, or --run RUN --split test)
+    against the budgets."""
     inputs, as_json = parse_inputs("validate", kwargs), parse(OutputOptions, kwargs).as_json
     options = parse(ValidateOptions, kwargs)
     from edgetl.validate import validate
@@ -745,7 +746,10 @@ def _print_validation(report) -> None:
         verdict = "[green]pass[/]" if mem["pass"] else "[red]FAIL[/]"
         table.add_row("memory", f"{mem['runtime_mb']:.1f} MB vs budget {mem['budget_mb']:g} MB: {verdict}")
     if report.accuracy:
-        table.add_row("accuracy", f"top-1 {report.accuracy['top1']:.2f}% on {report.accuracy['images']} images")
+        acc = report.accuracy
+        ci = acc.get("top1_ci95") or {}
+        table.add_row("accuracy", f"top-1 {acc['top1']:.2f}% on {acc['images']} images ({acc['data']}), 95% CI "
+                                  f"{ci.get('low', 0):.1f}-{ci.get('high', 100):.1f}%")
     table.add_row("result", "[green]passed[/]" if report.passed else "[red]FAILED[/]: " + "; ".join(report.failures))
     console = _stdout_console()
     console.print(table)

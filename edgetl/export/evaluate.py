@@ -26,7 +26,7 @@ import numpy as np
 from edgetl.data import ALPHA_BACKGROUND, IMG_EXTENSIONS
 from edgetl.data.decode import try_decode
 from edgetl.data.preprocess import PreprocessSpec, prepare
-from edgetl.errors import DataError
+from edgetl.errors import ConfigError, DataError
 from edgetl.finetune.metrics import interval_dict
 from edgetl.finetune.rundir import RunDir
 
@@ -69,6 +69,26 @@ def run_split_set(run_dir: str | os.PathLike[str], split: str) -> EvalSet | None
     """One split (``train``, ``val`` or ``test``) of the run, as ``splits.json`` records it; None when empty."""
     records = _records(RunDir(run_dir).read_splits().get(split) or [])
     return EvalSet(records, f"{split} split of {run_dir}") if records else None
+
+
+def run_scoring_set(run_dir: str | os.PathLike[str], split: str, classes: Sequence[str]) -> EvalSet:
+    """A split of the run an artifact was exported from, to score the artifact on (``validate --run --split``).
+
+    Raises:
+        ConfigError: the run's classes are not the artifact's, or the split is empty (for ``test``: how to make one).
+        CheckpointError: the run has no readable ``splits.json``.
+    """
+    splits = RunDir(run_dir).read_splits()
+    if list(splits.get("classes") or []) != list(classes):
+        raise ConfigError(f"{run_dir} has other classes than the artifact's labels.json; pass the run the artifact "
+                          "was exported from")
+    found = run_split_set(run_dir, split)
+    if found is None and split == "test":
+        raise ConfigError(f"{run_dir} has no test split; fine-tune with --test-split FRACTION (e.g. 0.1) to hold one "
+                          "out before training")
+    if found is None:
+        raise ConfigError(f"{run_dir} has no {split} split; pick another with --split")
+    return found
 
 
 def run_train_records(run_dir: str | os.PathLike[str]) -> list[Record]:
