@@ -127,6 +127,7 @@ class BuildConfig(*reversed(BUILD_INPUTS)):  # type: ignore[misc]  # the first m
                 "sign_key": fix(self.export.sign_key),
             }),
             "validate_": self.validate_.model_copy(update={"data": fix(self.validate_.data),
+                                                           "run": fix(self.validate_.run),
                                                            "verify_key": fix(self.validate_.verify_key)}),
         })
 

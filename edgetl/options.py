@@ -262,6 +262,12 @@ class ValidateOptions(TimingOptions):
     """What ``edgetl validate`` measures and the budgets it judges."""
 
     data: Path | None = option(None, "Class folders (named like labels.json) to measure top-1 accuracy on.")
+    run: Path | None = option(
+        None, "The run folder the artifact was exported from: measure top-1 on its --split, read from its "
+              "splits.json (instead of --data).")
+    split: Literal["train", "val", "test"] | None = option(
+        None, "Which split of --run to measure top-1 on, with its count, 95% Wilson interval and per-class "
+              "accuracy [default: test].")
     max_latency_ms: float | None = option(None, "Latency budget in ms; a miss exits with code 3.", gt=0)
     max_memory_mb: float | None = option(
         None, "Memory budget in MB; a miss exits with code 3 [default: the profile's model memory budget].", gt=0)

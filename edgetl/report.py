@@ -254,6 +254,15 @@ def _export_section(out: Path, plots: Path, budget_ms: float | None) -> list[str
         )
     else:
         lines.append(f"Accuracy: not measured ({acc.get('reason', 'no labelled images')}).")
+    if acc.get("test"):
+        t, ci = acc["test"], acc["test"]["artifact"]["top1_ci95"]
+        worst = t.get("worst_class") or {}
+        lines.append(
+            f"On the test split, which chose nothing ({t['images']} images): FP32 {_f(t['fp32']['top1'])}% → "
+            f"{manifest['precision']} {_f(t['artifact']['top1'])}% (95% Wilson interval {_f(ci['low'])}–"
+            f"{_f(ci['high'])}%), a drop of {_f(t['drop_pts'])} points; the worst class, {worst.get('name')}, "
+            f"dropped {_f(worst.get('drop_pts'))} points. The validation figures above chose the precision."
+        )
     lines.append("")
     png = plot_candidates(manifest.get("candidates") or [], plots / "candidates.png", budget_ms)
     if png is not None:

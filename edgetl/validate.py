@@ -20,7 +20,9 @@ Order of the checks:
    profiles, TensorRT (``model.engine``) where TensorRT and a GPU exist, else ONNX Runtime with a
    note. When the profile is not this machine, the report says so and shows the latency predicted
    on that device (from the source architecture's cost trace) next to the measurement here.
-3. **Accuracy** on ``data`` (a folder of class folders named like ``labels.json``), when given.
+3. **Accuracy** on ``data`` (a folder of class folders named like ``labels.json``), or on a split of ``run``
+   (``split``, default ``test``, read from the run's ``splits.json``), when given: top-1 with its count, 95%
+   Wilson interval and per-class top-1.
 4. **Budgets:** ``max_latency_ms`` (judged on the measurement on the device itself, on the device's
    predicted latency elsewhere) and ``max_memory_mb`` (default: the profile's model memory budget).
    A miss raises :class:`~edgetl.errors.BudgetExceededError` (exit 3) naming the value and the
@@ -41,7 +43,7 @@ from edgetl._io import atomic_write_json
 from edgetl.data.preprocess import read_spec
 from edgetl.device import budget
 from edgetl.device.profiles import DeviceProfile, default_device, load_profile, threads_for
-from edgetl.errors import BudgetExceededError, ProfileError
+from edgetl.errors import BudgetExceededError, ConfigError, ProfileError
 from edgetl.export import bundle, golden, signing
 from edgetl.export.consistency import check_consistency
 from edgetl.options import TargetOptions, ValidateOptions, documented, take_inputs
@@ -67,7 +69,8 @@ class ValidationReport:
         hashes_ok: every file matched its sha256 (always True in a returned report: a mismatch raises).
         latency: measured statistics (ms), the prediction on the device, and the budget verdict.
         memory: the runtime's resident memory for the model (MB) and the profile's budget.
-        accuracy: top-1 on ``data`` (None without data).
+        accuracy: top-1 on ``data`` or on a split of ``run`` (None without either), with its count, 95% Wilson
+            interval and per-class top-1.
         failures: the budgets that were missed, one sentence each.
         notes: things the reader should know (another device, a fallback runtime).
         integrity: how the artifact is protected: ``status`` (``signed`` or ``checksummed, not signed``),
@@ -148,26 +151,41 @@ def _runner(folder: Path, runtime: str, threads: int | None, files: dict[str, st
     return runner, "onnxruntime", notes
 
 
-def _accuracy(folder: Path, data: str | os.PathLike[str], runner_threads: int | None, runner: Any,
-              runtime: str) -> dict[str, Any]:
-    """Top-1 on ``data`` through the runtime that was timed. With TensorRT, the engine's top-1, and its
-    top-1 agreement with ``model.onnx`` under ONNX Runtime (the model export measured the accuracy of)."""
+def _scoring_set(folder: Path, opts: ValidateOptions) -> Any:
+    """The labelled images to measure top-1 on: ``data``, a split of ``run``, or None (no accuracy)."""
     # deferred: the image pipeline imports torch, which timing an artifact on the device does not need
-    from edgetl.export.evaluate import agreement, collect_logits, folder_eval_set, image_batches, top1
+    from edgetl.export.evaluate import folder_eval_set, run_scoring_set
+
+    if opts.run is not None and opts.data is not None:
+        raise ConfigError("pass --data DIR or --run RUN (with --split), not both")
+    if opts.run is None and opts.split is not None:
+        raise ConfigError("--split picks a split of a run folder: pass --run RUN too")
+    if opts.run is None and opts.data is None:
+        return None
+    classes = json.loads((folder / bundle.LABELS_FILE).read_text())
+    if opts.run is not None:
+        return run_scoring_set(opts.run, opts.split or "test", classes)
+    return folder_eval_set(opts.data, classes)
+
+
+def _accuracy(folder: Path, eval_set: Any, runner_threads: int | None, runner: Any,
+              runtime: str) -> dict[str, Any]:
+    """Top-1 on ``eval_set`` through the runtime that was timed, with its count, 95% Wilson interval and per
+    class. With TensorRT, the engine's, and its top-1 agreement with ``model.onnx`` under ONNX Runtime (the
+    model export measured the accuracy of)."""
+    from edgetl.export.evaluate import agreement, collect_logits, image_batches, split_report, top1
 
     classes = json.loads((folder / bundle.LABELS_FILE).read_text())
     spec = read_spec(folder / bundle.PREPROCESS_FILE)
-    eval_set = folder_eval_set(data, classes)
     batches = image_batches(eval_set.records, spec, batch_size=ENGINE_BATCH)
     with OnnxRuntimeRunner(folder / bundle.MODEL_FILE, providers="cpu", threads=runner_threads) as onnx:
         models = {"onnx": lambda x: onnx.infer(x)["logits"]}
         if runtime != "tensorrt":
             logits, labels = collect_logits(batches, models)
-            return {"data": str(data), "images": len(labels), "top1": round(top1(logits["onnx"], labels), 4)}
+            return {"data": eval_set.source, **split_report(logits["onnx"], labels, classes)}
         with runner:
             logits, labels = collect_logits(batches, {**models, "engine": lambda x: runner.infer(x)["logits"]})
-    return {"data": str(data), "images": len(labels), "runtime": "tensorrt",
-            "top1": round(top1(logits["engine"], labels), 4),
+    return {"data": eval_set.source, "runtime": "tensorrt", **split_report(logits["engine"], labels, classes),
             "onnx_top1": round(top1(logits["onnx"], labels), 4),
             "top1_agreement_with_onnx": round(agreement(logits["engine"], logits["onnx"]), 6)}
 
@@ -212,6 +230,7 @@ def validate(
     folder = Path(artifact).expanduser()
     manifest, integrity = signing.verify_artifact(folder, opts.verify_key)
     check_consistency(folder, manifest)
+    eval_set = _scoring_set(folder, opts)  # a missing split fails before any timing
     files = {name: rec["sha256"] for name, rec in manifest["files"].items()}
     profile, here, threads, notes = _target(inputs[TargetOptions], manifest)
     precision = _check_precision(manifest, profile)
@@ -223,7 +242,7 @@ def validate(
     latency.update(runtime=runtime, threads=threads, shape=list(shape))
     memory = _memory_verdict(memory_mb, folder, opts, profile)
     failures = [f for f in (latency.pop("failure"), memory.pop("failure")) if f]
-    accuracy = _accuracy(folder, opts.data, threads, runner, runtime) if opts.data is not None else None
+    accuracy = _accuracy(folder, eval_set, threads, runner, runtime) if eval_set is not None else None
     report = ValidationReport(
         artifact=folder, device=profile.name, runtime=runtime, this_machine=here,
         precision=precision, hashes_ok=True, files=files, latency=latency, memory=memory,

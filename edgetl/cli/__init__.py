@@ -695,6 +695,8 @@ def _print_artifact(artifact) -> None:
                       f"{acc['top1']:.2f}% (drop {acc['drop_pts']:.2f} pts, budget {acc['max_drop_pts']:g})")
     else:
         console.print(f"accuracy: not measured ({acc['reason']})")
+    if acc.get("test"):
+        console.print(_test_line(acc["test"]))
     console.print(f"ranked on: {m['selection']['ranked_on']}")
     if lat.get("note"):
         console.print(f"note: {lat['note']}")
@@ -709,13 +711,22 @@ def _print_artifact(artifact) -> None:
     console.print(f"shipped [bold]{artifact.precision}[/] · files: {', '.join(artifact.files)} · {state}")
 
 
+def _test_line(t: dict) -> str:
+    """One line for export's report on the test split."""
+    ci, worst = t["artifact"]["top1_ci95"], t["worst_class"] or {}
+    return (f"test split (chose nothing, {t['images']} images): fp32 {t['fp32']['top1']:.2f}% -> "
+            f"{t['precision']} {t['artifact']['top1']:.2f}% (95% CI {ci['low']:.1f}-{ci['high']:.1f}), "
+            f"drop {t['drop_pts']:.2f} pts; worst class {worst.get('name')} {worst.get('drop_pts', 0):.2f} pts")
+
+
 @cli.command("validate")
 @click.argument("artifact", metavar="ARTIFACT_DIR", type=click.Path(file_okay=False))
 @cli_inputs("validate")
 @cli_options(ValidateOptions)
 @cli_options(OutputOptions)
 def validate_cmd(artifact, **kwargs) -> None:
-    """Verify ARTIFACT_DIR's hashes, measure latency (and accuracy with --data) against the budgets."""
+    """Verify ARTIFACT_DIR's hashes, measure latency (and accuracy with --data, or --run RUN --split test)
+    against the budgets."""
     inputs, as_json = parse_inputs("validate", kwargs), parse(OutputOptions, kwargs).as_json
     options = parse(ValidateOptions, kwargs)
     from edgetl.validate import validate
@@ -752,7 +763,10 @@ def _print_validation(report) -> None:
         verdict = "[green]pass[/]" if mem["pass"] else "[red]FAIL[/]"
         table.add_row("memory", f"{mem['runtime_mb']:.1f} MB vs budget {mem['budget_mb']:g} MB: {verdict}")
     if report.accuracy:
-        table.add_row("accuracy", f"top-1 {report.accuracy['top1']:.2f}% on {report.accuracy['images']} images")
+        acc = report.accuracy
+        ci = acc.get("top1_ci95") or {}
+        table.add_row("accuracy", f"top-1 {acc['top1']:.2f}% on {acc['images']} images ({acc['data']}), 95% CI "
+                                  f"{ci.get('low', 0):.1f}-{ci.get('high', 100):.1f}%")
     table.add_row("result", "[green]passed[/]" if report.passed else "[red]FAILED[/]: " + "; ".join(report.failures))
     console = _stdout_console()
     console.print(table)

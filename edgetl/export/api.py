@@ -46,11 +46,13 @@ from edgetl.export.evaluate import (
     Record,
     agreement,
     collect_logits,
+    drop_report,
     folder_calibration_records,
     folder_eval_set,
     image_batches,
     random_batches,
     run_eval_set,
+    run_split_set,
     run_train_records,
     stratified_sample,
     top1,
@@ -366,11 +368,20 @@ def _evaluate(src: _Source, candidates: list[_Candidate], threads: int | None, m
     evaluation = {
         "measured": labelled,
         "source": src.eval_set.source if labelled else None,
+        "chosen_on": src.eval_set.source if labelled else f"top-1 agreement with PyTorch on {inputs}",
+        "unlabelled_reason": None if labelled else _unlabelled_reason(src),
         "images": len(ref.logits),
         "fp32_top1": None if fp32_top1 is None else round(fp32_top1, 4),
         "torch_onnx_max_abs_diff": candidates[0].parity["max_abs_diff"],
     }
     return evaluation, ref
+
+
+def _unlabelled_reason(src: _Source) -> str:
+    if src.kind == "run":
+        return ("the run has no validation split, and its test split only reports: chosen on agreement with "
+                "PyTorch, no labels")
+    return "no labelled images (a catalog model without --data)"
 
 
 def _score(c: _Candidate, got: np.ndarray, ref: _Reference, max_drop: float) -> None:
@@ -602,6 +613,7 @@ def export(
         chosen = _decide(job, src, candidates)
         engine_info = _engine(job, src, stage, candidates, chosen)
         verdict = _judge(job, chosen, evaluation, engine_info)
+        verdict.accuracy.update(_report_on_test(job, src, candidates[0], chosen))
         job.say("writing the artifact")
         manifest = _write_artifact(job, src, stage, onnx_report, candidates, chosen, verdict, engine_info)
         manifest["golden"] = _golden(job, src, stage, chosen.precision)
@@ -685,6 +697,22 @@ def _control_accuracy(job: _Job, src: _Source, candidates: list[_Candidate],
         candidates[i] = tried[tuple(result.kept_in_float)]
         job.say(f"INT8 within budget with {len(result.kept_in_float)} of {len(layers)} layers in float")
     candidates[i].quant = {**candidates[i].quant, "accuracy_control": result.to_dict()}
+
+
+def _report_on_test(job: _Job, src: _Source, fp32: _Candidate, chosen: _Candidate) -> dict[str, Any]:
+    """The shipped model's and FP32's top-1 on the run's test split, which chose nothing: with the count,
+    the 95% Wilson interval, per class, and the drop (per class too, the worst class named)."""
+    test = run_split_set(src.description["run_dir"], "test") if src.kind == "run" else None
+    if test is None:
+        return {"reported_on": None, "test": None}
+    job.say(f"reporting on {len(test)} test images ({test.source})")
+    batches = image_batches(test.records, src.preprocess, src.resolution)
+    with OnnxRuntimeRunner(fp32.path, providers="cpu", threads=job.threads) as ref, \
+            OnnxRuntimeRunner(chosen.path, providers="cpu", threads=job.threads) as shipped:
+        logits, labels = collect_logits(batches, {"fp32": lambda x: ref.infer(x)["logits"],
+                                                  "artifact": lambda x: shipped.infer(x)["logits"]})
+    report = drop_report(logits["fp32"], logits["artifact"], labels, src.classes, test.source)
+    return {"reported_on": test.source, "test": {"precision": chosen.precision, **report}}
 
 
 def _onnx_logits(path: Path, batches: Any, threads: int | None) -> np.ndarray:
@@ -906,8 +934,9 @@ def _accuracy_section(chosen: _Candidate, evaluation: dict[str, Any], max_drop: 
         need = chosen.parity.get("min_top1_agreement")
         return {
             "measured": False,
-            "reason": f"no labelled images (a catalog model without --data): top-1 agreement with PyTorch on "
+            "reason": f"{evaluation['unlabelled_reason']}: top-1 agreement with PyTorch on "
                       f"{chosen.parity['inputs']} only",
+            "chosen_on": evaluation["chosen_on"],
             "top1_agreement": chosen.parity["top1_agreement"],
             "inputs": chosen.parity["inputs"],
             "min_top1_agreement": need,
@@ -918,6 +947,7 @@ def _accuracy_section(chosen: _Candidate, evaluation: dict[str, Any], max_drop: 
     return {
         "measured": True,
         "source": evaluation["source"],
+        "chosen_on": evaluation["chosen_on"],
         **acc,
         "max_drop_pts": max_drop,
         "pass": acc["drop_pts"] <= max_drop,

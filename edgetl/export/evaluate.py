@@ -1,7 +1,9 @@
 """Images for the export and validate stages: evaluation sets, calibration samples, batches, top-1.
 
-- The evaluation set of a run is its validation split (``splits.json``), or its test split when it
-  has no validation split; ``--data DIR`` (a folder of class folders named like the labels) replaces it.
+- The evaluation set of a run, which chooses (the precision, the layers kept in float), is its validation
+  split (``splits.json``), never its test split; a run without one chooses on no labelled images (agreement
+  with FP32 on calibration images). ``--data DIR`` (a folder of class folders named like the labels)
+  replaces it. The test split only reports (:func:`run_split_set`).
 - The calibration sample is a stratified sample of the run's training images, or of the images
   under ``--calib-data DIR`` (stratified by their parent folder).
 - Every image is decoded and prepared by :mod:`edgetl.data.preprocess`, the preprocessing ``predict`` and
@@ -24,7 +26,8 @@ import numpy as np
 from edgetl.data import ALPHA_BACKGROUND, IMG_EXTENSIONS
 from edgetl.data.decode import try_decode
 from edgetl.data.preprocess import PreprocessSpec, prepare
-from edgetl.errors import DataError
+from edgetl.errors import ConfigError, DataError
+from edgetl.finetune.metrics import interval_dict
 from edgetl.finetune.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -55,13 +58,37 @@ def _records(items: Sequence[Sequence[Any]]) -> list[Record]:
 
 
 def run_eval_set(run_dir: str | os.PathLike[str]) -> EvalSet | None:
-    """The run's validation split (or its test split), or None when it has neither."""
+    """The run's validation split, the images that choose; None when it has none.
+
+    Never the test split: that one only reports (see :func:`run_split_set`).
+    """
+    return run_split_set(run_dir, "val")
+
+
+def run_split_set(run_dir: str | os.PathLike[str], split: str) -> EvalSet | None:
+    """One split (``train``, ``val`` or ``test``) of the run, as ``splits.json`` records it; None when empty."""
+    records = _records(RunDir(run_dir).read_splits().get(split) or [])
+    return EvalSet(records, f"{split} split of {run_dir}") if records else None
+
+
+def run_scoring_set(run_dir: str | os.PathLike[str], split: str, classes: Sequence[str]) -> EvalSet:
+    """A split of the run an artifact was exported from, to score the artifact on (``validate --run --split``).
+
+    Raises:
+        ConfigError: the run's classes are not the artifact's, or the split is empty (for ``test``: how to make one).
+        CheckpointError: the run has no readable ``splits.json``.
+    """
     splits = RunDir(run_dir).read_splits()
-    for split in ("val", "test"):
-        records = _records(splits.get(split) or [])
-        if records:
-            return EvalSet(records, f"{split} split of {run_dir}")
-    return None
+    if list(splits.get("classes") or []) != list(classes):
+        raise ConfigError(f"{run_dir} has other classes than the artifact's labels.json; pass the run the artifact "
+                          "was exported from")
+    found = run_split_set(run_dir, split)
+    if found is None and split == "test":
+        raise ConfigError(f"{run_dir} has no test split; fine-tune with --test-split FRACTION (e.g. 0.1) to hold one "
+                          "out before training")
+    if found is None:
+        raise ConfigError(f"{run_dir} has no {split} split; pick another with --split")
+    return found
 
 
 def run_train_records(run_dir: str | os.PathLike[str]) -> list[Record]:
@@ -213,3 +240,66 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Fraction (0-1) of inputs whose arg-max class is the same in ``a`` and ``b``."""
     return float(np.mean(a.argmax(1) == b.argmax(1)))
+
+
+def split_report(logits: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Top-1 on one split, in percent, with its count, 95% Wilson interval and per-class top-1.
+
+    Args:
+        logits: ``(images, classes)`` outputs of the model.
+        labels: the true class of each image.
+        classes: the class names, in the model's output order.
+
+    Returns:
+        ``top1``, ``correct``, ``images``, ``top1_ci95`` (``low`` and ``high`` in percent, Wilson),
+        ``per_class_top1`` (None for a class with no image) and ``per_class_images``.
+    """
+    pred = np.asarray(logits).argmax(1)
+    labels = np.asarray(labels)
+    correct, n = int((pred == labels).sum()), len(labels)
+    ci = interval_dict(correct, n)
+    per_class: dict[str, float | None] = {}
+    per_images: dict[str, int] = {}
+    for i, name in enumerate(classes):
+        mask = labels == i
+        per_images[name] = int(mask.sum())
+        per_class[name] = round(100.0 * float(np.mean(pred[mask] == i)), 4) if mask.any() else None
+    return {
+        "top1": round(100.0 * correct / n, 4) if n else None,
+        "correct": correct,
+        "images": n,
+        "top1_ci95": {**ci, "low": round(100 * ci["low"], 4), "high": round(100 * ci["high"], 4)},
+        "per_class_top1": per_class,
+        "per_class_images": per_images,
+    }
+
+
+def drop_report(fp32_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray, classes: Sequence[str],
+                source: str) -> dict[str, Any]:
+    """FP32's and a model's top-1 on the same images, and the drop between them, overall and per class.
+
+    Args:
+        fp32_logits: the FP32 model's outputs.
+        logits: the shipped model's outputs on the same images.
+        labels: the true class of each image.
+        classes: the class names.
+        source: where the images came from (e.g. ``test split of RUN``).
+
+    Returns:
+        ``source``, ``fp32`` and ``artifact`` (:func:`split_report` each), ``drop_pts``, ``per_class_drop_pts``
+        and ``worst_class`` (the class that lost the most, with its drop), in percentage points.
+    """
+    fp32, got = split_report(fp32_logits, labels, classes), split_report(logits, labels, classes)
+    per_class = {name: None if fp32["per_class_top1"][name] is None
+                 else round(fp32["per_class_top1"][name] - got["per_class_top1"][name], 4) for name in classes}
+    measured = {k: v for k, v in per_class.items() if v is not None}
+    worst = max(measured, key=measured.get) if measured else None
+    return {
+        "source": source,
+        "images": got["images"],
+        "fp32": fp32,
+        "artifact": got,
+        "drop_pts": round(fp32["top1"] - got["top1"], 4) if got["images"] else None,
+        "per_class_drop_pts": per_class,
+        "worst_class": None if worst is None else {"name": worst, "drop_pts": measured[worst]},
+    }
