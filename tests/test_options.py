@@ -32,7 +32,7 @@ from edgetl.options import (
 # command -> (its option models, the place-specific parameters that are not stage options)
 STAGES = {
     "select": ((SelectOptions, Constraints), {"csv_path", "plot_path", "measure_n"}),
-    "finetune": ((FinetuneOptions,), {"model", "data", "out", "resume"}),
+    "finetune": ((FinetuneOptions,), {"model", "data", "out", "resume", "restart"}),
     "export": ((ExportOptions,), {"source", "out", "data", "force"}),
     "validate": ((ValidateOptions,), {"artifact"}),
 }
