@@ -14,14 +14,65 @@ from typing import Any
 
 from edgetl.errors import ConfigError, EdgetlError
 
+CACHE_ENV = "EDGETL_CACHE_DIR"
+
 
 def cache_dir(*parts: str) -> Path:
-    """Return (and create) edgetl's cache folder: ``$EDGETL_CACHE_DIR`` or ``~/.cache/edgetl``."""
-    root = os.environ.get("EDGETL_CACHE_DIR")
+    """Return (and create) edgetl's cache folder: ``$EDGETL_CACHE_DIR`` or ``~/.cache/edgetl``.
+
+    An unwritable cache (the variable naming a file, a read-only or forbidden folder) falls back to a
+    folder under the system's temporary folder, with one warning naming ``EDGETL_CACHE_DIR``.
+
+    Raises:
+        EdgetlError: neither the cache nor a temporary cache can be written; says how to set the variable.
+    """
+    root = os.environ.get(CACHE_ENV)
     base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgetl"
-    path = base.joinpath(*parts)
+    try:
+        return _writable_dir(base.joinpath(*parts))
+    except OSError as exc:
+        fallback = Path(tempfile.gettempdir()) / f"edgetl-cache-{_uid()}"
+        try:
+            path = _writable_dir(fallback.joinpath(*parts))
+        except OSError:
+            raise EdgetlError(
+                f"{base}: the cache folder cannot be written ({exc.strerror or exc}), nor a temporary one under "
+                f"{fallback.parent}; set {CACHE_ENV} to a writable folder") from None
+        _warn_cache_once(base, fallback, exc)
+        return path
+
+
+def _uid() -> str:
+    return str(os.getuid()) if hasattr(os, "getuid") else "user"
+
+
+_writable: set[Path] = set()
+
+
+def _writable_dir(path: Path) -> Path:
+    """Create ``path`` and check it takes a file (``os.access`` is not enough: root passes it everywhere)."""
+    if path in _writable and path.is_dir():
+        return path
     path.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".probe-", dir=path)
+    os.close(fd)
+    os.unlink(probe)
+    _writable.add(path)
     return path
+
+
+_cache_warned: set[str] = set()
+
+
+def _warn_cache_once(base: Path, fallback: Path, exc: OSError) -> None:
+    if str(base) in _cache_warned:
+        return
+    _cache_warned.add(str(base))
+    import logging
+
+    logging.getLogger("edgetl").warning(
+        "cache folder %s is not writable (%s); using the temporary cache %s instead (set %s to a writable "
+        "folder to keep the cache)", base, exc.strerror or exc, fallback, CACHE_ENV)
 
 
 @contextlib.contextmanager

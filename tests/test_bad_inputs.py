@@ -16,6 +16,7 @@ once for the module; a case that tampers with one works on its own copy.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -35,7 +36,7 @@ from click.testing import CliRunner
 
 from edgetl.cli import EdgetlGroup
 from edgetl.data import make_demo_dataset, scan_dataset
-from edgetl.errors import DataError
+from edgetl.errors import DataError, EdgetlError
 from edgetl.export import bundle
 from edgetl.folders import BUILD_LOCK_FILE, LOCK_FILE
 
@@ -79,6 +80,7 @@ for line in sys.stdin:
     pid = os.fork()
     if pid == 0:
         os.chdir(req["cwd"])
+        os.environ.update(req.get("env", {}))
         for fd, name in ((1, "stdout"), (2, "stderr")):
             os.dup2(os.open(req[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
         sys.argv = ["edgetl", *req["args"]]
@@ -106,9 +108,9 @@ class Zygote:
         self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=_env())
 
-    def run(self, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    def run(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         out, err = cwd / ".." / f"{cwd.name}.stdout", cwd / ".." / f"{cwd.name}.stderr"
-        request = {"args": args, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
+        request = {"args": args, "cwd": str(cwd), "stdout": str(out), "stderr": str(err), "env": env or {}}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         code = json.loads(self.proc.stdout.readline())["code"]
@@ -372,6 +374,32 @@ def _export_incomplete_run(w: World, d: Path) -> list[str]:
     return ["export", str(run), "--out", str(d / "art2")]
 
 
+def _under_a_file(w: World, d: Path) -> Path:
+    (d / "notes.txt").write_text("a file, not a folder")
+    return d / "notes.txt"
+
+
+def _export_out_under_file(w: World, d: Path) -> list[str]:
+    return ["export", str(w.run), "--out", str(_under_a_file(w, d) / "art"), "--precision", "fp32"]
+
+
+def _finetune_out_under_file(w: World, d: Path) -> list[str]:
+    return _finetune(w.data, _under_a_file(w, d) / "run")
+
+
+def _export_out_read_only(w: World, d: Path) -> list[str]:
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a 0o555 folder")
+    (d / "ro").mkdir()
+    (d / "ro").chmod(0o555)
+    return ["export", str(w.run), "--out", str(d / "ro" / "art"), "--precision", "fp32"]
+
+
+def _cache_is_a_file(w: World, d: Path) -> list[str]:
+    (d / "cache-file").write_text("not a folder")
+    return ["select", "--device", "x86", "--top", "2", "--json"]
+
+
 def _art_with(files: dict[str, str | bytes], rehash: bool = False) -> Callable[[World, Path], list[str]]:
     """A setup: a copy of the artifact with ``files`` (relative name -> content) written into it."""
 
@@ -553,6 +581,7 @@ class Case:
     code: int
     message: str  # a regular expression the stderr must match
     json: bool = False
+    env: dict[str, str] | None = None  # extra environment; "{d}" is the case's folder
 
 
 FT = ("finetune", "--model", MODEL, "--data", "{data}", "--out", "{d}/out")
@@ -616,6 +645,13 @@ CASES = [
     Case("export-stale-staging", _stale_staging, 1, r"no-such-run"),
     Case("export-incomplete-run", _export_incomplete_run, 1, r"run"),
     Case("export-int8-on-nano", _args(*EX, "--device", "jetson-nano", "--precision", "int8"), 1, r"INT8|int8"),
+    # the OS refuses a write: one line naming the path and the fix
+    Case("export-out-under-a-file", _export_out_under_file, 1, r"notes\.txt: is a file, not a folder"),
+    Case("finetune-out-under-a-file", _finetune_out_under_file, 1,
+         r"notes\.txt(/run)?: (a part of the path )?is a file, not a folder"),
+    Case("export-out-read-only", _export_out_read_only, 1, r"ro.*(permission denied|read-only).*writable folder"),
+    Case("cache-dir-is-a-file", _cache_is_a_file, 0, r"cache folder .*cache-file is not writable.*EDGETL_CACHE_DIR",
+         json=True, env={"EDGETL_CACHE_DIR": "{d}/cache-file"}),
     Case("export-tensorrt-missing", _args(*EX, "--tensorrt"), 1, r"TensorRT|tensorrt"),
     # validate: consistency, not only hashes
     Case("validate-symlink-outside", _validate_symlink, 1, r"model\.onnx .* is a symbolic link"),
@@ -676,7 +712,8 @@ def test_bad_input(case: Case, world: World, cli_process: Zygote, tmp_path: Path
     roots = [tmp_path, *world.shared()]
     before = _snapshot(roots)
     try:
-        result = cli_process.run(args, cwd=tmp_path)
+        env = {k: v.replace("{d}", str(tmp_path)) for k, v in (case.env or {}).items()}
+        result = cli_process.run(args, cwd=tmp_path, env=env)
     finally:
         while _held:
             _held.pop().fh.close()
@@ -746,6 +783,44 @@ def test_unexpected_exception_reaches_tests_and_verbose_users(monkeypatch) -> No
     monkeypatch.delenv("EDGETL_DEBUG")
     result = CliRunner().invoke(_boom_group(), ["-v", "boom"])
     assert isinstance(result.exception, RuntimeError)
+
+
+@pytest.mark.parametrize(("code", "fix"), [
+    (errno.ENOSPC, "free some space"), (errno.EROFS, "choose a writable folder"),
+    (errno.EACCES, "check its permissions"), (errno.ENOTDIR, "parent folders are folders"),
+])
+def test_an_os_error_a_user_can_fix_is_one_line_naming_the_path(monkeypatch, code: int, fix: str) -> None:
+    import click
+
+    @click.group(cls=EdgetlGroup)
+    def group() -> None:
+        pass
+
+    @group.command()
+    def write() -> None:
+        raise OSError(code, os.strerror(code), "/media/card/art/model.onnx")
+
+    monkeypatch.setenv("EDGETL_DEBUG", "1")  # a user error even when debugging: not re-raised
+    result = CliRunner().invoke(group, ["write"])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: /media/card/art/model.onnx: ") and fix in lines[0]
+
+
+def test_an_unwritable_cache_falls_back_to_a_temporary_one(monkeypatch, tmp_path, caplog) -> None:
+    from edgetl import _io
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("EDGETL_CACHE_DIR", str(tmp_path / "file"))
+    monkeypatch.setattr(_io.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with caplog.at_level("WARNING", logger="edgetl"):
+        path = _io.cache_dir("catalog")
+    assert path.is_dir() and path.is_relative_to(tmp_path / "tmp")
+    assert "EDGETL_CACHE_DIR" in caplog.text
+    monkeypatch.setattr(_io.tempfile, "tempdir", str(tmp_path / "file"))  # no temporary folder either
+    with pytest.raises(EdgetlError, match="set EDGETL_CACHE_DIR to a writable folder"):
+        _io.cache_dir("other")
 
 
 def test_a_link_back_to_the_class_folder_is_read_once(tmp_path) -> None:
