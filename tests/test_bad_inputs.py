@@ -549,6 +549,36 @@ def _build_duplicate_key(w: World, d: Path) -> list[str]:
     return ["build", str(path)]
 
 
+def _build_number(key: str, value: str) -> Callable[[World, Path], list[str]]:
+    """A build file whose ``finetune.<key>`` is ``value``, as YAML writes it (``true``, ``1.0e+20``)."""
+
+    def setup(w: World, d: Path) -> list[str]:
+        path = _build_file(d, w)
+        path.write_text(path.read_text().replace("  epochs: 1\n", f"  epochs: 1\n  {key}: {value}\n"
+                                                 if key != "epochs" else f"  epochs: {value}\n"))
+        return ["build", str(path)]
+
+    return setup
+
+
+def _profile_with(name: str, old: str, new: str) -> Callable[[World, Path], list[str]]:
+    """A copy of the shipped x86-avx2 profile, renamed ``name``, with ``old`` replaced by ``new``."""
+
+    def setup(w: World, d: Path) -> list[str]:
+        text = (Path(__file__).parents[1] / "profiles" / "x86-avx2.yaml").read_text()
+        assert old in text
+        text = text.replace("name: x86-avx2", f"name: {name}").replace("aliases: [x86, avx2]", "aliases: []")
+        (d / "profiles").mkdir()
+        (d / "profiles" / f"{name}.yaml").write_text(text.replace(old, new))
+        return ["--profiles", str(d / "profiles"), "select", "--device", name, "--json"]
+
+    return setup
+
+
+def _bench_many_threads(w: World, d: Path) -> list[str]:
+    return ["bench", str(w.art / "model.onnx"), "--threads", "10000", "--iterations", "2", "--warmup", "0", "--json"]
+
+
 def _build_not_mapping(w: World, d: Path) -> list[str]:
     (d / "pipeline.yaml").write_text("- just\n- a list\n")
     return ["build", str(d / "pipeline.yaml")]
@@ -613,6 +643,25 @@ CASES = [
     Case("bench-resolution-8000", _args("bench", MODEL, "--resolution", "8000"), 1, r"--resolution: .*4096"),
     Case("select-threads-zero", _args("select", "--device", "x86", "--threads", "0", "--json"), 1,
          r"--threads: .*greater than or equal to 1", json=True),
+    Case("batch-size-billion", _args(*FT, "--batch-size", "1000000000"), 1, r"--batch-size: .*65536"),
+    Case("select-batch-billion", _args("select", "--device", "x86", "--batch", "1000000000"), 1, r"--batch: .*65536"),
+    Case("bench-threads-capped", _bench_many_threads, 0, r"10000 threads asked for, but this machine has \d+ "
+         r"cores; using \d+", json=True),
+    Case("build-epochs-true", _build_number("epochs", "true"), 1,
+         r"finetune\.epochs: expected a number, got the boolean true"),
+    Case("build-batch-1e20", _build_number("batch_size", "1.0e+20"), 1, r"finetune\.batch_size: .*1e\+20"),
+    Case("build-batch-1e20-string", _build_number("batch_size", "1e20"), 1, r"finetune\.batch_size: .*'1e20'"),
+    Case("profile-compute-inf", _profile_with("infbox", "fp32: {value: 384,", "fp32: {value: .inf,"), 1,
+         r"infbox\.yaml: compute\.fp32\.value: .*finite", json=True),
+    Case("profile-overhead-inf", _profile_with("infoh", "kernel_overhead_us: {value: 2,",
+                                               "kernel_overhead_us: {value: .inf,"), 1,
+         r"infoh\.yaml: kernel_overhead_us\.value: .*finite", json=True),
+    Case("profile-bandwidth-inf", _profile_with("infbw", "bandwidth_gbs: {value: 51.2,",
+                                                "bandwidth_gbs: {value: .inf,"), 1,
+         r"infbw\.yaml: memory\.bandwidth_gbs\.value: .*finite", json=True),
+    Case("profile-bandwidth-bool", _profile_with("boolbw", "bandwidth_gbs: {value: 51.2,",
+                                                 "bandwidth_gbs: {value: true,"), 1,
+         r"boolbw\.yaml: memory\.bandwidth_gbs\.value: expected a number, got the boolean true", json=True),
     Case("unknown-device", _args("select", "--device", "raspbery-pi-5"), 1, r"unknown device .*raspberry-pi-5"),
     Case("unknown-model", _args("finetune", "--model", "resnet181", "--data", "{data}", "--out", "{d}/o"), 1,
          r"unknown model .*resnet18"),
