@@ -131,6 +131,55 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+#: The largest JSON file edgetl reads back (manifests, labels, specs are kilobytes).
+MAX_JSON_BYTES = 64 << 20
+#: The longest class name: a label is a name, not a document.
+MAX_LABEL_CHARS = 256
+
+
+def read_json(path: str | os.PathLike[str], error: type[EdgetlError] = ConfigError, hint: str = "fix the file") -> Any:
+    """Read a UTF-8 JSON file strictly: at most :data:`MAX_JSON_BYTES`, nested no deeper than Python can parse.
+
+    Args:
+        path: the file.
+        error: the error class raised.
+        hint: how to get a good file (``"re-export the artifact"``).
+
+    Raises:
+        error: one line naming the file: unreadable, too large, not UTF-8, not JSON, or nested too deeply.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise error(f"{path} is larger than {MAX_JSON_BYTES >> 20} MB, too large for a JSON file edgetl wrote; "
+                        f"{hint}")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise error(f"{path} is nested too deeply to be a JSON file edgetl wrote; {hint}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path} is not UTF-8 text; {hint}") from None
+    except ValueError as exc:
+        raise error(f"{path} is not valid JSON ({exc}); {hint}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read it ({exc.strerror or exc}); {hint}") from None
+
+
+def label_problem(label: object) -> str | None:
+    """What is wrong with a class name (``None`` when it is fine): not a string, empty, longer than
+    :data:`MAX_LABEL_CHARS`, or holding a control character (a NUL, a newline) that would break every line
+    it is printed on."""
+    if not isinstance(label, str):
+        return f"a class name must be text, got {type(label).__name__}"
+    if not label.strip():
+        return "a class name is empty"
+    if len(label) > MAX_LABEL_CHARS:
+        return f"a class name of {len(label)} characters (at most {MAX_LABEL_CHARS})"
+    bad = next((c for c in label if c < " " or "\x7f" <= c <= "\x9f"), None)
+    if bad is not None:
+        return f"the class name {label[:40]!r} holds the control character {bad!r}"
+    return None
+
+
 @lru_cache(maxsize=1)
 def _strict_loader() -> type:
     """A safe YAML loader that refuses a key given twice in one mapping instead of keeping the last silently."""

@@ -17,7 +17,6 @@ Not to be confused with :mod:`edgetl.device.latency`, the latency predictor.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from edgetl.data.preprocess import PreprocessSpec, decode, prepare, read_spec
-from edgetl.errors import ConfigError
+from edgetl.errors import ArtifactError, ConfigError
 from edgetl.export import bundle, signing
 from edgetl.finetune.rundir import RunDir
 from edgetl.options import SourceOptions, ValidateOptions, documented, shared_inputs, take_inputs
@@ -117,7 +116,7 @@ def open_source(
 def _artifact_classifier(folder: Path, verify_key: str | os.PathLike[str] | None = None) -> Classifier:
     manifest, integrity = signing.verify_artifact(folder, verify_key)
     log.info("%s: %s", folder, integrity["summary"])
-    labels = json.loads((folder / bundle.LABELS_FILE).read_text())
+    labels = bundle.read_labels(folder)
     spec = read_spec(folder / bundle.PREPROCESS_FILE)
     device = manifest.get("device") or {}
     engine = folder / bundle.ENGINE_FILE
@@ -127,8 +126,16 @@ def _artifact_classifier(folder: Path, verify_key: str | os.PathLike[str] | None
         runner, runtime = OnnxRuntimeRunner(folder / bundle.MODEL_FILE, providers="cpu", name="onnxruntime"), \
             "onnxruntime"
     runner.activate()
-    return Classifier(str(folder), "artifact", labels, lambda img: prepare(img, spec),
-                      lambda x: np.asarray(runner.infer(x)["logits"]), runtime, close=runner.deactivate)
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        logits = np.asarray(runner.infer(x)["logits"])
+        if logits.ndim != 2 or logits.shape[1] != len(labels):  # else labels[j] is an IndexError or a wrong name
+            raise ArtifactError(f"the model in {folder} has {logits.shape[-1]} outputs, {bundle.LABELS_FILE} names "
+                                f"{len(labels)} classes; re-export the artifact")
+        return logits
+
+    return Classifier(str(folder), "artifact", labels, lambda img: prepare(img, spec), forward, runtime,
+                      close=runner.deactivate)
 
 
 def _torch_classifier(name: str, kind: str, labels: Sequence[str], model: Any, preprocess: Any,

@@ -36,6 +36,7 @@ from click.testing import CliRunner
 
 from edgetl.cli import EdgetlGroup
 from edgetl.data import make_demo_dataset, scan_dataset
+from edgetl.data.splits import sorted_classes
 from edgetl.errors import DataError, EdgetlError
 from edgetl.export import bundle
 from edgetl.folders import BUILD_LOCK_FILE, LOCK_FILE
@@ -510,6 +511,42 @@ def _tampered_model(w: World, d: Path) -> list[str]:
     return ["validate", str(art)]
 
 
+def _deep_manifest(command: str) -> Callable[[World, Path], list[str]]:
+    def setup(w: World, d: Path) -> list[str]:
+        art = _art(w, d)
+        (art / bundle.MANIFEST_FILE).write_text("[" * 200_000 + "]" * 200_000)
+        return [command, str(art), *([str(_train_imgs(w, 0)[0])] if command == "predict" else [])]
+
+    return setup
+
+
+def _predict_labels(labels: Callable[[list], list]) -> Callable[[World, Path], list[str]]:
+    """``predict`` with an artifact whose labels.json is ``labels(old)``, re-hashed so only the content is wrong."""
+
+    def setup(w: World, d: Path) -> list[str]:
+        art = _art(w, d)
+        (art / "labels.json").write_text(json.dumps(labels(json.loads((art / "labels.json").read_text()))))
+        _rehash(art)
+        return ["predict", str(art), str(_train_imgs(w, 0)[0])]
+
+    return setup
+
+
+def _csv_label(label: str) -> Callable[[World, Path], list[str]]:
+    def setup(w: World, d: Path) -> list[str]:
+        rows = _csv_rows(w)
+        rows[1] = rows[1].split(",")[0] + "," + label
+        return _finetune(_csv(w, d, rows), d / "out")
+
+    return setup
+
+
+def _class_folder_newline(w: World, d: Path) -> list[str]:
+    data = _classes(d, {"a": 4, "b": 4})
+    os.rename(data / "b", data / "b\nc")
+    return _finetune(data, d / "out")
+
+
 def _build_out_inside_data(w: World, d: Path) -> list[str]:
     data = d / "data"
     shutil.copytree(w.data, data)
@@ -725,6 +762,17 @@ CASES = [
          r"not an ONNX model"),
     Case("validate-missing-folder", _args("validate", "{d}/nothing"), 1, r"does not exist"),
     Case("validate-int8-on-nano", _args("validate", "{art}", "--device", "jetson-nano"), 1, r"does not run"),
+    # strict loaders: a depth limit on JSON, labels without control characters, labels as long as the outputs
+    Case("validate-manifest-200000-deep", _deep_manifest("validate"), 1, r"manifest\.json is nested too deeply"),
+    Case("predict-manifest-200000-deep", _deep_manifest("predict"), 1, r"manifest\.json is nested too deeply"),
+    Case("predict-labels-too-many", _predict_labels(lambda old: [*old, "extra"]), 1,
+         r"has 3 outputs, labels\.json names 4"),
+    Case("predict-labels-too-few", _predict_labels(lambda old: old[:2]), 1, r"has 3 outputs, labels\.json names 2"),
+    Case("predict-label-newline", _predict_labels(lambda old: [old[0] + "\nfake: 99%", *old[1:]]), 1,
+         r"labels\.json entry 0: .*control character"),
+    Case("csv-label-nul", _csv_label("cat\x00dog"), 1, r"labels\.csv row 2: .*control character '\\x00'"),
+    Case("csv-label-131073-chars", _csv_label("x" * 131_073), 1, r"labels\.csv row 2: .*at most 256"),
+    Case("class-folder-newline", _class_folder_newline, 1, r"class folder .*control character '\\n'; rename"),
     # build and demo
     Case("build-out-inside-data", _build_out_inside_data, 1, r"out: .* overlaps data:"),
     Case("build-data-inside-out", _build_data_inside_out, 1, r"out: .* overlaps data:"),
@@ -870,6 +918,12 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_one(monkeypatch, tmp_path
     monkeypatch.setattr(_io.tempfile, "tempdir", str(tmp_path / "file"))  # no temporary folder either
     with pytest.raises(EdgetlError, match="set EDGETL_CACHE_DIR to a writable folder"):
         _io.cache_dir("other")
+
+
+def test_class_folders_that_look_like_numbers_but_are_not_are_sorted_as_text(tmp_path) -> None:
+    data = _classes(tmp_path, {"--1": 3, "1 ² 3": 3, "2": 3})
+    assert scan_dataset(data, val_split=0.34).classes == ["--1", "1 ² 3", "2"]
+    assert sorted_classes(["10", "-1", "2"]) == ["-1", "2", "10"] and sorted_classes(["²", "1"]) == ["1", "²"]
 
 
 def test_a_link_back_to_the_class_folder_is_read_once(tmp_path) -> None:
