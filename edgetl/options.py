@@ -310,6 +310,10 @@ class ValidateOptions(TimingOptions):
     verify_key: Path | None = option(
         None, "Public key (PEM) the artifact must be signed with: a missing or invalid signature, or any changed "
               "file, exits 1 [default: check the checksums only].")
+    report: Path | None = option(
+        None, "Write the report (validation.json) to this file or folder instead of into the artifact, e.g. for "
+              "an artifact on read-only media [default: ARTIFACT_DIR/validation.json, skipped with a warning "
+              "when the artifact is not writable].")
 
 
 #: The shared inputs each stage takes, whole: its API accepts their fields as keyword arguments, its command

@@ -840,6 +840,39 @@ def test_a_fresh_interpreter_gives_the_same_one_line_error(world: World, tmp_pat
     assert result.stderr.startswith("error: artifact folder") and "Traceback" not in result.stderr
 
 
+def test_validate_report_elsewhere_leaves_the_artifact_untouched(world: World, cli_process: Zygote,
+                                                                  tmp_path: Path) -> None:
+    """``--report PATH``: a read-only artifact can be validated (the shared artifact is not written to)."""
+    before = _snapshot([world.art])
+    (tmp_path / "reports").mkdir()
+    for target, written in (("one.json", "one.json"), ("reports", "reports/validation.json")):
+        result = cli_process.run(["validate", str(world.art), "--report", str(tmp_path / target), "--iterations", "2",
+                                  "--warmup", "0", "--json"], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert json.loads((tmp_path / written).read_text())["hashes_ok"] is True
+    assert _snapshot([world.art]) == before
+
+
+def test_validate_of_an_artifact_it_cannot_write_to_succeeds_with_a_note(world: World, tmp_path: Path,
+                                                                          monkeypatch, caplog) -> None:
+    import importlib
+
+    import edgetl as api
+
+    validate_module = importlib.import_module("edgetl.validate")  # edgetl.validate is the function
+
+    def read_only(path, obj, indent=2):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(validate_module, "atomic_write_json", read_only)
+    with caplog.at_level("WARNING"):
+        report = api.validate(world.art, iterations=2, warmup=0)
+    assert any("could not write" in n and "validation.json" in n and "--report" in n for n in report.notes)
+    assert "could not write" in caplog.text
+    with pytest.raises(OSError):  # a --report the user chose that cannot be written: the CLI says so in one line
+        api.validate(world.art, iterations=2, warmup=0, report=tmp_path / "r.json")
+
+
 def test_at_least_fifty_cases() -> None:
     assert len(CASES) >= 50
     assert len({c.id for c in CASES}) == len(CASES)
