@@ -785,6 +785,11 @@ CASES = [
     Case("build-not-mapping", _build_not_mapping, 1, r"expected a mapping"),
     Case("build-file-missing", _args("build", "{d}/nope.yaml"), 1, r"nope\.yaml"),
     Case("demo-user-folder", _demo_user_folder, 1, r"files that edgetl did not write"),
+    # cheap checks before expensive work: refused in a second, nothing measured or written
+    Case("calibrate-out-other-name", _args("device", "calibrate", "--name", "box", "--out", "{d}/cal/other.yaml"), 1,
+         r"other\.yaml: the file name must be the profile name; save it as .*box\.yaml"),
+    Case("demo-unknown-device", _args("demo", "--out", "{d}/demo", "--device", "nosuchdevice"), 1,
+         r"unknown device 'nosuchdevice'"),
     Case("demo-epochs-zero", _args("demo", "--out", "{d}/demo", "--epochs", "0"), 2, r"--epochs"),
     # profiles
     Case("broken-profile-skipped", _broken_profile, 0, r"skipping device profile .*broken\.yaml", json=True),
