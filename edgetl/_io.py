@@ -14,14 +14,65 @@ from typing import Any
 
 from edgetl.errors import ConfigError, EdgetlError
 
+CACHE_ENV = "EDGETL_CACHE_DIR"
+
 
 def cache_dir(*parts: str) -> Path:
-    """Return (and create) edgetl's cache folder: ``$EDGETL_CACHE_DIR`` or ``~/.cache/edgetl``."""
-    root = os.environ.get("EDGETL_CACHE_DIR")
+    """Return (and create) edgetl's cache folder: ``$EDGETL_CACHE_DIR`` or ``~/.cache/edgetl``.
+
+    An unwritable cache (the variable naming a file, a read-only or forbidden folder) falls back to a
+    folder under the system's temporary folder, with one warning naming ``EDGETL_CACHE_DIR``.
+
+    Raises:
+        EdgetlError: neither the cache nor a temporary cache can be written; says how to set the variable.
+    """
+    root = os.environ.get(CACHE_ENV)
     base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgetl"
-    path = base.joinpath(*parts)
+    try:
+        return _writable_dir(base.joinpath(*parts))
+    except OSError as exc:
+        fallback = Path(tempfile.gettempdir()) / f"edgetl-cache-{_uid()}"
+        try:
+            path = _writable_dir(fallback.joinpath(*parts))
+        except OSError:
+            raise EdgetlError(
+                f"{base}: the cache folder cannot be written ({exc.strerror or exc}), nor a temporary one under "
+                f"{fallback.parent}; set {CACHE_ENV} to a writable folder") from None
+        _warn_cache_once(base, fallback, exc)
+        return path
+
+
+def _uid() -> str:
+    return str(os.getuid()) if hasattr(os, "getuid") else "user"
+
+
+_writable: set[Path] = set()
+
+
+def _writable_dir(path: Path) -> Path:
+    """Create ``path`` and check it takes a file (``os.access`` is not enough: root passes it everywhere)."""
+    if path in _writable and path.is_dir():
+        return path
     path.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".probe-", dir=path)
+    os.close(fd)
+    os.unlink(probe)
+    _writable.add(path)
     return path
+
+
+_cache_warned: set[str] = set()
+
+
+def _warn_cache_once(base: Path, fallback: Path, exc: OSError) -> None:
+    if str(base) in _cache_warned:
+        return
+    _cache_warned.add(str(base))
+    import logging
+
+    logging.getLogger("edgetl").warning(
+        "cache folder %s is not writable (%s); using the temporary cache %s instead (set %s to a writable "
+        "folder to keep the cache)", base, exc.strerror or exc, fallback, CACHE_ENV)
 
 
 @contextlib.contextmanager
@@ -78,6 +129,55 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+#: The largest JSON file edgetl reads back (manifests, labels, specs are kilobytes).
+MAX_JSON_BYTES = 64 << 20
+#: The longest class name: a label is a name, not a document.
+MAX_LABEL_CHARS = 256
+
+
+def read_json(path: str | os.PathLike[str], error: type[EdgetlError] = ConfigError, hint: str = "fix the file") -> Any:
+    """Read a UTF-8 JSON file strictly: at most :data:`MAX_JSON_BYTES`, nested no deeper than Python can parse.
+
+    Args:
+        path: the file.
+        error: the error class raised.
+        hint: how to get a good file (``"re-export the artifact"``).
+
+    Raises:
+        error: one line naming the file: unreadable, too large, not UTF-8, not JSON, or nested too deeply.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise error(f"{path} is larger than {MAX_JSON_BYTES >> 20} MB, too large for a JSON file edgetl wrote; "
+                        f"{hint}")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise error(f"{path} is nested too deeply to be a JSON file edgetl wrote; {hint}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path} is not UTF-8 text; {hint}") from None
+    except ValueError as exc:
+        raise error(f"{path} is not valid JSON ({exc}); {hint}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read it ({exc.strerror or exc}); {hint}") from None
+
+
+def label_problem(label: object) -> str | None:
+    """What is wrong with a class name (``None`` when it is fine): not a string, empty, longer than
+    :data:`MAX_LABEL_CHARS`, or holding a control character (a NUL, a newline) that would break every line
+    it is printed on."""
+    if not isinstance(label, str):
+        return f"a class name must be text, got {type(label).__name__}"
+    if not label.strip():
+        return "a class name is empty"
+    if len(label) > MAX_LABEL_CHARS:
+        return f"a class name of {len(label)} characters (at most {MAX_LABEL_CHARS})"
+    bad = next((c for c in label if c < " " or "\x7f" <= c <= "\x9f"), None)
+    if bad is not None:
+        return f"the class name {label[:40]!r} holds the control character {bad!r}"
+    return None
 
 
 @lru_cache(maxsize=1)

@@ -29,7 +29,7 @@ import yaml
 
 from edgetl._io import atomic_write_text
 from edgetl.data.synthetic import make_demo_dataset
-from edgetl.device.profiles import family_device
+from edgetl.device.profiles import family_device, load_profile
 from edgetl.errors import BudgetExceededError, ConfigError
 from edgetl.folders import require_ours
 from edgetl.pipeline import BuildResult, build
@@ -134,6 +134,8 @@ def write_demo(out: str | os.PathLike[str], epochs: int = 8, train_per_class: in
     Raises:
         ConfigError: ``out`` holds files that are not an edgetl demo, or ``pretrained`` without the package.
     """
+    if device is not None:
+        load_profile(device)  # an unknown device fails here, before the data and the weights are made
     out = require_ours(out, ("demo",), "--out", "the demo")
     if epochs < 1 or train_per_class < 2:
         raise ConfigError("the demo needs --epochs >= 1 and --train-per-class >= 2")

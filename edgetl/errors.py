@@ -8,6 +8,8 @@ budget) without a traceback.
 from __future__ import annotations
 
 import difflib
+import errno
+import os
 from collections.abc import Iterable
 
 
@@ -113,3 +115,35 @@ class TrainingInterrupted(EdgetlError):
         self.epochs_total = epochs_total
         msg = f"training interrupted after epoch {epochs_done} of {epochs_total}"
         super().__init__(f"{msg}; {hint}" if hint else msg)
+
+
+_OS_FIXES = {
+    "ENOSPC": ("no space left on the device", "free some space or choose a folder on another disk"),
+    "EDQUOT": ("disk quota exceeded", "free some space or choose a folder on another disk"),
+    "EROFS": ("read-only file system", "choose a writable folder"),
+    "EACCES": ("permission denied", "check its permissions or choose a writable folder"),
+    "EPERM": ("operation not permitted", "check its permissions or choose a writable folder"),
+    "ENOTDIR": ("a part of the path is a file, not a folder", "choose a path whose parent folders are folders"),
+}
+
+
+def os_error_message(exc: OSError) -> str | None:
+    """One line for an OS error a user can fix (full disk, read-only, permission, not a folder), or None.
+
+    Args:
+        exc: the error, usually raised by a write under an output folder or the cache.
+
+    Returns:
+        ``PATH: what went wrong; the fix`` for the errors listed in ``_OS_FIXES``, else None.
+    """
+    name = errno.errorcode.get(exc.errno or -1, "")
+    if name == "EEXIST" and exc.filename is not None and not os.path.isdir(exc.filename):
+        # Path.mkdir(exist_ok=True) on a path, or a parent, that is a file
+        return f"{exc.filename}: is a file, not a folder; choose a path whose parent folders are folders"
+    if name not in _OS_FIXES:
+        return None
+    what, fix = _OS_FIXES[name]
+    path = exc.filename if exc.filename is not None else "a file edgetl was writing"
+    if exc.filename2 is not None:
+        path = f"{path} -> {exc.filename2}"
+    return f"{path}: {what}; {fix}"

@@ -26,7 +26,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -57,6 +57,10 @@ ON_BAD_IMAGE: tuple[str, ...] = get_args(OnBadImage)
 ZOOS: tuple[str, ...] = get_args(ZooName)
 
 MIN_RESOLUTION, MAX_RESOLUTION = 16, 4096
+#: The largest batch: memory grows with it (65536 images of 224 px are 39 GB of float32 input alone).
+MAX_BATCH = 65536
+#: The most images INT8 calibration reads, epochs trained, timed runs and data-loading processes.
+MAX_CALIB_IMAGES, MAX_EPOCHS, MAX_ITERATIONS, MAX_WORKERS = 100_000, 100_000, 1_000_000, 256
 MAX_SEED = 2**32 - 1
 TABLE_ROWS = 15
 """Rows a ranking table shows when ``top`` is not given (machine output keeps every row)."""
@@ -77,10 +81,47 @@ def option(default: Any, help: str, *, flag: str | None = None, **bounds: Any) -
     return Field(default, description=help, json_schema_extra={"flag": flag} if flag else None, **bounds)
 
 
-class StageOptions(BaseModel):
-    """Base of the option models: unknown keys, NaN and infinity are errors; instances are immutable."""
+class NumbersNotBooleans(BaseModel):
+    """A model whose int and float fields refuse a boolean (``epochs: true`` is not 1), the rest unchanged."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and unwrap_optional(field.annotation) in (int, float):
+            raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+        return value
+
+
+class StageOptions(NumbersNotBooleans):
+    """Base of the option models: unknown keys, NaN, infinity and booleans given for numbers are errors;
+    instances are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def cap_threads(threads: int | None) -> int | None:
+    """``threads`` capped at this machine's cores, with a warning when capped (more threads only contend).
+
+    Args:
+        threads: the threads asked for, or None (the runtime's default).
+
+    Returns:
+        ``threads``, or the number of cores when it asked for more.
+    """
+    cores = os.cpu_count() or 1
+    if threads is None or threads <= cores:
+        return threads
+    if threads not in _capped:
+        _capped.add(threads)
+        import logging
+
+        logging.getLogger("edgetl").warning("%d threads asked for, but this machine has %d cores; using %d",
+                                            threads, cores, cores)
+    return cores
+
+
+_capped: set[int] = set()
 
 
 def shared_field(model: type[BaseModel], name: str, **changes: Any) -> Any:
@@ -118,9 +159,9 @@ class TargetOptions(StageOptions):
     device: str | None = option(
         None, "Target device profile: a name, an alias (jetson, rpi, x86, ...) or a YAML path [default: an "
               f"artifact's own device; else {DEFAULT_DEVICE}].", flag="--device/-d")
-    threads: int | None = option(
-        None, "ONNX Runtime threads when timing on this machine [default: the calibrated profile's when the "
-              "device is this machine, else all cores].", ge=1)
+    threads: Annotated[int | None, AfterValidator(cap_threads)] = option(
+        None, "ONNX Runtime threads when timing on this machine, at most its cores [default: the calibrated "
+              "profile's when the device is this machine, else all cores].", ge=1)
 
 
 class OutputOptions(StageOptions):
@@ -159,7 +200,7 @@ class SelectOptions(StageOptions):
         None, "Deployment precision of the prediction [default: a fixed export precision, else fp16 where "
               "the device has it, else fp32].")
     resolution: int | None = shared_field(SourceOptions, "resolution")
-    batch: int = option(1, "Images per inference, for latency and memory.", ge=1)
+    batch: int = option(1, "Images per inference, for latency and memory.", ge=1, le=MAX_BATCH)
     models: str | None = option(None, "Only catalog entries matching this glob, e.g. 'mobilenet*'.",
                                 flag="--models/--filter")
     all_weights: bool = option(True, "Rank every weights tag, not only each model's DEFAULT.",
@@ -180,13 +221,13 @@ class FinetuneOptions(StageOptions):
     unfreeze: int | None = option(
         None, "Blocks to train with --strategy partial or lp-ft [default: the last quarter].", ge=0)
     domain: Domain = option("auto", "Similarity of the images to ImageNet (auto: measured).")
-    epochs: int = option(10, "Most epochs to train.", ge=1)
+    epochs: int = option(10, "Most epochs to train.", ge=1, le=MAX_EPOCHS)
     lr: float = option(1e-3, "The head's peak learning rate.", gt=0, le=10)
     layer_decay: float = option(0.7, "LR factor from one block to the one below.", gt=0, le=1)
     weight_decay: float = option(0.05, "AdamW weight decay (not on norms and biases).", ge=0, le=10)
-    warmup_epochs: float = option(1.0, "Epochs of linear LR warm-up.", ge=0)
+    warmup_epochs: float = option(1.0, "Epochs of linear LR warm-up.", ge=0, le=MAX_EPOCHS)
     label_smoothing: float = option(0.0, "Cross-entropy label smoothing.", ge=0, lt=1)
-    batch_size: int = option(32, "Images per step (per process under torchrun).", ge=1)
+    batch_size: int = option(32, "Images per step (per process under torchrun).", ge=1, le=MAX_BATCH)
     resolution: int | None = shared_field(SourceOptions, "resolution")
     val_split: float = option(
         0.2, "Fraction of each class's images held out for validation (it chooses the best epoch) when the dataset "
@@ -205,7 +246,7 @@ class FinetuneOptions(StageOptions):
     precision_train: TrainPrecisionChoice = option(
         "auto", "Training arithmetic: auto is bf16 autocast + channels-last on CPUs and GPUs with native bf16, "
                 "fp16 with a GradScaler on other GPUs, fp32 + channels-last on other CPUs.")
-    workers: int = option(0, "Data-loading processes.", ge=0)
+    workers: int = option(0, "Data-loading processes.", ge=0, le=MAX_WORKERS)
     on_bad_image: OnBadImage = option("skip", "What to do with an image that cannot be decoded.")
     deterministic: bool = option(False, "Deterministic algorithms only.")
     feature_cache: bool | None = option(
@@ -224,7 +265,7 @@ class CalibrationOptions(StageOptions):
     data: Path | None = option(
         None, "Images to calibrate INT8 on [default: a stratified sample of the run's training images].")
     method: CalibMethod = option("minmax", "How activation ranges are chosen.")
-    size: int = option(200, "Calibration images.", ge=1)
+    size: int = option(200, "Calibration images.", ge=1, le=MAX_CALIB_IMAGES)
 
 
 class ExportOptions(StageOptions):
@@ -242,7 +283,7 @@ class ExportOptions(StageOptions):
     max_accuracy_drop: float = option(1.0, "Largest top-1 drop from FP32 to ship, in points.", ge=0, le=100)
     max_latency_ms: float | None = option(None, "Latency budget in ms; a miss exits with code 3.", gt=0)
     threads: int | None = shared_field(TargetOptions, "threads")
-    rounds: int = option(60, "Timed runs per candidate (interleaved).", ge=1)
+    rounds: int = option(60, "Timed runs per candidate (interleaved).", ge=1, le=MAX_ITERATIONS)
     seed: int = option(0, "Seed of the calibration sample.", ge=0, le=MAX_SEED)
     sign_key: Path | None = option(
         None, "Private key (PEM, Ed25519 or ECDSA P-256) to sign the manifest with, into manifest.sig; an "
@@ -253,8 +294,8 @@ class ExportOptions(StageOptions):
 class TimingOptions(StageOptions):
     """How a model is timed (``edgetl bench``, ``edgetl validate``)."""
 
-    iterations: int = option(100, "Timed inferences.", ge=1)
-    warmup: int = option(10, "Untimed inferences first.", ge=0)
+    iterations: int = option(100, "Timed inferences.", ge=1, le=MAX_ITERATIONS)
+    warmup: int = option(10, "Untimed inferences first.", ge=0, le=MAX_ITERATIONS)
     threads: int | None = shared_field(TargetOptions, "threads")
 
 
@@ -275,6 +316,10 @@ class ValidateOptions(TimingOptions):
     verify_key: Path | None = option(
         None, "Public key (PEM) the artifact must be signed with: a missing or invalid signature, or any changed "
               "file, exits 1 [default: check the checksums only].")
+    report: Path | None = option(
+        None, "Write the report (validation.json) to this file or folder instead of into the artifact, e.g. for "
+              "an artifact on read-only media [default: ARTIFACT_DIR/validation.json, skipped with a warning "
+              "when the artifact is not writable].")
 
 
 #: The shared inputs each stage takes, whole: its API accepts their fields as keyword arguments, its command

@@ -17,7 +17,6 @@ Not to be confused with :mod:`edgetl.device.latency`, the latency predictor.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from edgetl.data.preprocess import PreprocessSpec, decode, prepare, read_spec
-from edgetl.errors import ConfigError
+from edgetl.errors import ArtifactError, ConfigError
 from edgetl.export import bundle, golden, signing
 from edgetl.finetune.rundir import RunDir
 from edgetl.options import SourceOptions, ValidateOptions, documented, shared_inputs, take_inputs
@@ -123,7 +122,7 @@ def _artifact_classifier(folder: Path, verify_key: str | os.PathLike[str] | None
                          check: bool = False) -> Classifier:
     manifest, integrity = signing.verify_artifact(folder, verify_key)
     log.info("%s: %s", folder, integrity["summary"])
-    labels = json.loads((folder / bundle.LABELS_FILE).read_text())
+    labels = bundle.read_labels(folder)
     spec = read_spec(folder / bundle.PREPROCESS_FILE)
     device = manifest.get("device") or {}
     engine = folder / bundle.ENGINE_FILE
@@ -135,8 +134,16 @@ def _artifact_classifier(folder: Path, verify_key: str | os.PathLike[str] | None
     runner.activate()
     if check:
         _check_golden(folder, manifest, runner, runtime)
-    return Classifier(str(folder), "artifact", labels, lambda img: prepare(img, spec),
-                      lambda x: np.asarray(runner.infer(x)["logits"]), runtime, close=runner.deactivate)
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        logits = np.asarray(runner.infer(x)["logits"])
+        if logits.ndim != 2 or logits.shape[1] != len(labels):  # else labels[j] is an IndexError or a wrong name
+            raise ArtifactError(f"the model in {folder} has {logits.shape[-1]} outputs, {bundle.LABELS_FILE} names "
+                                f"{len(labels)} classes; re-export the artifact")
+        return logits
+
+    return Classifier(str(folder), "artifact", labels, lambda img: prepare(img, spec), forward, runtime,
+                      close=runner.deactivate)
 
 
 def _check_golden(folder: Path, manifest: dict[str, Any], runner: Any, runtime: str) -> None:

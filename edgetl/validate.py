@@ -212,7 +212,7 @@ def validate(
         device: the device profile (default: the one the artifact was exported for).
         options: what to measure and the budgets (:class:`~edgetl.options.ValidateOptions`); its fields
             may also be given as keyword arguments (``validate(folder, max_latency_ms=30)``).
-        write: write the report to ``ARTIFACT/validation.json``.
+        write: write the report to ``ARTIFACT/validation.json``, or to ``report`` (a field of the options).
         check: raise :class:`BudgetExceededError` when a budget is missed (after writing the report).
         **kwargs: fields of :class:`~edgetl.options.ValidateOptions` and of the shared inputs validate takes
             (:data:`~edgetl.options.STAGE_INPUTS`: ``device``, ``threads``).
@@ -250,7 +250,7 @@ def validate(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     if write:
-        atomic_write_json(folder / bundle.VALIDATION_FILE, report.to_dict())
+        _write_report(report, folder, opts.report)
     if check:
         report.raise_for_budget()
     return report
@@ -264,6 +264,25 @@ def _golden(folder: Path, manifest: dict[str, Any], runner: Any, runtime: str, n
     if result["status"] != "passed":
         notes.append(result["note"])
     return result
+
+
+def _write_report(report: ValidationReport, folder: Path, target: Path | None) -> None:
+    """Write ``validation.json`` to ``target`` (a file, or a folder to hold it), else into the artifact.
+
+    An artifact that cannot be written (read-only media) is validated all the same: the report then says where
+    it could not be written, in a warning and a note. An OSError writing ``target`` is raised (the user chose it).
+    """
+    if target is not None:
+        path = Path(target).expanduser()
+        atomic_write_json(path / bundle.VALIDATION_FILE if path.is_dir() else path, report.to_dict())
+        return
+    try:
+        atomic_write_json(folder / bundle.VALIDATION_FILE, report.to_dict())
+    except OSError as exc:
+        note = (f"could not write {folder / bundle.VALIDATION_FILE} ({exc.strerror or exc}); "
+                "pass --report PATH to keep the report")
+        log.warning("%s", note)
+        report.notes.append(note)
 
 
 def _target(target: TargetOptions, manifest: dict[str, Any]) -> tuple[DeviceProfile, bool, int | None, list[str]]:

@@ -16,6 +16,7 @@ once for the module; a case that tampers with one works on its own copy.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -35,7 +36,8 @@ from click.testing import CliRunner
 
 from edgetl.cli import EdgetlGroup
 from edgetl.data import make_demo_dataset, scan_dataset
-from edgetl.errors import DataError
+from edgetl.data.splits import sorted_classes
+from edgetl.errors import DataError, EdgetlError
 from edgetl.export import bundle
 from edgetl.folders import BUILD_LOCK_FILE, LOCK_FILE
 
@@ -79,6 +81,7 @@ for line in sys.stdin:
     pid = os.fork()
     if pid == 0:
         os.chdir(req["cwd"])
+        os.environ.update(req.get("env", {}))
         for fd, name in ((1, "stdout"), (2, "stderr")):
             os.dup2(os.open(req[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
         sys.argv = ["edgetl", *req["args"]]
@@ -106,9 +109,9 @@ class Zygote:
         self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=_env())
 
-    def run(self, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    def run(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         out, err = cwd / ".." / f"{cwd.name}.stdout", cwd / ".." / f"{cwd.name}.stderr"
-        request = {"args": args, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
+        request = {"args": args, "cwd": str(cwd), "stdout": str(out), "stderr": str(err), "env": env or {}}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         code = json.loads(self.proc.stdout.readline())["code"]
@@ -372,6 +375,32 @@ def _export_incomplete_run(w: World, d: Path) -> list[str]:
     return ["export", str(run), "--out", str(d / "art2")]
 
 
+def _under_a_file(w: World, d: Path) -> Path:
+    (d / "notes.txt").write_text("a file, not a folder")
+    return d / "notes.txt"
+
+
+def _export_out_under_file(w: World, d: Path) -> list[str]:
+    return ["export", str(w.run), "--out", str(_under_a_file(w, d) / "art"), "--precision", "fp32"]
+
+
+def _finetune_out_under_file(w: World, d: Path) -> list[str]:
+    return _finetune(w.data, _under_a_file(w, d) / "run")
+
+
+def _export_out_read_only(w: World, d: Path) -> list[str]:
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a 0o555 folder")
+    (d / "ro").mkdir()
+    (d / "ro").chmod(0o555)
+    return ["export", str(w.run), "--out", str(d / "ro" / "art"), "--precision", "fp32"]
+
+
+def _cache_is_a_file(w: World, d: Path) -> list[str]:
+    (d / "cache-file").write_text("not a folder")
+    return ["select", "--device", "x86", "--top", "2", "--json"]
+
+
 def _art_with(files: dict[str, str | bytes], rehash: bool = False) -> Callable[[World, Path], list[str]]:
     """A setup: a copy of the artifact with ``files`` (relative name -> content) written into it."""
 
@@ -482,6 +511,42 @@ def _tampered_model(w: World, d: Path) -> list[str]:
     return ["validate", str(art)]
 
 
+def _deep_manifest(command: str) -> Callable[[World, Path], list[str]]:
+    def setup(w: World, d: Path) -> list[str]:
+        art = _art(w, d)
+        (art / bundle.MANIFEST_FILE).write_text("[" * 200_000 + "]" * 200_000)
+        return [command, str(art), *([str(_train_imgs(w, 0)[0])] if command == "predict" else [])]
+
+    return setup
+
+
+def _predict_labels(labels: Callable[[list], list]) -> Callable[[World, Path], list[str]]:
+    """``predict`` with an artifact whose labels.json is ``labels(old)``, re-hashed so only the content is wrong."""
+
+    def setup(w: World, d: Path) -> list[str]:
+        art = _art(w, d)
+        (art / "labels.json").write_text(json.dumps(labels(json.loads((art / "labels.json").read_text()))))
+        _rehash(art)
+        return ["predict", str(art), str(_train_imgs(w, 0)[0])]
+
+    return setup
+
+
+def _csv_label(label: str) -> Callable[[World, Path], list[str]]:
+    def setup(w: World, d: Path) -> list[str]:
+        rows = _csv_rows(w)
+        rows[1] = rows[1].split(",")[0] + "," + label
+        return _finetune(_csv(w, d, rows), d / "out")
+
+    return setup
+
+
+def _class_folder_newline(w: World, d: Path) -> list[str]:
+    data = _classes(d, {"a": 4, "b": 4})
+    os.rename(data / "b", data / "b\nc")
+    return _finetune(data, d / "out")
+
+
 def _build_out_inside_data(w: World, d: Path) -> list[str]:
     data = d / "data"
     shutil.copytree(w.data, data)
@@ -521,6 +586,36 @@ def _build_duplicate_key(w: World, d: Path) -> list[str]:
     return ["build", str(path)]
 
 
+def _build_number(key: str, value: str) -> Callable[[World, Path], list[str]]:
+    """A build file whose ``finetune.<key>`` is ``value``, as YAML writes it (``true``, ``1.0e+20``)."""
+
+    def setup(w: World, d: Path) -> list[str]:
+        path = _build_file(d, w)
+        path.write_text(path.read_text().replace("  epochs: 1\n", f"  epochs: 1\n  {key}: {value}\n"
+                                                 if key != "epochs" else f"  epochs: {value}\n"))
+        return ["build", str(path)]
+
+    return setup
+
+
+def _profile_with(name: str, old: str, new: str) -> Callable[[World, Path], list[str]]:
+    """A copy of the shipped x86-avx2 profile, renamed ``name``, with ``old`` replaced by ``new``."""
+
+    def setup(w: World, d: Path) -> list[str]:
+        text = (Path(__file__).parents[1] / "profiles" / "x86-avx2.yaml").read_text()
+        assert old in text
+        text = text.replace("name: x86-avx2", f"name: {name}").replace("aliases: [x86, avx2]", "aliases: []")
+        (d / "profiles").mkdir()
+        (d / "profiles" / f"{name}.yaml").write_text(text.replace(old, new))
+        return ["--profiles", str(d / "profiles"), "select", "--device", name, "--json"]
+
+    return setup
+
+
+def _bench_many_threads(w: World, d: Path) -> list[str]:
+    return ["bench", str(w.art / "model.onnx"), "--threads", "10000", "--iterations", "2", "--warmup", "0", "--json"]
+
+
 def _build_not_mapping(w: World, d: Path) -> list[str]:
     (d / "pipeline.yaml").write_text("- just\n- a list\n")
     return ["build", str(d / "pipeline.yaml")]
@@ -553,6 +648,7 @@ class Case:
     code: int
     message: str  # a regular expression the stderr must match
     json: bool = False
+    env: dict[str, str] | None = None  # extra environment; "{d}" is the case's folder
 
 
 FT = ("finetune", "--model", MODEL, "--data", "{data}", "--out", "{d}/out")
@@ -584,6 +680,25 @@ CASES = [
     Case("bench-resolution-8000", _args("bench", MODEL, "--resolution", "8000"), 1, r"--resolution: .*4096"),
     Case("select-threads-zero", _args("select", "--device", "x86", "--threads", "0", "--json"), 1,
          r"--threads: .*greater than or equal to 1", json=True),
+    Case("batch-size-billion", _args(*FT, "--batch-size", "1000000000"), 1, r"--batch-size: .*65536"),
+    Case("select-batch-billion", _args("select", "--device", "x86", "--batch", "1000000000"), 1, r"--batch: .*65536"),
+    Case("bench-threads-capped", _bench_many_threads, 0, r"10000 threads asked for, but this machine has \d+ "
+         r"cores; using \d+", json=True),
+    Case("build-epochs-true", _build_number("epochs", "true"), 1,
+         r"finetune\.epochs: expected a number, got the boolean true"),
+    Case("build-batch-1e20", _build_number("batch_size", "1.0e+20"), 1, r"finetune\.batch_size: .*1e\+20"),
+    Case("build-batch-1e20-string", _build_number("batch_size", "1e20"), 1, r"finetune\.batch_size: .*'1e20'"),
+    Case("profile-compute-inf", _profile_with("infbox", "fp32: {value: 384,", "fp32: {value: .inf,"), 1,
+         r"infbox\.yaml: compute\.fp32\.value: .*finite", json=True),
+    Case("profile-overhead-inf", _profile_with("infoh", "kernel_overhead_us: {value: 2,",
+                                               "kernel_overhead_us: {value: .inf,"), 1,
+         r"infoh\.yaml: kernel_overhead_us\.value: .*finite", json=True),
+    Case("profile-bandwidth-inf", _profile_with("infbw", "bandwidth_gbs: {value: 51.2,",
+                                                "bandwidth_gbs: {value: .inf,"), 1,
+         r"infbw\.yaml: memory\.bandwidth_gbs\.value: .*finite", json=True),
+    Case("profile-bandwidth-bool", _profile_with("boolbw", "bandwidth_gbs: {value: 51.2,",
+                                                 "bandwidth_gbs: {value: true,"), 1,
+         r"boolbw\.yaml: memory\.bandwidth_gbs\.value: expected a number, got the boolean true", json=True),
     Case("unknown-device", _args("select", "--device", "raspbery-pi-5"), 1, r"unknown device .*raspberry-pi-5"),
     Case("unknown-model", _args("finetune", "--model", "resnet181", "--data", "{data}", "--out", "{d}/o"), 1,
          r"unknown model .*resnet18"),
@@ -616,6 +731,13 @@ CASES = [
     Case("export-stale-staging", _stale_staging, 1, r"no-such-run"),
     Case("export-incomplete-run", _export_incomplete_run, 1, r"run"),
     Case("export-int8-on-nano", _args(*EX, "--device", "jetson-nano", "--precision", "int8"), 1, r"INT8|int8"),
+    # the OS refuses a write: one line naming the path and the fix
+    Case("export-out-under-a-file", _export_out_under_file, 1, r"notes\.txt: is a file, not a folder"),
+    Case("finetune-out-under-a-file", _finetune_out_under_file, 1,
+         r"notes\.txt(/run)?: (a part of the path )?is a file, not a folder"),
+    Case("export-out-read-only", _export_out_read_only, 1, r"ro.*(permission denied|read-only).*writable folder"),
+    Case("cache-dir-is-a-file", _cache_is_a_file, 0, r"cache folder .*cache-file is not writable.*EDGETL_CACHE_DIR",
+         json=True, env={"EDGETL_CACHE_DIR": "{d}/cache-file"}),
     Case("export-tensorrt-missing", _args(*EX, "--tensorrt"), 1, r"TensorRT|tensorrt"),
     # validate: consistency, not only hashes
     Case("validate-symlink-outside", _validate_symlink, 1, r"model\.onnx .* is a symbolic link"),
@@ -640,6 +762,17 @@ CASES = [
          r"not an ONNX model"),
     Case("validate-missing-folder", _args("validate", "{d}/nothing"), 1, r"does not exist"),
     Case("validate-int8-on-nano", _args("validate", "{art}", "--device", "jetson-nano"), 1, r"does not run"),
+    # strict loaders: a depth limit on JSON, labels without control characters, labels as long as the outputs
+    Case("validate-manifest-200000-deep", _deep_manifest("validate"), 1, r"manifest\.json is nested too deeply"),
+    Case("predict-manifest-200000-deep", _deep_manifest("predict"), 1, r"manifest\.json is nested too deeply"),
+    Case("predict-labels-too-many", _predict_labels(lambda old: [*old, "extra"]), 1,
+         r"has 3 outputs, labels\.json names 4"),
+    Case("predict-labels-too-few", _predict_labels(lambda old: old[:2]), 1, r"has 3 outputs, labels\.json names 2"),
+    Case("predict-label-newline", _predict_labels(lambda old: [old[0] + "\nfake: 99%", *old[1:]]), 1,
+         r"labels\.json entry 0: .*control character"),
+    Case("csv-label-nul", _csv_label("cat\x00dog"), 1, r"labels\.csv row 2: .*control character '\\x00'"),
+    Case("csv-label-131073-chars", _csv_label("x" * 131_073), 1, r"labels\.csv row 2: .*at most 256"),
+    Case("class-folder-newline", _class_folder_newline, 1, r"class folder .*control character '\\n'; rename"),
     # build and demo
     Case("build-out-inside-data", _build_out_inside_data, 1, r"out: .* overlaps data:"),
     Case("build-data-inside-out", _build_data_inside_out, 1, r"out: .* overlaps data:"),
@@ -652,6 +785,11 @@ CASES = [
     Case("build-not-mapping", _build_not_mapping, 1, r"expected a mapping"),
     Case("build-file-missing", _args("build", "{d}/nope.yaml"), 1, r"nope\.yaml"),
     Case("demo-user-folder", _demo_user_folder, 1, r"files that edgetl did not write"),
+    # cheap checks before expensive work: refused in a second, nothing measured or written
+    Case("calibrate-out-other-name", _args("device", "calibrate", "--name", "box", "--out", "{d}/cal/other.yaml"), 1,
+         r"other\.yaml: the file name must be the profile name; save it as .*box\.yaml"),
+    Case("demo-unknown-device", _args("demo", "--out", "{d}/demo", "--device", "nosuchdevice"), 1,
+         r"unknown device 'nosuchdevice'"),
     Case("demo-epochs-zero", _args("demo", "--out", "{d}/demo", "--epochs", "0"), 2, r"--epochs"),
     # profiles
     Case("broken-profile-skipped", _broken_profile, 0, r"skipping device profile .*broken\.yaml", json=True),
@@ -676,7 +814,8 @@ def test_bad_input(case: Case, world: World, cli_process: Zygote, tmp_path: Path
     roots = [tmp_path, *world.shared()]
     before = _snapshot(roots)
     try:
-        result = cli_process.run(args, cwd=tmp_path)
+        env = {k: v.replace("{d}", str(tmp_path)) for k, v in (case.env or {}).items()}
+        result = cli_process.run(args, cwd=tmp_path, env=env)
     finally:
         while _held:
             _held.pop().fh.close()
@@ -704,6 +843,39 @@ def test_a_fresh_interpreter_gives_the_same_one_line_error(world: World, tmp_pat
     result = edgetl("validate", str(tmp_path / "nothing"), "--json", cwd=tmp_path)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("error: artifact folder") and "Traceback" not in result.stderr
+
+
+def test_validate_report_elsewhere_leaves_the_artifact_untouched(world: World, cli_process: Zygote,
+                                                                  tmp_path: Path) -> None:
+    """``--report PATH``: a read-only artifact can be validated (the shared artifact is not written to)."""
+    before = _snapshot([world.art])
+    (tmp_path / "reports").mkdir()
+    for target, written in (("one.json", "one.json"), ("reports", "reports/validation.json")):
+        result = cli_process.run(["validate", str(world.art), "--report", str(tmp_path / target), "--iterations", "2",
+                                  "--warmup", "0", "--json"], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert json.loads((tmp_path / written).read_text())["hashes_ok"] is True
+    assert _snapshot([world.art]) == before
+
+
+def test_validate_of_an_artifact_it_cannot_write_to_succeeds_with_a_note(world: World, tmp_path: Path,
+                                                                          monkeypatch, caplog) -> None:
+    import importlib
+
+    import edgetl as api
+
+    validate_module = importlib.import_module("edgetl.validate")  # edgetl.validate is the function
+
+    def read_only(path, obj, indent=2):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(validate_module, "atomic_write_json", read_only)
+    with caplog.at_level("WARNING"):
+        report = api.validate(world.art, iterations=2, warmup=0)
+    assert any("could not write" in n and "validation.json" in n and "--report" in n for n in report.notes)
+    assert "could not write" in caplog.text
+    with pytest.raises(OSError):  # a --report the user chose that cannot be written: the CLI says so in one line
+        api.validate(world.art, iterations=2, warmup=0, report=tmp_path / "r.json")
 
 
 def test_at_least_fifty_cases() -> None:
@@ -746,6 +918,50 @@ def test_unexpected_exception_reaches_tests_and_verbose_users(monkeypatch) -> No
     monkeypatch.delenv("EDGETL_DEBUG")
     result = CliRunner().invoke(_boom_group(), ["-v", "boom"])
     assert isinstance(result.exception, RuntimeError)
+
+
+@pytest.mark.parametrize(("code", "fix"), [
+    (errno.ENOSPC, "free some space"), (errno.EROFS, "choose a writable folder"),
+    (errno.EACCES, "check its permissions"), (errno.ENOTDIR, "parent folders are folders"),
+])
+def test_an_os_error_a_user_can_fix_is_one_line_naming_the_path(monkeypatch, code: int, fix: str) -> None:
+    import click
+
+    @click.group(cls=EdgetlGroup)
+    def group() -> None:
+        pass
+
+    @group.command()
+    def write() -> None:
+        raise OSError(code, os.strerror(code), "/media/card/art/model.onnx")
+
+    monkeypatch.setenv("EDGETL_DEBUG", "1")  # a user error even when debugging: not re-raised
+    result = CliRunner().invoke(group, ["write"])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: /media/card/art/model.onnx: ") and fix in lines[0]
+
+
+def test_an_unwritable_cache_falls_back_to_a_temporary_one(monkeypatch, tmp_path, caplog) -> None:
+    from edgetl import _io
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("EDGETL_CACHE_DIR", str(tmp_path / "file"))
+    monkeypatch.setattr(_io.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with caplog.at_level("WARNING", logger="edgetl"):
+        path = _io.cache_dir("catalog")
+    assert path.is_dir() and path.is_relative_to(tmp_path / "tmp")
+    assert "EDGETL_CACHE_DIR" in caplog.text
+    monkeypatch.setattr(_io.tempfile, "tempdir", str(tmp_path / "file"))  # no temporary folder either
+    with pytest.raises(EdgetlError, match="set EDGETL_CACHE_DIR to a writable folder"):
+        _io.cache_dir("other")
+
+
+def test_class_folders_that_look_like_numbers_but_are_not_are_sorted_as_text(tmp_path) -> None:
+    data = _classes(tmp_path, {"--1": 3, "1 ² 3": 3, "2": 3})
+    assert scan_dataset(data, val_split=0.34).classes == ["--1", "1 ² 3", "2"]
+    assert sorted_classes(["10", "-1", "2"]) == ["-1", "2", "10"] and sorted_classes(["²", "1"]) == ["1", "²"]
 
 
 def test_a_link_back_to_the_class_folder_is_read_once(tmp_path) -> None:

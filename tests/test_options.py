@@ -2,12 +2,14 @@
 
 import ast
 import math
+import os
 import typing
 from pathlib import Path
 
 import click
 import pytest
 from click.testing import CliRunner
+from pydantic import ValidationError
 
 from edgetl.buildfile import BuildConfig, config_from_dict
 from edgetl.cli import cli
@@ -76,6 +78,32 @@ def _cases():
                 yield pytest.param(command, model, path, field, flags, id=f"{command}:{'.'.join(path)}")
 
 
+def test_threads_are_capped_at_the_cores_with_a_warning(monkeypatch, caplog):
+    from edgetl.options import TimingOptions
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    with caplog.at_level("WARNING", logger="edgetl"):
+        assert TimingOptions(threads=10000).threads == 4
+    assert "10000 threads asked for, but this machine has 4 cores; using 4" in caplog.text
+    assert TimingOptions(threads=3).threads == 3 and TimingOptions().threads is None
+
+
+@pytest.mark.parametrize("field", ["epochs", "batch_size", "lr", "warmup_epochs"])
+def test_a_boolean_is_not_a_number(field):
+    with pytest.raises(ValidationError, match="expected a number, got the boolean true"):
+        FinetuneOptions(**{field: True})
+    assert FinetuneOptions(epochs="3").epochs == 3  # strings (the CLI, the API) are still parsed
+
+
+def test_a_batch_whose_memory_cannot_exist_is_refused():
+    from edgetl.options import MAX_BATCH, SelectOptions
+
+    for model, field in ((FinetuneOptions, "batch_size"), (SelectOptions, "batch")):
+        assert getattr(model(**{field: MAX_BATCH}), field) == MAX_BATCH
+        with pytest.raises(ValidationError, match="less than or equal to 65536"):
+            model(**{field: MAX_BATCH + 1})
+
+
 def test_every_cli_parameter_is_a_stage_option_or_listed_as_place_specific():
     for command, (models, place_specific) in STAGES.items():
         generated = {_param_name(m, path) for m in (*models, *SHARED[command]) for path, _, _ in _walk(m)}
@@ -85,7 +113,8 @@ def test_every_cli_parameter_is_a_stage_option_or_listed_as_place_specific():
 
 @pytest.mark.parametrize(("command", "model", "path", "field", "flags"), list(_cases()))
 def test_option_reaches_cli_with_its_default_and_help_and_the_build_file_accepts_it(command, model, path, field,
-                                                                                     flags):
+                                                                                     flags, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # threads are capped at the cores; 32 must come through
     cmd = _command(command)
     option = next(p for p in cmd.params if p.name == _param_name(model, path))
     assert option.help.startswith(field.description)
@@ -317,8 +346,10 @@ def test_a_command_s_flags_are_the_shared_models_its_stage_takes(stage):
             assert same == (model in STAGE_INPUTS[stage]), (stage, model.__name__, flag)
 
 
-def test_a_build_file_s_top_level_shared_inputs_reach_the_stages():
+def test_a_build_file_s_top_level_shared_inputs_reach_the_stages(monkeypatch):
     from edgetl.buildfile import BUILD_INPUTS, stage_inputs
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # 3 threads are not capped on a 2-core machine
 
     assert all(issubclass(BuildConfig, m) for m in BUILD_INPUTS)
     cfg = config_from_dict({"device": "x86", "data": ".", "threads": 3, "resolution": 64, "weights": "none"},
@@ -340,6 +371,8 @@ def test_a_build_file_s_top_level_shared_inputs_reach_the_stages():
 def test_a_build_file_s_top_level_threads_reach_export_s_timing(tmp_path, monkeypatch):
     """A build runs export with the build file's top-level inputs; export times with the threads they say."""
     import importlib
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # 3 threads are not capped on a 2-core machine
 
     from edgetl.buildfile import stage_inputs
 

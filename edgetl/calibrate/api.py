@@ -50,7 +50,7 @@ from edgetl.calibrate.measure import Measurement, architecture_onnx, measure_mem
 from edgetl.device.kernel_model import fit_kernel_model
 from edgetl.device.latency import MemoryFit, RooflineFit, fit_memory, fit_roofline, int8_speedup_for_isa
 from edgetl.device.machine import CpuInfo, fingerprint, host_name, last_level_cache_mb, read_cpu, runtime_version
-from edgetl.device.profiles import DeviceProfile, load_profile, save_profile, user_profile_dir
+from edgetl.device.profiles import DeviceProfile, load_profile, profile_path, save_profile, user_profile_dir
 from edgetl.errors import ConfigError
 from edgetl.options import KERNEL_SAMPLES
 from edgetl.runtime.bench import benchmark_interleaved, random_input
@@ -220,7 +220,7 @@ def calibrate(
     Returns:
         A :class:`CalibrationResult`.
     """
-    _check_request(name, models)
+    _check_request(name, models, out)
     if (runtime or _default_runtime()) == "tensorrt":
         return _calibrate_tensorrt(name, out, models, rounds, resolution, progress)
     start = time.monotonic()
@@ -411,11 +411,14 @@ def _tensorrt_profile_data(name: str, base: DeviceProfile, fit: RooflineFit, mea
     return data
 
 
-def _check_request(name: str, models: Sequence[str]) -> None:
+def _check_request(name: str, models: Sequence[str], out: str | os.PathLike[str] | None) -> None:
+    """What can be refused before minutes of measuring: the name, the models, the --out file name."""
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
         raise ConfigError(f"profile name '{name}' must be a lowercase slug such as 'my-box'")
     if len(models) < 4:
         raise ConfigError("calibration needs at least 4 models to fit the roofline")
+    if out is not None:
+        profile_path(name, out)
 
 
 def _timings(models: Sequence[str], given: dict[str, Measurement] | None, resolution: int | None, threads: int,

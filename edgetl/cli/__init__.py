@@ -19,7 +19,7 @@ import click
 
 from edgetl.cli.params import cli_inputs, cli_options, parse, parse_inputs
 from edgetl.device.profiles import threads_for
-from edgetl.errors import BudgetExceededError, ConfigError, ConstraintError, EdgetlError
+from edgetl.errors import BudgetExceededError, ConfigError, ConstraintError, EdgetlError, os_error_message
 from edgetl.options import (
     KERNEL_SAMPLES,
     MODEL_HELP,
@@ -94,6 +94,14 @@ class EdgetlGroup(click.Group):
             ctx.exit(130)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
+        except OSError as exc:  # a full disk, a read-only or forbidden folder: the user's to fix
+            message = os_error_message(exc)
+            if message is None:
+                if _debugging(ctx):
+                    raise
+                message = unexpected_message(exc)
+            click.echo(f"error: {message}", err=True)
+            ctx.exit(1)
         except Exception as exc:
             if _debugging(ctx):
                 raise

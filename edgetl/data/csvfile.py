@@ -7,9 +7,11 @@ semicolon; a header row naming the columns is optional; blank rows and ``#`` com
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+from edgetl._io import MAX_LABEL_CHARS, label_problem
 from edgetl.data.splits import SPLITS, Found, Record, require_two_classes, sorted_classes, split_key
 from edgetl.errors import DataError
 
@@ -55,7 +57,7 @@ def _rows(text: str, delimiter: str, csv_path: Path) -> list[Row]:
     cols = {"path": 0, "label": 1, "split": 2}
     header_seen = False
     rows: list[Row] = []
-    for row in reader:
+    for row in _checked(reader, csv_path):
         line = reader.line_num
         cells = [c.strip() for c in row]
         if not any(cells) or cells[0].startswith("#"):
@@ -77,6 +79,15 @@ def _rows(text: str, delimiter: str, csv_path: Path) -> list[Row]:
     return rows
 
 
+def _checked(reader: Any, csv_path: Path) -> Iterator[list[str]]:
+    """The rows of ``reader``; the csv module's own error (a cell over its 131072-character limit) as a DataError."""
+    try:
+        yield from reader
+    except csv.Error as exc:
+        raise DataError(f"{csv_path} row {reader.line_num}: {exc}; fix the row (a class name is at most "
+                        f"{MAX_LABEL_CHARS} characters)") from None
+
+
 def _columns(header: list[str], csv_path: Path) -> dict[str, int | None]:
     def find(names: Sequence[str]) -> int | None:
         return next((i for i, h in enumerate(header) if h in names), None)
@@ -95,6 +106,9 @@ def _resolve(rows: list[Row], csv_path: Path) -> list[tuple[Path, str, str]]:
     for line, rel, label, split in rows:
         if not rel or not label:
             raise DataError(f"{csv_path} row {line}: empty {'path' if not rel else 'label'}; fix the row")
+        problem = label_problem(label)
+        if problem:
+            raise DataError(f"{csv_path} row {line}: {problem}; fix the label")
         path = Path(rel).expanduser()
         path = path if path.is_absolute() else base / path
         if not path.is_file():

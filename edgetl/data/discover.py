@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from edgetl._io import label_problem
 from edgetl.data.csvfile import read_csv
 from edgetl.data.decode import check_images
 from edgetl.data.options import CHECKS, ON_BAD_IMAGE, check_choice
@@ -282,7 +283,12 @@ def _subdirs(folder: Path) -> list[Path]:
 
 def _class_tree(folder: Path, what: str) -> dict[str, list[Path]]:
     """Map class name -> images for a folder of class folders; DataError on an empty class folder."""
-    tree = {d.name: _list_images(d) for d in _subdirs(folder)}
+    dirs = _subdirs(folder)
+    for d in dirs:
+        problem = label_problem(d.name)
+        if problem:
+            raise DataError(f"class folder {d}: {problem}; rename the folder")
+    tree = {d.name: _list_images(d) for d in dirs}
     for name, images in tree.items():
         if not images:
             raise DataError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -93,10 +94,13 @@ class DatasetSplits:
 
 
 
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
 def sorted_classes(names: Iterable[str]) -> list[str]:
     """Unique class names in order: numerically if they are all integers, else alphabetically."""
     names = list(dict.fromkeys(names))
-    if names and all(n.lstrip("-").isdigit() for n in names):
+    if names and all(_INTEGER.fullmatch(n) for n in names):  # not str.isdigit: '²' and '--1' are no int()
         return sorted(names, key=int)
     return sorted(names)
 

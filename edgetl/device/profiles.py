@@ -306,6 +306,22 @@ def profile_names(include_aliases: bool = True) -> list[str]:
     return sorted(names)
 
 
+def profile_path(name: str, path: str | os.PathLike[str]) -> Path:
+    """The file a profile named ``name`` is saved to: ``path`` itself (a ``.yaml`` file named after the profile),
+    or ``<path>/<name>.yaml`` for a folder. Cheap: callers check it before measuring anything.
+
+    Raises:
+        ProfileError: the file name is not the profile name.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir() or not path.suffix:
+        path = path / f"{name}.yaml"
+    if path.stem != name:
+        raise ProfileError(f"{path}: the file name must be the profile name; save it as "
+                           f"{path.with_name(name + '.yaml')}")
+    return path
+
+
 def save_profile(profile: DeviceProfile, path: str | os.PathLike[str]) -> Path:
     """Write ``profile`` as YAML atomically and return the file path.
 
@@ -315,14 +331,7 @@ def save_profile(profile: DeviceProfile, path: str | os.PathLike[str]) -> Path:
     Raises:
         ProfileError: the file name does not match the profile name, or the profile does not round-trip.
     """
-    path = Path(path).expanduser()
-    if path.is_dir() or not path.suffix:
-        path = path / f"{profile.name}.yaml"
-    if path.stem != profile.name:
-        raise ProfileError(
-            f"{path}: the file name must be the profile name; "
-            f"save it as {path.with_name(profile.name + '.yaml')}"
-        )
+    path = profile_path(profile.name, path)
     text = profile_yaml(profile)
     try:
         again = _validate(parse_yaml(text, str(path), ProfileError), path)

@@ -10,12 +10,12 @@ Reading, writing and finding profile files is :mod:`edgetl.device.profiles`. Thi
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -25,7 +25,7 @@ from pydantic import (
 
 from edgetl.device.machine import cpu_model, fingerprint, host_name
 from edgetl.errors import ProfileError, did_you_mean
-from edgetl.options import PRECISIONS, Precision
+from edgetl.options import PRECISIONS, NumbersNotBooleans, Precision
 
 SCHEMA_VERSION = 1
 
@@ -41,8 +41,11 @@ Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$",
 Text = Annotated[str, Field(min_length=1)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Strict(NumbersNotBooleans):
+    """Unknown keys, NaN, infinity (``.inf`` compute would predict no latency at all) and booleans for numbers
+    are errors."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Provenance(_Strict):
@@ -158,9 +161,9 @@ class KernelTimings(_Provenance):
             if kind not in FEATURES:
                 raise ValueError(f"samples[{i}]: unknown kernel kind {kind!r}; one of {', '.join(FEATURES)}")
             if len(row) != len(FEATURES[kind]) + 2 or not all(
-                    isinstance(v, (int, float)) and v > 0 for v in row[1:]):
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in row[1:]):
                 raise ValueError(f"samples[{i}]: a {kind} row is [{kind}, {', '.join(FEATURES[kind])}, microseconds], "
-                                 "all positive")
+                                 "all positive and finite")
         return rows
 
 

@@ -39,7 +39,15 @@ from typing import Any
 
 import numpy as np
 
-from edgetl._io import atomic_path, atomic_write_json, atomic_write_text, sha256_file, umask
+from edgetl._io import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    label_problem,
+    read_json,
+    sha256_file,
+    umask,
+)
 from edgetl.data.preprocess import PreprocessSpec
 from edgetl.errors import ArtifactError, ConfigError
 from edgetl.folders import clean_stale_staging, require_ours, staging_prefix
@@ -233,15 +241,38 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
     path = folder / MANIFEST_FILE
     if not path.is_file():
         raise ArtifactError(f"missing file {MANIFEST_FILE} in {folder}; it is not a complete edgetl artifact")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc}); re-export the artifact") from exc
+    manifest = read_json(path, ArtifactError, "re-export the artifact")
     if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"{path} is not an edgetl artifact manifest; re-export the artifact")
     if not isinstance(manifest.get("files"), dict):
         raise ArtifactError(f"{path} lists no files; re-export the artifact")
     return manifest
+
+
+def read_labels(folder: str | os.PathLike[str], outputs: int | None = None) -> list[str]:
+    """Read an artifact's ``labels.json``: a list of distinct class names, each a valid label.
+
+    Args:
+        folder: the artifact.
+        outputs: the model's number of outputs, when known: the list must be that long.
+
+    Raises:
+        ArtifactError: one line naming the file and the fix.
+    """
+    path = Path(folder) / LABELS_FILE
+    labels = read_json(path, ArtifactError, "re-export the artifact")
+    if not isinstance(labels, list) or not labels:
+        raise ArtifactError(f"{path} must be a list of class names; re-export the artifact")
+    for i, label in enumerate(labels):
+        problem = label_problem(label)
+        if problem:
+            raise ArtifactError(f"{path} entry {i}: {problem}; re-export the artifact")
+    if len(set(labels)) != len(labels):
+        raise ArtifactError(f"{path} names a class twice; re-export the artifact")
+    if outputs is not None and outputs != len(labels):
+        raise ArtifactError(f"the model in {folder} has {outputs} outputs, {path.name} names {len(labels)} classes; "
+                            "re-export the artifact")
+    return labels
 
 
 def verify_files(folder: str | os.PathLike[str], manifest: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -15,7 +15,6 @@ after export, not that what was shipped is what the manifest claims. :func:`chec
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -38,9 +37,8 @@ _MAPPINGS = ("device", "source", "onnx")
 def check_consistency(folder: Path, manifest: dict[str, Any]) -> None:
     """Raise :class:`ArtifactError` when the artifact's files contradict each other (see the module doc)."""
     check_manifest_fields(folder, manifest)
-    labels = _read_json(folder, bundle.LABELS_FILE)
+    labels = bundle.read_labels(folder)
     spec = read_spec(folder / bundle.PREPROCESS_FILE)
-    _check_labels(folder, labels)
     model = _load_graph(folder)
     _check_precision(folder, manifest["precision"], model)
     _check_io(folder, model, spec.input_shape, len(labels))
@@ -60,20 +58,6 @@ def check_manifest_fields(folder: Path, manifest: dict[str, Any]) -> None:
     if manifest.get("precision") not in PRECISIONS:
         raise ArtifactError(f"{where}: precision must be one of {', '.join(PRECISIONS)}, "
                             f"got {manifest.get('precision')!r}; re-export the artifact")
-
-
-def _read_json(folder: Path, name: str) -> Any:
-    try:
-        return json.loads((folder / name).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{folder / name} is not valid JSON ({exc}); re-export the artifact") from None
-
-
-def _check_labels(folder: Path, labels: Any) -> None:
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
-        raise ArtifactError(f"{folder / bundle.LABELS_FILE} must be a list of class names; re-export the artifact")
-    if len(set(labels)) != len(labels):
-        raise ArtifactError(f"{folder / bundle.LABELS_FILE} names a class twice; re-export the artifact")
 
 
 def _load_graph(folder: Path) -> onnx.ModelProto:
