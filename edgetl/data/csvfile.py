@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl._io import MAX_LABEL_CHARS, label_problem
+from edgetl.data.decode import file_problem
 from edgetl.data.splits import SPLITS, Found, Record, require_two_classes, sorted_classes, split_key
 from edgetl.errors import DataError
 
@@ -102,7 +103,7 @@ def _resolve(rows: list[Row], csv_path: Path) -> list[tuple[Path, str, str]]:
     """(image path, label, split key) per row; all the missing images are counted in one error."""
     base = csv_path.parent
     entries: list[tuple[Path, str, str]] = []
-    missing: list[tuple[int, str]] = []
+    missing: list[tuple[int, str, str]] = []
     for line, rel, label, split in rows:
         if not rel or not label:
             raise DataError(f"{csv_path} row {line}: empty {'path' if not rel else 'label'}; fix the row")
@@ -111,8 +112,9 @@ def _resolve(rows: list[Row], csv_path: Path) -> list[tuple[Path, str, str]]:
             raise DataError(f"{csv_path} row {line}: {problem}; fix the label")
         path = Path(rel).expanduser()
         path = path if path.is_absolute() else base / path
-        if not path.is_file():
-            missing.append((line, rel))
+        problem = file_problem(path)
+        if problem:
+            missing.append((line, rel, problem))
             continue
         key = split_key(split)
         if key is None:
@@ -121,10 +123,10 @@ def _resolve(rows: list[Row], csv_path: Path) -> list[tuple[Path, str, str]]:
             )
         entries.append((path, label, key))
     if missing:
-        line, rel = missing[0]
+        line, rel, problem = missing[0]
         more = f" ({len(missing)} rows in total)" if len(missing) > 1 else ""
         raise DataError(
-            f"{csv_path} row {line}: image '{rel}' does not exist{more}; "
+            f"{csv_path} row {line}: image '{rel}' {problem}{more}; "
             f"paths are relative to {base}: fix or remove the row"
         )
     return entries

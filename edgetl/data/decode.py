@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +24,8 @@ ALPHA_BACKGROUND = (255, 255, 255)
 """Transparent pixels are composited on this colour (white), like an image viewer on a light page."""
 FULL_CHECK_MAX_BYTES = 64 * 2**20
 """``check="auto"`` decodes every image at scan time when the dataset is at most this many bytes."""
+MAX_IMAGE_BYTES = 1 << 30
+"""An image file larger than this is refused before it is opened (Pillow bounds the pixels it decodes)."""
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +85,37 @@ def _wide_to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(gray, "RGB")
 
 
+def file_problem(path: str | os.PathLike[str], max_bytes: int = MAX_IMAGE_BYTES) -> str:
+    """Why ``path`` is not a file edgetl may read, or "" if it is: a regular file of at most ``max_bytes``.
+
+    It only stats the path, so a named pipe or a device is refused without being opened (opening a FIFO
+    blocks until something writes to it).
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    mode = info.st_mode
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if stat.S_ISFIFO(mode):
+        return "is a named pipe (FIFO), not a file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file"
+    if info.st_size > max_bytes:
+        return f"is {info.st_size / 2**20:.0f} MB, over the {max_bytes / 2**20:.0f} MB limit for an image"
+    return ""
+
+
 def try_decode(path: str | os.PathLike[str], background: tuple[int, int, int]) -> tuple[Image.Image | None, str]:
     """Decode ``path`` fully; return (image, "") or (None, reason)."""
+    problem = file_problem(path)
+    if problem:
+        return None, problem
     try:
         with Image.open(path) as im:
             im.load()
@@ -120,11 +152,11 @@ def check_image(path: str | os.PathLike[str], full: bool = True) -> str:
     ``full=False`` only parses the header (PIL ``verify()``, which also checks PNG chunk CRCs); it
     does not notice a truncated JPEG. ``full=True`` decodes the whole image.
     """
-    try:
-        if os.path.getsize(path) == 0:
-            return "empty file"
-    except OSError as exc:
-        return f"{type(exc).__name__}: {exc}"
+    problem = file_problem(path)
+    if problem:
+        return problem
+    if os.path.getsize(path) == 0:
+        return "empty file"
     if full:
         return try_decode(path, ALPHA_BACKGROUND)[1]
     try:
