@@ -115,6 +115,7 @@ def test_regnet_builds_on_meta():
 
 
 def test_warm_catalog_does_not_import_torch(tmp_path):
+    catalog._zoo_cards.cache_clear()  # an earlier test may have listed the zoos under another cache folder
     catalog.list_models()  # warm the session's cache
     code = (
         "import sys\nfrom edgetl.zoo import catalog\ncs = catalog.list_models()\n"
