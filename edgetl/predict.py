@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from edgetl.data.preprocess import PreprocessSpec, decode, prepare, read_spec
-from edgetl.errors import ArtifactError, ConfigError
+from edgetl.errors import ArtifactError, ConfigError, DataError, UnknownNameError
 from edgetl.export import bundle, golden, signing
 from edgetl.finetune.rundir import RunDir
 from edgetl.options import SourceOptions, ValidateOptions, documented, shared_inputs, take_inputs
@@ -101,6 +101,7 @@ def open_source(
         CheckpointError: a folder that is neither an artifact nor a finished run.
         ConfigError: a resolution for an artifact or a run.
         UnknownNameError: ``source`` is not a catalog name.
+        DataError: ``source`` looks like a path, and nothing is there.
         WeightsError: the weights are not on this machine.
     """
     path = Path(source).expanduser()
@@ -115,7 +116,21 @@ def open_source(
         raise ConfigError(f"--check re-runs an artifact's golden outputs, and {source} is {what}; drop --check")
     if path.is_dir():
         return _run_classifier(path)
+    _require_catalog_name(str(source))
     return _catalog_classifier(str(source), weights, weights_dir, resolution)
+
+
+def _require_catalog_name(source: str) -> None:
+    """Refuse a source that is neither a folder nor a catalog name; a path is said not to exist."""
+    from edgetl.zoo.catalog import get_card  # torch-free with a warm catalog
+
+    try:
+        get_card(source)
+    except UnknownNameError:
+        if source.startswith((".", "/", "~")) or ("/" in source and not source.startswith("timm/")):
+            raise DataError(f"{source} does not exist; pass an artifact folder, a run folder or a catalog name") \
+                from None
+        raise
 
 
 def _artifact_classifier(folder: Path, verify_key: str | os.PathLike[str] | None = None,

@@ -13,9 +13,10 @@ import sys
 import pytest
 from PIL import Image
 
+import edgetl
 from edgetl.data import scan_dataset
 from edgetl.data.decode import file_problem, load_rgb
-from edgetl.errors import DataError
+from edgetl.errors import DataError, UnknownNameError
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (POSIX)")
 
@@ -64,3 +65,12 @@ def test_predict_on_a_fifo_exits_1_with_one_line(files):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert "Traceback" not in result.stderr, result.stderr
     assert len(errors) == 1 and str(files["fifo"]) in errors[0] and "named pipe" in errors[0], result.stderr
+
+
+def test_predict_says_a_missing_path_does_not_exist(files, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        edgetl.predict(str(tmp_path / "no-such-artifact"), [files["image"]])
+    with pytest.raises(DataError, match="does not exist"):
+        edgetl.predict("artifacts/no-such-artifact", [files["image"]])
+    with pytest.raises(UnknownNameError):
+        edgetl.predict("no_such_model", [files["image"]])
