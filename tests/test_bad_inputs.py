@@ -33,6 +33,8 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from clirun import cli_env as _env
+from clirun import edgetl_cli as edgetl
 
 from edgetl.cli import EdgetlGroup
 from edgetl.data import make_demo_dataset, scan_dataset
@@ -54,19 +56,6 @@ class World:
 
     def shared(self) -> list[Path]:
         return [self.data, self.run, self.art]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "EDGETL_DEBUG"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parents[1]), env.get("PYTHONPATH")) if p)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def edgetl(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m edgetl`` in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-m", "edgetl", *args], capture_output=True, text=True, cwd=cwd,
-                          env=_env(), timeout=timeout)
 
 
 # Importing torch costs seconds per process on a busy 2-core machine, and the suite runs ~80 CLI

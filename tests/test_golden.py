@@ -7,16 +7,14 @@ run through the real command line in fresh processes.
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from clirun import edgetl_cli
 from onnx import numpy_helper
 
 import edgetl
@@ -28,19 +26,6 @@ from edgetl.finetune.api import finetune
 FAST = ["--iterations", "3", "--warmup", "1"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "EDGETL_DEBUG"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parents[1]), env.get("PYTHONPATH")) if p)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def edgetl_cli(*args) -> subprocess.CompletedProcess:
-    """The real command line, in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-m", "edgetl", *map(str, args)], capture_output=True, text=True,
-                          env=_env(), timeout=600)
 
 
 @pytest.fixture(scope="module")

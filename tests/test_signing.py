@@ -6,14 +6,13 @@ the other refusals run the same click commands in this process.
 """
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from clirun import edgetl_cli
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from PIL import Image
@@ -47,19 +46,6 @@ def keys(tmp_path_factory):
         "p384": _write_key(folder, "p384", ec.generate_private_key(ec.SECP384R1())),
         "locked": _write_key(folder, "locked", ed25519.Ed25519PrivateKey.generate(), passphrase=b"s3cret"),
     }
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "EDGETL_DEBUG"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parents[1]), env.get("PYTHONPATH")) if p)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def edgetl_cli(*args) -> subprocess.CompletedProcess:
-    """The real command line, in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-m", "edgetl", *map(str, args)], capture_output=True, text=True,
-                          env=_env(), timeout=600)
 
 
 @pytest.fixture(scope="module")
