@@ -31,7 +31,6 @@ Order of the checks:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -162,7 +161,7 @@ def _scoring_set(folder: Path, opts: ValidateOptions) -> Any:
         raise ConfigError("--split picks a split of a run folder: pass --run RUN too")
     if opts.run is None and opts.data is None:
         return None
-    classes = json.loads((folder / bundle.LABELS_FILE).read_text())
+    classes = bundle.read_labels(folder)
     if opts.run is not None:
         return run_scoring_set(opts.run, opts.split or "test", classes)
     return folder_eval_set(opts.data, classes)
@@ -175,7 +174,7 @@ def _accuracy(folder: Path, eval_set: Any, runner_threads: int | None, runner: A
     model export measured the accuracy of)."""
     from edgetl.export.evaluate import agreement, collect_logits, image_batches, split_report, top1
 
-    classes = json.loads((folder / bundle.LABELS_FILE).read_text())
+    classes = bundle.read_labels(folder)
     spec = read_spec(folder / bundle.PREPROCESS_FILE)
     batches = image_batches(eval_set.records, spec, batch_size=ENGINE_BATCH)
     with OnnxRuntimeRunner(folder / bundle.MODEL_FILE, providers="cpu", threads=runner_threads) as onnx:

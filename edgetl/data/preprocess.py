@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from edgetl._io import read_json
 from edgetl.data.decode import ALPHA_BACKGROUND, to_rgb, try_decode
 from edgetl.errors import ArtifactError, DataError
 
@@ -286,10 +287,7 @@ def read_spec(path: str | os.PathLike[str]) -> PreprocessSpec:
         ArtifactError: the file is missing, is not JSON, or a field is wrong; one line naming the file and field.
     """
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"cannot read {path}: {str(exc).splitlines()[0]}; re-export the artifact") from None
+    doc = read_json(path, ArtifactError, "re-export the artifact")
     try:
         return spec_from_document(doc)
     except ValueError as exc:

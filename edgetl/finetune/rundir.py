@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgetl._io import read_json
 from edgetl.errors import CheckpointError
 from edgetl.folders import RUN_CHECKPOINT_FILE, RUN_CONFIG_FILE, RUN_LAST_FILE, RUN_SPLITS_FILE, folder_kind
 
@@ -60,10 +61,7 @@ def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; is {path.parent} an edgetl run folder?")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
+    meta = read_json(path, CheckpointError, "re-run `edgetl finetune` (or --restart)")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an edgetl checkpoint (no format: {FORMAT})")
     if int(meta.get("version", 0)) > VERSION:
