@@ -24,7 +24,8 @@ Order of the checks:
    (``split``, default ``test``, read from the run's ``splits.json``), when given: top-1 with its count, 95%
    Wilson interval and per-class top-1.
 4. **Budgets:** ``max_latency_ms`` (judged on the measurement on the device itself, on the device's
-   predicted latency elsewhere) and ``max_memory_mb`` (default: the profile's model memory budget).
+   predicted latency elsewhere, the figure export predicted) and ``max_memory_mb`` (default: the profile's
+   model memory budget).
    A miss raises :class:`~edgetl.errors.BudgetExceededError` (exit 3) naming the value and the
    budget, after the report is written to ``validation.json``.
 """
@@ -203,8 +204,10 @@ def validate(
 
     The latency budget is judged by :func:`edgetl.device.budget.judge_latency`, the rule export uses too: on
     ``budget_metric`` of the measurement on the device itself (a profile of this machine, timed with
-    its runtime); elsewhere on the latency predicted for the device, when the model can be traced
-    (else on the measurement here). The memory budget defaults to the profile's model memory budget.
+    its runtime); elsewhere on the latency predicted for the device as export predicts it
+    (:func:`edgetl.device.budget.shipped_predicted_ms`: INT8 layers kept in float count), when the model
+    can be traced (else on the measurement here). The memory budget defaults to the profile's model memory
+    budget.
 
     Args:
         artifact: the artifact folder written by ``edgetl export``.
@@ -320,13 +323,14 @@ def _time(runner: Any, manifest: dict[str, Any], opts: ValidateOptions) -> tuple
 
 def _latency_verdict(result: Any, runtime: str, opts: ValidateOptions, manifest: dict[str, Any],
                      profile: DeviceProfile, notes: list[str]) -> dict[str, Any]:
-    """The measurement here and the budget judged by the one rule (:func:`edgetl.device.budget.judge_latency`)."""
+    """The measurement here and the budget judged by the one rule (:func:`edgetl.device.budget.judge_latency`),
+    on the latency export predicted for the artifact (:func:`edgetl.device.budget.shipped_predicted_ms`)."""
     stats = budget.latency_stats(result)
     on_target = budget.on_target(profile, runtime)
     source = manifest.get("source") or {}
-    predicted = None if on_target else budget.predicted_ms(
+    predicted = None if on_target else budget.shipped_predicted_ms(
         source.get("model") or source.get("model_name"), source.get("resolution"), profile,
-        str(manifest.get("precision", "fp32")))
+        str(manifest.get("precision", "fp32")), manifest.get("quantization"))
     verdict = budget.judge_latency(profile, runtime, stats, predicted, opts.max_latency_ms, opts.budget_metric)
     if verdict["note"] and verdict["basis"] == "measured here":
         notes.append(verdict["note"])

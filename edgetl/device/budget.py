@@ -78,6 +78,49 @@ def predicted_ms(model: Any, resolution: int | None, profile: DeviceProfile, pre
     return float(predict_latency(trace, profile, precision, 1).latency_ms)
 
 
+def layers_in_float(quantization: Mapping[str, Any] | None) -> tuple[int, int]:
+    """How many of an INT8 model's quantized layers accuracy control kept in float, and how many it ranked.
+
+    ``quantization`` is a manifest's ``quantization`` record (a candidate's): ``kept_in_float`` names the
+    layers left in float, ``accuracy_control.sensitivity`` scores every layer that was quantized. A record
+    without them (no accuracy control, an older manifest, or None) gives ``(0, 0)``.
+    """
+    quant = quantization if isinstance(quantization, Mapping) else {}
+    control = quant.get("accuracy_control")
+    kept = quant.get("kept_in_float")
+    ranked = control.get("sensitivity") if isinstance(control, Mapping) else None
+    return (len(kept) if isinstance(kept, list) else 0), (len(ranked) if isinstance(ranked, list) else 0)
+
+
+def shipped_predicted_ms(model: Any, resolution: int | None, profile: DeviceProfile, precision: str,
+                         quantization: Mapping[str, Any] | None = None) -> float | None:
+    """The latency predicted on ``profile`` for a model as shipped: export's and validate's figure.
+
+    As :func:`predicted_ms`, with one correction for an INT8 model in which accuracy control kept layers in
+    float (:func:`layers_in_float` reads them from ``quantization``): those layers run at the FP32 rate, so
+    their share of the quantized layers, by count, moves the INT8 figure towards FP32's. This is an
+    approximation by layer count: the cost trace does not map ONNX nodes to its ops, so a large layer kept
+    in float counts as much as a small one. Without such layers (or without an FP32 prediction) the figure
+    is :func:`predicted_ms`'s.
+
+    Args:
+        model: a catalog name or card.
+        resolution: the input size, or None for the card's.
+        profile: the target device.
+        precision: the shipped model's precision.
+        quantization: the manifest's ``quantization`` record, or None.
+
+    Returns:
+        The predicted latency at batch 1 (ms), or None when there is no prediction.
+    """
+    ms = predicted_ms(model, resolution, profile, precision)
+    kept, ranked = layers_in_float(quantization)
+    if ms is None or not kept or not ranked:
+        return ms
+    fp32_ms = predicted_ms(model, resolution, profile, "fp32")
+    return ms if fp32_ms is None else ms + (fp32_ms - ms) * kept / ranked
+
+
 def judge_latency(profile: DeviceProfile, runtime: str, measured: Mapping[str, Any] | None,
                   predicted: float | None, budget_ms: float | None,
                   metric: str = DEFAULT_METRIC) -> dict[str, Any]:

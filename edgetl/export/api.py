@@ -741,7 +741,8 @@ def _require_parity(candidates: list[_Candidate], precision: str) -> None:
 def _decide(job: _Job, src: _Source, candidates: list[_Candidate]) -> _Candidate:
     """Predict and time every candidate, then pick the one to ship."""
     for c in candidates:
-        c.predicted_ms = _predicted(job, src, c, candidates[0].predicted_ms)
+        # the figure validate predicts for the artifact: layers kept in float are read from the same record
+        c.predicted_ms = budget.shipped_predicted_ms(src.card, src.resolution, job.profile, c.precision, c.quant)
     job.rank_by = _rank_by(job.profile, candidates)
     _measure(candidates, src.resolution, job.threads, job.opts.rounds, job.say)
     if job.opts.precision == "auto":
@@ -752,18 +753,6 @@ def _decide(job: _Job, src: _Source, candidates: list[_Candidate]) -> _Candidate
         if not c.chosen:
             c.note = "reference (not shipped)"
     return chosen
-
-
-def _predicted(job: _Job, src: _Source, c: _Candidate, fp32_ms: float | None) -> float | None:
-    """The candidate's latency predicted for the device. Layers accuracy control kept in float run at the
-    FP32 rate: their share of the quantized layers, by count, moves the INT8 figure towards FP32's (an
-    approximation: the trace does not map ONNX nodes to its ops)."""
-    ms = budget.predicted_ms(src.card, src.resolution, job.profile, c.precision)
-    kept = (c.quant or {}).get("kept_in_float") or []
-    total = len(((c.quant or {}).get("accuracy_control") or {}).get("sensitivity") or [])
-    if ms is not None and fp32_ms is not None and kept and total:
-        ms += (fp32_ms - ms) * len(kept) / total
-    return ms
 
 
 def _judge(job: _Job, chosen: _Candidate, evaluation: dict[str, Any], engine_info: dict[str, Any] | None) -> _Verdict:

@@ -32,6 +32,8 @@ QUANT_OPS = frozenset({
 })
 _FLOAT16 = onnx.TensorProto.FLOAT16
 _MAPPINGS = ("device", "source", "onnx")
+_OPTIONAL_MAPPINGS = ("latency", "quantization")
+"""Read when present: an older artifact may lack them (validate then predicts as it did)."""
 
 
 def check_consistency(folder: Path, manifest: dict[str, Any]) -> None:
@@ -55,6 +57,10 @@ def check_manifest_fields(folder: Path, manifest: dict[str, Any]) -> None:
                                 "re-export the artifact")
     if not isinstance(manifest["device"].get("name"), str):
         raise ArtifactError(f"{where}: device.name must be a profile name, got {manifest['device'].get('name')!r}")
+    for key in _OPTIONAL_MAPPINGS:
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise ArtifactError(f"{where}: '{key}' must be a mapping or null, got {manifest[key]!r}; "
+                                "re-export the artifact")
     if manifest.get("precision") not in PRECISIONS:
         raise ArtifactError(f"{where}: precision must be one of {', '.join(PRECISIONS)}, "
                             f"got {manifest.get('precision')!r}; re-export the artifact")
