@@ -23,9 +23,9 @@ Order of the checks:
 3. **Accuracy** on ``data`` (a folder of class folders named like ``labels.json``), or on a split of ``run``
    (``split``, default ``test``, read from the run's ``splits.json``), when given: top-1 with its count, 95%
    Wilson interval and per-class top-1.
-4. **Budgets:** ``max_latency_ms`` (judged on the measurement on the device itself, on the device's
-   predicted latency elsewhere, the figure export predicted) and ``max_memory_mb`` (default: the profile's
-   model memory budget).
+4. **Budgets:** ``max_latency_ms`` (judged on the measurement on the device itself, at ``budget_metric``:
+   by default the one the artifact was exported with; on the device's predicted latency elsewhere, the
+   figure export predicted) and ``max_memory_mb`` (default: the profile's model memory budget).
    A miss raises :class:`~edgetl.errors.BudgetExceededError` (exit 3) naming the value and the
    budget, after the report is written to ``validation.json``.
 """
@@ -204,10 +204,11 @@ def validate(
 
     The latency budget is judged by :func:`edgetl.device.budget.judge_latency`, the rule export uses too: on
     ``budget_metric`` of the measurement on the device itself (a profile of this machine, timed with
-    its runtime); elsewhere on the latency predicted for the device as export predicts it
+    its runtime; by default the metric the artifact was exported with, p50 for an artifact that records
+    none); elsewhere on the latency predicted for the device as export predicts it
     (:func:`edgetl.device.budget.shipped_predicted_ms`: INT8 layers kept in float count), when the model
-    can be traced (else on the measurement here). The memory budget defaults to the profile's model memory
-    budget.
+    can be traced (else on the measurement here). So export and validate agree on the same artifact.
+    The memory budget defaults to the profile's model memory budget.
 
     Args:
         artifact: the artifact folder written by ``edgetl export``.
@@ -228,10 +229,12 @@ def validate(
         BudgetExceededError: (with ``check``) a budget was missed.
     """
     (opts,), inputs = take_inputs("validate", {"device": device, **kwargs}, (ValidateOptions, options))
-    budget.check_metric(opts.budget_metric, opts.iterations)
+    if opts.budget_metric is not None:
+        budget.check_metric(opts.budget_metric, opts.iterations, "--iterations")
     folder = Path(artifact).expanduser()
     manifest, integrity = signing.verify_artifact(folder, opts.verify_key)
     check_consistency(folder, manifest)
+    metric = _budget_metric(opts, manifest)
     eval_set = _scoring_set(folder, opts)  # a missing split fails before any timing
     files = {name: rec["sha256"] for name, rec in manifest["files"].items()}
     profile, here, threads, notes = _target(inputs[TargetOptions], manifest)
@@ -240,7 +243,7 @@ def validate(
     notes += runner_notes
     golden_result = _golden(folder, manifest, runner, runtime, notes)
     result, shape, memory_mb = _time(runner, manifest, opts)
-    latency = _latency_verdict(result, runtime, opts, manifest, profile, notes)
+    latency = _latency_verdict(result, runtime, opts.max_latency_ms, metric, manifest, profile, notes)
     latency.update(runtime=runtime, threads=threads, shape=list(shape))
     memory = _memory_verdict(memory_mb, folder, opts, profile)
     failures = [f for f in (latency.pop("failure"), memory.pop("failure")) if f]
@@ -321,7 +324,17 @@ def _time(runner: Any, manifest: dict[str, Any], opts: ValidateOptions) -> tuple
     return result, shape, None if rss_before is None else max(peak - rss_before, 0.0)
 
 
-def _latency_verdict(result: Any, runtime: str, opts: ValidateOptions, manifest: dict[str, Any],
+def _budget_metric(opts: ValidateOptions, manifest: dict[str, Any]) -> str:
+    """``--budget-metric``, else the one the artifact was exported with (its latency section), else p50 (an
+    artifact that records none); checked against the timed runs before anything runs."""
+    if opts.budget_metric is not None:
+        return opts.budget_metric
+    metric = str((manifest.get("latency") or {}).get("budget_metric") or budget.DEFAULT_METRIC)
+    budget.check_metric(metric, opts.iterations, "--iterations", " (the metric the artifact was exported with)")
+    return metric
+
+
+def _latency_verdict(result: Any, runtime: str, budget_ms: float | None, metric: str, manifest: dict[str, Any],
                      profile: DeviceProfile, notes: list[str]) -> dict[str, Any]:
     """The measurement here and the budget judged by the one rule (:func:`edgetl.device.budget.judge_latency`),
     on the latency export predicted for the artifact (:func:`edgetl.device.budget.shipped_predicted_ms`)."""
@@ -331,7 +344,7 @@ def _latency_verdict(result: Any, runtime: str, opts: ValidateOptions, manifest:
     predicted = None if on_target else budget.shipped_predicted_ms(
         source.get("model") or source.get("model_name"), source.get("resolution"), profile,
         str(manifest.get("precision", "fp32")), manifest.get("quantization"))
-    verdict = budget.judge_latency(profile, runtime, stats, predicted, opts.max_latency_ms, opts.budget_metric)
+    verdict = budget.judge_latency(profile, runtime, stats, predicted, budget_ms, metric)
     if verdict["note"] and verdict["basis"] == "measured here":
         notes.append(verdict["note"])
     return {

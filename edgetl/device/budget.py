@@ -53,11 +53,18 @@ def latency_stats(result: Any) -> dict[str, Any]:
     return stats
 
 
-def check_metric(metric: str, runs: int) -> None:
-    """Refuse a budget metric that ``runs`` timed runs cannot estimate (p99 from 60 runs)."""
+def check_metric(metric: str, runs: int, runs_option: str = "the runs", origin: str = "") -> None:
+    """Refuse a budget metric that ``runs`` timed runs cannot estimate (p99 from 60 runs).
+
+    Args:
+        metric: ``min``, ``p50``, ``p90``...
+        runs: the timed runs the judged measurement will have.
+        runs_option: what sets them, for the message (``--rounds``, ``--iterations``).
+        origin: where the metric came from when the user did not ask for it, for the message.
+    """
     if metric.startswith("p") and runs < runs_needed(float(metric[1:])):
-        raise ConfigError(f"a {metric} budget needs at least {runs_needed(float(metric[1:]))} timed runs; "
-                          f"raise the runs (got {runs}) or judge on p50")
+        raise ConfigError(f"a {metric} budget{origin} needs at least {runs_needed(float(metric[1:]))} timed runs; "
+                          f"raise {runs_option} (got {runs}) or judge on p50 (--budget-metric p50)")
 
 
 def on_target(profile: DeviceProfile, runtime: str) -> bool:

@@ -630,6 +630,7 @@ def _start(source: str | os.PathLike[str], out: str | os.PathLike[str], opts: Ex
            data: str | os.PathLike[str] | None, force: bool, progress: Callable[[str], None] | None) -> _Job:
     """Check everything that can be checked before any work: options, device, destination."""
     quantize.check_exclude(opts.exclude_op_types)
+    budget.check_metric(opts.budget_metric, opts.rounds, "--rounds")
     profile = load_profile(inputs[TargetOptions].device or default_device())
     if opts.precision != "auto":
         profile.check_precision(opts.precision)
@@ -772,7 +773,7 @@ def _judge(job: _Job, chosen: _Candidate, evaluation: dict[str, Any], engine_inf
             f"{chosen.precision} {accuracy['top1']:.2f}%) exceeds the budget of {max_drop:g} pts"
         )
     here = job.profile.is_this_machine()
-    latency = _latency_section(chosen, job.profile, job.threads, job.opts.max_latency_ms, engine_info)
+    latency = _latency_section(chosen, job, engine_info)
     failure = latency.pop("failure")
     if failure:
         failures.append(failure)
@@ -943,13 +944,14 @@ def _accuracy_section(chosen: _Candidate, evaluation: dict[str, Any], max_drop: 
     }
 
 
-def _latency_section(chosen: _Candidate, profile: DeviceProfile, threads: int | None,
-                     budget_ms: float | None, engine_info: dict[str, Any] | None) -> dict[str, Any]:
+def _latency_section(chosen: _Candidate, job: _Job, engine_info: dict[str, Any] | None) -> dict[str, Any]:
     """The shipped candidate's latency (its engine's, when one was built), judged by the one budget rule
-    (:func:`edgetl.device.budget.judge_latency`)."""
+    (:func:`edgetl.device.budget.judge_latency`) on ``--budget-metric``, which the section records for validate."""
+    profile, threads = job.profile, job.threads
     runtime = "tensorrt" if engine_info else "onnxruntime"
     lat = engine_info["latency"] if engine_info else (chosen.latency or {})
-    verdict = budget.judge_latency(profile, runtime, lat, chosen.predicted_ms, budget_ms)
+    verdict = budget.judge_latency(profile, runtime, lat, chosen.predicted_ms, job.opts.max_latency_ms,
+                                   job.opts.budget_metric)
     return {
         "device": profile.name,
         "runtime": profile.runtime,

@@ -24,7 +24,7 @@ import onnx
 from edgetl.data.preprocess import read_spec
 from edgetl.errors import ArtifactError
 from edgetl.export import bundle
-from edgetl.options import PRECISIONS
+from edgetl.options import BUDGET_METRICS, PRECISIONS
 
 QUANT_OPS = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
@@ -33,7 +33,7 @@ QUANT_OPS = frozenset({
 _FLOAT16 = onnx.TensorProto.FLOAT16
 _MAPPINGS = ("device", "source", "onnx")
 _OPTIONAL_MAPPINGS = ("latency", "quantization")
-"""Read when present: an older artifact may lack them (validate then predicts as it did)."""
+"""Read when present: an older artifact may lack them (validate then predicts and judges as it did)."""
 
 
 def check_consistency(folder: Path, manifest: dict[str, Any]) -> None:
@@ -61,6 +61,10 @@ def check_manifest_fields(folder: Path, manifest: dict[str, Any]) -> None:
         if manifest.get(key) is not None and not isinstance(manifest[key], dict):
             raise ArtifactError(f"{where}: '{key}' must be a mapping or null, got {manifest[key]!r}; "
                                 "re-export the artifact")
+    metric = (manifest.get("latency") or {}).get("budget_metric")
+    if metric is not None and metric not in BUDGET_METRICS:
+        raise ArtifactError(f"{where}: latency.budget_metric must be one of {', '.join(BUDGET_METRICS)}, "
+                            f"got {metric!r}; re-export the artifact")
     if manifest.get("precision") not in PRECISIONS:
         raise ArtifactError(f"{where}: precision must be one of {', '.join(PRECISIONS)}, "
                             f"got {manifest.get('precision')!r}; re-export the artifact")
