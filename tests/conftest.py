@@ -2,6 +2,9 @@ import importlib.util
 
 import pytest
 
+from edgetl.device.machine import fingerprint, read_cpu
+from edgetl.device.profiles import load_profile, save_profile, user_profile_dir
+
 
 def _has_cuda() -> bool:
     try:
@@ -43,3 +46,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def this_box(tmp_path, monkeypatch):
+    """A profile of this machine as `device calibrate` stores it (calibrating takes minutes): the generic x86
+    figures, this CPU's ISA and the fingerprint that makes it this machine's; in a config folder of this test only."""
+    monkeypatch.setenv("EDGETL_CONFIG_DIR", str(tmp_path / "config"))
+    cpu = read_cpu()
+    base = load_profile("x86-avx2")
+    data = base.model_dump(mode="json", exclude_none=True)
+    data.update(name="this-box", aliases=[], family="custom",
+                cpu={**data["cpu"], "cores": cpu.cores, "threads": max(cpu.cores, 1), "isa": cpu.isa},
+                calibrated={"host": "renamed-container", "cpu": cpu.model, "threads": 1,
+                            "runtime": "onnxruntime", "fingerprint": fingerprint(cpu)})
+    profile = type(base).model_validate(data)
+    save_profile(profile, user_profile_dir() / "this-box.yaml")
+    return load_profile("this-box")

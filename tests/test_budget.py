@@ -7,14 +7,11 @@ import pytest
 
 from edgetl.data import make_demo_dataset
 from edgetl.device import budget
-from edgetl.device.machine import fingerprint, read_cpu
 from edgetl.device.profiles import (
     default_device,
     family_device,
     load_profile,
-    save_profile,
     threads_for,
-    user_profile_dir,
 )
 from edgetl.errors import ConfigError
 from edgetl.export.api import SPEED_MARGIN, export
@@ -23,23 +20,6 @@ from edgetl.select import select
 from edgetl.validate import validate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def this_box(tmp_path, monkeypatch):
-    """A profile of this machine as `device calibrate` stores it: the generic x86 figures, this CPU's ISA
-    and the fingerprint that makes it this machine's; in a config folder of this test only."""
-    monkeypatch.setenv("EDGETL_CONFIG_DIR", str(tmp_path / "config"))
-    cpu = read_cpu()
-    base = load_profile("x86-avx2")
-    data = base.model_dump(mode="json", exclude_none=True)
-    data.update(name="this-box", aliases=[], family="custom",
-                cpu={**data["cpu"], "cores": cpu.cores, "threads": max(cpu.cores, 1), "isa": cpu.isa},
-                calibrated={"host": "renamed-container", "cpu": cpu.model, "threads": 1,
-                            "runtime": "onnxruntime", "fingerprint": fingerprint(cpu)})
-    profile = type(base).model_validate(data)
-    save_profile(profile, user_profile_dir() / "this-box.yaml")
-    return load_profile("this-box")
 
 
 def test_the_calibrated_threads_apply_on_that_machine_only(this_box):
