@@ -875,7 +875,9 @@ def _stage_result(name: str, s: dict[str, Any]) -> str:
     if name == "validate":
         budget = s.get("budget_ms")
         verdict = "pass" if s.get("passed") else "FAIL"
-        return f"p50 {s.get('p50_ms')} ms" + ("" if budget is None else f" vs {budget:g} ms") + f": {verdict}"
+        figure = (f"p50 {s.get('p50_ms')} ms" if s.get("judged_ms") is None
+                  else f"{s.get('judged_ms')} ms ({s.get('judged_on')})")
+        return figure + ("" if budget is None else f" vs {budget:g} ms") + f": {verdict}"
     return ""
 
 
