@@ -6,6 +6,8 @@ Every image is a real file written with PIL into tmp_path.
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -516,6 +518,45 @@ def test_csv_bad_rows(tmp_path):
     (tmp_path / "one.csv").write_text("a.png,x\nb.png,x\n")
     with pytest.raises(DataError, match="only one class"):
         scan_dataset(tmp_path / "one.csv")
+
+
+# --- the same image twice: links and byte-identical copies ----------------------------------------
+
+
+def _first(folder: Path) -> Path:
+    return sorted(folder.iterdir())[0]
+
+
+@pytest.mark.parametrize("link", [os.symlink, os.link], ids=["symlink", "hard-link"])
+def test_a_link_to_another_class_is_refused_naming_both(tmp_path, link):
+    data = _tree(tmp_path / "data", {"a": 3, "b": 3})
+    link(_first(data / "b"), data / "a" / "stolen.png")
+    with pytest.raises(DataError) as info:
+        scan_dataset(data)
+    assert re.fullmatch(r"\S*/b/b_000\.png \(class 'b'\) is the same file as \S*/a/stolen\.png \(class 'a'\), "
+                        r"through a link or a repeated row; an image has one label: remove one of them",
+                        str(info.value)), info.value
+
+
+@pytest.mark.parametrize("link", [os.symlink, os.link], ids=["symlink", "hard-link"])
+def test_a_link_across_splits_is_refused(tmp_path, link):
+    _tree(tmp_path / "train", {"a": 3, "b": 3})
+    _tree(tmp_path / "val", {"a": 2, "b": 2})
+    link(_first(tmp_path / "val" / "a"), tmp_path / "train" / "a" / "leak.png")
+    with pytest.raises(DataError, match=r"val/a/a_000\.png \(val\) is the same file as \S*leak\.png \(train\), "
+                                        r"through a link or a repeated row; an image in two splits"):
+        scan_dataset(tmp_path)
+
+
+@pytest.mark.parametrize("link", [os.symlink, os.link], ids=["symlink", "hard-link"])
+def test_a_link_in_its_own_class_is_used_once_with_a_warning(tmp_path, caplog, link):
+    data = _tree(tmp_path / "data", {"a": 4, "b": 4})
+    link(_first(data / "a"), data / "a" / "again.png")
+    with caplog.at_level(logging.WARNING, logger="edgetl.data"):
+        splits = scan_dataset(data, val_split=0.25, test_split=0)
+    paths = [p for p, _ in splits.train + splits.val]
+    assert len(paths) == 8 and _first(data / "a") in paths and data / "a" / "again.png" not in paths
+    assert "1 image(s) are listed more than once" in caplog.text
 
 
 # --- transforms -----------------------------------------------------------------------------------
