@@ -5,6 +5,7 @@ Every image is a real file written with PIL into tmp_path.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -38,16 +39,24 @@ from edgetl.zoo.catalog import Preprocess
 PRE = Preprocess(resize_size=40, crop_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
-def _img(path: Path, colour=(200, 30, 30), size=(12, 12), fmt: str | None = None) -> Path:
+_FRESH = itertools.count(1)
+
+
+def _img(path: Path, colour: tuple[int, int, int] | None = None, size=(12, 12), fmt: str | None = None) -> Path:
+    """A one-colour image; without ``colour``, a colour no other image of the session has (so no two
+    images are byte-identical copies, which a dataset refuses or merges)."""
+    if colour is None:
+        n = next(_FRESH) * 7919 % (1 << 24)  # odd: one colour per image, neighbours far apart (JPEG too)
+        colour = (n & 255, (n >> 8) & 255, n >> 16)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path, format=fmt)
     return path
 
 
 def _tree(root: Path, counts: dict[str, int], ext: str = ".png") -> Path:
-    for k, (name, n) in enumerate(counts.items()):
+    for name, n in counts.items():
         for i in range(n):
-            _img(root / name / f"{name}_{i:03d}{ext}", colour=(40 * k, 10 * i % 256, 90))
+            _img(root / name / f"{name}_{i:03d}{ext}")
     return root
 
 
