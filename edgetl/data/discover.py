@@ -18,7 +18,7 @@ from pathlib import Path
 from edgetl._io import label_problem
 from edgetl.data.csvfile import read_csv
 from edgetl.data.decode import check_images
-from edgetl.data.duplicates import unique_records
+from edgetl.data.duplicates import unique_content, unique_records
 from edgetl.data.options import CHECKS, ON_BAD_IMAGE, check_choice
 from edgetl.data.splits import (
     SPLIT_ALIASES,
@@ -66,8 +66,9 @@ def scan_dataset(
             ``"none"`` skips the check, ``"auto"`` decodes fully when the dataset is at most
             :data:`~edgetl.data.decode.FULL_CHECK_MAX_BYTES` bytes and checks headers otherwise.
 
-    A file found twice (a symbolic or hard link, a repeated CSV row) is refused with two labels or in two
-    splits, and otherwise used once (see :mod:`edgetl.data.duplicates`).
+    An image found twice (a link, a repeated CSV row or a byte-identical copy) is refused with two labels
+    or in two splits, and otherwise used once or, when edgetl splits it, kept in one split with its
+    copies (see :mod:`edgetl.data.duplicates`).
 
     Raises:
         DataError: a missing path, no images, a single class, an empty class folder, a bad CSV row, an
@@ -78,7 +79,8 @@ def scan_dataset(
     _check_fractions(val_split, test_split)
     root = Path(data).expanduser()
     found, skipped = _drop_unreadable(unique_records(_read(root)), check, on_bad_image)
-    splits = make_splits(found, val_split, test_split, seed, root)
+    found, together = unique_content(found)
+    splits = make_splits(found, val_split, test_split, seed, root, together)
     splits.skipped = skipped
     validate_splits(splits)
     return splits
