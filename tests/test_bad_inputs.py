@@ -242,6 +242,18 @@ def _link_to_other_class(w: World, d: Path) -> list[str]:
     return _finetune(data, d / "out")
 
 
+def _hard_link_to_other_class(w: World, d: Path) -> list[str]:
+    data = _classes(d, {"a": 4, "b": 4, "c": 4})
+    os.link(sorted((data / "b").iterdir())[0], data / "a" / "stolen.png")
+    return _finetune(data, d / "out")
+
+
+def _copy_in_two_classes(w: World, d: Path) -> list[str]:
+    data = _classes(d, {"a": 4, "b": 4, "c": 4})
+    shutil.copy(sorted((data / "b").iterdir())[0], data / "a" / "copied.png")
+    return _finetune(data, d / "out")
+
+
 def _link_across_splits(w: World, d: Path) -> list[str]:
     data = d / "data"
     shutil.copytree(w.data, data)
@@ -694,6 +706,9 @@ CASES = [
     # data: links, names, CSVs
     Case("symlink-loop", _symlink_loop, 1, r"same file as .*one label"),
     Case("link-to-other-class", _link_to_other_class, 1, r"same file as .*stolen\.png \(class 'a'\)"),
+    Case("hard-link-to-other-class", _hard_link_to_other_class, 1, r"same file as .*stolen\.png \(class 'a'\)"),
+    Case("copy-in-two-classes", _copy_in_two_classes, 1,
+         r"byte-identical copy of .*copied\.png \(class 'a'\); an image has one label"),
     Case("link-across-splits", _link_across_splits, 1, r"two splits leaks validation data"),
     Case("non-utf8-file-name", _non_utf8_file, 1, r"caf\\xe9\.png.* not valid UTF-8"),
     Case("non-utf8-class-name", _non_utf8_class, 1, r"not valid UTF-8"),

@@ -5,7 +5,11 @@ Every image is a real file written with PIL into tmp_path.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -18,11 +22,13 @@ from edgetl.data import (
     ALPHA_BACKGROUND,
     DEMO_SHAPES,
     DEMO_TEXTURES,
+    SPLITS,
     DatasetSplits,
     DecodedStore,
     build_tensor_pipeline,
     build_transform,
     check_image,
+    duplicates,
     estimate_bytes,
     load_rgb,
     make_demo_dataset,
@@ -30,22 +36,31 @@ from edgetl.data import (
     scan_dataset,
     to_rgb,
 )
+from edgetl.data.duplicates import HEAD_BYTES, same_bytes
 from edgetl.errors import DataError, EdgetlError, UnknownNameError
 from edgetl.zoo.catalog import Preprocess
 
 PRE = Preprocess(resize_size=40, crop_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
-def _img(path: Path, colour=(200, 30, 30), size=(12, 12), fmt: str | None = None) -> Path:
+_FRESH = itertools.count(1)
+
+
+def _img(path: Path, colour: tuple[int, int, int] | None = None, size=(12, 12), fmt: str | None = None) -> Path:
+    """A one-colour image; without ``colour``, a colour no other image of the session has (so no two
+    images are byte-identical copies, which a dataset refuses or merges)."""
+    if colour is None:
+        n = next(_FRESH) * 7919 % (1 << 24)  # odd: one colour per image, neighbours far apart (JPEG too)
+        colour = (n & 255, (n >> 8) & 255, n >> 16)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path, format=fmt)
     return path
 
 
 def _tree(root: Path, counts: dict[str, int], ext: str = ".png") -> Path:
-    for k, (name, n) in enumerate(counts.items()):
+    for name, n in counts.items():
         for i in range(n):
-            _img(root / name / f"{name}_{i:03d}{ext}", colour=(40 * k, 10 * i % 256, 90))
+            _img(root / name / f"{name}_{i:03d}{ext}")
     return root
 
 
@@ -516,6 +531,155 @@ def test_csv_bad_rows(tmp_path):
     (tmp_path / "one.csv").write_text("a.png,x\nb.png,x\n")
     with pytest.raises(DataError, match="only one class"):
         scan_dataset(tmp_path / "one.csv")
+
+
+# --- the same image twice: links and byte-identical copies ----------------------------------------
+
+
+def _first(folder: Path) -> Path:
+    return sorted(folder.iterdir())[0]
+
+
+@pytest.mark.parametrize("link", [os.symlink, os.link], ids=["symlink", "hard-link"])
+def test_a_link_to_another_class_is_refused_naming_both(tmp_path, link):
+    data = _tree(tmp_path / "data", {"a": 3, "b": 3})
+    link(_first(data / "b"), data / "a" / "stolen.png")
+    with pytest.raises(DataError) as info:
+        scan_dataset(data)
+    assert re.fullmatch(r"\S*/b/b_000\.png \(class 'b'\) is the same file as \S*/a/stolen\.png \(class 'a'\), "
+                        r"through a link or a repeated row; an image has one label: remove one of them",
+                        str(info.value)), info.value
+
+
+@pytest.mark.parametrize("link", [os.symlink, os.link], ids=["symlink", "hard-link"])
+def test_a_link_across_splits_is_refused(tmp_path, link):
+    _tree(tmp_path / "train", {"a": 3, "b": 3})
+    _tree(tmp_path / "val", {"a": 2, "b": 2})
+    link(_first(tmp_path / "val" / "a"), tmp_path / "train" / "a" / "leak.png")
+    with pytest.raises(DataError, match=r"val/a/a_000\.png \(val\) is the same file as \S*leak\.png \(train\), "
+                                        r"through a link or a repeated row; an image in two splits"):
+        scan_dataset(tmp_path)
+
+
+@pytest.mark.parametrize("link", [os.symlink, os.link], ids=["symlink", "hard-link"])
+def test_a_link_in_its_own_class_is_used_once_with_a_warning(tmp_path, caplog, link):
+    data = _tree(tmp_path / "data", {"a": 4, "b": 4})
+    link(_first(data / "a"), data / "a" / "again.png")
+    with caplog.at_level(logging.WARNING, logger="edgetl.data"):
+        splits = scan_dataset(data, val_split=0.25, test_split=0)
+    paths = [p for p, _ in splits.train + splits.val]
+    assert len(paths) == 8 and _first(data / "a") in paths and data / "a" / "again.png" not in paths
+    assert "1 image(s) are listed more than once" in caplog.text
+
+
+def test_a_copy_in_another_class_is_refused_naming_both(tmp_path):
+    data = _tree(tmp_path / "data", {"a": 3, "b": 3})
+    shutil.copy(_first(data / "b"), data / "a" / "copied.png")
+    with pytest.raises(DataError) as info:
+        scan_dataset(data)
+    assert re.fullmatch(r"\S*/b/b_000\.png \(class 'b'\) is a byte-identical copy of \S*/a/copied\.png "
+                        r"\(class 'a'\); an image has one label: remove one of them", str(info.value)), info.value
+
+
+@pytest.mark.parametrize("other", ["val", "test"])
+def test_a_copy_in_two_given_splits_is_refused(tmp_path, other):
+    _tree(tmp_path / "train", {"a": 3, "b": 3})
+    _tree(tmp_path / other, {"a": 2, "b": 2})
+    shutil.copy(_first(tmp_path / other / "b"), tmp_path / "train" / "b" / "copy.png")
+    with pytest.raises(DataError, match=rf"{other}/b/b_000\.png \({other}\) is a byte-identical copy of "
+                                        r"\S*train/b/copy\.png \(train\); an image in two splits .*remove one"):
+        scan_dataset(tmp_path)
+
+
+def test_csv_copies_with_two_labels_or_in_two_splits_are_refused(tmp_path):
+    for name in "abcd":
+        _img(tmp_path / f"{name}.png")
+    shutil.copy(tmp_path / "a.png", tmp_path / "a2.png")
+    refused = {
+        "a.png,cat,train\na2.png,dog,train": r"a2\.png \(class 'dog'\) is a byte-identical copy of \S*a\.png "
+                                             r"\(class 'cat'\); an image has one label",
+        "a.png,cat,train\na2.png,cat,val": r"a2\.png \(val\) is a byte-identical copy of \S*a\.png \(train\); "
+                                           r"an image in two splits",
+        "a.png,cat,train\na2.png,cat,": r"a2\.png \(unsplit\) is a byte-identical copy of \S*a\.png \(train\)",
+    }
+    for rows, message in refused.items():
+        (tmp_path / "l.csv").write_text(rows + "\nb.png,cat,train\nc.png,dog,train\nd.png,dog,val\n")
+        with pytest.raises(DataError, match=message):
+            scan_dataset(tmp_path / "l.csv")
+
+
+def test_copies_in_one_given_split_are_used_once_with_a_warning(tmp_path, caplog):
+    _tree(tmp_path / "train", {"a": 4, "b": 4})
+    _tree(tmp_path / "val", {"a": 2, "b": 2})
+    first = _first(tmp_path / "train" / "a")
+    copies = [Path(shutil.copy(first, first.with_name(f"copy{i}.png"))) for i in range(2)]
+    copies.append(Path(shutil.copy(_first(tmp_path / "val" / "b"), tmp_path / "val" / "b" / "copy.png")))
+    with caplog.at_level(logging.WARNING, logger="edgetl.data"):
+        splits = scan_dataset(tmp_path)
+    assert splits.class_counts("train") == {"a": 4, "b": 4} and splits.class_counts("val") == {"a": 2, "b": 2}
+    used = [p for p, _ in splits.train + splits.val]
+    assert first in used and not set(copies) & set(used)
+    assert "3 image(s) are byte-identical copies of another image in the same split" in caplog.text
+    assert all(p.is_file() for p in copies)  # left out of the dataset, never removed from the disk
+
+
+@pytest.mark.parametrize("source", ["folders", "csv"])
+def test_copies_that_edgetl_splits_stay_in_one_split(tmp_path, caplog, source):
+    data = _tree(tmp_path / "data", {"a": 20, "b": 20})
+    originals = sorted((data / "a").iterdir())[:6] + sorted((data / "b").iterdir())[:2]
+    groups = [[o, *(Path(shutil.copy(o, o.with_name(f"{o.stem}-copy{j}.png"))) for j in range(2))] for o in originals]
+    target = data
+    if source == "csv":
+        target = tmp_path / "labels.csv"
+        target.write_text("".join(f"data/{p.parent.name}/{p.name},{p.parent.name}\n" for p in data.rglob("*.png")))
+    held_out = 0
+    for seed in range(4):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="edgetl.data"):
+            splits = scan_dataset(target, val_split=0.25, test_split=0.2, seed=seed)
+        where = {p: split for split in SPLITS for p, _ in splits.records(split)}
+        assert len(where) == 56  # every copy is used
+        assert all(len({where[p] for p in group}) == 1 for group in groups), seed
+        held_out += sum(where[group[0]] != "train" for group in groups)
+        assert "16 image(s) are byte-identical copies of another image of their class" in caplog.text
+    assert held_out  # some copies were held out together, not only left in train
+
+
+def test_the_seeded_split_without_copies_is_pinned_and_copies_move_no_other_class(tmp_path):
+    _tree(tmp_path, {"a": 9, "b": 7})
+
+    def names(split_name: str) -> list[str]:
+        return sorted(p.name for p, _ in splits.records(split_name))
+
+    splits = scan_dataset(tmp_path, val_split=0.2, test_split=0.2, seed=0)
+    assert names("train") == ["a_000.png", "a_003.png", "a_004.png", "a_005.png", "a_007.png", "b_001.png",
+                              "b_002.png", "b_003.png", "b_004.png", "b_006.png"]
+    assert names("val") == ["a_001.png", "a_002.png", "b_005.png"]
+    assert names("test") == ["a_006.png", "a_008.png", "b_000.png"]
+    before = {s: [n for n in names(s) if n.startswith("a_")] for s in SPLITS}
+    shutil.copy(tmp_path / "b" / "b_001.png", tmp_path / "b" / "b_001-copy.png")
+    splits = scan_dataset(tmp_path, val_split=0.2, test_split=0.2, seed=0)
+    assert {s: [n for n in names(s) if n.startswith("a_")] for s in SPLITS} == before
+
+
+def test_same_bytes_reads_only_files_whose_size_another_has(tmp_path, monkeypatch):
+    big = np.random.default_rng(0).integers(0, 256, 3 * HEAD_BYTES, dtype=np.uint8).tobytes()
+    contents = {"one": b"x" * 10, "two": b"y" * 11, "big": big, "same": big, "tail": big[:-1] + b"\0",
+                "head": b"\0" + big[1:], "empty": b"", "empty2": b""}
+    paths = []
+    for name, content in contents.items():
+        paths.append(tmp_path / name)
+        paths[-1].write_bytes(content)
+    read: list[tuple[str, str]] = []
+    for step in ("_head_digest", "_full_digest"):
+        real = getattr(duplicates, step)
+        monkeypatch.setattr(duplicates, step, lambda p, real=real, step=step: read.append((step, Path(p).name))
+                            or real(p))
+    assert big[-1] != 0 and big[0] != 0
+    assert same_bytes(paths) == [[2, 3]]
+    assert sorted(read) == [("_full_digest", "big"), ("_full_digest", "same"), ("_full_digest", "tail"),
+                            ("_head_digest", "big"), ("_head_digest", "head"), ("_head_digest", "same"),
+                            ("_head_digest", "tail")]
 
 
 # --- transforms -----------------------------------------------------------------------------------

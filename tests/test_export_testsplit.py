@@ -119,16 +119,22 @@ def fp32_artifact(run_dir, tmp_path_factory):
 
 
 def _independent_top1(artifact_dir, run_dir):
-    """Plain ONNX Runtime and the artifact's preprocess.json over the test images listed in splits.json."""
+    """Plain ONNX Runtime and torchvision's transforms built from the artifact's preprocess.json (not edgetl's
+    preprocessing) over the test images listed in splits.json: what a user checking the figure would write."""
     import numpy as np
     import onnxruntime as ort
+    from PIL import Image
+    from torchvision import transforms as T
 
-    from edgetl.data.preprocess import load_tensor, read_spec
-
-    spec = read_spec(artifact_dir / "preprocess.json")
+    doc = json.loads((artifact_dir / "preprocess.json").read_text())
+    assert doc["color_order"] == "RGB" and doc["layout"] == "NCHW" and abs(doc["scale"] - 1 / 255) < 1e-12
+    transform = T.Compose([
+        T.Resize(doc["resize"]["size"], interpolation=T.InterpolationMode(doc["resize"]["interpolation"])),
+        T.CenterCrop(doc["crop"]["size"]), T.ToTensor(), T.Normalize(doc["mean"], doc["std"]),
+    ])
     session = ort.InferenceSession(str(artifact_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     test = _splits(run_dir)["test"]
-    x = np.stack([load_tensor(p, spec) for p, _ in test])
+    x = np.stack([transform(Image.open(p).convert("RGB")).numpy() for p, _ in test])
     logits = session.run(None, {session.get_inputs()[0].name: x})[0]
     return 100.0 * float(np.mean(logits.argmax(1) == np.array([y for _, y in test]))), len(test)
 

@@ -31,7 +31,7 @@ def read_csv(csv_path: Path) -> Found:
         DataError: a file that is not UTF-8, no rows, a row with too few columns or an empty cell, an
             unknown split, a header without path and label columns, a single class, or images that do not
             exist. (A file listed twice with two labels or in two splits is refused by the caller,
-            :func:`edgetl.data.discover.unique_records`.)
+            :func:`edgetl.data.duplicates.unique_records`.)
     """
     try:
         text = csv_path.read_text(encoding="utf-8-sig")

@@ -18,6 +18,7 @@ from pathlib import Path
 from edgetl._io import label_problem
 from edgetl.data.csvfile import read_csv
 from edgetl.data.decode import check_images
+from edgetl.data.duplicates import unique_content, unique_records
 from edgetl.data.options import CHECKS, ON_BAD_IMAGE, check_choice
 from edgetl.data.splits import (
     SPLIT_ALIASES,
@@ -65,16 +66,21 @@ def scan_dataset(
             ``"none"`` skips the check, ``"auto"`` decodes fully when the dataset is at most
             :data:`~edgetl.data.decode.FULL_CHECK_MAX_BYTES` bytes and checks headers otherwise.
 
+    An image found twice (a link, a repeated CSV row or a byte-identical copy) is refused with two labels
+    or in two splits, and otherwise used once or, when edgetl splits it, kept in one split with its
+    copies (see :mod:`edgetl.data.duplicates`).
+
     Raises:
-        DataError: a missing path, no images, a single class, an empty class folder, a bad CSV row,
-            or (with ``on_bad_image="error"``) an unreadable image.
+        DataError: a missing path, no images, a single class, an empty class folder, a bad CSV row, an
+            image with two labels or in two splits, or (with ``on_bad_image="error"``) an unreadable image.
     """
     check_choice("on_bad_image", on_bad_image, ON_BAD_IMAGE)
     check_choice("check", check, CHECKS)
     _check_fractions(val_split, test_split)
     root = Path(data).expanduser()
     found, skipped = _drop_unreadable(unique_records(_read(root)), check, on_bad_image)
-    splits = make_splits(found, val_split, test_split, seed, root)
+    found, together = unique_content(found)
+    splits = make_splits(found, val_split, test_split, seed, root, together)
     splits.skipped = skipped
     validate_splits(splits)
     return splits
@@ -191,7 +197,8 @@ def walk_images(folder: Path) -> Iterator[Path]:
     """Every visible image file under ``folder``, sorted, following links to folders but never in a loop.
 
     A folder reached twice (a link to a parent, or two links to one folder) is read once; the
-    duplicate records that links can still create across classes are caught by :func:`unique_records`.
+    duplicate records that links can still create across classes are caught by
+    :func:`~edgetl.data.duplicates.unique_records`.
 
     Raises:
         DataError: a file or folder name that is not valid UTF-8 (it could not be written to
@@ -232,46 +239,6 @@ def check_name(path: Path) -> None:
             f"the name {os.fsencode(path)!r} is not valid UTF-8; rename it (e.g. with `convmv`) or move it "
             "out of the dataset"
         ) from None
-
-
-def unique_records(found: Found) -> Found:
-    """Refuse a file that reaches the dataset twice (through a link or a CSV row) with another label or in
-    another split; drop exact repeats (same file, label and split) with a warning.
-
-    Files are compared by their real path, so a link to another class's image is caught.
-    """
-    classes, assigned, pool, source = found
-    first: dict[str, tuple[str, int, Path]] = {}
-    repeats = 0
-    kept: dict[str, list] = {}
-    for split, records in [*assigned.items(), ("", pool)]:
-        kept[split] = []
-        for path, label in records:
-            real = os.path.realpath(path)
-            if real not in first:
-                first[real] = (split, label, path)
-                kept[split].append((path, label))
-                continue
-            _refuse_conflict(first[real], (split, label, path), classes)
-            repeats += 1
-    if repeats:
-        log.warning("%d image(s) are listed more than once (links or repeated rows); each is used once", repeats)
-    return classes, {s: kept[s] for s in assigned}, kept[""], source
-
-
-def _refuse_conflict(a: tuple[str, int, Path], b: tuple[str, int, Path], classes: Sequence[str]) -> None:
-    (split_a, label_a, path_a), (split_b, label_b, path_b) = a, b
-    if label_a != label_b:
-        raise DataError(
-            f"{path_b} (class '{classes[label_b]}') is the same file as {path_a} (class '{classes[label_a]}'), "
-            "through a link or a repeated row; an image has one label: remove one of them"
-        )
-    if split_a != split_b:
-        raise DataError(
-            f"{path_b} ({split_b or 'unsplit'}) is the same file as {path_a} ({split_a or 'unsplit'}), "
-            "through a link or a repeated row; an image in two splits leaks validation data into training: "
-            "remove one of them"
-        )
 
 
 def _subdirs(folder: Path) -> list[Path]:

@@ -7,7 +7,7 @@ import math
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,14 +124,14 @@ def split_key(value: str) -> str | None:
 
 def _stratified_take(
     records: list[Record], fraction: float, seed: int, classes: list[str], tag: str,
-    totals: dict[int, int] | None = None, keep: int = 1,
+    totals: dict[int, int] | None = None, keep: int = 1, together: Mapping[Path, Path] | None = None,
 ) -> tuple[list[Record], list[Record]]:
     """Split ``records`` per class: return (rest, taken) with ``round(total * fraction)`` taken per class.
 
     ``total`` is the class's count in ``totals`` (default: its count in ``records``). A class with more
     than ``keep`` images takes at least one and keeps at least ``keep``; a smaller one takes none. Each
     class is shuffled by its own generator seeded by (seed, tag, class name), so adding a class does not
-    reshuffle the others.
+    reshuffle the others. Copies (``together`` maps a path to its first copy's) are taken or left together.
     """
     by_class: dict[int, list[Record]] = {}
     for rec in records:
@@ -144,8 +144,26 @@ def _stratified_take(
         n = len(items)
         total = totals.get(label, n) if totals is not None else n
         k = min(max(round(total * fraction), 1), n - keep) if fraction > 0 and n > keep else 0
-        taken.extend(items[:k])
-        rest.extend(items[k:])
+        left, took = _take_first(items, k, together or {})
+        taken.extend(took)
+        rest.extend(left)
+    return rest, taken
+
+
+def _take_first(items: list[Record], k: int, together: Mapping[Path, Path]) -> tuple[list[Record], list[Record]]:
+    """(rest, taken): the first ``k`` of ``items``, where a set of copies is taken whole if it fits, else left.
+
+    Without copies this is ``items[k:], items[:k]``.
+    """
+    if not together:
+        return items[k:], items[:k]
+    units: dict[Path, list[Record]] = {}
+    for rec in items:  # a set of copies stands where its first member comes in the shuffled order
+        units.setdefault(together.get(rec[0], rec[0]), []).append(rec)
+    rest: list[Record] = []
+    taken: list[Record] = []
+    for unit in units.values():
+        (taken if len(taken) + len(unit) <= k else rest).extend(unit)
     return rest, taken
 
 
@@ -203,7 +221,10 @@ def choose_test_split(found: Found, test_split: float | None) -> HoldoutChoice:
         f"least {AUTO_TEST_MIN_PER_CLASS})"))
 
 
-def make_splits(found: Found, val_split: float, test_split: float | None, seed: int, root: Path) -> DatasetSplits:
+def make_splits(
+    found: Found, val_split: float, test_split: float | None, seed: int, root: Path,
+    together: Mapping[Path, Path] | None = None,
+) -> DatasetSplits:
     """Split what a reader ``found`` into train/val/test, stratified per class and seeded.
 
     Records the reader assigned to a split stay there. First, unless the dataset has its own test set,
@@ -211,6 +232,10 @@ def make_splits(found: Found, val_split: float, test_split: float | None, seed: 
     of them) from the unassigned records, or from the training records when every record is assigned.
     Then, without a validation set, ``val_split`` of each class's remaining images is held out for
     validation (as a fraction of the images before the test was taken).
+
+    ``together`` maps each byte-identical copy (see :func:`~edgetl.data.duplicates.unique_content`) to
+    the path of its first copy; the copies of an image always land in one split, and without copies the
+    split is the same as with none given.
     """
     classes, assigned, pool, source = found
     train, val, test = list(assigned["train"]), list(assigned["val"]), list(assigned["test"])
@@ -220,15 +245,15 @@ def make_splits(found: Found, val_split: float, test_split: float | None, seed: 
     if choice.fraction > 0:
         keep = 2 if val_split > 0 and (pool or not val) else 1  # leave a training and a validation image
         rest, test = _stratified_take(pool or train, choice.fraction, seed, classes, "test",
-                                      _class_totals(train, val, pool), keep)
+                                      _class_totals(train, val, pool), keep, together=together)
         pool, train = (rest, train) if pool else (pool, rest)
     if pool:
-        pool_train, pool_val = _stratified_take(pool, val_split, seed, classes, "val", before)
+        pool_train, pool_val = _stratified_take(pool, val_split, seed, classes, "val", before, together=together)
         train += pool_train
         val += pool_val
     elif not val and train and val_split > 0:
         log.info("no validation set given: holding out %.0f%% of each training class", 100 * val_split)
-        train, val = _stratified_take(train, val_split, seed, classes, "val", before)
+        train, val = _stratified_take(train, val_split, seed, classes, "val", before, together=together)
     return DatasetSplits(classes, train, val, test, source=source, root=root, test_choice=choice)
 
 
