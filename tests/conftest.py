@@ -1,9 +1,40 @@
+"""The suite runs as a hostile terminal would: a narrow terminal (``COLUMNS=40``) and a temporary folder whose
+path is 200 characters long, so that no test and no message can depend on the terminal's width or the temp
+path's length (a wrapped warning once split a file name). ``--basetemp`` given on the command line is kept."""
+
 import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from edgetl.device.machine import fingerprint, read_cpu
 from edgetl.device.profiles import load_profile, save_profile, user_profile_dir
+
+HOSTILE_COLUMNS = "40"
+HOSTILE_TEMP_CHARS = 200
+_long_temp_root: Path | None = None
+
+
+def pytest_configure(config):
+    global _long_temp_root
+    os.environ["COLUMNS"] = HOSTILE_COLUMNS
+    if config.option.basetemp or hasattr(config, "workerinput"):
+        return
+    _long_temp_root = Path(tempfile.mkdtemp(prefix="edgetl-tests-"))
+    pad = HOSTILE_TEMP_CHARS - len(str(_long_temp_root)) - 1
+    long_temp = _long_temp_root / ("long-temp-path-" + "x" * max(pad - 15, 1))[:max(pad, 1)]
+    long_temp.mkdir()
+    os.environ["TMPDIR"] = str(long_temp)
+    tempfile.tempdir = str(long_temp)
+    config.option.basetemp = str(long_temp / "pytest")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _long_temp_root is not None and exitstatus == 0:
+        shutil.rmtree(_long_temp_root, ignore_errors=True)
 
 
 def _has_cuda() -> bool:
