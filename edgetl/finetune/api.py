@@ -469,8 +469,7 @@ class _Run:
             if self.restart and self.run_dir.is_dir():
                 removed = self.rundir.clear()
                 if removed:
-                    log.warning("--restart: removed the run in %s (%d files); starting over", self.run_dir,
-                                len(removed))
+                    log.warning("removed the earlier run in %s (%d files) to start over", self.run_dir, len(removed))
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_config()
             atomic_write_json(self.rundir.splits, _splits_json(self.splits))
