@@ -161,9 +161,10 @@ def test_importing_rundir_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
-RUN_FILE_NAMES = {"config.yaml", "splits.json", "model.safetensors", "checkpoint.json", "last.safetensors",
-                  "last.optim.safetensors", "last-{gen:06d}.safetensors", "last-{gen:06d}.optim.safetensors",
-                  "last.json", "metrics.json", "curves.png", "confusion.png", ".feature_cache"}
+RUN_FILE_NAMES = {"config.yaml", "splits.json", "model.safetensors", "model.{token}.safetensors", "checkpoint.json",
+                  "last.safetensors", "last.optim.safetensors", "last-{gen:06d}.safetensors",
+                  "last-{gen:06d}.optim.safetensors", "last.json", "metrics.json", "curves.png", "confusion.png",
+                  ".feature_cache"}
 OWNERS = {PACKAGE / "folders.py", PACKAGE / "finetune" / "rundir.py"}
 
 
