@@ -317,6 +317,26 @@ def test_a_run_folder_that_is_not_a_run_is_refused_not_deleted(first_build):
         saved.rename(run)
 
 
+def test_a_run_killed_while_writing_its_first_files_is_restarted(first_build):
+    """A kill after splits.json and during config.yaml's atomic write leaves splits.json and a temporary: the next
+    build recognises an edgetl run that cannot resume and trains it again, instead of refusing the folder."""
+    path, _ = first_build
+    run = path.parent / "build" / "run"
+    saved = run.with_name("run.saved")
+    shutil.copytree(run, saved)
+    try:
+        for p in run.iterdir():
+            if p.name != "splits.json":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        (run / ".config.yaml.k1ll3d_x.tmp").write_text("model: half-writ")
+        build(path, force="finetune")
+        assert (run / "config.yaml").is_file() and (run / "model.safetensors").is_file()
+        assert not (run / ".config.yaml.k1ll3d_x.tmp").exists()
+    finally:
+        shutil.rmtree(run)
+        saved.rename(run)
+
+
 def test_nothing_fits_is_a_user_error(tmp_path):
     _tiny_data(tmp_path / "data")
     path = _write(tmp_path, {**TINY, "constraints": {"max_size_mb": 0.1}})

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgetl._io import read_json
+from edgetl._io import read_json, written_name
 from edgetl.errors import CheckpointError
 from edgetl.folders import RUN_CHECKPOINT_FILE, RUN_CONFIG_FILE, RUN_LAST_FILE, RUN_SPLITS_FILE, folder_kind
 
@@ -75,13 +75,6 @@ def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     if int(meta.get("version", 0)) > VERSION:
         raise CheckpointError(f"{path} was written by a newer edgetl (checkpoint version {meta['version']})")
     return meta
-
-
-def _written_name(name: str) -> str:
-    """The file an atomic write was writing, for its temporary (``.NAME.RANDOM.tmp``: a write killed midway)."""
-    if name.startswith(".") and name.endswith(".tmp"):
-        return name[1:].rsplit(".", 2)[0]
-    return name
 
 
 @dataclass(frozen=True)
@@ -135,7 +128,7 @@ class RunDir:
         current = self.weights
         found = sorted(self.path.iterdir()) if self.path.is_dir() else []
         return [p for p in found if p != current and p.is_file() and not p.is_symlink()
-                and _STAGED_WEIGHTS.fullmatch(_written_name(p.name))]
+                and _STAGED_WEIGHTS.fullmatch(written_name(p.name))]
 
     @property
     def checkpoint(self) -> Path:
@@ -231,7 +224,7 @@ class RunDir:
                                   self.confusion)} | {WEIGHTS_FILE, *LEGACY_LAST_FILES}
         removed = []
         for path in sorted(self.path.iterdir()) if self.path.is_dir() else []:
-            name = _written_name(path.name)
+            name = written_name(path.name)
             if path.is_file() and not path.is_symlink() and (
                     name in fixed or _LAST_SET_FILE.fullmatch(name) or _STAGED_WEIGHTS.fullmatch(name)):
                 path.unlink()
