@@ -99,6 +99,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def written_name(name: str) -> str:
+    """The file an :func:`atomic_path` write was writing, for its temporary (``.NAME.RANDOM.tmp``: a write killed
+    midway); any other name is returned as it is."""
+    if name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3:
+        return name[1:].rsplit(".", 2)[0]
+    return name
+
+
 def umask() -> int:
     """The process's file-creation mask (read without changing it)."""
     mask = os.umask(0)

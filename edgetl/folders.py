@@ -27,6 +27,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from edgetl._io import written_name
 from edgetl.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ RUN_CONFIG_FILE = "config.yaml"
 RUN_SPLITS_FILE = "splits.json"
 RUN_CHECKPOINT_FILE = "checkpoint.json"
 RUN_LAST_FILE = "last.json"
+RUN_SPLITS_FORMAT = "edgetl.splits"
+"""``splits.json``'s mark: a run writes it first, so a folder holding it alone is a run killed as it started."""
 _RUN_MARKS = (RUN_SPLITS_FILE, RUN_CHECKPOINT_FILE, RUN_LAST_FILE)
 # Files edgetl may leave in a folder before its layout is complete (locks, atomic-write temporaries).
 _OWN_HIDDEN = (LOCK_FILE, BUILD_LOCK_FILE, BUILD_STATE_FILE)
@@ -54,7 +57,8 @@ def folder_kind(folder: str | os.PathLike[str]) -> str | None:
         return None
     if _is_artifact(folder / "manifest.json"):
         return "artifact"
-    if (folder / RUN_CONFIG_FILE).is_file() and any((folder / m).is_file() for m in _RUN_MARKS):
+    if ((folder / RUN_CONFIG_FILE).is_file() and any((folder / m).is_file() for m in _RUN_MARKS)) \
+            or _has_format(folder / RUN_SPLITS_FILE, RUN_SPLITS_FORMAT):
         return "run"
     if (folder / BUILD_STATE_FILE).is_file():
         return "build"
@@ -64,16 +68,22 @@ def folder_kind(folder: str | os.PathLike[str]) -> str | None:
 
 
 def _is_artifact(manifest: Path) -> bool:
+    return _has_format(manifest, ARTIFACT_FORMAT)
+
+
+def _has_format(path: Path, name: str) -> bool:
+    """Whether ``path`` is a JSON object whose ``format`` is ``name`` (edgetl's mark on the files it writes)."""
     try:
-        doc = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return False
-    return isinstance(doc, dict) and doc.get("format") == ARTIFACT_FORMAT
+    return isinstance(doc, dict) and doc.get("format") == name
 
 
 def is_empty(folder: Path) -> bool:
-    """True for a folder that holds nothing but edgetl's own lock and state files."""
-    return all(p.name in _OWN_HIDDEN for p in folder.iterdir())
+    """True for a folder that holds nothing but edgetl's own lock and state files, and the temporaries of atomic
+    writes that a kill interrupted (``.NAME.RANDOM.tmp``)."""
+    return all(p.name in _OWN_HIDDEN or written_name(p.name) != p.name for p in folder.iterdir())
 
 
 def require_ours(folder: str | os.PathLike[str], kinds: Iterable[str], flag: str, what: str) -> Path:

@@ -36,7 +36,10 @@ does not retrain.
 
 **Resuming.** The state file records a stage as ``running`` before it starts. If a build is interrupted
 during fine-tuning, the next build with the same inputs resumes the run from its last checkpoint
-(``finetune(resume=True)``) instead of starting over.
+(``finetune(resume=True)``) instead of starting over. Otherwise (or when the run cannot be resumed) it
+trains with ``finetune(restart=True)``: the earlier run in ``out/run`` is cleared by the run folder's own rule
+(:meth:`edgetl.finetune.rundir.RunDir.clear`: only the run's files; a folder there that is not a run is
+refused), never deleted by the build.
 
 **Budgets.** A missed budget (export's accuracy drop, validate's latency or memory) does not stop the
 build: the report is written, then :class:`~edgetl.errors.BudgetExceededError` (exit code 3) is raised.
@@ -50,7 +53,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -539,14 +541,14 @@ class _Build:
         )
         if resume:
             self.say(f"finetune: resuming the interrupted run in {self.run_dir}")
-        elif self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
 
         def show(decision: Any) -> None:
             self.say(f"finetune: strategy {decision.strategy} — {decision.reason}")
 
         def train(resume: bool) -> Any:
-            return finetune(model, str(cfg.data), self.run_dir, cfg.finetune, resume=resume,
+            # not resuming: finetune's restart clears an earlier run here (RunDir.clear: only a run folder, only
+            # the run's files), so the build never deletes the folder itself
+            return finetune(model, str(cfg.data), self.run_dir, cfg.finetune, resume=resume, restart=not resume,
                             progress=self.progress_bars, on_decision=show,
                             **stage_inputs(cfg, "finetune", cfg.finetune))
 
@@ -559,7 +561,6 @@ class _Build:
                 # killed between two checkpoint writes: nothing consistent to resume from
                 log.warning("cannot resume %s (%s); training from the start", self.run_dir, exc)
                 self.say(f"finetune: the interrupted run cannot be resumed ({exc}); training from the start")
-                shutil.rmtree(self.run_dir)
                 resume = False
                 result = train(False)
         except TrainingInterrupted as exc:

@@ -23,9 +23,11 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +65,7 @@ class World:
 # the child chdirs, points its fds 1 and 2 at files and runs the console-script entry point
 # ``edgetl.cli.main()`` with the case's argv, as ``python -m edgetl`` does, and exits with its code.
 _ZYGOTE = r"""
-import json, os, sys
+import json, os, signal, sys
 import edgetl.cli, edgetl.finetune.api, edgetl.export.api, edgetl.validate, edgetl.pipeline  # noqa: F401
 for line in sys.stdin:
     req = json.loads(line)
@@ -74,6 +76,7 @@ for line in sys.stdin:
         for fd, name in ((1, "stdout"), (2, "stderr")):
             os.dup2(os.open(req[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
         sys.argv = ["edgetl", *req["args"]]
+        signal.alarm(req.get("timeout", 0))  # a case that must not hang is killed by SIGALRM (exit -14)
         code = 0
         try:
             edgetl.cli.main()
@@ -98,9 +101,11 @@ class Zygote:
         self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=_env())
 
-    def run(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def run(self, args: list[str], cwd: Path, env: dict[str, str] | None = None,
+            timeout: int = 0) -> subprocess.CompletedProcess:
         out, err = cwd / ".." / f"{cwd.name}.stdout", cwd / ".." / f"{cwd.name}.stderr"
-        request = {"args": args, "cwd": str(cwd), "stdout": str(out), "stderr": str(err), "env": env or {}}
+        request = {"args": args, "cwd": str(cwd), "stdout": str(out), "stderr": str(err), "env": env or {},
+                   "timeout": timeout}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         code = json.loads(self.proc.stdout.readline())["code"]
@@ -402,6 +407,68 @@ def _cache_is_a_file(w: World, d: Path) -> list[str]:
     return ["select", "--device", "x86", "--top", "2", "--json"]
 
 
+def _cache_read_only(w: World, d: Path) -> list[str]:
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a 0o555 folder")
+    (d / "ro-cache").mkdir()
+    (d / "ro-cache").chmod(0o555)
+    return ["select", "--device", "x86", "--top", "2", "--json"]
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _huge_png(w: World, d: Path) -> list[str]:
+    """``predict`` of a valid 20000 x 20000 PNG: 1-bit pixels, all black, about 50 KB on disk."""
+    side = 20_000
+    row, packer = bytes(1 + (side + 7) // 8), zlib.compressobj(9)  # filter byte 0, then the packed bits
+    pixels = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit grayscale, not interlaced
+    (d / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", pixels)
+                                + _png_chunk(b"IEND", b""))
+    return ["predict", str(w.art), str(d / "big.png")]
+
+
+def _fifo(d: Path, name: str) -> Path:
+    os.mkfifo(d / name)  # opening it would block until something writes to it
+    return d / name
+
+
+def _predict_fifo(w: World, d: Path) -> list[str]:
+    return ["predict", str(w.art), str(_fifo(d, "fifo.png"))]
+
+
+def _csv_row_names(kind: str) -> Callable[[World, Path], list[str]]:
+    """A CSV dataset with one more row, naming a ``folder``, ``/dev/zero`` (a ``device``) or a ``fifo``."""
+
+    def setup(w: World, d: Path) -> list[str]:
+        if kind == "folder":
+            (d / "folder.png").mkdir()
+        target = {"folder": d / "folder.png", "device": Path("/dev/zero")}.get(kind) or _fifo(d, "pipe.png")
+        rows = _csv_rows(w)
+        return _finetune(_csv(w, d, [*rows, f"{target},{rows[0].split(',')[1]}"]), d / "out")
+
+    return setup
+
+
+def _class_names_like_options(w: World, d: Path) -> list[str]:
+    return _finetune(_classes(d, {"--1": 4, "1 ² 3": 4}), d / "out", "--json")
+
+
+def _nan_weights(w: World, d: Path) -> list[str]:
+    import torch
+
+    from edgetl.zoo.catalog import build_architecture
+
+    state = build_architecture(MODEL).state_dict()
+    state["features.1.block.0.0.weight"].view(-1)[3] = float("nan")
+    torch.save(state, d / "nan.pt")
+    args = _finetune(w.data, d / "out")
+    args[args.index("none")] = str(d / "nan.pt")
+    return args
+
+
 def _art_with(files: dict[str, str | bytes], rehash: bool = False) -> Callable[[World, Path], list[str]]:
     """A setup: a copy of the artifact with ``files`` (relative name -> content) written into it."""
 
@@ -453,13 +520,18 @@ def _duplicate_labels(w: World, d: Path) -> list[str]:
     return ["validate", str(art)]
 
 
-def _preprocess_shape(w: World, d: Path) -> list[str]:
-    art = _art(w, d)
-    pre = json.loads((art / "preprocess.json").read_text())
-    pre["crop"]["size"] = [224, 224]
-    (art / "preprocess.json").write_text(json.dumps(pre))
-    _rehash(art)
-    return ["validate", str(art)]
+def _preprocess(command: str, change: Callable[[dict], None]) -> Callable[[World, Path], list[str]]:
+    """``command`` on a copy of the artifact whose preprocess.json is changed by ``change``, then re-hashed."""
+
+    def setup(w: World, d: Path) -> list[str]:
+        art = _art(w, d)
+        pre = json.loads((art / "preprocess.json").read_text())
+        change(pre)
+        (art / "preprocess.json").write_text(json.dumps(pre))
+        _rehash(art)
+        return [command, str(art), *([str(_train_imgs(w, 0)[0])] if command == "predict" else [])]
+
+    return setup
 
 
 def _files_entry_string(w: World, d: Path) -> list[str]:
@@ -650,6 +722,9 @@ class Case:
     message: str  # a regular expression the stderr must match
     json: bool = False
     env: dict[str, str] | None = None  # extra environment; "{d}" is the case's folder
+    writes: tuple[str, ...] = ()  # what the command must write, relative to the case's folder (all else unchanged)
+    stdout: str | None = None  # a regular expression the stdout must match
+    timeout: int = 0  # seconds before the case's process is killed (SIGALRM): for what must not hang
 
 
 FT = ("finetune", "--model", MODEL, "--data", "{data}", "--out", "{d}/out")
@@ -683,8 +758,13 @@ CASES = [
          r"--threads: .*greater than or equal to 1", json=True),
     Case("batch-size-billion", _args(*FT, "--batch-size", "1000000000"), 1, r"--batch-size: .*65536"),
     Case("select-batch-billion", _args("select", "--device", "x86", "--batch", "1000000000"), 1, r"--batch: .*65536"),
+    Case("bench-batch-billion", _args("bench", "{art}/model.onnx", "--batch", "1000000000"), 2,
+         r"'--batch': 1000000000 is not in the range 1<=x<=65536"),
     Case("bench-threads-capped", _bench_many_threads, 0, r"10000 threads asked for, but this machine has \d+ "
          r"cores; using \d+", json=True),
+    Case("validate-threads-capped", _args("validate", "{art}", "--threads", "10000", "--iterations", "2", "--warmup",
+                                          "0", "--report", "{d}/report.json", "--json"), 0,
+         r"10000 threads asked for, but this machine has \d+ cores; using \d+", json=True, writes=("report.json",)),
     Case("build-epochs-true", _build_number("epochs", "true"), 1,
          r"finetune\.epochs: expected a number, got the boolean true"),
     Case("build-batch-1e20", _build_number("batch_size", "1.0e+20"), 1, r"finetune\.batch_size: .*1e\+20"),
@@ -716,12 +796,22 @@ CASES = [
     Case("csv-two-labels", _csv_two_labels, 1, r"one label"),
     Case("csv-two-splits", _csv_two_splits, 1, r"two splits"),
     Case("csv-missing-image", _csv_missing_image, 1, r"ghost\.png' does not exist"),
+    Case("csv-row-folder", _csv_row_names("folder"), 1,
+         r"labels\.csv row \d+: image '.*folder\.png' is a folder, not a file; fix or remove the row"),
+    Case("csv-row-dev-zero", _csv_row_names("device"), 1,
+         r"labels\.csv row \d+: image '/dev/zero' is a device, not a file; fix or remove the row"),
+    Case("csv-row-fifo", _csv_row_names("fifo"), 1,
+         r"labels\.csv row \d+: image '.*pipe\.png' is a named pipe \(FIFO\), not a file", timeout=60),
+    Case("class-folders-like-options", _class_names_like_options, 0, r"epoch 1/1", json=True, writes=("out",),
+         stdout=r'"classes": \[\s*"--1",\s*"1 (\\u00b2|²) 3"\s*\]'),
     Case("one-class", _one_class, 1, r"class"),
     Case("empty-class-folder", _empty_class, 1, r"empty has no images"),
     Case("data-not-csv", _data_is_a_file, 1, r"not a CSV"),
     Case("code-carrying-pickle", _evil_weights, 1, r"pickled objects other than tensors .*state_dict"),
     Case("weights-missing", _args(*FT, "--weights", "{d}/nope.pt", "--resolution", "32"), 1,
          r"nope\.pt does not exist"),
+    Case("weights-nan", _nan_weights, 1,
+         r"nan\.pt\) hold non-finite values in features\.1\.block\.0\.0\.weight \(1 NaN"),
     # folders that are not edgetl's, and concurrent writers
     Case("finetune-onto-user-folder", _finetune_onto_user_folder, 1, r"files that edgetl did not write"),
     Case("finetune-out-is-file", _finetune_out_is_file, 2, r"is a file"),
@@ -742,6 +832,8 @@ CASES = [
     Case("export-out-read-only", _export_out_read_only, 1, r"ro.*(permission denied|read-only).*writable folder"),
     Case("cache-dir-is-a-file", _cache_is_a_file, 0, r"cache folder .*cache-file is not writable.*EDGETL_CACHE_DIR",
          json=True, env={"EDGETL_CACHE_DIR": "{d}/cache-file"}),
+    Case("cache-dir-read-only", _cache_read_only, 0, r"cache folder .*ro-cache is not writable.*EDGETL_CACHE_DIR",
+         json=True, env={"EDGETL_CACHE_DIR": "{d}/ro-cache"}),
     Case("export-tensorrt-missing", _args(*EX, "--tensorrt"), 1, r"TensorRT|tensorrt"),
     # validate: consistency, not only hashes
     Case("validate-symlink-outside", _validate_symlink, 1, r"model\.onnx .* is a symbolic link"),
@@ -751,7 +843,8 @@ CASES = [
     Case("validate-precision-lie", _precision_lie, 1, r"says fp32, but model\.onnx is an int8 graph"),
     Case("validate-labels-vs-outputs", _labels_vs_outputs, 1, r"has 3 outputs, labels\.json names 4"),
     Case("validate-duplicate-labels", _duplicate_labels, 1, r"names a class twice"),
-    Case("validate-preprocess-shape", _preprocess_shape, 1, r"preprocess\.json gives \[1, 3, 224, 224\]"),
+    Case("validate-preprocess-shape", _preprocess("validate", lambda p: p["crop"].update(size=[224, 224])), 1,
+         r"preprocess\.json gives \[1, 3, 224, 224\]"),
     Case("validate-files-entry-string", _files_entry_string, 1, r"no sha256 for labels\.json"),
     Case("validate-files-is-list", _files_is_list, 1, r"lists no files"),
     Case("validate-device-null", _device_null, 1, r"'device' must be a mapping", json=True),
@@ -772,6 +865,10 @@ CASES = [
     Case("predict-labels-too-many", _predict_labels(lambda old: [*old, "extra"]), 1,
          r"has 3 outputs, labels\.json names 4"),
     Case("predict-labels-too-few", _predict_labels(lambda old: old[:2]), 1, r"has 3 outputs, labels\.json names 2"),
+    Case("predict-resize-100000", _preprocess("predict", lambda p: p["resize"].update(size=100_000)), 1,
+         r"preprocess\.json: 'resize\.size' must be a whole number of pixels from 1 to 8192, got 100000"),
+    Case("predict-20000x20000-png", _huge_png, 1, r"big\.png: .*20000x20000 pixels, over the \d+-megapixel limit"),
+    Case("predict-fifo", _predict_fifo, 1, r"fifo\.png: is a named pipe \(FIFO\), not a file", timeout=60),
     Case("predict-label-newline", _predict_labels(lambda old: [old[0] + "\nfake: 99%", *old[1:]]), 1,
          r"labels\.json entry 0: .*control character"),
     Case("csv-label-nul", _csv_label("cat\x00dog"), 1, r"labels\.csv row 2: .*control character '\\x00'"),
@@ -819,7 +916,7 @@ def test_bad_input(case: Case, world: World, cli_process: Zygote, tmp_path: Path
     before = _snapshot(roots)
     try:
         env = {k: v.replace("{d}", str(tmp_path)) for k, v in (case.env or {}).items()}
-        result = cli_process.run(args, cwd=tmp_path, env=env)
+        result = cli_process.run(args, cwd=tmp_path, env=env, timeout=case.timeout)
     finally:
         while _held:
             _held.pop().fh.close()
@@ -827,6 +924,7 @@ def test_bad_input(case: Case, world: World, cli_process: Zygote, tmp_path: Path
     assert result.returncode == case.code, f"{args}\nstdout: {result.stdout[-2000:]}\nstderr: {stderr[-2000:]}"
     assert "Traceback" not in stderr, stderr
     assert re.search(case.message, stderr, re.S), stderr
+    assert case.stdout is None or re.search(case.stdout, result.stdout), result.stdout
     if case.code == 1:
         errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1, stderr
@@ -835,6 +933,9 @@ def test_bad_input(case: Case, world: World, cli_process: Zygote, tmp_path: Path
         if case.code == 0:
             json.loads(result.stdout)
     after = _snapshot(roots)
+    for name in case.writes:
+        assert (tmp_path / name).exists(), f"{name} not written"
+        after = {k: v for k, v in after.items() if not Path(k).is_relative_to(tmp_path / name)}
     if case.id == "export-stale-staging":  # edgetl's own leftovers of a killed run are what it removes
         before = {k: v for k, v in before.items() if ".art2.tmp-" not in k}
         assert not list(tmp_path.glob(".art2.tmp-*"))

@@ -74,3 +74,16 @@ def test_predict_says_a_missing_path_does_not_exist(files, tmp_path):
         edgetl.predict("artifacts/no-such-artifact", [files["image"]])
     with pytest.raises(UnknownNameError):
         edgetl.predict("no_such_model", [files["image"]])
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header_even_where_pillow_only_warns(tmp_path):
+    """12000 x 12000 is between Pillow's warning (89 MP) and its error (179 MP): edgetl refuses it before decoding."""
+    from edgetl.data.decode import MAX_IMAGE_PIXELS, check_image
+
+    path = tmp_path / "wide.png"
+    Image.new("1", (12_000, 12_000)).save(path)
+    assert MAX_IMAGE_PIXELS < 12_000 * 12_000
+    for problem in (check_image(path, full=False), check_image(path, full=True)):
+        assert "12000x12000 pixels" in problem and "megapixel limit" in problem
+    with pytest.raises(DataError, match=r"wide\.png.*12000x12000 pixels"):
+        load_rgb(path)

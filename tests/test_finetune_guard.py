@@ -5,6 +5,8 @@
   epoch stays on disk and ``--resume`` continues from it.
 - A resume checkpoint torn by a kill resumes from the generation before; a run that cannot resume is
   cleared by ``--restart`` (only an edgetl run folder, and only the run's own files).
+- A kill at any step of saving the best checkpoint leaves a pair that export and ``--resume`` read: the
+  previous one or the new one, never weights with another save's ``checkpoint.json``.
 
 (mobilenet_v3_small, random weights, 32 px, CPU, a tiny demo dataset.)
 """
@@ -23,9 +25,13 @@ import torch
 
 from edgetl.data import make_demo_dataset
 from edgetl.errors import ConfigError, TrainingError, TrainingInterrupted
+from edgetl.export.api import export
 from edgetl.finetune.api import finetune
-from edgetl.finetune.rundir import LEGACY_LAST_FILES, RunDir
+from edgetl.finetune.checkpoint import best_steps, load_best, save_best
+from edgetl.finetune.model import load_trained_model
+from edgetl.finetune.rundir import LEGACY_LAST_FILES, WEIGHTS_FILE, RunDir
 from edgetl.finetune.trainer import Trainer
+from edgetl.folders import LOCK_FILE
 from edgetl.zoo.catalog import build_architecture
 
 MODEL = "mobilenet_v3_small"
@@ -185,3 +191,77 @@ def test_restart_clears_a_run_that_cannot_resume_and_refuses_a_foreign_folder(de
     assert "files that edgetl did not write" in line and (foreign / "cat.jpg").read_bytes() == b"not ours"
     with pytest.raises(ConfigError, match="give one of them"):
         finetune(out=out, resume=True, restart=True)
+
+
+# --- the best checkpoint, killed mid-save ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        finetune(MODEL, demo, out, epochs=1, **COMMON)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _fields(meta: dict) -> dict:
+    """A checkpoint.json state without what each save writes itself: what ``save_best`` is given."""
+    return {k: v for k, v in meta.items() if k not in ("format", "version", "token", "weights_file", "weights_sha256")}
+
+
+def killed_while_saving_best(run: Path, steps_done: int) -> tuple[dict, dict]:
+    """Save new best weights (the old ones with the head's bias + 1) into ``run`` and stop after ``steps_done``
+    steps, as a kill would; return (old weights, new weights)."""
+    meta, old = load_best(run)
+    new = {**old, HEAD_BIAS: old[HEAD_BIAS] + 1}
+    steps = best_steps(run, new, _fields(meta))
+    done = [next(steps) for _ in range(steps_done)]
+    assert len(done) == steps_done
+    return old, new
+
+
+BEST_STEPS = 5
+HEAD_BIAS = "classifier.3.bias"
+
+
+@pytest.mark.parametrize("steps_done", range(BEST_STEPS + 1))
+def test_a_kill_at_any_step_of_saving_the_best_leaves_a_pair_export_and_resume_read(finished_run, tmp_path,
+                                                                                    steps_done):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    old, new = killed_while_saving_best(out, steps_done)
+    expected = new if steps_done >= 2 else old  # step 2 (checkpoint.json names the new weights) commits
+    _, weights = load_best(out)  # checks the token of the weights against checkpoint.json
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+    trained = load_trained_model(out)  # what export and predict read
+    assert torch.equal(trained.network.state_dict()[HEAD_BIAS], expected[HEAD_BIAS])
+    assert RunDir(out).weights in RunDir(out).outputs() and RunDir(out).weights.is_file()
+
+    export(out, tmp_path / "art", precision="fp32", device="x86", rounds=1)
+    resumed = finetune(out=out, resume=True, device="cpu", progress=False)  # reads the best back to evaluate it
+    assert resumed.resumed_from == 1 and resumed.epochs_run == 1
+    if steps_done == BEST_STEPS:
+        assert RunDir(out).weights == out / WEIGHTS_FILE and sorted(out.glob("model.*")) == [out / WEIGHTS_FILE]
+
+
+def test_the_next_save_removes_what_a_killed_one_left_and_restart_clears_it(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    killed_while_saving_best(out, 1)  # a staged file checkpoint.json does not name
+    killed_while_saving_best(out, 3)  # checkpoint.json names a staged file that was renamed into place
+    staged = list(out.glob("model.*.safetensors"))
+    assert len(staged) == 1 and json.loads((out / "checkpoint.json").read_text())["weights_file"] != WEIGHTS_FILE
+    (out / f".{staged[0].name}.ab12cd34.tmp").write_bytes(b"\0" * 10)  # and a staged write killed midway
+    meta, weights = load_best(out)
+    save_best(out, weights, _fields(meta))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".model", "model"))) == [WEIGHTS_FILE]
+    assert json.loads((out / "checkpoint.json").read_text())["weights_file"] == WEIGHTS_FILE
+
+    killed_while_saving_best(out, 2)
+    (out / "notes.txt").write_text("mine")
+    RunDir(out).clear()
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["notes.txt"]

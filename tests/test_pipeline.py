@@ -263,6 +263,80 @@ def test_missed_budget_writes_report_and_exits_3(first_build):
     assert info.value.exit_code == 3 and info.value.result.stage("validate").status == "skipped"
 
 
+@pytest.mark.slow
+def test_retraining_clears_only_the_runs_files_and_keeps_the_users(first_build):
+    """The build retrains through finetune's restart (RunDir.clear), never by deleting out/run itself."""
+    path, _ = first_build
+    run = path.parent / "build" / "run"
+    (run / "notes.txt").write_text("mine\n")
+    stale = run / "last-000099.safetensors"  # a stale resume generation is the run's: cleared
+    stale.write_bytes(b"old")
+    try:
+        result = build(path, force="finetune")
+        assert result.stage("finetune").status == "ran"
+        assert (run / "notes.txt").read_text() == "mine\n" and not stale.exists()
+        assert (run / "model.safetensors").is_file() and (run / "checkpoint.json").is_file()
+    finally:
+        (run / "notes.txt").unlink()
+
+
+@pytest.mark.slow
+def test_a_run_that_cannot_resume_is_restarted_keeping_the_users_files(first_build):
+    path, _ = first_build
+    out = path.parent / "build"
+    state = json.loads((out / STATE_FILE).read_text())
+    state["stages"]["finetune"]["status"] = "running"  # as if the build died during training...
+    (out / STATE_FILE).write_text(json.dumps(state))
+    (out / "run" / "last.json").write_text("{torn")  # ...and left a resume state that cannot be read
+    (out / "run" / "notes.txt").write_text("mine\n")
+    said: list[str] = []
+    try:
+        result = build(path, progress=said.append)
+        assert result.stage("finetune").status == "ran"
+        assert any("cannot be resumed" in m and "training from the start" in m for m in said), said
+        assert (out / "run" / "notes.txt").read_text() == "mine\n"
+        assert json.loads((out / "run" / "last.json").read_text())["format"] == "edgetl.checkpoint"
+    finally:
+        (out / "run" / "notes.txt").unlink()
+
+
+@pytest.mark.slow
+def test_a_run_folder_that_is_not_a_run_is_refused_not_deleted(first_build):
+    path, _ = first_build
+    run = path.parent / "build" / "run"
+    saved = run.with_name("run.saved")
+    run.rename(saved)
+    try:
+        run.mkdir()
+        (run / "thesis.tex").write_text("years of work\n")
+        with pytest.raises(ConfigError, match="files that edgetl did not write"):
+            build(path, force="finetune")
+        assert [p.name for p in run.iterdir()] == ["thesis.tex"]
+    finally:
+        shutil.rmtree(run)
+        saved.rename(run)
+
+
+def test_a_run_killed_while_writing_its_first_files_is_restarted(first_build):
+    """A kill after splits.json and during config.yaml's atomic write leaves splits.json and a temporary: the next
+    build recognises an edgetl run that cannot resume and trains it again, instead of refusing the folder."""
+    path, _ = first_build
+    run = path.parent / "build" / "run"
+    saved = run.with_name("run.saved")
+    shutil.copytree(run, saved)
+    try:
+        for p in run.iterdir():
+            if p.name != "splits.json":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        (run / ".config.yaml.k1ll3d_x.tmp").write_text("model: half-writ")
+        build(path, force="finetune")
+        assert (run / "config.yaml").is_file() and (run / "model.safetensors").is_file()
+        assert not (run / ".config.yaml.k1ll3d_x.tmp").exists()
+    finally:
+        shutil.rmtree(run)
+        saved.rename(run)
+
+
 def test_nothing_fits_is_a_user_error(tmp_path):
     _tiny_data(tmp_path / "data")
     path = _write(tmp_path, {**TINY, "constraints": {"max_size_mb": 0.1}})

@@ -149,6 +149,23 @@ def test_folders_that_are_not_runs(tmp_path):
     assert empty.is_run() and empty.can_resume()
 
 
+def test_a_run_killed_as_it_started_is_still_a_run_and_an_atomic_temporary_is_edgetls(tmp_path):
+    from edgetl.folders import RUN_SPLITS_FORMAT, folder_kind, is_empty
+
+    started, users = tmp_path / "started", tmp_path / "users"
+    for folder in (started, users):
+        folder.mkdir()
+    (started / "splits.json").write_text(json.dumps({"format": RUN_SPLITS_FORMAT, "classes": ["a", "b"]}))
+    (users / "splits.json").write_text(json.dumps({"classes": ["a", "b"]}))
+    assert folder_kind(started) == "run" and RunDir(started).is_run()
+    assert folder_kind(users) is None
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / ".splits.json.a1b2c3d4.tmp").write_text("{")
+    assert is_empty(tmp_path / "killed")
+    (tmp_path / "killed" / "notes.tmp").write_text("mine")
+    assert not is_empty(tmp_path / "killed")
+
+
 def test_a_run_dir_is_a_value(tmp_path):
     assert RunDir(str(tmp_path)) == RunDir(tmp_path) and hash(RunDir(str(tmp_path))) == hash(RunDir(tmp_path))
     assert RunDir("runs/a").path == Path("runs", "a") and RunDir("runs/a").weights == Path("runs/a/model.safetensors")
@@ -161,9 +178,10 @@ def test_importing_rundir_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
-RUN_FILE_NAMES = {"config.yaml", "splits.json", "model.safetensors", "checkpoint.json", "last.safetensors",
-                  "last.optim.safetensors", "last-{gen:06d}.safetensors", "last-{gen:06d}.optim.safetensors",
-                  "last.json", "metrics.json", "curves.png", "confusion.png", ".feature_cache"}
+RUN_FILE_NAMES = {"config.yaml", "splits.json", "model.safetensors", "model.{token}.safetensors", "checkpoint.json",
+                  "last.safetensors", "last.optim.safetensors", "last-{gen:06d}.safetensors",
+                  "last-{gen:06d}.optim.safetensors", "last.json", "metrics.json", "curves.png", "confusion.png",
+                  ".feature_cache"}
 OWNERS = {PACKAGE / "folders.py", PACKAGE / "finetune" / "rundir.py"}
 
 

@@ -22,6 +22,7 @@ from edgetl.device.profiles import threads_for
 from edgetl.errors import BudgetExceededError, ConfigError, ConstraintError, EdgetlError, os_error_message
 from edgetl.options import (
     KERNEL_SAMPLES,
+    MAX_BATCH,
     MODEL_HELP,
     PRECISIONS,
     TABLE_ROWS,
@@ -485,7 +486,7 @@ def predict_cmd(source, images, top, check, **kwargs) -> None:
 @click.argument("target", metavar="MODEL|FILE.onnx")
 @click.option("--runtime", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
               show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=None,
+@click.option("--batch", type=click.IntRange(min=1, max=MAX_BATCH), default=None,
               help="Images per inference [default: 1, or the file's fixed batch].")
 @cli_options(SourceOptions, only=("resolution",))
 @cli_options(TimingOptions)

@@ -125,10 +125,8 @@ def _resolve(rows: list[Row], csv_path: Path) -> list[tuple[Path, str, str]]:
     if missing:
         line, rel, problem = missing[0]
         more = f" ({len(missing)} rows in total)" if len(missing) > 1 else ""
-        raise DataError(
-            f"{csv_path} row {line}: image '{rel}' {problem}{more}; "
-            f"paths are relative to {base}: fix or remove the row"
-        )
+        relative = "" if Path(rel).expanduser().is_absolute() else f"paths are relative to {base}: "
+        raise DataError(f"{csv_path} row {line}: image '{rel}' {problem}{more}; {relative}fix or remove the row")
     return entries
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import stat
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +26,10 @@ ALPHA_BACKGROUND = (255, 255, 255)
 FULL_CHECK_MAX_BYTES = 64 * 2**20
 """``check="auto"`` decodes every image at scan time when the dataset is at most this many bytes."""
 MAX_IMAGE_BYTES = 1 << 30
-"""An image file larger than this is refused before it is opened (Pillow bounds the pixels it decodes)."""
+"""An image file larger than this is refused before it is opened."""
+MAX_IMAGE_PIXELS = 89_478_485
+"""An image with more pixels than this (Pillow's default decompression-bomb threshold, about 9459 x 9459) is
+refused from its header, before it is decoded; Pillow itself would only warn up to twice as many."""
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +115,33 @@ def file_problem(path: str | os.PathLike[str], max_bytes: int = MAX_IMAGE_BYTES)
     return ""
 
 
+def open_header(path: str | os.PathLike[str]) -> Image.Image:
+    """``Image.open`` (the header only) without Pillow's decompression-bomb warning: :func:`pixel_problem` judges
+    the size, in one line that names the file, before anything is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def pixel_problem(image: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> str:
+    """Why an opened (not yet decoded) image is too large to decode, or "" (from its header alone)."""
+    width, height = image.size
+    if width * height > max_pixels:
+        return (f"is {width}x{height} pixels, over the {max_pixels / 1e6:.0f}-megapixel limit for an image; "
+                "downscale it")
+    return ""
+
+
 def try_decode(path: str | os.PathLike[str], background: tuple[int, int, int]) -> tuple[Image.Image | None, str]:
     """Decode ``path`` fully; return (image, "") or (None, reason)."""
     problem = file_problem(path)
     if problem:
         return None, problem
     try:
-        with Image.open(path) as im:
+        with open_header(path) as im:
+            too_big = pixel_problem(im)
+            if too_big:
+                return None, too_big
             im.load()
             oriented = ImageOps.exif_transpose(im)
             rgb = to_rgb(oriented, background)
@@ -160,7 +184,10 @@ def check_image(path: str | os.PathLike[str], full: bool = True) -> str:
     if full:
         return try_decode(path, ALPHA_BACKGROUND)[1]
     try:
-        with Image.open(path) as im:
+        with open_header(path) as im:
+            too_big = pixel_problem(im)
+            if too_big:
+                return too_big
             im.verify()
     except Exception as exc:  # verify() raises a variety of exceptions on corrupt data
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

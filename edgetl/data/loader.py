@@ -238,4 +238,38 @@ def _pin_memory(device: str | torch.device) -> bool:
 
 def _worker_options(num_workers: int) -> dict[str, Any]:
     """Persistent workers that prefetch two batches each; DataLoader refuses these options without workers."""
-    return {"persistent_workers": True, "prefetch_factor": 2} if num_workers > 0 else {}
+    if num_workers <= 0:
+        return {}
+    socket_safe_multiprocessing_tempdir()
+    return {"persistent_workers": True, "prefetch_factor": 2}
+
+
+_SUN_PATH_MAX = 107
+"""The longest path a Unix socket can be bound to on Linux (``sun_path`` is 108 bytes with its NUL)."""
+_LISTENER_SUFFIX = len("/pymp-12345678/listener-12345678")
+
+
+def socket_safe_multiprocessing_tempdir() -> None:
+    """Give multiprocessing a temporary folder whose socket paths can be bound, when ``TMPDIR`` is too long.
+
+    A DataLoader worker hands each batch to the main process through a file descriptor sent over a Unix socket
+    that multiprocessing creates in its temporary folder (``$TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX``). With a
+    ``TMPDIR`` over about 75 characters the bind fails inside the worker, the batch is lost, and the loader
+    waits forever. Then the folder is made under the first short, writable system temporary folder instead (as
+    CPython 3.13 does itself); the workers, forked later, inherit it.
+    """
+    import multiprocessing
+    import shutil
+    import tempfile
+    from multiprocessing import util
+
+    config = multiprocessing.current_process()._config  # where multiprocessing.util.get_temp_dir keeps it
+    if config.get("tempdir") is not None or len(os.fsencode(tempfile.gettempdir())) + _LISTENER_SUFFIX <= _SUN_PATH_MAX:
+        return
+    for base in ("/tmp", "/var/tmp", "/usr/tmp"):
+        if os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK):
+            folder = tempfile.mkdtemp(prefix="pymp-", dir=base)
+            util.Finalize(None, shutil.rmtree, args=(folder, True), exitpriority=-100)
+            config["tempdir"] = folder
+            log.info("TMPDIR is too long for the data workers' sockets; multiprocessing uses %s", folder)
+            return

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from edgetl.data.decode import ALPHA_BACKGROUND, try_decode
+from edgetl.data.decode import ALPHA_BACKGROUND, open_header, try_decode
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def estimate_bytes(records: Sequence[tuple[str | os.PathLike[str], int]], shape_
     total = 0
     for path, _ in records:
         try:
-            with Image.open(path) as im:
+            with open_header(path) as im:
                 h, w = shape_of(*im.size)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             continue  # unreadable: stored as nothing

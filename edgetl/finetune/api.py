@@ -83,7 +83,7 @@ from edgetl.finetune.trainer import (
     resolve_device,
     seed_everything,
 )
-from edgetl.folders import folder_lock, require_ours
+from edgetl.folders import RUN_SPLITS_FORMAT, folder_lock, require_ours
 from edgetl.options import FinetuneOptions, SourceOptions, documented, take_inputs
 from edgetl.zoo.catalog import get_card, replace_head, torchvision_version
 from edgetl.zoo.weights import load_model
@@ -469,11 +469,10 @@ class _Run:
             if self.restart and self.run_dir.is_dir():
                 removed = self.rundir.clear()
                 if removed:
-                    log.warning("--restart: removed the run in %s (%d files); starting over", self.run_dir,
-                                len(removed))
+                    log.warning("removed the earlier run in %s (%d files) to start over", self.run_dir, len(removed))
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.rundir.splits, _splits_json(self.splits))  # first: it marks the folder as a run
             self._write_config()
-            atomic_write_json(self.rundir.splits, _splits_json(self.splits))
 
     def _build_network(self) -> None:
         net = self.net = self.loaded.model
@@ -955,6 +954,7 @@ def _decision_from_dict(d: dict[str, Any]) -> StrategyDecision:
 
 def _splits_json(splits: Any) -> dict[str, Any]:
     return {
+        "format": RUN_SPLITS_FORMAT,
         "classes": list(splits.classes),
         "source": splits.source,
         "test_split": splits.test_choice.to_dict() if splits.test_choice is not None else None,

@@ -14,6 +14,21 @@ removed. A kill at any instant leaves ``last.json`` naming a complete set (the n
 before), so ``--resume`` always has a state to start from. The tensor files also carry a random
 ``token`` in their safetensors metadata that the JSON file repeats, so files from different saves
 are detected instead of silently mixed.
+
+The best checkpoint is a pair committed the same way, and still ends as ``model.safetensors``
+(:func:`best_steps`, each step atomic):
+
+1. the new weights are written under a name of their own, ``model.<token>.safetensors`` (staged);
+2. ``checkpoint.json`` is replaced by the new state naming the staged file: the commit;
+3. the staged file is renamed over ``model.safetensors``;
+4. ``checkpoint.json`` is replaced again, naming ``model.safetensors``;
+5. staged files left by an earlier kill are removed.
+
+Readers take the file ``checkpoint.json`` names, or ``model.safetensors`` when that is gone
+(:attr:`~edgetl.finetune.rundir.RunDir.weights`), and check the token. A kill before step 2 leaves the
+previous pair (and a stray staged file); from step 2 on, the new pair: between steps 3 and 4
+``checkpoint.json`` names the staged file, which now is ``model.safetensors``. At no instant does
+``checkpoint.json`` describe weights other than the ones read with it.
 """
 
 from __future__ import annotations
@@ -22,12 +37,13 @@ import hashlib
 import logging
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgetl._io import atomic_write_bytes, atomic_write_json
 from edgetl.errors import CheckpointError
-from edgetl.finetune.rundir import FORMAT, VERSION, RunDir, read_state
+from edgetl.finetune.rundir import FORMAT, VERSION, WEIGHTS_FILE, RunDir, read_state
 
 if TYPE_CHECKING:
     import torch
@@ -128,16 +144,33 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def save_best(run_dir: str | os.PathLike[str], model_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write the best checkpoint (``model.safetensors`` + ``checkpoint.json``); return the weights path."""
+    """Write the best checkpoint (``model.safetensors`` + ``checkpoint.json``) as a pair; return the weights path."""
+    for _ in best_steps(run_dir, model_state, meta):
+        pass
+    return RunDir(run_dir).weights
+
+
+def best_steps(run_dir: str | os.PathLike[str], model_state: dict[str, torch.Tensor],
+               meta: dict[str, Any]) -> Iterator[str]:
+    """The steps of :func:`save_best` (see the module's docstring), yielding the name of each one done.
+
+    A caller that stops iterating leaves the folder as a kill after that step would (tests do).
+    """
     run = RunDir(run_dir)
     token = secrets.token_hex(8)
-    digest = write_tensors(run.weights, model_state, {"format": FORMAT, "token": token})
-    atomic_write_json(
-        run.checkpoint,
-        {"format": FORMAT, "version": VERSION, **meta, "token": token,
-         "weights_file": run.weights.name, "weights_sha256": digest},
-    )
-    return run.weights
+    staged, final = run.staged_weights(token), run.path / WEIGHTS_FILE
+    digest = write_tensors(staged, model_state, {"format": FORMAT, "token": token})
+    yield "weights staged"
+    state = {"format": FORMAT, "version": VERSION, **meta, "token": token, "weights_sha256": digest}
+    atomic_write_json(run.checkpoint, {**state, "weights_file": staged.name})
+    yield "checkpoint.json names the staged weights"
+    os.replace(staged, final)
+    yield "staged weights renamed to model.safetensors"
+    atomic_write_json(run.checkpoint, {**state, "weights_file": final.name})
+    yield "checkpoint.json names model.safetensors"
+    for stale in run.stale_best_files():
+        stale.unlink(missing_ok=True)
+    yield "stale staged weights removed"
 
 
 def update_best_meta(run_dir: str | os.PathLike[str], **fields: Any) -> None:
@@ -186,7 +219,7 @@ def load_best(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
     """Read the best checkpoint: (JSON state, weights). Never unpickles anything."""
     run = RunDir(run_dir)
     meta = run.read_checkpoint()
-    path = run.path / meta.get("weights_file", run.weights.name)
+    path = run.weights_of(meta)
     tensors, file_meta = read_tensors(path)
     _check_token(path, file_meta, meta.get("token"))
     return meta, tensors

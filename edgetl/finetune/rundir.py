@@ -6,7 +6,9 @@ runner use it without importing the training code)::
     config.yaml               the resolved options (what --resume reuses)
     splits.json               the train/val/test files and labels, how the test split was made, the skipped files
     model.safetensors         the best weights (highest validation accuracy)
-    checkpoint.json           the best weights' JSON state: model, classes, strategy, preprocess, metrics
+    checkpoint.json           the best weights' JSON state: model, classes, strategy, preprocess, metrics; it
+                              names the weights file (model.safetensors, or the staged file while one is saved)
+    model.<token>.safetensors new best weights being saved (staged); only a kill mid-save leaves one behind
     last-<gen>.safetensors    weights after the last finished epoch (for --resume), generation <gen>
     last-<gen>.optim.safetensors  AdamW state after the last finished epoch, generation <gen>
     last.json                 loop, scheduler and optimizer scalars after the last finished epoch; it names
@@ -19,6 +21,10 @@ The resume checkpoint is a set. Each save writes a new generation of the tensor 
 ``last.json`` (atomically) to name it, then removes the older generations; so a kill at any instant
 leaves ``last.json`` naming a complete set. Runs written before generations (``last.safetensors``,
 ``last.optim.safetensors``) still resume: ``last.json`` names its files.
+
+The best checkpoint is a pair, committed by ``checkpoint.json`` the same way: :attr:`RunDir.weights` is the
+file it names, or ``model.safetensors`` when that file is gone (renamed into place after the commit; the
+token the two share says whether they belong together). See :mod:`edgetl.finetune.checkpoint`.
 
 The four names that mark a folder as a run are defined in :mod:`edgetl.folders` (the core layer, which
 recognises every kind of edgetl output and may not import this package); the rest are defined here.
@@ -34,13 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgetl._io import read_json
+from edgetl._io import read_json, written_name
 from edgetl.errors import CheckpointError
 from edgetl.folders import RUN_CHECKPOINT_FILE, RUN_CONFIG_FILE, RUN_LAST_FILE, RUN_SPLITS_FILE, folder_kind
 
 FORMAT = "edgetl.checkpoint"
 VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+STAGED_WEIGHTS_FILE = "model.{token}.safetensors"
+_STAGED_WEIGHTS = re.compile(r"model\.([0-9a-f]+)\.safetensors")
 LAST_WEIGHTS_FILE = "last-{gen:06d}.safetensors"
 LAST_OPTIM_FILE = "last-{gen:06d}.optim.safetensors"
 _LAST_SET_FILE = re.compile(r"last-(\d+)(\.optim)?\.safetensors")
@@ -94,8 +102,33 @@ class RunDir:
 
     @property
     def weights(self) -> Path:
-        """``model.safetensors``: the best weights."""
-        return self.path / WEIGHTS_FILE
+        """The best weights: the file ``checkpoint.json`` names if it is there, else ``model.safetensors``.
+
+        Both are the same file but for the instants of a save (see :mod:`edgetl.finetune.checkpoint`): the
+        new weights are staged under :meth:`staged_weights`, ``checkpoint.json`` is replaced to name them,
+        then they are renamed to ``model.safetensors`` and ``checkpoint.json`` is replaced again.
+        """
+        try:
+            state = self.read_checkpoint()
+        except CheckpointError:
+            state = {}
+        return self.weights_of(state)
+
+    def weights_of(self, state: dict[str, Any]) -> Path:
+        """The best weights a ``checkpoint.json`` state names, or ``model.safetensors`` when that file is gone."""
+        named = self.path / Path(str(state.get("weights_file") or WEIGHTS_FILE)).name
+        return named if named.is_file() else self.path / WEIGHTS_FILE
+
+    def staged_weights(self, token: str) -> Path:
+        """``model.<token>.safetensors``: new best weights, written before ``checkpoint.json`` names them."""
+        return self.path / STAGED_WEIGHTS_FILE.format(token=token)
+
+    def stale_best_files(self) -> list[Path]:
+        """Staged best weights that ``checkpoint.json`` does not name (and their temporaries): a kill's leftovers."""
+        current = self.weights
+        found = sorted(self.path.iterdir()) if self.path.is_dir() else []
+        return [p for p in found if p != current and p.is_file() and not p.is_symlink()
+                and _STAGED_WEIGHTS.fullmatch(written_name(p.name))]
 
     @property
     def checkpoint(self) -> Path:
@@ -187,14 +220,13 @@ class RunDir:
         Returns:
             The paths removed.
         """
-        fixed = {p.name for p in (self.config, self.splits, self.weights, self.checkpoint, self.last, self.metrics,
-                                  self.curves, self.confusion)} | set(LEGACY_LAST_FILES)
+        fixed = {p.name for p in (self.config, self.splits, self.checkpoint, self.last, self.metrics, self.curves,
+                                  self.confusion)} | {WEIGHTS_FILE, *LEGACY_LAST_FILES}
         removed = []
         for path in sorted(self.path.iterdir()) if self.path.is_dir() else []:
-            name = path.name
-            if name.startswith(".") and name.endswith(".tmp"):  # an atomic write killed midway: .NAME.RANDOM.tmp
-                name = name[1:].rsplit(".", 2)[0]
-            if path.is_file() and not path.is_symlink() and (name in fixed or _LAST_SET_FILE.fullmatch(name)):
+            name = written_name(path.name)
+            if path.is_file() and not path.is_symlink() and (
+                    name in fixed or _LAST_SET_FILE.fullmatch(name) or _STAGED_WEIGHTS.fullmatch(name)):
                 path.unlink()
                 removed.append(path)
         if self.feature_cache.is_dir() and not self.feature_cache.is_symlink():
