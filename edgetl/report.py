@@ -298,8 +298,10 @@ def _validate_section(out: Path) -> list[str]:
     else:
         rows.append(["latency budget", "none set"])
     if mem.get("runtime_mb") is not None:
-        rows.append(["memory", f"{mem['runtime_mb']} MB vs budget {mem.get('budget_mb')} MB: "
-                               + ("pass" if mem.get("pass") else "FAIL")])
+        rows.append([f"memory: {mem.get('measured') or 'measured here'}",
+                     f"{mem['runtime_mb']} MB vs budget {_f(mem.get('budget_mb'), 'g')} MB: "
+                     + ("pass" if mem.get("pass") else "FAIL")
+                     + (f" (model file {_f(mem['model_file_mb'], '.1f')} MB)" if mem.get("model_file_mb") else "")])
     if v.get("accuracy"):
         a = v["accuracy"]
         rows.append(["accuracy", f"top-1 {a['top1']:.2f}% on {a['images']} images ({a['data']})"])

@@ -769,7 +769,8 @@ def _print_validation(report) -> None:
                       f"{lat['judged_ms']:.4g} ms ({lat['judged_on']}) vs {lat['budget_ms']:g} ms: {verdict}")
     if mem["runtime_mb"] is not None:
         verdict = "[green]pass[/]" if mem["pass"] else "[red]FAIL[/]"
-        table.add_row("memory", f"{mem['runtime_mb']:.1f} MB vs budget {mem['budget_mb']:g} MB: {verdict}")
+        table.add_row("memory", f"{mem['runtime_mb']:.1f} MB ({mem.get('measured')}) vs budget "
+                                f"{mem['budget_mb']:g} MB: {verdict}")
     if report.accuracy:
         acc = report.accuracy
         ci = acc.get("top1_ci95") or {}
