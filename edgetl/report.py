@@ -59,22 +59,48 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequenc
     return "\n".join(lines)
 
 
-def plot_candidates(candidates: list[dict[str, Any]], path: Path, budget_ms: float | None = None) -> Path | None:
-    """Bar chart of the precision candidates: latency measured here (min and p50) and top-1."""
-    timed = [c for c in candidates if c.get("latency")]
+BUDGET_LINE_FACTOR = 2.0
+"""The latency budget is drawn on the candidates chart when it is at most this many times the slowest bar;
+a larger one would flatten the bars, so the legend states it instead."""
+
+
+def _latency_series(timed: list[dict[str, Any]], device: str | None) -> list[tuple[str, list[float | None]]]:
+    """The latency bars of each candidate: measured here (min, p50) and predicted for the device."""
+    series = [
+        ("min, measured here", [(c.get("latency") or {}).get("min_ms") for c in timed]),
+        ("p50, measured here", [(c.get("latency") or {}).get("p50_ms") for c in timed]),
+        (f"predicted for {device or 'the device'}", [c.get("predicted_ms") for c in timed]),
+    ]
+    return [(label, values) for label, values in series if any(v is not None for v in values)]
+
+
+def candidates_figure(candidates: list[dict[str, Any]], budget_ms: float | None = None, device: str | None = None,
+                      ranked_on: str | None = None) -> Any:
+    """The figure :func:`plot_candidates` writes (unsaved), or None when no candidate has a latency."""
+    timed = [c for c in candidates if c.get("latency") or c.get("predicted_ms") is not None]
     if not timed:
         return None
     plt = pyplot()
-    fig, (ax_lat, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_lat, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     names = [f"{c['precision']}{' (shipped)' if c.get('chosen') else ''}" for c in timed]
     xs = range(len(timed))
-    ax_lat.bar([x - 0.2 for x in xs], [c["latency"]["min_ms"] for c in timed], 0.4, label="min")
-    ax_lat.bar([x + 0.2 for x in xs], [c["latency"]["p50_ms"] for c in timed], 0.4, label="p50")
-    if budget_ms:
+    series = _latency_series(timed, device)
+    width = 0.8 / len(series)
+    for k, (label, values) in enumerate(series):
+        at = [x + (k - (len(series) - 1) / 2) * width for x in xs]
+        bars = ax_lat.bar(at, [v or 0 for v in values], width, label=label)
+        ax_lat.bar_label(bars, [f"{v:.3g}" if v is not None else "" for v in values], fontsize=7)
+    tallest = max(v for _, values in series for v in values if v is not None)
+    near = bool(budget_ms) and budget_ms <= BUDGET_LINE_FACTOR * tallest
+    if near:
         ax_lat.axhline(budget_ms, color="#d62728", ls="--", label=f"budget {budget_ms:g} ms")
+    elif budget_ms:
+        ax_lat.plot([], [], " ", label=f"budget {budget_ms:g} ms: off the scale, {budget_ms / tallest:.0f}× the "
+                                       "tallest bar")
+    ax_lat.set_ylim(0, 1.15 * max(tallest, budget_ms if near else 0))
     ax_lat.set_xticks(list(xs), names)
-    ax_lat.set_ylabel("latency measured here (ms)")
-    ax_lat.legend(fontsize=8)
+    ax_lat.set_ylabel("latency (ms)")
+    ax_lat.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     accs = [(c.get("accuracy") or {}).get("top1") for c in timed]
     if any(a is not None for a in accs):
         ax_acc.bar(list(xs), [a or 0 for a in accs], 0.5, color="#2ca02c")
@@ -86,8 +112,28 @@ def plot_candidates(candidates: list[dict[str, Any]], path: Path, budget_ms: flo
     ax_acc.set_ylabel("top-1 on the evaluation images (%)")
     for ax in (ax_lat, ax_acc):
         ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle("quantization candidates")
-    return save_figure(fig, path)
+    fig.suptitle("quantization candidates" + (f": the pick was ranked on {ranked_on.split(';')[0]}"
+                                              if ranked_on else ""), fontsize=10)
+    return fig
+
+
+def plot_candidates(candidates: list[dict[str, Any]], path: Path, budget_ms: float | None = None,
+                    device: str | None = None, ranked_on: str | None = None) -> Path | None:
+    """Bar charts of the precision candidates: latency measured here (min and p50) beside the latency predicted
+    for ``device``, on a scale that shows them (the budget is a line only when it is near them), and top-1.
+
+    Args:
+        candidates: the manifest's ``candidates``.
+        path: the PNG to write.
+        budget_ms: the latency budget, if any.
+        device: the device the prediction is for.
+        ranked_on: what the choice was ranked on (the manifest's ``selection.ranked_on``), for the title.
+
+    Returns:
+        The path written, or None when no candidate has a latency.
+    """
+    fig = candidates_figure(candidates, budget_ms, device, ranked_on)
+    return None if fig is None else save_figure(fig, path)
 
 
 def _stages_section(outcomes: Sequence[Any]) -> list[str]:
@@ -264,7 +310,9 @@ def _export_section(out: Path, plots: Path, budget_ms: float | None) -> list[str
             f"dropped {_f(worst.get('drop_pts'))} points. The validation figures above chose the precision."
         )
     lines.append("")
-    png = plot_candidates(manifest.get("candidates") or [], plots / "candidates.png", budget_ms)
+    png = plot_candidates(manifest.get("candidates") or [], plots / "candidates.png", budget_ms,
+                          (manifest.get("device") or {}).get("name"),
+                          (manifest.get("selection") or {}).get("ranked_on"))
     if png is not None:
         lines += [f"![quantization candidates]({PLOTS_DIR}/candidates.png)", ""]
     return lines
@@ -298,8 +346,10 @@ def _validate_section(out: Path) -> list[str]:
     else:
         rows.append(["latency budget", "none set"])
     if mem.get("runtime_mb") is not None:
-        rows.append(["memory", f"{mem['runtime_mb']} MB vs budget {mem.get('budget_mb')} MB: "
-                               + ("pass" if mem.get("pass") else "FAIL")])
+        rows.append([f"memory: {mem.get('measured') or 'measured here'}",
+                     f"{mem['runtime_mb']} MB vs budget {_f(mem.get('budget_mb'), 'g')} MB: "
+                     + ("pass" if mem.get("pass") else "FAIL")
+                     + (f" (model file {_f(mem['model_file_mb'], '.1f')} MB)" if mem.get("model_file_mb") else "")])
     if v.get("accuracy"):
         a = v["accuracy"]
         rows.append(["accuracy", f"top-1 {a['top1']:.2f}% on {a['images']} images ({a['data']})"])

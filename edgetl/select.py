@@ -140,11 +140,11 @@ class Ranking:
             atomic_write_text(path, text)
         return text
 
-    def plot(self, path: str | os.PathLike[str], label_top: int = 8) -> Path:
-        """Write the Pareto bubble chart (latency vs top-1, bubble area ~ size) to ``path``."""
+    def plot(self, path: str | os.PathLike[str]) -> Path:
+        """Write the Pareto bubble chart (latency vs top-1, bubble area ~ size, the front labelled) to ``path``."""
         from edgetl.plots import plot_pareto
 
-        return plot_pareto(self, path, label_top=label_top)
+        return plot_pareto(self, path)
 
 
 def _violations(row: RankedModel, c: Constraints) -> tuple[list[str], float]:

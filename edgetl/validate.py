@@ -47,7 +47,7 @@ from edgetl.errors import BudgetExceededError, ConfigError, ProfileError
 from edgetl.export import bundle, golden, signing
 from edgetl.export.consistency import check_consistency
 from edgetl.options import TargetOptions, ValidateOptions, documented, take_inputs
-from edgetl.runtime.bench import benchmark, peak_rss_mb, reset_peak_rss
+from edgetl.runtime.bench import benchmark, peak_rss_mb, reset_peak_rss, session_rss_mb
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner, tensorrt_available
 
@@ -68,7 +68,8 @@ class ValidationReport:
         this_machine: whether the profile describes this machine.
         hashes_ok: every file matched its sha256 (always True in a returned report: a mismatch raises).
         latency: measured statistics (ms), the prediction on the device, and the budget verdict.
-        memory: the runtime's resident memory for the model (MB) and the profile's budget.
+        memory: the runtime's peak resident memory for the model (``runtime_mb``), how it was measured
+            (``measured``), the model file's size and the budget.
         accuracy: top-1 on ``data`` or on a split of ``run`` (None without either), with its count, 95% Wilson
             interval and per-class top-1.
         failures: the budgets that were missed, one sentence each.
@@ -242,10 +243,10 @@ def validate(
     runner, runtime, runner_notes = _runner(folder, profile.runtime, threads, files)
     notes += runner_notes
     golden_result = _golden(folder, manifest, runner, runtime, notes)
-    result, shape, memory_mb = _time(runner, manifest, opts)
+    result, shape, grown_mb = _time(runner, manifest, opts)
     latency = _latency_verdict(result, runtime, opts.max_latency_ms, metric, manifest, profile, notes)
     latency.update(runtime=runtime, threads=threads, shape=list(shape))
-    memory = _memory_verdict(memory_mb, folder, opts, profile)
+    memory = _memory_verdict(*_memory(folder, runtime, threads, shape, grown_mb, notes), folder, opts, profile)
     failures = [f for f in (latency.pop("failure"), memory.pop("failure")) if f]
     accuracy = _accuracy(folder, eval_set, threads, runner, runtime) if eval_set is not None else None
     report = ValidationReport(
@@ -314,7 +315,7 @@ def _check_precision(manifest: dict[str, Any], profile: DeviceProfile) -> str:
 
 def _time(runner: Any, manifest: dict[str, Any], opts: ValidateOptions) -> tuple[Any, tuple[int, ...], float | None]:
     """Time the model at batch 1 in its steady state (alone, warmed up, consecutive runs: a deployment
-    latency, not interleaved); also return the memory the runtime took with the model loaded."""
+    latency, not interleaved); also return how much this process's peak RSS grew meanwhile (see :func:`_memory`)."""
     resolution = int((manifest.get("source") or {}).get("resolution") or manifest["onnx"]["input"]["shape"][-1])
     shape = (1, 3, resolution, resolution)
     rss_before = _vm_rss_mb()
@@ -356,7 +357,31 @@ def _latency_verdict(result: Any, runtime: str, budget_ms: float | None, metric:
     }
 
 
-def _memory_verdict(memory_mb: float | None, folder: Path, opts: ValidateOptions,
+FRESH_SESSION_RUNS = 3
+MEASURED_FRESH = f"peak RSS of an ONNX Runtime session in a fresh process (load and {FRESH_SESSION_RUNS} runs)"
+MEASURED_HERE = "growth of this process's peak RSS while timing"
+
+
+def _memory(folder: Path, runtime: str, threads: int | None, shape: tuple[int, ...], grown_mb: float | None,
+            notes: list[str]) -> tuple[float | None, str]:
+    """The memory the runtime takes for the model, and how it was measured.
+
+    An ONNX Runtime session is measured in a fresh process (:func:`edgetl.runtime.bench.session_rss_mb`, as
+    calibrate measures the sessions its memory model is fitted on): in this process, heap that earlier work
+    (training, export, another session) freed but kept hides the session's growth, or adds to it. Elsewhere
+    (TensorRT, or no ``/proc``) the growth of this process's peak RSS while timing is all there is.
+    """
+    if runtime == "onnxruntime":
+        try:
+            return session_rss_mb(folder / bundle.MODEL_FILE, shape, threads, FRESH_SESSION_RUNS), MEASURED_FRESH
+        except ConfigError as exc:
+            notes.append(f"memory measured in this process instead of a fresh one: {exc}")
+    how = MEASURED_HERE + ("" if runtime == "onnxruntime" else f" (host memory; {runtime}'s device memory is not "
+                                                               "counted)")
+    return grown_mb, how
+
+
+def _memory_verdict(memory_mb: float | None, measured: str, folder: Path, opts: ValidateOptions,
                     profile: DeviceProfile) -> dict[str, Any]:
     given = opts.max_memory_mb
     budget_mb = float(given if given is not None else profile.memory.model_budget_mb.value)
@@ -364,7 +389,8 @@ def _memory_verdict(memory_mb: float | None, folder: Path, opts: ValidateOptions
     whose = "the" if given is not None else f"{profile.name}'s model"
     return {
         "runtime_mb": None if memory_mb is None else round(memory_mb, 1),
-        "model_file_mb": round((folder / bundle.MODEL_FILE).stat().st_size / 2**20, 3),
+        "measured": measured,
+        "model_file_mb": round((folder / bundle.MODEL_FILE).stat().st_size / 1e6, 3),
         "budget_mb": budget_mb,
         "pass": passed,
         "failure": f"memory {memory_mb:.1f} MB exceeds {whose} budget of {budget_mb:g} MB" if passed is False

@@ -279,3 +279,42 @@ def test_the_search_finds_the_fewest_sensitive_layers():
     kept, trials = smallest_passing(ranked, passes, limit=8)
     assert kept == ranked[:5] and trials == len(calls) and calls[:4] == [1, 2, 4, 8]
     assert smallest_passing(ranked, lambda kept: False, limit=3) == (None, 3)  # 1, 2, 3: then give up
+
+
+def _candidate(precision: str, predicted_ms: float | None = None, min_ms: float = 0.0, p25_ms: float = 0.0,
+               drop_pts: float = 0.0):
+    from pathlib import Path
+
+    from edgetl.export.api import _Candidate
+
+    return _Candidate(precision, Path(f"{precision}.onnx"), "static", predicted_ms=predicted_ms,
+                      latency={"min_ms": min_ms, "p25_ms": p25_ms}, accuracy={"drop_pts": drop_pts})
+
+
+def test_auto_precision_says_what_decided_each_candidate():
+    from edgetl.export.api import SPEED_MARGIN, _choose
+
+    assert SPEED_MARGIN == 0.10  # the figures below are on either side of it
+    fp32, fp16, int8 = _candidate("fp32", 1.514), _candidate("fp16", 1.45), _candidate("int8", 1.514)
+    assert _choose([fp32, fp16, int8], "predicted", max_drop=1.0) is fp32 and fp32.chosen and fp32.note is None
+    assert fp16.note == "not faster than fp32 by the required 10% (predicted 1.450 vs 1.514 ms)"
+    assert int8.note == "not faster than fp32 by the required 10% (predicted 1.514 vs 1.514 ms)"  # equal: not slower
+
+    fp32, int8 = _candidate("fp32", 1.0), _candidate("int8", 1.2)
+    _choose([fp32, int8], "predicted", max_drop=1.0)
+    assert int8.note == "slower than fp32 (predicted 1.200 vs 1.000 ms)"
+
+    fp32, int8 = _candidate("fp32", 2.0), _candidate("int8", 1.0)
+    assert _choose([fp32, int8], "predicted", max_drop=1.0) is int8
+    assert fp32.note == "int8 is at least 10% faster (predicted 1.000 vs 2.000 ms)" and int8.note is None
+
+    # measured: the minimum is faster by the margin, the 25th percentile is not
+    fp32, int8 = _candidate("fp32", min_ms=2.0, p25_ms=2.2), _candidate("int8", min_ms=1.5, p25_ms=2.1)
+    assert _choose([fp32, int8], "measured", max_drop=1.0) is fp32
+    assert int8.note == ("not faster than fp32 by the required 10% on both min and p25 "
+                         "(measured here min 1.500 vs 2.000 ms, p25 2.100 vs 2.200 ms)")
+
+    # out of the accuracy budget: the rejection says why, and nothing compares it
+    fp32, int8 = _candidate("fp32", 2.0), _candidate("int8", 1.0, drop_pts=3.0)
+    assert _choose([fp32, int8], "predicted", max_drop=1.0) is fp32
+    assert int8.rejected == "accuracy drop 3.00 pts > budget 1 pts" and int8.note is None

@@ -269,3 +269,24 @@ def test_image_cache_changes_nothing_but_the_decoding(demo, tmp_path, caplog):
     a, b = load_file(RunDir(tmp_path / "cached").last_weights), load_file(RunDir(tmp_path / "plain").last_weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert cached.metrics["epochs"][-1]["train_loss"] == plain.metrics["epochs"][-1]["train_loss"]
+
+
+def _fit_without_progress(epochs: int, patience: int):
+    """A loop whose validation accuracy can never improve (learning rate 0): each epoch after the first is bad."""
+    from edgetl.finetune.precision import resolve_precision
+    from edgetl.finetune.trainer import TrainConfig, make_scheduler
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    config = TrainConfig(epochs=epochs, patience=patience, progress=False, precision=resolve_precision("fp32", "cpu"))
+    trainer = Trainer(model, optimizer, make_scheduler(optimizer, 2, epochs, 0), config, torch.device("cpu"), 2)
+    batches = [(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 0, 1])) for _ in range(2)]
+    return trainer.fit(batches, batches)
+
+
+def test_early_stop_only_when_epochs_were_left():
+    ran_all = _fit_without_progress(epochs=3, patience=2)  # patience runs out on the last epoch: nothing stopped
+    assert (ran_all.epoch, ran_all.bad_epochs, ran_all.stopped_early) == (3, 2, False)
+    stopped = _fit_without_progress(epochs=5, patience=2)  # it runs out after epoch 3 of 5
+    assert (stopped.epoch, stopped.stopped_early) == (3, True)

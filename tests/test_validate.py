@@ -157,3 +157,17 @@ def test_another_device_shows_the_prediction_and_judges_it(copy):
     assert lat["basis"] == "predicted" and lat["judged_on"] == "predicted for jetson-orin-nano"
     assert lat["judged_ms"] == lat["predicted_ms"]
     assert report.memory["budget_mb"] > 0 and report.passed
+
+
+def test_memory_is_the_sessions_own_whatever_this_process_did_before(artifact):
+    """The runtime's memory is measured in a fresh process: heap this process freed earlier (training and
+    export, in a build) neither hides the session's growth nor adds to it."""
+    from edgetl.validate import MEASURED_FRESH
+
+    first = validate(artifact.path, iterations=3, warmup=0, write=False).memory
+    junk = [bytearray(50_000) for _ in range(2000)]  # 100 MB of small blocks, freed but kept by the allocator
+    del junk
+    again = validate(artifact.path, iterations=3, warmup=0, write=False).memory
+    assert first["measured"] == again["measured"] == MEASURED_FRESH
+    assert first["runtime_mb"] >= first["model_file_mb"]  # a session holds its weights
+    assert again["runtime_mb"] == pytest.approx(first["runtime_mb"], rel=0.1)

@@ -73,6 +73,44 @@ def _finite(obj: Any) -> Any:
 DEBUG_ENV = "EDGETL_DEBUG"
 
 
+VERBOSE_KEY = "edgetl.verbose"
+"""Where the root context's ``meta`` counts the ``-v`` flags given before and after the command."""
+
+
+def _set_verbosity(ctx: click.Context, _param: click.Parameter, count: int) -> int:
+    """Add ``count`` to the ``-v`` flags seen so far on the command line and set the log level from the total:
+    warnings, then INFO with ``-v``, DEBUG with ``-vv``; a plain line per record on stderr (rich would wrap a
+    long path at the terminal's width)."""
+    if ctx.resilient_parsing:
+        return count
+    root = ctx.find_root()
+    total = root.meta.get(VERBOSE_KEY, 0) + (count or 0)
+    root.meta[VERBOSE_KEY] = total
+    level = logging.WARNING if total == 0 else logging.INFO if total == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+    logging.getLogger().setLevel(level)
+    return count
+
+
+def _add_verbose(command: click.Command) -> None:
+    """Give ``command`` the one ``-v``/``--verbose`` (unless it declares its own), so that ``edgetl -v select``
+    and ``edgetl select -v`` mean the same."""
+    if not any(p.name == "verbose" for p in command.params):
+        command.params.append(click.Option(
+            ["-v", "--verbose"], count=True, expose_value=False, callback=_set_verbosity,
+            help="More log output on stderr (-vv for debug); before or after the command."))
+
+
+class EdgetlCommand(click.Command):
+    """A command of edgetl: it takes ``-v``/``--verbose`` (:func:`_add_verbose`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _add_verbose(self)
+
+
 class EdgetlGroup(click.Group):
     """A click group that turns every error into a one-line message and its exit code.
 
@@ -82,7 +120,16 @@ class EdgetlGroup(click.Group):
       exception, exit code 1, and a pointer to ``-v``. With ``-v`` or ``EDGETL_DEBUG=1`` the exception
       is re-raised instead, so the traceback is printed (and a test harness such as click's
       ``CliRunner`` sees the exception itself: the test suite sets ``EDGETL_DEBUG=1``).
+
+    The group, its subgroups and every command in them take ``-v`` (:func:`_add_verbose`).
     """
+
+    command_class = EdgetlCommand
+    group_class = type  # subgroups (weights, device) are EdgetlGroups too
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _add_verbose(self)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -111,7 +158,7 @@ class EdgetlGroup(click.Group):
 
 
 def _debugging(ctx: click.Context) -> bool:
-    verbose = (ctx.params or {}).get("verbose") or 0
+    verbose = ctx.find_root().meta.get(VERBOSE_KEY, 0) or (ctx.params or {}).get("verbose") or 0
     return verbose > 0 or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
 
 
@@ -134,14 +181,15 @@ def unexpected_message(exc: BaseException) -> str:
     type=click.Path(file_okay=False),
     help="Extra folder of device profile YAML files (also EDGETL_PROFILE_PATH).",
 )
-@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
-def cli(profiles_dir: tuple[str, ...], verbose: int) -> None:
-    """edgetl: pick a backbone for an edge device, fine-tune it, export and validate it."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    # a plain line per record: rich would wrap a long path at the terminal's width
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
+def cli(profiles_dir: tuple[str, ...]) -> None:
+    """edgetl: pick a backbone for an edge device, fine-tune it, export and validate it.
+
+    \b
+    Examples:
+      edgetl select --device jetson
+      edgetl demo
+      edgetl select --device jetson -v    # -v, -vv: more log output, before or after the command
+    """
     if profiles_dir:
         extra = os.pathsep.join(profiles_dir)
         current = os.environ.get("EDGETL_PROFILE_PATH")
@@ -156,7 +204,13 @@ def _pct(value: float | None) -> str:
 @cli_options(SelectOptions, only=("models", "all_weights", "zoo"))
 @cli_options(OutputOptions)
 def models_cmd(**kwargs) -> None:
-    """List the catalog: torchvision's ImageNet-1K weights and timm's edge families (timm/<arch>.<tag>)."""
+    """List the catalog: torchvision's ImageNet-1K weights and timm's edge families (timm/<arch>.<tag>).
+
+    \b
+    Examples:
+      edgetl models --models 'mobilenet*'
+      edgetl models --zoo timm --models 'timm/mobilenetv4_conv_small*'
+    """
     from edgetl.zoo.catalog import list_models
 
     opts, as_json = parse(SelectOptions, kwargs), parse(OutputOptions, kwargs).as_json
@@ -189,7 +243,13 @@ def models_cmd(**kwargs) -> None:
 @click.option("--measure", "measure_n", type=click.IntRange(min=1), default=None, is_flag=False, flag_value=5,
               help="Also time the top N (default 5) for real on this machine with ONNX Runtime (see --threads).")
 def select_cmd(csv_path, plot_path, measure_n, **kwargs) -> None:
-    """Rank pretrained backbones for a device by predicted latency, memory, size and top-1."""
+    """Rank pretrained backbones for a device by predicted latency, memory, size and top-1.
+
+    \b
+    Examples:
+      edgetl select --device raspberry-pi-5 --precision int8 --max-latency-ms 30 --models 'mobilenet*' --plot pareto.png
+      edgetl select --device jetson --max-latency-ms 5 --precision fp16 --models 'resnet[0-9]*' --json > ranking.json
+    """
     inputs, as_json = parse_inputs("select", kwargs), parse(OutputOptions, kwargs).as_json
     options, constraints = parse(SelectOptions, kwargs), parse(Constraints, kwargs)
     from edgetl.select import select
@@ -327,7 +387,13 @@ def _profile_file(profile) -> str:
 @cli.command("devices")
 @cli_options(OutputOptions)
 def devices_cmd(**kwargs) -> None:
-    """List the device profiles (built-in, user folder, EDGETL_PROFILE_PATH / --profiles)."""
+    """List the device profiles (built-in, user folder, EDGETL_PROFILE_PATH / --profiles).
+
+    \b
+    Examples:
+      edgetl devices
+      edgetl --profiles my-profiles devices --json
+    """
     from edgetl.device.profiles import list_profiles, profile_search_path
 
     as_json = parse(OutputOptions, kwargs).as_json
@@ -356,10 +422,16 @@ def devices_cmd(**kwargs) -> None:
     _stdout_console().print(table)
 
 
+UNLESS_RESUMING = "  [required unless --resume]"
+"""Help text of an option finetune needs unless it continues a run (which knows it): click's ``required`` would
+refuse ``--resume`` alone, so the API checks it (exit 1, one line) and the help says so."""
+
+
 @cli.command("finetune")
-@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@click.option("--model", "-m", default=None, help=MODEL_HELP + UNLESS_RESUMING)
 @click.option("--data", default=None, type=click.Path(exists=True),
-              help="Folder of class folders, a folder with train/ and val/, or a CSV of path,label.")
+              help="Folder of class folders, a folder with train/ and val/, or a CSV of path,label."
+                   + UNLESS_RESUMING)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--restart", is_flag=True,
@@ -368,7 +440,14 @@ def devices_cmd(**kwargs) -> None:
 @cli_options(FinetuneOptions)
 @cli_options(OutputOptions)
 def finetune_cmd(model, data, out, resume, restart, **kwargs) -> None:
-    """Fine-tune a backbone on your images and write RUN_DIR (weights, metrics, plots)."""
+    """Fine-tune a backbone on your images and write RUN_DIR (weights, metrics, plots).
+
+    \b
+    Examples:
+      edgetl finetune --model mobilenet_v3_small --data edgetl-demo/data --out runs/scratch --weights none --epochs 1
+      edgetl finetune --model timm/tf_efficientnet_lite0 --data my-images/ --out runs/lp-ft --strategy lp-ft
+      edgetl finetune --out runs/lite0 --resume
+    """
     inputs, as_json = parse_inputs("finetune", kwargs), parse(OutputOptions, kwargs).as_json
     options = parse(FinetuneOptions, kwargs)
     from edgetl.finetune.api import finetune
@@ -403,7 +482,13 @@ def finetune_cmd(model, data, out, resume, restart, **kwargs) -> None:
 
 @cli.group("weights")
 def weights_group() -> None:
-    """Pretrained weights for offline (air-gapped) machines."""
+    """Pretrained weights for offline (air-gapped) machines.
+
+    \b
+    Examples:
+      edgetl weights pull mobilenet_v3_small --dir weights/
+      edgetl weights import lite0.pth --model timm/tf_efficientnet_lite0 --dir weights/
+    """
 
 
 @weights_group.command("pull")
@@ -412,7 +497,12 @@ def weights_group() -> None:
               help="Destination folder [default: $EDGETL_WEIGHTS_DIR or ~/.cache/torch/hub/checkpoints].")
 @cli_options(OutputOptions)
 def weights_pull_cmd(model: str, dest: str | None, **kwargs) -> None:
-    """Download MODEL's ImageNet weights (hash-checked) to copy to an offline machine."""
+    """Download MODEL's ImageNet weights (hash-checked) to copy to an offline machine.
+
+    \b
+    Example:
+      edgetl weights pull mobilenet_v3_small --dir weights/
+    """
     from edgetl.zoo.weights import pull_weights
 
     as_json = parse(OutputOptions, kwargs).as_json
@@ -443,6 +533,10 @@ def weights_import_cmd(file: str, model: str, dest: str | None, force: bool, **k
     BatchNorm running variance negative (zeros are real: dead channels); and, for a model with a known answer
     (timm/tf_efficientnet_lite0 on scikit-image's cat and coffee photos), the imported network gives that answer.
     Otherwise nothing is written.
+
+    \b
+    Example:
+      edgetl weights import lite0.pth --model timm/tf_efficientnet_lite0 --dir weights/
     """
     from edgetl.zoo.weights_import import import_weights_report
 
@@ -466,7 +560,13 @@ def weights_import_cmd(file: str, model: str, dest: str | None, force: bool, **k
 @cli_options(ValidateOptions, only=("verify_key",))
 @cli_options(OutputOptions)
 def predict_cmd(source, images, top, check, **kwargs) -> None:
-    """Classify IMAGE... with SOURCE: an artifact folder (run as firmware would), a run folder or a catalog name."""
+    """Classify IMAGE... with SOURCE: an artifact folder (run as firmware would), a run folder or a catalog name.
+
+    \b
+    Examples:
+      edgetl predict artifacts/lite0 edgetl-demo/data/test/dots/dots_0000.png --top 2
+      edgetl predict runs/lite0 edgetl-demo/data/test/dots/dots_0000.png --json > predictions.json
+    """
     from edgetl.predict import predict
 
     inputs, as_json = parse_inputs("predict", kwargs), parse(OutputOptions, kwargs).as_json
@@ -498,6 +598,11 @@ def bench_cmd(target, runtime, batch, precision, **kwargs) -> None:
 
     Reports latency percentiles, throughput, peak memory and the coefficient of variation; a CV
     above 10% means the machine was busy and the figures are noisy (trust min then).
+
+    \b
+    Examples:
+      edgetl bench mobilenet_v3_small --resolution 96 --iterations 50
+      edgetl bench artifacts/lite0/model.onnx --threads 2 --json
     """
     from edgetl.runtime import make_runner
     from edgetl.runtime.bench import benchmark
@@ -587,7 +692,12 @@ def _print_bench(info: dict[str, Any], result) -> None:
 
 @cli.group("device")
 def device_group() -> None:
-    """Device profiles of this machine."""
+    """Device profiles of this machine.
+
+    \b
+    Example:
+      edgetl device calibrate --name my-box && edgetl select --device my-box --measure 3
+    """
 
 
 @device_group.command("calibrate")
@@ -605,7 +715,13 @@ def device_group() -> None:
 @cli_options(OutputOptions)
 def device_calibrate_cmd(name: str, out: str | None, rounds: int, runtime: str | None, kernel_samples: int,
                          **kwargs) -> None:
-    """Measure this machine and write a device profile fitted to it."""
+    """Measure this machine and write a device profile fitted to it.
+
+    \b
+    Examples:
+      edgetl device calibrate --name my-box
+      edgetl device calibrate --name my-box --threads 2 --out my-box.yaml
+    """
     from edgetl.calibrate.api import calibrate
 
     threads, as_json = parse(TargetOptions, kwargs).threads, parse(OutputOptions, kwargs).as_json
@@ -653,7 +769,13 @@ def device_calibrate_cmd(name: str, out: str | None, rounds: int, runtime: str |
 @click.option("--force", is_flag=True, help="Replace an existing --out folder (swapped atomically).")
 @cli_options(OutputOptions)
 def export_cmd(source, out, data, force, **kwargs) -> None:
-    """Export RUN_DIR (or a catalog MODEL with --weights) to an artifact folder: ONNX, INT8/FP16, manifest."""
+    """Export RUN_DIR (or a catalog MODEL with --weights) to an artifact folder: ONNX, INT8/FP16, manifest.
+
+    \b
+    Examples:
+      edgetl export runs/lite0 --out artifacts/lite0 --device raspberry-pi-5 --precision auto --c-header
+      edgetl export runs/lite0 --out artifacts/signed --precision fp32 --sign-key signing.pem
+    """
     inputs = parse_inputs("export", kwargs)
     options, as_json = parse(ExportOptions, kwargs), parse(OutputOptions, kwargs).as_json
     from edgetl.export.api import export
@@ -735,7 +857,13 @@ def _test_line(t: dict) -> str:
 @cli_options(OutputOptions)
 def validate_cmd(artifact, **kwargs) -> None:
     """Verify ARTIFACT_DIR's hashes, measure latency (and accuracy with --data, or --run RUN --split test)
-    against the budgets."""
+    against the budgets.
+
+    \b
+    Examples:
+      edgetl validate artifacts/lite0 --device raspberry-pi-5 --data edgetl-demo/data/test --max-latency-ms 500
+      edgetl validate artifacts/signed --verify-key signing.pub
+    """
     inputs, as_json = parse_inputs("validate", kwargs), parse(OutputOptions, kwargs).as_json
     options = parse(ValidateOptions, kwargs)
     from edgetl.validate import validate
@@ -770,7 +898,8 @@ def _print_validation(report) -> None:
                       f"{lat['judged_ms']:.4g} ms ({lat['judged_on']}) vs {lat['budget_ms']:g} ms: {verdict}")
     if mem["runtime_mb"] is not None:
         verdict = "[green]pass[/]" if mem["pass"] else "[red]FAIL[/]"
-        table.add_row("memory", f"{mem['runtime_mb']:.1f} MB vs budget {mem['budget_mb']:g} MB: {verdict}")
+        table.add_row("memory", f"{mem['runtime_mb']:.1f} MB ({mem.get('measured')}) vs budget "
+                                f"{mem['budget_mb']:g} MB: {verdict}")
     if report.accuracy:
         acc = report.accuracy
         ci = acc.get("top1_ci95") or {}
@@ -800,6 +929,11 @@ def build_cmd(pipeline, out, force, rerun, **kwargs) -> None:
     """Run select -> finetune -> export -> validate from PIPELINE.yaml, skipping unchanged stages.
 
     Writes OUT/report.md. Exit code 3 when a budget (accuracy drop, latency, memory) is missed.
+
+    \b
+    Examples:
+      edgetl build edgetl-demo/pipeline.yaml
+      edgetl build edgetl-demo/pipeline.yaml --rerun validate --json > build.json
     """
     from edgetl.pipeline import build
 
@@ -824,7 +958,13 @@ def build_cmd(pipeline, out, force, rerun, **kwargs) -> None:
 @click.option("--force", is_flag=True, help="Rerun every stage.")
 @cli_options(OutputOptions)
 def demo_cmd(out, epochs, train_per_class, device, weights, force, **kwargs) -> None:
-    """Run the whole pipeline offline on a synthetic dataset (CPU): transfer from ImageNet weights, in minutes."""
+    """Run the whole pipeline offline on a synthetic dataset (CPU): transfer from ImageNet weights, in minutes.
+
+    \b
+    Examples:
+      edgetl demo
+      edgetl demo --weights none --out demo-scratch
+    """
     from edgetl.demo import run_demo
 
     as_json = parse(OutputOptions, kwargs).as_json

@@ -520,7 +520,8 @@ class Trainer:
                             self.on_best(epoch + 1, record)
                     else:
                         state.bad_epochs += 1
-                        if cfg.patience and state.bad_epochs >= cfg.patience:
+                        # patience running out on the last epoch stops nothing: every epoch asked for ran
+                        if cfg.patience and state.bad_epochs >= cfg.patience and state.epoch < cfg.epochs:
                             state.stopped_early = True
                             log.info("early stop: no better validation accuracy for %d epochs", cfg.patience)
                     log.info(

@@ -23,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import resource
+import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -185,6 +187,57 @@ def peak_rss_mb() -> float:
         return hwm
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss / (1024.0 * 1024.0) if sys.platform == "darwin" else maxrss / 1024.0
+
+
+# Run in a fresh interpreter, so no earlier allocation's freed-but-kept heap hides this session's growth (or
+# inflates it). The baseline is taken with onnxruntime imported and before the session exists: what validate
+# reports as the runtime's memory (``runtime_mb``) and calibrate fits. The session is set up as
+# OnnxRuntimeRunner sets it up.
+_RSS_SCRIPT = """
+import sys
+import numpy as np
+import onnxruntime as ort
+
+def kb(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+path, threads, runs, shape = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+x = np.random.default_rng(0).standard_normal(tuple(int(d) for d in shape.split("x")), dtype=np.float32)
+before = kb("VmRSS:")
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
+o = ort.SessionOptions()
+o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+if threads > 0:
+    o.intra_op_num_threads = threads
+o.inter_op_num_threads = 1
+o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+o.log_severity_level = 3
+s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
+feed = {s.get_inputs()[0].name: x}
+for _ in range(runs):
+    s.run(None, feed)
+print(kb("VmHWM:") - before)
+"""
+
+
+def session_rss_mb(onnx: str | os.PathLike[str], shape: Sequence[int], threads: int | None = None,
+                   runs: int = 3) -> float:
+    """Peak RSS an ONNX Runtime CPU session adds to a process, in MB (1e6 bytes): load ``onnx`` and run it
+    ``runs`` times in a fresh Python process, from the RSS before the session to the peak after (Linux)."""
+    if not Path("/proc/self/status").is_file():
+        raise ConfigError("measuring a session's peak RSS needs Linux's /proc/self/status")
+    args = [sys.executable, "-c", _RSS_SCRIPT, str(onnx), str(threads or 0), str(runs),
+            "x".join(str(int(d)) for d in shape)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0 or not done.stdout.strip():
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"measuring the memory of {onnx} failed: {tail}")
+    return int(done.stdout.split()[-1]) * 1024 / 1e6
 
 
 # --- timing ------------------------------------------------------------------------------------
