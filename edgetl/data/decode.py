@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import stat
 import time
 import warnings
@@ -117,19 +118,29 @@ def file_problem(path: str | os.PathLike[str], max_bytes: int = MAX_IMAGE_BYTES)
 
 def open_header(path: str | os.PathLike[str]) -> Image.Image:
     """``Image.open`` (the header only) without Pillow's decompression-bomb warning: :func:`pixel_problem` judges
-    the size, in one line that names the file, before anything is decoded."""
+    the size, in one line that names the file, before anything is decoded.
+
+    Raises:
+        DataError: the image is so large that Pillow refuses to open it (over twice its limit).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(path)
+        try:
+            return Image.open(path)
+        except Image.DecompressionBombError as exc:
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else "too many pixels"
+            raise DataError(_too_many(size)) from None
 
 
 def pixel_problem(image: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> str:
     """Why an opened (not yet decoded) image is too large to decode, or "" (from its header alone)."""
     width, height = image.size
-    if width * height > max_pixels:
-        return (f"is {width}x{height} pixels, over the {max_pixels / 1e6:.0f}-megapixel limit for an image; "
-                "downscale it")
-    return ""
+    return _too_many(f"{width}x{height} pixels", max_pixels) if width * height > max_pixels else ""
+
+
+def _too_many(size: str, max_pixels: int = MAX_IMAGE_PIXELS) -> str:
+    return f"is {size}, over the {max_pixels / 1e6:.0f}-megapixel limit for an image; downscale it"
 
 
 def try_decode(path: str | os.PathLike[str], background: tuple[int, int, int]) -> tuple[Image.Image | None, str]:
@@ -189,6 +200,8 @@ def check_image(path: str | os.PathLike[str], full: bool = True) -> str:
             if too_big:
                 return too_big
             im.verify()
+    except DataError as exc:
+        return str(exc)
     except Exception as exc:  # verify() raises a variety of exceptions on corrupt data
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return ""

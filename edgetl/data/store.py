@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from edgetl.data.decode import ALPHA_BACKGROUND, open_header, try_decode
+from edgetl.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def estimate_bytes(records: Sequence[tuple[str | os.PathLike[str], int]], shape_
         try:
             with open_header(path) as im:
                 h, w = shape_of(*im.size)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, DataError):
             continue  # unreadable: stored as nothing
         total += 3 * h * w
     return total

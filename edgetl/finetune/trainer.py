@@ -27,6 +27,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -224,15 +225,17 @@ class _SigintGuard:
 
 
 class ProgressDisplay:
-    """Rich progress bars on stderr (a no-op when disabled)."""
+    """Progress on stderr: rich bars on a terminal; elsewhere (a log file, a pipe, CI) one plain line per finished
+    task, which no terminal width can cut. A no-op when disabled."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._bar: Any = None
         self._task: Any = None
+        self._plain: dict[str, Any] | None = None
 
     def __enter__(self) -> ProgressDisplay:
-        if self.enabled:
+        if self.enabled and sys.stderr.isatty():
             self._bar = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -251,11 +254,21 @@ class ProgressDisplay:
     def start(self, description: str, total: int) -> None:
         if self._bar is not None:
             self._task = self._bar.add_task(description, total=total, stats="")
+        elif self.enabled:
+            self._plain = {"description": description, "total": total, "done": 0, "start": time.perf_counter()}
 
     def update(self, advance: int = 1, **stats: Any) -> None:
+        text = "  ".join(f"{k} {v}" for k, v in stats.items())
         if self._bar is not None and self._task is not None:
-            fields = {"stats": "  ".join(f"{k} {v}" for k, v in stats.items())} if stats else {}
-            self._bar.update(self._task, advance=advance, **fields)
+            self._bar.update(self._task, advance=advance, **({"stats": text} if stats else {}))
+        elif self._plain is not None:
+            task = self._plain
+            task["done"] += advance
+            task["stats"] = text or task.get("stats", "")
+            if task["done"] >= task["total"]:
+                line = f"{task['description']}: {task['stats']}  ({time.perf_counter() - task['start']:.0f} s)"
+                print(line, file=sys.stderr, flush=True)
+                self._plain = None
 
 
 class Trainer:
