@@ -467,6 +467,11 @@ def _parity(precision: str, got: np.ndarray, ref: np.ndarray, labelled: bool, ma
     }
 
 
+def timed_runs(rounds: int) -> int:
+    """The runs each candidate is timed for ``--rounds``: blocks of 3 (see :func:`_measure`), at least one."""
+    return 3 * max(1, -(-rounds // 3))
+
+
 def _measure(candidates: list[_Candidate], resolution: int, threads: int | None, rounds: int,
              say: Callable[[str], None]) -> None:
     """Time the candidates against each other, interleaved so load on a shared machine hits them all alike.
@@ -480,7 +485,7 @@ def _measure(candidates: list[_Candidate], resolution: int, threads: int | None,
                for c in live}
     # Blocks of 3 timed runs per candidate and round, after an untimed one: the idle thread pool of the
     # session timed just before still spins for a moment and would tax the first run after it.
-    results = benchmark_interleaved(runners, (1, 3, resolution, resolution), rounds=max(1, -(-rounds // 3)),
+    results = benchmark_interleaved(runners, (1, 3, resolution, resolution), rounds=timed_runs(rounds) // 3,
                                     iterations_per_round=3, warmup=3, settle=1)
     for c in live:
         c.latency = budget.latency_stats(results[c.precision])
@@ -651,7 +656,8 @@ def _start(source: str | os.PathLike[str], out: str | os.PathLike[str], opts: Ex
            data: str | os.PathLike[str] | None, force: bool, progress: Callable[[str], None] | None) -> _Job:
     """Check everything that can be checked before any work: options, device, destination."""
     quantize.check_exclude(opts.exclude_op_types)
-    budget.check_metric(opts.budget_metric, opts.rounds, "--rounds")
+    if opts.max_latency_ms is not None:
+        budget.check_metric(opts.budget_metric, timed_runs(opts.rounds), "--rounds")
     profile = load_profile(inputs[TargetOptions].device or default_device())
     if opts.precision != "auto":
         profile.check_precision(opts.precision)
