@@ -514,7 +514,7 @@ class _Run:
         res = int(o["resolution"])
         if not head_is_output(self.net, head_path, torch.zeros(1, 3, res, res, device=self.device)):
             log.warning("lp-ft: %s's head is not its last layer, so its features cannot be cached; the probe phase "
-                        "is left out (this run is partial fine-tuning at the lower LR)", self.card.name)
+                        "is left out (this run is partial fine-tuning with BatchNorm statistics fixed)", self.card.name)
             return None
         train_cache = self._features(self.splits.train, "train")
         val_cache = self._features(self.splits.val, "val")
@@ -713,7 +713,7 @@ class _Run:
 
     def _trainer(self, forward: Any, steps_per_epoch: int) -> Any:
         o = self.opts
-        # lp-ft fine-tunes from the probed head at a lower LR
+        # lp-ft fine-tunes from the probed head at FT_LR_SCALE x --lr (measured: see edgetl.finetune.lpft)
         lr = float(o["lr"]) * (FT_LR_SCALE if self.decision.strategy == "lp-ft" else 1.0)
         config = TrainConfig(
             epochs=int(o["epochs"]), lr=lr, layer_decay=float(o["layer_decay"]),
