@@ -217,7 +217,8 @@ class FinetuneOptions(StageOptions):
     weights: str = shared_field(SourceOptions, "weights", default="imagenet")
     strategy: Strategy = option(
         "auto", "What to train: auto (chosen from the data), linear, partial, full, or lp-ft (a linear probe, "
-                "then the top blocks fine-tuned from its head at a tenth of the LR).")
+                "then the top blocks fine-tuned from its head with BatchNorm statistics fixed; the best epoch of both "
+                "phases is kept).")
     unfreeze: int | None = option(
         None, "Blocks to train with --strategy partial or lp-ft [default: the last quarter].", ge=0)
     domain: Domain = option("auto", "Similarity of the images to ImageNet (auto: measured).")

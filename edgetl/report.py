@@ -201,7 +201,7 @@ def _finetune_section(out: Path, plots: Path) -> list[str]:
     hp = [
         ["epochs run / asked", f"{metrics.get('epochs_run')} / {config.get('epochs')}"
          + (" (early stop)" if metrics.get("stopped_early") else "")],
-        ["best epoch", metrics.get("best_epoch")],
+        ["best epoch", "0 (the linear probe)" if metrics.get("best_epoch") == 0 else metrics.get("best_epoch")],
         ["head learning rate", config.get("lr")],
         ["layer-wise LR decay", f"{config.get('layer_decay')} per block (the top block trains at head LR × 0.1)"],
         ["blocks trained", f"{strategy.get('unfreeze')} of {strategy.get('num_blocks')}"],

@@ -58,7 +58,7 @@ def test_lp_ft_run_probes_then_fine_tunes_the_top_blocks(tmp_path):
     probe = metrics["linear_probe"]
     assert result.strategy.strategy == "lp-ft" and probe["monitored"] == "val_loss"
     assert 1 <= probe["best_epoch"] <= probe["epochs"] and probe["epochs"] <= probe["best_epoch"] + PATIENCE
-    # the second phase runs at a tenth of --lr (its first step, in warm-up, at most that)
+    # the second phase runs at FT_LR_SCALE x --lr (its first step, in warm-up, at most that)
     assert 0 < metrics["epochs"][0]["lr"] <= 1e-2 * FT_LR_SCALE
     ckpt = json.loads((out / "checkpoint.json").read_text())
     assert ckpt["linear_probe"] == probe and ckpt["strategy"]["unfreeze"] == 2
@@ -91,3 +91,32 @@ def test_lp_ft_resumes_into_its_second_phase_without_probing_again(tmp_path):
     assert {k: v for k, v in probe.items() if k != "seconds"} == {k: v for k, v in saved.items() if k != "seconds"}
     a, b = load_file(RunDir(tmp_path / "full").last_weights), load_file(RunDir(out).last_weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lp_ft_keeps_its_probe_when_no_fine_tuning_epoch_beats_it(tmp_path, monkeypatch):
+    """A fine-tuning phase that only hurts (each epoch ends by scrambling the unfrozen blocks: an injected fault)
+    must not replace the probe: the best epoch is 0, and the run reports and ships the probe's accuracy."""
+    from edgetl.finetune import trainer as trainer_module
+
+    honest = trainer_module.Trainer.train_one_epoch
+
+    def scrambling(self, loader, epoch):
+        stats = honest(self, loader, epoch)
+        if not isinstance(self.model, nn.Linear):  # the probe trains the bare head: leave it alone
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    if p.requires_grad:
+                        p.copy_(torch.randn_like(p) * p.std().clamp(min=1e-3) * 3)
+        return stats
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_one_epoch", scrambling)
+    data = make_demo_dataset(tmp_path / "demo", num_classes=3, train_per_class=8, val_per_class=4, size=32)
+    out = tmp_path / "run"
+    result = finetune("mobilenet_v3_small", data, out, weights="none", strategy="lp-ft", unfreeze=2, epochs=2,
+                      lr=1e-2, resolution=32, batch_size=8, device="cpu", progress=False, patience=0)
+    metrics = json.loads((out / "metrics.json").read_text())
+    probe = json.loads((out / "checkpoint.json").read_text())
+    assert result.best_epoch == 0 and probe["epoch"] == 0 and probe["epoch_metrics"]["phase"] == "linear probe"
+    scores = [e["val_accuracy"] for e in metrics["epochs"]]
+    assert len(scores) == 2 and all(s <= probe["epoch_metrics"]["val_accuracy"] for s in scores), scores
+    assert result.val_accuracy == pytest.approx(probe["epoch_metrics"]["val_accuracy"])  # what ships is the probe

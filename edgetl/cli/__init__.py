@@ -470,7 +470,8 @@ def finetune_cmd(model, data, out, resume, restart, **kwargs) -> None:
     for label, value in (("val accuracy", result.val_accuracy), ("test accuracy", result.test_accuracy)):
         table.add_row(label, "—" if value is None else f"{100 * value:.1f}%")
     early = " (early stop)" if result.stopped_early else ""
-    table.add_row("best epoch", f"{result.best_epoch} of {result.epochs_run}{early}")
+    best = "0 (the linear probe: no fine-tuning epoch beat it)" if result.best_epoch == 0 else result.best_epoch
+    table.add_row("best epoch", f"{best} of {result.epochs_run}{early}")
     table.add_row("feature cache", "yes" if result.feature_cache else "no")
     table.add_row("skipped images", str(len(result.skipped)))
     table.add_row("run dir", str(result.run_dir))

@@ -115,7 +115,7 @@ class RunResult:
         val_accuracy, test_accuracy: final accuracy of the best weights (None without that split). The
             validation split chose the weights, so only ``test_accuracy`` is an unbiased estimate; ``metrics``
             holds its image count, 95% Wilson interval and per-class accuracy.
-        best_epoch: the epoch whose weights were kept.
+        best_epoch: the epoch whose weights were kept (0: lp-ft's linear probe, which no fine-tuning epoch beat).
         epochs_run: epochs finished (fewer than asked after an early stop).
         stopped_early: whether early stopping ended the run.
         feature_cache: whether the linear probe trained on cached features.
@@ -368,6 +368,7 @@ class _Run:
         self._pending_last: tuple[Any, Any, dict[str, Any]] | None = None
         self._last_write = time.monotonic()
         self.restart = False
+        self.resumed_from: int | None = None
 
     # -- setup --
 
@@ -418,8 +419,11 @@ class _Run:
         self.probe = resume[0].get("linear_probe") if resume is not None else self._linear_probe()
         train_loader, val_loader, forward = self._loaders()
         trainer = self._trainer_ref = self._trainer(forward, steps_per_epoch=len(train_loader))
-        state = self._restore(trainer, *resume) if resume is not None else None
-        self.resumed_from = state.epoch if state is not None else None
+        if resume is not None:
+            state = self._restore(trainer, *resume)
+            self.resumed_from = state.epoch
+        else:
+            state = self._probe_as_epoch_zero(trainer, val_loader)
         state = self._fit(trainer, train_loader, val_loader, state)
         return self._finish(trainer, state, val_loader)
 
@@ -510,7 +514,7 @@ class _Run:
         res = int(o["resolution"])
         if not head_is_output(self.net, head_path, torch.zeros(1, 3, res, res, device=self.device)):
             log.warning("lp-ft: %s's head is not its last layer, so its features cannot be cached; the probe phase "
-                        "is left out (this run is partial fine-tuning at the lower LR)", self.card.name)
+                        "is left out (this run is partial fine-tuning with BatchNorm statistics fixed)", self.card.name)
             return None
         train_cache = self._features(self.splits.train, "train")
         val_cache = self._features(self.splits.val, "val")
@@ -523,6 +527,19 @@ class _Run:
             num_classes=len(self.classes), seed=int(o["seed"]),
         )
         return result.to_dict()
+
+    def _probe_as_epoch_zero(self, trainer: Any, val_loader: Any) -> FitState | None:
+        """lp-ft: the probed model is the first candidate for the best epoch (epoch 0), so the fine-tuning phase
+        replaces it only with an epoch that does better on validation, and lp-ft never ships less than its
+        own probe."""
+        if self.probe is None or val_loader is None:
+            return None
+        val = trainer.last_eval = trainer.evaluate(val_loader)
+        record = {"epoch": 0, "phase": "linear probe", "val_loss": val.loss, "val_accuracy": val.accuracy}
+        state = FitState(best_accuracy=val.accuracy, best_loss=val.loss, best_epoch=0)
+        self._on_best(0, record)
+        log.info("lp-ft: the probed model scores %.3f on validation (epoch 0)", val.accuracy)
+        return state
 
     def _fit(self, trainer: Any, train_loader: Any, val_loader: Any, state: Any) -> Any:
         try:
@@ -696,7 +713,7 @@ class _Run:
 
     def _trainer(self, forward: Any, steps_per_epoch: int) -> Any:
         o = self.opts
-        # lp-ft fine-tunes from the probed head at a lower LR
+        # lp-ft fine-tunes from the probed head at FT_LR_SCALE x --lr (measured: see edgetl.finetune.lpft)
         lr = float(o["lr"]) * (FT_LR_SCALE if self.decision.strategy == "lp-ft" else 1.0)
         config = TrainConfig(
             epochs=int(o["epochs"]), lr=lr, layer_decay=float(o["layer_decay"]),
