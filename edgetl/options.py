@@ -70,6 +70,11 @@ AUTO_TEST_FRACTION = 0.1
 AUTO_TEST_MIN_PER_CLASS = 5
 #: Micro-graphs ``edgetl device calibrate`` times by default (a sample of the catalog's distinct kernels).
 KERNEL_SAMPLES = 400
+#: The frame rate ``select``'s default latency budget keeps up with, one frame per image: a camera's 30 fps (a
+#: device profile may state its own, ``realtime_fps``). ``max_latency_ms: none`` lifts the budget.
+REALTIME_FPS = 30
+#: The word that lifts select's default latency budget (``--max-latency-ms none``).
+NO_BUDGET = "none"
 #: The device a stage targets when none is named (:func:`edgetl.device.profiles.default_device`).
 DEFAULT_DEVICE = "this machine's calibrated profile, else x86-avx2 (raspberry-pi-5 on Arm)"
 DEFAULT_DEVICE_HELP = f"[default: {DEFAULT_DEVICE}]"
@@ -171,19 +176,37 @@ class OutputOptions(StageOptions):
 
 
 class Constraints(StageOptions):
-    """What a model must meet on the device (``None``: no limit)."""
+    """What a model must meet on the device (``None``: no limit, but for ``max_latency_ms`` and ``max_memory_mb``,
+    whose defaults come from the device profile)."""
 
-    max_latency_ms: float | None = option(None, "Latency budget in ms at batch 1.", gt=0)
+    max_latency_ms: Annotated[float, Field(gt=0)] | Literal["none"] | None = option(
+        None, f"Latency budget in ms for one inference at --batch; {NO_BUDGET}: no latency budget [default: one "
+              f"frame per image at the profile's real-time rate, else {REALTIME_FPS} fps: "
+              f"{1000 / REALTIME_FPS:.1f} ms at batch 1].")
     max_memory_mb: float | None = option(
         None, "Memory budget in MB [default: the profile's model memory budget].", gt=0)
     max_size_mb: float | None = option(None, "Largest model file in MB at the precision.", gt=0)
     min_accuracy: float | None = option(None, "Lowest ImageNet top-1 in percent.", ge=0, le=100)
 
-    def describe(self) -> str:
-        """``latency <= 5 ms, top-1 >= 75%``, or ``none``."""
+    @field_validator("max_latency_ms", mode="before")
+    @classmethod
+    def _none_in_any_case(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number or '{NO_BUDGET}', got the boolean {str(value).lower()}")
+        return NO_BUDGET if isinstance(value, str) and value.strip().lower() == NO_BUDGET else value
+
+    @property
+    def stated_latency_ms(self) -> float | None:
+        """The latency budget given, or None when none is given or it is lifted (``none``)."""
+        return None if self.max_latency_ms == NO_BUDGET else self.max_latency_ms
+
+    def describe(self, latency_note: str = "") -> str:
+        """``latency <= 5 ms, top-1 >= 75%``, or ``none``; ``latency_note`` follows the latency budget."""
         parts = []
-        if self.max_latency_ms is not None:
-            parts.append(f"latency <= {self.max_latency_ms:g} ms")
+        if self.max_latency_ms == NO_BUDGET:
+            parts.append("no latency budget" + latency_note)
+        elif self.max_latency_ms is not None:
+            parts.append(f"latency <= {self.max_latency_ms:g} ms" + latency_note)
         if self.max_memory_mb is not None:
             parts.append(f"memory <= {self.max_memory_mb:g} MB")
         if self.max_size_mb is not None:
@@ -577,11 +600,29 @@ def format_errors(exc: ValidationError, model: type[BaseModel], source: str, lim
         limit: errors shown; the rest are counted.
         name: see :func:`describe_error`.
     """
-    errors = sorted(exc.errors(include_url=False), key=lambda e: e.get("type") != "extra_forbidden")
+    errors = sorted(_one_error_per_union(exc.errors(include_url=False), model),
+                    key=lambda e: e.get("type") != "extra_forbidden")
     text = " | ".join(describe_error(e, model, name) for e in errors[:limit])
     if len(errors) > limit:
         text += f" (and {len(errors) - limit} more)"
     return f"{source}: " + " ".join(text.split())
+
+
+def _one_error_per_union(errors: list[Any], model: type[BaseModel]) -> list[Any]:
+    """A value that no member of a union field accepts (a latency budget: a number or ``none``) gives one error per
+    member, located below the field by the member's name: keep the first member's, located at the field."""
+    out, seen = [], set()
+    for error in errors:
+        loc = tuple(error.get("loc", ()))
+        if len(loc) > 1 and _lookup(model, loc) == (None, None):
+            parent = _lookup(model, loc[:-1])[0]
+            if typing.get_origin(parent) in (typing.Union, types.UnionType):
+                if loc[:-1] in seen:
+                    continue
+                seen.add(loc[:-1])
+                error = {**error, "loc": loc[:-1]}
+        out.append(error)
+    return out
 
 
 def reference(model: type[BaseModel], prefix: str = "") -> list[str]:

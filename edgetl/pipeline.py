@@ -447,7 +447,7 @@ class _Build:
             card, row = best.card, best
             reason = (
                 f"model: auto picked the most accurate of the {n_fit} of {len(ranking.candidates)} catalog entries "
-                f"that meet the constraints ({ranking.constraints.describe()}) on {self.profile.name} at {precision}"
+                f"that meet the constraints ({ranking.describe_constraints()}) on {self.profile.name} at {precision}"
             )
         else:
             card = get_card(cfg.model)
@@ -470,7 +470,8 @@ class _Build:
             "precision": precision,
             "batch": ranking.batch,
             "resolution": options.resolution,
-            "constraints": ranking.constraints.describe(),
+            "constraints": ranking.describe_constraints(),
+            "latency_budget": ranking.budget.to_dict(),
             "model": card.id,
             "reason": reason,
             "chosen": chosen,
@@ -642,7 +643,8 @@ class _Build:
         return test if cfg.data.is_dir() and test.is_dir() else None
 
     def _validation_budget(self) -> float | None:
-        return self.config.validate_.max_latency_ms or self.config.constraints.max_latency_ms
+        # a budget the build file states; select's default one (one frame at 30 fps) only ranks
+        return self.config.validate_.max_latency_ms or self.config.constraints.stated_latency_ms
 
     def _memory_budget(self) -> float | None:
         return self.config.validate_.max_memory_mb or self.config.constraints.max_memory_mb

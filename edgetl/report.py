@@ -413,7 +413,7 @@ def write_report(out: str | os.PathLike[str], config: Any, outcomes: Sequence[An
     plots = out / PLOTS_DIR
     plots.mkdir(parents=True, exist_ok=True)
     status = "**passed**" if not failures else "**FAILED**: " + "; ".join(failures)
-    budget = config.validate_.max_latency_ms or config.constraints.max_latency_ms
+    budget = config.validate_.max_latency_ms or config.constraints.stated_latency_ms
     lines = [
         f"# edgetl build report: {out.name}",
         "",

@@ -2,7 +2,9 @@
 
 For each catalog entry the model's cost trace (:mod:`edgetl.zoo.cost`) is fed to the predictor
 (:mod:`edgetl.device.latency`) with the device profile, giving latency, memory and size at the chosen precision.
-Entries that meet every constraint are ranked first, most accurate first, ties to the lower latency.
+Entries that meet every constraint are ranked first, most accurate first, ties to the lower latency. Without a
+latency budget the ranking keeps to one frame per image at the device's real-time rate (33.3 ms at 30 fps): the
+most accurate entry without one is a server model no edge device would ship; ``max_latency_ms="none"`` lifts it.
 The Pareto front is the set of entries that no other entry beats on both ImageNet top-1 and latency.
 """
 
@@ -19,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from edgetl._io import atomic_write_text
+from edgetl.device.budget import realtime_budget
 from edgetl.device.latency import model_size_mb, predict_latency, predict_memory
 from edgetl.device.profiles import DeviceProfile, default_device, load_profile
 from edgetl.errors import ConstraintError
-from edgetl.options import Constraints, SelectOptions, TargetOptions, documented, take_inputs
+from edgetl.options import NO_BUDGET, Constraints, SelectOptions, TargetOptions, documented, take_inputs
 from edgetl.zoo.catalog import ModelCard, list_models
 from edgetl.zoo.cost import TraceError
 from edgetl.zoo.model_cost import trace_model
@@ -73,6 +76,23 @@ class RankedModel:
         }
 
 
+@dataclass(frozen=True)
+class LatencyBudget:
+    """Where the ranking's latency limit comes from: ``given``, the ``default`` (one frame per image at the
+    device's real-time rate, :func:`~edgetl.device.budget.realtime_budget`) or ``none`` (lifted)."""
+
+    ms: float | None
+    origin: str = "given"
+    basis: str = ""
+
+    def note(self, lift: str = f"{NO_BUDGET} lifts it") -> str:
+        """What follows the budget in a description: `` (the default: 30 fps; none lifts it)`` for the default."""
+        return f" (the default: {self.basis}; {lift})" if self.origin == "default" else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ms": self.ms, "origin": self.origin, "basis": self.basis or None}
+
+
 @dataclass
 class Ranking:
     """The result of :func:`select`: every candidate, ranked, plus what could not be predicted.
@@ -89,6 +109,15 @@ class Ranking:
     top: int | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
     target: TargetOptions = field(default_factory=TargetOptions)
+    budget: LatencyBudget = field(default_factory=lambda: LatencyBudget(None))
+
+    def describe_constraints(self, lift: str = f"{NO_BUDGET} lifts it") -> str:
+        """The constraints ranked by, saying where the latency budget comes from (``lift``: how to lift a default
+        one, in the caller's terms)."""
+        shown = self.constraints
+        if self.budget.origin == "none":
+            shown = shown.model_copy(update={"max_latency_ms": NO_BUDGET})
+        return shown.describe(self.budget.note(lift))
 
     @property
     def rows(self) -> list[RankedModel]:
@@ -120,7 +149,7 @@ class Ranking:
         ]
         return (
             f"no model meets the constraints on {self.profile.name} at {self.precision} "
-            f"({self.constraints.describe()}); nearest misses: " + ", ".join(parts)
+            f"({self.describe_constraints()}); nearest misses: " + ", ".join(parts)
             + "; relax a constraint or try another precision"
         )
 
@@ -197,7 +226,9 @@ def select(
             :func:`~edgetl.device.profiles.default_device`.
         options: how to rank (:class:`~edgetl.options.SelectOptions`).
         constraints: what a model must meet (:class:`~edgetl.options.Constraints`); ``max_memory_mb``
-            defaults to the profile's model memory budget.
+            defaults to the profile's model memory budget, ``max_latency_ms`` to one frame per image at the
+            device's real-time rate (:func:`~edgetl.device.budget.realtime_budget`: 33.3 ms at 30 fps), and
+            ``max_latency_ms="none"`` lifts it.
         progress: called as ``progress(done, total, model)`` while traces are computed.
         **kwargs: fields of either model, e.g. ``select("jetson", precision="fp16", max_latency_ms=5)``, and of
             the shared inputs select takes (:data:`~edgetl.options.STAGE_INPUTS`), e.g. ``threads`` (kept on
@@ -220,11 +251,22 @@ def select(
     profile.check_precision(precision)
     if limits.max_memory_mb is None:
         limits = limits.model_copy(update={"max_memory_mb": float(profile.memory.model_budget_mb.value)})
+    limits, budget = _latency_budget(limits, profile, opts.batch)
     cards = _ranked_cards(opts)
     candidates, skipped = _predict_all(cards, profile, precision, opts, limits, progress)
     _mark_pareto(candidates)
     candidates.sort(key=lambda r: (not r.fits, -r.card.top1, r.latency_ms))
-    return Ranking(profile, precision, opts.batch, limits, candidates, opts.top, skipped, target)
+    return Ranking(profile, precision, opts.batch, limits, candidates, opts.top, skipped, target, budget)
+
+
+def _latency_budget(limits: Constraints, profile: DeviceProfile, batch: int) -> tuple[Constraints, LatencyBudget]:
+    """``limits`` with the latency budget resolved to a number (or None when lifted), and where it came from."""
+    if limits.max_latency_ms == NO_BUDGET:
+        return limits.model_copy(update={"max_latency_ms": None}), LatencyBudget(None, "none")
+    if limits.max_latency_ms is not None:
+        return limits, LatencyBudget(float(limits.max_latency_ms))
+    ms, basis = realtime_budget(profile, batch)
+    return limits.model_copy(update={"max_latency_ms": ms}), LatencyBudget(ms, "default", basis)
 
 
 def _ranked_cards(opts: SelectOptions) -> list[ModelCard]:

@@ -245,8 +245,12 @@ def models_cmd(**kwargs) -> None:
 def select_cmd(csv_path, plot_path, measure_n, **kwargs) -> None:
     """Rank pretrained backbones for a device by predicted latency, memory, size and top-1.
 
+    Without --max-latency-ms the ranking keeps to one frame per image at the device's real-time rate (33.3 ms at
+    30 fps), and the title says so; --max-latency-ms none ranks without a latency budget.
+
     \b
     Examples:
+      edgetl select --device jetson --max-latency-ms none --top 5
       edgetl select --device raspberry-pi-5 --precision int8 --max-latency-ms 30 --models 'mobilenet*' --plot pareto.png
       edgetl select --device jetson --max-latency-ms 5 --precision fp16 --models 'resnet[0-9]*' --json > ranking.json
     """
@@ -312,7 +316,7 @@ def _print_ranking(ranking, measured: bool = False) -> None:
     title = (
         f"{p.name} · {ranking.precision} · batch {ranking.batch} · predicted "
         f"{'kernel by kernel from timings calibrated on the device' if p.kernels else 'by the roofline model'}"
-        f" · constraints: {ranking.constraints.describe()}"
+        f" · constraints: {ranking.describe_constraints(LIFT)}"
     )
     table = Table(title=title)
     cols = ["#", "model", "weights", "top-1", "params (M)", "GFLOPs", f"size MB ({ranking.precision})",
@@ -335,9 +339,17 @@ def _print_ranking(ranking, measured: bool = False) -> None:
     console = _stdout_console()
     console.print(table)
     n_fit = sum(1 for r in ranking.candidates if r.fits)
+    budget = ranking.budget
+    within = f" · the default latency budget of {budget.ms:g} ms ({budget.basis}) chose it; {LIFT}" \
+        if budget.origin == "default" else ""
     console.print(
-        f"best: [bold]{ranking.best.card.id}[/bold] · {n_fit} of {len(ranking.candidates)} entries fit"
+        f"best: [bold]{ranking.best.card.id}[/bold] · {n_fit} of {len(ranking.candidates)} entries fit{within}",
+        highlight=False,
     )
+
+
+LIFT = "--max-latency-ms none lifts it"
+"""How the command line lifts select's default latency budget."""
 
 
 class _progress:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import click
 from click.core import ParameterSource
@@ -36,6 +37,35 @@ class CommaList(click.ParamType):
         if isinstance(value, tuple):
             return value
         return tuple(part.strip() for part in str(value).split(",") if part.strip())
+
+
+class NumberOrWord(click.ParamType):
+    """A number or one of a few words, for a field typed ``float | Literal["none"]`` (``--max-latency-ms none``)."""
+
+    def __init__(self, words: tuple[str, ...]) -> None:
+        self.words = words
+        self.name = "|".join(("FLOAT", *words))
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float | str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        text = str(value).strip()
+        if text.lower() in self.words:
+            return text.lower()
+        try:
+            return float(text)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor {' or '.join(self.words)}", param, ctx)
+
+
+def _number_or_words(tp: Any) -> tuple[str, ...] | None:
+    """The words of a union of a number and literals (``float | Literal["none"]``), else None."""
+    if get_origin(tp) not in (Union, UnionType):
+        return None
+    members = [get_args(a)[0] if get_origin(a) is Annotated else a for a in get_args(tp) if a is not type(None)]
+    words = [w for m in members if get_origin(m) is Literal for w in get_args(m)]
+    numbers = [m for m in members if m in (int, float)]
+    return tuple(words) if len(numbers) == 1 and len(words) + 1 == len(members) else None
 
 
 def _param_name(model: type[BaseModel], path: tuple[str, ...]) -> str:
@@ -62,6 +92,9 @@ def _click_type(annotation: Any) -> Any:
         return CommaList()
     if tp is Path:
         return click.Path()
+    words = _number_or_words(tp)
+    if words:
+        return NumberOrWord(words)
     return {int: click.INT, float: click.FLOAT, bool: None}.get(tp, click.STRING)
 
 

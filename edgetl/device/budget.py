@@ -24,6 +24,7 @@ from typing import Any
 from edgetl.device.latency import predict_latency
 from edgetl.device.schema import DeviceProfile
 from edgetl.errors import ConfigError
+from edgetl.options import REALTIME_FPS
 from edgetl.zoo.model_cost import trace_model
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,20 @@ def check_metric(metric: str, runs: int, runs_option: str = "the runs", origin: 
     if metric.startswith("p") and runs < runs_needed(float(metric[1:])):
         raise ConfigError(f"a {metric} budget{origin} needs at least {runs_needed(float(metric[1:]))} timed runs; "
                           f"raise {runs_option} (got {runs}) or judge on p50 (--budget-metric p50)")
+
+
+def realtime_budget(profile: DeviceProfile, batch: int = 1) -> tuple[float, str]:
+    """The latency budget ``select`` ranks by when none is given: one frame per image at the profile's
+    ``realtime_fps``, else at :data:`~edgetl.options.REALTIME_FPS` (a camera's 30 fps).
+
+    Returns:
+        The budget in ms for one inference of ``batch`` images (to 3 significant digits), and its basis: ``30 fps``,
+        ``8 images at 30 fps``, ``15 fps, from the profile``.
+    """
+    stated = profile.realtime_fps
+    fps = float(stated.value) if stated is not None else float(REALTIME_FPS)
+    basis = f"{fps:g} fps" if batch == 1 else f"{batch} images at {fps:g} fps"
+    return float(f"{1000.0 * batch / fps:.3g}"), basis + (", from the profile" if stated is not None else "")
 
 
 def on_target(profile: DeviceProfile, runtime: str) -> bool:

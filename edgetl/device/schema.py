@@ -236,6 +236,9 @@ class DeviceProfile(_Strict):
     kernels: KernelTimings | None = None
     """Kernel-level timings measured on the device; when present they predict ONNX Runtime latency."""
     cpu: CPU | None = None
+    realtime_fps: Figure | None = None
+    """The frame rate a model must keep up with on this device, one frame per image: ``select``'s default latency
+    budget (without it: :data:`edgetl.options.REALTIME_FPS`)."""
     calibrated: dict[str, Any] | None = None
     reference: list[Reference] = Field(default_factory=list)
 
@@ -289,6 +292,8 @@ class DeviceProfile(_Strict):
             items.append(("kernels", self.kernels))
         if self.cpu is not None:
             items.append(("cpu", self.cpu))
+        if self.realtime_fps is not None:
+            items.append(("realtime_fps", self.realtime_fps))
         items += [(f"reference[{i}]", r) for i, r in enumerate(self.reference)]
         return items
 
