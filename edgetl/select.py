@@ -28,7 +28,7 @@ from edgetl.errors import ConstraintError
 from edgetl.options import NO_BUDGET, Constraints, SelectOptions, TargetOptions, documented, take_inputs
 from edgetl.zoo.catalog import ModelCard, list_models
 from edgetl.zoo.cost import TraceError
-from edgetl.zoo.model_cost import trace_model
+from edgetl.zoo.model_cost import is_traced, trace_model
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,9 @@ def select(
             defaults to the profile's model memory budget, ``max_latency_ms`` to one frame per image at the
             device's real-time rate (:func:`~edgetl.device.budget.realtime_budget`: 33.3 ms at 30 fps), and
             ``max_latency_ms="none"`` lifts it.
-        progress: called as ``progress(done, total, model)`` while traces are computed.
+        progress: called as ``progress(done, total, name)`` while there is first-run work, and only then: while
+            the catalog's cache is built (:func:`~edgetl.zoo.catalog.list_models`), then per model whose cost
+            trace is not cached yet (``total`` counts those).
         **kwargs: fields of either model, e.g. ``select("jetson", precision="fp16", max_latency_ms=5)``, and of
             the shared inputs select takes (:data:`~edgetl.options.STAGE_INPUTS`), e.g. ``threads`` (kept on
             ``Ranking.target`` for timing the ranked models on this machine).
@@ -252,7 +254,7 @@ def select(
     if limits.max_memory_mb is None:
         limits = limits.model_copy(update={"max_memory_mb": float(profile.memory.model_budget_mb.value)})
     limits, budget = _latency_budget(limits, profile, opts.batch)
-    cards = _ranked_cards(opts)
+    cards = _ranked_cards(opts, progress)
     candidates, skipped = _predict_all(cards, profile, precision, opts, limits, progress)
     _mark_pareto(candidates)
     candidates.sort(key=lambda r: (not r.fits, -r.card.top1, r.latency_ms))
@@ -269,8 +271,8 @@ def _latency_budget(limits: Constraints, profile: DeviceProfile, batch: int) -> 
     return limits.model_copy(update={"max_latency_ms": ms}), LatencyBudget(ms, "default", basis)
 
 
-def _ranked_cards(opts: SelectOptions) -> list[ModelCard]:
-    cards = list_models(opts.models, default_only=not opts.all_weights, zoo=opts.zoo)
+def _ranked_cards(opts: SelectOptions, progress: Callable[[int, int, str], None] | None) -> list[ModelCard]:
+    cards = list_models(opts.models, default_only=not opts.all_weights, zoo=opts.zoo, progress=progress)
     if not cards:
         raise ConstraintError(f"no catalog model matches '{opts.models}'; see `edgetl models`")
     unranked = [c.id for c in cards if c.top1 is None]
@@ -284,10 +286,16 @@ def _predict_all(cards: Sequence[ModelCard], profile: DeviceProfile, precision: 
                  ) -> tuple[list[RankedModel], list[tuple[str, str]]]:
     candidates: list[RankedModel] = []
     skipped: list[tuple[str, str]] = []
-    for i, card in enumerate(cards):
-        if progress:
-            progress(i, len(cards), card.id)
+    # the traces to compute (one per architecture and input size: weights tags share theirs), in order
+    cold: dict[tuple[str, int], int] = {}
+    for card in cards:
+        key = (card.name, opts.resolution or card.resolution)
+        if key not in cold and not is_traced(card, key[1]):
+            cold[key] = len(cold)
+    for card in cards:
         res = opts.resolution or card.resolution
+        if progress and (card.name, res) in cold:
+            progress(cold[card.name, res], len(cold), card.id)
         try:
             trace = trace_model(card, res)
         except TraceError as exc:
@@ -305,8 +313,8 @@ def _predict_all(cards: Sequence[ModelCard], profile: DeviceProfile, precision: 
         )
         row.failures, row.miss = _violations(row, limits)
         candidates.append(row)
-    if progress:
-        progress(len(cards), len(cards), "")
+    if progress and cold:
+        progress(len(cold), len(cold), "")
     for model_id, reason in skipped:
         log.warning("could not predict %s: %s", model_id, reason)
     return candidates, skipped

@@ -214,7 +214,8 @@ def models_cmd(**kwargs) -> None:
     from edgetl.zoo.catalog import list_models
 
     opts, as_json = parse(SelectOptions, kwargs), parse(OutputOptions, kwargs).as_json
-    cards = list_models(opts.models, default_only=not opts.all_weights, zoo=opts.zoo)
+    with _progress("building the catalog", CATALOG) as advance:
+        cards = list_models(opts.models, default_only=not opts.all_weights, zoo=opts.zoo, progress=advance)
     if as_json:
         emit_json([c.summary() for c in cards])
         return
@@ -257,7 +258,7 @@ def select_cmd(csv_path, plot_path, measure_n, **kwargs) -> None:
     inputs, as_json = parse_inputs("select", kwargs), parse(OutputOptions, kwargs).as_json
     options, constraints = parse(SelectOptions, kwargs), parse(Constraints, kwargs)
     from edgetl.select import select
-    with _progress("tracing models (cached afterwards)") as advance:
+    with _progress("tracing", TRACING) as advance:
         ranking = select(options=options, constraints=constraints, progress=advance, **inputs)
     for model_id, reason in ranking.skipped:
         click.echo(f"warning: could not predict {model_id}: {reason}", err=True)
@@ -348,15 +349,27 @@ def _print_ranking(ranking, measured: bool = False) -> None:
     )
 
 
+CATALOG = "first run: building the model catalog, once (cached; later runs take a second)"
+"""The line ``edgetl models`` writes on a stderr that is not a terminal when it builds the catalog."""
+
+TRACING = "first run: tracing the catalog's models on the meta device, once (cached; later runs take a second)"
+"""The line select writes on a stderr that is not a terminal when it builds the catalog or traces models."""
+
 LIFT = "--max-latency-ms none lifts it"
 """How the command line lifts select's default latency budget."""
 
 
 class _progress:
-    """A rich progress bar on stderr, shown only when there is real work (a cold cache)."""
+    """Progress on stderr while there is real work (a cold cache: the API reports only that): a rich progress bar
+    on a terminal (after half a second, so that a short job does not flash one), else one line at the start.
 
-    def __init__(self, label: str) -> None:
+    The callback takes ``(done, total, name)``; a new ``total`` starts a new phase (the catalog, then the traces).
+    ``label`` heads the bar, ``note`` (default: ``label``) is the line.
+    """
+
+    def __init__(self, label: str, note: str | None = None) -> None:
         self.label = label
+        self.note = note or label
         self.bar = None
         self.task = None
 
@@ -364,16 +377,26 @@ class _progress:
         import time
 
         start = time.monotonic()
+        console = _stderr_console()
+        noted = False
 
         def advance(done: int, total: int, name: str) -> None:
-            if self.bar is None and time.monotonic() - start > 0.5 and done < total:
+            nonlocal noted
+            if done >= total and self.bar is None:
+                return
+            if not console.is_terminal:
+                if not noted:
+                    click.echo(f"{self.note} ...", err=True)
+                    noted = True
+                return
+            if self.bar is None and time.monotonic() - start > 0.5:
                 from rich.progress import Progress
 
-                self.bar = Progress(console=_stderr_console(), transient=True)
+                self.bar = Progress(console=console, transient=True)
                 self.bar.start()
                 self.task = self.bar.add_task(self.label, total=total)
             if self.bar is not None:
-                self.bar.update(self.task, completed=done, description=f"{self.label} {name}")
+                self.bar.update(self.task, total=total, completed=done, description=f"{self.label} {name}")
 
         return advance
 

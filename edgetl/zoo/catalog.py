@@ -10,6 +10,9 @@ Importing torch and torchvision takes seconds, so each zoo is cached as JSON key
 (the timm zoo also by torch's, whose trace gives its params and GFLOPs); a warm cache answers without importing
 torch or timm at all.
 
+Building a zoo's cache is the slow, first-run part (timm's entries are traced); :func:`list_models` reports it
+to a ``progress(done, total, name)`` callback, which is called only while a zoo is being built.
+
 Names resolve like timm's registry: ``resnet50`` is the DEFAULT weights, ``resnet50.IMAGENET1K_V1``
 a specific tag. An unknown name raises :class:`~edgetl.errors.UnknownNameError` with suggestions.
 """
@@ -22,7 +25,8 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from importlib import metadata
@@ -41,6 +45,16 @@ log = logging.getLogger(__name__)
 
 _CATALOG_SCHEMA = 3
 _METRICS_KEY = "ImageNet-1K"
+
+Progress = Callable[[int, int, str], None]
+#: The ``progress`` of the :func:`list_models` call under way, for the zoo builders below its memoised lookup.
+_building: ContextVar[Progress | None] = ContextVar("edgetl_catalog_progress", default=None)
+
+
+def _report(done: int, total: int, name: str) -> None:
+    hook = _building.get()
+    if hook is not None:
+        hook(done, total, name)
 
 
 @dataclass(frozen=True)
@@ -406,7 +420,9 @@ def _cards_from_torchvision() -> list[ModelCard]:
     from torchvision import models
 
     cards: list[ModelCard] = []
-    for name in models.list_models(module=models):
+    names = models.list_models(module=models)
+    for i, name in enumerate(names):
+        _report(i, len(names), f"torchvision {name}")
         enum = models.get_model_weights(name)
         entries = [w for w in enum if _METRICS_KEY in w.meta.get("_metrics", {})]
         if not entries:
@@ -462,7 +478,11 @@ def _cards_from_timm() -> list[ModelCard]:
     groups: dict[str, list[zoo_timm.Entry]] = {}
     for e in zoo_timm.entries():
         groups.setdefault(e.arch, []).append(e)
-    return [card for arch, group in groups.items() for card in _timm_arch_cards(arch, group, categories)]
+    cards: list[ModelCard] = []
+    for i, (arch, group) in enumerate(groups.items()):
+        _report(i, len(groups), zoo_timm.PREFIX + arch)
+        cards += _timm_arch_cards(arch, group, categories)
+    return cards
 
 
 def _timm_arch_cards(arch: str, group: list[zoo_timm.Entry], categories: tuple[str, ...]) -> list[ModelCard]:
@@ -548,6 +568,7 @@ def _zoo_cards(zoo: str) -> tuple[ModelCard, ...]:
             log.warning("ignoring unreadable catalog cache %s: %s", path, exc)
     log.info("building the %s model catalog (cached afterwards in %s)", zoo, path)
     cards = _cards_from_timm() if zoo == "timm" else _cards_from_torchvision()
+    _report(1, 1, "")
     atomic_write_json(path, {zoo: path.stem, "cards": [c.to_dict() for c in cards]})
     return tuple(cards)
 
@@ -573,7 +594,8 @@ def _timm_may_match(pat: str) -> bool:
     return False
 
 
-def list_models(pattern: str | None = None, default_only: bool = False, zoo: str = "all") -> list[ModelCard]:
+def list_models(pattern: str | None = None, default_only: bool = False, zoo: str = "all",
+                progress: Progress | None = None) -> list[ModelCard]:
     """List the catalog's cards, optionally filtered.
 
     Args:
@@ -581,6 +603,8 @@ def list_models(pattern: str | None = None, default_only: bool = False, zoo: str
             names match with or without their ``timm/`` prefix (``"mobilenetv4*"``).
         default_only: keep only each builder's DEFAULT weights (timm: each architecture's default tag).
         zoo: ``torchvision``, ``timm`` or ``all``.
+        progress: called as ``progress(done, total, name)`` while a zoo's cache is built (the first run), per
+            torchvision builder or timm architecture; never when the cache answers.
 
     Returns:
         The matching cards, sorted by name and weights tag.
@@ -588,7 +612,11 @@ def list_models(pattern: str | None = None, default_only: bool = False, zoo: str
     pat = pattern.lower() if pattern else ""
     if pat and zoo == "all" and not _timm_may_match(pat):
         zoo = "torchvision"
-    cards = list(_cards(zoo))
+    token = _building.set(progress)
+    try:
+        cards = list(_cards(zoo))
+    finally:
+        _building.reset(token)
     if pat:
         cards = [c for c in cards if _matches(c.name, c.id, pat)]
     if default_only:

@@ -373,6 +373,11 @@ def cached_trace(arch: str, resolution: int) -> CostTrace | None:
         return None
 
 
+def is_cached(arch: str, resolution: int) -> bool:
+    """Whether the trace of ``arch`` at ``resolution`` is cached (so that no tracing is needed)."""
+    return _cache_path(arch, resolution).exists()
+
+
 class TraceError(Exception):
     """A model that could not be traced (internal; select lists it with the reason)."""
 

@@ -7,7 +7,7 @@ entries. This module joins the two, so that neither imports the other back.
 from __future__ import annotations
 
 from edgetl.zoo.catalog import ModelCard, build_architecture, get_card
-from edgetl.zoo.cost import CostTrace, trace_architecture
+from edgetl.zoo.cost import CostTrace, is_cached, trace_architecture
 
 
 def trace_model(model: str | ModelCard, resolution: int | None = None) -> CostTrace:
@@ -29,3 +29,8 @@ def trace_model(model: str | ModelCard, resolution: int | None = None) -> CostTr
     return trace_architecture(
         card.name, res, lambda: build_architecture(card.id, meta=True, resolution=res, deploy=True)
     )
+
+
+def is_traced(card: ModelCard, resolution: int | None = None) -> bool:
+    """Whether :func:`trace_model` answers ``card`` at ``resolution`` (default: its crop size) from the cache."""
+    return is_cached(card.name, int(resolution or card.resolution))
