@@ -481,6 +481,7 @@ class _Build:
             "pareto": [r.card.id for r in ranking.pareto_front],
             "nearest_misses": [{"model": r.card.id, "failures": r.failures} for r in ranking.nearest_misses(3)],
             "skipped": [list(s) for s in ranking.skipped],
+            "left_out": [{"model": model, "reason": why} for model, why in ranking.left_out],
         }
         atomic_write_json(folder / "ranking.json", doc)
         ranking.to_csv(folder / "ranking.csv")

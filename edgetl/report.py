@@ -167,6 +167,9 @@ def _select_section(out: Path, plots: Path) -> list[str]:
     if doc.get("nearest_misses") and doc["fitting"] < doc["candidates"]:
         misses = "; ".join(f"{m['model']} ({', '.join(m['failures'])})" for m in doc["nearest_misses"])
         lines += ["", f"Nearest misses: {misses}."]
+    if doc.get("left_out"):
+        left_out = "; ".join(f"`{e['model']}` ({e['reason']})" for e in doc["left_out"])
+        lines += ["", f"Left out of the ranking: {left_out}."]
     if _copy(out / "select" / "pareto.png", plots / "pareto.png"):
         lines += ["", f"![Pareto chart]({PLOTS_DIR}/pareto.png)"]
     lines.append("")

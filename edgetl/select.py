@@ -32,6 +32,9 @@ from edgetl.zoo.model_cost import is_traced, trace_model
 
 log = logging.getLogger(__name__)
 
+NO_TOP1 = "no ImageNet top-1: a feature extractor"
+"""Why an entry without a published top-1 is not ranked (torchvision publishes none for feature-only weights)."""
+
 JSON_KEYS = (
     "model", "weights", "top1", "params_m", "gflops", "size_mb", "latency_ms", "memory_mb", "fps",
     "pareto", "fits",
@@ -98,7 +101,8 @@ class Ranking:
     """The result of :func:`select`: every candidate, ranked, plus what could not be predicted.
 
     ``rows`` holds the candidates that meet the constraints, best first (cut to ``top``);
-    ``candidates`` holds all of them in the same order, fitting ones first.
+    ``candidates`` holds all of them in the same order, fitting ones first; ``left_out`` the catalog entries
+    that matched but are not ranked, with why (no ImageNet top-1; ``skipped``: no prediction).
     """
 
     profile: DeviceProfile
@@ -110,6 +114,12 @@ class Ranking:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     target: TargetOptions = field(default_factory=TargetOptions)
     budget: LatencyBudget = field(default_factory=lambda: LatencyBudget(None))
+    unranked: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def left_out(self) -> list[tuple[str, str]]:
+        """``(entry, why)`` for every matching catalog entry that is not ranked: no top-1, or no prediction."""
+        return [*self.unranked, *((model, f"could not predict: {why}") for model, why in self.skipped)]
 
     def describe_constraints(self, lift: str = f"{NO_BUDGET} lifts it") -> str:
         """The constraints ranked by, saying where the latency budget comes from (``lift``: how to lift a default
@@ -156,6 +166,21 @@ class Ranking:
     def to_json(self) -> list[dict[str, Any]]:
         """The ranked rows as JSON-ready dicts with exactly :data:`JSON_KEYS`."""
         return [r.to_dict() for r in self.rows]
+
+    def to_document(self, lift: str = f"{NO_BUDGET} lifts it") -> dict[str, Any]:
+        """``select --json``: what was ranked and how (device, precision, constraints and where the latency budget
+        came from), the ranked ``rows`` (:meth:`to_json`) and the entries ``left_out``, with why."""
+        return {
+            "device": self.profile.name,
+            "precision": self.precision,
+            "batch": self.batch,
+            "constraints": self.describe_constraints(lift),
+            "latency_budget": self.budget.to_dict(),
+            "ranked": len(self.candidates),
+            "fitting": sum(1 for r in self.candidates if r.fits),
+            "rows": self.to_json(),
+            "left_out": [{"model": model, "reason": why} for model, why in self.left_out],
+        }
 
     def to_csv(self, path: str | os.PathLike[str] | None = None) -> str:
         """Write the ranked rows as CSV (to ``path`` if given) and return the text."""
@@ -254,11 +279,11 @@ def select(
     if limits.max_memory_mb is None:
         limits = limits.model_copy(update={"max_memory_mb": float(profile.memory.model_budget_mb.value)})
     limits, budget = _latency_budget(limits, profile, opts.batch)
-    cards = _ranked_cards(opts, progress)
+    cards, unranked = _ranked_cards(opts, progress)
     candidates, skipped = _predict_all(cards, profile, precision, opts, limits, progress)
     _mark_pareto(candidates)
     candidates.sort(key=lambda r: (not r.fits, -r.card.top1, r.latency_ms))
-    return Ranking(profile, precision, opts.batch, limits, candidates, opts.top, skipped, target, budget)
+    return Ranking(profile, precision, opts.batch, limits, candidates, opts.top, skipped, target, budget, unranked)
 
 
 def _latency_budget(limits: Constraints, profile: DeviceProfile, batch: int) -> tuple[Constraints, LatencyBudget]:
@@ -271,14 +296,17 @@ def _latency_budget(limits: Constraints, profile: DeviceProfile, batch: int) -> 
     return limits.model_copy(update={"max_latency_ms": ms}), LatencyBudget(ms, "default", basis)
 
 
-def _ranked_cards(opts: SelectOptions, progress: Callable[[int, int, str], None] | None) -> list[ModelCard]:
+def _ranked_cards(opts: SelectOptions, progress: Callable[[int, int, str], None] | None,
+                  ) -> tuple[list[ModelCard], list[tuple[str, str]]]:
+    """The matching cards that can be ranked, and ``(entry, why)`` for those that cannot."""
     cards = list_models(opts.models, default_only=not opts.all_weights, zoo=opts.zoo, progress=progress)
     if not cards:
         raise ConstraintError(f"no catalog model matches '{opts.models}'; see `edgetl models`")
-    unranked = [c.id for c in cards if c.top1 is None]
-    if unranked:
-        log.info("not ranked (no published ImageNet top-1): %s", ", ".join(unranked))
-    return [c for c in cards if c.top1 is not None]
+    ranked, unranked = [c for c in cards if c.top1 is not None], [(c.id, NO_TOP1) for c in cards if c.top1 is None]
+    if not ranked:
+        raise ConstraintError(f"no catalog entry matching '{opts.models}' can be ranked: "
+                              + "; ".join(f"{model} ({why})" for model, why in unranked))
+    return ranked, unranked
 
 
 def _predict_all(cards: Sequence[ModelCard], profile: DeviceProfile, precision: str, opts: SelectOptions,

@@ -60,7 +60,7 @@ def test_select_measure_shows_predicted_and_measured(tmp_path):
               "--measure", "2", "--threads", "1", "--json"],
     )
     assert out.exit_code == 0, out.output
-    rows = json.loads(out.stdout)
+    rows = json.loads(out.stdout)["rows"]
     assert all(r["measured_ms"] > 0 for r in rows[:2])
     out = CliRunner().invoke(
         cli, ["select", "--device", "x86", "--filter", "squeezenet*", "--resolution", "64", "--measure", "1"],

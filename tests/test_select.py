@@ -89,7 +89,7 @@ def test_public_api_json_and_plot(tmp_path):
 def test_cli_select_json_is_pure_json():
     result = CliRunner().invoke(cli, ["select", "--device", "jetson", "--filter", SMALL, "--json"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)
+    rows = json.loads(result.stdout)["rows"]
     assert rows and set(rows[0]) == set(JSON_KEYS)
 
 
@@ -124,3 +124,36 @@ def test_cli_models_json():
     assert result.exit_code == 0
     names = {row["model"] for row in json.loads(result.stdout)}
     assert names == {"resnet18", "resnet101", "resnet152"}
+
+
+FEATURES = "vgg16.IMAGENET1K_FEATURES"  # torchvision's feature extractor: no ImageNet top-1 to rank it by
+LEFT_OUT_LINE = f"1 entry left out: {FEATURES} (no ImageNet top-1: a feature extractor)"
+
+
+def test_an_entry_without_a_top1_is_left_out_and_said_so():
+    ranking = select(device="x86", models="vgg16*")
+    assert {r.card.id for r in ranking.candidates} == {"vgg16.IMAGENET1K_V1", "vgg16_bn.IMAGENET1K_V1"}
+    assert ranking.left_out == [(FEATURES, "no ImageNet top-1: a feature extractor")]
+    nothing = r"no catalog entry matching 'vgg16\.\*feat\*' can be ranked: vgg16\.IMAGENET1K_FEATURES \(no ImageNet"
+    with pytest.raises(ConstraintError, match=nothing):
+        select(device="x86", models="vgg16.*feat*")
+
+
+def test_an_entry_that_cannot_be_predicted_is_left_out_with_the_reason():
+    ranking = select(device="x86", models="inception*", resolution=16)
+    assert ranking.candidates == []
+    [(model, why)] = ranking.left_out
+    assert model == "inception_v3.IMAGENET1K_V1" and why.startswith("could not predict: inception_v3 at 16px")
+
+
+def test_the_cli_names_the_entries_left_out_in_text_and_json():
+    args = ["select", "--device", "x86", "--models", "vgg16*", "--max-latency-ms", "none"]
+    text = CliRunner().invoke(cli, args)
+    assert text.exit_code == 0, text.output
+    assert LEFT_OUT_LINE in " ".join(text.stdout.split())
+    doc = json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout)
+    assert doc["left_out"] == [{"model": FEATURES, "reason": "no ImageNet top-1: a feature extractor"}]
+    assert doc["ranked"] == len(doc["rows"]) == 2
+    assert FEATURES not in {f"{r['model']}.{r['weights']}" for r in doc["rows"]}
+    full = CliRunner().invoke(cli, ["select", "--device", "x86", "--models", "resnet1*"])
+    assert full.exit_code == 0 and "left out" not in full.stdout  # nothing left out, nothing said

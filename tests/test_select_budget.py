@@ -96,9 +96,13 @@ def test_the_cli_json_follows_the_budget():
     def latencies(*extra):
         result = CliRunner().invoke(cli, ["select", "--device", DEVICE, "--models", FAMILY, "--json", *extra])
         assert result.exit_code == 0, result.output
-        return [row["latency_ms"] for row in json.loads(result.stdout)]
+        doc = json.loads(result.stdout)
+        return doc["latency_budget"], [row["latency_ms"] for row in doc["rows"]]
 
-    assert max(latencies()) <= FRAME_MS < max(latencies("--max-latency-ms", "none"))
+    (default, fast), (lifted, every) = latencies(), latencies("--max-latency-ms", "none")
+    assert default == {"ms": FRAME_MS, "origin": "default", "basis": "30 fps"}
+    assert lifted == {"ms": None, "origin": "none", "basis": None}
+    assert max(fast) <= FRAME_MS < max(every)
 
 
 def test_the_cli_refuses_a_word_that_is_not_none():

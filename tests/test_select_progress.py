@@ -41,7 +41,7 @@ def test_the_cli_notes_a_cold_trace_on_a_stderr_that_is_not_a_terminal(monkeypat
     cold = CliRunner().invoke(cli, args)
     assert cold.exit_code == 0, cold.output
     assert cold.stderr.splitlines() == [f"{TRACING} ..."]
-    assert len(json.loads(cold.stdout)) == 2  # stdout holds the JSON document only
+    assert len(json.loads(cold.stdout)["rows"]) == 2  # stdout holds the JSON document only
     warm = CliRunner().invoke(cli, args)
     assert warm.exit_code == 0 and warm.stderr == ""
 

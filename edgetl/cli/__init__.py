@@ -274,11 +274,11 @@ def select_cmd(csv_path, plot_path, measure_n, **kwargs) -> None:
     if measure_n:
         measured_note = _measure_ranking(ranking, measure_n, ranking.target.threads, quiet=as_json)
     if as_json:
-        rows = ranking.to_json()
+        doc = ranking.to_document(LIFT)
         if measure_n:
-            for row, r in zip(rows, ranking.rows, strict=True):
+            for row, r in zip(doc["rows"], ranking.rows, strict=True):
                 row["measured_ms"] = None if r.measured_ms is None else round(r.measured_ms, 4)
-        emit_json(rows)
+        emit_json(doc)
         return
     _print_ranking(ranking, measured=bool(measure_n))
     if measured_note:
@@ -347,6 +347,11 @@ def _print_ranking(ranking, measured: bool = False) -> None:
         f"best: [bold]{ranking.best.card.id}[/bold] · {n_fit} of {len(ranking.candidates)} entries fit{within}",
         highlight=False,
     )
+    left_out = ranking.left_out
+    if left_out:
+        listed = "; ".join(f"{model} ({why})" for model, why in left_out)
+        console.print(f"{len(left_out)} {'entry' if len(left_out) == 1 else 'entries'} left out: {listed}",
+                      highlight=False, markup=False)
 
 
 CATALOG = "first run: building the model catalog, once (cached; later runs take a second)"
