@@ -132,7 +132,8 @@ def pareto_figure(ranking: Any) -> Any:
         )
     budget = ranking.constraints.max_latency_ms
     if budget:
-        ax.axvline(budget, color="#2ca02c", ls="--", lw=1.5, label=f"latency budget {budget:g} ms")
+        default = f" (default: {ranking.budget.basis})" if ranking.budget.origin == "default" else ""
+        ax.axvline(budget, color="#2ca02c", ls="--", lw=1.5, label=f"latency budget {budget:g} ms{default}")
     ax.set_xscale("log")
     plain_log_ticks(ax.xaxis)
     ax.set_xlabel(f"predicted latency (ms, log scale), batch {ranking.batch}")
