@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -212,6 +213,11 @@ def edgetl_run(args: argparse.Namespace, data: Path, weights_dir: Path, work: Pa
                    epochs=args.epochs, resolution=args.resolution, lr=args.lr, seed=args.seed, patience=0,
                    precision_train=args.precision_train, progress=False)
     test = run.metrics["test"]
+    trials = run.strategy.trials
+    if trials is not None:  # auto: what it measured (on stderr, out of the table)
+        print(f"auto from {'ImageNet' if pretrained else 'random'} weights: {run.strategy.reason}", file=sys.stderr)
+        for row in trials.rows():
+            print("  strategy {} | epochs {} | val top-1 {} | val loss {} | chosen {}".format(*row), file=sys.stderr)
     return time.perf_counter() - start, Score(int(test["correct"]), int(test["images"])), run.strategy.strategy
 
 
