@@ -9,7 +9,9 @@ EON Tuner does for architectures:
 - **Trials:** each candidate trains on the training split with the run's own code, options and seed, from a fresh
   copy of the pretrained model, and is scored by its best epoch on the validation split. The test split is never
   handed to a trial. The linear probe trains on cached features, so its trial runs every ``--epochs`` epoch (it is
-  the run's own linear probe, epoch for epoch); the fine-tuning candidates train
+  the run's own linear probe, epoch for epoch; where features cannot be cached, with ``--augment`` or a head that
+  is not the last layer, those epochs are forward passes through the frozen backbone, which the budget does not
+  count); the fine-tuning candidates train
   :data:`~edgetl.options.TRIAL_EPOCHS` epochs each (fewer when ``--epochs`` is smaller), under their own warm-up
   and cosine schedule, so their trial is a shortened run, and usually scores below what their full run reaches.
 - **Budget:** trials run when training images x trial epochs x fine-tuning candidates is at most
