@@ -19,7 +19,7 @@ from edgetl.finetune import api, trials
 from edgetl.finetune.api import finetune
 from edgetl.finetune.rundir import RunDir
 from edgetl.finetune.strategy import DomainEstimate, StrategyDecision, choose_strategy
-from edgetl.finetune.trials import CANDIDATES, Trial, TrialReport, pick_winner, plan_trials
+from edgetl.finetune.trials import CANDIDATES, FINE_TUNING, Trial, TrialReport, pick_winner, plan_trials
 from edgetl.options import TRIAL_BUDGET, TRIAL_EPOCHS
 from edgetl.zoo.catalog import build_architecture, get_card
 from edgetl.zoo.weights import weights_file_name
@@ -38,8 +38,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_trials_run_while_the_budget_pays_and_say_why_not_otherwise():
     plan = plan_trials(320, 160, epochs=8, pretrained=True)
     assert plan.candidates == CANDIDATES and plan.epochs == TRIAL_EPOCHS
-    assert plan.cost == 320 * TRIAL_EPOCHS * 3 and "<= the budget" in plan.reason
-    per_image = TRIAL_EPOCHS * 3
+    assert plan.cost == 320 * TRIAL_EPOCHS * len(FINE_TUNING) and "<= the budget" in plan.reason
+    assert "lp-ft" not in plan.candidates and "linear" not in FINE_TUNING
+    per_image = TRIAL_EPOCHS * len(FINE_TUNING)
     at_limit = plan_trials(TRIAL_BUDGET // per_image, 100, epochs=8, pretrained=True)
     over = plan_trials(TRIAL_BUDGET // per_image + 1, 100, epochs=8, pretrained=True)
     assert at_limit.candidates and not over.candidates
@@ -60,7 +61,8 @@ def test_the_best_validation_top1_wins_and_the_table_breaks_ties():
     assert pick_winner(run, prior="linear").strategy == "partial"  # the measurement overrules the table
     tie = (_trial("linear", 0.80, 0.5), _trial("partial", 0.80, 0.9), _trial("full", 0.80, 0.4))
     assert pick_winner(tie, prior="partial").strategy == "partial"  # a tie goes to the table's choice
-    assert pick_winner(tie, prior="lp-ft").strategy == "full"  # then to the lower validation loss
+    best_two = (_trial("linear", 0.80, 0.5), _trial("partial", 0.70, 0.3), _trial("full", 0.80, 0.4))
+    assert pick_winner(best_two, prior="partial").strategy == "full"  # then to the lower validation loss
     diverged = (_trial("linear", 0.5), _trial("full", 0.0, failed="the training loss became NaN"))
     assert pick_winner(diverged, prior="full").strategy == "linear"  # a failed trial loses
     plan = plan_trials(32, 16, 3, pretrained=True)
@@ -70,10 +72,10 @@ def test_the_best_validation_top1_wins_and_the_table_breaks_ties():
 
 def test_the_decision_carries_its_trials_and_reads_back():
     plan = plan_trials(32, 16, 3, pretrained=True)
-    report = TrialReport.of(plan, "linear", (_trial("linear", 0.5), _trial("lp-ft", 0.75)))
+    report = TrialReport.of(plan, "linear", (_trial("linear", 0.5), _trial("full", 0.75)))
     decision = choose_strategy("auto", 14, 32, 4, DomainEstimate("similar", "user"), trials=report)
-    assert decision.strategy == "lp-ft" and decision.trials.chosen == "lp-ft"
-    assert "-> linear by the table; trials, val top-1: lp-ft 75.0%, linear 50.0% -> lp-ft" in decision.reason
+    assert decision.strategy == "full" and decision.trials.chosen == "full" and decision.unfreeze == 14
+    assert "-> linear by the table; trials, val top-1: full 75.0%, linear 50.0% -> full" in decision.reason
     record = json.loads(json.dumps(decision.to_dict()))
     assert [t["chosen"] for t in record["trials"]["trials"]] == [False, True]
     assert StrategyDecision.from_dict(record) == decision
@@ -175,12 +177,12 @@ def test_trials_overrule_a_wrong_table_and_the_run_trains_the_winner(setup, weig
 def test_over_the_budget_auto_follows_the_table_and_says_why(setup, weights, tmp_path, monkeypatch):
     data, _ = setup
     spy = _Spy(monkeypatch)
-    cost = 8 * CLASSES * TRIAL_EPOCHS * 3
+    cost = 8 * CLASSES * TRIAL_EPOCHS * len(FINE_TUNING)
     monkeypatch.setattr(trials, "TRIAL_BUDGET", cost - 1)  # a dataset one image-epoch over the budget
     result = finetune(MODEL, data, tmp_path / "run", strategy="auto", epochs=3, **COMMON)
     assert result.strategy.strategy == "linear" and spy.trials == []
-    assert f"no trials: {8 * CLASSES} training images x {TRIAL_EPOCHS} epochs x 3 fine-tuning trials = {cost} > " \
-           f"the budget of {cost - 1}" in result.strategy.reason
+    assert (f"no trials: {8 * CLASSES} training images x {TRIAL_EPOCHS} epochs x {len(FINE_TUNING)} fine-tuning "
+            f"trials = {cost} > the budget of {cost - 1}") in result.strategy.reason
     recorded = result.metrics["strategy"]["trials"]
     assert recorded["ran"] is False and recorded["trials"] == [] and recorded["budget"] == cost - 1
 

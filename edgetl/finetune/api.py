@@ -605,8 +605,6 @@ class _Run:
     def _trial(self, strategy: str, epochs: int) -> Trial:
         """One of auto's trials: ``strategy`` trained on the training split and scored on the validation split."""
         decision = choose_strategy(strategy, len(self.card.block_paths), unfreeze=self.opts["unfreeze"])
-        if strategy == "linear":
-            epochs = int(self.opts["epochs"])  # on cached features: the run's own linear probe, epoch for epoch
         try:
             trial = _Trial(self, decision, epochs).score()
         except TrainingInterrupted as exc:

@@ -26,9 +26,9 @@ different.
 Without pretrained weights there is nothing to transfer: ``auto`` trains everything (``full``).
 
 The table is auto's prior. Where trials are cheap (:mod:`edgetl.finetune.trials`), auto measures instead: it
-trains short trials of linear, lp-ft, partial and full on the training split, scores them on the validation
-split, and keeps the best, the table's choice winning ties. ``lp-ft`` (:mod:`edgetl.finetune.lpft`) is only
-chosen that way (or when asked for): no cell of the table picks it.
+trains short trials of linear, partial and full on the training split, scores them on the validation split, and
+keeps the best, the table's choice winning ties. ``lp-ft`` (:mod:`edgetl.finetune.lpft`) is only used when asked
+for: no cell of the table picks it, and auto does not try it (why: :mod:`edgetl.finetune.trials`).
 
 Freezing: frozen parameters get ``requires_grad=False``; inside frozen blocks every BatchNorm layer is
 swapped for a :class:`FrozenBatchNorm` (as torchvision's ``FrozenBatchNorm2d`` and timm's
