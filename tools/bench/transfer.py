@@ -6,9 +6,9 @@ Two datasets (``--dataset``):
   validation and test images are drawn in styles that never occur in training (train: a solid or
   textured shape on a cluttered background; validation and test: an outline, or a blurred shape on a
   smooth gradient). A classifier has to know what a shape is, not what a training image looks like.
-- ``digits`` is real: scikit-learn's bundled handwritten digits (UCI "Optical Recognition of
-  Handwritten Digits", 1,797 8x8 greyscale images of 0-9 written by 43 people), upscaled to 32x32
-  PNGs. Per class, ``--per-class`` images train, half as many validate, and every other image of the
+- ``digits`` is real: scikit-learn's bundled handwritten digits (the test part of UCI's "Optical
+  Recognition of Handwritten Digits": 1,797 8x8 greyscale images of 0-9 by 13 writers), upscaled to
+  32x32 PNGs. Per class, ``--per-class`` images train, half as many validate, and every other image of the
   class is in the test split (about 1,200 test images at the default 40).
 
 Every edgetl strategy (linear, partial, full, lp-ft, and auto) trains once from the ImageNet weights
