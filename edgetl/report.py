@@ -216,17 +216,17 @@ def _finetune_section(out: Path, plots: Path) -> list[str]:
 
 def _strategy_lines(strategy: dict[str, Any]) -> list[str]:
     """How the strategy was chosen: the table, and auto's trials when they ran."""
-    table = ("the transfer-learning table: small data similar to ImageNet trains only a new head (linear probe); "
-             "small data of a different domain, or large similar data, also trains the last blocks (partial); large "
-             "data of a different domain trains everything (full)")
+    table = ("small data similar to ImageNet trains only a new head (linear probe); small data of a different "
+             "domain, or large similar data, also trains the last blocks (partial); large data of a different domain "
+             "trains everything (full)")
     frozen = "Frozen layers keep BatchNorm in eval mode, so their running statistics do not drift."
     trials = TrialReport.from_dict(strategy["trials"]) if strategy.get("trials") else None
     if trials is None or not trials.ran:
-        return [f"The strategy follows {table}. {frozen}", ""]
+        return [f"The strategy follows the transfer-learning table: {table}. {frozen}", ""]
     rows = _table(["strategy", "epochs tried", "val top-1", "val loss", "chosen"], trials.rows())
     return [f"auto measured: it trained short trials of each candidate on the training split and kept the best on "
-            f"the validation split ({trials.reason}); {table} chose {trials.prior} and breaks ties. {frozen}", "",
-            rows, ""]
+            f"the validation split ({trials.reason}). The transfer-learning table ({table}) chose {trials.prior}; "
+            f"it breaks ties. {frozen}", "", rows, ""]
 
 
 def _selection_accuracy(metrics: dict[str, Any]) -> str:

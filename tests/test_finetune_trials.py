@@ -21,6 +21,7 @@ from edgetl.finetune.rundir import RunDir
 from edgetl.finetune.strategy import DomainEstimate, StrategyDecision, choose_strategy
 from edgetl.finetune.trials import CANDIDATES, FINE_TUNING, Trial, TrialReport, pick_winner, plan_trials
 from edgetl.options import TRIAL_BUDGET, TRIAL_EPOCHS
+from edgetl.report import _strategy_lines
 from edgetl.zoo.catalog import build_architecture, get_card
 from edgetl.zoo.weights import weights_file_name
 
@@ -167,6 +168,9 @@ def test_trials_overrule_a_wrong_table_and_the_run_trains_the_winner(setup, weig
     assert [(t["strategy"], t["val_accuracy"], t["chosen"]) for t in recorded["trials"]] == [
         (t.strategy, t.val_accuracy, t.strategy == report.chosen) for t in report.trials]
     assert json.loads((out / "checkpoint.json").read_text())["strategy"]["trials"] == recorded
+    report_md = "\n".join(_strategy_lines(metrics["strategy"]))  # and report.md shows it
+    assert "| strategy | epochs tried | val top-1 | val loss | chosen |" in report_md
+    assert f"| {report.chosen} | {TRIAL_EPOCHS} | {100 * scores[report.chosen]:.1f}% |" in report_md
     # the run then trains the winner from scratch with the same seed: what --strategy <winner> trains
     explicit = finetune(MODEL, data, tmp_path / "explicit", strategy=report.chosen, epochs=3, **COMMON)
     a, b = load_file(RunDir(out).last_weights), load_file(RunDir(tmp_path / "explicit").last_weights)
