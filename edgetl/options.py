@@ -68,6 +68,14 @@ TABLE_ROWS = 15
 AUTO_TEST_FRACTION = 0.1
 #: The fewest test images per class the automatic test split accepts; with fewer it holds out none.
 AUTO_TEST_MIN_PER_CLASS = 5
+#: The strategies ``--strategy auto`` tries (see :mod:`edgetl.finetune.trials`; lp-ft is not among them), least of
+#: the backbone trained first.
+TRIAL_STRATEGIES: tuple[str, ...] = ("linear", "partial", "full")
+#: Epochs of each of auto's trials (at most ``--epochs``).
+TRIAL_EPOCHS = 3
+#: The most training images x epochs ``--strategy auto`` spends on the trials that train backbone blocks (the linear
+#: probe's, on cached features, is not counted); above it auto follows the table without trials.
+TRIAL_BUDGET = 30_000
 #: Micro-graphs ``edgetl device calibrate`` times by default (a sample of the catalog's distinct kernels).
 KERNEL_SAMPLES = 400
 #: The frame rate ``select``'s default latency budget keeps up with, one frame per image: a camera's 30 fps (a
@@ -241,7 +249,10 @@ class FinetuneOptions(StageOptions):
     strategy: Strategy = option(
         "auto", "What to train: auto (chosen from the data), linear, partial, full, or lp-ft (a linear probe, "
                 "then the top blocks fine-tuned from its head with BatchNorm statistics fixed; the best epoch of both "
-                "phases is kept).")
+                f"phases is kept). auto with pretrained weights and a validation split trains {TRIAL_EPOCHS}-epoch "
+                f"trials of {', '.join(TRIAL_STRATEGIES)} and keeps the best on validation, when training images x "
+                f"{TRIAL_EPOCHS} epochs x {len(TRIAL_STRATEGIES) - 1} fine-tuning trials <= {TRIAL_BUDGET:,}; "
+                "otherwise, and as the tie-breaker, it follows the table of dataset size x similarity to ImageNet.")
     unfreeze: int | None = option(
         None, "Blocks to train with --strategy partial or lp-ft [default: the last quarter].", ge=0)
     domain: Domain = option("auto", "Similarity of the images to ImageNet (auto: measured).")

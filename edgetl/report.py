@@ -17,6 +17,7 @@ from typing import Any
 
 from edgetl._io import atomic_path, atomic_write_text
 from edgetl.finetune.rundir import RunDir
+from edgetl.finetune.trials import TrialReport
 from edgetl.plots import pyplot, save_figure
 
 PLOTS_DIR = "report"
@@ -194,13 +195,7 @@ def _finetune_section(out: Path, plots: Path) -> list[str]:
         + (f", {data['skipped']} unreadable images skipped" if data.get("skipped") else "") + "."
     )
     lines += ["", f"**Strategy: {strategy.get('strategy')}** — {strategy.get('reason')}.", ""]
-    lines.append(
-        "The strategy follows the transfer-learning table: small data similar to ImageNet trains only a new head "
-        "(linear probe); small data of a different domain, or large similar data, also trains the last blocks "
-        "(partial); large data of a different domain trains everything (full). Frozen layers keep BatchNorm in "
-        "eval mode, so their running statistics do not drift."
-    )
-    lines.append("")
+    lines += _strategy_lines(strategy)
     hp = [
         ["epochs run / asked", f"{metrics.get('epochs_run')} / {config.get('epochs')}"
          + (" (early stop)" if metrics.get("stopped_early") else "")],
@@ -220,6 +215,21 @@ def _finetune_section(out: Path, plots: Path) -> list[str]:
         if _copy(src, plots / src.name):
             lines += [f"![{what}]({PLOTS_DIR}/{src.name})", ""]
     return lines
+
+
+def _strategy_lines(strategy: dict[str, Any]) -> list[str]:
+    """How the strategy was chosen: the table, and auto's trials when they ran."""
+    table = ("small data similar to ImageNet trains only a new head (linear probe); small data of a different "
+             "domain, or large similar data, also trains the last blocks (partial); large data of a different domain "
+             "trains everything (full)")
+    frozen = "Frozen layers keep BatchNorm in eval mode, so their running statistics do not drift."
+    trials = TrialReport.from_dict(strategy["trials"]) if strategy.get("trials") else None
+    if trials is None or not trials.ran:
+        return [f"The strategy follows the transfer-learning table: {table}. {frozen}", ""]
+    rows = _table(["strategy", "epochs tried", "val top-1", "val loss", "chosen"], trials.rows())
+    return [f"auto measured: it trained short trials of each candidate on the training split and kept the best on "
+            f"the validation split ({trials.reason}). The transfer-learning table ({table}) chose {trials.prior}; "
+            f"it breaks ties. {frozen}", "", rows, ""]
 
 
 def _selection_accuracy(metrics: dict[str, Any]) -> str:

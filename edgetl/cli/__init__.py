@@ -495,6 +495,15 @@ def finetune_cmd(model, data, out, resume, restart, **kwargs) -> None:
 
     def show_decision(decision) -> None:
         err.print(f"[bold]strategy:[/bold] {decision.strategy} — {decision.reason}")
+        if decision.trials is not None and decision.trials.ran:
+            from rich.table import Table
+
+            trials = Table(title=f"auto's trials (scored on validation; {decision.trials.reason})")
+            for column in ("strategy", "epochs tried", "val top-1", "val loss", "chosen"):
+                trials.add_column(column)
+            for row in decision.trials.rows():
+                trials.add_row(*row)
+            err.print(trials)
 
     result = finetune(model, data, out, options, resume=resume, restart=restart, progress=True,
                       on_decision=show_decision, **inputs)

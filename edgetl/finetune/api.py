@@ -23,6 +23,7 @@ Nothing is ever pickled: tensors go to safetensors, everything else to JSON/YAML
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -83,6 +84,7 @@ from edgetl.finetune.trainer import (
     resolve_device,
     seed_everything,
 )
+from edgetl.finetune.trials import Trial, TrialReport, plan_trials
 from edgetl.folders import RUN_SPLITS_FORMAT, folder_lock, require_ours
 from edgetl.options import FinetuneOptions, SourceOptions, documented, take_inputs
 from edgetl.zoo.catalog import get_card, replace_head, torchvision_version
@@ -369,6 +371,7 @@ class _Run:
         self._last_write = time.monotonic()
         self.restart = False
         self.resumed_from: int | None = None
+        self.label = ""  # before "epoch k/N" in the progress bars
 
     # -- setup --
 
@@ -408,7 +411,8 @@ class _Run:
         resume = self._prepare_data()
         self._load_backbone()
         # A resumed run keeps its decision: the domain is not measured again.
-        self.decision = self._decide(self.loaded) if resume is None else _decision_from_dict(resume[0]["strategy"])
+        self.decision = (self._decide(self.loaded) if resume is None
+                         else StrategyDecision.from_dict(resume[0]["strategy"]))
         log.info("strategy: %s", self.decision.reason)
         if self.on_decision is not None and self.dist.is_main:
             self.on_decision(self.decision)
@@ -466,9 +470,7 @@ class _Run:
         self.eval_tf = D.build_transform(self.card.preprocess, o["resolution"], train=False)
 
     def _start_run_dir(self) -> None:
-        o = self.opts
-        if o["augment"] is None:
-            o["augment"] = "none" if self.decision.strategy == "linear" else "light"
+        _default_augment(self.opts, self.decision.strategy)
         if self.dist.is_main and not self.resume:
             if self.restart and self.run_dir.is_dir():
                 removed = self.rundir.clear()
@@ -568,28 +570,53 @@ class _Run:
 
     def _decide(self, loaded: Any) -> StrategyDecision:
         o = self.opts
-        domain = None
-        if o["strategy"] == "auto":
-            if not loaded.pretrained:
-                # random weights hold nothing to transfer, whatever the images are like
-                if o["domain"] == "similar":
-                    log.warning("--domain similar is ignored without pretrained weights: the domain counts as "
-                                "different")
-                domain = estimate_domain("auto", None)
-            elif o["domain"] == "auto" and loaded.imagenet_head:
-                records = list(self.splits.train)
-                random.Random(int(o["seed"])).shuffle(records)
-                sample = records[:DOMAIN_SAMPLE_IMAGES]
-                loader = D.make_loader(sample, self.eval_tf, int(o["batch_size"]), shuffle=False,
-                                       num_workers=int(o["workers"]), device=self.device, seed=int(o["seed"]))
-                loaded.model.to(self.device)
-                domain = estimate_domain("auto", loaded.model, loader, self.device)
-            else:  # given by the user, or auto with a head that cannot measure it
-                domain = estimate_domain(o["domain"], loaded.model, imagenet_head=bool(loaded.imagenet_head))
-        return choose_strategy(
-            o["strategy"], len(self.card.block_paths), len(self.splits.train), len(self.classes), domain,
-            o["unfreeze"],
-        )
+        domain = self._domain(loaded) if o["strategy"] == "auto" else None
+        args = (o["strategy"], len(self.card.block_paths), len(self.splits.train), len(self.classes), domain,
+                o["unfreeze"])
+        table = choose_strategy(*args)
+        if o["strategy"] != "auto":
+            return table
+        plan = plan_trials(len(self.splits.train), len(self.splits.val), int(o["epochs"]), loaded.pretrained,
+                           self.dist.enabled)
+        log.info("auto: %s; %s", table.reason, "trying " + ", ".join(plan.candidates) if plan.candidates
+                 else f"no trials: {plan.reason}")
+        trials = tuple(self._trial(strategy, plan.epochs) for strategy in plan.candidates)
+        return choose_strategy(*args, trials=TrialReport.of(plan, table.strategy, trials))
+
+    def _domain(self, loaded: Any) -> DomainEstimate:
+        """How similar the images are to ImageNet (for auto): given, measured, or 'different' without weights."""
+        o = self.opts
+        if not loaded.pretrained:
+            # random weights hold nothing to transfer, whatever the images are like
+            if o["domain"] == "similar":
+                log.warning("--domain similar is ignored without pretrained weights: the domain counts as different")
+            return estimate_domain("auto", None)
+        if o["domain"] == "auto" and loaded.imagenet_head:
+            records = list(self.splits.train)
+            random.Random(int(o["seed"])).shuffle(records)
+            sample = records[:DOMAIN_SAMPLE_IMAGES]
+            loader = D.make_loader(sample, self.eval_tf, int(o["batch_size"]), shuffle=False,
+                                   num_workers=int(o["workers"]), device=self.device, seed=int(o["seed"]))
+            loaded.model.to(self.device)
+            return estimate_domain("auto", loaded.model, loader, self.device)
+        # given by the user, or auto with a head that cannot measure it
+        return estimate_domain(o["domain"], loaded.model, imagenet_head=bool(loaded.imagenet_head))
+
+    def _trial(self, strategy: str, epochs: int) -> Trial:
+        """One of auto's trials: ``strategy`` trained on the training split and scored on the validation split."""
+        decision = choose_strategy(strategy, len(self.card.block_paths), unfreeze=self.opts["unfreeze"])
+        try:
+            trial = _Trial(self, decision, epochs).score()
+        except TrainingInterrupted as exc:
+            raise TrainingInterrupted(0, int(self.opts["epochs"]), (
+                f"interrupted in auto's {strategy} trial, before the run started, so nothing was saved; start it "
+                "again (or give --strategy, which runs no trials)")) from exc
+        except TrainingError as exc:  # a candidate that diverges loses; the others still compete
+            log.warning("auto: the %s trial failed (%s); it is out of the running", strategy, exc)
+            return Trial(strategy, exc.epoch or 0, 0, 0.0, None, failed=str(exc))
+        log.info("auto: trial %s scored %.3f on validation (epoch %d of %d)", strategy, trial.val_accuracy,
+                 trial.best_epoch, trial.epochs)
+        return trial
 
     def _use_feature_cache(self, res: int) -> bool:
         o = self.opts
@@ -720,7 +747,7 @@ class _Run:
             weight_decay=float(o["weight_decay"]), warmup_epochs=float(o["warmup_epochs"]),
             patience=o["patience"], label_smoothing=float(o["label_smoothing"]), seed=int(o["seed"]),
             deterministic=bool(o["deterministic"]), progress=self.progress and self.dist.is_main,
-            precision=self.precision,
+            precision=self.precision, label=self.label,
         )
         config.validate()
         # The lower stages' smaller LR protects pretrained features; random weights have none to protect.
@@ -937,6 +964,46 @@ class _Run:
         ckpt.update_best_meta(self.run_dir, final_metrics=summary, history=state.history)
 
 
+def _default_augment(opts: dict[str, Any], strategy: str) -> None:
+    """Fill in --augment's default: none for the linear probe (so its features can be cached), light otherwise."""
+    if opts["augment"] is None:
+        opts["augment"] = "none" if strategy == "linear" else "light"
+
+
+class _Trial(_Run):
+    """One of auto's trials: the run's own training code on a copy of the pretrained model, with the training and
+    validation splits only (the test split is not handed to it), no user callbacks, and nothing written."""
+
+    def __init__(self, run: _Run, decision: StrategyDecision, epochs: int):
+        opts = {**run.opts, "epochs": epochs}
+        if decision.strategy != "linear":
+            opts["feature_cache"] = None  # --feature-cache concerns the linear probe
+        super().__init__(run.run_dir, opts, False, run.progress, (), None, run.checkpoint_interval)
+        self.device, self.dist, self.precision = run.device, run.dist, run.precision
+        self.card, self.classes, self.preprocess = run.card, run.classes, run.preprocess
+        self.splits = replace(run.splits, test=[], skipped=list(run.splits.skipped))
+        self.loaded = replace(run.loaded, model=copy.deepcopy(run.loaded.model))
+        self.decision = decision
+        self.label = f"trial {decision.strategy}: "
+        _default_augment(self.opts, decision.strategy)
+
+    def score(self) -> Trial:
+        """Train, and return the best validation epoch."""
+        self._build_network()
+        self.probe = self._linear_probe()
+        train_loader, val_loader, forward = self._loaders()
+        trainer = self._trainer_ref = self._trainer(forward, steps_per_epoch=len(train_loader))
+        state = trainer.fit(train_loader, val_loader, self._probe_as_epoch_zero(trainer, val_loader))
+        return Trial(self.decision.strategy, state.epoch, state.best_epoch, state.best_accuracy, state.best_loss,
+                     self.probe["epochs"] if self.probe else None)
+
+    def _on_best(self, epoch: int, record: dict[str, Any]) -> None:
+        pass  # a trial keeps no weights: only its score
+
+    def _on_epoch_end(self, state: Any) -> None:
+        pass  # nor checkpoints
+
+
 def _refuse_nonfinite(tensors: dict[str, torch.Tensor], what: str, fix: str) -> None:
     """Refuse weights holding a NaN or an infinity, naming the first such tensor."""
     bad = first_nonfinite(tensors)
@@ -958,15 +1025,6 @@ def _snapshot(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_snapshot(v) for v in obj)
     return obj
-
-
-def _decision_from_dict(d: dict[str, Any]) -> StrategyDecision:
-    d = dict(d)
-    dom = d.get("domain")
-    if dom:
-        dom = {k: v for k, v in dom.items() if k != "reason"}
-        d["domain"] = DomainEstimate(**dom)
-    return StrategyDecision(**d)
 
 
 def _splits_json(splits: Any) -> dict[str, Any]:

@@ -24,8 +24,11 @@ synthetic shapes. Without pretrained weights there is nothing to transfer, so th
 different.
 
 Without pretrained weights there is nothing to transfer: ``auto`` trains everything (``full``).
-``lp-ft`` (:mod:`edgetl.finetune.lpft`) is only used when asked for: ``auto`` does not pick it until a
-measurement on pretrained features shows a cell of the table where it wins.
+
+The table is auto's prior. Where trials are cheap (:mod:`edgetl.finetune.trials`), auto measures instead: it
+trains short trials of linear, partial and full on the training split, scores them on the validation split, and
+keeps the best, the table's choice winning ties. ``lp-ft`` (:mod:`edgetl.finetune.lpft`) is only used when asked
+for: no cell of the table picks it, and auto does not try it (why: :mod:`edgetl.finetune.trials`).
 
 Freezing: frozen parameters get ``requires_grad=False``; inside frozen blocks every BatchNorm layer is
 swapped for a :class:`FrozenBatchNorm` (as torchvision's ``FrozenBatchNorm2d`` and timm's
@@ -53,6 +56,7 @@ from torchvision.ops import StochasticDepth
 
 from edgetl.errors import ConfigError
 from edgetl.finetune.stages import stages
+from edgetl.finetune.trials import TrialReport
 from edgetl.options import STRATEGIES
 from edgetl.zoo.catalog import ModelCard
 
@@ -124,6 +128,7 @@ class StrategyDecision:
         size: ``small`` or ``large`` (the dataset-size class), when auto decided.
         domain: the domain estimate, when auto decided.
         reason: one human-readable sentence.
+        trials: what auto measured, or why it did not (auto with a trial report only).
     """
 
     strategy: str
@@ -133,11 +138,23 @@ class StrategyDecision:
     reason: str
     size: str | None = None
     domain: DomainEstimate | None = None
+    trials: TrialReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["domain"] = self.domain.to_dict() if self.domain else None
+        d["trials"] = self.trials.to_dict() if self.trials else None
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StrategyDecision:
+        """The decision :meth:`to_dict` wrote (a checkpoint's strategy record)."""
+        d = dict(d)
+        if d.get("domain"):
+            d["domain"] = DomainEstimate(**{k: v for k, v in d["domain"].items() if k != "reason"})
+        if d.get("trials"):
+            d["trials"] = TrialReport.from_dict(d["trials"])
+        return cls(**d)
 
 
 def default_unfreeze(num_blocks: int) -> int:
@@ -165,8 +182,10 @@ def choose_strategy(
     num_classes: int = 1,
     domain: DomainEstimate | None = None,
     unfreeze: int | None = None,
+    trials: TrialReport | None = None,
 ) -> StrategyDecision:
-    """Decide the strategy: an explicit one, or ``auto`` from dataset size and domain similarity.
+    """Decide the strategy: an explicit one, or ``auto`` from dataset size and domain similarity (the table),
+    or from the trials that measured the candidates.
 
     Args:
         requested: ``auto``, ``linear``, ``partial``, ``full`` or ``lp-ft``.
@@ -175,6 +194,8 @@ def choose_strategy(
         num_classes: classes (auto only).
         domain: the domain estimate (auto only; see :func:`estimate_domain`).
         unfreeze: blocks to train under partial and lp-ft (default: :func:`default_unfreeze`).
+        trials: auto's trials (:mod:`edgetl.finetune.trials`): their winner replaces the table's choice; when none
+            ran, their reason is given.
 
     Raises:
         ConfigError: unknown strategy, ``auto`` without a domain, or an impossible ``unfreeze``.
@@ -193,6 +214,9 @@ def choose_strategy(
         else:
             strategy = _TABLE[(size, domain.domain)]
             reason = f"{size_reason}, {domain.reason} -> {strategy}"
+            if trials is not None:
+                strategy = trials.chosen or strategy
+                reason += f" by the table; {trials.summary()}"
     else:
         strategy, reason = requested, f"requested (--strategy {requested})"
     if strategy == "linear":
@@ -205,7 +229,9 @@ def choose_strategy(
         reason += f", {first}training the last {n} of {num_blocks} blocks"
     if unfreeze is not None and strategy not in ("partial", "lp-ft"):
         log.warning("--unfreeze %d is ignored: the strategy is %s", unfreeze, strategy)
-    return StrategyDecision(strategy, n, num_blocks, requested, reason, size, domain if requested == "auto" else None)
+    auto = requested == "auto"
+    return StrategyDecision(strategy, n, num_blocks, requested, reason, size, domain if auto else None,
+                            trials if auto else None)
 
 
 def mean_max_softmax(

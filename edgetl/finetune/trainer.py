@@ -93,6 +93,7 @@ class TrainConfig:
         seed: the run's seed.
         deterministic: use deterministic algorithms only (slower on GPU).
         progress: show rich progress bars on stderr.
+        label: what the progress bars say before ``epoch k/N`` (auto's trials name themselves there).
     """
 
     epochs: int = 10
@@ -107,6 +108,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     progress: bool = True
+    label: str = ""
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -370,7 +372,7 @@ class Trainer:
         bad_step = torch.full((), _NO_STEP, dtype=torch.long, device=self.device)  # the first non-finite loss
         seen = 0
         start = time.perf_counter()
-        self._progress.start(f"epoch {epoch + 1}/{self.config.epochs}", len(loader))
+        self._progress.start(f"{self.config.label}epoch {epoch + 1}/{self.config.epochs}", len(loader))
         for step, (images, labels) in enumerate(loader):
             images, labels = self._to_device(images, labels)
             with self._train_autocast():
