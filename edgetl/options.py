@@ -285,8 +285,8 @@ class FinetuneOptions(StageOptions):
     on_bad_image: OnBadImage = option("skip", "What to do with an image that cannot be decoded.")
     deterministic: bool = option(False, "Deterministic algorithms only.")
     feature_cache: bool | None = option(
-        None, "Train the linear probe on cached backbone features: on (an error where impossible), off, or "
-              "[default] whenever possible.")
+        None, "Train the linear probe on cached backbone features: on (an error where impossible; with auto, "
+              "used if auto picks linear), off, or [default] whenever possible.")
     image_cache: bool | None = option(
         None, "Decode the images once and keep them in memory (uint8): on, off, or [default] when they fit in a "
               "quarter of the free RAM.")

@@ -201,7 +201,7 @@ def _finetune_section(out: Path, plots: Path) -> list[str]:
          + (" (early stop)" if metrics.get("stopped_early") else "")],
         ["best epoch", "0 (the linear probe)" if metrics.get("best_epoch") == 0 else metrics.get("best_epoch")],
         ["head learning rate", config.get("lr")],
-        ["layer-wise LR decay", f"{config.get('layer_decay')} per block (the top block trains at head LR × 0.1)"],
+        ["layer-wise LR decay", _layer_decay(config.get("layer_decay"))],
         ["blocks trained", f"{strategy.get('unfreeze')} of {strategy.get('num_blocks')}"],
         ["batch size · resolution", f"{config.get('batch_size')} · {ckpt.get('resolution')} px"],
         ["augmentation", config.get("augment")],
@@ -230,6 +230,14 @@ def _strategy_lines(strategy: dict[str, Any]) -> list[str]:
     return [f"auto measured: it trained short trials of each candidate on the training split and kept the best on "
             f"the validation split ({trials.reason}). The transfer-learning table ({table}) chose {trials.prior}; "
             f"it breaks ties. {frozen}", "", rows, ""]
+
+
+def _layer_decay(decay: Any) -> str:
+    """Each block's LR below the head as the factor it is: the top block at the head's LR x decay, and so on."""
+    if not isinstance(decay, (int, float)):
+        return str(decay)
+    return (f"{decay:g} per block: the top block trains at the head's LR × {decay:g}, the next at × "
+            f"{decay**2:.3g}")
 
 
 def _selection_accuracy(metrics: dict[str, Any]) -> str:

@@ -14,14 +14,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from edgetl.data import make_demo_dataset
-from edgetl.errors import TrainingInterrupted
+from edgetl.errors import ConfigError, TrainingInterrupted
 from edgetl.finetune import api, trials
 from edgetl.finetune.api import finetune
 from edgetl.finetune.rundir import RunDir
 from edgetl.finetune.strategy import DomainEstimate, StrategyDecision, choose_strategy
 from edgetl.finetune.trials import CANDIDATES, FINE_TUNING, Trial, TrialReport, pick_winner, plan_trials
 from edgetl.options import TRIAL_BUDGET, TRIAL_EPOCHS
-from edgetl.report import _strategy_lines
+from edgetl.report import _finetune_section, _strategy_lines
 from edgetl.zoo.catalog import build_architecture, get_card
 from edgetl.zoo.weights import weights_file_name
 
@@ -203,9 +203,19 @@ def test_without_a_validation_split_auto_follows_the_table_and_says_why(weights,
 
 def test_without_pretrained_weights_auto_runs_no_trials(setup, tmp_path, monkeypatch):
     spy = _Spy(monkeypatch)
-    result = finetune(MODEL, setup[0], tmp_path / "run", strategy="auto", epochs=1, **{**COMMON, "weights": "none"})
+    # --feature-cache asks for the cache where auto picks linear; auto picks full here, so it trains without it
+    result = finetune(MODEL, setup[0], tmp_path / "build" / "run", strategy="auto", epochs=1, feature_cache=True,
+                      layer_decay=0.5, **{**COMMON, "weights": "none"})
     assert result.strategy.strategy == "full" and spy.trials == []
     assert "nothing to transfer" in result.metrics["strategy"]["trials"]["reason"]
+    assert result.feature_cache is False
+    with pytest.raises(ConfigError, match="the feature cache cannot be used: the strategy is full"):
+        finetune(MODEL, setup[0], tmp_path / "full", strategy="full", epochs=1, feature_cache=True,
+                 **{**COMMON, "weights": "none"})
+    # the report gives each block's LR factor from the run's layer decay
+    section = "\n".join(_finetune_section(tmp_path / "build", tmp_path / "plots"))
+    assert "| layer-wise LR decay | 0.5 per block: the top block trains at the head's LR × 0.5, the next at × 0.25 |" \
+        in section, section
 
 
 def test_resume_keeps_the_decision_and_runs_no_trials_again(setup, weights, tmp_path, monkeypatch):

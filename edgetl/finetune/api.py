@@ -640,6 +640,10 @@ class _Run:
             if not head_is_output(self.net, self.card.head_path, example):
                 reasons.append(f"{self.card.name}'s head is not its last layer")
         if reasons:
+            if wanted and o["strategy"] == "auto" and self.decision.strategy != "linear":
+                log.info("feature cache not used: auto chose %s, and the cache serves the linear probe only",
+                         self.decision.strategy)
+                return False
             if wanted:
                 raise ConfigError(
                     f"the feature cache cannot be used: {'; '.join(reasons)} (it needs the linear strategy, no "
