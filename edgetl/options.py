@@ -177,6 +177,19 @@ class TargetOptions(StageOptions):
               "profile's when the device is this machine, else all cores].", ge=1)
 
 
+class RemoteOptions(StageOptions):
+    """Where a command runs: this machine, or a board reached over SSH (``--on``)."""
+
+    on: str | None = option(
+        None, "Run on a board over SSH instead of this machine: ssh://[user@]host[:port] (~/.ssh/config, the agent "
+              "and known_hosts apply); the board needs only Python >= 3.8, numpy, Pillow and onnxruntime "
+              "[default: this machine].")
+    device_python: str = option("python3", "The board's Python interpreter (with --on).", min_length=1)
+    accept_new_host_key: bool = option(
+        False, "With --on: trust a board's SSH host key the first time it is seen (StrictHostKeyChecking=accept-new; "
+               "a changed key is refused all the same).")
+
+
 class OutputOptions(StageOptions):
     """How a command reports its result (``as_json``: the name ``json`` is taken by pydantic)."""
 
@@ -355,6 +368,9 @@ class ValidateOptions(TimingOptions):
     verify_key: Path | None = option(
         None, "Public key (PEM) the artifact must be signed with: a missing or invalid signature, or any changed "
               "file, exits 1 [default: check the checksums only].")
+    on: str | None = shared_field(RemoteOptions, "on")
+    device_python: str = shared_field(RemoteOptions, "device_python")
+    accept_new_host_key: bool = shared_field(RemoteOptions, "accept_new_host_key")
     report: Path | None = option(
         None, "Write the report (validation.json) to this file or folder instead of into the artifact, e.g. for "
               "an artifact on read-only media [default: ARTIFACT_DIR/validation.json, skipped with a warning "
@@ -369,7 +385,7 @@ STAGE_INPUTS: dict[str, tuple[type[StageOptions], ...]] = {
     "finetune": (SourceOptions,),
     "export": (SourceOptions, TargetOptions),
     "validate": (TargetOptions,),
-    "predict": (SourceOptions,),
+    "predict": (SourceOptions, RemoteOptions),
 }
 
 

@@ -1,0 +1,177 @@
+"""``--on ssh://HOST``: validate, bench, predict and device info on a board over SSH.
+
+The board is a real OpenSSH server on 127.0.0.1 (started here as the current user) and a Python that has numpy,
+Pillow and ONNX Runtime only (:mod:`sshboard`); no test reaches past the loopback address.
+"""
+
+import ast
+import json
+import os
+import subprocess
+import zipfile
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from sshboard import loopback_board, skip_reason
+from test_validate import artifact  # noqa: F401 (the fixture: resnet18 at 32 px, random weights, FP32)
+
+from edgetl.board import host
+from edgetl.cli import cli
+from edgetl.runtime.ssh import CONFIG_ENV, BoardAddress
+from edgetl.validate import validate
+
+pytestmark = pytest.mark.ssh
+
+FAST = ["--iterations", "5", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module")
+def board():
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with loopback_board() as b:
+        yield b
+
+
+@pytest.fixture
+def on(board, monkeypatch):
+    """The board's flags, with the client configuration that trusts it."""
+    monkeypatch.setenv(CONFIG_ENV, str(board.config))
+    yield ["--on", board.url, "--device-python", str(board.python)]
+    assert list(board.tmp.iterdir()) == [], "files left on the board"
+
+
+@pytest.fixture(scope="module")
+def data(artifact, tmp_path_factory):  # noqa: F811
+    """Six small images in two class folders named like the artifact's first two labels."""
+    root = tmp_path_factory.mktemp("remote-data")
+    labels = json.loads((artifact.path / "labels.json").read_text())
+    rng = np.random.default_rng(0)
+    for name in labels[:2]:
+        (root / name).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def _board_env() -> dict:
+    """The environment of the board's Python run here: without this checkout on PYTHONPATH."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_the_board_python_has_numpy_pillow_onnxruntime_and_no_torch_nor_edgetl(board, tmp_path):
+    code = "import numpy, PIL.Image, onnxruntime\nfor m in ('torch', 'edgetl', 'pydantic', 'yaml'):\n" \
+           "    try:\n        __import__(m)\n    except ImportError:\n        print('no', m)\n"
+    done = subprocess.run([str(board.python), "-c", code], capture_output=True, text=True, check=True,
+                          env=_board_env(), cwd=tmp_path)
+    assert done.stdout.split("\n")[:-1] == ["no torch", "no edgetl", "no pydantic", "no yaml"]
+
+
+def test_the_shipped_modules_import_on_the_board_and_parse_as_python_3_8(board, tmp_path):
+    (tmp_path / "code.zip").write_bytes(host.code_zip())
+    names = [f"edgetl.{m[:-3].replace('/', '.')}" for m in host.SHIPPED]
+    code = f"import sys; sys.path.insert(0, 'code.zip'); import importlib\nfor n in {names!r}: " \
+           "importlib.import_module(n)\nprint(sorted(m for m in sys.modules if m.split('.')[0] in " \
+           "('torch', 'pydantic', 'yaml', 'onnx')))"
+    done = subprocess.run([str(board.python), "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env=_board_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    with zipfile.ZipFile(tmp_path / "code.zip") as z:
+        for name in z.namelist():
+            tree = ast.parse(z.read(name).decode(), name, feature_version=(3, 8))
+            calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "zip"]
+            assert not [c for c in calls if c.keywords], f"{name}: zip(strict=...) needs Python 3.10"
+
+
+def test_device_info_over_ssh(on):
+    result = _invoke("device", "info", *on, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["python_path"] == on[-1] and info["packages"]["onnxruntime"]
+    assert info["cpu"]["cores"] >= 1 and info["fingerprint"]["cpu"] == info["cpu"]["model"]
+    assert info["nearest_profile"]
+
+
+def test_validate_on_the_board_agrees_with_validate_here(artifact, data, on, tmp_path):  # noqa: F811
+    here = validate(artifact.path, data=data, iterations=5, warmup=1, report=tmp_path / "here.json")
+    result = _invoke("validate", artifact.path, "--data", data, *FAST, *on, "--report", tmp_path / "board.json",
+                     "--json")
+    assert result.exit_code == 0, result.output
+    there = json.loads(result.output)
+    assert there["golden"]["status"] == here.golden["status"] == "passed"
+    assert there["accuracy"]["top1"] == here.accuracy["top1"] and there["accuracy"]["images"] == 6
+    assert there["latency"]["basis"] == "measured on target" and on[1] in there["latency"]["judged_on"]
+    assert there["board"]["python_path"] == on[-1] and there["memory"]["runtime_mb"] > 0
+    assert json.loads((tmp_path / "board.json").read_text())["board"]["address"] == on[1]
+
+
+def test_a_budget_missed_on_the_board_exits_3(artifact, on, tmp_path):  # noqa: F811
+    result = _invoke("validate", artifact.path, *FAST, *on, "--max-latency-ms", "0.000001",
+                     "--report", tmp_path)
+    assert result.exit_code == 3, result.output
+    assert "exceeds the budget" in result.output and "measured on the board" in result.output
+
+
+def test_bench_an_onnx_file_on_the_board(artifact, on):  # noqa: F811
+    result = _invoke("bench", artifact.path / "model.onnx", *FAST, *on, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["iterations"] == 5 and doc["p50_ms"] > 0 and doc["board"]["address"] == on[1]
+    assert doc["shape"] == [1, 3, 32, 32]
+
+
+def test_predict_on_the_board_gives_the_local_answer(artifact, data, on):  # noqa: F811
+    images = sorted(data.rglob("*.png"))[:2]
+    local = _invoke("predict", artifact.path, *images, "--top", "2", "--json")
+    remote = _invoke("predict", artifact.path, *images, "--top", "2", "--check", *on, "--json")
+    assert remote.exit_code == 0, remote.output
+    a, b = json.loads(local.output), json.loads(remote.output)
+    assert [[t["label"] for t in p["top"]] for p in a] == [[t["label"] for t in p["top"]] for p in b]
+    assert [p["image"] for p in b] == [str(p) for p in images]
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_a_missing_runtime_is_one_line_naming_the_package_and_leaves_nothing(artifact, board, on):  # noqa: F811
+    on = [*on[:-1], str(board.bare_python)]
+    line = _one_line_error(_invoke("bench", artifact.path / "model.onnx", *FAST, *on))
+    assert "onnxruntime" in line and "pip install onnxruntime" in line
+
+
+def test_a_missing_interpreter_is_one_line(artifact, on):  # noqa: F811
+    line = _one_line_error(_invoke("bench", artifact.path / "model.onnx", *FAST, *on[:-1], "/nonexistent"))
+    assert "/nonexistent" in line and "--device-python" in line
+
+
+def test_an_unknown_host_key_is_refused_saying_how_to_trust_it(board, monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV, str(board.untrusted_config))
+    line = _one_line_error(_invoke("device", "info", "--on", board.url, "--device-python", board.python))
+    assert "host key" in line and "unknown" in line and "--accept-new-host-key" in line
+    assert f"ssh -p {BoardAddress.parse(board.url).port} 127.0.0.1" in line
+
+
+def test_an_unreachable_board_is_one_line(board, monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV, str(board.config))
+    with __import__("socket").socket() as s:  # a port nobody listens on: bound here, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        line = _one_line_error(_invoke("device", "info", "--on", f"ssh://127.0.0.1:{port}"))
+    assert "cannot reach" in line
+
+
+def test_a_bad_address_is_one_line():
+    line = _one_line_error(_invoke("device", "info", "--on", "pi@raspberrypi"))
+    assert "ssh://" in line
