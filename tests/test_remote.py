@@ -5,14 +5,20 @@ Pillow and ONNX Runtime only (:mod:`sshboard`); no test reaches past the loopbac
 """
 
 import ast
+import contextlib
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from clirun import cli_env
 from PIL import Image
 from sshboard import loopback_board, skip_reason
 from test_validate import artifact  # noqa: F401 (the fixture: resnet18 at 32 px, random weights, FP32)
@@ -175,3 +181,66 @@ def test_an_unreachable_board_is_one_line(board, monkeypatch):
 def test_a_bad_address_is_one_line():
     line = _one_line_error(_invoke("device", "info", "--on", "pi@raspberrypi"))
     assert "ssh://" in line
+
+
+def test_a_refused_key_is_one_line(board, monkeypatch, tmp_path):
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    config = tmp_path / "ssh_config"
+    config.write_text(board.config.read_text().replace(str(board.config.parent / "client_key"), str(other)))
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    line = _one_line_error(_invoke("device", "info", "--on", board.url))
+    assert "refused the authentication" in line and "ssh-add" in line
+
+
+def _start_long_bench(artifact, board, on):  # noqa: F811
+    """A bench on the board that runs until stopped, from a fresh CLI process; its board folder once it runs."""
+    env = {**cli_env(), CONFIG_ENV: str(board.config)}
+    proc = subprocess.Popen([sys.executable, "-m", "edgetl", "bench", str(artifact.path / "model.onnx"),
+                             "--iterations", "1000000", "--warmup", "0", *on], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        folders = [d for d in board.tmp.iterdir() if (d / ".pid").is_file() and (d / "job.json").is_file()]
+        runners = [p for d in folders for p in _children(int((d / ".pid").read_text()))
+                   if b"edgetl.board.runner" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        if runners:
+            return proc, runners[0]
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the runner did not start on the board")
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (the board is this machine)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_ctrl_c_stops_the_runner_and_removes_the_board_folder(artifact, board, on):  # noqa: F811
+    proc, runner = _start_long_bench(artifact, board, on)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert _gone(runner), "the runner still runs on the board"
+
+
+def test_a_runner_killed_on_the_board_is_one_line(artifact, board, on):  # noqa: F811
+    proc, runner = _start_long_bench(artifact, board, on)
+    os.kill(runner, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert err.strip().splitlines() == [f"error: the runner was killed on {board.url} by SIGKILL (out of memory?)"]

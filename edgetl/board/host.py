@@ -76,7 +76,9 @@ cd "$d" || exit {EXIT_NO_TEMP}
 {py} -c 'import sys, tarfile
 t = tarfile.open(fileobj=sys.stdin.buffer, mode="r|")
 t.extractall(".", **({{"filter": "data"}} if hasattr(tarfile, "data_filter") else {{}}))' || exit {EXIT_UNPACK}
-TMPDIR="$d" PYTHONPATH="$d/code.zip" {py} -m edgetl.board.runner job.json
+TMPDIR="$d" PYTHONPATH="$d/code.zip" {py} -m edgetl.board.runner job.json &
+echo $! > "$d/.runner"
+wait $!
 """
 
 
@@ -85,7 +87,7 @@ def _cleanup_script(token: str) -> str:
     return f"""
 for d in "${{TMPDIR:-/tmp}}"/edgetl-{token}-*; do
   [ -d "$d" ] || continue
-  if [ -f "$d/.pid" ]; then kill -TERM -- "-$(cat "$d/.pid")" 2>/dev/null; fi
+  for f in .runner .pid; do [ -f "$d/$f" ] && kill -TERM "$(cat "$d/$f")" 2>/dev/null; done
   rm -rf "$d"
 done
 exit 0
