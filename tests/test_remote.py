@@ -24,6 +24,7 @@ from sshboard import loopback_board, skip_reason
 from test_validate import artifact  # noqa: F401 (the fixture: resnet18 at 32 px, random weights, FP32)
 
 from edgetl.board import host
+from edgetl.buildfile import load_build_config
 from edgetl.cli import cli
 from edgetl.runtime.ssh import CONFIG_ENV, BoardAddress
 from edgetl.validate import validate
@@ -244,3 +245,11 @@ def test_a_runner_killed_on_the_board_is_one_line(artifact, board, on):  # noqa:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
     assert err.strip().splitlines() == [f"error: the runner was killed on {board.url} by SIGKILL (out of memory?)"]
+
+
+def test_a_build_file_takes_on_in_its_validate_section(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "pipeline.yaml").write_text("device: x86-avx2\ndata: data\nmodel: resnet18\n"
+                                            "validate: {on: ssh://pi@raspberrypi.local, device_python: python3.11}\n")
+    config = load_build_config(tmp_path / "pipeline.yaml")
+    assert (config.validate_.on, config.validate_.device_python) == ("ssh://pi@raspberrypi.local", "python3.11")
