@@ -65,7 +65,7 @@ def _script(python: str, token: str) -> str:
 
     The runner's own temporary files go there too (``TMPDIR``): importing ONNX Runtime writes ``$TMPDIR/.ses``.
     """
-    py = shlex.quote(python)
+    py = '"$HOME"/' + shlex.quote(python[2:]) if python.startswith("~/") else shlex.quote(python)
     return f"""
 d=$(mktemp -d "${{TMPDIR:-/tmp}}/edgetl-{token}-XXXXXX") || exit {EXIT_NO_TEMP}
 trap 'rm -rf "$d"' EXIT
@@ -203,5 +203,6 @@ def image_files(paths: list[Path], prefix: str = "images") -> dict[str, Path]:
 
 
 def python_path(python: str | os.PathLike[str] | None) -> str:
-    """The board's interpreter: ``--device-python`` or ``python3``."""
+    """The board's interpreter: ``--device-python`` (a name on the board's PATH, an absolute path, or ``~/...`` in
+    the board user's home) or ``python3``."""
     return str(python) if python else DEFAULT_PYTHON
