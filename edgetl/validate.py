@@ -247,6 +247,9 @@ def validate(
     profile, here, threads, notes = _target(inputs[TargetOptions], manifest, remote)
     precision = _check_precision(manifest, profile)
     if remote is not None:
+        if profile.runtime != "onnxruntime":
+            notes.append(f"{profile.name} runs {profile.runtime}; --on measures with ONNX Runtime on the board's CPU "
+                         f"({profile.runtime} on a board is not supported yet)")
         m = _measure_on_board(remote, folder, manifest, opts, threads, eval_set, notes)
     else:
         m = _measure_here(folder, manifest, profile, threads, files, opts, eval_set, notes)

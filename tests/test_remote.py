@@ -253,3 +253,15 @@ def test_a_build_file_takes_on_in_its_validate_section(tmp_path):
                                             "validate: {on: ssh://pi@raspberrypi.local, device_python: python3.11}\n")
     config = load_build_config(tmp_path / "pipeline.yaml")
     assert (config.validate_.on, config.validate_.device_python) == ("ssh://pi@raspberrypi.local", "python3.11")
+
+
+def test_accept_new_host_key_trusts_a_new_board_once(board, monkeypatch, tmp_path):
+    known = tmp_path / "known_hosts"
+    config = tmp_path / "ssh_config"
+    config.write_text(board.untrusted_config.read_text().replace(
+        str(board.untrusted_config.parent / "empty_known_hosts"), str(known)))
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    result = _invoke("device", "info", "--on", board.url, "--device-python", board.python, "--accept-new-host-key")
+    assert result.exit_code == 0, result.output
+    assert "127.0.0.1" in known.read_text()
+    assert _invoke("device", "info", "--on", board.url, "--device-python", board.python).exit_code == 0
