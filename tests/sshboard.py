@@ -89,7 +89,7 @@ def _sshd_config(root: Path, port: int, board_tmp: Path) -> Path:
         f"AuthorizedKeysFile {root / 'client_key.pub'}", f"PidFile {root / 'sshd.pid'}",
         "UsePAM no", "StrictModes no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
         "PubkeyAuthentication yes", "PermitRootLogin prohibit-password", "LogLevel ERROR",
-        f"SetEnv TMPDIR={board_tmp}", "MaxStartups 50", "MaxSessions 50", ""]))
+        f"SetEnv TMPDIR={board_tmp} XDG_CACHE_HOME={root / 'board-cache'}", "MaxStartups 50", "MaxSessions 50", ""]))
     return path
 
 

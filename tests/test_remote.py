@@ -265,3 +265,24 @@ def test_accept_new_host_key_trusts_a_new_board_once(board, monkeypatch, tmp_pat
     assert result.exit_code == 0, result.output
     assert "127.0.0.1" in known.read_text()
     assert _invoke("device", "info", "--on", board.url, "--device-python", board.python).exit_code == 0
+
+
+TINY = ("resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5")  # test_calibrate's: cached ONNX
+
+
+@pytest.mark.slow
+def test_calibrate_on_the_board_fits_its_profile_and_sends_no_model_twice(board, on, tmp_path):
+    from edgetl.board.calibrate import calibrate_on_board, measure_board
+    from edgetl.board.jobs import Remote
+
+    remote = Remote(board.url, board.python)
+    result, sent = calibrate_on_board(remote, "loop-board", tmp_path / "loop-board.yaml", models=TINY, rounds=3,
+                                      resolution=64, threads=1)
+    assert sent == len(TINY) + 2  # the models, the one-ReLU model, resnet18 in INT8
+    profile = result.profile
+    assert {r.model for r in profile.reference} == set(TINY) and profile.calibrated["threads"] == 1
+    assert profile.int8_speedup is not None and "--on" in profile.int8_speedup.derived
+    assert profile.memory.rss_fit is not None and profile.kernels is None
+    assert profile.calibrated["fingerprint"]["cpu"] == profile.cpu.model
+    _, _, again = measure_board(remote, TINY[:1], threads=1, rounds=1, resolution=64, int8=False)
+    assert again == 0  # resnet18 and the one-ReLU model are in the board's cache

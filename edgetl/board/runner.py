@@ -10,6 +10,7 @@ package is reported as an error that names it.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -185,7 +186,70 @@ def task_bench(job: dict[str, Any]) -> dict[str, Any]:
     return _time(Path(job["model"]), job)
 
 
-TASKS = {"info": lambda job: {}, "validate": task_validate, "predict": task_predict, "bench": task_bench}
+def _cached(job: dict[str, Any]) -> dict[str, Path]:
+    """The job's ONNX files, by content hash, in the board's model cache (``cache``): shipped ones are moved there,
+    so that a later calibration does not send them again."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / job["cache"]
+    cache.mkdir(parents=True, exist_ok=True)
+    found = {}
+    for digest in job["models"]:
+        shipped, kept = Path("models") / f"{digest}.onnx", cache / f"{digest}.onnx"
+        if shipped.is_file():
+            os.replace(str(shipped), str(kept))
+        found[digest] = kept
+    return found
+
+
+def _steady_times(files: dict[str, Path], job: dict[str, Any]) -> dict[str, list[float]]:
+    """Each model alone, warmed up, consecutive runs, in ``passes`` passes (as calibrate times a model here)."""
+    from edgetl.runtime.bench import benchmark
+    from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
+
+    times: dict[str, list[float]] = {name: [] for name in job["timed"]}
+    for _ in range(int(job["passes"])):
+        for name, (digest, shape) in job["timed"].items():
+            runner = OnnxRuntimeRunner(files[digest], providers="cpu", threads=job.get("threads"), name=name)
+            result = benchmark(runner, tuple(shape), iterations=int(job["per_pass"]), warmup=int(job["warmup"]),
+                               cv_threshold=10.0)
+            times[name] += list(result.times_ms)
+    return times
+
+
+def task_calibrate(job: dict[str, Any]) -> dict[str, Any]:
+    """What ``device calibrate`` measures, measured on the board: the CPU, memory bandwidth, the BLAS rate, the
+    runtime's own memory, the models' steady-state timings, their sessions' peak RSS, and FP32 against INT8."""
+    _require("numpy", "onnxruntime")
+    from edgetl.device.machine import read_cpu
+    from edgetl.runtime.bench import (
+        benchmark_interleaved,
+        measure_bandwidth,
+        measure_gemm_gflops,
+        session_growth_mb,
+        session_rss_mb,
+    )
+    from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
+
+    files = _cached(job)
+    cpu = read_cpu()
+    out: dict[str, Any] = {"cpu": {"model": cpu.model, "cores": cpu.cores, "ghz": cpu.ghz, "isa": list(cpu.isa),
+                                   "ram_mb": cpu.ram_mb},
+                           "bandwidth_gbs": measure_bandwidth(), "gemm_gflops": measure_gemm_gflops(),
+                           "overhead_mb": session_growth_mb(files[job["tiny"]]),
+                           "times_ms": _steady_times(files, job)}
+    out["memory_mb"] = {name: session_rss_mb(files[digest], shape, job.get("threads"), 3)
+                        for name, (digest, shape) in job["memory"].items()}
+    if job.get("int8"):
+        pair, shape = job["int8"]
+        runners = {p: OnnxRuntimeRunner(files[d], providers="cpu", threads=job.get("threads"), name=p)
+                   for p, d in pair.items()}
+        results = benchmark_interleaved(runners, tuple(shape), rounds=int(job["int8_rounds"]), iterations_per_round=3,
+                                        warmup=5, settle=1, cv_threshold=10.0)
+        out["int8_ms"] = {p: {"min": r.min, "runs": r.iterations} for p, r in results.items()}
+    return out
+
+
+TASKS = {"info": lambda job: {}, "validate": task_validate, "predict": task_predict, "bench": task_bench,
+         "calibrate": task_calibrate}
 
 
 def run(job: dict[str, Any]) -> dict[str, Any]:

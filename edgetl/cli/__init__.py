@@ -827,22 +827,31 @@ def device_info_cmd(**kwargs) -> None:
 @click.option("--kernel-samples", type=click.IntRange(min=0), default=KERNEL_SAMPLES, show_default=True,
               help="Micro-graphs of the catalog's distinct kernels to time; latency is then predicted kernel by "
                    "kernel (0: the fitted roofline only).")
+@cli_options(RemoteOptions)
 @cli_options(OutputOptions)
 def device_calibrate_cmd(name: str, out: str | None, rounds: int, runtime: str | None, kernel_samples: int,
                          **kwargs) -> None:
-    """Measure this machine and write a device profile fitted to it.
+    """Measure this machine, or a board over SSH (--on), and write a device profile fitted to it.
+
+    With --on, the models are exported here, timed on the board (kept there in ~/.cache/edgetl/board-models, by
+    content hash, so the next calibration sends none again) and fitted here; kernels are not timed on a board.
 
     \b
     Examples:
       edgetl device calibrate --name my-box
       edgetl device calibrate --name my-box --threads 2 --out my-box.yaml
+      edgetl device calibrate --name my-pi --on ssh://pi@raspberrypi.local
     """
     from edgetl.calibrate.api import calibrate
 
     threads, as_json = parse(TargetOptions, kwargs).threads, parse(OutputOptions, kwargs).as_json
+    remote = parse(RemoteOptions, kwargs)
     with _progress("calibrating") as advance:
-        result = calibrate(name=name, out=out, threads=threads, rounds=rounds, progress=advance, runtime=runtime,
-                           kernel_samples=kernel_samples)
+        if remote.on:
+            result = _calibrate_on_board(remote, name, out, threads, rounds, runtime, advance)
+        else:
+            result = calibrate(name=name, out=out, threads=threads, rounds=rounds, progress=advance, runtime=runtime,
+                               kernel_samples=kernel_samples)
     summary = {
         "profile": result.profile.name,
         "path": str(result.path),
@@ -872,6 +881,18 @@ def device_calibrate_cmd(name: str, out: str | None, rounds: int, runtime: str |
         console.print("session peak RSS, measured MB (fitted / measured): " + ", ".join(
             f"{m} {d['measured_mb']:.0f} ({d['fit_ratio']:.2f})" for m, d in summary["memory"].items()))
     console.print(f"wrote {result.path}; use it with --device {result.profile.name}")
+
+
+def _calibrate_on_board(remote: RemoteOptions, name: str, out: str | None, threads: int | None, rounds: int,
+                        runtime: str | None, advance: Any) -> Any:
+    from edgetl.board.calibrate import calibrate_on_board
+    from edgetl.board.jobs import Remote
+
+    if runtime not in (None, "onnxruntime"):
+        raise ConfigError(f"--on calibrates ONNX Runtime on the board's CPU; drop --runtime {runtime}")
+    result, sent = calibrate_on_board(Remote.of(remote), name, out, threads=threads, rounds=rounds, progress=advance)
+    log.info("sent %d model files to %s (the others were in its cache)", sent, remote.on)
+    return result
 
 
 @cli.command("export")
