@@ -8,6 +8,7 @@ import ast
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -245,6 +246,32 @@ def test_a_runner_killed_on_the_board_is_one_line(artifact, board, on):  # noqa:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
     assert err.strip().splitlines() == [f"error: the runner was killed on {board.url} by SIGKILL (out of memory?)"]
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_a_dropped_connection_stops_the_runner_and_removes_its_folder(artifact, board, on):  # noqa: F811
+    """The host is gone (killed: it cannot clean up) and the board's SSH session dies: the board's shell stops the
+    runner and removes its folder on its own."""
+    proc, runner = _start_long_bench(artifact, board, on)
+    folder, session = Path(os.readlink(f"/proc/{runner}/cwd")), _parent(_parent(runner))
+    assert folder.parent == board.tmp and b"@" in Path(f"/proc/{session}/cmdline").read_bytes()  # sshd: user@notty
+    sockets = {a.split("=", 1)[1].rsplit("/", 1)[0] for c in _children(proc.pid)
+               for a in Path(f"/proc/{c}/cmdline").read_text().split("\0") if a.startswith("-oControlPath=")}
+    proc.kill()
+    proc.communicate(timeout=60)
+    os.kill(session, signal.SIGKILL)
+    try:
+        assert _gone(runner, timeout=30), "the runner still runs on the board"
+        deadline = time.monotonic() + 30
+        while folder.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not folder.exists(), "the runner's folder is left on the board"
+    finally:
+        for path in sockets:  # the control socket's folder of the killed CLI (its master exits with the connection)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def test_a_build_file_takes_on_in_its_validate_section(tmp_path):

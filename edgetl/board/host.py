@@ -5,7 +5,8 @@ What is shipped: a zip of the torch-free modules the runner reuses (:data:`SHIPP
 ``__init__`` files), put on the board's ``sys.path``; ``job.json``; and the job's files (an artifact, images, an
 ONNX file). They travel as one tar stream on ssh's stdin, unpacked by the board's Python into ``mktemp -d``. The
 folder is removed by the board's shell when the runner ends, and again by the host after every job (whatever
-happened: an error, Ctrl-C), which also stops a runner still running.
+happened: an error, Ctrl-C), which also stops a runner still running. When the host cannot (the connection
+dropped), the board's shell stops the runner itself within seconds of its SSH session's end, and removes the folder.
 """
 
 from __future__ import annotations
@@ -64,12 +65,17 @@ def _script(python: str, token: str) -> str:
     """The board's shell script: a private temporary folder, removed on exit; unpack stdin there; run the job.
 
     The runner's own temporary files go there too (``TMPDIR``): importing ONNX Runtime writes ``$TMPDIR/.ses``.
+    A watchdog (:data:`_WATCHDOG`) stops the runner when the SSH session that started it is gone; SIGPIPE is
+    ignored so that the shell, which reports a killed job on its stderr (gone with the session), lives on to remove
+    the folder.
     """
     py = '"$HOME"/' + shlex.quote(python[2:]) if python.startswith("~/") else shlex.quote(python)
     return f"""
+p=$PPID
 d=$(mktemp -d "${{TMPDIR:-/tmp}}/edgetl-{token}-XXXXXX") || exit {EXIT_NO_TEMP}
 trap 'rm -rf "$d"' EXIT
 trap 'exit 130' INT TERM HUP
+trap '' PIPE
 echo $$ > "$d/.pid"
 command -v {py} >/dev/null 2>&1 || exit {EXIT_NO_PYTHON}
 cd "$d" || exit {EXIT_NO_TEMP}
@@ -77,9 +83,37 @@ cd "$d" || exit {EXIT_NO_TEMP}
 t = tarfile.open(fileobj=sys.stdin.buffer, mode="r|")
 t.extractall(".", **({{"filter": "data"}} if hasattr(tarfile, "data_filter") else {{}}))' || exit {EXIT_UNPACK}
 TMPDIR="$d" PYTHONPATH="$d/code.zip" {py} -m edgetl.board.runner job.json &
-echo $! > "$d/.runner"
-wait $!
+r=$!
+echo $r > "$d/.runner"
+{_WATCHDOG} </dev/null >/dev/null 2>&1 &
+w=$!
+wait $r
+s=$?
+kill $w 2>/dev/null
+exit $s
 """
+
+
+#: The board shell's watchdog, a background subshell (POSIX sh, busybox too): every second, while the runner ``$r``
+#: runs, check that the shell's parent, the SSH session process (``$p``, recorded at start; ``exec sh`` makes it the
+#: session's), is still its parent; once not (the connection dropped, the session was killed), stop the runner, and
+#: the shell's EXIT trap removes the folder. On Linux, ``/proc/$$/stat`` tells whether the shell was reparented
+#: (immune to a reused pid and to a session process of another user); elsewhere ``kill -0``.
+_WATCHDOG = """(
+  gone() {
+    if [ -r /proc/$$/stat ]; then
+      read -r s < /proc/$$/stat; set -- ${s##*") "}; [ "$2" != "$p" ]
+    else
+      ! kill -0 "$p" 2>/dev/null
+    fi
+  }
+  while kill -0 "$r" 2>/dev/null; do
+    sleep 1
+    if gone; then
+      kill -TERM "$r" 2>/dev/null; sleep 5; kill -KILL "$r" 2>/dev/null; exit 0
+    fi
+  done
+)"""
 
 
 def _cleanup_script(token: str) -> str:

@@ -136,12 +136,14 @@ class Board:
             ) -> subprocess.CompletedProcess:
         """Run a POSIX shell ``script`` on the board through the shared connection; stdout and stderr are bytes.
 
+        The login shell execs ``sh``, so that the script's parent (``$PPID``) is the SSH session process.
+
         Raises:
             RemoteError: ssh itself failed (exit 255: the connection dropped, or the board refused it).
         """
         if self._control_dir is None:
             raise RuntimeError("Board.run outside its `with` block")
-        cmd = [*self._ssh("-oControlMaster=no"), "sh -c " + shlex.quote(script)]
+        cmd = [*self._ssh("-oControlMaster=no"), "exec sh -c " + shlex.quote(script)]
         done = subprocess.run(cmd, stdin=stdin if stdin is not None else subprocess.DEVNULL, capture_output=True,
                               check=False, timeout=timeout)
         if done.returncode == 255:
