@@ -26,7 +26,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -116,6 +116,9 @@ class StageOptions(NumbersNotBooleans):
 def cap_threads(threads: int | None) -> int | None:
     """``threads`` capped at this machine's cores, with a warning when capped (more threads only contend).
 
+    Applied where a model is timed on this machine, not when the options are validated: with ``--on`` the threads
+    are checked against the board's cores, on the board (:func:`edgetl.board.runner.check_threads`).
+
     Args:
         threads: the threads asked for, or None (the runtime's default).
 
@@ -172,9 +175,9 @@ class TargetOptions(StageOptions):
     device: str | None = option(
         None, "Target device profile: a name, an alias (jetson, rpi, x86, ...) or a YAML path [default: an "
               f"artifact's own device; else {DEFAULT_DEVICE}].", flag="--device/-d")
-    threads: Annotated[int | None, AfterValidator(cap_threads)] = option(
-        None, "ONNX Runtime threads when timing on this machine, at most its cores [default: the calibrated "
-              "profile's when the device is this machine, else all cores].", ge=1)
+    threads: int | None = option(
+        None, "ONNX Runtime threads when timing, at most the cores of this machine (or of the board, with --on) "
+              "[default: the calibrated profile's when the device is this machine, else all cores].", ge=1)
 
 
 class RemoteOptions(StageOptions):

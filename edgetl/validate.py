@@ -49,7 +49,7 @@ from edgetl.device.profiles import DeviceProfile, default_device, load_profile, 
 from edgetl.errors import BudgetExceededError, ConfigError, ProfileError
 from edgetl.export import bundle, golden, signing
 from edgetl.export.consistency import check_consistency
-from edgetl.options import TargetOptions, ValidateOptions, documented, take_inputs
+from edgetl.options import TargetOptions, ValidateOptions, cap_threads, documented, take_inputs
 from edgetl.runtime.bench import benchmark, peak_rss_mb, reset_peak_rss, session_rss_mb
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner, tensorrt_available
@@ -365,7 +365,7 @@ def _target(target: TargetOptions, manifest: dict[str, Any], remote: Remote | No
     here = profile.is_this_machine()
     if remote is not None:
         return profile, here, target.threads, []
-    threads = threads_for(profile, target.threads)
+    threads = cap_threads(threads_for(profile, target.threads))
     notes = [] if here else [
         f"'{profile.name}' is not this machine: latency is measured here, and predicted for {profile.name}; "
         "run `edgetl device calibrate` for a profile of this machine"

@@ -153,6 +153,13 @@ def _one_line_error(result) -> str:
     return lines[0]
 
 
+def test_threads_on_a_board_are_checked_against_the_boards_cores_not_capped_at_this_machines(artifact, on):  # noqa: F811
+    cores = len(os.sched_getaffinity(0))  # the board's: its sshd was started here
+    line = _one_line_error(_invoke("bench", artifact.path / "model.onnx", *FAST, "--threads", cores + 1, *on))
+    assert line == (f"error: --threads {cores + 1} is more than the board's {cores} cores ({os.uname().nodename}): "
+                    f"pass --threads {cores} or fewer, or leave it out (all its cores)")
+
+
 def test_a_missing_runtime_is_one_line_naming_the_package_and_leaves_nothing(artifact, board, on):  # noqa: F811
     on = [*on[:-1], str(board.bare_python)]
     line = _one_line_error(_invoke("bench", artifact.path / "model.onnx", *FAST, *on))

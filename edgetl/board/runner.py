@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgetl.errors import BoardSetupError, EdgetlError
+from edgetl.errors import BoardSetupError, ConfigError, EdgetlError
 
 #: The pip package that provides each module the runner imports.
 PACKAGES = {"numpy": "numpy", "PIL": "pillow", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
@@ -252,11 +252,27 @@ TASKS = {"info": lambda job: {}, "validate": task_validate, "predict": task_pred
          "calibrate": task_calibrate}
 
 
+def check_threads(threads: Any) -> None:
+    """Refuse more ONNX Runtime threads than the board has cores (its fingerprint's ``cpu.cores``), as
+    :func:`edgetl.options.cap_threads` caps them at this machine's on the host.
+
+    Raises:
+        ConfigError: ``threads`` is more than the board's cores.
+    """
+    from edgetl.device.machine import available_cores
+
+    cores = available_cores()
+    if threads is not None and int(threads) > cores:
+        raise ConfigError(f"--threads {threads} is more than the board's {cores} cores ({platform.node()}): pass "
+                          f"--threads {cores} or fewer, or leave it out (all its cores)")
+
+
 def run(job: dict[str, Any]) -> dict[str, Any]:
     """Run one job; every result carries the board's fingerprint (``machine``)."""
     if sys.version_info < MIN_PYTHON:
         raise BoardSetupError(f"the board's Python is {platform.python_version()}; the runner needs Python >= "
                               f"{'.'.join(map(str, MIN_PYTHON))}: pass --device-python PATH to a newer one")
+    check_threads(job.get("threads"))
     result = TASKS[job["task"]](job)
     result["machine"] = machine_info()
     return result

@@ -36,6 +36,7 @@ from edgetl.options import (
     TargetOptions,
     TimingOptions,
     ValidateOptions,
+    cap_threads,
 )
 
 log = logging.getLogger("edgetl")
@@ -292,7 +293,7 @@ def _measure_ranking(ranking, n: int, threads: int | None, quiet: bool) -> str:
 
     rows = ranking.rows[:n]
     p = ranking.profile
-    threads = threads_for(p, threads)
+    threads = cap_threads(threads_for(p, threads))
     with _progress("exporting for measurement") as advance:
         results = measure_models(
             [r.card.id for r in rows], resolution=None, batch=ranking.batch, threads=threads, progress=advance
@@ -671,7 +672,8 @@ def bench_cmd(target, runtime, batch, precision, **kwargs) -> None:
     if remote.on:
         _bench_on_board(remote, path, shape, info, timing, as_json)
         return
-    options: dict[str, Any] = {"threads": timing.threads}
+    info["threads"] = cap_threads(timing.threads)
+    options: dict[str, Any] = {"threads": info["threads"]}
     if runtime == "tensorrt":
         options = {"precision": precision, "max_batch": max(8, shape[0])}
         if timing.threads is not None:
@@ -850,8 +852,8 @@ def device_calibrate_cmd(name: str, out: str | None, rounds: int, runtime: str |
         if remote.on:
             result = _calibrate_on_board(remote, name, out, threads, rounds, runtime, advance)
         else:
-            result = calibrate(name=name, out=out, threads=threads, rounds=rounds, progress=advance, runtime=runtime,
-                               kernel_samples=kernel_samples)
+            result = calibrate(name=name, out=out, threads=cap_threads(threads), rounds=rounds, progress=advance,
+                               runtime=runtime, kernel_samples=kernel_samples)
     summary = {
         "profile": result.profile.name,
         "path": str(result.path),
