@@ -188,9 +188,20 @@ def label_problem(label: object) -> str | None:
     return None
 
 
+_YAML11_WORDS = {"on", "off", "yes", "no", "y", "n"}
+
+
+def _yaml11_word_key(node: Any) -> bool:
+    """A mapping key written as a bare ``on``/``off``/``yes``/``no``, which YAML 1.1 reads as a boolean."""
+    return (getattr(node, "tag", "") == "tag:yaml.org,2002:bool" and not getattr(node, "style", None)
+            and str(getattr(node, "value", "")).lower() in _YAML11_WORDS)
+
+
 @lru_cache(maxsize=1)
 def _strict_loader() -> type:
-    """A safe YAML loader that refuses a key given twice in one mapping instead of keeping the last silently."""
+    """A safe YAML loader that refuses a key given twice in one mapping instead of keeping the last silently, and
+    reads a key written ``on``, ``off``, ``yes`` or ``no`` as that word (``validate: {on: ssh://pi}``), as YAML 1.2
+    does; values keep YAML 1.1's booleans."""
     import yaml  # deferred: only the readers of YAML files need it
 
     class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
@@ -200,6 +211,8 @@ def _strict_loader() -> type:
         loader.flatten_mapping(node)
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if _yaml11_word_key(key_node):
+                key_node.tag = "tag:yaml.org,2002:str"  # `on:` is the key "on" (YAML 1.2), not True
             key = loader.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)

@@ -93,6 +93,19 @@ class BudgetExceededError(EdgetlError):
     exit_code = 3
 
 
+class RemoteError(EdgetlError):
+    """A board reached over SSH (``--on ssh://HOST``) that cannot be used: unreachable, refused, untrusted, or its
+    runner failed."""
+
+
+class HostKeyError(RemoteError):
+    """The board's SSH host key is unknown or has changed (strict host-key checking)."""
+
+
+class BoardSetupError(RemoteError):
+    """The board lacks what the runner needs: its Python interpreter, numpy, Pillow or the runtime."""
+
+
 def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """Return up to ``n`` names from ``choices`` that are closest to ``name``."""
     choices = list(choices)

@@ -26,7 +26,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -116,6 +116,9 @@ class StageOptions(NumbersNotBooleans):
 def cap_threads(threads: int | None) -> int | None:
     """``threads`` capped at this machine's cores, with a warning when capped (more threads only contend).
 
+    Applied where a model is timed on this machine, not when the options are validated: with ``--on`` the threads
+    are checked against the board's cores, on the board (:func:`edgetl.board.runner.check_threads`).
+
     Args:
         threads: the threads asked for, or None (the runtime's default).
 
@@ -172,9 +175,22 @@ class TargetOptions(StageOptions):
     device: str | None = option(
         None, "Target device profile: a name, an alias (jetson, rpi, x86, ...) or a YAML path [default: an "
               f"artifact's own device; else {DEFAULT_DEVICE}].", flag="--device/-d")
-    threads: Annotated[int | None, AfterValidator(cap_threads)] = option(
-        None, "ONNX Runtime threads when timing on this machine, at most its cores [default: the calibrated "
-              "profile's when the device is this machine, else all cores].", ge=1)
+    threads: int | None = option(
+        None, "ONNX Runtime threads when timing, at most the cores of this machine (or of the board, with --on) "
+              "[default: the calibrated profile's when the device is this machine, else all cores].", ge=1)
+
+
+class RemoteOptions(StageOptions):
+    """Where a command runs: this machine, or a board reached over SSH (``--on``)."""
+
+    on: str | None = option(
+        None, "Run on a board over SSH instead of this machine: ssh://[user@]host[:port] (~/.ssh/config, the agent "
+              "and known_hosts apply); the board needs only Python >= 3.8, numpy, Pillow and onnxruntime "
+              "[default: this machine].")
+    device_python: str = option("python3", "The board's Python interpreter (with --on).", min_length=1)
+    accept_new_host_key: bool = option(
+        False, "With --on: trust a board's SSH host key the first time it is seen (StrictHostKeyChecking=accept-new; "
+               "a changed key is refused all the same).")
 
 
 class OutputOptions(StageOptions):
@@ -355,6 +371,9 @@ class ValidateOptions(TimingOptions):
     verify_key: Path | None = option(
         None, "Public key (PEM) the artifact must be signed with: a missing or invalid signature, or any changed "
               "file, exits 1 [default: check the checksums only].")
+    on: str | None = shared_field(RemoteOptions, "on")
+    device_python: str = shared_field(RemoteOptions, "device_python")
+    accept_new_host_key: bool = shared_field(RemoteOptions, "accept_new_host_key")
     report: Path | None = option(
         None, "Write the report (validation.json) to this file or folder instead of into the artifact, e.g. for "
               "an artifact on read-only media [default: ARTIFACT_DIR/validation.json, skipped with a warning "
@@ -369,7 +388,7 @@ STAGE_INPUTS: dict[str, tuple[type[StageOptions], ...]] = {
     "finetune": (SourceOptions,),
     "export": (SourceOptions, TargetOptions),
     "validate": (TargetOptions,),
-    "predict": (SourceOptions,),
+    "predict": (SourceOptions, RemoteOptions),
 }
 
 

@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from edgetl.board.jobs import Remote, predict_on_board
 from edgetl.data.preprocess import PreprocessSpec, decode, prepare, read_spec
 from edgetl.errors import ArtifactError, ConfigError, DataError, UnknownNameError
 from edgetl.export import bundle, golden, signing
 from edgetl.finetune.rundir import RunDir
-from edgetl.options import SourceOptions, ValidateOptions, documented, shared_inputs, take_inputs
+from edgetl.options import RemoteOptions, SourceOptions, ValidateOptions, documented, shared_inputs, take_inputs
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner, tensorrt_available
 
@@ -223,16 +224,47 @@ def classify(classifier: Classifier, images: Sequence[Any], top: int = 5, batch_
     """Run ``classifier`` on ``images`` (paths or PIL images) and return each one's top-``top`` classes."""
     if top < 1:
         raise ConfigError(f"top must be at least 1, got {top}")
-    k = min(top, len(classifier.labels))
     out: list[Prediction] = []
     for start in range(0, len(images), batch_size):
         opened = [_open_image(im) for im in images[start : start + batch_size]]
-        probs = _softmax(classifier.forward(np.stack([classifier.transform(img) for _, img in opened])))
-        order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-        for (name, _), row, idx in zip(opened, probs, order, strict=True):
-            out.append(Prediction(name, tuple(classifier.labels[j] for j in idx), tuple(int(j) for j in idx),
-                                  tuple(float(row[j]) for j in idx)))
+        logits = classifier.forward(np.stack([classifier.transform(img) for _, img in opened]))
+        out += _ranked([name for name, _ in opened], logits, classifier.labels, top)
     return out
+
+
+def _ranked(names: Sequence[str], logits: np.ndarray, labels: Sequence[str], top: int) -> list[Prediction]:
+    """Each image's top-``top`` classes by softmax probability."""
+    k = min(top, len(labels))
+    probs = _softmax(np.asarray(logits))
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    return [Prediction(name, tuple(labels[j] for j in idx), tuple(int(j) for j in idx),
+                       tuple(float(row[j]) for j in idx))
+            for name, row, idx in zip(names, probs, order, strict=True)]
+
+
+def _predict_on_board(remote: Remote, source: str | os.PathLike[str], images: Sequence[Any], top: int,
+                      verify_key: Path | None, check: bool) -> list[Prediction]:
+    """Run an artifact on ``images`` on the board (:func:`edgetl.board.jobs.predict_on_board`); its files are
+    verified here first, and again on the board."""
+    folder = Path(source).expanduser()
+    if not (folder / bundle.MANIFEST_FILE).is_file():
+        raise ConfigError(f"--on runs an artifact folder on the board, and {source} is not one; export it first "
+                          "(`edgetl export RUN --out ARTIFACT`)")
+    if any(isinstance(im, Image.Image) for im in images):
+        raise ConfigError("--on ships image files to the board: pass paths, not images in memory")
+    missing = [str(p) for p in images if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"{missing[0]} does not exist; pass image files")
+    _, integrity = signing.verify_artifact(folder, verify_key)
+    log.info("%s: %s", folder, integrity["summary"])
+    labels = bundle.read_labels(folder)
+    logits, golden_result = predict_on_board(remote, folder, [Path(p) for p in images], check)
+    if golden_result is not None:
+        log.info("%s: golden outputs on %s: %s", folder, remote.on, golden.summary(golden_result))
+    if np.asarray(logits).shape[-1] != len(labels):
+        raise ArtifactError(f"the model in {folder} has {np.asarray(logits).shape[-1]} outputs, "
+                            f"{bundle.LABELS_FILE} names {len(labels)} classes; re-export the artifact")
+    return _ranked([str(p) for p in images], np.asarray(logits), labels, top)
 
 
 @documented(None, "predict")
@@ -259,7 +291,8 @@ def predict(
         check: first re-run an artifact's golden inputs on its runtime: the stored images prepared with its
             preprocess.json must give export's inputs, and the outputs export's within the precision's tolerance.
         **kwargs: the other fields of the shared inputs predict takes (:data:`~edgetl.options.STAGE_INPUTS`),
-            e.g. ``resolution`` (a catalog model's input size; default: its own).
+            e.g. ``resolution`` (a catalog model's input size; default: its own), or ``on`` (``ssh://HOST``: run
+            an artifact on a board over SSH, its images shipped there) with ``device_python``.
 
     Returns:
         One :class:`Prediction` per image, in the order given.
@@ -272,6 +305,11 @@ def predict(
     _, inputs = take_inputs("predict", {"weights": weights, "weights_dir": weights_dir, **kwargs})
     given = inputs[SourceOptions]
     key = shared_inputs(ValidateOptions, "predict()", verify_key=verify_key).verify_key
+    if top < 1:
+        raise ConfigError(f"top must be at least 1, got {top}")
+    remote = Remote.of(inputs[RemoteOptions])
+    if remote is not None:
+        return _predict_on_board(remote, source, list(images), top, key, check)
     classifier = open_source(source, weights=given.weights, weights_dir=given.weights_dir,
                              resolution=given.resolution, verify_key=key, check=check)
     try:

@@ -39,14 +39,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgetl._io import atomic_write_json
+from edgetl.board.jobs import MEMORY_RUNS, Remote, validate_on_board
 from edgetl.data.preprocess import read_spec
 from edgetl.device import budget
 from edgetl.device.profiles import DeviceProfile, default_device, load_profile, threads_for
 from edgetl.errors import BudgetExceededError, ConfigError, ProfileError
 from edgetl.export import bundle, golden, signing
 from edgetl.export.consistency import check_consistency
-from edgetl.options import TargetOptions, ValidateOptions, documented, take_inputs
+from edgetl.options import TargetOptions, ValidateOptions, cap_threads, documented, take_inputs
 from edgetl.runtime.bench import benchmark, peak_rss_mb, reset_peak_rss, session_rss_mb
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner, tensorrt_available
@@ -95,6 +98,7 @@ class ValidationReport:
     created: str = ""
     integrity: dict[str, Any] = field(default_factory=lambda: {"summary": signing.NOT_SIGNED})
     golden: dict[str, Any] = field(default_factory=lambda: {"status": "not checked"})
+    board: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -118,6 +122,7 @@ class ValidationReport:
             "passed": self.passed,
             "failures": list(self.failures),
             "notes": list(self.notes),
+            **({"board": self.board} if self.board is not None else {}),
         }
 
     def raise_for_budget(self) -> None:
@@ -238,28 +243,89 @@ def validate(
     metric = _budget_metric(opts, manifest)
     eval_set = _scoring_set(folder, opts)  # a missing split fails before any timing
     files = {name: rec["sha256"] for name, rec in manifest["files"].items()}
-    profile, here, threads, notes = _target(inputs[TargetOptions], manifest)
+    remote = Remote.of(opts)
+    profile, here, threads, notes = _target(inputs[TargetOptions], manifest, remote)
     precision = _check_precision(manifest, profile)
-    runner, runtime, runner_notes = _runner(folder, profile.runtime, threads, files)
-    notes += runner_notes
-    golden_result = _golden(folder, manifest, runner, runtime, notes)
-    result, shape, grown_mb = _time(runner, manifest, opts)
-    latency = _latency_verdict(result, runtime, opts.max_latency_ms, metric, manifest, profile, notes)
-    latency.update(runtime=runtime, threads=threads, shape=list(shape))
-    memory = _memory_verdict(*_memory(folder, runtime, threads, shape, grown_mb, notes), folder, opts, profile)
+    if remote is not None:
+        if profile.runtime != "onnxruntime":
+            notes.append(f"{profile.name} runs {profile.runtime}; --on measures with ONNX Runtime on the board's CPU "
+                         f"({profile.runtime} on a board is not supported yet)")
+        m = _measure_on_board(remote, folder, manifest, opts, threads, eval_set, notes)
+    else:
+        m = _measure_here(folder, manifest, profile, threads, files, opts, eval_set, notes)
+    latency = _latency_verdict(m.result, m.runtime, opts.max_latency_ms, metric, manifest, profile, notes,
+                               m.board.get("address") if m.board else None)
+    latency.update(runtime=m.runtime, threads=threads, shape=list(m.shape))
+    memory = _memory_verdict(m.memory_mb, m.memory_how, folder, opts, profile)
     failures = [f for f in (latency.pop("failure"), memory.pop("failure")) if f]
-    accuracy = _accuracy(folder, eval_set, threads, runner, runtime) if eval_set is not None else None
     report = ValidationReport(
-        artifact=folder, device=profile.name, runtime=runtime, this_machine=here,
+        artifact=folder, device=profile.name, runtime=m.runtime, this_machine=here and remote is None,
         precision=precision, hashes_ok=True, files=files, latency=latency, memory=memory,
-        accuracy=accuracy, failures=failures, notes=notes, integrity=integrity, golden=golden_result,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        accuracy=m.accuracy, failures=failures, notes=notes, integrity=integrity, golden=m.golden,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), board=m.board,
     )
     if write:
         _write_report(report, folder, opts.report)
     if check:
         report.raise_for_budget()
     return report
+
+
+@dataclass
+class _Measured:
+    """What was measured, here or on a board: the runtime, the golden check, the timing and its input shape, the
+    session's memory and how it was measured, the accuracy, and the board (None here)."""
+
+    runtime: str
+    golden: dict[str, Any]
+    result: Any
+    shape: tuple[int, ...]
+    memory_mb: float | None
+    memory_how: str
+    accuracy: dict[str, Any] | None
+    board: dict[str, Any] | None = None
+
+
+def _measure_here(folder: Path, manifest: dict[str, Any], profile: DeviceProfile, threads: int | None,
+                  files: dict[str, str], opts: ValidateOptions, eval_set: Any, notes: list[str]) -> _Measured:
+    """Golden check, timing, memory and accuracy on this machine, with the profile's runtime."""
+    runner, runtime, runner_notes = _runner(folder, profile.runtime, threads, files)
+    notes += runner_notes
+    golden_result = _golden(folder, manifest, runner, runtime, notes)
+    result, shape, grown_mb = _time(runner, manifest, opts)
+    memory_mb, how = _memory(folder, runtime, threads, shape, grown_mb, notes)
+    accuracy = _accuracy(folder, eval_set, threads, runner, runtime) if eval_set is not None else None
+    return _Measured(runtime, golden_result, result, shape, memory_mb, how, accuracy)
+
+
+MEASURED_BOARD = (f"peak RSS of an ONNX Runtime session in a fresh process on the board (load and "
+                  f"{MEMORY_RUNS} runs)")
+
+
+def _measure_on_board(remote: Remote, folder: Path, manifest: dict[str, Any], opts: ValidateOptions,
+                      threads: int | None, eval_set: Any, notes: list[str]) -> _Measured:
+    """The same measurements made on the board over SSH (:func:`edgetl.board.jobs.validate_on_board`); top-1 is
+    scored here on the outputs the board computed."""
+    shape = _shape(manifest)
+    records = list(eval_set.records) if eval_set is not None else []
+    run = validate_on_board(remote, folder, shape, opts.iterations, opts.warmup, threads, [p for p, _ in records])
+    if run.golden.get("status") != "passed":
+        notes.append(str(run.golden.get("note")))
+    if run.memory_mb is None:
+        notes.append(f"memory not measured on the board: {run.memory_note}")
+    machine = run.board
+    notes.append(f"measured on the board {remote.on} ({machine['cpu']['model']}, {machine['cpu']['cores']} cores, "
+                 f"{machine['os']}, Python {machine['python']}, onnxruntime "
+                 f"{machine['packages'].get('onnxruntime')}); nearest built-in profile: {machine['nearest_profile']}")
+    accuracy = None
+    if eval_set is not None:
+        from edgetl.export.evaluate import split_report
+
+        labels = np.asarray([y for _, y in records])
+        accuracy = {"data": eval_set.source, "runtime": "onnxruntime", "on": remote.on,
+                    **split_report(np.asarray(run.logits), labels, bundle.read_labels(folder))}
+    return _Measured("onnxruntime", run.golden, run.result, tuple(shape), run.memory_mb,
+                     MEASURED_BOARD if run.memory_mb is not None else "not measured", accuracy, machine)
 
 
 def _golden(folder: Path, manifest: dict[str, Any], runner: Any, runtime: str, notes: list[str]) -> dict[str, Any]:
@@ -291,11 +357,15 @@ def _write_report(report: ValidationReport, folder: Path, target: Path | None) -
         report.notes.append(note)
 
 
-def _target(target: TargetOptions, manifest: dict[str, Any]) -> tuple[DeviceProfile, bool, int | None, list[str]]:
-    """The device profile, whether this machine is it, the threads to time with, and notes for the user."""
+def _target(target: TargetOptions, manifest: dict[str, Any], remote: Remote | None = None,
+            ) -> tuple[DeviceProfile, bool, int | None, list[str]]:
+    """The device profile, whether this machine is it, the threads to time with, and notes for the user (on a
+    board: the threads asked for, else all its cores)."""
     profile = load_profile(target.device or manifest.get("device", {}).get("name") or default_device())
     here = profile.is_this_machine()
-    threads = threads_for(profile, target.threads)
+    if remote is not None:
+        return profile, here, target.threads, []
+    threads = cap_threads(threads_for(profile, target.threads))
     notes = [] if here else [
         f"'{profile.name}' is not this machine: latency is measured here, and predicted for {profile.name}; "
         "run `edgetl device calibrate` for a profile of this machine"
@@ -313,11 +383,16 @@ def _check_precision(manifest: dict[str, Any], profile: DeviceProfile) -> str:
     return precision
 
 
+def _shape(manifest: dict[str, Any]) -> tuple[int, int, int, int]:
+    """The input timed: one image at the artifact's resolution."""
+    resolution = int((manifest.get("source") or {}).get("resolution") or manifest["onnx"]["input"]["shape"][-1])
+    return (1, 3, resolution, resolution)
+
+
 def _time(runner: Any, manifest: dict[str, Any], opts: ValidateOptions) -> tuple[Any, tuple[int, ...], float | None]:
     """Time the model at batch 1 in its steady state (alone, warmed up, consecutive runs: a deployment
     latency, not interleaved); also return how much this process's peak RSS grew meanwhile (see :func:`_memory`)."""
-    resolution = int((manifest.get("source") or {}).get("resolution") or manifest["onnx"]["input"]["shape"][-1])
-    shape = (1, 3, resolution, resolution)
+    shape = _shape(manifest)
     rss_before = _vm_rss_mb()
     reset_peak_rss()
     result = benchmark(runner, shape=shape, iterations=opts.iterations, warmup=opts.warmup)
@@ -336,16 +411,17 @@ def _budget_metric(opts: ValidateOptions, manifest: dict[str, Any]) -> str:
 
 
 def _latency_verdict(result: Any, runtime: str, budget_ms: float | None, metric: str, manifest: dict[str, Any],
-                     profile: DeviceProfile, notes: list[str]) -> dict[str, Any]:
+                     profile: DeviceProfile, notes: list[str], board: str | None = None) -> dict[str, Any]:
     """The measurement here and the budget judged by the one rule (:func:`edgetl.device.budget.judge_latency`),
-    on the latency export predicted for the artifact (:func:`edgetl.device.budget.shipped_predicted_ms`)."""
+    on the latency export predicted for the artifact (:func:`edgetl.device.budget.shipped_predicted_ms`); measured
+    on a ``board``, on that measurement."""
     stats = budget.latency_stats(result)
-    on_target = budget.on_target(profile, runtime)
+    on_target = board is not None or budget.on_target(profile, runtime)
     source = manifest.get("source") or {}
     predicted = None if on_target else budget.shipped_predicted_ms(
         source.get("model") or source.get("model_name"), source.get("resolution"), profile,
         str(manifest.get("precision", "fp32")), manifest.get("quantization"))
-    verdict = budget.judge_latency(profile, runtime, stats, predicted, budget_ms, metric)
+    verdict = budget.judge_latency(profile, runtime, stats, predicted, budget_ms, metric, measured_on=board)
     if verdict["note"] and verdict["basis"] == "measured here":
         notes.append(verdict["note"])
     return {

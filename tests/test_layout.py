@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     "edgetl.data": 3,
     "edgetl.device": 4,
     "edgetl.select": 5, "edgetl.predict": 5, "edgetl.validate": 5, "edgetl.finetune": 5, "edgetl.export": 5,
-    "edgetl.calibrate": 5,
+    "edgetl.calibrate": 5, "edgetl.board": 5,
     "edgetl.report": 6, "edgetl.buildfile": 6, "edgetl.pipeline": 6, "edgetl.demo": 7,
     "edgetl.cli": 8, "edgetl.__main__": 8,
 }

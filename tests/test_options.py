@@ -78,14 +78,15 @@ def _cases():
                 yield pytest.param(command, model, path, field, flags, id=f"{command}:{'.'.join(path)}")
 
 
-def test_threads_are_capped_at_the_cores_with_a_warning(monkeypatch, caplog):
-    from edgetl.options import TimingOptions
+def test_threads_are_capped_at_the_cores_with_a_warning_where_timed_here(monkeypatch, caplog):
+    from edgetl.options import TimingOptions, cap_threads
 
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert TimingOptions(threads=10000).threads == 10000  # not at validation: with --on, the board's cores count
     with caplog.at_level("WARNING", logger="edgetl"):
-        assert TimingOptions(threads=10000).threads == 4
+        assert cap_threads(10000) == 4
     assert "10000 threads asked for, but this machine has 4 cores; using 4" in caplog.text
-    assert TimingOptions(threads=3).threads == 3 and TimingOptions().threads is None
+    assert cap_threads(3) == 3 and cap_threads(None) is None
 
 
 @pytest.mark.parametrize("field", ["epochs", "batch_size", "lr", "warmup_epochs"])

@@ -91,7 +91,8 @@ def test_marks_are_explained():
     for _lang, code in readme_blocks(text):
         for line in logical_lines(code):
             if _NEEDS.search(line):
-                assert re.search(r"#\s*needs:\s*(network|gpu|tensorrt|several minutes|the calibration)", line), line
+                assert re.search(r"#\s*needs:\s*(network|gpu|tensorrt|several minutes|the calibration|a board)",
+                                 line), line
 
 
 def _env(tmp: Path) -> dict[str, str]:

@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgetl.calibrate.kernel_timing import (
     distinct_kernels,
     measure_channel_block,
@@ -53,7 +51,13 @@ from edgetl.device.machine import CpuInfo, fingerprint, host_name, last_level_ca
 from edgetl.device.profiles import DeviceProfile, load_profile, profile_path, save_profile, user_profile_dir
 from edgetl.errors import ConfigError
 from edgetl.options import KERNEL_SAMPLES
-from edgetl.runtime.bench import benchmark_interleaved, random_input
+from edgetl.runtime.bench import (
+    benchmark_interleaved,
+    measure_bandwidth,
+    measure_gemm_gflops,
+    random_input,
+    session_growth_mb,
+)
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import tensorrt_available
 from edgetl.zoo.catalog import get_card, list_models
@@ -96,54 +100,21 @@ MEMORY_MODELS: tuple[str, ...] = (
 )
 
 
-def measure_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
-    """Measure memory bandwidth in GB/s: the best of ``repeats`` copies of a large array (read + write)."""
-    n = megabytes * (1 << 20) // 8
-    src = np.ones(n, dtype=np.float64)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.nbytes / best / 1e9
-
-
-def measure_gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Measure attainable fp32 GFLOP/s on every core: the best of ``repeats`` n x n SGEMMs in NumPy's BLAS."""
-    rng = np.random.default_rng(0)
-    a = rng.random((n, n), dtype=np.float32)
-    b = rng.random((n, n), dtype=np.float32)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
-
-def _runtime_overhead_mb() -> float:
-    """RSS growth of creating and running a tiny ONNX Runtime session (the runtime's own memory)."""
-    import onnxruntime as ort  # deferred: heavy
+def tiny_session_model() -> bytes:
+    """A one-ReLU ONNX model: a session of it costs only the runtime's own memory."""
     from onnx import TensorProto, helper  # deferred: heavy
-
-    def rss_mb() -> float:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
 
     graph = helper.make_graph(
         [helper.make_node("Relu", ["input"], ["logits"])], "tiny",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    before = rss_mb()
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    session.run(None, {"input": np.ones((1, 8), np.float32)})
-    return max(1.0, rss_mb() - before)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def _runtime_overhead_mb() -> float:
+    """RSS growth of creating and running a tiny ONNX Runtime session (the runtime's own memory)."""
+    return session_growth_mb(tiny_session_model())
 
 
 @dataclass
@@ -176,6 +147,30 @@ class _Machine:
     kernels: dict[str, Any] | None = None
 
 
+@dataclass
+class Readings:
+    """What a remote-execution hook measured on another machine (``edgetl device calibrate --on``): used instead of
+    measuring this one. The model timings and memory come as ``measurements`` and ``memory_mb``.
+
+    Attributes:
+        cpu: that machine's CPU, as :func:`edgetl.device.machine.read_cpu` read it there.
+        bandwidth_gbs, gemm_gflops, overhead_mb: :func:`~edgetl.runtime.bench.measure_bandwidth`,
+            :func:`~edgetl.runtime.bench.measure_gemm_gflops` and the runtime's own memory, measured there.
+        host, runtime_version, fingerprint: that machine's name, ONNX Runtime version and fingerprint.
+        int8_speedup, int8_note: its measured FP32 / INT8 ratio and how it was measured (None: not measured).
+    """
+
+    cpu: CpuInfo
+    bandwidth_gbs: float
+    gemm_gflops: float
+    overhead_mb: float
+    host: str
+    runtime_version: str
+    fingerprint: dict[str, Any]
+    int8_speedup: float | None = None
+    int8_note: str = ""
+
+
 def calibrate(
     name: str = "local",
     out: str | os.PathLike[str] | None = None,
@@ -190,6 +185,7 @@ def calibrate(
     int8: bool = True,
     kernel_models: Sequence[str] | None = None,
     kernel_samples: int = KERNEL_SAMPLES,
+    readings: Readings | None = None,
 ) -> CalibrationResult:
     """Measure this machine and write a device profile fitted to it.
 
@@ -216,6 +212,8 @@ def calibrate(
             (default: every architecture of the catalog, at its default weights).
         kernel_samples: how many micro-graphs to time (ONNX Runtime only; 0: no kernel timings, and latency is
             then predicted by the fitted roofline alone).
+        readings: the machine as measured elsewhere (a board over SSH), with ``measurements`` and ``memory_mb``
+            made there too: nothing is measured here, and kernels are not timed.
 
     Returns:
         A :class:`CalibrationResult`.
@@ -224,20 +222,23 @@ def calibrate(
     if (runtime or _default_runtime()) == "tensorrt":
         return _calibrate_tensorrt(name, out, models, rounds, resolution, progress)
     start = time.monotonic()
-    cpu = read_cpu()
+    cpu = readings.cpu if readings else read_cpu()
     threads = threads or cpu.cores
     if progress:
         progress(0, len(models) + 2, "memory bandwidth")
-    machine = _Machine(cpu, threads, measure_bandwidth(), _runtime_overhead_mb())
+    machine = (_Machine(cpu, threads, readings.bandwidth_gbs, readings.overhead_mb) if readings
+               else _Machine(cpu, threads, measure_bandwidth(), _runtime_overhead_mb()))
     measurements = _timings(models, measurements, resolution, threads, rounds, progress)
-    machine.peak_fp32, machine.peak_note = _peak_fp32(cpu, threads)
+    machine.peak_fp32, machine.peak_note = _peak_fp32(cpu, threads, readings.gemm_gflops if readings else None)
     samples = [(trace_model(m, meas.resolution), 1, meas.min_ms) for m, meas in measurements.items()]
     fit = fit_roofline(samples, machine.peak_fp32 * 1e9, machine.bandwidth_gbs * 1e9, "fp32")
     ratios = {m: r for m, r in zip(measurements, fit.ratios, strict=True)}
     if progress:
         progress(len(models) + 1, len(models) + 2, "memory of a few sessions, INT8 against FP32")
     _fit_memory(machine, memory_mb, _memory_models(models), resolution)
-    if int8:
+    if readings:
+        machine.int8_speedup, machine.int8_note, kernel_samples = readings.int8_speedup, readings.int8_note, 0
+    elif int8:
         _measure_int8(machine, resolution, rounds)
     if kernel_samples > 0:
         if progress:
@@ -245,7 +246,7 @@ def calibrate(
         machine.kernels = _measure_kernels(machine, list(measurements), resolution, kernel_models, kernel_samples)
     if progress:
         progress(len(models) + 2, len(models) + 2, "done")
-    profile = DeviceProfile.model_validate(_profile_data(name, machine, fit, measurements, rounds))
+    profile = DeviceProfile.model_validate(_profile_data(name, machine, fit, measurements, rounds, readings))
     saved = save_profile(profile, Path(out) if out else user_profile_dir() / f"{name}.yaml")
     memory_ratios = dict(zip(machine.memory_mb, machine.memory_fit.ratios, strict=True)) if machine.memory_fit else {}
     return CalibrationResult(profile, saved, measurements, ratios, time.monotonic() - start, machine.memory_mb,
@@ -435,12 +436,13 @@ def _timings(models: Sequence[str], given: dict[str, Measurement] | None, resolu
     return {m: given[m] for m in models}
 
 
-def _peak_fp32(cpu: CpuInfo, threads: int) -> tuple[float, str]:
-    """The dense fp32 peak in GFLOP/s for ``threads`` threads, and how it was derived."""
+def _peak_fp32(cpu: CpuInfo, threads: int, gemm_gflops: float | None = None) -> tuple[float, str]:
+    """The dense fp32 peak in GFLOP/s for ``threads`` threads, and how it was derived (``gemm_gflops``: the SGEMM
+    rate on every core, measured elsewhere)."""
     # The nominal peak uses the base clock; under turbo, BLAS and ONNX Runtime exceed it, and
     # efficiencies (fractions of peak) would be clipped at 1. The measured SGEMM rate bounds it below.
     nominal = threads * cpu.ghz * cpu.simd_lanes_fp32 * 2 * 2
-    gemm = measure_gemm_gflops() * threads / max(cpu.cores, 1)
+    gemm = (gemm_gflops or measure_gemm_gflops()) * threads / max(cpu.cores, 1)
     if nominal >= gemm:
         return nominal, f"{threads} threads x {cpu.ghz} GHz x {cpu.simd_lanes_fp32} fp32 lanes x 2 (FMA) x 2 FMA units"
     return gemm, (f"measured: best 2048x2048 SGEMM in NumPy, {gemm:.0f} GFLOP/s for {threads} threads (above the "
@@ -448,19 +450,21 @@ def _peak_fp32(cpu: CpuInfo, threads: int) -> tuple[float, str]:
 
 
 def _profile_data(name: str, machine: _Machine, fit: RooflineFit, measurements: dict[str, Measurement],
-                  rounds: int) -> dict[str, Any]:
-    """The profile's fields: the figures measured here, the fitted efficiencies and the reference timings."""
+                  rounds: int, readings: Readings | None = None) -> dict[str, Any]:
+    """The profile's fields: the figures measured here (or as ``readings``), the fitted efficiencies and the
+    reference timings."""
     import onnxruntime  # deferred: heavy
 
     cpu, threads = machine.cpu, machine.threads
-    host, today = host_name(), _dt.date.today().isoformat()
+    host, today = (readings.host if readings else host_name()), _dt.date.today().isoformat()
+    ort_version = readings.runtime_version if readings else onnxruntime.__version__
     return {
         "name": name,
         "version": 1,
         "family": "custom",
         "aliases": [],
         "description": f"{cpu.model}, {threads} threads, ONNX Runtime CPU; measured by edgetl device calibrate",
-        "sources": {"measured": f"edgetl device calibrate on {host}, {today}, onnxruntime {onnxruntime.__version__}"},
+        "sources": {"measured": f"edgetl device calibrate on {host}, {today}, onnxruntime {ort_version}"},
         "runtime": "onnxruntime",
         "precisions": ["fp32", "int8"],
         "compute": _compute(machine),
@@ -474,8 +478,8 @@ def _profile_data(name: str, machine: _Machine, fit: RooflineFit, measurements: 
         "cpu": {"cores": cpu.cores, "threads": cpu.cores, "isa": cpu.isa, "model": cpu.model, "ghz": cpu.ghz,
                 "derived": "read from /proc/cpuinfo and cpufreq"},
         "calibrated": {"host": host, "cpu": cpu.model, "date": today, "runtime": "onnxruntime",
-                       "runtime_version": onnxruntime.__version__, "threads": threads,
-                       "fingerprint": fingerprint(cpu)},
+                       "runtime_version": ort_version, "threads": threads,
+                       "fingerprint": readings.fingerprint if readings else fingerprint(cpu)},
         "reference": [
             {"model": m.model, "precision": "fp32", "batch": m.batch, "resolution": m.resolution,
              "latency_ms": round(m.min_ms, 4), "runtime": "onnxruntime", "metric": "min", "used_for_fit": True,

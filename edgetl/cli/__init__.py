@@ -30,11 +30,13 @@ from edgetl.options import (
     ExportOptions,
     FinetuneOptions,
     OutputOptions,
+    RemoteOptions,
     SelectOptions,
     SourceOptions,
     TargetOptions,
     TimingOptions,
     ValidateOptions,
+    cap_threads,
 )
 
 log = logging.getLogger("edgetl")
@@ -291,7 +293,7 @@ def _measure_ranking(ranking, n: int, threads: int | None, quiet: bool) -> str:
 
     rows = ranking.rows[:n]
     p = ranking.profile
-    threads = threads_for(p, threads)
+    threads = cap_threads(threads_for(p, threads))
     with _progress("exporting for measurement") as advance:
         results = measure_models(
             [r.card.id for r in rows], resolution=None, batch=ranking.batch, threads=threads, progress=advance
@@ -642,27 +644,36 @@ def predict_cmd(source, images, top, check, **kwargs) -> None:
 @cli_options(TimingOptions)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
               help="TensorRT engine precision (tensorrt runtime only; int8 needs a QDQ model).")
+@cli_options(RemoteOptions)
 @cli_options(OutputOptions)
 def bench_cmd(target, runtime, batch, precision, **kwargs) -> None:
-    """Time a catalog model (exported with random weights) or an ONNX file on this machine.
+    """Time a catalog model (exported with random weights) or an ONNX file on this machine, or on a board (--on).
 
     Reports latency percentiles, throughput, peak memory and the coefficient of variation; a CV
-    above 10% means the machine was busy and the figures are noisy (trust min then).
+    above 10% means the machine was busy and the figures are noisy (trust min then). With --on, a catalog
+    model is exported here and its ONNX file timed on the board with ONNX Runtime.
 
     \b
     Examples:
       edgetl bench mobilenet_v3_small --resolution 96 --iterations 50
       edgetl bench artifacts/lite0/model.onnx --threads 2 --json
+      edgetl bench artifacts/lite0/model.onnx --on ssh://pi@raspberrypi.local
     """
     from edgetl.runtime import make_runner
     from edgetl.runtime.bench import benchmark
 
     timing, resolution = parse(TimingOptions, kwargs), parse(SourceOptions, kwargs).resolution
-    as_json = parse(OutputOptions, kwargs).as_json
+    remote, as_json = parse(RemoteOptions, kwargs), parse(OutputOptions, kwargs).as_json
     err = _stderr_console()
+    if remote.on and runtime != "onnxruntime":
+        raise ConfigError(f"--on times ONNX files with ONNX Runtime on the board; drop --runtime {runtime}")
     path, shape, info = _bench_target(target, runtime, batch, resolution, err)
     info["threads"] = timing.threads
-    options: dict[str, Any] = {"threads": timing.threads}
+    if remote.on:
+        _bench_on_board(remote, path, shape, info, timing, as_json)
+        return
+    info["threads"] = cap_threads(timing.threads)
+    options: dict[str, Any] = {"threads": info["threads"]}
     if runtime == "tensorrt":
         options = {"precision": precision, "max_batch": max(8, shape[0])}
         if timing.threads is not None:
@@ -674,6 +685,34 @@ def bench_cmd(target, runtime, batch, precision, **kwargs) -> None:
         emit_json({**info, **result.to_dict()})
         return
     _print_bench(info, result)
+
+
+def _bench_on_board(remote: RemoteOptions, path: Any, shape: tuple[int, ...], info: dict[str, Any],
+                    timing: TimingOptions, as_json: bool) -> None:
+    from edgetl.board.jobs import Remote, bench_on_board
+
+    with _stderr_console().status(f"timing {info['model']} on {remote.on}: {timing.warmup} warm-up + "
+                                  f"{timing.iterations} runs"):
+        result, board = bench_on_board(Remote.of(remote), path, shape, timing.iterations, timing.warmup,
+                                       timing.threads)
+    info.update(board=board, runtime="onnxruntime")
+    if as_json:
+        emit_json({**info, **result.to_dict()})
+        return
+    _print_bench({**info, "runtime": f"onnxruntime on {remote.on}"}, result)
+    _stdout_console().print(f"board: {_board_line(board)}", highlight=False)
+
+
+def _board_line(board: dict[str, Any]) -> str:
+    """One line about a board: CPU, cores, memory, OS, Python, runtime, GPU, nearest profile."""
+    cpu, packages = board["cpu"], board.get("packages") or {}
+    gpu = board.get("gpu")
+    return (f"{board.get('board') or cpu['model']} ({board['arch']}, {cpu['cores']} cores, "
+            f"{cpu['ram_mb'] / 1024:.1f} GB, ISA {' '.join(cpu['isa']) or 'none listed'}); {board['os']}; Python "
+            f"{board['python']}; onnxruntime {packages.get('onnxruntime') or packages.get('onnxruntime-gpu')}"
+            + (f"; tensorrt {packages['tensorrt']}" if packages.get("tensorrt") else "")
+            + (f"; GPU {gpu}" if gpu else "")
+            + f"; nearest profile: {board.get('nearest_profile')} ({board.get('nearest_profile_why')})")
 
 
 def _bench_target(target: str, runtime: str, batch: int | None, resolution: int | None,
@@ -742,12 +781,40 @@ def _print_bench(info: dict[str, Any], result) -> None:
 
 @cli.group("device")
 def device_group() -> None:
-    """Device profiles of this machine.
+    """Device profiles of this machine, and boards reached over SSH (--on).
 
     \b
     Example:
       edgetl device calibrate --name my-box && edgetl select --device my-box --measure 3
     """
+
+
+@device_group.command("info")
+@cli_options(RemoteOptions)
+@cli_options(OutputOptions)
+def device_info_cmd(**kwargs) -> None:
+    """Print a machine's fingerprint (CPU model and flags, cores, memory, OS, Python, runtime versions, GPU) and
+    the nearest built-in profile: this machine's, or a board's with --on.
+
+    \b
+    Examples:
+      edgetl device info
+      edgetl device info --on ssh://pi@raspberrypi.local --json
+    """
+    from edgetl.board.jobs import Remote, board_info, describe
+
+    remote, as_json = parse(RemoteOptions, kwargs), parse(OutputOptions, kwargs).as_json
+    if remote.on:
+        with _stderr_console().status(f"asking {remote.on}"):
+            info = board_info(Remote.of(remote))
+    else:
+        from edgetl.board.runner import machine_info
+
+        info = describe("this machine", machine_info())
+    if as_json:
+        emit_json(info)
+        return
+    _stdout_console().print(f"{info['address']}: {_board_line(info)}", highlight=False)
 
 
 @device_group.command("calibrate")
@@ -762,22 +829,31 @@ def device_group() -> None:
 @click.option("--kernel-samples", type=click.IntRange(min=0), default=KERNEL_SAMPLES, show_default=True,
               help="Micro-graphs of the catalog's distinct kernels to time; latency is then predicted kernel by "
                    "kernel (0: the fitted roofline only).")
+@cli_options(RemoteOptions)
 @cli_options(OutputOptions)
 def device_calibrate_cmd(name: str, out: str | None, rounds: int, runtime: str | None, kernel_samples: int,
                          **kwargs) -> None:
-    """Measure this machine and write a device profile fitted to it.
+    """Measure this machine, or a board over SSH (--on), and write a device profile fitted to it.
+
+    With --on, the models are exported here, timed on the board (kept there in ~/.cache/edgetl/board-models, by
+    content hash, so the next calibration sends none again) and fitted here; kernels are not timed on a board.
 
     \b
     Examples:
       edgetl device calibrate --name my-box
       edgetl device calibrate --name my-box --threads 2 --out my-box.yaml
+      edgetl device calibrate --name my-pi --on ssh://pi@raspberrypi.local
     """
     from edgetl.calibrate.api import calibrate
 
     threads, as_json = parse(TargetOptions, kwargs).threads, parse(OutputOptions, kwargs).as_json
+    remote = parse(RemoteOptions, kwargs)
     with _progress("calibrating") as advance:
-        result = calibrate(name=name, out=out, threads=threads, rounds=rounds, progress=advance, runtime=runtime,
-                           kernel_samples=kernel_samples)
+        if remote.on:
+            result = _calibrate_on_board(remote, name, out, threads, rounds, runtime, advance)
+        else:
+            result = calibrate(name=name, out=out, threads=cap_threads(threads), rounds=rounds, progress=advance,
+                               runtime=runtime, kernel_samples=kernel_samples)
     summary = {
         "profile": result.profile.name,
         "path": str(result.path),
@@ -807,6 +883,18 @@ def device_calibrate_cmd(name: str, out: str | None, rounds: int, runtime: str |
         console.print("session peak RSS, measured MB (fitted / measured): " + ", ".join(
             f"{m} {d['measured_mb']:.0f} ({d['fit_ratio']:.2f})" for m, d in summary["memory"].items()))
     console.print(f"wrote {result.path}; use it with --device {result.profile.name}")
+
+
+def _calibrate_on_board(remote: RemoteOptions, name: str, out: str | None, threads: int | None, rounds: int,
+                        runtime: str | None, advance: Any) -> Any:
+    from edgetl.board.calibrate import calibrate_on_board
+    from edgetl.board.jobs import Remote
+
+    if runtime not in (None, "onnxruntime"):
+        raise ConfigError(f"--on calibrates ONNX Runtime on the board's CPU; drop --runtime {runtime}")
+    result, sent = calibrate_on_board(Remote.of(remote), name, out, threads=threads, rounds=rounds, progress=advance)
+    log.info("sent %d model files to %s (the others were in its cache)", sent, remote.on)
+    return result
 
 
 @cli.command("export")
@@ -937,7 +1025,8 @@ def _print_validation(report) -> None:
     from edgetl.export.golden import summary as golden_summary
 
     table.add_row("golden outputs", golden_summary(report.golden))
-    table.add_row("runtime here", f"{lat['runtime']} (threads: {lat['threads'] or 'all'})")
+    where = f"on {report.board['address']}" if report.board else "here"
+    table.add_row(f"runtime {where}", f"{lat['runtime']} (threads: {lat['threads'] or 'all'})")
     shown = " · ".join(f"{k} {lat[f'{k}_ms']:.3f}" for k in ("p50", "p90", "p99", "min") if f"{k}_ms" in lat)
     table.add_row("latency ms", f"{shown} (CV {100 * lat['cv']:.0f}%, {lat['runs']} runs)")
     if lat.get("predicted_ms") is not None:

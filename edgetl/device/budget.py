@@ -145,7 +145,7 @@ def shipped_predicted_ms(model: Any, resolution: int | None, profile: DeviceProf
 
 def judge_latency(profile: DeviceProfile, runtime: str, measured: Mapping[str, Any] | None,
                   predicted: float | None, budget_ms: float | None,
-                  metric: str = DEFAULT_METRIC) -> dict[str, Any]:
+                  metric: str = DEFAULT_METRIC, measured_on: str | None = None) -> dict[str, Any]:
     """Judge a latency budget by the one rule (see the module's docstring).
 
     Args:
@@ -155,17 +155,19 @@ def judge_latency(profile: DeviceProfile, runtime: str, measured: Mapping[str, A
         predicted: the latency predicted for the device (ms), or None.
         budget_ms: the budget, or None for none.
         metric: the statistic of a measurement on the target that is judged.
+        measured_on: the board ``measured`` was made on (``ssh://...``): then it is a measurement on the target.
 
     Returns:
         ``basis`` (``measured on target``, ``predicted`` or ``measured here``), ``judged_on`` (a phrase),
         ``judged_ms``, ``budget_ms``, ``pass`` (None without a budget or a figure), ``failure``
         (a sentence, or None) and ``note`` (what the host's measurement means, or None).
     """
-    target = on_target(profile, runtime)
+    target = measured_on is not None or on_target(profile, runtime)
     key = f"{metric}_ms"
     if target and measured and key in measured:
         basis, judged = "measured on target", float(measured[key])
-        judged_on = f"{metric} measured on {profile.name} (this machine, {runtime})"
+        judged_on = (f"{metric} measured on the board {measured_on} ({runtime})" if measured_on
+                     else f"{metric} measured on {profile.name} (this machine, {runtime})")
         note = None
     elif predicted is not None:
         basis, judged, judged_on = "predicted", float(predicted), f"predicted for {profile.name}"

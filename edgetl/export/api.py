@@ -59,7 +59,7 @@ from edgetl.export.evaluate import (
 )
 from edgetl.export.tensorrt import build_tensorrt_engine, engine_precision, require_tensorrt
 from edgetl.finetune.model import load_trained_model
-from edgetl.options import ExportOptions, SourceOptions, TargetOptions, documented, take_inputs
+from edgetl.options import ExportOptions, SourceOptions, TargetOptions, cap_threads, documented, take_inputs
 from edgetl.runtime.bench import benchmark, benchmark_interleaved
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import TensorRTRunner
@@ -665,7 +665,7 @@ def _start(source: str | os.PathLike[str], out: str | os.PathLike[str], opts: Ex
                                         "--calib-data": opts.calibration.data, "--sign-key": opts.sign_key})
     out_path = bundle.check_destination(out, force)
     return _Job(opts, inputs, profile, out_path, progress,
-                threads=threads_for(profile, inputs[TargetOptions].threads))
+                threads=cap_threads(threads_for(profile, inputs[TargetOptions].threads)))
 
 
 def _require_tensorrt(job: _Job, src: _Source) -> None:

@@ -162,7 +162,7 @@ class Runner(abc.ABC):
                     f"input '{name}' must have {len(spec.shape)} dimensions {_fmt_shape(spec.shape)}, "
                     f"got shape {list(array.shape)}"
                 )
-            for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
+            for axis, (want, got) in enumerate(zip(spec.shape, array.shape)):  # noqa: B905 (board: Python 3.8)
                 if isinstance(want, int) and want > 0 and want != got:
                     raise ConfigError(
                         f"input '{name}' has a fixed size {want} on axis {axis} {_fmt_shape(spec.shape)}, "

@@ -27,6 +27,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,6 +240,55 @@ def session_rss_mb(onnx: str | os.PathLike[str], shape: Sequence[int], threads: 
         raise ConfigError(f"measuring the memory of {onnx} failed: {tail}")
     return int(done.stdout.split()[-1]) * 1024 / 1e6
 
+
+
+# --- the machine: memory bandwidth, BLAS rate, the runtime's own memory (calibrate; the board runner) -----------
+
+
+def measure_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Measure memory bandwidth in GB/s: the best of ``repeats`` copies of a large array (read + write)."""
+    n = megabytes * (1 << 20) // 8
+    src = np.ones(n, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best / 1e9
+
+
+def measure_gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Measure attainable fp32 GFLOP/s on every core: the best of ``repeats`` n x n SGEMMs in NumPy's BLAS."""
+    rng = np.random.default_rng(0)
+    a = rng.random((n, n), dtype=np.float32)
+    b = rng.random((n, n), dtype=np.float32)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def session_growth_mb(model: bytes | str | os.PathLike[str]) -> float:
+    """RSS growth (MB, at least 1) of creating an ONNX Runtime CPU session of ``model`` in this process and running
+    it once on ones (its input shape must be fixed); for a tiny model, the runtime's own memory."""
+    import onnxruntime as ort  # deferred: heavy
+
+    def rss_mb() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    before = rss_mb()
+    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model),
+                                   providers=["CPUExecutionProvider"])
+    first = session.get_inputs()[0]
+    session.run(None, {first.name: np.ones([int(d) for d in first.shape], np.float32)})
+    return max(1.0, rss_mb() - before)
 
 # --- timing ------------------------------------------------------------------------------------
 

@@ -169,7 +169,7 @@ class OnnxRuntimeRunner(Runner):
             outputs = self.session.run(self._output_names, feed)
         except Exception as exc:  # ORT's InvalidArgument / RuntimeException
             raise EdgetlError(f"ONNX Runtime inference failed: {_one_line(exc)}") from exc
-        return dict(zip(self._output_names, outputs, strict=True))
+        return dict(zip(self._output_names, outputs))  # noqa: B905 (the board runs Python 3.8: no strict=)
 
     def deactivate_impl(self) -> None:
         self.session = None

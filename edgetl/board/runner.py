@@ -1,0 +1,302 @@
+"""The board side of ``--on ssh://HOST``: ``python3 -m edgetl.board.runner JOB.json`` on the board.
+
+It needs Python >= 3.8, numpy, Pillow and ONNX Runtime, nothing else: edgetl ships this module with the torch-free
+modules it reuses (preprocessing, the golden check, the timing loop, the runner, the machine fingerprint) in a zip
+(see :mod:`edgetl.board.host`). It prints one JSON document on stdout: ``{"result": ...}``, or ``{"error":
+{"type": ..., "message": ...}}`` with exit status 3. Every heavy import is made inside a task, so that a missing
+package is reported as an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from edgetl.errors import BoardSetupError, ConfigError, EdgetlError
+
+#: The pip package that provides each module the runner imports.
+PACKAGES = {"numpy": "numpy", "PIL": "pillow", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
+MIN_PYTHON = (3, 8)
+EXIT_ERROR = 3
+
+
+def _require(*modules: str) -> None:
+    """Import ``modules``; a missing one is a :class:`BoardSetupError` naming the package to install."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            package = PACKAGES.get(name, name)
+            raise BoardSetupError(
+                f"the board's Python ({platform.python_version()}, {sys.executable}) cannot import {name} ({exc}): "
+                f"install it on the board with `{Path(sys.executable).name} -m pip install {package}`") from None
+
+
+def _versions() -> dict[str, Any]:
+    from importlib import metadata
+
+    found: dict[str, Any] = {}
+    for dist in ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text(errors="replace").strip("\x00\n ")
+    except OSError:
+        return None
+
+
+def _os_name() -> str:
+    text = _read("/etc/os-release") or ""
+    for line in text.splitlines():
+        if line.startswith("PRETTY_NAME="):
+            return line.split("=", 1)[1].strip('"')
+    return platform.platform()
+
+
+def _gpu() -> dict[str, Any] | None:
+    """A Jetson (device tree, L4T release) or an NVIDIA GPU (``nvidia-smi``), else None."""
+    import shutil
+    import subprocess
+
+    tegra = _read("/etc/nv_tegra_release")
+    if tegra:
+        return {"kind": "jetson", "l4t": tegra.splitlines()[0]}
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        done = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              check=False, timeout=30)
+        if done.returncode == 0 and done.stdout.strip():
+            return {"kind": "nvidia", "gpus": [line.strip() for line in done.stdout.splitlines() if line.strip()]}
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    """The board's fingerprint: CPU model and ISA flags, cores, RAM, OS, Python, runtime versions, GPU."""
+    from edgetl.device.machine import fingerprint, last_level_cache_mb, read_cpu
+
+    cpu = read_cpu()
+    info = {"host": platform.node(), "arch": platform.machine(), "board": _read("/proc/device-tree/model"),
+            "os": _os_name(), "kernel": platform.release(),
+            "python": platform.python_version(), "python_path": sys.executable,
+            "cpu": {"model": cpu.model, "cores": cpu.cores, "ghz": cpu.ghz, "isa": list(cpu.isa),
+                    "ram_mb": cpu.ram_mb, "llc_mb": round(last_level_cache_mb(), 3)},
+            "packages": _versions(), "gpu": _gpu()}
+    try:
+        import onnxruntime
+
+        info["onnxruntime_providers"] = list(onnxruntime.get_available_providers())
+    except ImportError:
+        info["onnxruntime_providers"] = None
+    info["fingerprint"] = fingerprint(cpu)
+    return info
+
+
+def _session(model: Path, threads: int | None) -> Any:
+    _require("numpy", "onnxruntime")
+    from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
+
+    return OnnxRuntimeRunner(model, providers="cpu", threads=threads, name="onnxruntime")
+
+
+def _time(model: Path, job: dict[str, Any]) -> dict[str, Any]:
+    """Time ``model`` as the host would (:func:`edgetl.runtime.bench.benchmark`), and its session's memory."""
+    from edgetl.runtime.bench import benchmark, session_rss_mb
+
+    shape = tuple(int(d) for d in job["shape"])
+    with _session(model, job.get("threads")) as runner:
+        result = benchmark(runner, shape=shape, iterations=int(job["iterations"]), warmup=int(job["warmup"]))
+    out: dict[str, Any] = {"bench": result.to_dict(include_times=True)}
+    if job.get("memory_runs"):
+        try:
+            out["memory_mb"] = session_rss_mb(model, shape, job.get("threads"), int(job["memory_runs"]))
+        except EdgetlError as exc:
+            out["memory_mb"], out["memory_note"] = None, str(exc)
+    return out
+
+
+def _logits(folder: Path, runner: Any, images: list[str], batch: int) -> list[list[float]]:
+    """The model's outputs on ``images``, each prepared by the artifact's preprocess.json (the one preprocessing)."""
+    import numpy as np
+
+    from edgetl.data.preprocess import load_tensor, read_spec
+    from edgetl.export import bundle
+
+    spec = read_spec(folder / bundle.PREPROCESS_FILE)
+    rows: list[list[float]] = []
+    for start in range(0, len(images), batch):
+        x = np.stack([load_tensor(Path(p), spec) for p in images[start:start + batch]])
+        rows += np.asarray(runner.infer(x)["logits"], dtype=np.float64).tolist()
+    return rows
+
+
+def _artifact(job: dict[str, Any]) -> tuple[Path, dict[str, Any], Any]:
+    """The shipped artifact, its files checked against the manifest again (the copy is the one verified), and a
+    session of its model."""
+    _require("numpy", "PIL", "onnxruntime")
+    from edgetl.export import bundle
+
+    folder = Path(job["artifact"])
+    manifest = bundle.verify_files(folder)
+    return folder, manifest, _session(folder / bundle.MODEL_FILE, job.get("threads"))
+
+
+def _golden(folder: Path, manifest: dict[str, Any], runner: Any) -> dict[str, Any]:
+    from edgetl.export import golden
+
+    with runner:
+        return golden.check(folder, manifest, lambda x: runner.infer(x)["logits"],
+                            golden.runtime_precision(manifest, "onnxruntime"), "onnxruntime")
+
+
+def task_validate(job: dict[str, Any]) -> dict[str, Any]:
+    """Golden check, timing, memory and the outputs on the scoring images, on the board."""
+    folder, manifest, runner = _artifact(job)
+    out: dict[str, Any] = {"golden": _golden(folder, manifest, runner)}
+    out.update(_time(folder / "model.onnx", job))
+    if job.get("images"):
+        with runner:
+            out["logits"] = _logits(folder, runner, job["images"], int(job.get("batch", 8)))
+    return out
+
+
+def task_predict(job: dict[str, Any]) -> dict[str, Any]:
+    """The artifact's outputs on the images (after the golden check with ``check``)."""
+    folder, manifest, runner = _artifact(job)
+    out: dict[str, Any] = {"golden": _golden(folder, manifest, runner) if job.get("check") else None}
+    with runner:
+        out["logits"] = _logits(folder, runner, job["images"], int(job.get("batch", 16)))
+    return out
+
+
+def task_bench(job: dict[str, Any]) -> dict[str, Any]:
+    """Time an ONNX file."""
+    return _time(Path(job["model"]), job)
+
+
+def _cached(job: dict[str, Any]) -> dict[str, Path]:
+    """The job's ONNX files, by content hash, in the board's model cache (``cache``): shipped ones are moved there,
+    so that a later calibration does not send them again."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / job["cache"]
+    cache.mkdir(parents=True, exist_ok=True)
+    found = {}
+    for digest in job["models"]:
+        shipped, kept = Path("models") / f"{digest}.onnx", cache / f"{digest}.onnx"
+        if shipped.is_file():
+            os.replace(str(shipped), str(kept))
+        found[digest] = kept
+    return found
+
+
+def _steady_times(files: dict[str, Path], job: dict[str, Any]) -> dict[str, list[float]]:
+    """Each model alone, warmed up, consecutive runs, in ``passes`` passes (as calibrate times a model here)."""
+    from edgetl.runtime.bench import benchmark
+    from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
+
+    times: dict[str, list[float]] = {name: [] for name in job["timed"]}
+    for _ in range(int(job["passes"])):
+        for name, (digest, shape) in job["timed"].items():
+            runner = OnnxRuntimeRunner(files[digest], providers="cpu", threads=job.get("threads"), name=name)
+            result = benchmark(runner, tuple(shape), iterations=int(job["per_pass"]), warmup=int(job["warmup"]),
+                               cv_threshold=10.0)
+            times[name] += list(result.times_ms)
+    return times
+
+
+def task_calibrate(job: dict[str, Any]) -> dict[str, Any]:
+    """What ``device calibrate`` measures, measured on the board: the CPU, memory bandwidth, the BLAS rate, the
+    runtime's own memory, the models' steady-state timings, their sessions' peak RSS, and FP32 against INT8."""
+    _require("numpy", "onnxruntime")
+    from edgetl.device.machine import read_cpu
+    from edgetl.runtime.bench import (
+        benchmark_interleaved,
+        measure_bandwidth,
+        measure_gemm_gflops,
+        session_growth_mb,
+        session_rss_mb,
+    )
+    from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
+
+    files = _cached(job)
+    cpu = read_cpu()
+    out: dict[str, Any] = {"cpu": {"model": cpu.model, "cores": cpu.cores, "ghz": cpu.ghz, "isa": list(cpu.isa),
+                                   "ram_mb": cpu.ram_mb},
+                           "bandwidth_gbs": measure_bandwidth(), "gemm_gflops": measure_gemm_gflops(),
+                           "overhead_mb": session_growth_mb(files[job["tiny"]]),
+                           "times_ms": _steady_times(files, job)}
+    out["memory_mb"] = {name: session_rss_mb(files[digest], shape, job.get("threads"), 3)
+                        for name, (digest, shape) in job["memory"].items()}
+    if job.get("int8"):
+        pair, shape = job["int8"]
+        runners = {p: OnnxRuntimeRunner(files[d], providers="cpu", threads=job.get("threads"), name=p)
+                   for p, d in pair.items()}
+        results = benchmark_interleaved(runners, tuple(shape), rounds=int(job["int8_rounds"]), iterations_per_round=3,
+                                        warmup=5, settle=1, cv_threshold=10.0)
+        out["int8_ms"] = {p: {"min": r.min, "runs": r.iterations} for p, r in results.items()}
+    return out
+
+
+TASKS = {"info": lambda job: {}, "validate": task_validate, "predict": task_predict, "bench": task_bench,
+         "calibrate": task_calibrate}
+
+
+def check_threads(threads: Any) -> None:
+    """Refuse more ONNX Runtime threads than the board has cores (its fingerprint's ``cpu.cores``), as
+    :func:`edgetl.options.cap_threads` caps them at this machine's on the host.
+
+    Raises:
+        ConfigError: ``threads`` is more than the board's cores.
+    """
+    from edgetl.device.machine import available_cores
+
+    cores = available_cores()
+    if threads is not None and int(threads) > cores:
+        raise ConfigError(f"--threads {threads} is more than the board's {cores} cores ({platform.node()}): pass "
+                          f"--threads {cores} or fewer, or leave it out (all its cores)")
+
+
+def run(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one job; every result carries the board's fingerprint (``machine``)."""
+    if sys.version_info < MIN_PYTHON:
+        raise BoardSetupError(f"the board's Python is {platform.python_version()}; the runner needs Python >= "
+                              f"{'.'.join(map(str, MIN_PYTHON))}: pass --device-python PATH to a newer one")
+    check_threads(job.get("threads"))
+    result = TASKS[job["task"]](job)
+    result["machine"] = machine_info()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Read the job file, run it, print the JSON answer; 0 on success, :data:`EXIT_ERROR` on an error."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="board: %(message)s")
+    args = sys.argv[1:] if argv is None else argv
+    job = json.loads(Path(args[0]).read_text())
+    try:
+        answer: dict[str, Any] = {"result": run(job)}
+    except EdgetlError as exc:
+        answer = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+    except MemoryError:
+        answer = {"error": {"type": "RemoteError", "message": "the board ran out of memory"}}
+    except OSError as exc:
+        answer = {"error": {"type": "RemoteError", "message": f"{exc.filename or 'the runner'}: {exc.strerror or exc}"}}
+    sys.stdout.write(json.dumps(answer) + "\n")
+    sys.stdout.flush()
+    return EXIT_ERROR if "error" in answer else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
