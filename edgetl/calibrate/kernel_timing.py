@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.device.kernel_model import CONV_OPS, LAYOUT_OPS, KernelSample, node_kernel, op_kernel
+from edgetl.device.kernel_model import COMPUTE_KINDS, CONV_OPS, LAYOUT_OPS, KernelSample, node_kernel, op_kernel
 from edgetl.runtime.bench import benchmark, random_input
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner, session_options
 from edgetl.zoo.cost import CostTrace, OpCost
@@ -114,9 +114,7 @@ def _shapes(items: Any) -> list[list[int]]:
 # --- micro-graphs -----------------------------------------------------------------------------------
 
 
-def distinct_kernels(traces: Iterable[CostTrace],
-                     kinds: Sequence[str] = ("conv", "depthwise", "grouped", "grouped_plain", "matmul", "bmm")
-                     ) -> list[OpCost]:
+def distinct_kernels(traces: Iterable[CostTrace], kinds: Sequence[str] = COMPUTE_KINDS) -> list[OpCost]:
     """The distinct convolutions and matrix products (by geometry) the traces run, first seen first."""
     seen: dict[tuple, OpCost] = {}
     for trace in traces:
