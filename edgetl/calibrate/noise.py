@@ -27,6 +27,10 @@ T = TypeVar("T")
 DRIFT_THRESHOLD = 0.10
 #: How many more times a drifted window is timed before it is dropped.
 RETRIES = 2
+#: A later pass is run only when at most this share of the windows drifted: beyond it the load is not a burst
+#: but the state of the machine, and timing every window again would triple the run to no end (they are dropped,
+#: and the run is too noisy).
+RETRY_MAX_SHARE = 0.5
 #: The share of windows dropped (drifted on every try), or of reference probes beyond :data:`DRIFT_THRESHOLD`,
 #: above which the machine was too noisy to calibrate.
 NOISY_SHARE = 0.10
@@ -179,8 +183,9 @@ class NoiseGuard:
     def run_all(self, windows: dict[str, Callable[[], T]]) -> tuple[dict[str, T], set[str]]:
         """Run every window once, each between two probes of the reference; then run those where the reference
         drifted again, in a later pass (load from another tenant may have passed by then), up to :attr:`retries`
-        passes. Drift is judged against the quietest probe so far when a pass ends, so a window timed while the
-        first probes were slowed too is caught once the machine is quiet.
+        passes, while at most :data:`RETRY_MAX_SHARE` of the windows drifted. Drift is judged against the quietest
+        probe so far when a pass ends, so a window timed while the first probes were slowed too is caught once the
+        machine is quiet.
 
         Returns:
             Each window's result, in the order given (a window that drifted on every try keeps its least drifted
@@ -195,7 +200,7 @@ class NoiseGuard:
                 if label not in best or probe < best[label][1]:
                     best[label] = (result, probe)
             todo = [label for label in windows if self._drift(best[label][1]) > self.threshold]
-            if not todo or attempt == self.retries:
+            if not todo or attempt == self.retries or len(todo) > RETRY_MAX_SHARE * len(windows):
                 break
             retried.update(todo)
         self.windows += len(windows)
