@@ -14,7 +14,9 @@
    under ONNX Runtime's profiler, in place, and micro-graphs of a sample of the distinct convolutions and matrix
    products of the catalog's models; with what the profiler adds to a kernel, the rate at which weights stream from
    DRAM and the last-level cache. They predict this machine's latency kernel by kernel
-   (:mod:`edgetl.device.kernel_model`).
+   (:mod:`edgetl.device.kernel_model`). A reference kernel timed between them
+   (:class:`edgetl.calibrate.noise.NoiseGuard`) finds what was timed under load from another process: timed again,
+   dropped, recorded in the profile, and warned about when the machine was too noisy.
 7. Measure the peak RSS of a few models' sessions (each in a fresh process: load + 3 inferences) and fit
    ``conv weights x factor + other weights x factor + activations x factor + constant`` to them
    (:func:`edgetl.device.latency.fit_memory`).

@@ -98,7 +98,9 @@ class NoiseSummary:
         drift_median: median of (probe / baseline - 1) over the run.
         drift_max: the largest (probe / baseline - 1).
         over: share of probes beyond :data:`DRIFT_THRESHOLD`.
-        windows: windows timed; ``repeated``: those timed again; ``dropped``: their labels, drifted on every try.
+        windows: windows timed; ``repeated``: those timed again; ``dropped``: the labels of those that drifted on
+            every try (left out of the fit after a burst of load; kept when the load lasted, see
+            :meth:`NoiseGuard.run_all`).
     """
 
     reference_us: float
@@ -123,13 +125,13 @@ class NoiseSummary:
                 f"run: its coefficient of variation {self.cv:.3f}, drift from its quietest "
                 f"{100 * self.drift_median:+.1f}% (median), at most {100 * self.drift_max:+.1f}%, "
                 f"{100 * self.over:.0f}% of probes beyond {100 * DRIFT_THRESHOLD:.0f}%; {self.repeated} windows "
-                f"timed again, {len(self.dropped)} dropped")
+                f"timed again, {len(self.dropped)} drifted on every try")
 
     def warning(self) -> str:
         """One line that says the machine was too noisy, with the figures."""
         return (f"the machine was too noisy to calibrate: a reference kernel ran up to {100 * self.drift_max:+.0f}% "
                 f"slower than its quietest (CV {self.cv:.2f}, {100 * self.over:.0f}% of probes beyond "
-                f"{100 * DRIFT_THRESHOLD:.0f}%, {len(self.dropped)} of {self.windows} windows dropped); "
+                f"{100 * DRIFT_THRESHOLD:.0f}%, {len(self.dropped)} of {self.windows} windows drifted on every try); "
                 "the profile may be shifted: calibrate again when the machine is quiet")
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,8 +191,9 @@ class NoiseGuard:
 
         Returns:
             Each window's result, in the order given (a window that drifted on every try keeps its least drifted
-            attempt), and the labels of those that drifted on every try (dropped: the caller leaves them out, or
-            keeps them where it cannot do without).
+            attempt), and the labels of those to leave out: the windows that drifted on every try, when they are
+            at most :data:`RETRY_MAX_SHARE` of them (else none: the caller keeps what it has, and the summary says
+            the run was too noisy). The caller may keep a window it cannot do without.
         """
         best: dict[str, tuple[T, float]] = {}
         todo, retried = list(windows), set()
@@ -206,7 +209,10 @@ class NoiseGuard:
         self.windows += len(windows)
         self.repeated += len(retried)
         self.dropped += todo
-        return {label: best[label][0] for label in windows}, set(todo)
+        # a burst of load spoils a few windows, which are left out; load that lasts spoils most, and leaving them out
+        # would leave next to nothing to fit: they are kept (their least drifted attempt), and the run is too noisy
+        left_out = set(todo) if len(todo) <= RETRY_MAX_SHARE * len(windows) else set()
+        return {label: best[label][0] for label in windows}, left_out
 
     def summary(self) -> NoiseSummary:
         """The figures of the run so far (relative to the quietest probe of the whole run)."""
