@@ -46,6 +46,13 @@ def test_calibrate_writes_a_valid_profile_that_select_finds():
     kernels = profile.kernels
     assert kernels is not None and kernels.threads == 1 and kernels.block in (1, 8, 16) and kernels.stream_gbs > 0
     assert "profiler" in kernels.derived and len(kernels.samples) > 20
+    # how noisy the machine was is recorded beside the figures it may have shifted
+    noise = result.noise
+    # windows: 6 profiler chains, the 4 models, the micro-graphs, the streaming rate and the run overhead
+    assert noise is not None and noise.windows > 6 + len(TINY) + 2 and noise.reference_us > 0
+    assert f"coefficient of variation {noise.cv:.3f}" in kernels.derived
+    assert f"at most {100 * noise.drift_max:+.1f}%" in kernels.derived
+    assert "coefficient of variation of their runs" in profile.efficiency.derived
     predicted = {r.model: predict_latency(trace_model(r.model, 64), profile, "fp32").latency_ms
                  for r in profile.reference}
     assert all(1 / 4 < predicted[r.model] / r.latency_ms < 4 for r in profile.reference), (
@@ -105,3 +112,84 @@ def test_a_sessions_peak_rss_is_measured_in_a_fresh_process_and_grows_with_the_w
     mb = measure_memory(("squeezenet1_1", "resnet18"), resolution=32, threads=1, runs=1)
     # resnet18 has 47 MB of fp32 weights, squeezenet1_1 5 MB; the runtime holds more than one copy
     assert 0 < mb["squeezenet1_1"] < mb["resnet18"] and mb["resnet18"] > 47
+
+
+def _busy_loops(count: int) -> list:
+    """Real load: ``count`` processes that spin on a core each until killed."""
+    import subprocess
+    import sys
+
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def test_a_window_that_drifted_is_timed_again_in_a_later_pass_and_dropped_if_it_drifts_on_every_try():
+    """The guard's decisions, on a reference whose times are given: 1000 us quiet, 1500 us loaded."""
+    from edgetl.calibrate.noise import NoiseGuard
+
+    # 5 start probes, then one after each window (the probe before a window is the one after the window before):
+    # pass 1 (a, b, c, d), pass 2 (b, c), pass 3 (c)
+    times = iter([1000.0] * 5 + [1000.0, 1500.0, 1000.0, 1000.0] + [1000.0, 1500.0] + [1000.0])
+    ran: list[str] = []
+    guard = NoiseGuard(lambda: next(times)).start()
+    results, dropped = guard.run_all({k: (lambda k=k: ran.append(k) or k.upper()) for k in "abcd"})
+    assert ran == ["a", "b", "c", "d", "b", "c", "c"]  # b drifted after, c before: both again, in a later pass
+    assert results == {"a": "A", "b": "B", "c": "C", "d": "D"} and dropped == {"c"}  # c drifted on every try
+    noise = guard.summary()
+    assert (noise.windows, noise.repeated, noise.dropped) == (4, 2, ("c",))
+    assert noise.drift_max == pytest.approx(0.5) and noise.noisy  # 1 of 4 windows dropped
+    # a machine loaded throughout: most windows drift; timing them again would only triple the run, and leaving them
+    # out would leave nothing to fit: they are kept, and the run is too noisy
+    times = iter([1000.0] * 5 + [1500.0] * 4)
+    ran.clear()
+    guard = NoiseGuard(lambda: next(times)).start()
+    results, dropped = guard.run_all({k: (lambda k=k: ran.append(k) or k) for k in "abcd"})
+    assert ran == ["a", "b", "c", "d"] and not dropped and list(results.values()) == list("abcd")
+    assert guard.summary().dropped == tuple("abcd") and guard.summary().noisy
+
+
+def test_a_window_timed_under_real_load_is_timed_again_dropped_or_warned_about():
+    """Kernels timed while other processes take both cores for the first second or so: the guard's reference kernel
+    sees the load, and what it keeps is no slower than the same kernels timed before the load (within 25%), or it
+    says the machine was too noisy."""
+    import threading
+    from functools import partial
+
+    from edgetl.calibrate.api import _profile_micro
+    from edgetl.calibrate.noise import DRIFT_THRESHOLD, NoiseGuard
+    from edgetl.zoo.cost import OpCost
+
+    attempts: list[float] = []  # every time a window ran, as a ratio to its quiet time
+
+    def kernel_us(op: OpCost, quiet: float = 0.0) -> float:
+        us = sum(us for *_, us in _profile_micro(op, threads=2).kernels)
+        attempts.append(us / quiet if quiet else 1.0)
+        return us
+
+    # 3x3 convolutions of 2-10 ms: long enough for a busy core to slow them
+    ops = [OpCost("conv", "conv", 0, 0, 0, 0, False, geom=(c, c, 3, 3, 1, 1, 1, 1, 1, 56, 56, 56, 56))
+           for c in (64, 96, 128)]
+    guard = NoiseGuard.for_threads(2)
+    quiet = [kernel_us(op) for op in ops]
+    windows = {f"w{i}": partial(kernel_us, ops[i % 3], quiet[i % 3]) for i in range(9)}
+    busy = _busy_loops(2)
+
+    def stop() -> None:
+        for p in busy:
+            p.kill()
+            p.wait()
+
+    timer = threading.Timer(1.5, stop)
+    timer.start()
+    try:
+        timed, dropped = guard.run_all(windows)
+    finally:
+        timer.cancel()
+        stop()
+    noise = guard.summary()
+    assert noise.windows == 9 and len(guard.probes) >= 5 + 9
+    if max(attempts) < 1.25:
+        pytest.skip(f"the load slowed no kernel by 25% (at most {max(attempts):.2f}x): nothing to catch")
+    assert noise.drift_max > DRIFT_THRESHOLD, noise.text()  # the reference saw the load
+    slowed = {k: round(v / quiet[int(k[1:]) % 3], 2) for k, v in timed.items()
+              if k not in dropped and v > 1.25 * quiet[int(k[1:]) % 3]}
+    assert noise.noisy or not slowed, (noise.text(), slowed)

@@ -14,7 +14,9 @@
    under ONNX Runtime's profiler, in place, and micro-graphs of a sample of the distinct convolutions and matrix
    products of the catalog's models; with what the profiler adds to a kernel, the rate at which weights stream from
    DRAM and the last-level cache. They predict this machine's latency kernel by kernel
-   (:mod:`edgetl.device.kernel_model`).
+   (:mod:`edgetl.device.kernel_model`). A reference kernel timed between them
+   (:class:`edgetl.calibrate.noise.NoiseGuard`) finds what was timed under load from another process: timed again,
+   dropped, recorded in the profile, and warned about when the machine was too noisy.
 7. Measure the peak RSS of a few models' sessions (each in a fresh process: load + 3 inferences) and fit
    ``conv weights x factor + other weights x factor + activations x factor + constant`` to them
    (:func:`edgetl.device.latency.fit_memory`).
@@ -31,20 +33,24 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from edgetl.calibrate.kernel_timing import (
+    PROFILER_CHAINS,
+    ProfiledRun,
     distinct_kernels,
     measure_channel_block,
-    measure_profiler_us,
     measure_run_overhead_us,
     measure_stream_gbs,
     micro_graph,
     profile_onnx,
+    profiler_excess_us,
     spread_sample,
 )
 from edgetl.calibrate.measure import Measurement, architecture_onnx, measure_memory, measure_models
+from edgetl.calibrate.noise import NoiseGuard, NoiseSummary
 from edgetl.device.kernel_model import fit_kernel_model
 from edgetl.device.latency import MemoryFit, RooflineFit, fit_memory, fit_roofline, int8_speedup_for_isa
 from edgetl.device.machine import CpuInfo, fingerprint, host_name, last_level_cache_mb, read_cpu, runtime_version
@@ -61,7 +67,7 @@ from edgetl.runtime.bench import (
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import tensorrt_available
 from edgetl.zoo.catalog import get_card, list_models
-from edgetl.zoo.cost import CostTrace, TraceError
+from edgetl.zoo.cost import CostTrace, OpCost, TraceError
 from edgetl.zoo.model_cost import trace_model
 from edgetl.zoo.quantize import quantize_int8_static
 
@@ -128,6 +134,7 @@ class CalibrationResult:
     seconds: float
     memory_mb: dict[str, float] = field(default_factory=dict)
     memory_ratios: dict[str, float] = field(default_factory=dict)
+    noise: NoiseSummary | None = None
 
 
 @dataclass
@@ -145,6 +152,7 @@ class _Machine:
     int8_speedup: float | None = None
     int8_note: str = ""
     kernels: dict[str, Any] | None = None
+    noise: NoiseSummary | None = None
 
 
 @dataclass
@@ -250,7 +258,7 @@ def calibrate(
     saved = save_profile(profile, Path(out) if out else user_profile_dir() / f"{name}.yaml")
     memory_ratios = dict(zip(machine.memory_mb, machine.memory_fit.ratios, strict=True)) if machine.memory_fit else {}
     return CalibrationResult(profile, saved, measurements, ratios, time.monotonic() - start, machine.memory_mb,
-                             memory_ratios)
+                             memory_ratios, machine.noise)
 
 
 #: The model timed at FP32 and INT8 to measure the INT8 speed-up: dense convolutions, as ISA INT8 paths favour.
@@ -286,31 +294,53 @@ def _measure_int8(machine: _Machine, resolution: int | None, rounds: int) -> Non
 
 def _measure_kernels(machine: _Machine, models: list[str], resolution: int | None,
                      sources: Sequence[str] | None, count: int) -> dict[str, Any]:
-    """Time the kernels of ``models`` in place and ``count`` micro-graphs of the distinct kernels of ``sources``;
-    return the profile's ``kernels`` entry."""
-    threads = machine.threads
-    profiler_us, block = measure_profiler_us(threads), measure_channel_block(threads)
-    samples = []
-    for name in models:
-        res = int(resolution or get_card(name).resolution)
-        samples += profile_onnx(architecture_onnx(name, res), (1, 3, res, res), threads).samples(profiler_us, block)
-    in_place = len(samples)
+    """Time the kernels of ``models`` in place and ``count`` micro-graphs of the distinct kernels of ``sources``,
+    and what the kernel model needs besides, each a window of one :class:`~edgetl.calibrate.noise.NoiseGuard` run;
+    return the profile's ``kernels`` entry (and store the guard's figures on ``machine``, with a warning when the
+    machine was too noisy)."""
+    threads, cache_mb = machine.threads, last_level_cache_mb()
+    guard = NoiseGuard.for_threads(threads)
+    block = measure_channel_block(threads)  # read from shapes, not times
     traces = _kernel_traces(sources, resolution)
-    for op in spread_sample(distinct_kernels(traces), count):
-        data, feeds = micro_graph(op)
-        samples += profile_onnx(data, feeds, threads, warmup=3, runs=8).samples(profiler_us, block)
-    cache_mb = last_level_cache_mb()
-    model = fit_kernel_model(samples, threads, measure_stream_gbs(threads, cache_mb), cache_mb, block,
-                             measure_run_overhead_us(threads))
+    micro = {f"micro-graph {i}": partial(_profile_micro, op, threads)
+             for i, op in enumerate(spread_sample(distinct_kernels(traces), count))}
+    done, dropped = guard.run_all({
+        **{f"profiler chain {c}": partial(profiler_excess_us, c, threads) for c in PROFILER_CHAINS},
+        **{f"model {name}": partial(_profile_model, name, resolution, threads) for name in models},
+        **micro,
+        "stream": partial(measure_stream_gbs, threads, cache_mb), "run": partial(measure_run_overhead_us, threads),
+    })
+    profiler_us = max(0.0, float(np.median([done[f"profiler chain {c}"] for c in PROFILER_CHAINS])))
+    # a model's own kernels are kept even where they drifted on every try (their least drifted run): the fit needs
+    # every kind they hold; the drift is in the figures and the warning. Drifted micro-graphs are left out.
+    samples = [s for name in models for s in done[f"model {name}"].samples(profiler_us, block)]
+    n_in_place = len(samples)
+    samples += [s for label in micro if label not in dropped for s in done[label].samples(profiler_us, block)]
+    model = fit_kernel_model(samples, threads, done["stream"], cache_mb, block, done["run"])
+    machine.noise = guard.summary()
+    if machine.noise.noisy:
+        log.warning(machine.noise.warning())
     return {**model.to_dict(), "profiler_us": round(profiler_us, 2), "derived": (
-        f"measured by edgetl device calibrate with ONNX Runtime's profiler, {threads} threads: the {in_place} kernels "
-        f"of the {len(models)} calibration models in place and {len(samples) - in_place} micro-graphs of the distinct "
-        f"convolutions and matrix products of {len(traces)} catalog models, each the fastest of its "
+        f"measured by edgetl device calibrate with ONNX Runtime's profiler, {threads} threads: the {n_in_place} "
+        f"kernels of the {len(models)} calibration models in place and {len(samples) - n_in_place} micro-graphs of the "
+        f"distinct convolutions and matrix products of {len(traces)} catalog models, each the fastest of its "
         f"runs after warm-up, less the profiler's own {profiler_us:.1f} us per kernel (measured with chains of "
         f"convolutions timed with and without it); one sample per distinct kernel (median); weights stream from DRAM "
         f"at {model.stream_gbs:.1f} GB/s (a matrix-vector product of 4x the {cache_mb:.0f} MB last-level cache); "
         f"blocked convolutions pad channels to multiples of {block} (read from the shapes the profiler reports); "
-        f"a run costs {model.run_us:.0f} us beyond its kernels (a one-ReLU model)")}
+        f"a run costs {model.run_us:.0f} us beyond its kernels (a one-ReLU model); noise: {machine.noise.text()}")}
+
+
+def _profile_model(name: str, resolution: int | None, threads: int) -> ProfiledRun:
+    """A calibration model run under the profiler at ``resolution`` (default: its own)."""
+    res = int(resolution or get_card(name).resolution)
+    return profile_onnx(architecture_onnx(name, res), (1, 3, res, res), threads)
+
+
+def _profile_micro(op: OpCost, threads: int) -> ProfiledRun:
+    """The micro-graph of ``op`` run under the profiler."""
+    data, feeds = micro_graph(op)
+    return profile_onnx(data, feeds, threads, warmup=3, runs=8)
 
 
 def _kernel_traces(sources: Sequence[str] | None, resolution: int | None) -> list[CostTrace]:
@@ -400,7 +430,7 @@ def _tensorrt_profile_data(name: str, base: DeviceProfile, fit: RooflineFit, mea
         name=name, family="custom", aliases=[],
         description=f"{base.name} as measured by edgetl device calibrate: FP16 TensorRT {version} engines",
         sources={**data["sources"], "measured": f"edgetl device calibrate on {host}, {today}, TensorRT {version}"},
-        efficiency=_efficiency(fit, len(measurements), rounds, "FP16 TensorRT engines"),
+        efficiency=_efficiency(fit, measurements, rounds, "FP16 TensorRT engines"),
         kernel_overhead_us={"value": round(fit.kernel_overhead_us, 3), "derived": "fitted by edgetl device calibrate"},
         calibrated={"host": host, "cpu": cpu.model, "date": today, "runtime": "tensorrt", "runtime_version": version,
                     "fingerprint": fingerprint(cpu, "tensorrt")},
@@ -469,7 +499,7 @@ def _profile_data(name: str, machine: _Machine, fit: RooflineFit, measurements: 
         "precisions": ["fp32", "int8"],
         "compute": _compute(machine),
         "memory": _memory(machine),
-        "efficiency": _efficiency(fit, len(measurements), rounds),
+        "efficiency": _efficiency(fit, measurements, rounds),
         "kernel_overhead_us": {"value": round(fit.kernel_overhead_us, 3),
                                "derived": "fitted by edgetl device calibrate"},
         **({"int8_speedup": {"value": round(machine.int8_speedup, 3), "derived": machine.int8_note}}
@@ -535,11 +565,14 @@ def _rss_fit(machine: _Machine) -> dict[str, Any]:
     }}
 
 
-def _efficiency(fit: RooflineFit, models: int, rounds: int, timed: str = "ONNX Runtime fp32") -> dict[str, Any]:
+def _efficiency(fit: RooflineFit, measurements: dict[str, Measurement], rounds: int,
+                timed: str = "ONNX Runtime fp32") -> dict[str, Any]:
+    cvs = [m.cv for m in measurements.values()]
     return {
         "derived": (
-            f"fitted by edgetl device calibrate to {models} models timed as {timed} "
-            f"(each alone, warmed up, minimum of {rounds} consecutive runs); "
+            f"fitted by edgetl device calibrate to {len(measurements)} models timed as {timed} "
+            f"(each alone, warmed up, minimum of {rounds} consecutive runs; coefficient of variation of their runs "
+            f"{float(np.median(cvs)):.3f} (median), at most {max(cvs):.3f}); "
             f"{100 * fit.within(0.2):.0f}% of them within ±20% after "
             "the fit; classes no calibration model exercises keep the fitted bound"
         ),

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.device.kernel_model import CONV_OPS, LAYOUT_OPS, KernelSample, node_kernel, op_kernel
+from edgetl.device.kernel_model import COMPUTE_KINDS, CONV_OPS, LAYOUT_OPS, KernelSample, node_kernel, op_kernel
 from edgetl.runtime.bench import benchmark, random_input
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner, session_options
 from edgetl.zoo.cost import CostTrace, OpCost
@@ -114,9 +114,7 @@ def _shapes(items: Any) -> list[list[int]]:
 # --- micro-graphs -----------------------------------------------------------------------------------
 
 
-def distinct_kernels(traces: Iterable[CostTrace],
-                     kinds: Sequence[str] = ("conv", "depthwise", "grouped", "grouped_plain", "matmul", "bmm")
-                     ) -> list[OpCost]:
+def distinct_kernels(traces: Iterable[CostTrace], kinds: Sequence[str] = COMPUTE_KINDS) -> list[OpCost]:
     """The distinct convolutions and matrix products (by geometry) the traces run, first seen first."""
     seen: dict[tuple, OpCost] = {}
     for trace in traces:
@@ -222,23 +220,26 @@ PROFILER_CHAINS: tuple[tuple[int, int, int, int], ...] = (
 
 def measure_profiler_us(threads: int | None, chains: Sequence[tuple[int, int, int, int]] = PROFILER_CHAINS
                         ) -> float:
-    """What ONNX Runtime's profiler adds to each kernel it times, less the runtime's own cost between kernels.
+    """What ONNX Runtime's profiler adds to each kernel it times, less the runtime's own cost between kernels: the
+    median over :data:`PROFILER_CHAINS` of :func:`profiler_excess_us`."""
+    return max(0.0, float(np.median([profiler_excess_us(chain, threads) for chain in chains])))
 
-    A chain of 16 identical convolutions and one of 8 are timed without the profiler: their difference over 8 is
-    what one kernel costs in a running model (its compute and the runtime's cost around it). The same kernels under
-    the profiler take longer by a near-constant few microseconds (its timestamps, and worker threads that stop
-    spinning while it records); the median of that excess over :data:`PROFILER_CHAINS` is returned.
+
+def profiler_excess_us(chain: tuple[int, int, int, int], threads: int | None) -> float:
+    """What the profiler adds to one kernel of a chain ``(channels, size, kernel, groups)`` of identical convolutions.
+
+    A chain of 16 and one of 8 are timed without the profiler: their difference over 8 is what one kernel costs in a
+    running model (its compute and the runtime's cost around it). The same kernels under the profiler take longer by
+    a near-constant few microseconds (its timestamps, and worker threads that stop spinning while it records).
     """
-    excess = []
-    for c, size, k, groups in chains:
-        conv = (c, c, (k, k), (1, 1), (1, 1), groups, (size, size), [k // 2] * 4, (size, size))
-        long, feeds = _conv_chain(*conv, 16)
-        short, _ = _conv_chain(*conv, 8)
-        per_kernel = (time_plain_us(long, feeds, threads) - time_plain_us(short, feeds, threads)) / 8
-        profiled = profile_onnx(long, feeds, threads, warmup=3, runs=10)
-        times = [us for op, *_, us in profiled.kernels if op not in LAYOUT_OPS]
-        excess.append(float(np.median(times)) - per_kernel)
-    return max(0.0, float(np.median(excess)))
+    c, size, k, groups = chain
+    conv = (c, c, (k, k), (1, 1), (1, 1), groups, (size, size), [k // 2] * 4, (size, size))
+    long, feeds = _conv_chain(*conv, 16)
+    short, _ = _conv_chain(*conv, 8)
+    per_kernel = (time_plain_us(long, feeds, threads) - time_plain_us(short, feeds, threads)) / 8
+    profiled = profile_onnx(long, feeds, threads, warmup=3, runs=10)
+    times = [us for op, *_, us in profiled.kernels if op not in LAYOUT_OPS]
+    return float(np.median(times)) - per_kernel
 
 
 def measure_run_overhead_us(threads: int | None) -> float:

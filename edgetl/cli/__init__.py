@@ -866,6 +866,7 @@ def device_calibrate_cmd(name: str, out: str | None, rounds: int, runtime: str |
             m: {"measured_mb": round(mb, 1), "fit_ratio": round(result.memory_ratios[m], 3)}
             for m, mb in result.memory_mb.items() if m in result.memory_ratios
         },
+        "noise": result.noise.to_dict() if result.noise else None,
     }
     if as_json:
         emit_json(summary)

@@ -36,6 +36,9 @@ import numpy as np
 
 from edgetl.zoo.cost import CostTrace, OpCost
 
+#: The compute kinds: convolutions and matrix products, the kernels micro-graphs are made of and a model's
+#: coverage counts (:meth:`KernelModel.coverage`).
+COMPUTE_KINDS: tuple[str, ...] = ("conv", "depthwise", "grouped", "grouped_plain", "matmul", "bmm")
 KINDS: tuple[str, ...] = (
     "conv", "depthwise", "grouped", "grouped_plain", "matmul", "bmm", "softmax", "norm", "pool", "elementwise",
     "data_movement",
@@ -340,6 +343,15 @@ class KernelModel:
                    for kind, (feats, dram) in rows.items()}
         return sum(by_kind.values()) + self.run_us / 1e3, by_kind
 
+    def coverage(self, trace: CostTrace, batch: int = 1) -> tuple[int, int]:
+        """How many of the trace's compute kernels (:data:`COMPUTE_KINDS`) the model measured itself (a sample of
+        the same :func:`kernel_key`), and how many it has: a model made only of measured kernels is predicted
+        in-sample, whatever its name."""
+        seen = {kernel_key(s.kind, s.features) for f in self.fits.values() for s in f.samples}
+        kernels = [k for op in trace.ops if (k := op_kernel(op, batch, self.block)) is not None
+                   and k[0] in COMPUTE_KINDS]
+        return sum(kernel_key(*k) in seen for k in kernels), len(kernels)
+
     def to_dict(self) -> dict[str, Any]:
         """``threads``, ``stream_gbs``, ``cache_mb``, ``block``, ``run_us`` and the sample rows, as a profile's
         ``kernels`` stores them."""
@@ -365,9 +377,14 @@ def fit_kernel_model(samples: Sequence[KernelSample], threads: int, stream_gbs: 
     return KernelModel(fits, threads, stream_gbs, cache_mb, block, run_us)
 
 
+def kernel_key(kind: str, features: Iterable[float]) -> tuple[str, tuple[float, ...]]:
+    """What makes a kernel distinct: its kind and its features, rounded as a profile stores them."""
+    return kind, tuple(round(f, 1) for f in features)
+
+
 def dedupe(samples: Iterable[KernelSample]) -> list[KernelSample]:
-    """One sample per distinct kernel (kind and features), at the median of its times."""
+    """One sample per distinct kernel (:func:`kernel_key`), at the median of its times."""
     times: dict[tuple[str, tuple[float, ...]], list[float]] = {}
     for s in samples:
-        times.setdefault((s.kind, tuple(round(f, 1) for f in s.features)), []).append(s.us)
+        times.setdefault(kernel_key(s.kind, s.features), []).append(s.us)
     return [KernelSample(kind, feats, float(np.median(us))) for (kind, feats), us in times.items()]

@@ -1,0 +1,223 @@
+"""Noise-aware timing: a fixed reference kernel timed between the windows of a calibration run.
+
+On a shared machine another tenant can slow every kernel for a while. Calibration then writes a profile that is
+shifted by that load, silently. :class:`NoiseGuard` runs a fixed micro-graph (:data:`REFERENCE_CONV`, one 3x3
+convolution in its own session) before and after every *window* of the run (one profiled model, one micro-graph,
+one overhead measurement). The reference's quietest time so far is the baseline. A window where the reference was
+more than :data:`DRIFT_THRESHOLD` slower than the baseline, before or after it, is timed again in a later pass (a
+burst of load may have passed by then), up to :data:`RETRIES` more passes, and dropped if it drifted on every try.
+:meth:`NoiseGuard.summary` gives what the profile records: the coefficient of variation of the reference, its
+drift from the baseline, and how many windows were repeated or dropped; :attr:`NoiseSummary.noisy` says when the
+machine was too noisy to calibrate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+#: How far the reference kernel may be slower than its quietest time (a fraction) before the window around it
+#: counts as drifted: timed again, and dropped when it drifts on every try.
+DRIFT_THRESHOLD = 0.10
+#: How many more times a drifted window is timed before it is dropped.
+RETRIES = 2
+#: A later pass is run only when at most this share of the windows drifted: beyond it the load is not a burst
+#: but the state of the machine, and timing every window again would triple the run to no end (they are dropped,
+#: and the run is too noisy).
+RETRY_MAX_SHARE = 0.5
+#: The share of windows dropped (drifted on every try), or of reference probes beyond :data:`DRIFT_THRESHOLD`,
+#: above which the machine was too noisy to calibrate.
+NOISY_SHARE = 0.10
+#: The reference kernel: a chain of ``length`` 3x3 convolutions of ``channels`` channels on a ``size`` x ``size``
+#: input (same padding): a few milliseconds a run, as long as the kernels and models it watches over. A shorter one
+#: (0.1-1 ms) ran unslowed while other processes slowed 10 ms kernels 2.5x: the scheduler favours short bursts.
+REFERENCE_CONV = (64, 56, 4)
+#: Runs of the reference per probe; a probe is the fastest of them, as calibration keeps each kernel's fastest run
+#: (on 2 shared cores, the probes are bimodal: both cores, or one taken by another process and about 2x slower).
+REFERENCE_RUNS = 3
+
+
+def reference_model(channels: int = REFERENCE_CONV[0], size: int = REFERENCE_CONV[1], length: int = REFERENCE_CONV[2]
+                    ) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The reference kernel as an ONNX model (seeded random weights) and its input."""
+    from onnx import TensorProto, helper, numpy_helper  # deferred: heavy
+
+    rng = np.random.default_rng(0)
+    inits, nodes, prev = [], [], "x"
+    for i in range(length):
+        w = rng.standard_normal((channels, channels, 3, 3), dtype=np.float32) * 0.05
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("Conv", [prev, f"w{i}"], [f"y{i}"], pads=[1, 1, 1, 1]))
+        prev = f"y{i}"
+    shape = [1, channels, size, size]
+    graph = helper.make_graph(nodes, "reference", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString(), {"x": rng.standard_normal(shape, dtype=np.float32)}
+
+
+class ReferenceKernel:
+    """The reference kernel in its own ONNX Runtime session (set up as every edgetl session is)."""
+
+    def __init__(self, threads: int | None, runs: int = REFERENCE_RUNS) -> None:
+        import onnxruntime as ort  # deferred: heavy
+
+        from edgetl.runtime.onnxruntime import session_options
+
+        model, self._feeds = reference_model()
+        self._session = ort.InferenceSession(model, sess_options=session_options(threads),
+                                             providers=["CPUExecutionProvider"])
+        self._runs = runs
+        for _ in range(3):
+            self._session.run(None, self._feeds)
+
+    def time_us(self) -> float:
+        """The fastest of a few consecutive runs, in microseconds (as calibration keeps each kernel's fastest run)."""
+        times = []
+        for _ in range(self._runs):
+            t0 = time.perf_counter()
+            self._session.run(None, self._feeds)
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1e6
+
+
+@dataclass(frozen=True)
+class NoiseSummary:
+    """How steady the machine was during a calibration run.
+
+    Attributes:
+        reference_us: the reference kernel's quietest probe (µs), the baseline drift is measured from.
+        cv: coefficient of variation of the reference's probes over the run.
+        drift_median: median of (probe / baseline - 1) over the run.
+        drift_max: the largest (probe / baseline - 1).
+        over: share of probes beyond :data:`DRIFT_THRESHOLD`.
+        windows: windows timed; ``repeated``: those timed again; ``dropped``: the labels of those that drifted on
+            every try (left out of the fit after a burst of load; kept when the load lasted, see
+            :meth:`NoiseGuard.run_all`).
+    """
+
+    reference_us: float
+    cv: float
+    drift_median: float
+    drift_max: float
+    over: float
+    windows: int
+    repeated: int
+    dropped: tuple[str, ...]
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the machine was too noisy to calibrate (see :data:`NOISY_SHARE`)."""
+        return self.over > NOISY_SHARE or len(self.dropped) > NOISY_SHARE * max(1, self.windows)
+
+    def text(self) -> str:
+        """The figures as the profile's ``derived`` text records them."""
+        return (f"a reference (a chain of {REFERENCE_CONV[2]} 3x3 convolutions, {REFERENCE_CONV[0]} channels, "
+                f"{REFERENCE_CONV[1]} px, "
+                f"{self.reference_us:.0f} us at its quietest) was timed between the {self.windows} windows of the "
+                f"run: its coefficient of variation {self.cv:.3f}, drift from its quietest "
+                f"{100 * self.drift_median:+.1f}% (median), at most {100 * self.drift_max:+.1f}%, "
+                f"{100 * self.over:.0f}% of probes beyond {100 * DRIFT_THRESHOLD:.0f}%; {self.repeated} windows "
+                f"timed again, {len(self.dropped)} drifted on every try")
+
+    def warning(self) -> str:
+        """One line that says the machine was too noisy, with the figures."""
+        return (f"the machine was too noisy to calibrate: a reference kernel ran up to {100 * self.drift_max:+.0f}% "
+                f"slower than its quietest (CV {self.cv:.2f}, {100 * self.over:.0f}% of probes beyond "
+                f"{100 * DRIFT_THRESHOLD:.0f}%, {len(self.dropped)} of {self.windows} windows drifted on every try); "
+                "the profile may be shifted: calibrate again when the machine is quiet")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The figures, rounded, for JSON output."""
+        return {"reference_us": round(self.reference_us, 1), "cv": round(self.cv, 4),
+                "drift_median": round(self.drift_median, 4), "drift_max": round(self.drift_max, 4),
+                "over_threshold": round(self.over, 4), "windows": self.windows, "repeated": self.repeated,
+                "dropped": len(self.dropped), "noisy": self.noisy}
+
+
+@dataclass
+class NoiseGuard:
+    """Times a reference kernel around every window of a run, and repeats or drops the windows where it drifted.
+
+    ``probe`` times the reference (µs); :meth:`start` takes a few probes before the first window.
+    """
+
+    probe: Callable[[], float]
+    threshold: float = DRIFT_THRESHOLD
+    retries: int = RETRIES
+    probes: list[float] = field(default_factory=list)
+    windows: int = 0
+    repeated: int = 0
+    dropped: list[str] = field(default_factory=list)
+
+    @classmethod
+    def for_threads(cls, threads: int | None) -> NoiseGuard:
+        """A guard whose reference kernel runs with ``threads`` intra-op threads, started."""
+        return cls(ReferenceKernel(threads).time_us).start()
+
+    def start(self, probes: int = 5) -> NoiseGuard:
+        """Take ``probes`` probes of the reference, so the first window has a baseline."""
+        for _ in range(probes):
+            self._probe()
+        return self
+
+    def _probe(self) -> float:
+        us = self.probe()
+        self.probes.append(us)
+        return us
+
+    def _drift(self, us: float) -> float:
+        return us / min(self.probes) - 1
+
+    def _attempt(self, window: Callable[[], T]) -> tuple[T, float]:
+        """Run ``window`` between two probes; its result and the slower of the two probes (µs)."""
+        before = self.probes[-1] if self.probes else self._probe()
+        result = window()
+        return result, max(before, self._probe())
+
+    def run_all(self, windows: dict[str, Callable[[], T]]) -> tuple[dict[str, T], set[str]]:
+        """Run every window once, each between two probes of the reference; then run those where the reference
+        drifted again, in a later pass (load from another tenant may have passed by then), up to :attr:`retries`
+        passes, while at most :data:`RETRY_MAX_SHARE` of the windows drifted. Drift is judged against the quietest
+        probe so far when a pass ends, so a window timed while the first probes were slowed too is caught once the
+        machine is quiet.
+
+        Returns:
+            Each window's result, in the order given (a window that drifted on every try keeps its least drifted
+            attempt), and the labels of those to leave out: the windows that drifted on every try, when they are
+            at most :data:`RETRY_MAX_SHARE` of them (else none: the caller keeps what it has, and the summary says
+            the run was too noisy). The caller may keep a window it cannot do without.
+        """
+        best: dict[str, tuple[T, float]] = {}
+        todo, retried = list(windows), set()
+        for attempt in range(1 + self.retries):
+            for label in todo:
+                result, probe = self._attempt(windows[label])
+                if label not in best or probe < best[label][1]:
+                    best[label] = (result, probe)
+            todo = [label for label in windows if self._drift(best[label][1]) > self.threshold]
+            if not todo or attempt == self.retries or len(todo) > RETRY_MAX_SHARE * len(windows):
+                break
+            retried.update(todo)
+        self.windows += len(windows)
+        self.repeated += len(retried)
+        self.dropped += todo
+        # a burst of load spoils a few windows, which are left out; load that lasts spoils most, and leaving them out
+        # would leave next to nothing to fit: they are kept (their least drifted attempt), and the run is too noisy
+        left_out = set(todo) if len(todo) <= RETRY_MAX_SHARE * len(windows) else set()
+        return {label: best[label][0] for label in windows}, left_out
+
+    def summary(self) -> NoiseSummary:
+        """The figures of the run so far (relative to the quietest probe of the whole run)."""
+        probes = np.asarray(self.probes or [1.0])
+        base = float(probes.min())
+        drift = probes / base - 1
+        return NoiseSummary(base, float(probes.std() / probes.mean()), float(np.median(drift)), float(drift.max()),
+                            float((drift > self.threshold).mean()), self.windows, self.repeated, tuple(self.dropped))
