@@ -37,6 +37,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgetl.calibrate.kernel_timing import (
     PROFILER_CHAINS,
     ProfiledRun,
