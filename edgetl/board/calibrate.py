@@ -89,7 +89,7 @@ def measure_board(remote: Remote, models: Sequence[str], threads: int | None, ro
 
 
 def _readings(out: dict[str, Any], machine: dict[str, Any], threads: int) -> Readings:
-    c = out["cpu"]
+    c = machine["cpu"]
     speedup, note = None, ""
     if out.get("int8_ms"):
         fp32, q = out["int8_ms"]["fp32"], out["int8_ms"]["int8"]
@@ -118,7 +118,7 @@ def calibrate_on_board(remote: Remote, name: str, out: str | os.PathLike[str] | 
     if progress:
         progress(0, 2, f"measuring {remote.on}")
     measured, machine, sent = measure_board(remote, models, threads, rounds, resolution, int8)
-    threads = threads or int(measured["cpu"]["cores"])
+    threads = threads or int(machine["cpu"]["cores"])
     measurements = {}
     for m in models:
         size = measured["sizes"][m]

@@ -163,9 +163,11 @@ def _golden(folder: Path, manifest: dict[str, Any], runner: Any) -> dict[str, An
 
 def task_validate(job: dict[str, Any]) -> dict[str, Any]:
     """Golden check, timing, memory and the outputs on the scoring images, on the board."""
+    from edgetl.export import bundle
+
     folder, manifest, runner = _artifact(job)
     out: dict[str, Any] = {"golden": _golden(folder, manifest, runner)}
-    out.update(_time(folder / "model.onnx", job))
+    out.update(_time(folder / bundle.MODEL_FILE, job))
     if job.get("images"):
         with runner:
             out["logits"] = _logits(folder, runner, job["images"], int(job.get("batch", 8)))
@@ -217,9 +219,9 @@ def _steady_times(files: dict[str, Path], job: dict[str, Any]) -> dict[str, list
 
 def task_calibrate(job: dict[str, Any]) -> dict[str, Any]:
     """What ``device calibrate`` measures, measured on the board: the CPU, memory bandwidth, the BLAS rate, the
-    runtime's own memory, the models' steady-state timings, their sessions' peak RSS, and FP32 against INT8."""
+    runtime's own memory, the models' steady-state timings, their sessions' peak RSS, and FP32 against INT8 (the
+    CPU is in the fingerprint that :func:`run` adds to every answer)."""
     _require("numpy", "onnxruntime")
-    from edgetl.device.machine import read_cpu
     from edgetl.runtime.bench import (
         benchmark_interleaved,
         measure_bandwidth,
@@ -230,10 +232,7 @@ def task_calibrate(job: dict[str, Any]) -> dict[str, Any]:
     from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 
     files = _cached(job)
-    cpu = read_cpu()
-    out: dict[str, Any] = {"cpu": {"model": cpu.model, "cores": cpu.cores, "ghz": cpu.ghz, "isa": list(cpu.isa),
-                                   "ram_mb": cpu.ram_mb},
-                           "bandwidth_gbs": measure_bandwidth(), "gemm_gflops": measure_gemm_gflops(),
+    out: dict[str, Any] = {"bandwidth_gbs": measure_bandwidth(), "gemm_gflops": measure_gemm_gflops(),
                            "overhead_mb": session_growth_mb(files[job["tiny"]]),
                            "times_ms": _steady_times(files, job)}
     out["memory_mb"] = {name: session_rss_mb(files[digest], shape, job.get("threads"), 3)
