@@ -641,8 +641,8 @@ class _Run:
                 reasons.append(f"{self.card.name}'s head is not its last layer")
         if reasons:
             if wanted and o["strategy"] == "auto" and self.decision.strategy != "linear":
-                log.info("feature cache not used: auto chose %s, and the cache serves the linear probe only",
-                         self.decision.strategy)
+                log.info("%sfeature cache not used: the strategy is %s, and the cache serves the linear probe only",
+                         self.label, self.decision.strategy)
                 return False
             if wanted:
                 raise ConfigError(
@@ -980,8 +980,6 @@ class _Trial(_Run):
 
     def __init__(self, run: _Run, decision: StrategyDecision, epochs: int):
         opts = {**run.opts, "epochs": epochs}
-        if decision.strategy != "linear":
-            opts["feature_cache"] = None  # --feature-cache concerns the linear probe
         super().__init__(run.run_dir, opts, False, run.progress, (), None, run.checkpoint_interval)
         self.device, self.dist, self.precision = run.device, run.dist, run.precision
         self.card, self.classes, self.preprocess = run.card, run.classes, run.preprocess
