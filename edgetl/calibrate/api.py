@@ -10,7 +10,8 @@
    :func:`edgetl.device.latency.fit_roofline`.
 5. Time ResNet-18 at FP32 and as static INT8 (QDQ) side by side and keep the ratio: the INT8 speed-up of
    this machine, measured rather than inferred from its ISA.
-6. Time the kernels one by one (:mod:`edgetl.calibrate.kernel_timing`): every kernel of the calibration models
+6. Time the kernels one by one (:mod:`edgetl.calibrate.kernel_plan`, the same windows here and on a board over
+   SSH): every kernel of the calibration models
    under ONNX Runtime's profiler, in place, and micro-graphs of a sample of the distinct convolutions and matrix
    products of the catalog's models; with what the profiler adds to a kernel, the rate at which weights stream from
    DRAM and the last-level cache. They predict this machine's latency kernel by kernel
