@@ -154,21 +154,22 @@ def test_a_window_timed_under_real_load_is_timed_again_dropped_or_warned_about()
     import threading
     from functools import partial
 
-    from edgetl.calibrate.api import _profile_micro
+    from edgetl.calibrate.kernel_timing import micro_graph, reference_model
     from edgetl.calibrate.noise import DRIFT_THRESHOLD, NoiseGuard
+    from edgetl.calibrate.profiler import profile_onnx
     from edgetl.zoo.cost import OpCost
 
     attempts: list[float] = []  # every time a window ran, as a ratio to its quiet time
 
     def kernel_us(op: OpCost, quiet: float = 0.0) -> float:
-        us = sum(us for *_, us in _profile_micro(op, threads=2).kernels)
+        us = sum(us for *_, us in profile_onnx(micro_graph(op)[0], None, threads=2, warmup=3, runs=8).kernels)
         attempts.append(us / quiet if quiet else 1.0)
         return us
 
     # 3x3 convolutions of 2-10 ms: long enough for a busy core to slow them
     ops = [OpCost("conv", "conv", 0, 0, 0, 0, False, geom=(c, c, 3, 3, 1, 1, 1, 1, 1, 56, 56, 56, 56))
            for c in (64, 96, 128)]
-    guard = NoiseGuard.for_threads(2)
+    guard = NoiseGuard.for_reference(reference_model(), 2)
     quiet = [kernel_us(op) for op in ops]
     windows = {f"w{i}": partial(kernel_us, ops[i % 3], quiet[i % 3]) for i in range(9)}
     busy = _busy_loops(2)

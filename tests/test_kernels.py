@@ -7,14 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from edgetl.calibrate.kernel_timing import (
-    distinct_kernels,
-    measure_channel_block,
-    micro_graph,
-    profile_onnx,
-    spread_sample,
-)
+from edgetl.calibrate.kernel_timing import distinct_kernels, measure_channel_block, micro_graph, spread_sample
 from edgetl.calibrate.measure import architecture_onnx
+from edgetl.calibrate.profiler import profile_onnx
 from edgetl.device.kernel_model import FEATURES, KernelModel, KernelSample, fit_kernel_model, node_kernel, op_kernel
 from edgetl.device.schema import KernelTimings
 from edgetl.zoo.cost import trace_module
@@ -147,7 +142,7 @@ def test_every_kind_has_features():
 
 def test_the_kernel_model_needs_no_runtime():
     """Predicting from a profile's kernels runs where only numpy is installed: the fit and prediction import no
-    ONNX Runtime, ONNX or torch, not even inside a function (the timing lives in edgetl.calibrate.kernel_timing)."""
+    ONNX Runtime, ONNX or torch, not even inside a function (the timing lives in edgetl.calibrate.profiler)."""
     import ast
     from pathlib import Path
 

@@ -305,18 +305,30 @@ TINY = ("resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5")
 
 
 @pytest.mark.slow
-def test_calibrate_on_the_board_fits_its_profile_and_sends_no_model_twice(board, on, tmp_path):
+def test_calibrate_on_the_board_times_its_kernels_fits_its_profile_and_sends_no_file_twice(board, on, tmp_path):
     from edgetl.board.calibrate import calibrate_on_board, measure_board
     from edgetl.board.jobs import Remote
 
     remote = Remote(board.url, board.python)
+    kernels = {"kernel_samples": 6, "kernel_models": TINY}
     result, sent = calibrate_on_board(remote, "loop-board", tmp_path / "loop-board.yaml", models=TINY, rounds=3,
-                                      resolution=64, threads=1)
-    assert sent == len(TINY) + 2  # the models, the one-ReLU model, resnet18 in INT8
+                                      resolution=64, threads=1, **kernels)
+    # the models, the one-ReLU model, resnet18 in INT8; then the kernel step's own files: the noise guard's reference,
+    # the channel-block probe, the one-ReLU run, the streaming product, 6 pairs of profiler chains, the micro-graphs
+    assert sent.files > len(TINY) + 2 + 4 + 12
+    assert 0 < sent.board_s < sent.jobs_s
     profile = result.profile
     assert {r.model for r in profile.reference} == set(TINY) and profile.calibrated["threads"] == 1
     assert profile.int8_speedup is not None and "--on" in profile.int8_speedup.derived
-    assert profile.memory.rss_fit is not None and profile.kernels is None
+    assert profile.memory.rss_fit is not None
     assert profile.calibrated["fingerprint"]["cpu"] == profile.cpu.model
-    _, _, again = measure_board(remote, TINY[:1], threads=1, rounds=1, resolution=64, int8=False)
-    assert again == 0  # resnet18 and the one-ReLU model are in the board's cache
+    # the kernel model was fitted to kernels timed on the board under its noise guard, as a local calibration's
+    k = profile.kernels
+    assert k is not None and k.threads == 1 and k.block in (1, 8, 16) and k.stream_gbs > 0 and len(k.samples) > 20
+    assert "edgetl device calibrate --on with ONNX Runtime's profiler" in k.derived
+    noise = result.noise
+    assert noise is not None and noise.windows >= 6 + len(TINY) + 2 and noise.reference_us > 0
+    assert f"coefficient of variation {noise.cv:.3f}" in k.derived
+    measured = measure_board(remote, TINY[:1], threads=1, rounds=1, resolution=64, int8=False, **kernels)
+    assert measured.transfer.files == 0  # every model and micro-graph is in the board's cache
+    assert measured.kernels is not None and measured.kernels[1]["windows"]["model resnet18"]

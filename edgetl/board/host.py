@@ -38,7 +38,7 @@ PACKAGE = Path(__file__).resolve().parents[1]
 SHIPPED: tuple[str, ...] = (
     "errors.py", "_io.py", "folders.py", "data/decode.py", "data/preprocess.py", "export/bundle.py",
     "export/golden.py", "runtime/base.py", "runtime/bench.py", "runtime/onnxruntime.py", "device/machine.py",
-    "board/runner.py",
+    "calibrate/noise.py", "calibrate/profiler.py", "board/runner.py",
 )
 EXIT_NO_PYTHON = 91
 EXIT_UNPACK = 92

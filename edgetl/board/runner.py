@@ -1,7 +1,8 @@
 """The board side of ``--on ssh://HOST``: ``python3 -m edgetl.board.runner JOB.json`` on the board.
 
 It needs Python >= 3.8, numpy, Pillow and ONNX Runtime, nothing else: edgetl ships this module with the torch-free
-modules it reuses (preprocessing, the golden check, the timing loop, the runner, the machine fingerprint) in a zip
+modules it reuses (preprocessing, the golden check, the timing loop, the runner, the machine fingerprint, the
+profiler windows and the noise guard of kernel calibration) in a zip
 (see :mod:`edgetl.board.host`). It prints one JSON document on stdout: ``{"result": ...}``, or ``{"error":
 {"type": ..., "message": ...}}`` with exit status 3. Every heavy import is made inside a task, so that a missing
 package is reported as an error that names it.
@@ -13,6 +14,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -247,8 +249,19 @@ def task_calibrate(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def task_kernels(job: dict[str, Any]) -> dict[str, Any]:
+    """The kernel step of ``device calibrate`` on the board: the windows of ``plan`` (built by the host, see
+    :mod:`edgetl.calibrate.kernel_plan`) run under the noise guard; ``files`` maps the plan's file keys to content
+    hashes in the board's model cache. The raw timings go back to the host, which fits them."""
+    _require("numpy", "onnxruntime")
+    from edgetl.calibrate.profiler import run_windows
+
+    files = _cached(job)
+    return run_windows(job["plan"], lambda key: str(files[job["files"][key]]), job.get("threads"))
+
+
 TASKS = {"info": lambda job: {}, "validate": task_validate, "predict": task_predict, "bench": task_bench,
-         "calibrate": task_calibrate}
+         "calibrate": task_calibrate, "kernels": task_kernels}
 
 
 def check_threads(threads: Any) -> None:
@@ -267,12 +280,15 @@ def check_threads(threads: Any) -> None:
 
 
 def run(job: dict[str, Any]) -> dict[str, Any]:
-    """Run one job; every result carries the board's fingerprint (``machine``)."""
+    """Run one job; every result carries the board's fingerprint (``machine``) and how long the task took there
+    (``seconds``)."""
     if sys.version_info < MIN_PYTHON:
         raise BoardSetupError(f"the board's Python is {platform.python_version()}; the runner needs Python >= "
                               f"{'.'.join(map(str, MIN_PYTHON))}: pass --device-python PATH to a newer one")
     check_threads(job.get("threads"))
+    start = time.monotonic()
     result = TASKS[job["task"]](job)
+    result["seconds"] = time.monotonic() - start
     result["machine"] = machine_info()
     return result
 

@@ -10,7 +10,8 @@
    :func:`edgetl.device.latency.fit_roofline`.
 5. Time ResNet-18 at FP32 and as static INT8 (QDQ) side by side and keep the ratio: the INT8 speed-up of
    this machine, measured rather than inferred from its ISA.
-6. Time the kernels one by one (:mod:`edgetl.calibrate.kernel_timing`): every kernel of the calibration models
+6. Time the kernels one by one (:mod:`edgetl.calibrate.kernel_plan`, the same windows here and on a board over
+   SSH): every kernel of the calibration models
    under ONNX Runtime's profiler, in place, and micro-graphs of a sample of the distinct convolutions and matrix
    products of the catalog's models; with what the profiler adds to a kernel, the rate at which weights stream from
    DRAM and the last-level cache. They predict this machine's latency kernel by kernel
@@ -33,27 +34,14 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgetl.calibrate.kernel_timing import (
-    PROFILER_CHAINS,
-    ProfiledRun,
-    distinct_kernels,
-    measure_channel_block,
-    measure_run_overhead_us,
-    measure_stream_gbs,
-    micro_graph,
-    profile_onnx,
-    profiler_excess_us,
-    spread_sample,
-)
+from edgetl.calibrate.kernel_plan import KernelPlan, fit_kernels, measure_kernels
 from edgetl.calibrate.measure import Measurement, architecture_onnx, measure_memory, measure_models
-from edgetl.calibrate.noise import NoiseGuard, NoiseSummary
-from edgetl.device.kernel_model import fit_kernel_model
+from edgetl.calibrate.noise import NoiseSummary
 from edgetl.device.latency import MemoryFit, RooflineFit, fit_memory, fit_roofline, int8_speedup_for_isa
 from edgetl.device.machine import CpuInfo, fingerprint, host_name, last_level_cache_mb, read_cpu, runtime_version
 from edgetl.device.profiles import DeviceProfile, load_profile, profile_path, save_profile, user_profile_dir
@@ -68,8 +56,7 @@ from edgetl.runtime.bench import (
 )
 from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 from edgetl.runtime.tensorrt import tensorrt_available
-from edgetl.zoo.catalog import get_card, list_models
-from edgetl.zoo.cost import CostTrace, OpCost, TraceError
+from edgetl.zoo.catalog import get_card
 from edgetl.zoo.model_cost import trace_model
 from edgetl.zoo.quantize import quantize_int8_static
 
@@ -168,6 +155,8 @@ class Readings:
             :func:`~edgetl.runtime.bench.measure_gemm_gflops` and the runtime's own memory, measured there.
         host, runtime_version, fingerprint: that machine's name, ONNX Runtime version and fingerprint.
         int8_speedup, int8_note: its measured FP32 / INT8 ratio and how it was measured (None: not measured).
+        kernels: the kernel step's windows (:func:`edgetl.calibrate.kernel_plan.kernel_plan`) and what they measured
+            there (:func:`edgetl.calibrate.profiler.run_windows`); None: kernels not timed.
     """
 
     cpu: CpuInfo
@@ -179,6 +168,7 @@ class Readings:
     fingerprint: dict[str, Any]
     int8_speedup: float | None = None
     int8_note: str = ""
+    kernels: tuple[KernelPlan, dict[str, Any]] | None = None
 
 
 def calibrate(
@@ -223,7 +213,8 @@ def calibrate(
         kernel_samples: how many micro-graphs to time (ONNX Runtime only; 0: no kernel timings, and latency is
             then predicted by the fitted roofline alone).
         readings: the machine as measured elsewhere (a board over SSH), with ``measurements`` and ``memory_mb``
-            made there too: nothing is measured here, and kernels are not timed.
+            made there too, and its kernel timings (``readings.kernels``, fitted here as local ones are): nothing
+            is measured here.
 
     Returns:
         A :class:`CalibrationResult`.
@@ -247,13 +238,16 @@ def calibrate(
         progress(len(models) + 1, len(models) + 2, "memory of a few sessions, INT8 against FP32")
     _fit_memory(machine, memory_mb, _memory_models(models), resolution)
     if readings:
-        machine.int8_speedup, machine.int8_note, kernel_samples = readings.int8_speedup, readings.int8_note, 0
+        machine.int8_speedup, machine.int8_note = readings.int8_speedup, readings.int8_note
+        if readings.kernels:
+            machine.kernels, machine.noise = fit_kernels(*readings.kernels, threads, "edgetl device calibrate --on")
     elif int8:
         _measure_int8(machine, resolution, rounds)
-    if kernel_samples > 0:
+    if kernel_samples > 0 and not readings:
         if progress:
             progress(len(models) + 1, len(models) + 2, "kernels, one by one")
-        machine.kernels = _measure_kernels(machine, list(measurements), resolution, kernel_models, kernel_samples)
+        machine.kernels, machine.noise = measure_kernels(list(measurements), resolution, kernel_models,
+                                                         kernel_samples, threads, last_level_cache_mb())
     if progress:
         progress(len(models) + 2, len(models) + 2, "done")
     profile = DeviceProfile.model_validate(_profile_data(name, machine, fit, measurements, rounds, readings))
@@ -292,70 +286,6 @@ def _measure_int8(machine: _Machine, resolution: int | None, rounds: int) -> Non
         f"QDQ INT8 {results['int8'].min:.2f} ms (minimum of {results['int8'].iterations} runs each, interleaved"
         f"{', 7-bit weights' if reduce else ''}), {machine.threads} threads"
     )
-
-
-def _measure_kernels(machine: _Machine, models: list[str], resolution: int | None,
-                     sources: Sequence[str] | None, count: int) -> dict[str, Any]:
-    """Time the kernels of ``models`` in place and ``count`` micro-graphs of the distinct kernels of ``sources``,
-    and what the kernel model needs besides, each a window of one :class:`~edgetl.calibrate.noise.NoiseGuard` run;
-    return the profile's ``kernels`` entry (and store the guard's figures on ``machine``, with a warning when the
-    machine was too noisy)."""
-    threads, cache_mb = machine.threads, last_level_cache_mb()
-    guard = NoiseGuard.for_threads(threads)
-    block = measure_channel_block(threads)  # read from shapes, not times
-    traces = _kernel_traces(sources, resolution)
-    micro = {f"micro-graph {i}": partial(_profile_micro, op, threads)
-             for i, op in enumerate(spread_sample(distinct_kernels(traces), count))}
-    done, dropped = guard.run_all({
-        **{f"profiler chain {c}": partial(profiler_excess_us, c, threads) for c in PROFILER_CHAINS},
-        **{f"model {name}": partial(_profile_model, name, resolution, threads) for name in models},
-        **micro,
-        "stream": partial(measure_stream_gbs, threads, cache_mb), "run": partial(measure_run_overhead_us, threads),
-    })
-    profiler_us = max(0.0, float(np.median([done[f"profiler chain {c}"] for c in PROFILER_CHAINS])))
-    # a model's own kernels are kept even where they drifted on every try (their least drifted run): the fit needs
-    # every kind they hold; the drift is in the figures and the warning. Drifted micro-graphs are left out.
-    samples = [s for name in models for s in done[f"model {name}"].samples(profiler_us, block)]
-    n_in_place = len(samples)
-    samples += [s for label in micro if label not in dropped for s in done[label].samples(profiler_us, block)]
-    model = fit_kernel_model(samples, threads, done["stream"], cache_mb, block, done["run"])
-    machine.noise = guard.summary()
-    if machine.noise.noisy:
-        log.warning(machine.noise.warning())
-    return {**model.to_dict(), "profiler_us": round(profiler_us, 2), "derived": (
-        f"measured by edgetl device calibrate with ONNX Runtime's profiler, {threads} threads: the {n_in_place} "
-        f"kernels of the {len(models)} calibration models in place and {len(samples) - n_in_place} micro-graphs of the "
-        f"distinct convolutions and matrix products of {len(traces)} catalog models, each the fastest of its "
-        f"runs after warm-up, less the profiler's own {profiler_us:.1f} us per kernel (measured with chains of "
-        f"convolutions timed with and without it); one sample per distinct kernel (median); weights stream from DRAM "
-        f"at {model.stream_gbs:.1f} GB/s (a matrix-vector product of 4x the {cache_mb:.0f} MB last-level cache); "
-        f"blocked convolutions pad channels to multiples of {block} (read from the shapes the profiler reports); "
-        f"a run costs {model.run_us:.0f} us beyond its kernels (a one-ReLU model); noise: {machine.noise.text()}")}
-
-
-def _profile_model(name: str, resolution: int | None, threads: int) -> ProfiledRun:
-    """A calibration model run under the profiler at ``resolution`` (default: its own)."""
-    res = int(resolution or get_card(name).resolution)
-    return profile_onnx(architecture_onnx(name, res), (1, 3, res, res), threads)
-
-
-def _profile_micro(op: OpCost, threads: int) -> ProfiledRun:
-    """The micro-graph of ``op`` run under the profiler."""
-    data, feeds = micro_graph(op)
-    return profile_onnx(data, feeds, threads, warmup=3, runs=8)
-
-
-def _kernel_traces(sources: Sequence[str] | None, resolution: int | None) -> list[CostTrace]:
-    """The cost traces of ``sources`` (default: every catalog architecture); those that cannot be traced are
-    skipped."""
-    names = list(sources) if sources is not None else [c.name for c in list_models(default_only=True)]
-    traces = []
-    for name in names:
-        try:
-            traces.append(trace_model(name, resolution))
-        except TraceError as exc:
-            log.debug("kernel sources: %s", exc)
-    return traces
 
 
 def _memory_models(models: Sequence[str]) -> list[str]:

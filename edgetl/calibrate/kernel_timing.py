@@ -1,115 +1,31 @@
-"""Kernel timing on this machine: run ONNX Runtime under its profiler and read every kernel it runs, build one-kernel
-micro-graphs, and measure what the kernel model needs besides (the profiler's own cost, the cost of a run, the
-runtime's channel block, the DRAM streaming rate).
+"""Kernel timing, the host's half: the ONNX graphs a calibration times (one-kernel micro-graphs, chains of
+convolutions, the reference kernel of the noise guard, the probes of the run's cost, the channel block and the DRAM
+streaming rate), the choice of kernels to time, and what the raw timings mean.
 
-ONNX Runtime's profiler reports every kernel it runs with its op, its input and output shapes and its duration.
-:func:`profile_onnx` runs a model in its steady state (alone, warmed up, consecutive runs) under the profiler and
-keeps each kernel's fastest run. Two sources feed the fit (:mod:`edgetl.device.kernel_model`):
+Two sources feed the fit (:mod:`edgetl.device.kernel_model`):
 
 - whole calibration models, profiled as they run;
 - micro-graphs, one kernel each (:func:`micro_graph`), for a sample of the distinct convolutions and matrix
   products of the catalog's models (:func:`distinct_kernels`, :func:`spread_sample`).
 
-The profiler adds a few microseconds to every kernel it times; :func:`measure_profiler_us` measures that with
-chains of identical convolutions timed with and without it, and it is taken off every sample
-(:meth:`ProfiledRun.samples`).
+The graphs are built with the ``onnx`` package; they are run by :mod:`edgetl.calibrate.profiler` (numpy and ONNX
+Runtime only), here or on a board. The profiler adds a few microseconds to every kernel it times;
+:func:`profiler_excess_us` reads that from chains of identical convolutions (:data:`PROFILER_CHAINS`) timed with and
+without it, and it is taken off every sample (:meth:`~edgetl.calibrate.profiler.ProfiledRun.samples`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgetl.device.kernel_model import COMPUTE_KINDS, CONV_OPS, LAYOUT_OPS, KernelSample, node_kernel, op_kernel
-from edgetl.runtime.bench import benchmark, random_input
-from edgetl.runtime.onnxruntime import OnnxRuntimeRunner, session_options
+from edgetl.calibrate.noise import REFERENCE_CONV
+from edgetl.calibrate.profiler import ProfiledRun, profile_onnx
+from edgetl.device.kernel_model import COMPUTE_KINDS, CONV_OPS, LAYOUT_OPS, op_kernel
 from edgetl.zoo.cost import CostTrace, OpCost
-
-
-@dataclass
-class ProfiledRun:
-    """A model run under ONNX Runtime's profiler in its steady state."""
-
-    kernels: list[tuple[str, list[list[int]], list[list[int]], int, float]]  # op, inputs, outputs, param bytes, µs
-
-    def samples(self, profiler_us: float = 0.0, block: int = 1) -> list[KernelSample]:
-        """The kernels as samples (layout reorders and views left out), each less the profiler's own cost
-        ``profiler_us``. ``block``: see :func:`edgetl.device.kernel_model.blocked_channels`."""
-        out = []
-        for op, inputs, outputs, params, us in self.kernels:
-            k = node_kernel(op, inputs, outputs, params, block)
-            if k is not None:
-                out.append(KernelSample(k[0], k[1], _less(us, profiler_us)))
-        return out
-
-
-def _less(us: float, profiler_us: float) -> float:
-    """A profiled kernel's time less the profiler's own cost, kept at a fifth of the profiled time at least."""
-    return max(us - profiler_us, 0.2 * us)
-
-
-def profile_onnx(model: str | os.PathLike[str] | bytes, feeds: dict[str, np.ndarray] | Sequence[int],
-                 threads: int | None, warmup: int = 5, runs: int = 10) -> ProfiledRun:
-    """Run ``model`` ``warmup`` times, then ``runs`` times under ONNX Runtime's profiler, consecutively, and keep
-    each kernel's fastest run.
-
-    ``feeds`` is the inputs, or the shape of the model's one input (filled with random values). The session is
-    set up as every edgetl session is (:func:`edgetl.runtime.onnxruntime.session_options`), with the profiler on.
-    """
-    import onnxruntime as ort  # deferred: heavy
-
-    with tempfile.TemporaryDirectory(prefix="edgetl-prof-") as tmp:
-        options = session_options(threads)
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "prof")
-        session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options,
-                                       providers=["CPUExecutionProvider"])
-        if not isinstance(feeds, dict):
-            feeds = {session.get_inputs()[0].name: random_input(feeds)}
-        for _ in range(warmup + runs):
-            session.run(None, feeds)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    return _summarise(events, skip_runs=warmup)
-
-
-def time_plain_us(model: bytes, feeds: dict[str, np.ndarray], threads: int | None, warmup: int = 5,
-                  runs: int = 30) -> float:
-    """The fastest of ``runs`` consecutive runs of ``model`` after ``warmup``, without the profiler (µs)."""
-    runner = OnnxRuntimeRunner(model, providers="cpu", threads=threads, name="kernels")
-    return benchmark(runner, feed=feeds, iterations=runs, warmup=warmup, cv_threshold=10.0).min * 1e3
-
-
-def _summarise(events: list[dict[str, Any]], skip_runs: int) -> ProfiledRun:
-    """Per-kernel minimum over the profiled runs after the first ``skip_runs``, in graph order."""
-    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
-    first_ts = runs[skip_runs]["ts"] if len(runs) > skip_runs else 0
-    best: dict[str, tuple[str, list, list, int, float]] = {}
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e.get("ts", 0) < first_ts:
-            continue
-        args = e.get("args", {})
-        name, us = e["name"], float(e.get("dur", 0))
-        if name not in best or us < best[name][4]:
-            best[name] = (str(args.get("op_name", "")), _shapes(args.get("input_type_shape")),
-                          _shapes(args.get("output_type_shape")), int(args.get("parameter_size", 0) or 0), us)
-    return ProfiledRun(list(best.values()))
-
-
-def _shapes(items: Any) -> list[list[int]]:
-    out = []
-    for item in items or []:
-        for dims in (item or {}).values():
-            out.append([int(d) for d in dims])
-    return out
-
 
 # --- micro-graphs -----------------------------------------------------------------------------------
 
@@ -211,62 +127,100 @@ def _model_bytes(nodes: list[Any], x_shape: Sequence[int], out: str, out_shape: 
     return model.SerializeToString()
 
 
+def reference_model(channels: int = REFERENCE_CONV[0], size: int = REFERENCE_CONV[1], length: int = REFERENCE_CONV[2]
+                    ) -> bytes:
+    """The reference kernel of :class:`~edgetl.calibrate.noise.NoiseGuard` as an ONNX model (seeded random
+    weights)."""
+    from onnx import TensorProto, helper, numpy_helper  # deferred: heavy
+
+    rng = np.random.default_rng(0)
+    inits, nodes, prev = [], [], "x"
+    for i in range(length):
+        w = rng.standard_normal((channels, channels, 3, 3), dtype=np.float32) * 0.05
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("Conv", [prev, f"w{i}"], [f"y{i}"], pads=[1, 1, 1, 1]))
+        prev = f"y{i}"
+    shape = [1, channels, size, size]
+    graph = helper.make_graph(nodes, "reference", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
 #: Shape-preserving convolutions ``(channels, size, kernel, groups)`` timed in chains to measure what the profiler
 #: adds to each kernel it times.
 PROFILER_CHAINS: tuple[tuple[int, int, int, int], ...] = (
     (32, 56, 3, 32), (64, 28, 3, 64), (128, 14, 3, 128), (32, 28, 1, 1), (96, 14, 1, 1), (256, 14, 1, 1),
 )
+#: The lengths of the two chains of :func:`profiler_chain` timed without the profiler (the longer also with it).
+CHAIN_LENGTHS = (16, 8)
 
 
-def measure_profiler_us(threads: int | None, chains: Sequence[tuple[int, int, int, int]] = PROFILER_CHAINS
-                        ) -> float:
-    """What ONNX Runtime's profiler adds to each kernel it times, less the runtime's own cost between kernels: the
-    median over :data:`PROFILER_CHAINS` of :func:`profiler_excess_us`."""
-    return max(0.0, float(np.median([profiler_excess_us(chain, threads) for chain in chains])))
-
-
-def profiler_excess_us(chain: tuple[int, int, int, int], threads: int | None) -> float:
-    """What the profiler adds to one kernel of a chain ``(channels, size, kernel, groups)`` of identical convolutions.
-
-    A chain of 16 and one of 8 are timed without the profiler: their difference over 8 is what one kernel costs in a
-    running model (its compute and the runtime's cost around it). The same kernels under the profiler take longer by
-    a near-constant few microseconds (its timestamps, and worker threads that stop spinning while it records).
-    """
+def profiler_chain(chain: tuple[int, int, int, int], length: int) -> bytes:
+    """A chain of ``length`` identical shape-preserving convolutions ``(channels, size, kernel, groups)``."""
     c, size, k, groups = chain
-    conv = (c, c, (k, k), (1, 1), (1, 1), groups, (size, size), [k // 2] * 4, (size, size))
-    long, feeds = _conv_chain(*conv, 16)
-    short, _ = _conv_chain(*conv, 8)
-    per_kernel = (time_plain_us(long, feeds, threads) - time_plain_us(short, feeds, threads)) / 8
-    profiled = profile_onnx(long, feeds, threads, warmup=3, runs=10)
-    times = [us for op, *_, us in profiled.kernels if op not in LAYOUT_OPS]
+    return _conv_chain(c, c, (k, k), (1, 1), (1, 1), groups, (size, size), [k // 2] * 4, (size, size), length)[0]
+
+
+def profiler_excess_us(measured: dict[str, Any]) -> float:
+    """What the profiler adds to one kernel of a chain, from what a ``chains`` window measured
+    (:func:`edgetl.calibrate.profiler.run_window`).
+
+    The two chains timed without the profiler differ by what the extra kernels cost in a running model (their
+    compute and the runtime's cost around them). The same kernels under the profiler take longer by a near-constant
+    few microseconds (its timestamps, and worker threads that stop spinning while it records).
+    """
+    per_kernel = (measured["long_us"] - measured["short_us"]) / (CHAIN_LENGTHS[0] - CHAIN_LENGTHS[1])
+    times = [k[4] for k in measured["kernels"] if k[0] not in LAYOUT_OPS]
     return float(np.median(times)) - per_kernel
 
 
-def measure_run_overhead_us(threads: int | None) -> float:
-    """What one run of a model costs beyond its kernels (binding the input and output, starting the executor): the
-    fastest plain run of a one-kernel model whose kernel does next to nothing (a ReLU of 8 values)."""
+def run_overhead_model() -> bytes:
+    """A one-kernel model whose kernel does next to nothing (a ReLU of 8 values): its fastest plain run is what one
+    run of a model costs beyond its kernels (binding the input and output, starting the executor)."""
     from onnx import helper  # deferred: heavy
 
-    model = _model_bytes([helper.make_node("Relu", ["x"], ["y"])], [1, 8], "y", [1, 8], [])
-    return time_plain_us(model, {"x": np.ones((1, 8), np.float32)}, threads, warmup=20, runs=200)
+    return _model_bytes([helper.make_node("Relu", ["x"], ["y"])], [1, 8], "y", [1, 8], [])
 
 
-def measure_channel_block(threads: int | None) -> int:
-    """The channel block of ONNX Runtime's blocked convolutions on this CPU (16 with AVX-512, 8 with AVX2), read
-    from the padded shapes the profiler reports for a 1x1 convolution with 20 output channels; 1 where the runtime
-    does not block them (no padding to 8 or 16)."""
-    model, feeds = _conv_chain(8, 20, (1, 1), (1, 1), (1, 1), 1, (8, 8), [0, 0, 0, 0], (8, 8), 1)
-    run = profile_onnx(model, feeds, threads, warmup=0, runs=1)
+def channel_block_model() -> bytes:
+    """A 1x1 convolution with 20 output channels, whose shapes under the profiler tell the channel block
+    (:func:`channel_block`)."""
+    return _conv_chain(8, 20, (1, 1), (1, 1), (1, 1), 1, (8, 8), [0, 0, 0, 0], (8, 8), 1)[0]
+
+
+def channel_block(run: ProfiledRun) -> int:
+    """The channel block of ONNX Runtime's blocked convolutions (16 with AVX-512, 8 with AVX2), read from the padded
+    shapes the profiler reported for :func:`channel_block_model`; 1 where the runtime does not block them (no
+    padding to 8 or 16)."""
     reported = next((outs[0][1] for op, ins, outs, *_ in run.kernels if op in CONV_OPS and outs), 20)
     return next((b for b in (16, 8) if reported == -(-20 // b) * b), 1)
 
 
-def measure_stream_gbs(threads: int | None, cache_mb: float) -> float:
-    """The rate (GB/s) at which a matrix-vector product streams weights from DRAM: batch 1, weights of four times
-    the last-level cache (64 MB at least), timed under the profiler."""
+def measure_channel_block(threads: int | None) -> int:
+    """The channel block of ONNX Runtime's blocked convolutions on this CPU (see :func:`channel_block`)."""
+    return channel_block(profile_onnx(channel_block_model(), None, threads, warmup=0, runs=1))
+
+
+def stream_shape(cache_mb: float) -> tuple[int, int]:
+    """``(k, n)`` of the matrix-vector product that measures how fast weights stream from DRAM: weights of four
+    times the last-level cache ``cache_mb``, 64 MB at least."""
     k = 4096
-    n = max(4096, math.ceil(max(64.0, 4 * cache_mb) * 1e6 / 4 / k / 256) * 256)
-    model, feeds = _matmul([1, k], k, n, [1, n])
-    run = profile_onnx(model, feeds, threads, warmup=2, runs=5)
-    us = min(us for *_, us in run.kernels)
-    return k * n * 4 / us / 1e3
+    return k, max(4096, math.ceil(max(64.0, 4 * cache_mb) * 1e6 / 4 / k / 256) * 256)
+
+
+def stream_model(cache_mb: float) -> bytes:
+    """The matrix-vector product of :func:`stream_shape`, at batch 1. Its weights are a second input, filled with
+    random values where it runs: the file is a few hundred bytes, not gigabytes to send to a board (four times a
+    server's last-level cache can be 2 GB)."""
+    from onnx import helper  # deferred: heavy
+
+    k, n = stream_shape(cache_mb)
+    return _model_bytes([helper.make_node("MatMul", ["x", "w"], ["y"])], [1, k], "y", [1, n], [], {"w": [k, n]})
+
+
+def stream_gbs(run: ProfiledRun, cache_mb: float) -> float:
+    """The rate (GB/s) at which :func:`stream_model` streamed its weights, from its fastest profiled kernel."""
+    k, n = stream_shape(cache_mb)
+    return k * n * 4 / min(kernel[4] for kernel in run.kernels) / 1e3

@@ -9,10 +9,14 @@ burst of load may have passed by then), up to :data:`RETRIES` more passes, and d
 :meth:`NoiseGuard.summary` gives what the profile records: the coefficient of variation of the reference, its
 drift from the baseline, and how many windows were repeated or dropped; :attr:`NoiseSummary.noisy` says when the
 machine was too noisy to calibrate.
+
+The guard needs numpy and ONNX Runtime only: it runs on a board too (``device calibrate --on``), with the reference
+model built here (:func:`edgetl.calibrate.kernel_timing.reference_model`) and shipped there.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,37 +47,21 @@ REFERENCE_CONV = (64, 56, 4)
 REFERENCE_RUNS = 3
 
 
-def reference_model(channels: int = REFERENCE_CONV[0], size: int = REFERENCE_CONV[1], length: int = REFERENCE_CONV[2]
-                    ) -> tuple[bytes, dict[str, np.ndarray]]:
-    """The reference kernel as an ONNX model (seeded random weights) and its input."""
-    from onnx import TensorProto, helper, numpy_helper  # deferred: heavy
-
-    rng = np.random.default_rng(0)
-    inits, nodes, prev = [], [], "x"
-    for i in range(length):
-        w = rng.standard_normal((channels, channels, 3, 3), dtype=np.float32) * 0.05
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        nodes.append(helper.make_node("Conv", [prev, f"w{i}"], [f"y{i}"], pads=[1, 1, 1, 1]))
-        prev = f"y{i}"
-    shape = [1, channels, size, size]
-    graph = helper.make_graph(nodes, "reference", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, shape)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString(), {"x": rng.standard_normal(shape, dtype=np.float32)}
-
-
 class ReferenceKernel:
-    """The reference kernel in its own ONNX Runtime session (set up as every edgetl session is)."""
+    """The reference kernel (an ONNX model: :func:`edgetl.calibrate.kernel_timing.reference_model`, a file or its
+    bytes) in its own ONNX Runtime session (set up as every edgetl session is), on a random input."""
 
-    def __init__(self, threads: int | None, runs: int = REFERENCE_RUNS) -> None:
+    def __init__(self, model: str | os.PathLike[str] | bytes, threads: int | None, runs: int = REFERENCE_RUNS
+                 ) -> None:
         import onnxruntime as ort  # deferred: heavy
 
+        from edgetl.runtime.bench import random_input
         from edgetl.runtime.onnxruntime import session_options
 
-        model, self._feeds = reference_model()
-        self._session = ort.InferenceSession(model, sess_options=session_options(threads),
-                                             providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(model if isinstance(model, bytes) else str(model),
+                                             sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+        first = self._session.get_inputs()[0]
+        self._feeds = {first.name: random_input(first.shape)}
         self._runs = runs
         for _ in range(3):
             self._session.run(None, self._feeds)
@@ -134,6 +122,16 @@ class NoiseSummary:
                 f"{100 * DRIFT_THRESHOLD:.0f}%, {len(self.dropped)} of {self.windows} windows drifted on every try); "
                 "the profile may be shifted: calibrate again when the machine is quiet")
 
+    @classmethod
+    def of(cls, state: dict[str, Any]) -> NoiseSummary:
+        """The figures of a guard's run from its :meth:`NoiseGuard.state` (here or on a board)."""
+        probes = np.asarray(state["probes"] or [1.0], dtype=np.float64)
+        base = float(probes.min())
+        drift = probes / base - 1
+        return cls(base, float(probes.std() / probes.mean()), float(np.median(drift)), float(drift.max()),
+                   float((drift > state["threshold"]).mean()), int(state["windows"]), int(state["repeated"]),
+                   tuple(state["dropped"]))
+
     def to_dict(self) -> dict[str, Any]:
         """The figures, rounded, for JSON output."""
         return {"reference_us": round(self.reference_us, 1), "cv": round(self.cv, 4),
@@ -158,9 +156,10 @@ class NoiseGuard:
     dropped: list[str] = field(default_factory=list)
 
     @classmethod
-    def for_threads(cls, threads: int | None) -> NoiseGuard:
-        """A guard whose reference kernel runs with ``threads`` intra-op threads, started."""
-        return cls(ReferenceKernel(threads).time_us).start()
+    def for_reference(cls, model: str | os.PathLike[str] | bytes, threads: int | None) -> NoiseGuard:
+        """A guard whose reference kernel is ``model`` (see :class:`ReferenceKernel`) run with ``threads`` intra-op
+        threads, started."""
+        return cls(ReferenceKernel(model, threads).time_us).start()
 
     def start(self, probes: int = 5) -> NoiseGuard:
         """Take ``probes`` probes of the reference, so the first window has a baseline."""
@@ -214,10 +213,11 @@ class NoiseGuard:
         left_out = set(todo) if len(todo) <= RETRY_MAX_SHARE * len(windows) else set()
         return {label: best[label][0] for label in windows}, left_out
 
+    def state(self) -> dict[str, Any]:
+        """The probes and counts so far, as plain JSON (what a board sends back; see :meth:`NoiseSummary.of`)."""
+        return {"probes": list(self.probes), "threshold": self.threshold, "windows": self.windows,
+                "repeated": self.repeated, "dropped": list(self.dropped)}
+
     def summary(self) -> NoiseSummary:
         """The figures of the run so far (relative to the quietest probe of the whole run)."""
-        probes = np.asarray(self.probes or [1.0])
-        base = float(probes.min())
-        drift = probes / base - 1
-        return NoiseSummary(base, float(probes.std() / probes.mean()), float(np.median(drift)), float(drift.max()),
-                            float((drift > self.threshold).mean()), self.windows, self.repeated, tuple(self.dropped))
+        return NoiseSummary.of(self.state())

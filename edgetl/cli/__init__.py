@@ -835,8 +835,8 @@ def device_calibrate_cmd(name: str, out: str | None, rounds: int, runtime: str |
                          **kwargs) -> None:
     """Measure this machine, or a board over SSH (--on), and write a device profile fitted to it.
 
-    With --on, the models are exported here, timed on the board (kept there in ~/.cache/edgetl/board-models, by
-    content hash, so the next calibration sends none again) and fitted here; kernels are not timed on a board.
+    With --on, the models and the kernels' micro-graphs are built here, timed on the board (kept there in
+    ~/.cache/edgetl/board-models, by content hash, so the next calibration sends none again) and fitted here.
 
     \b
     Examples:
@@ -850,7 +850,7 @@ def device_calibrate_cmd(name: str, out: str | None, rounds: int, runtime: str |
     remote = parse(RemoteOptions, kwargs)
     with _progress("calibrating") as advance:
         if remote.on:
-            result = _calibrate_on_board(remote, name, out, threads, rounds, runtime, advance)
+            result = _calibrate_on_board(remote, name, out, threads, rounds, runtime, kernel_samples, advance)
         else:
             result = calibrate(name=name, out=out, threads=cap_threads(threads), rounds=rounds, progress=advance,
                                runtime=runtime, kernel_samples=kernel_samples)
@@ -887,14 +887,16 @@ def device_calibrate_cmd(name: str, out: str | None, rounds: int, runtime: str |
 
 
 def _calibrate_on_board(remote: RemoteOptions, name: str, out: str | None, threads: int | None, rounds: int,
-                        runtime: str | None, advance: Any) -> Any:
+                        runtime: str | None, kernel_samples: int, advance: Any) -> Any:
     from edgetl.board.calibrate import calibrate_on_board
     from edgetl.board.jobs import Remote
 
     if runtime not in (None, "onnxruntime"):
         raise ConfigError(f"--on calibrates ONNX Runtime on the board's CPU; drop --runtime {runtime}")
-    result, sent = calibrate_on_board(Remote.of(remote), name, out, threads=threads, rounds=rounds, progress=advance)
-    log.info("sent %d model files to %s (the others were in its cache)", sent, remote.on)
+    result, sent = calibrate_on_board(Remote.of(remote), name, out, threads=threads, rounds=rounds,
+                                      kernel_samples=kernel_samples, progress=advance)
+    log.info("sent %d files (%.0f MB) to %s (the others were in its cache); %.0f s of the jobs' %.0f s were spent "
+             "beyond measuring", sent.files, sent.megabytes, remote.on, sent.overhead_s, sent.jobs_s)
     return result
 
 

@@ -298,7 +298,7 @@ class KernelModel:
             run, so no kernel can be faster than its weights' bytes at ``stream_gbs``.
         block: the channel block of the runtime's blocked convolutions (:func:`blocked_channels`; 1: none).
         run_us: what a run costs beyond its kernels
-            (:func:`edgetl.calibrate.kernel_timing.measure_run_overhead_us`), once per prediction.
+            (:func:`edgetl.calibrate.kernel_timing.run_overhead_model`), once per prediction.
     """
 
     fits: dict[str, KindFit]

@@ -1,0 +1,175 @@
+"""The kernel step of ``edgetl device calibrate``, defined once for this machine and for a board over SSH: the
+windows to time and their ONNX files (:func:`kernel_plan`), and the kernel model fitted to what they measured
+(:func:`fit_kernels`).
+
+The windows, each between two probes of the noise guard's reference kernel: chains of convolutions timed with and
+without the profiler (what it adds to a kernel), every calibration model under the profiler, ``count`` micro-graphs
+of the catalog's distinct convolutions and matrix products, a matrix-vector product that streams its weights from
+DRAM, and a one-ReLU model (what a run costs beyond its kernels); before them, unguarded, a convolution whose shapes
+tell the runtime's channel block. They are run by :func:`edgetl.calibrate.profiler.run_windows`, here
+(:func:`measure_kernels`) or on a board (:func:`edgetl.board.calibrate.measure_board`), which needs no ``onnx``
+package: every file is built here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl.calibrate.kernel_timing import (
+    CHAIN_LENGTHS,
+    PROFILER_CHAINS,
+    channel_block,
+    channel_block_model,
+    distinct_kernels,
+    micro_graph,
+    profiler_chain,
+    profiler_excess_us,
+    reference_model,
+    run_overhead_model,
+    spread_sample,
+    stream_gbs,
+    stream_model,
+)
+from edgetl.calibrate.measure import architecture_onnx
+from edgetl.calibrate.noise import NoiseSummary
+from edgetl.calibrate.profiler import ProfiledRun, run_windows
+from edgetl.device.kernel_model import fit_kernel_model
+from edgetl.zoo.catalog import get_card, list_models
+from edgetl.zoo.cost import CostTrace, OpCost, TraceError
+from edgetl.zoo.model_cost import trace_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KernelPlan:
+    """The windows of a calibration's kernel step and how to build their files.
+
+    Attributes:
+        models: the calibration models profiled in place (window ``model NAME``).
+        micro: the labels of the micro-graph windows.
+        sources: how many catalog models the micro-graphs were sampled from.
+        cache_mb: the timed machine's last-level cache (MB), which sizes the streaming probe.
+        windows: label -> window (see :func:`edgetl.calibrate.profiler.run_window`), in the order they run.
+        before: the windows run before the guard starts (read from shapes, not times).
+        builders: file key -> a function that builds the file (ONNX bytes, or the path of a file already built).
+    """
+
+    models: list[str]
+    micro: list[str]
+    sources: int
+    cache_mb: float
+    windows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    before: dict[str, dict[str, Any]] = field(default_factory=dict)
+    builders: dict[str, Callable[[], bytes | Path]] = field(default_factory=dict)
+
+    def job(self) -> dict[str, Any]:
+        """The plan as :func:`~edgetl.calibrate.profiler.run_windows` takes it (plain JSON)."""
+        return {"reference": "reference", "before": self.before, "windows": self.windows}
+
+    def load(self, key: str) -> bytes | str:
+        """The file ``key`` as ONNX Runtime loads it: its bytes, or its path."""
+        built = self.builders[key]()
+        return built if isinstance(built, bytes) else str(built)
+
+    def write(self, folder: Path) -> dict[str, Path]:
+        """Every file of the plan, as a file (those built as bytes are written into ``folder``): key -> path."""
+        files = {}
+        for key, build in self.builders.items():
+            built = build()
+            if isinstance(built, bytes):
+                path = folder / f"{key}.onnx"
+                path.write_bytes(built)
+                built = path
+            files[key] = Path(built)
+        return files
+
+
+def kernel_traces(sources: Sequence[str] | None, resolution: int | None) -> list[CostTrace]:
+    """The cost traces of ``sources`` (default: every catalog architecture); those that cannot be traced are
+    skipped."""
+    names = list(sources) if sources is not None else [c.name for c in list_models(default_only=True)]
+    traces = []
+    for name in names:
+        try:
+            traces.append(trace_model(name, resolution))
+        except TraceError as exc:
+            log.debug("kernel sources: %s", exc)
+    return traces
+
+
+def _micro_bytes(op: OpCost) -> bytes:
+    return micro_graph(op)[0]
+
+
+def kernel_plan(models: Sequence[str], resolution: int | None, sources: Sequence[str] | None, count: int,
+                cache_mb: float) -> KernelPlan:
+    """The windows that time the kernels of ``models`` in place (at ``resolution``, default each model's own),
+    ``count`` micro-graphs of the distinct kernels of ``sources`` (default: every catalog architecture), and what
+    the kernel model needs besides, on a machine whose last-level cache is ``cache_mb``."""
+    traces = kernel_traces(sources, resolution)
+    ops = spread_sample(distinct_kernels(traces), count)
+    plan = KernelPlan(list(models), [f"micro-graph {i}" for i in range(len(ops))], len(traces), cache_mb)
+    plan.builders.update(reference=reference_model, block=channel_block_model, run=run_overhead_model,
+                         stream=partial(stream_model, cache_mb))
+    plan.before["block"] = {"kind": "profile", "model": "block", "warmup": 0, "runs": 1}
+    for chain in PROFILER_CHAINS:
+        long, short = (f"chain-{'-'.join(map(str, chain))}-{n}" for n in CHAIN_LENGTHS)
+        plan.builders[long] = partial(profiler_chain, chain, CHAIN_LENGTHS[0])
+        plan.builders[short] = partial(profiler_chain, chain, CHAIN_LENGTHS[1])
+        plan.windows[f"profiler chain {chain}"] = {"kind": "chains", "model": long, "short": short}
+    for i, name in enumerate(models):
+        res = int(resolution or get_card(name).resolution)
+        plan.builders[f"model-{i}"] = partial(architecture_onnx, name, res)
+        plan.windows[f"model {name}"] = {"kind": "profile", "model": f"model-{i}", "shape": [1, 3, res, res],
+                                         "warmup": 5, "runs": 10}
+    for i, (label, op) in enumerate(zip(plan.micro, ops, strict=True)):
+        plan.builders[f"micro-{i}"] = partial(_micro_bytes, op)
+        plan.windows[label] = {"kind": "profile", "model": f"micro-{i}", "warmup": 3, "runs": 8}
+    plan.windows["stream"] = {"kind": "profile", "model": "stream", "warmup": 2, "runs": 5}
+    plan.windows["run"] = {"kind": "plain", "model": "run", "warmup": 20, "runs": 200}
+    return plan
+
+
+def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, by: str = "edgetl device calibrate"
+                ) -> tuple[dict[str, Any], NoiseSummary]:
+    """The profile's ``kernels`` entry fitted to what ``plan``'s windows measured
+    (:func:`~edgetl.calibrate.profiler.run_windows`, here or on a board), and the noise guard's figures (logged as
+    a warning when the machine was too noisy). ``by``: what measured them, for the ``derived`` text."""
+    done, left_out = measured["windows"], set(measured["left_out"])
+    block = channel_block(ProfiledRun(measured["before"]["block"]))
+    profiler_us = max(0.0, float(np.median([profiler_excess_us(done[f"profiler chain {c}"]) for c in PROFILER_CHAINS])))
+    # a model's own kernels are kept even where they drifted on every try (their least drifted run): the fit needs
+    # every kind they hold; the drift is in the figures and the warning. Drifted micro-graphs are left out.
+    samples = [s for name in plan.models for s in ProfiledRun(done[f"model {name}"]).samples(profiler_us, block)]
+    n_in_place = len(samples)
+    samples += [s for label in plan.micro if label not in left_out
+                for s in ProfiledRun(done[label]).samples(profiler_us, block)]
+    model = fit_kernel_model(samples, threads, stream_gbs(ProfiledRun(done["stream"]), plan.cache_mb), plan.cache_mb,
+                             block, float(done["run"]))
+    noise = NoiseSummary.of(measured["guard"])
+    if noise.noisy:
+        log.warning(noise.warning())
+    return {**model.to_dict(), "profiler_us": round(profiler_us, 2), "derived": (
+        f"measured by {by} with ONNX Runtime's profiler, {threads} threads: the {n_in_place} "
+        f"kernels of the {len(plan.models)} calibration models in place and {len(samples) - n_in_place} micro-graphs "
+        f"of the distinct convolutions and matrix products of {plan.sources} catalog models, each the fastest of its "
+        f"runs after warm-up, less the profiler's own {profiler_us:.1f} us per kernel (measured with chains of "
+        f"convolutions timed with and without it); one sample per distinct kernel (median); weights stream from DRAM "
+        f"at {model.stream_gbs:.1f} GB/s (a matrix-vector product of 4x the {plan.cache_mb:.0f} MB last-level cache); "
+        f"blocked convolutions pad channels to multiples of {block} (read from the shapes the profiler reports); "
+        f"a run costs {model.run_us:.0f} us beyond its kernels (a one-ReLU model); noise: {noise.text()}")}, noise
+
+
+def measure_kernels(models: Sequence[str], resolution: int | None, sources: Sequence[str] | None, count: int,
+                    threads: int, cache_mb: float) -> tuple[dict[str, Any], NoiseSummary]:
+    """Run :func:`kernel_plan`'s windows on this machine and fit them (:func:`fit_kernels`)."""
+    plan = kernel_plan(models, resolution, sources, count, cache_mb)
+    return fit_kernels(plan, run_windows(plan.job(), plan.load, threads), threads)
