@@ -264,7 +264,7 @@ class FinetuneOptions(StageOptions):
     weights: str = shared_field(SourceOptions, "weights", default="imagenet")
     strategy: Strategy = option(
         "auto", "What to train: auto (chosen from the data), linear, partial, full, or lp-ft (a linear probe, "
-                "then the top blocks fine-tuned from its head with BatchNorm statistics fixed; the best epoch of both "
+                "then the top blocks fine-tuned from its head, scaled back to its initial norm; the best epoch of both "
                 f"phases is kept). auto with pretrained weights and a validation split trains {TRIAL_EPOCHS}-epoch "
                 f"trials of {', '.join(TRIAL_STRATEGIES)} and keeps the best on validation, when training images x "
                 f"{TRIAL_EPOCHS} epochs x {len(TRIAL_STRATEGIES) - 1} fine-tuning trials <= {TRIAL_BUDGET:,}; "

@@ -17,7 +17,7 @@ from edgetl.export.api import export
 from edgetl.finetune.api import finetune
 from edgetl.finetune.distributed import EpochSampler
 from edgetl.finetune.features import FeatureBatches, FeatureCache
-from edgetl.finetune.lpft import FT_LR_SCALE, PATIENCE, fit_probe
+from edgetl.finetune.lpft import FT_LR_SCALE, PATIENCE, fit_probe, weight_norm
 from edgetl.finetune.rundir import RunDir
 from edgetl.finetune.strategy import choose_strategy
 
@@ -31,17 +31,20 @@ def _separable(n: int, seed: int) -> FeatureCache:
     return FeatureCache(centres[labels] + torch.randn(n, 8, generator=g), labels)
 
 
-def test_probe_stops_when_the_validation_loss_plateaus_and_keeps_the_best_head():
+def test_probe_stops_when_the_validation_loss_plateaus_and_keeps_the_best_head_at_its_initial_norm():
     torch.manual_seed(0)
     head = nn.Linear(8, 3)
+    initial = weight_norm(head)
     train, val = _separable(96, 1), _separable(48, 2)
     result = fit_probe(head, FeatureBatches(train, 16, EpochSampler(96, 0)), FeatureBatches(val, 16), lr=0.05,
                        weight_decay=0.0, label_smoothing=0.0, device=torch.device("cpu"), num_classes=3, seed=0)
     assert result.monitored == "val_loss" and result.accuracy >= 0.6
     assert result.epochs == result.best_epoch + PATIENCE < 100  # a plateau ended it, not the epoch limit
+    # cross-entropy grew the head; it is handed to fine-tuning at the norm it was made with, logits scaled alike
+    assert result.head_norm > 1.5 * initial and weight_norm(head) == pytest.approx(initial, rel=1e-5)
     with torch.no_grad():
-        loss = nn.functional.cross_entropy(head(val.features), val.labels).item()
-    assert loss == pytest.approx(result.loss, rel=1e-5)  # the head left behind is the best epoch's
+        loss = nn.functional.cross_entropy(head(val.features) / result.scale, val.labels).item()
+    assert loss == pytest.approx(result.loss, rel=1e-5)  # the head left behind is the best epoch's, scaled
 
 
 def test_lp_ft_decision_trains_the_top_blocks():

@@ -516,7 +516,7 @@ class _Run:
         res = int(o["resolution"])
         if not head_is_output(self.net, head_path, torch.zeros(1, 3, res, res, device=self.device)):
             log.warning("lp-ft: %s's head is not its last layer, so its features cannot be cached; the probe phase "
-                        "is left out (this run is partial fine-tuning with BatchNorm statistics fixed)", self.card.name)
+                        "is left out (this run is partial fine-tuning)", self.card.name)
             return None
         train_cache = self._features(self.splits.train, "train")
         val_cache = self._features(self.splits.val, "val")

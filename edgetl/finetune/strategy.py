@@ -374,37 +374,6 @@ class FrozenBatchNorm(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
-class StatsFrozenBatchNorm(FrozenBatchNorm):
-    """BatchNorm whose statistics are fixed (eval-mode normalisation in any mode) and whose affine weight and
-    bias train: what lp-ft's fine-tuning phase uses in the blocks it unfreezes, as the TensorFlow transfer
-    tutorial keeps BatchNorm in inference mode, so the features the probed head was fitted to do not move with
-    each batch's statistics. Its state dict has the same keys as the BatchNorm it replaces."""
-
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
-        super().__init__(num_features, eps)
-        weight, bias = self.weight, self.bias
-        del self.weight, self.bias
-        self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
-
-    @classmethod
-    def from_batch_norm(cls, bn: nn.modules.batchnorm._BatchNorm) -> StatsFrozenBatchNorm:
-        with torch.no_grad():
-            return super().from_batch_norm(bn)
-
-
-def freeze_statistics(model: nn.Module, path: str) -> int:
-    """Swap the BatchNorm layers at or below ``path`` for :class:`StatsFrozenBatchNorm`; return how many."""
-    module = model.get_submodule(path)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats \
-            and not ({n for n, _ in module.named_children()} - set(_NORM_ACT_TAIL)):
-        parent_path, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, attr,
-                StatsFrozenBatchNorm.from_batch_norm(module))
-        return 1
-    children = [f"{path}.{name}" if path else name for name, _ in module.named_children()]
-    return sum(freeze_statistics(model, child) for child in children)
-
-
 def _frozen_replacement(module: nn.Module) -> nn.Module | None:
     """What a module in a frozen block becomes, or None to keep it (and look inside it)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
@@ -470,9 +439,6 @@ def apply_strategy(model: nn.Module, card: ModelCard, decision: StrategyDecision
     else:
         locked = ()
     plan = FreezePlan(decision.strategy, card.head_path, trainable, frozen, locked)
-    if decision.strategy == "lp-ft":  # the probed head keeps the features it was fitted to
-        for path in trainable:
-            freeze_statistics(model, path)
     for name, param in model.named_parameters():
         owner = plan.block_of(name)
         param.requires_grad_(decision.strategy == "full" or owner == card.head_path or owner in trainable)
