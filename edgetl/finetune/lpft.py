@@ -25,8 +25,9 @@ head kept as it was, lp-ft scored 135/133/127 with the unfrozen blocks' BatchNor
 TensorFlow tutorial keeps BatchNorm in inference mode) and 129/134/122 with them training; with the head scaled
 to its initial norm and the statistics training, 133/143/137 (and the head zeroed, statistics fixed: 141/138/137,
 which is partial from a blank head). On scikit-learn's digits (1,197 test images, seeds 0-2) partial scored
-95.0-96.7%, lp-ft with the head kept as it was 90.9% (seed 0), scaled back 95.8-96.9%. The fine-tuning LR: a tenth of ``--lr`` (the tutorial's "base_learning_rate
-/ 10") never beat the probe on validation in 8 epochs (seed 0); 1x did.
+95.0-96.7%, lp-ft with the head kept as it was 90.9% (seed 0), scaled back 95.8-96.9%. The fine-tuning LR: a
+tenth of ``--lr`` (the tutorial's "base_learning_rate / 10") never beat the probe on validation in 8 epochs (seed
+0); 1x did.
 """
 
 from __future__ import annotations
