@@ -51,6 +51,7 @@ def test_calibrate_writes_a_valid_profile_that_select_finds():
     # windows: 6 profiler chains, the 4 models, the micro-graphs, the streaming rate and the run overhead
     assert noise is not None and noise.windows > 6 + len(TINY) + 2 and noise.reference_us > 0
     assert f"coefficient of variation {noise.cv:.3f}" in kernels.derived
+    assert "scaled to the machine at its quietest" in kernels.derived
     assert f"at most {100 * noise.drift_max:+.1f}%" in kernels.derived
     assert "coefficient of variation of their runs" in profile.efficiency.derived
     predicted = {r.model: predict_latency(trace_model(r.model, 64), profile, "fp32").latency_ms
@@ -137,6 +138,8 @@ def test_a_window_that_drifted_is_timed_again_in_a_later_pass_and_dropped_if_it_
     noise = guard.summary()
     assert (noise.windows, noise.repeated, noise.dropped) == (4, 2, ("c",))
     assert noise.drift_max == pytest.approx(0.5) and noise.noisy  # 1 of 4 windows dropped
+    # the probe after each window's kept attempt: b's second (quiet) one, c's first (no later one was quieter)
+    assert guard.state()["at"] == {"a": 5, "b": 9, "c": 7, "d": 8}
     # a machine loaded throughout: most windows drift; timing them again would only triple the run, and leaving them
     # out would leave nothing to fit: they are kept, and the run is too noisy
     times = iter([1000.0] * 5 + [1500.0] * 4)
@@ -145,6 +148,22 @@ def test_a_window_that_drifted_is_timed_again_in_a_later_pass_and_dropped_if_it_
     results, dropped = guard.run_all({k: (lambda k=k: ran.append(k) or k) for k in "abcd"})
     assert ran == ["a", "b", "c", "d"] and not dropped and list(results.values()) == list("abcd")
     assert guard.summary().dropped == tuple("abcd") and guard.summary().noisy
+
+
+def test_windows_timed_under_lasting_load_are_scaled_to_the_quiet_machine_and_a_burst_is_not():
+    from edgetl.calibrate.kernel_plan import at_quiet
+    from edgetl.calibrate.noise import speed_factors
+
+    # the reference at 1000 us for 20 probes with one burst (3000 us) among them, then at 1250 us for 20 (a job of
+    # another tenant); the windows whose kept attempt ended at probes 5, 10 (the burst) and 35
+    probes = [1000.0] * 10 + [3000.0] + [1000.0] * 9 + [1250.0] * 20
+    factors = speed_factors({"probes": probes, "at": {"quiet": 5, "burst": 10, "loaded": 35}})
+    assert factors == pytest.approx({"quiet": 1.0, "burst": 1.0, "loaded": 0.8})
+    row = ["Conv", [[1, 8, 4, 4]], [[1, 8, 4, 4]], 0, 150.0]
+    assert at_quiet("profile", [row], factors["loaded"])[0][4] == pytest.approx(120.0)
+    assert at_quiet("plain", 50.0, 0.8) == pytest.approx(40.0)
+    chains = at_quiet("chains", {"long_us": 300.0, "short_us": 100.0, "kernels": [row]}, 0.5)
+    assert (chains["long_us"], chains["short_us"], chains["kernels"][0][4]) == (150.0, 50.0, 75.0)
 
 
 def test_a_window_timed_under_real_load_is_timed_again_dropped_or_warned_about():

@@ -38,7 +38,7 @@ from edgetl.calibrate.kernel_timing import (
     stream_model,
 )
 from edgetl.calibrate.measure import architecture_onnx
-from edgetl.calibrate.noise import NoiseSummary
+from edgetl.calibrate.noise import LEVEL_SPAN, NoiseSummary, speed_factors
 from edgetl.calibrate.profiler import ProfiledRun, run_windows
 from edgetl.device.kernel_model import fit_kernel_model
 from edgetl.zoo.catalog import get_card, list_models
@@ -138,12 +138,29 @@ def kernel_plan(models: Sequence[str], resolution: int | None, sources: Sequence
     return plan
 
 
+def at_quiet(kind: str, result: Any, factor: float) -> Any:
+    """What a window of ``kind`` measured (:func:`~edgetl.calibrate.profiler.run_window`), every time in it
+    multiplied by ``factor`` (:func:`~edgetl.calibrate.noise.speed_factors`)."""
+    def kernels(rows: list[list[Any]]) -> list[list[Any]]:
+        return [[*row[:4], row[4] * factor] for row in rows]
+
+    if kind == "profile":
+        return kernels(result)
+    if kind == "plain":
+        return result * factor
+    return {**result, "long_us": result["long_us"] * factor, "short_us": result["short_us"] * factor,
+            "kernels": kernels(result["kernels"])}
+
+
 def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, by: str = "edgetl device calibrate"
                 ) -> tuple[dict[str, Any], NoiseSummary]:
     """The profile's ``kernels`` entry fitted to what ``plan``'s windows measured
     (:func:`~edgetl.calibrate.profiler.run_windows`, here or on a board), and the noise guard's figures (logged as
     a warning when the machine was too noisy). ``by``: what measured them, for the ``derived`` text."""
-    done, left_out = measured["windows"], set(measured["left_out"])
+    factors = speed_factors(measured["guard"])
+    done = {label: at_quiet(plan.windows[label]["kind"], result, factors.get(label, 1.0))
+            for label, result in measured["windows"].items()}
+    left_out = set(measured["left_out"])
     block = channel_block(ProfiledRun(measured["before"]["block"]))
     profiler_us = max(0.0, float(np.median([profiler_excess_us(done[f"profiler chain {c}"]) for c in PROFILER_CHAINS])))
     # a model's own kernels are kept even where they drifted on every try (their least drifted run): the fit needs
@@ -165,7 +182,10 @@ def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, by: st
         f"convolutions timed with and without it); one sample per distinct kernel (median); weights stream from DRAM "
         f"at {model.stream_gbs:.1f} GB/s (a matrix-vector product of 4x the {plan.cache_mb:.0f} MB last-level cache); "
         f"blocked convolutions pad channels to multiples of {block} (read from the shapes the profiler reports); "
-        f"a run costs {model.run_us:.0f} us beyond its kernels (a one-ReLU model); noise: {noise.text()}")}, noise
+        f"a run costs {model.run_us:.0f} us beyond its kernels (a one-ReLU model); every window's times scaled to the "
+        f"machine at its quietest by the reference's quietest level over its level after the window (the median of "
+        f"{LEVEL_SPAN} probes; median factor {np.median(list(factors.values()) or [1.0]):.3f}); noise: "
+        f"{noise.text()}")}, noise
 
 
 def measure_kernels(models: Sequence[str], resolution: int | None, sources: Sequence[str] | None, count: int,

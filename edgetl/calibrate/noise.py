@@ -42,6 +42,9 @@ NOISY_SHARE = 0.10
 #: input (same padding): a few milliseconds a run, as long as the kernels and models it watches over. A shorter one
 #: (0.1-1 ms) ran unslowed while other processes slowed 10 ms kernels 2.5x: the scheduler favours short bursts.
 REFERENCE_CONV = (64, 56, 4)
+#: How many consecutive probes give the reference's level at a point of the run (their median; see
+#: :func:`speed_factors`).
+LEVEL_SPAN = 11
 #: Runs of the reference per probe; a probe is the fastest of them, as calibration keeps each kernel's fastest run
 #: (on 2 shared cores, the probes are bimodal: both cores, or one taken by another process and about 2x slower).
 REFERENCE_RUNS = 3
@@ -154,6 +157,7 @@ class NoiseGuard:
     windows: int = 0
     repeated: int = 0
     dropped: list[str] = field(default_factory=list)
+    at: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def for_reference(cls, model: str | os.PathLike[str] | bytes, threads: int | None) -> NoiseGuard:
@@ -175,11 +179,12 @@ class NoiseGuard:
     def _drift(self, us: float) -> float:
         return us / min(self.probes) - 1
 
-    def _attempt(self, window: Callable[[], T]) -> tuple[T, float]:
-        """Run ``window`` between two probes; its result and the slower of the two probes (µs)."""
+    def _attempt(self, window: Callable[[], T]) -> tuple[T, float, int]:
+        """Run ``window`` between two probes; its result, the slower of the two probes (µs), and the index of the
+        probe after it."""
         before = self.probes[-1] if self.probes else self._probe()
         result = window()
-        return result, max(before, self._probe())
+        return result, max(before, self._probe()), len(self.probes) - 1
 
     def run_all(self, windows: dict[str, Callable[[], T]]) -> tuple[dict[str, T], set[str]]:
         """Run every window once, each between two probes of the reference; then run those where the reference
@@ -194,13 +199,13 @@ class NoiseGuard:
             at most :data:`RETRY_MAX_SHARE` of them (else none: the caller keeps what it has, and the summary says
             the run was too noisy). The caller may keep a window it cannot do without.
         """
-        best: dict[str, tuple[T, float]] = {}
+        best: dict[str, tuple[T, float, int]] = {}
         todo, retried = list(windows), set()
         for attempt in range(1 + self.retries):
             for label in todo:
-                result, probe = self._attempt(windows[label])
-                if label not in best or probe < best[label][1]:
-                    best[label] = (result, probe)
+                tried = self._attempt(windows[label])
+                if label not in best or tried[1] < best[label][1]:
+                    best[label] = tried
             todo = [label for label in windows if self._drift(best[label][1]) > self.threshold]
             if not todo or attempt == self.retries or len(todo) > RETRY_MAX_SHARE * len(windows):
                 break
@@ -211,13 +216,31 @@ class NoiseGuard:
         # a burst of load spoils a few windows, which are left out; load that lasts spoils most, and leaving them out
         # would leave next to nothing to fit: they are kept (their least drifted attempt), and the run is too noisy
         left_out = set(todo) if len(todo) <= RETRY_MAX_SHARE * len(windows) else set()
+        self.at.update({label: best[label][2] for label in windows})
         return {label: best[label][0] for label in windows}, left_out
 
     def state(self) -> dict[str, Any]:
         """The probes and counts so far, as plain JSON (what a board sends back; see :meth:`NoiseSummary.of`)."""
         return {"probes": list(self.probes), "threshold": self.threshold, "windows": self.windows,
-                "repeated": self.repeated, "dropped": list(self.dropped)}
+                "repeated": self.repeated, "dropped": list(self.dropped),
+                "at": dict(self.at)}
 
     def summary(self) -> NoiseSummary:
         """The figures of the run so far (relative to the quietest probe of the whole run)."""
         return NoiseSummary.of(self.state())
+
+
+def speed_factors(state: dict[str, Any]) -> dict[str, float]:
+    """Each window's factor to the machine at its quietest, from a guard's :meth:`NoiseGuard.state`.
+
+    The reference's level at a probe is the median of the :data:`LEVEL_SPAN` probes around it: it follows load that
+    lasts (another tenant's job) and not a single slowed probe (a burst, which a window's fastest run does not see
+    either). A window's factor is the quietest level of the run over the level after its kept attempt: 1 where the
+    machine was at its quietest, 0.9 where the reference ran 11% slower. Times measured in the window, multiplied by
+    it, are what the quiet machine would have measured, where the load slows the window's kernels as it slows the
+    reference (they share its cores, caches and memory).
+    """
+    probes = np.asarray(state["probes"], dtype=np.float64)
+    half = LEVEL_SPAN // 2
+    level = np.array([np.median(probes[max(0, i - half): i + half + 1]) for i in range(len(probes))])
+    return {label: float(level.min() / level[i]) for label, i in state.get("at", {}).items()}

@@ -130,9 +130,13 @@ def main() -> None:
     parser.add_argument("--kernel-models", nargs="+", default=None,
                         help="models the micro-graphs are sampled from [default: the whole catalog]")
     parser.add_argument("--kernel-samples", type=int, default=KERNEL_SAMPLES, help="micro-graphs to time")
+    parser.add_argument("--keep", type=Path, default=None, help="write the two profiles into this folder")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="edgetl-bench-cal-") as tmp:
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            tmp = str(args.keep)
         local, local_s = _calibrate_here("bench-local", Path(tmp), args)
         print(f"local calibration: {local_s:.0f} s; noise: {_noise(local)}")
         if args.repeat_local:
