@@ -51,7 +51,7 @@ def test_calibrate_writes_a_valid_profile_that_select_finds():
     # windows: 6 profiler chains, the 4 models, the micro-graphs, the streaming rate and the run overhead
     assert noise is not None and noise.windows > 6 + len(TINY) + 2 and noise.reference_us > 0
     assert f"coefficient of variation {noise.cv:.3f}" in kernels.derived
-    assert "scaled to the machine at its quietest" in kernels.derived
+    assert "scaled to the machine at its quiet level" in kernels.derived
     assert f"at most {100 * noise.drift_max:+.1f}%" in kernels.derived
     assert "coefficient of variation of their runs" in profile.efficiency.derived
     predicted = {r.model: predict_latency(trace_model(r.model, 64), profile, "fp32").latency_ms

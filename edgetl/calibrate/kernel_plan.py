@@ -183,7 +183,7 @@ def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, by: st
         f"at {model.stream_gbs:.1f} GB/s (a matrix-vector product of 4x the {plan.cache_mb:.0f} MB last-level cache); "
         f"blocked convolutions pad channels to multiples of {block} (read from the shapes the profiler reports); "
         f"a run costs {model.run_us:.0f} us beyond its kernels (a one-ReLU model); every window's times scaled to the "
-        f"machine at its quietest by the reference's quietest level over its level after the window (the median of "
+        f"machine at its quiet level by the reference's quiet level over its level after the window (the median of "
         f"{LEVEL_SPAN} probes; median factor {np.median(list(factors.values()) or [1.0]):.3f}); noise: "
         f"{noise.text()}")}, noise
 

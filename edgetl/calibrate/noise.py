@@ -1,14 +1,18 @@
 """Noise-aware timing: a fixed reference kernel timed between the windows of a calibration run.
 
 On a shared machine another tenant can slow every kernel for a while. Calibration then writes a profile that is
-shifted by that load, silently. :class:`NoiseGuard` runs a fixed micro-graph (:data:`REFERENCE_CONV`, one 3x3
-convolution in its own session) before and after every *window* of the run (one profiled model, one micro-graph,
-one overhead measurement). The reference's quietest time so far is the baseline. A window where the reference was
-more than :data:`DRIFT_THRESHOLD` slower than the baseline, before or after it, is timed again in a later pass (a
-burst of load may have passed by then), up to :data:`RETRIES` more passes, and dropped if it drifted on every try.
-:meth:`NoiseGuard.summary` gives what the profile records: the coefficient of variation of the reference, its
-drift from the baseline, and how many windows were repeated or dropped; :attr:`NoiseSummary.noisy` says when the
-machine was too noisy to calibrate.
+shifted by that load, silently. :class:`NoiseGuard` runs a fixed micro-graph (:data:`REFERENCE_CONV`, a chain of
+3x3 convolutions in its own session) before and after every *window* of the run (one profiled model, one
+micro-graph, one overhead measurement). The reference's *level* at a point of the run is the median of the
+:data:`LEVEL_SPAN` probes around it (it follows load that lasts, not a single slowed probe), and its *quiet level*
+the :data:`QUIET_PERCENTILE`-th percentile of its levels over the run (:func:`quiet_level`): what the machine does
+when other tenants leave it alone, and a figure two runs agree on (the single quietest probe is an extreme value:
+two runs in a row here put it 8% apart, their quiet levels 1.4%). A window where the reference was more than
+:data:`DRIFT_THRESHOLD` slower than the quiet level, before or after it, is timed again in a later pass (a burst of
+load may have passed by then), up to :data:`RETRIES` more passes, and dropped if it drifted on every try. Every
+window's times are then scaled to the quiet level (:func:`speed_factors`). :meth:`NoiseGuard.summary` gives what the
+profile records: the coefficient of variation of the reference, its drift from the quiet level, and how many
+windows were repeated or dropped; :attr:`NoiseSummary.noisy` says when the machine was too noisy to calibrate.
 
 The guard needs numpy and ONNX Runtime only: it runs on a board too (``device calibrate --on``), with the reference
 model built here (:func:`edgetl.calibrate.kernel_timing.reference_model`) and shipped there.
@@ -26,7 +30,7 @@ import numpy as np
 
 T = TypeVar("T")
 
-#: How far the reference kernel may be slower than its quietest time (a fraction) before the window around it
+#: How far the reference kernel may be slower than its quiet level (a fraction) before the window around it
 #: counts as drifted: timed again, and dropped when it drifts on every try.
 DRIFT_THRESHOLD = 0.10
 #: How many more times a drifted window is timed before it is dropped.
@@ -45,6 +49,8 @@ REFERENCE_CONV = (64, 56, 4)
 #: How many consecutive probes give the reference's level at a point of the run (their median; see
 #: :func:`speed_factors`).
 LEVEL_SPAN = 11
+#: The percentile of the reference's levels over a run that is its quiet level (see :func:`quiet_level`).
+QUIET_PERCENTILE = 10
 #: Runs of the reference per probe; a probe is the fastest of them, as calibration keeps each kernel's fastest run
 #: (on 2 shared cores, the probes are bimodal: both cores, or one taken by another process and about 2x slower).
 REFERENCE_RUNS = 3
@@ -84,7 +90,7 @@ class NoiseSummary:
     """How steady the machine was during a calibration run.
 
     Attributes:
-        reference_us: the reference kernel's quietest probe (µs), the baseline drift is measured from.
+        reference_us: the reference kernel's quiet level (µs, :func:`quiet_level`), drift is measured from.
         cv: coefficient of variation of the reference's probes over the run.
         drift_median: median of (probe / baseline - 1) over the run.
         drift_max: the largest (probe / baseline - 1).
@@ -112,8 +118,8 @@ class NoiseSummary:
         """The figures as the profile's ``derived`` text records them."""
         return (f"a reference (a chain of {REFERENCE_CONV[2]} 3x3 convolutions, {REFERENCE_CONV[0]} channels, "
                 f"{REFERENCE_CONV[1]} px, "
-                f"{self.reference_us:.0f} us at its quietest) was timed between the {self.windows} windows of the "
-                f"run: its coefficient of variation {self.cv:.3f}, drift from its quietest "
+                f"{self.reference_us:.0f} us at its quiet level) was timed between the {self.windows} windows of the "
+                f"run: its coefficient of variation {self.cv:.3f}, drift from its quiet level "
                 f"{100 * self.drift_median:+.1f}% (median), at most {100 * self.drift_max:+.1f}%, "
                 f"{100 * self.over:.0f}% of probes beyond {100 * DRIFT_THRESHOLD:.0f}%; {self.repeated} windows "
                 f"timed again, {len(self.dropped)} drifted on every try")
@@ -121,7 +127,7 @@ class NoiseSummary:
     def warning(self) -> str:
         """One line that says the machine was too noisy, with the figures."""
         return (f"the machine was too noisy to calibrate: a reference kernel ran up to {100 * self.drift_max:+.0f}% "
-                f"slower than its quietest (CV {self.cv:.2f}, {100 * self.over:.0f}% of probes beyond "
+                f"slower than its quiet level (CV {self.cv:.2f}, {100 * self.over:.0f}% of probes beyond "
                 f"{100 * DRIFT_THRESHOLD:.0f}%, {len(self.dropped)} of {self.windows} windows drifted on every try); "
                 "the profile may be shifted: calibrate again when the machine is quiet")
 
@@ -129,7 +135,7 @@ class NoiseSummary:
     def of(cls, state: dict[str, Any]) -> NoiseSummary:
         """The figures of a guard's run from its :meth:`NoiseGuard.state` (here or on a board)."""
         probes = np.asarray(state["probes"] or [1.0], dtype=np.float64)
-        base = float(probes.min())
+        base = quiet_level(probes)
         drift = probes / base - 1
         return cls(base, float(probes.std() / probes.mean()), float(np.median(drift)), float(drift.max()),
                    float((drift > state["threshold"]).mean()), int(state["windows"]), int(state["repeated"]),
@@ -176,8 +182,6 @@ class NoiseGuard:
         self.probes.append(us)
         return us
 
-    def _drift(self, us: float) -> float:
-        return us / min(self.probes) - 1
 
     def _attempt(self, window: Callable[[], T]) -> tuple[T, float, int]:
         """Run ``window`` between two probes; its result, the slower of the two probes (µs), and the index of the
@@ -189,7 +193,7 @@ class NoiseGuard:
     def run_all(self, windows: dict[str, Callable[[], T]]) -> tuple[dict[str, T], set[str]]:
         """Run every window once, each between two probes of the reference; then run those where the reference
         drifted again, in a later pass (load from another tenant may have passed by then), up to :attr:`retries`
-        passes, while at most :data:`RETRY_MAX_SHARE` of the windows drifted. Drift is judged against the quietest
+        passes, while at most :data:`RETRY_MAX_SHARE` of the windows drifted. Drift is judged against the quiet level of
         probe so far when a pass ends, so a window timed while the first probes were slowed too is caught once the
         machine is quiet.
 
@@ -206,7 +210,8 @@ class NoiseGuard:
                 tried = self._attempt(windows[label])
                 if label not in best or tried[1] < best[label][1]:
                     best[label] = tried
-            todo = [label for label in windows if self._drift(best[label][1]) > self.threshold]
+            base = quiet_level(self.probes)
+            todo = [label for label in windows if best[label][1] / base - 1 > self.threshold]
             if not todo or attempt == self.retries or len(todo) > RETRY_MAX_SHARE * len(windows):
                 break
             retried.update(todo)
@@ -226,21 +231,29 @@ class NoiseGuard:
                 "at": dict(self.at)}
 
     def summary(self) -> NoiseSummary:
-        """The figures of the run so far (relative to the quietest probe of the whole run)."""
+        """The figures of the run so far (relative to the quiet level of the whole run)."""
         return NoiseSummary.of(self.state())
 
 
-def speed_factors(state: dict[str, Any]) -> dict[str, float]:
-    """Each window's factor to the machine at its quietest, from a guard's :meth:`NoiseGuard.state`.
-
-    The reference's level at a probe is the median of the :data:`LEVEL_SPAN` probes around it: it follows load that
-    lasts (another tenant's job) and not a single slowed probe (a burst, which a window's fastest run does not see
-    either). A window's factor is the quietest level of the run over the level after its kept attempt: 1 where the
-    machine was at its quietest, 0.9 where the reference ran 11% slower. Times measured in the window, multiplied by
-    it, are what the quiet machine would have measured, where the load slows the window's kernels as it slows the
-    reference (they share its cores, caches and memory).
-    """
-    probes = np.asarray(state["probes"], dtype=np.float64)
+def levels(probes: Any) -> np.ndarray:
+    """The reference's level at each probe: the median of the :data:`LEVEL_SPAN` probes around it."""
+    p = np.asarray(probes, dtype=np.float64)
     half = LEVEL_SPAN // 2
-    level = np.array([np.median(probes[max(0, i - half): i + half + 1]) for i in range(len(probes))])
-    return {label: float(level.min() / level[i]) for label, i in state.get("at", {}).items()}
+    return np.array([np.median(p[max(0, i - half): i + half + 1]) for i in range(len(p))])
+
+
+def quiet_level(probes: Any) -> float:
+    """The reference's quiet level (µs): the :data:`QUIET_PERCENTILE`-th percentile of its :func:`levels`."""
+    return float(np.percentile(levels(probes), QUIET_PERCENTILE)) if len(probes) else 1.0
+
+
+def speed_factors(state: dict[str, Any]) -> dict[str, float]:
+    """Each window's factor to the machine at its quiet level, from a guard's :meth:`NoiseGuard.state`: the quiet
+    level over the reference's level after the window's kept attempt (1 where the machine ran at its quiet level,
+    0.9 where the reference ran 11% slower). Times measured in the window, multiplied by it, are what the quiet
+    machine would have measured, where load that lasts slows the window's kernels as it slows the reference (they
+    share its cores, caches and memory); a burst that slowed one probe leaves the level, and so the factor, alone.
+    """
+    level = levels(state["probes"])
+    base = float(np.percentile(level, QUIET_PERCENTILE))
+    return {label: base / float(level[i]) for label, i in state.get("at", {}).items()}
