@@ -17,7 +17,7 @@
    DRAM and the last-level cache. They predict this machine's latency kernel by kernel
    (:mod:`edgetl.device.kernel_model`). A reference kernel timed between them
    (:class:`edgetl.calibrate.noise.NoiseGuard`) finds what was timed under load from another process: timed again,
-   dropped, recorded in the profile, and warned about when the machine was too noisy.
+   scaled to the machine's quiet level, recorded in the profile, and warned about when the machine was too noisy.
 7. Measure the peak RSS of a few models' sessions (each in a fresh process: load + 3 inferences) and fit
    ``conv weights x factor + other weights x factor + activations x factor + constant`` to them
    (:func:`edgetl.device.latency.fit_memory`).

@@ -160,15 +160,11 @@ def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, by: st
     factors = speed_factors(measured["guard"])
     done = {label: at_quiet(plan.windows[label]["kind"], result, factors.get(label, 1.0))
             for label, result in measured["windows"].items()}
-    left_out = set(measured["left_out"])
     block = channel_block(ProfiledRun(measured["before"]["block"]))
     profiler_us = max(0.0, float(np.median([profiler_excess_us(done[f"profiler chain {c}"]) for c in PROFILER_CHAINS])))
-    # a model's own kernels are kept even where they drifted on every try (their least drifted run): the fit needs
-    # every kind they hold; the drift is in the figures and the warning. Drifted micro-graphs are left out.
     samples = [s for name in plan.models for s in ProfiledRun(done[f"model {name}"]).samples(profiler_us, block)]
     n_in_place = len(samples)
-    samples += [s for label in plan.micro if label not in left_out
-                for s in ProfiledRun(done[label]).samples(profiler_us, block)]
+    samples += [s for label in plan.micro for s in ProfiledRun(done[label]).samples(profiler_us, block)]
     model = fit_kernel_model(samples, threads, stream_gbs(ProfiledRun(done["stream"]), plan.cache_mb), plan.cache_mb,
                              block, float(done["run"]))
     noise = NoiseSummary.of(measured["guard"])

@@ -9,10 +9,11 @@ the :data:`QUIET_PERCENTILE`-th percentile of its levels over the run (:func:`qu
 when other tenants leave it alone, and a figure two runs agree on (the single quietest probe is an extreme value:
 two runs in a row here put it 8% apart, their quiet levels 1.4%). A window where the reference was more than
 :data:`DRIFT_THRESHOLD` slower than the quiet level, before or after it, is timed again in a later pass (a burst of
-load may have passed by then), up to :data:`RETRIES` more passes, and dropped if it drifted on every try. Every
+load may have passed by then), up to :data:`RETRIES` more passes, keeping its least drifted attempt. Every
 window's times are then scaled to the quiet level (:func:`speed_factors`). :meth:`NoiseGuard.summary` gives what the
 profile records: the coefficient of variation of the reference, its drift from the quiet level, and how many
-windows were repeated or dropped; :attr:`NoiseSummary.noisy` says when the machine was too noisy to calibrate.
+windows were repeated or drifted on every try; :attr:`NoiseSummary.noisy` says when the machine was too noisy to
+calibrate.
 
 The guard needs numpy and ONNX Runtime only: it runs on a board too (``device calibrate --on``), with the reference
 model built here (:func:`edgetl.calibrate.kernel_timing.reference_model`) and shipped there.
@@ -31,15 +32,15 @@ import numpy as np
 T = TypeVar("T")
 
 #: How far the reference kernel may be slower than its quiet level (a fraction) before the window around it
-#: counts as drifted: timed again, and dropped when it drifts on every try.
+#: counts as drifted: timed again, keeping the least drifted attempt.
 DRIFT_THRESHOLD = 0.10
-#: How many more times a drifted window is timed before it is dropped.
+#: How many more times a drifted window is timed.
 RETRIES = 2
 #: A later pass is run only when at most this share of the windows drifted: beyond it the load is not a burst
-#: but the state of the machine, and timing every window again would triple the run to no end (they are dropped,
-#: and the run is too noisy).
+#: but the state of the machine, and timing every window again would triple the run to no end (the run is then
+#: too noisy).
 RETRY_MAX_SHARE = 0.5
-#: The share of windows dropped (drifted on every try), or of reference probes beyond :data:`DRIFT_THRESHOLD`,
+#: The share of windows that drifted on every try, or of reference probes beyond :data:`DRIFT_THRESHOLD`,
 #: above which the machine was too noisy to calibrate.
 NOISY_SHARE = 0.10
 #: The reference kernel: a chain of ``length`` 3x3 convolutions of ``channels`` channels on a ``size`` x ``size``
@@ -95,9 +96,8 @@ class NoiseSummary:
         drift_median: median of (probe / baseline - 1) over the run.
         drift_max: the largest (probe / baseline - 1).
         over: share of probes beyond :data:`DRIFT_THRESHOLD`.
-        windows: windows timed; ``repeated``: those timed again; ``dropped``: the labels of those that drifted on
-            every try (left out of the fit after a burst of load; kept when the load lasted, see
-            :meth:`NoiseGuard.run_all`).
+        windows: windows timed; ``repeated``: those timed again; ``drifted``: the labels of those that drifted on
+            every try (kept at their least drifted attempt, scaled; see :meth:`NoiseGuard.run_all`).
     """
 
     reference_us: float
@@ -107,12 +107,12 @@ class NoiseSummary:
     over: float
     windows: int
     repeated: int
-    dropped: tuple[str, ...]
+    drifted: tuple[str, ...]
 
     @property
     def noisy(self) -> bool:
         """Whether the machine was too noisy to calibrate (see :data:`NOISY_SHARE`)."""
-        return self.over > NOISY_SHARE or len(self.dropped) > NOISY_SHARE * max(1, self.windows)
+        return self.over > NOISY_SHARE or len(self.drifted) > NOISY_SHARE * max(1, self.windows)
 
     def text(self) -> str:
         """The figures as the profile's ``derived`` text records them."""
@@ -122,13 +122,13 @@ class NoiseSummary:
                 f"run: its coefficient of variation {self.cv:.3f}, drift from its quiet level "
                 f"{100 * self.drift_median:+.1f}% (median), at most {100 * self.drift_max:+.1f}%, "
                 f"{100 * self.over:.0f}% of probes beyond {100 * DRIFT_THRESHOLD:.0f}%; {self.repeated} windows "
-                f"timed again, {len(self.dropped)} drifted on every try")
+                f"timed again, {len(self.drifted)} drifted on every try")
 
     def warning(self) -> str:
         """One line that says the machine was too noisy, with the figures."""
         return (f"the machine was too noisy to calibrate: a reference kernel ran up to {100 * self.drift_max:+.0f}% "
                 f"slower than its quiet level (CV {self.cv:.2f}, {100 * self.over:.0f}% of probes beyond "
-                f"{100 * DRIFT_THRESHOLD:.0f}%, {len(self.dropped)} of {self.windows} windows drifted on every try); "
+                f"{100 * DRIFT_THRESHOLD:.0f}%, {len(self.drifted)} of {self.windows} windows drifted on every try); "
                 "the profile may be shifted: calibrate again when the machine is quiet")
 
     @classmethod
@@ -139,14 +139,14 @@ class NoiseSummary:
         drift = probes / base - 1
         return cls(base, float(probes.std() / probes.mean()), float(np.median(drift)), float(drift.max()),
                    float((drift > state["threshold"]).mean()), int(state["windows"]), int(state["repeated"]),
-                   tuple(state["dropped"]))
+                   tuple(state["drifted"]))
 
     def to_dict(self) -> dict[str, Any]:
         """The figures, rounded, for JSON output."""
         return {"reference_us": round(self.reference_us, 1), "cv": round(self.cv, 4),
                 "drift_median": round(self.drift_median, 4), "drift_max": round(self.drift_max, 4),
                 "over_threshold": round(self.over, 4), "windows": self.windows, "repeated": self.repeated,
-                "dropped": len(self.dropped), "noisy": self.noisy}
+                "drifted": len(self.drifted), "noisy": self.noisy}
 
 
 @dataclass
@@ -162,7 +162,7 @@ class NoiseGuard:
     probes: list[float] = field(default_factory=list)
     windows: int = 0
     repeated: int = 0
-    dropped: list[str] = field(default_factory=list)
+    drifted: list[str] = field(default_factory=list)
     at: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -190,18 +190,18 @@ class NoiseGuard:
         result = window()
         return result, max(before, self._probe()), len(self.probes) - 1
 
-    def run_all(self, windows: dict[str, Callable[[], T]]) -> tuple[dict[str, T], set[str]]:
+    def run_all(self, windows: dict[str, Callable[[], T]]) -> dict[str, T]:
         """Run every window once, each between two probes of the reference; then run those where the reference
         drifted again, in a later pass (load from another tenant may have passed by then), up to :attr:`retries`
-        passes, while at most :data:`RETRY_MAX_SHARE` of the windows drifted. Drift is judged against the quiet level of
-        probe so far when a pass ends, so a window timed while the first probes were slowed too is caught once the
-        machine is quiet.
+        passes, while at most :data:`RETRY_MAX_SHARE` of the windows drifted. Drift is judged against the quiet
+        level of the probes so far when a pass ends, so a window timed while the first probes were slowed too is
+        caught once the machine is quiet.
 
         Returns:
-            Each window's result, in the order given (a window that drifted on every try keeps its least drifted
-            attempt), and the labels of those to leave out: the windows that drifted on every try, when they are
-            at most :data:`RETRY_MAX_SHARE` of them (else none: the caller keeps what it has, and the summary says
-            the run was too noisy). The caller may keep a window it cannot do without.
+            Each window's result, in the order given: its least drifted attempt, which :func:`speed_factors` scales
+            to the quiet level. None is left out: leaving out the windows that drifted on every try changed which
+            kernels the fit saw from one calibration to the next (a run that left out 135 kernel samples predicted the
+            largest RegNets 1.4x slower than the next run, which kept them); they are counted in the summary.
         """
         best: dict[str, tuple[T, float, int]] = {}
         todo, retried = list(windows), set()
@@ -217,17 +217,14 @@ class NoiseGuard:
             retried.update(todo)
         self.windows += len(windows)
         self.repeated += len(retried)
-        self.dropped += todo
-        # a burst of load spoils a few windows, which are left out; load that lasts spoils most, and leaving them out
-        # would leave next to nothing to fit: they are kept (their least drifted attempt), and the run is too noisy
-        left_out = set(todo) if len(todo) <= RETRY_MAX_SHARE * len(windows) else set()
+        self.drifted += todo
         self.at.update({label: best[label][2] for label in windows})
-        return {label: best[label][0] for label in windows}, left_out
+        return {label: best[label][0] for label in windows}
 
     def state(self) -> dict[str, Any]:
         """The probes and counts so far, as plain JSON (what a board sends back; see :meth:`NoiseSummary.of`)."""
         return {"probes": list(self.probes), "threshold": self.threshold, "windows": self.windows,
-                "repeated": self.repeated, "dropped": list(self.dropped),
+                "repeated": self.repeated, "drifted": list(self.drifted),
                 "at": dict(self.at)}
 
     def summary(self) -> NoiseSummary:

@@ -153,11 +153,11 @@ def run_windows(plan: Mapping[str, Any], model: Callable[[str], Any], threads: i
     (``reference``) in one :class:`~edgetl.calibrate.noise.NoiseGuard` run.
 
     Returns:
-        ``before`` and ``windows`` (label -> what :func:`run_window` measured), ``left_out`` (the windows the guard
-        leaves out) and ``guard`` (its probes and counts, for :meth:`NoiseGuard.summary`).
+        ``before`` and ``windows`` (label -> what :func:`run_window` measured), and ``guard`` (its probes and
+        counts, for :meth:`NoiseGuard.summary` and :func:`~edgetl.calibrate.noise.speed_factors`).
     """
     before = {label: run_window(w, model, threads) for label, w in plan["before"].items()}
     guard = NoiseGuard.for_reference(model(plan["reference"]), threads)
     windows = plan["windows"]
-    done, left_out = guard.run_all({label: (lambda w=w: run_window(w, model, threads)) for label, w in windows.items()})
-    return {"before": before, "windows": done, "left_out": sorted(left_out), "guard": guard.state()}
+    done = guard.run_all({label: (lambda w=w: run_window(w, model, threads)) for label, w in windows.items()})
+    return {"before": before, "windows": done, "guard": guard.state()}
