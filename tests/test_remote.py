@@ -205,12 +205,14 @@ def test_a_refused_key_is_one_line(board, monkeypatch, tmp_path):
 def _start_long_bench(artifact, board, on):  # noqa: F811
     """A bench on the board that runs until stopped, from a fresh CLI process; its board folder once it runs."""
     env = {**cli_env(), CONFIG_ENV: str(board.config)}
+    before = set(board.tmp.iterdir())  # a folder left by another test is not this bench's
     proc = subprocess.Popen([sys.executable, "-m", "edgetl", "bench", str(artifact.path / "model.onnx"),
                              "--iterations", "1000000", "--warmup", "0", *on], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        folders = [d for d in board.tmp.iterdir() if (d / ".pid").is_file() and (d / "job.json").is_file()]
+        new = set(board.tmp.iterdir()) - before
+        folders = [d for d in new if (d / ".pid").is_file() and (d / "job.json").is_file()]
         runners = [p for d in folders for p in _children(int((d / ".pid").read_text()))
                    if b"edgetl.board.runner" in Path(f"/proc/{p}/cmdline").read_bytes()]
         if runners:
@@ -218,6 +220,16 @@ def _start_long_bench(artifact, board, on):  # noqa: F811
         time.sleep(0.1)
     proc.kill()
     raise AssertionError("the runner did not start on the board")
+
+
+def _finish(proc: subprocess.Popen) -> tuple[str, str]:
+    """The CLI's output once it exits; killed, with what it printed so far in the failure, if it has not in 60 s."""
+    try:
+        return proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"the CLI did not exit within 60 s; it printed: {out!r} {err!r}") from None
 
 
 def _children(pid: int) -> list[int]:
@@ -242,15 +254,15 @@ def _gone(pid: int, timeout: float = 10) -> bool:
 def test_ctrl_c_stops_the_runner_and_removes_the_board_folder(artifact, board, on):  # noqa: F811
     proc, runner = _start_long_bench(artifact, board, on)
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
-    assert proc.returncode != 0
+    _, err = _finish(proc)
+    assert proc.returncode != 0, err
     assert _gone(runner), "the runner still runs on the board"
 
 
 def test_a_runner_killed_on_the_board_is_one_line(artifact, board, on):  # noqa: F811
     proc, runner = _start_long_bench(artifact, board, on)
     os.kill(runner, signal.SIGKILL)
-    _, err = proc.communicate(timeout=60)
+    _, err = _finish(proc)
     assert proc.returncode == 1, err
     assert err.strip().splitlines() == [f"error: the runner was killed on {board.url} by SIGKILL (out of memory?)"]
 

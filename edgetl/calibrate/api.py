@@ -191,8 +191,7 @@ def calibrate(
 
     Args:
         name: the profile's name (a lowercase slug); it is then usable as ``--device NAME``.
-        out: the YAML file to write; default ``<user profile dir>/<name>.yaml``, where ``--device``
-            finds it.
+        out: the YAML file to write; default ``<user profile dir>/<name>.yaml``, where ``--device`` finds it.
         models: the calibration architectures.
         threads: ONNX Runtime threads (default: every core available to this process).
         rounds: timed runs per model.
@@ -201,20 +200,16 @@ def calibrate(
         measurements: timings of ``models`` made on this machine already (by
             :func:`edgetl.calibrate.measure.measure_models` with the same ``threads``); they are fitted instead of
             timing the models again (e.g. timed in the same session as held-out models).
-        runtime: ``onnxruntime`` (the CPU) or ``tensorrt`` (FP16 engines on a Jetson's GPU; a
-            ``runtime: tensorrt`` profile); default: tensorrt on a Jetson where it is available, else
-            onnxruntime.
+        runtime: ``onnxruntime`` (the CPU) or ``tensorrt`` (FP16 engines on a Jetson's GPU; a ``runtime: tensorrt``
+            profile); default: tensorrt on a Jetson where it is available, else onnxruntime.
         memory_mb: session peak RSS (MB) of models measured on this machine already (by
             :func:`edgetl.calibrate.measure.measure_memory`); fitted instead of measuring :data:`MEMORY_MODELS` again.
-        int8: time :data:`INT8_MODEL` at FP32 and INT8 and store the measured INT8 speed-up (``False`` keeps
-            the speed-up the ISA implies).
+        int8: time :data:`INT8_MODEL` at FP32 and INT8 and store the speed-up (``False``: the ISA's).
         kernel_models: the models whose distinct convolutions and matrix products are sampled for micro-graphs
             (default: every architecture of the catalog, at its default weights).
-        kernel_samples: how many micro-graphs to time (ONNX Runtime only; 0: no kernel timings, and latency is
-            then predicted by the fitted roofline alone).
-        readings: the machine as measured elsewhere (a board over SSH), with ``measurements`` and ``memory_mb``
-            made there too, and its kernel timings (``readings.kernels``, fitted here as local ones are): nothing
-            is measured here.
+        kernel_samples: how many micro-graphs to time (0: no kernel timings; the fitted roofline predicts).
+        readings: the machine as measured elsewhere (a board over SSH), with ``measurements``, ``memory_mb`` and
+            its kernel timings (``readings.kernels``, fitted here as local ones are): nothing is measured here.
 
     Returns:
         A :class:`CalibrationResult`.
