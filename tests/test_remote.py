@@ -208,7 +208,7 @@ def _start_long_bench(artifact, board, on):  # noqa: F811
     before = set(board.tmp.iterdir())  # a folder left by another test is not this bench's
     proc = subprocess.Popen([sys.executable, "-m", "edgetl", "bench", str(artifact.path / "model.onnx"),
                              "--iterations", "1000000", "--warmup", "0", *on], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         new = set(board.tmp.iterdir()) - before
@@ -220,6 +220,12 @@ def _start_long_bench(artifact, board, on):  # noqa: F811
         time.sleep(0.1)
     proc.kill()
     raise AssertionError("the runner did not start on the board")
+
+
+def _interruptible() -> None:
+    """Ctrl-C reaches the CLI however the suite was started: a shell without job control starts a background
+    command with SIGINT ignored, and an ignored signal stays ignored across exec (Python then installs no handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _finish(proc: subprocess.Popen) -> tuple[str, str]:
