@@ -65,7 +65,7 @@ class BoardRun:
 
 
 def describe(address: str, machine: dict[str, Any]) -> dict[str, Any]:
-    """The board as a report records it: address, fingerprint (:func:`edgetl.board.runner.machine_info`) and the
+    """The board as a report records it: address, fingerprint (:func:`edgetl.device.machine.machine_info`) and the
     nearest built-in profile."""
     name, why = nearest_profile(machine)
     return {"address": address, **machine, "nearest_profile": name, "nearest_profile_why": why}

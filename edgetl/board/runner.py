@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgetl.device.machine import machine_info
 from edgetl.errors import BoardSetupError, ConfigError, EdgetlError
 
 #: The pip package that provides each module the runner imports.
@@ -38,72 +39,6 @@ def _require(*modules: str) -> None:
             raise BoardSetupError(
                 f"the board's Python ({platform.python_version()}, {sys.executable}) cannot import {name} ({exc}): "
                 f"install it on the board with `{Path(sys.executable).name} -m pip install {package}`") from None
-
-
-def _versions() -> dict[str, Any]:
-    from importlib import metadata
-
-    found: dict[str, Any] = {}
-    for dist in ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
-
-
-def _read(path: str) -> str | None:
-    try:
-        return Path(path).read_text(errors="replace").strip("\x00\n ")
-    except OSError:
-        return None
-
-
-def _os_name() -> str:
-    text = _read("/etc/os-release") or ""
-    for line in text.splitlines():
-        if line.startswith("PRETTY_NAME="):
-            return line.split("=", 1)[1].strip('"')
-    return platform.platform()
-
-
-def _gpu() -> dict[str, Any] | None:
-    """A Jetson (device tree, L4T release) or an NVIDIA GPU (``nvidia-smi``), else None."""
-    import shutil
-    import subprocess
-
-    tegra = _read("/etc/nv_tegra_release")
-    if tegra:
-        return {"kind": "jetson", "l4t": tegra.splitlines()[0]}
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        done = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                              check=False, timeout=30)
-        if done.returncode == 0 and done.stdout.strip():
-            return {"kind": "nvidia", "gpus": [line.strip() for line in done.stdout.splitlines() if line.strip()]}
-    return None
-
-
-def machine_info() -> dict[str, Any]:
-    """The board's fingerprint: CPU model and ISA flags, cores, RAM, OS, Python, runtime versions, GPU."""
-    from edgetl.device.machine import fingerprint, last_level_cache_mb, read_cpu
-
-    cpu = read_cpu()
-    info = {"host": platform.node(), "arch": platform.machine(), "board": _read("/proc/device-tree/model"),
-            "os": _os_name(), "kernel": platform.release(),
-            "python": platform.python_version(), "python_path": sys.executable,
-            "cpu": {"model": cpu.model, "cores": cpu.cores, "ghz": cpu.ghz, "isa": list(cpu.isa),
-                    "ram_mb": cpu.ram_mb, "llc_mb": round(last_level_cache_mb(), 3)},
-            "packages": _versions(), "gpu": _gpu()}
-    try:
-        import onnxruntime
-
-        info["onnxruntime_providers"] = list(onnxruntime.get_available_providers())
-    except ImportError:
-        info["onnxruntime_providers"] = None
-    info["fingerprint"] = fingerprint(cpu)
-    return info
 
 
 def _session(model: Path, threads: int | None) -> Any:

@@ -241,7 +241,11 @@ def levels(probes: Any) -> np.ndarray:
 
 def quiet_level(probes: Any) -> float:
     """The reference's quiet level (µs): the :data:`QUIET_PERCENTILE`-th percentile of its :func:`levels`."""
-    return float(np.percentile(levels(probes), QUIET_PERCENTILE)) if len(probes) else 1.0
+    return _quiet(levels(probes)) if len(probes) else 1.0
+
+
+def _quiet(level: np.ndarray) -> float:
+    return float(np.percentile(level, QUIET_PERCENTILE))
 
 
 def speed_factors(state: dict[str, Any]) -> dict[str, float]:
@@ -252,5 +256,5 @@ def speed_factors(state: dict[str, Any]) -> dict[str, float]:
     share its cores, caches and memory); a burst that slowed one probe leaves the level, and so the factor, alone.
     """
     level = levels(state["probes"])
-    base = float(np.percentile(level, QUIET_PERCENTILE))
+    base = _quiet(level)
     return {label: base / float(level[i]) for label, i in state.get("at", {}).items()}

@@ -808,7 +808,7 @@ def device_info_cmd(**kwargs) -> None:
         with _stderr_console().status(f"asking {remote.on}"):
             info = board_info(Remote.of(remote))
     else:
-        from edgetl.board.runner import machine_info
+        from edgetl.device.machine import machine_info
 
         info = describe("this machine", machine_info())
     if as_json:

@@ -10,6 +10,7 @@ import contextlib
 import os
 import platform
 import re
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -149,9 +150,72 @@ def package_versions() -> dict[str, str | None]:
     metadata without importing them."""
     from edgetl import __version__  # the package's own version, defined once in its __init__
 
-    versions: dict[str, str | None] = {"edgetl": __version__, "python": platform.python_version()}
-    for pkg in VERSIONED_PACKAGES:
-        versions[pkg] = None
+    return {"edgetl": __version__, "python": platform.python_version(), **installed_versions(VERSIONED_PACKAGES)}
+
+
+#: The packages a board's fingerprint lists (those installed).
+BOARD_PACKAGES: tuple[str, ...] = ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "tensorrt")
+
+
+def installed_versions(dists: tuple[str, ...]) -> dict[str, str | None]:
+    """Each package's version from its metadata, without importing it (None: not installed)."""
+    found: dict[str, str | None] = {}
+    for dist in dists:
+        found[dist] = None
         with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[pkg] = metadata.version(pkg)
-    return versions
+            found[dist] = metadata.version(dist)
+    return found
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text(errors="replace").strip("\x00\n ")
+    except OSError:
+        return None
+
+
+def _os_name() -> str:
+    text = _read("/etc/os-release") or ""
+    for line in text.splitlines():
+        if line.startswith("PRETTY_NAME="):
+            return line.split("=", 1)[1].strip('"')
+    return platform.platform()
+
+
+def _gpu() -> dict[str, Any] | None:
+    """A Jetson (device tree, L4T release) or an NVIDIA GPU (``nvidia-smi``), else None."""
+    import shutil
+    import subprocess
+
+    tegra = _read("/etc/nv_tegra_release")
+    if tegra:
+        return {"kind": "jetson", "l4t": tegra.splitlines()[0]}
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        done = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              check=False, timeout=30)
+        if done.returncode == 0 and done.stdout.strip():
+            return {"kind": "nvidia", "gpus": [line.strip() for line in done.stdout.splitlines() if line.strip()]}
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    """This machine as ``device info`` prints it (here, or on a board by its runner): CPU model and ISA flags, cores,
+    RAM, OS, Python, runtime versions, GPU, and its :func:`fingerprint`."""
+    cpu = read_cpu()
+    info = {"host": platform.node(), "arch": platform.machine(), "board": _read("/proc/device-tree/model"),
+            "os": _os_name(), "kernel": platform.release(),
+            "python": platform.python_version(), "python_path": sys.executable,
+            "cpu": {"model": cpu.model, "cores": cpu.cores, "ghz": cpu.ghz, "isa": list(cpu.isa),
+                    "ram_mb": cpu.ram_mb, "llc_mb": round(last_level_cache_mb(), 3)},
+            "packages": {k: v for k, v in installed_versions(BOARD_PACKAGES).items() if v is not None},
+            "gpu": _gpu()}
+    try:
+        import onnxruntime
+
+        info["onnxruntime_providers"] = list(onnxruntime.get_available_providers())
+    except ImportError:
+        info["onnxruntime_providers"] = None
+    info["fingerprint"] = fingerprint(cpu)
+    return info

@@ -34,7 +34,7 @@ def nearest_profile(info: Mapping[str, Any]) -> tuple[str | None, str]:
     """The built-in profile most like the machine ``info`` describes, and why.
 
     Args:
-        info: the board's fingerprint as :func:`edgetl.board.runner.machine_info` reports it (``arch``,
+        info: the board's fingerprint as :func:`edgetl.device.machine.machine_info` reports it (``arch``,
             ``board``, ``cpu.isa``, ``cpu.cores``).
 
     Returns:
