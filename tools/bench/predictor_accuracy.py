@@ -38,6 +38,8 @@ on ``MEMORY_MODELS``) and with the plain weights + activations + constant, again
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -190,6 +192,8 @@ def main() -> None:
     parser.add_argument("--kernel-samples", type=int, default=400, help="micro-graphs calibrate times")
     parser.add_argument("--stopwatch-runs", type=int, default=25, help="runs of the independent stopwatch (0: none)")
     parser.add_argument("--skip-memory", action="store_true", help="latency only")
+    parser.add_argument("--keep", type=Path, help="write the profile and the per-model rows (rows.json) here, to "
+                        "study the kernel model's fit without timing again")
     args = parser.parse_args()
 
     start = time.monotonic()
@@ -212,6 +216,9 @@ def main() -> None:
             kernel_models=sources, kernel_samples=args.kernel_samples,
         )
         profile = load_profile(str(cal.path))
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(cal.path, args.keep / cal.path.name)
     print(f"timed {len(measured)} models (steady state), calibrated on the {len(CALIBRATION_MODELS)} calibration "
           f"models (kernels sampled from {len(sources)} architectures, none held out) in "
           f"{time.monotonic() - start:.0f} s; calibrate itself took {cal.seconds:.0f} s; roofline fit ratios "
@@ -252,6 +259,8 @@ def _rows(held: list[str], measured: dict, watch: dict[str, float], cal, profile
 def _print_latency(held: list[str], measured: dict, watch: dict[str, float], cal, profile,
                    args: argparse.Namespace) -> None:
     rows = _rows(held, measured, watch, cal, profile, args)
+    if args.keep:
+        (args.keep / "rows.json").write_text(json.dumps(rows, indent=1))
     print(f"\nheld-out models, batch 1, ONNX Runtime fp32, {args.threads} threads (NAME@RES: at RES px, else "
           f"{args.resolution}); seen: compute kernels the calibration measured / all")
     print(f"{'model':<32}{'GFLOP':>7}{'seen':>9}{'kernels':>9}{'roofline':>10}{'naive':>8}{'measured':>10}"
