@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.calibrate.kernel_plan import KernelPlan, fit_kernels, measure_kernels
+from edgetl.calibrate.kernel_plan import KernelPlan, fit_kernels, measure_kernels, with_run_scale
 from edgetl.calibrate.measure import Measurement, architecture_onnx, measure_memory, measure_models
 from edgetl.calibrate.noise import NoiseSummary
 from edgetl.device.latency import MemoryFit, RooflineFit, fit_memory, fit_roofline, int8_speedup_for_isa
@@ -234,15 +234,11 @@ def calibrate(
     _fit_memory(machine, memory_mb, _memory_models(models), resolution)
     if readings:
         machine.int8_speedup, machine.int8_note = readings.int8_speedup, readings.int8_note
-        if readings.kernels:
-            machine.kernels, machine.noise = fit_kernels(*readings.kernels, threads, "edgetl device calibrate --on")
     elif int8:
         _measure_int8(machine, resolution, rounds)
-    if kernel_samples > 0 and not readings:
-        if progress:
-            progress(len(models) + 1, len(models) + 2, "kernels, one by one")
-        machine.kernels, machine.noise = measure_kernels(list(measurements), resolution, kernel_models,
-                                                         kernel_samples, threads, last_level_cache_mb())
+    if progress and kernel_samples > 0 and not readings:
+        progress(len(models) + 1, len(models) + 2, "kernels, one by one")
+    _fit_kernels(machine, readings, measurements, resolution, kernel_models, kernel_samples)
     if progress:
         progress(len(models) + 2, len(models) + 2, "done")
     profile = DeviceProfile.model_validate(_profile_data(name, machine, fit, measurements, rounds, readings))
@@ -250,6 +246,20 @@ def calibrate(
     memory_ratios = dict(zip(machine.memory_mb, machine.memory_fit.ratios, strict=True)) if machine.memory_fit else {}
     return CalibrationResult(profile, saved, measurements, ratios, time.monotonic() - start, machine.memory_mb,
                              memory_ratios, machine.noise)
+
+
+def _fit_kernels(machine: _Machine, readings: Readings | None, measurements: dict[str, Measurement],
+                 resolution: int | None, kernel_models: Sequence[str] | None, kernel_samples: int) -> None:
+    """The kernel model, fitted to the board's kernel timings (``readings``) or to ``kernel_samples`` timed here,
+    and scaled to the calibration models' whole runs."""
+    if readings and readings.kernels:
+        machine.kernels, machine.noise = fit_kernels(*readings.kernels, machine.threads,
+                                                     "edgetl device calibrate --on")
+    elif kernel_samples > 0 and not readings:
+        machine.kernels, machine.noise = measure_kernels(list(measurements), resolution, kernel_models,
+                                                         kernel_samples, machine.threads, last_level_cache_mb())
+    if machine.kernels is not None:
+        machine.kernels = with_run_scale(machine.kernels, measurements)
 
 
 #: The model timed at FP32 and INT8 to measure the INT8 speed-up: dense convolutions, as ISA INT8 paths favour.

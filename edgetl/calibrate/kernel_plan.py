@@ -14,7 +14,7 @@ package: every file is built here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,11 +23,14 @@ from typing import Any
 import numpy as np
 
 from edgetl.calibrate.kernel_timing import (
+    CACHED_SPEEDUP,
     CHAIN_LENGTHS,
     PROFILER_CHAINS,
+    cache_probes_mb,
     channel_block,
     channel_block_model,
     distinct_kernels,
+    dram_probe_mb,
     micro_graph,
     profiler_chain,
     profiler_excess_us,
@@ -36,11 +39,12 @@ from edgetl.calibrate.kernel_timing import (
     spread_sample,
     stream_gbs,
     stream_model,
+    usable_cache_mb,
 )
-from edgetl.calibrate.measure import architecture_onnx
+from edgetl.calibrate.measure import Measurement, architecture_onnx
 from edgetl.calibrate.noise import LEVEL_SPAN, NoiseSummary, speed_factors
 from edgetl.calibrate.profiler import ProfiledRun, run_windows
-from edgetl.device.kernel_model import fit_kernel_model
+from edgetl.device.kernel_model import KernelModel, fit_kernel_model
 from edgetl.zoo.catalog import get_card, list_models
 from edgetl.zoo.cost import CostTrace, OpCost, TraceError
 from edgetl.zoo.model_cost import trace_model
@@ -118,7 +122,7 @@ def kernel_plan(models: Sequence[str], resolution: int | None, sources: Sequence
     ops = spread_sample(distinct_kernels(traces), count)
     plan = KernelPlan(list(models), [f"micro-graph {i}" for i in range(len(ops))], len(traces), cache_mb)
     plan.builders.update(reference=reference_model, block=channel_block_model, run=run_overhead_model,
-                         stream=partial(stream_model, cache_mb))
+                         stream=partial(stream_model, dram_probe_mb(cache_mb)))
     plan.before["block"] = {"kind": "profile", "model": "block", "warmup": 0, "runs": 1}
     for chain in PROFILER_CHAINS:
         long, short = (f"chain-{'-'.join(map(str, chain))}-{n}" for n in CHAIN_LENGTHS)
@@ -134,6 +138,9 @@ def kernel_plan(models: Sequence[str], resolution: int | None, sources: Sequence
         plan.builders[f"micro-{i}"] = partial(_micro_bytes, op)
         plan.windows[label] = {"kind": "profile", "model": f"micro-{i}", "warmup": 3, "runs": 8}
     plan.windows["stream"] = {"kind": "profile", "model": "stream", "warmup": 2, "runs": 5}
+    for mb in cache_probes_mb(cache_mb):
+        plan.builders[f"stream-{mb:g}"] = partial(stream_model, mb)
+        plan.windows[f"cache probe {mb:g}"] = {"kind": "profile", "model": f"stream-{mb:g}", "warmup": 2, "runs": 5}
     plan.windows["run"] = {"kind": "plain", "model": "run", "warmup": 20, "runs": 200}
     return plan
 
@@ -165,8 +172,8 @@ def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, by: st
     samples = [s for name in plan.models for s in ProfiledRun(done[f"model {name}"]).samples(profiler_us, block)]
     n_in_place = len(samples)
     samples += [s for label in plan.micro for s in ProfiledRun(done[label]).samples(profiler_us, block)]
-    model = fit_kernel_model(samples, threads, stream_gbs(ProfiledRun(done["stream"]), plan.cache_mb), plan.cache_mb,
-                             block, float(done["run"]))
+    dram_gbs, cache_mb, cache_text = _streaming(plan, done)
+    model = fit_kernel_model(samples, threads, dram_gbs, cache_mb, block, float(done["run"]))
     noise = NoiseSummary.of(measured["guard"])
     if noise.noisy:
         log.warning(noise.warning())
@@ -176,12 +183,36 @@ def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, by: st
         f"of the distinct convolutions and matrix products of {plan.sources} catalog models, each the fastest of its "
         f"runs after warm-up, less the profiler's own {profiler_us:.1f} us per kernel (measured with chains of "
         f"convolutions timed with and without it); one sample per distinct kernel (median); weights stream from DRAM "
-        f"at {model.stream_gbs:.1f} GB/s (a matrix-vector product of 4x the {plan.cache_mb:.0f} MB last-level cache); "
-        f"blocked convolutions pad channels to multiples of {block} (read from the shapes the profiler reports); "
-        f"a run costs {model.run_us:.0f} us beyond its kernels (a one-ReLU model); every window's times scaled to the "
-        f"machine at its quiet level by the reference's quiet level over its level after the window (the median of "
-        f"{LEVEL_SPAN} probes; median factor {np.median(list(factors.values()) or [1.0]):.3f}); noise: "
-        f"{noise.text()}")}, noise
+        f"at {model.stream_gbs:.1f} GB/s (a matrix-vector product of 4x the {plan.cache_mb:.0f} MB last-level cache), "
+        f"{cache_text}; blocked convolutions pad channels to multiples of {block} (read from the shapes the profiler "
+        f"reports); a run costs {model.run_us:.0f} us beyond its kernels (a one-ReLU model); every window's times "
+        f"scaled to the machine at its quiet level by the reference's quiet level over its level after the window "
+        f"(the median of {LEVEL_SPAN} probes; median factor {np.median(list(factors.values()) or [1.0]):.3f}); "
+        f"noise: {noise.text()}")}, noise
+
+
+def _streaming(plan: KernelPlan, done: dict[str, Any]) -> tuple[float, float, str]:
+    """The DRAM streaming rate (GB/s), the cache a model's weights may use (MB), and how that was found."""
+    dram_gbs = stream_gbs(ProfiledRun(done["stream"]), dram_probe_mb(plan.cache_mb))
+    rates = {mb: stream_gbs(ProfiledRun(done[f"cache probe {mb:g}"]), mb) for mb in cache_probes_mb(plan.cache_mb)}
+    cache_mb = usable_cache_mb(rates, dram_gbs, plan.cache_mb)
+    probes = ", ".join(f"{mb:g} MB at {gbs:.1f} GB/s" for mb, gbs in rates.items())
+    return dram_gbs, cache_mb, (f"and weights are read from the cache up to {cache_mb:g} MB (smaller matrix-vector "
+                                f"products, {CACHED_SPEEDUP:g}x faster than DRAM counts as cached: {probes})")
+
+
+def with_run_scale(kernels: dict[str, Any], measured: Mapping[str, Measurement]) -> dict[str, Any]:
+    """``kernels`` (a profile's entry) with its ``run_scale``: the median, over the calibration models timed whole
+    (``measured``), of the fastest whole run over the sum of the kernels' predicted times. Each kernel's time is its
+    fastest of several runs, and the fastest runs of a model's kernels do not fall in one run: their sum is a few
+    percent below the fastest whole run, more so on a noisy machine."""
+    model = KernelModel.from_dict(kernels)
+    ratios = {name: m.min_ms / model.predict_ms(trace_model(name, m.resolution))[0] for name, m in measured.items()}
+    scale = float(np.median(list(ratios.values())))
+    return {**kernels, "run_scale": round(scale, 4), "derived": (
+        f"{kernels['derived']}; a prediction is the sum of its kernels times {scale:.3f}, the median over the "
+        f"{len(ratios)} calibration models of their fastest whole run over the sum of their kernels "
+        f"({min(ratios.values()):.2f}-{max(ratios.values()):.2f})")}
 
 
 def measure_kernels(models: Sequence[str], resolution: int | None, sources: Sequence[str] | None, count: int,

@@ -203,24 +203,51 @@ def measure_channel_block(threads: int | None) -> int:
     return channel_block(profile_onnx(channel_block_model(), None, threads, warmup=0, runs=1))
 
 
-def stream_shape(cache_mb: float) -> tuple[int, int]:
-    """``(k, n)`` of the matrix-vector product that measures how fast weights stream from DRAM: weights of four
-    times the last-level cache ``cache_mb``, 64 MB at least."""
+#: Weight sizes (MB) of the matrix-vector products that find how much of the last-level cache holds a model's
+#: weights (:func:`usable_cache_mb`), and how much faster than DRAM a size must stream to count as cached.
+CACHE_PROBES_MB = (16.0, 32.0, 64.0, 128.0, 256.0)
+CACHED_SPEEDUP = 1.25
+
+
+def dram_probe_mb(cache_mb: float) -> float:
+    """The weights (MB) of the matrix-vector product that measures how fast weights stream from DRAM: four times
+    the last-level cache ``cache_mb``, 64 MB at least."""
+    return max(64.0, 4 * cache_mb)
+
+
+def cache_probes_mb(cache_mb: float) -> list[float]:
+    """The :data:`CACHE_PROBES_MB` below the DRAM probe of a machine whose last-level cache is ``cache_mb``."""
+    return [mb for mb in CACHE_PROBES_MB if mb < dram_probe_mb(cache_mb)]
+
+
+def stream_shape(weights_mb: float) -> tuple[int, int]:
+    """``(k, n)`` of a matrix-vector product whose weights are ``weights_mb`` MB."""
     k = 4096
-    return k, max(4096, math.ceil(max(64.0, 4 * cache_mb) * 1e6 / 4 / k / 256) * 256)
+    return k, max(256, math.ceil(weights_mb * 1e6 / 4 / k / 256) * 256)
 
 
-def stream_model(cache_mb: float) -> bytes:
+def stream_model(weights_mb: float) -> bytes:
     """The matrix-vector product of :func:`stream_shape`, at batch 1. Its weights are a second input, filled with
     random values where it runs: the file is a few hundred bytes, not gigabytes to send to a board (four times a
     server's last-level cache can be 2 GB)."""
     from onnx import helper  # deferred: heavy
 
-    k, n = stream_shape(cache_mb)
+    k, n = stream_shape(weights_mb)
     return _model_bytes([helper.make_node("MatMul", ["x", "w"], ["y"])], [1, k], "y", [1, n], [], {"w": [k, n]})
 
 
-def stream_gbs(run: ProfiledRun, cache_mb: float) -> float:
+def stream_gbs(run: ProfiledRun, weights_mb: float) -> float:
     """The rate (GB/s) at which :func:`stream_model` streamed its weights, from its fastest profiled kernel."""
-    k, n = stream_shape(cache_mb)
+    k, n = stream_shape(weights_mb)
     return k * n * 4 / min(kernel[4] for kernel in run.kernels) / 1e3
+
+
+def usable_cache_mb(rates: dict[float, float], dram_gbs: float, cache_mb: float) -> float:
+    """How many MB of weights a model may have and still read them from the cache: the largest probe (weights MB ->
+    GB/s) that streamed :data:`CACHED_SPEEDUP` times faster than DRAM (``dram_gbs``). A machine's reported
+    last-level cache can be far more than one tenant gets (a VM that reports 480 MB streams 128 MB from DRAM), or
+    its whole size where every probe is cached; where none is, half the smallest probe at most."""
+    cached = [mb for mb, gbs in rates.items() if gbs >= CACHED_SPEEDUP * dram_gbs]
+    if rates and len(cached) == len(rates):
+        return cache_mb
+    return max(cached) if cached else min(cache_mb, min(rates, default=2 * cache_mb) / 2)
