@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 from clirun import cli_env
 from PIL import Image
-from sshboard import loopback_board, skip_reason
+from sshboard import full_disk_python, loopback_board, mount_namespace_reason, skip_reason
 from test_validate import artifact  # noqa: F401 (the fixture: resnet18 at 32 px, random weights, FP32)
 
 from edgetl.board import host
@@ -164,6 +164,18 @@ def test_a_missing_runtime_is_one_line_naming_the_package_and_leaves_nothing(art
     on = [*on[:-1], str(board.bare_python)]
     line = _one_line_error(_invoke("bench", artifact.path / "model.onnx", *FAST, *on))
     assert "onnxruntime" in line and "pip install onnxruntime" in line
+
+
+def test_a_full_disk_on_the_board_is_one_line_and_leaves_nothing(artifact, board, on, tmp_path):  # noqa: F811
+    """The job's folder on the board is a 64 KiB tmpfs (a private mount namespace around the board's Python), so
+    unpacking the job there fails with the kernel's ENOSPC."""
+    reason = mount_namespace_reason(tmp_path)
+    if reason:
+        pytest.skip(reason)
+    on = [*on[:-1], str(full_disk_python(tmp_path, board.python))]
+    line = _one_line_error(_invoke("bench", artifact.path / "model.onnx", *FAST, *on))
+    assert line == (f"error: the board {board.url} has no space left in its temporary folder ($TMPDIR or /tmp): "
+                    "free some space on it")
 
 
 def test_a_missing_interpreter_is_one_line(artifact, on):  # noqa: F811

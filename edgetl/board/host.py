@@ -175,8 +175,15 @@ def _answer(done: Any, python: str, board: Board) -> dict[str, Any]:
         if doc is not None and "result" in doc:
             return doc["result"]
         if doc is not None and "error" in doc:
-            raise _error_class(doc["error"].get("type"))(doc["error"].get("message", "the runner failed"))
+            message = str(doc["error"].get("message", "the runner failed"))
+            if _disk_full(message):  # the runner's own write (an OSError it reports with the file's name)
+                raise RemoteError(f"the board {board.address} has no space left ({message}): free some space on it")
+            raise _error_class(doc["error"].get("type"))(message)
     raise _failure(done.returncode, stderr, python, board)
+
+
+def _disk_full(text: str) -> bool:
+    return "No space left on device" in text or "Disk quota exceeded" in text
 
 
 def _last_json(text: str) -> dict[str, Any] | None:
@@ -200,7 +207,7 @@ def _error_class(name: Any) -> type[errors.EdgetlError]:
 
 def _failure(rc: int, stderr: str, python: str, board: Board) -> RemoteError:
     where = board.address
-    if "No space left on device" in stderr or "Disk quota exceeded" in stderr:
+    if _disk_full(stderr):
         return RemoteError(f"the board {where} has no space left in its temporary folder ($TMPDIR or /tmp): free "
                            "some space on it")
     if rc == EXIT_NO_PYTHON:
