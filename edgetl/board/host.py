@@ -37,8 +37,8 @@ PACKAGE = Path(__file__).resolve().parents[1]
 #: The modules the board runner imports (paths under ``edgetl/``): torch-, pydantic- and yaml-free at import time.
 SHIPPED: tuple[str, ...] = (
     "errors.py", "_io.py", "folders.py", "data/decode.py", "data/preprocess.py", "export/bundle.py",
-    "export/golden.py", "runtime/base.py", "runtime/bench.py", "runtime/onnxruntime.py", "device/machine.py",
-    "calibrate/noise.py", "calibrate/profiler.py", "board/runner.py",
+    "export/golden.py", "runtime/base.py", "runtime/bench.py", "runtime/onnxruntime.py", "runtime/tensorrt_core.py",
+    "device/machine.py", "calibrate/noise.py", "calibrate/profiler.py", "board/runner.py",
 )
 EXIT_NO_PYTHON = 91
 EXIT_UNPACK = 92
