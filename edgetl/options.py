@@ -185,9 +185,12 @@ class RemoteOptions(StageOptions):
 
     on: str | None = option(
         None, "Run on a board over SSH instead of this machine: ssh://[user@]host[:port] (~/.ssh/config, the agent "
-              "and known_hosts apply); the board needs only Python >= 3.8, numpy, Pillow and onnxruntime "
-              "[default: this machine].")
+              "and known_hosts apply); the board needs only Python >= 3.8, numpy, Pillow and onnxruntime (or, "
+              "for TensorRT on a Jetson, JetPack's TensorRT and cuda-python) [default: this machine].")
     device_python: str = option("python3", "The board's Python interpreter (with --on).", min_length=1)
+    runtime: Literal["onnxruntime", "tensorrt"] = option(
+        "onnxruntime", "The runtime on the board (with --on): onnxruntime on its CPU, or tensorrt on a Jetson (an "
+                       "engine built there from the artifact's model.onnx, in the artifact's precision).")
     accept_new_host_key: bool = option(
         False, "With --on: trust a board's SSH host key the first time it is seen (StrictHostKeyChecking=accept-new; "
                "a changed key is refused all the same).")
@@ -373,6 +376,7 @@ class ValidateOptions(TimingOptions):
               "file, exits 1 [default: check the checksums only].")
     on: str | None = shared_field(RemoteOptions, "on")
     device_python: str = shared_field(RemoteOptions, "device_python")
+    runtime: Literal["onnxruntime", "tensorrt"] = shared_field(RemoteOptions, "runtime")
     accept_new_host_key: bool = shared_field(RemoteOptions, "accept_new_host_key")
     report: Path | None = option(
         None, "Write the report (validation.json) to this file or folder instead of into the artifact, e.g. for "

@@ -292,7 +292,8 @@ def predict(
             preprocess.json must give export's inputs, and the outputs export's within the precision's tolerance.
         **kwargs: the other fields of the shared inputs predict takes (:data:`~edgetl.options.STAGE_INPUTS`),
             e.g. ``resolution`` (a catalog model's input size; default: its own), or ``on`` (``ssh://HOST``: run
-            an artifact on a board over SSH, its images shipped there) with ``device_python``.
+            an artifact on a board over SSH, its images shipped there) with ``device_python`` and ``runtime``
+            (``tensorrt``: an engine built on the board, a Jetson).
 
     Returns:
         One :class:`Prediction` per image, in the order given.

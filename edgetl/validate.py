@@ -247,9 +247,10 @@ def validate(
     profile, here, threads, notes = _target(inputs[TargetOptions], manifest, remote)
     precision = _check_precision(manifest, profile)
     if remote is not None:
-        if profile.runtime != "onnxruntime":
-            notes.append(f"{profile.name} runs {profile.runtime}; --on measures with ONNX Runtime on the board's CPU "
-                         f"({profile.runtime} on a board is not supported yet)")
+        if profile.runtime != remote.runtime:
+            notes.append(f"{profile.name} runs {profile.runtime}, and the board was measured with {remote.runtime}"
+                         + (" (--runtime tensorrt builds and times a TensorRT engine on the board)"
+                            if profile.runtime == "tensorrt" else ""))
         m = _measure_on_board(remote, folder, manifest, opts, threads, eval_set, notes)
     else:
         m = _measure_here(folder, manifest, profile, threads, files, opts, eval_set, notes)
@@ -313,18 +314,18 @@ def _measure_on_board(remote: Remote, folder: Path, manifest: dict[str, Any], op
         notes.append(str(run.golden.get("note")))
     if run.memory_mb is None:
         notes.append(f"memory not measured on the board: {run.memory_note}")
-    machine = run.board
+    machine, runtime = run.board, remote.runtime
     notes.append(f"measured on the board {remote.on} ({machine['cpu']['model']}, {machine['cpu']['cores']} cores, "
-                 f"{machine['os']}, Python {machine['python']}, onnxruntime "
-                 f"{machine['packages'].get('onnxruntime')}); nearest built-in profile: {machine['nearest_profile']}")
+                 f"{machine['os']}, Python {machine['python']}, {runtime} {machine['packages'].get(runtime)}); "
+                 f"nearest built-in profile: {machine['nearest_profile']}")
     accuracy = None
     if eval_set is not None:
         from edgetl.export.evaluate import split_report
 
         labels = np.asarray([y for _, y in records])
-        accuracy = {"data": eval_set.source, "runtime": "onnxruntime", "on": remote.on,
+        accuracy = {"data": eval_set.source, "runtime": runtime, "on": remote.on,
                     **split_report(np.asarray(run.logits), labels, bundle.read_labels(folder))}
-    return _Measured("onnxruntime", run.golden, run.result, tuple(shape), run.memory_mb,
+    return _Measured(runtime, run.golden, run.result, tuple(shape), run.memory_mb,
                      MEASURED_BOARD if run.memory_mb is not None else "not measured", accuracy, machine)
 
 

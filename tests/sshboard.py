@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -144,3 +145,30 @@ def loopback_board() -> Iterator[LoopbackBoard]:
             proc.terminate()
             proc.wait(timeout=10)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def full_disk_python(folder: Path, python: Path) -> Path:
+    """A ``--device-python`` for a board whose disk is full: ``python`` run in a private mount namespace (nothing
+    outside it sees the mount) where the folder it starts in is a new 64 KiB tmpfs. The first Python the board's
+    shell runs is the unpacking of the job into its ``mktemp -d`` folder: there, a job larger than 64 KiB meets the
+    kernel's ENOSPC."""
+    wrapper = folder / "full-disk-python"
+    wrapper.write_text("#!/bin/sh\nexec unshare -rm sh -c 'mount -t tmpfs -o size=64k tmpfs \"$PWD\" && "
+                       f"cd \"$PWD\" && exec \"$0\" \"$@\"' {shlex.quote(str(python))} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def mount_namespace_reason(folder: Path) -> str | None:
+    """Why a private mount namespace with a tmpfs cannot be made here (no ``unshare``, or user or mount namespaces
+    not permitted), or None."""
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is missing"
+    target = folder / "mount-probe"
+    target.mkdir(exist_ok=True)
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {target}"],
+                          capture_output=True, text=True)
+    target.rmdir()
+    if done.returncode != 0:
+        return f"no private mount namespace here (`unshare -rm` then `mount -t tmpfs`: {done.stderr.strip()})"
+    return None

@@ -185,3 +185,12 @@ def test_a_top1_flip_within_the_tolerance_still_fails():
     assert result["max_abs_diff"] == 1.0 and result["flipped"] == 0
     tie = golden._compare(np.array([[1.0, 0.99, -1.0]]), np.array([[0.99, 1.0, -1.0]], dtype=np.float32), "int8")
     assert tie["flipped"] is None  # export's top two were closer than the tolerance: a flip is allowed
+
+
+def test_the_tolerance_is_the_looser_of_the_artifact_s_precision_and_its_engine_s():
+    fp32 = {"precision": "fp32"}
+    assert golden.runtime_precision(fp32, "onnxruntime", engine="fp16") == "fp32"  # no engine runs
+    assert golden.runtime_precision(fp32, "tensorrt") == "fp32"
+    assert golden.runtime_precision({**fp32, "tensorrt": {"precision": "fp16"}}, "tensorrt") == "fp16"  # model.engine
+    assert golden.runtime_precision(fp32, "tensorrt", engine="fp16") == "fp16"  # an engine built on a board
+    assert golden.runtime_precision({"precision": "int8"}, "tensorrt", engine="fp16") == "int8"

@@ -6,6 +6,7 @@ Pillow and ONNX Runtime only (:mod:`sshboard`); no test reaches past the loopbac
 
 import ast
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 from clirun import cli_env
 from PIL import Image
-from sshboard import loopback_board, skip_reason
+from sshboard import full_disk_python, loopback_board, mount_namespace_reason, skip_reason
 from test_validate import artifact  # noqa: F401 (the fixture: resnet18 at 32 px, random weights, FP32)
 
 from edgetl.board import host
@@ -164,6 +165,63 @@ def test_a_missing_runtime_is_one_line_naming_the_package_and_leaves_nothing(art
     on = [*on[:-1], str(board.bare_python)]
     line = _one_line_error(_invoke("bench", artifact.path / "model.onnx", *FAST, *on))
     assert "onnxruntime" in line and "pip install onnxruntime" in line
+
+
+def test_a_full_disk_on_the_board_is_one_line_and_leaves_nothing(artifact, board, on, tmp_path):  # noqa: F811
+    """The job's folder on the board is a 64 KiB tmpfs (a private mount namespace around the board's Python), so
+    unpacking the job there fails with the kernel's ENOSPC."""
+    reason = mount_namespace_reason(tmp_path)
+    if reason:
+        pytest.skip(reason)
+    on = [*on[:-1], str(full_disk_python(tmp_path, board.python))]
+    line = _one_line_error(_invoke("bench", artifact.path / "model.onnx", *FAST, *on))
+    assert line == (f"error: the board {board.url} has no space left in its temporary folder ($TMPDIR or /tmp): "
+                    "free some space on it")
+
+
+def _on_board(command, artifact, data, on):  # noqa: F811
+    """The arguments of ``command`` (bench, validate or predict) run on the board, cheaply."""
+    images = sorted(data.rglob("*.png"))[:1]
+    return {"bench": ["bench", artifact.path / "model.onnx", *FAST],
+            "validate": ["validate", artifact.path, *FAST, "--report", data.parent / "unused.json"],
+            "predict": ["predict", artifact.path, *images]}[command] + list(on)
+
+
+@pytest.mark.parametrize("command", ["bench", "validate", "predict"])
+def test_tensorrt_missing_on_the_board_is_one_line_naming_the_package(command, artifact, data, on):  # noqa: F811
+    """The loopback board's Python has no tensorrt: the runner says what to install (JetPack's, not pip's)."""
+    line = _one_line_error(_invoke(*_on_board(command, artifact, data, [*on, "--runtime", "tensorrt"])))
+    assert f"the board's Python ({'.'.join(map(str, sys.version_info[:3]))}, {on[-1]}) cannot import tensorrt" in line
+    assert "sudo apt install python3-libnvinfer" in line and "pip install" not in line
+
+
+@pytest.mark.parametrize("command", ["validate", "predict"])
+def test_runtime_tensorrt_without_a_board_is_one_line(command, artifact, data):  # noqa: F811
+    line = _one_line_error(_invoke(*_on_board(command, artifact, data, ["--runtime", "tensorrt"])))
+    assert line == ("error: --runtime tensorrt picks the runtime on a board: pass --on ssh://HOST too (on this "
+                    "machine the device profile's runtime runs)")
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_on_a_board_builds_its_engine_there(artifact, board, monkeypatch, tmp_path):  # noqa: F811
+    """The board is this machine's Python (tensorrt, cuda-python and a GPU) behind the loopback sshd: it builds the
+    engine from the ONNX file it is sent, times it, and reproduces the golden outputs at the engine's tolerance."""
+    if importlib.util.find_spec("cuda") is None:
+        pytest.skip("needs cuda-python (the board runner's CUDA buffers)")
+    monkeypatch.setenv(CONFIG_ENV, str(board.config))
+    on = ["--on", board.url, "--device-python", sys.executable, "--runtime", "tensorrt"]
+    result = _invoke("bench", artifact.path / "model.onnx", *FAST, *on, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["runtime"] == "tensorrt" and doc["precision"] == "fp16" and doc["backend"] == "tensorrt"
+    assert doc["iterations"] == 5 and doc["p50_ms"] > 0 and doc["board"]["packages"]["tensorrt"]
+    result = _invoke("validate", artifact.path, *FAST, *on, "--report", tmp_path / "board.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "board.json").read_text())
+    assert report["runtime"] == report["latency"]["runtime"] == "tensorrt"
+    assert report["golden"]["status"] == "passed" and report["golden"]["runtime"] == "tensorrt"
+    assert report["memory"]["runtime_mb"] is None and report["board"]["address"] == board.url
+    assert list(board.tmp.iterdir()) == []
 
 
 def test_a_missing_interpreter_is_one_line(artifact, on):  # noqa: F811

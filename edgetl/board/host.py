@@ -37,8 +37,8 @@ PACKAGE = Path(__file__).resolve().parents[1]
 #: The modules the board runner imports (paths under ``edgetl/``): torch-, pydantic- and yaml-free at import time.
 SHIPPED: tuple[str, ...] = (
     "errors.py", "_io.py", "folders.py", "data/decode.py", "data/preprocess.py", "export/bundle.py",
-    "export/golden.py", "runtime/base.py", "runtime/bench.py", "runtime/onnxruntime.py", "device/machine.py",
-    "calibrate/noise.py", "calibrate/profiler.py", "board/runner.py",
+    "export/golden.py", "runtime/base.py", "runtime/bench.py", "runtime/onnxruntime.py", "runtime/tensorrt_core.py",
+    "device/machine.py", "calibrate/noise.py", "calibrate/profiler.py", "board/runner.py",
 )
 EXIT_NO_PYTHON = 91
 EXIT_UNPACK = 92
@@ -175,8 +175,15 @@ def _answer(done: Any, python: str, board: Board) -> dict[str, Any]:
         if doc is not None and "result" in doc:
             return doc["result"]
         if doc is not None and "error" in doc:
-            raise _error_class(doc["error"].get("type"))(doc["error"].get("message", "the runner failed"))
+            message = str(doc["error"].get("message", "the runner failed"))
+            if _disk_full(message):  # the runner's own write (an OSError it reports with the file's name)
+                raise RemoteError(f"the board {board.address} has no space left ({message}): free some space on it")
+            raise _error_class(doc["error"].get("type"))(message)
     raise _failure(done.returncode, stderr, python, board)
+
+
+def _disk_full(text: str) -> bool:
+    return "No space left on device" in text or "Disk quota exceeded" in text
 
 
 def _last_json(text: str) -> dict[str, Any] | None:
@@ -200,7 +207,7 @@ def _error_class(name: Any) -> type[errors.EdgetlError]:
 
 def _failure(rc: int, stderr: str, python: str, board: Board) -> RemoteError:
     where = board.address
-    if "No space left on device" in stderr or "Disk quota exceeded" in stderr:
+    if _disk_full(stderr):
         return RemoteError(f"the board {where} has no space left in its temporary folder ($TMPDIR or /tmp): free "
                            "some space on it")
     if rc == EXIT_NO_PYTHON:

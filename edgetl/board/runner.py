@@ -1,9 +1,10 @@
 """The board side of ``--on ssh://HOST``: ``python3 -m edgetl.board.runner JOB.json`` on the board.
 
-It needs Python >= 3.8, numpy, Pillow and ONNX Runtime, nothing else: edgetl ships this module with the torch-free
-modules it reuses (preprocessing, the golden check, the timing loop, the runner, the machine fingerprint, the
-profiler windows and the noise guard of kernel calibration) in a zip
-(see :mod:`edgetl.board.host`). It prints one JSON document on stdout: ``{"result": ...}``, or ``{"error":
+It needs Python >= 3.8, numpy, Pillow and its runtime, nothing else: ONNX Runtime, or (a job's ``runtime``
+``tensorrt``, on a Jetson) TensorRT and cuda-python, with an engine built on the board from the ONNX file it was
+sent. edgetl ships this module with the torch-free modules it reuses (preprocessing, the golden check, the timing
+loop, the runners, the machine fingerprint, the profiler windows and the noise guard of kernel calibration) in a
+zip (see :mod:`edgetl.board.host`). It prints one JSON document on stdout: ``{"result": ...}``, or ``{"error":
 {"type": ..., "message": ...}}`` with exit status 3. Every heavy import is made inside a task, so that a missing
 package is reported as an error that names it.
 """
@@ -22,9 +23,18 @@ from edgetl.device.machine import machine_info
 from edgetl.errors import BoardSetupError, ConfigError, EdgetlError
 
 #: The pip package that provides each module the runner imports.
-PACKAGES = {"numpy": "numpy", "PIL": "pillow", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
+PACKAGES = {"numpy": "numpy", "PIL": "pillow", "onnxruntime": "onnxruntime", "cuda": "cuda-python"}
+#: How to install the modules for which ``pip install PACKAGE`` is not the whole answer (``{pip}``: the board
+#: Python's pip).
+INSTALL = {"tensorrt": "on a Jetson, TensorRT's Python package comes with JetPack: `sudo apt install "
+                       "python3-libnvinfer` (it is the system python3's: pass --device-python /usr/bin/python3, or "
+                       "make the venv with --system-site-packages)",
+           "cuda": "install it on the board with `{pip} install 'cuda-python==12.*'` (its major version must be the "
+                   "board's CUDA's, `nvcc --version`: 12 on JetPack 6, 11 on JetPack 5)"}
 MIN_PYTHON = (3, 8)
 EXIT_ERROR = 3
+#: Images per inference when the outputs on images are computed (within a TensorRT engine's profile).
+BATCH = 8
 
 
 def _require(*modules: str) -> None:
@@ -35,28 +45,40 @@ def _require(*modules: str) -> None:
         try:
             importlib.import_module(name)
         except ImportError as exc:
-            package = PACKAGES.get(name, name)
-            raise BoardSetupError(
-                f"the board's Python ({platform.python_version()}, {sys.executable}) cannot import {name} ({exc}): "
-                f"install it on the board with `{Path(sys.executable).name} -m pip install {package}`") from None
+            pip = f"{Path(sys.executable).name} -m pip"
+            how = INSTALL.get(name, f"install it on the board with `{pip} install {PACKAGES.get(name, name)}`")
+            raise BoardSetupError(f"the board's Python ({platform.python_version()}, {sys.executable}) cannot import "
+                                  f"{name} ({exc}): {how.format(pip=pip)}") from None
 
 
-def _session(model: Path, threads: int | None) -> Any:
+def _runner(model: Path, job: dict[str, Any]) -> Any:
+    """A runner of the ONNX file ``model`` on the job's runtime: ONNX Runtime on the CPU, or TensorRT with an engine
+    built here (in the job's ``precision``; its profile takes the timed batch and :data:`BATCH`)."""
+    if job.get("runtime", "onnxruntime") == "tensorrt":
+        _require("numpy", "tensorrt", "cuda")
+        from edgetl.runtime.tensorrt_core import TensorRTCudaRunner
+
+        batch = int(job["shape"][0]) if job.get("shape") else 1
+        return TensorRTCudaRunner(model, precision=job["precision"], max_batch=max(batch, BATCH), opt_batch=batch,
+                                  name="tensorrt")
     _require("numpy", "onnxruntime")
     from edgetl.runtime.onnxruntime import OnnxRuntimeRunner
 
-    return OnnxRuntimeRunner(model, providers="cpu", threads=threads, name="onnxruntime")
+    return OnnxRuntimeRunner(model, providers="cpu", threads=job.get("threads"), name="onnxruntime")
 
 
-def _time(model: Path, job: dict[str, Any]) -> dict[str, Any]:
-    """Time ``model`` as the host would (:func:`edgetl.runtime.bench.benchmark`), and its session's memory."""
+def _time(runner: Any, model: Path, job: dict[str, Any]) -> dict[str, Any]:
+    """Time ``runner`` as the host would (:func:`edgetl.runtime.bench.benchmark`), and the memory of an ONNX Runtime
+    session of ``model``."""
     from edgetl.runtime.bench import benchmark, session_rss_mb
 
     shape = tuple(int(d) for d in job["shape"])
-    with _session(model, job.get("threads")) as runner:
-        result = benchmark(runner, shape=shape, iterations=int(job["iterations"]), warmup=int(job["warmup"]))
+    result = benchmark(runner, shape=shape, iterations=int(job["iterations"]), warmup=int(job["warmup"]))
     out: dict[str, Any] = {"bench": result.to_dict(include_times=True)}
-    if job.get("memory_runs"):
+    if job.get("memory_runs") and runner.backend != "onnxruntime":
+        out["memory_mb"], out["memory_note"] = None, (f"only an ONNX Runtime session's is measured there, not "
+                                                      f"{runner.backend}'s (host and GPU)")
+    elif job.get("memory_runs"):
         try:
             out["memory_mb"] = session_rss_mb(model, shape, job.get("threads"), int(job["memory_runs"]))
         except EdgetlError as exc:
@@ -81,21 +103,22 @@ def _logits(folder: Path, runner: Any, images: list[str], batch: int) -> list[li
 
 def _artifact(job: dict[str, Any]) -> tuple[Path, dict[str, Any], Any]:
     """The shipped artifact, its files checked against the manifest again (the copy is the one verified), and a
-    session of its model."""
-    _require("numpy", "PIL", "onnxruntime")
+    runner of its model on the job's runtime."""
+    _require("numpy", "PIL")
     from edgetl.export import bundle
 
     folder = Path(job["artifact"])
     manifest = bundle.verify_files(folder)
-    return folder, manifest, _session(folder / bundle.MODEL_FILE, job.get("threads"))
+    return folder, manifest, _runner(folder / bundle.MODEL_FILE, job)
 
 
-def _golden(folder: Path, manifest: dict[str, Any], runner: Any) -> dict[str, Any]:
+def _golden(folder: Path, manifest: dict[str, Any], runner: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """The golden check on the runner's runtime, at the tolerance of the precision that runs."""
     from edgetl.export import golden
 
+    precision = golden.runtime_precision(manifest, runner.backend, job.get("precision"))
     with runner:
-        return golden.check(folder, manifest, lambda x: runner.infer(x)["logits"],
-                            golden.runtime_precision(manifest, "onnxruntime"), "onnxruntime")
+        return golden.check(folder, manifest, lambda x: runner.infer(x)["logits"], precision, runner.backend)
 
 
 def task_validate(job: dict[str, Any]) -> dict[str, Any]:
@@ -103,26 +126,27 @@ def task_validate(job: dict[str, Any]) -> dict[str, Any]:
     from edgetl.export import bundle
 
     folder, manifest, runner = _artifact(job)
-    out: dict[str, Any] = {"golden": _golden(folder, manifest, runner)}
-    out.update(_time(folder / bundle.MODEL_FILE, job))
+    out: dict[str, Any] = {"golden": _golden(folder, manifest, runner, job)}
+    out.update(_time(runner, folder / bundle.MODEL_FILE, job))
     if job.get("images"):
         with runner:
-            out["logits"] = _logits(folder, runner, job["images"], int(job.get("batch", 8)))
+            out["logits"] = _logits(folder, runner, job["images"], BATCH)
     return out
 
 
 def task_predict(job: dict[str, Any]) -> dict[str, Any]:
     """The artifact's outputs on the images (after the golden check with ``check``)."""
     folder, manifest, runner = _artifact(job)
-    out: dict[str, Any] = {"golden": _golden(folder, manifest, runner) if job.get("check") else None}
+    out: dict[str, Any] = {"golden": _golden(folder, manifest, runner, job) if job.get("check") else None}
     with runner:
-        out["logits"] = _logits(folder, runner, job["images"], int(job.get("batch", 16)))
+        out["logits"] = _logits(folder, runner, job["images"], BATCH)
     return out
 
 
 def task_bench(job: dict[str, Any]) -> dict[str, Any]:
     """Time an ONNX file."""
-    return _time(Path(job["model"]), job)
+    model = Path(job["model"])
+    return _time(_runner(model, job), model, job)
 
 
 def _cached(job: dict[str, Any]) -> dict[str, Path]:

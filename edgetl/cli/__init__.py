@@ -74,6 +74,10 @@ def _finite(obj: Any) -> Any:
 
 DEBUG_ENV = "EDGETL_DEBUG"
 
+CONNECTION = ("on", "device_python", "accept_new_host_key")
+"""The fields of RemoteOptions that say how to reach a board; the commands with a --runtime of their own (bench,
+device calibrate), or none (device info), take these."""
+
 
 VERBOSE_KEY = "edgetl.verbose"
 """Where the root context's ``meta`` counts the ``-v`` flags given before and after the command."""
@@ -644,20 +648,22 @@ def predict_cmd(source, images, top, check, **kwargs) -> None:
 @cli_options(TimingOptions)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
               help="TensorRT engine precision (tensorrt runtime only; int8 needs a QDQ model).")
-@cli_options(RemoteOptions)
+@cli_options(RemoteOptions, only=CONNECTION)
 @cli_options(OutputOptions)
 def bench_cmd(target, runtime, batch, precision, **kwargs) -> None:
     """Time a catalog model (exported with random weights) or an ONNX file on this machine, or on a board (--on).
 
     Reports latency percentiles, throughput, peak memory and the coefficient of variation; a CV
     above 10% means the machine was busy and the figures are noisy (trust min then). With --on, a catalog
-    model is exported here and its ONNX file timed on the board with ONNX Runtime.
+    model is exported here and its ONNX file timed on the board with ONNX Runtime, or, with --runtime tensorrt
+    (a Jetson), with a --precision engine that the board builds from it.
 
     \b
     Examples:
       edgetl bench mobilenet_v3_small --resolution 96 --iterations 50
       edgetl bench artifacts/lite0/model.onnx --threads 2 --json
       edgetl bench artifacts/lite0/model.onnx --on ssh://pi@raspberrypi.local
+      edgetl bench artifacts/lite0/model.onnx --runtime tensorrt --on ssh://jetson.local
     """
     from edgetl.runtime import make_runner
     from edgetl.runtime.bench import benchmark
@@ -665,19 +671,19 @@ def bench_cmd(target, runtime, batch, precision, **kwargs) -> None:
     timing, resolution = parse(TimingOptions, kwargs), parse(SourceOptions, kwargs).resolution
     remote, as_json = parse(RemoteOptions, kwargs), parse(OutputOptions, kwargs).as_json
     err = _stderr_console()
-    if remote.on and runtime != "onnxruntime":
-        raise ConfigError(f"--on times ONNX files with ONNX Runtime on the board; drop --runtime {runtime}")
+    if remote.on and runtime == "torch":
+        raise ConfigError("--on times ONNX files on the board, with onnxruntime or tensorrt; drop --runtime torch")
     path, shape, info = _bench_target(target, runtime, batch, resolution, err)
     info["threads"] = timing.threads
+    if runtime == "tensorrt" and timing.threads is not None:
+        err.print("[yellow]--threads has no effect with --runtime tensorrt[/]")
     if remote.on:
-        _bench_on_board(remote, path, shape, info, timing, as_json)
+        _bench_on_board(remote, path, shape, info, timing, as_json, precision)
         return
     info["threads"] = cap_threads(timing.threads)
     options: dict[str, Any] = {"threads": info["threads"]}
     if runtime == "tensorrt":
         options = {"precision": precision, "max_batch": max(8, shape[0])}
-        if timing.threads is not None:
-            err.print("[yellow]--threads has no effect with --runtime tensorrt[/]")
     runner = make_runner(runtime, path, name=info["model"], **options)
     with err.status(f"timing {info['model']} on {runtime}: {timing.warmup} warm-up + {timing.iterations} runs"):
         result = benchmark(runner, shape=shape, iterations=timing.iterations, warmup=timing.warmup)
@@ -688,18 +694,28 @@ def bench_cmd(target, runtime, batch, precision, **kwargs) -> None:
 
 
 def _bench_on_board(remote: RemoteOptions, path: Any, shape: tuple[int, ...], info: dict[str, Any],
-                    timing: TimingOptions, as_json: bool) -> None:
+                    timing: TimingOptions, as_json: bool, precision: str) -> None:
+    """Time the ONNX file on the board, with its runtime (``info["runtime"]``: an engine of ``precision`` built
+    there, for tensorrt)."""
+    import dataclasses
+
     from edgetl.board.jobs import Remote, bench_on_board
 
-    with _stderr_console().status(f"timing {info['model']} on {remote.on}: {timing.warmup} warm-up + "
-                                  f"{timing.iterations} runs"):
-        result, board = bench_on_board(Remote.of(remote), path, shape, timing.iterations, timing.warmup,
-                                       timing.threads)
-    info.update(board=board, runtime="onnxruntime")
+    runtime = info["runtime"]
+    if path.suffix.lower() != ".onnx":
+        raise ConfigError(f"--on sends an ONNX file to the board, not {path.name}: an engine only runs on the GPU and "
+                          "TensorRT version that built it, so with --runtime tensorrt the board builds its own")
+    on_board = dataclasses.replace(Remote.of(remote), runtime=runtime)
+    with _stderr_console().status(f"timing {info['model']} on {remote.on} with {runtime}"
+                                  + (" (building the engine first: minutes)" if runtime == "tensorrt" else "")
+                                  + f": {timing.warmup} warm-up + {timing.iterations} runs"):
+        result, board = bench_on_board(on_board, path, shape, timing.iterations, timing.warmup, timing.threads,
+                                       precision)
+    info.update(board=board, **({"precision": precision} if runtime == "tensorrt" else {}))
     if as_json:
         emit_json({**info, **result.to_dict()})
         return
-    _print_bench({**info, "runtime": f"onnxruntime on {remote.on}"}, result)
+    _print_bench({**info, "runtime": f"{runtime} on {remote.on}"}, result)
     _stdout_console().print(f"board: {_board_line(board)}", highlight=False)
 
 
@@ -790,7 +806,7 @@ def device_group() -> None:
 
 
 @device_group.command("info")
-@cli_options(RemoteOptions)
+@cli_options(RemoteOptions, only=CONNECTION)
 @cli_options(OutputOptions)
 def device_info_cmd(**kwargs) -> None:
     """Print a machine's fingerprint (CPU model and flags, cores, memory, OS, Python, runtime versions, GPU) and
@@ -829,7 +845,7 @@ def device_info_cmd(**kwargs) -> None:
 @click.option("--kernel-samples", type=click.IntRange(min=0), default=KERNEL_SAMPLES, show_default=True,
               help="Micro-graphs of the catalog's distinct kernels to time; latency is then predicted kernel by "
                    "kernel (0: the fitted roofline only).")
-@cli_options(RemoteOptions)
+@cli_options(RemoteOptions, only=CONNECTION)
 @cli_options(OutputOptions)
 def device_calibrate_cmd(name: str, out: str | None, rounds: int, runtime: str | None, kernel_samples: int,
                          **kwargs) -> None:

@@ -154,7 +154,7 @@ def package_versions() -> dict[str, str | None]:
 
 
 #: The packages a board's fingerprint lists (those installed).
-BOARD_PACKAGES: tuple[str, ...] = ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "tensorrt")
+BOARD_PACKAGES: tuple[str, ...] = ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python")
 
 
 def installed_versions(dists: tuple[str, ...]) -> dict[str, str | None]:

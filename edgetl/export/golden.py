@@ -253,11 +253,15 @@ def summary(result: dict[str, Any]) -> str:
             f"<= {result['tolerance']:.3g} ({result['precision']}), same top-1, preprocessing identical")
 
 
-def runtime_precision(manifest: dict[str, Any], runtime: str) -> str:
+def runtime_precision(manifest: dict[str, Any], runtime: str, engine: str | None = None) -> str:
     """The precision whose tolerance applies: the manifest's, or a TensorRT engine's when it is looser (an FP32
-    artifact may ship an FP16 engine)."""
+    artifact may ship an FP16 engine). ``engine``: the precision of the engine that runs (one built on a board),
+    else the artifact's ``model.engine``'s, from the manifest."""
     precision = str(manifest.get("precision", "fp32"))
-    engine = (manifest.get("tensorrt") or {}).get("precision") if runtime == "tensorrt" else None
+    if runtime != "tensorrt":
+        engine = None
+    elif engine is None:
+        engine = (manifest.get("tensorrt") or {}).get("precision")
     if engine in TOLERANCES and TOLERANCES[engine] > TOLERANCES.get(precision, 0.0):
         return str(engine)
     return precision

@@ -2,11 +2,12 @@
 
 ``tensorrt`` is imported lazily: without it (or without a CUDA GPU) every entry point raises
 :class:`~edgetl.errors.BackendUnavailableError` saying how to get it. Device buffers are torch CUDA
-tensors, so no extra CUDA binding package is needed.
+tensors, so no extra CUDA binding package is needed. The build and the engine's tensors are
+:mod:`edgetl.runtime.tensorrt_core`'s, which the board runner uses without torch.
 
 Precision:
 
-- ``fp32``: TensorRT's default.
+- ``fp32``: FP32, TF32 off (see :mod:`edgetl.runtime.tensorrt_core`).
 - ``fp16``: on TensorRT 8.6/10 the FP16 builder flag (TensorRT keeps FP32 where FP16 would lose
   accuracy). TensorRT 11 removed the precision flags and only builds strongly typed networks, so
   there an FP32 graph is first converted to FP16 (ONNX Runtime's converter, float32 input and
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,14 @@ from edgetl._io import atomic_write_bytes
 from edgetl.errors import BackendUnavailableError, ConfigError, EdgetlError, ExportError
 from edgetl.options import PRECISIONS
 from edgetl.runtime.base import Runner, TensorSpec
+from edgetl.runtime.tensorrt_core import (
+    EngineTensors,
+    build_serialized,
+    input_spec,
+    load_engine,
+    set_input_shape,
+    trt_major,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +85,20 @@ def _require_cuda() -> None:
         )
 
 
-@lru_cache(maxsize=1)
-def _logger() -> Any:
-    trt = import_tensorrt()
-    return trt.Logger(trt.Logger.WARNING)
+def require_qdq(onnx_path: str | os.PathLike[str]) -> None:
+    """Refuse an INT8 build of a model without Q/DQ nodes (TensorRT INT8 here is explicit quantization).
 
-
-def _major(trt: Any) -> int:
-    return int(str(trt.__version__).split(".")[0])
-
-
-def _has_qdq(onnx_path: Path) -> bool:
+    Raises:
+        ExportError: the model has no QuantizeLinear/DequantizeLinear node.
+    """
     import onnx  # deferred: heavy
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        raise ExportError(
+            f"{onnx_path} has no QuantizeLinear/DequantizeLinear nodes; TensorRT INT8 here uses explicit "
+            "quantization, so export a QDQ model first (edgetl export --precision int8 --int8-mode static)"
+        )
 
 
 def _fp16_graph(onnx_path: Path) -> bytes | None:
@@ -139,17 +146,8 @@ def build_engine(
     _require_cuda()
     onnx_path = Path(onnx_path)
     _check_onnx_file(onnx_path, precision)
-    builder = trt.Builder(_logger())
-    # The parser owns the network's weights: it stays alive (in ``parsed``) until the engine is built.
-    network, *parsed = _parse_network(trt, builder, onnx_path, precision)
-    config = _builder_config(trt, builder, precision, workspace_mb)
-    _add_batch_profile(builder, network, config, onnx_path, opt_batch, max_batch)
-    log.info("building a %s TensorRT engine from %s (this can take minutes)", precision, onnx_path)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ExportError(f"TensorRT could not build an engine from {onnx_path}; see the TensorRT log above")
-    data = bytes(serialized)
-    del parsed
+    graph = _fp16_graph(onnx_path) if precision == "fp16" and trt_major(trt) >= 11 else None
+    data = build_serialized(trt, onnx_path, precision, max_batch, opt_batch, workspace_mb, graph)
     if out is not None:
         atomic_write_bytes(out, data)
         log.info("wrote TensorRT engine %s (%.1f MB)", out, len(data) / 1e6)
@@ -166,62 +164,8 @@ def _check_build_request(precision: str, opt_batch: int, max_batch: int) -> None
 def _check_onnx_file(onnx_path: Path, precision: str) -> None:
     if not onnx_path.is_file():
         raise ExportError(f"ONNX model {onnx_path} does not exist")
-    if precision == "int8" and not _has_qdq(onnx_path):
-        raise ExportError(
-            f"{onnx_path} has no QuantizeLinear/DequantizeLinear nodes; TensorRT INT8 here uses explicit "
-            "quantization, so export a QDQ model first (edgetl export --precision int8)"
-        )
-
-
-def _parse_network(trt: Any, builder: Any, onnx_path: Path, precision: str) -> tuple[Any, Any, bytes | None]:
-    """Parse the ONNX file into a new network; return (network, parser, the graph bytes parsed, if not the file)."""
-    major = _major(trt)
-    # TensorRT < 10 needs the explicit-batch flag; 10 has only explicit batch; 11 has only strong typing.
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) if major < 10 else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, _logger())
-    graph = _fp16_graph(onnx_path) if precision == "fp16" and major >= 11 else None
-    parsed = parser.parse(graph, str(onnx_path)) if graph is not None else parser.parse_from_file(str(onnx_path))
-    if not parsed:
-        errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
-        raise ExportError(f"TensorRT cannot parse {onnx_path}: {errors or 'unknown parser error'}")
-    return network, parser, graph
-
-
-def _builder_config(trt: Any, builder: Any, precision: str, workspace_mb: int) -> Any:
-    """The builder configuration: workspace limit and, before TensorRT 11, the precision flags."""
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    if _major(trt) < 11:  # weakly typed builds: precision comes from builder flags
-        if precision in ("fp16", "int8"):
-            if not getattr(builder, "platform_has_fast_fp16", True):
-                log.warning("this GPU has no fast FP16; TensorRT may run most layers in FP32")
-            config.set_flag(trt.BuilderFlag.FP16)
-        if precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)
-    return config
-
-
-def _add_batch_profile(builder: Any, network: Any, config: Any, onnx_path: Path, opt_batch: int,
-                       max_batch: int) -> None:
-    """Give a dynamic batch dimension the optimization profile ``1 <= batch <= max_batch`` (tuned for ``opt_batch``)."""
-    profile = None
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        shape = tuple(tensor.shape)
-        dynamic = [axis for axis, d in enumerate(shape) if d < 0]
-        if not dynamic:
-            continue
-        if dynamic != [0]:
-            raise ExportError(
-                f"input '{tensor.name}' of {onnx_path} has dynamic dimensions {shape} beyond the batch; "
-                "export it with a fixed resolution"
-            )
-        profile = profile or builder.create_optimization_profile()
-        rest = shape[1:]
-        profile.set_shape(tensor.name, (1, *rest), (opt_batch, *rest), (max_batch, *rest))
-    if profile is not None:
-        config.add_optimization_profile(profile)
+    if precision == "int8":
+        require_qdq(onnx_path)
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> Any:
@@ -298,9 +242,7 @@ class TensorRTRunner(Runner):
         self._stream: Any = None
         self._device: Any = None
         self._inputs: list[TensorSpec] = []
-        self._input_names: list[str] = []
-        self._output_names: list[str] = []
-        self._max_shapes: dict[str, tuple[int, ...]] = {}
+        self._tensors = EngineTensors()
         self._input_dtypes: dict[str, Any] = {}
 
     def activate_impl(self) -> None:
@@ -315,34 +257,11 @@ class TensorRTRunner(Runner):
                 out=self.engine_path,
             )
         self._device = torch.device("cuda", torch.cuda.current_device())
-        runtime = trt.Runtime(_logger())
-        engine = runtime.deserialize_cuda_engine(data)
-        if engine is None:
-            raise ExportError(
-                f"TensorRT cannot load the engine from {self.model_path}: engines only run on the GPU model and "
-                "TensorRT version that built them; rebuild it on this device"
-            )
-        context = engine.create_execution_context()
-        if context is None:
-            raise ExportError("TensorRT could not create an execution context (out of GPU memory?)")
-        self._runtime, self.engine, self.context = runtime, engine, context
+        self._runtime, self.engine, self.context, self._tensors = load_engine(trt, data, self.model_path)
         self._stream = torch.cuda.Stream(device=self._device)
-        self._inputs, self._input_names, self._output_names = [], [], []
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                shape = tuple(engine.get_tensor_shape(name))
-                dims: tuple[int | str | None, ...] = tuple(
-                    d if d >= 0 else ("batch" if axis == 0 else None) for axis, d in enumerate(shape)
-                )
-                dtype = _torch_dtype(trt, engine.get_tensor_dtype(name))
-                self._inputs.append(TensorSpec(name, dims, _np_dtype(dtype)))
-                self._input_names.append(name)
-                self._input_dtypes[name] = dtype
-                if any(d < 0 for d in shape):
-                    self._max_shapes[name] = tuple(engine.get_tensor_profile_shape(name, 0)[2])
-            else:
-                self._output_names.append(name)
+        self._input_dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in self._tensors.inputs}
+        self._inputs = [input_spec(n, self._tensors.shapes[n], _np_dtype(self._input_dtypes[n]))
+                        for n in self._tensors.inputs]
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch  # deferred: heavy
@@ -350,25 +269,16 @@ class TensorRTRunner(Runner):
         trt, context = self._trt, self.context
         keep_alive = []
         with torch.cuda.stream(self._stream):
-            for name in self._input_names:
+            for name in self._tensors.inputs:
                 array = feed[name]
-                limit = self._max_shapes.get(name)
-                if limit is not None and any(a > b for a, b in zip(array.shape, limit, strict=True)):
-                    raise ConfigError(
-                        f"input '{name}' shape {list(array.shape)} exceeds the engine's profile maximum "
-                        f"{list(limit)}; rebuild the engine with a larger max_batch"
-                    )
-                if tuple(context.get_tensor_shape(name)) != array.shape and not context.set_input_shape(
-                    name, array.shape
-                ):
-                    raise ConfigError(f"TensorRT rejected input shape {list(array.shape)} for '{name}'")
+                set_input_shape(context, name, array.shape, self._tensors.max_shapes.get(name))
                 tensor = torch.from_numpy(array).to(
                     self._device, dtype=self._input_dtypes[name], non_blocking=True
                 )
                 keep_alive.append(tensor)
                 context.set_tensor_address(name, tensor.data_ptr())
             outputs: dict[str, Any] = {}
-            for name in self._output_names:
+            for name in self._tensors.outputs:
                 shape = tuple(context.get_tensor_shape(name))
                 dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(name))
                 outputs[name] = torch.empty(shape, dtype=dtype, device=self._device)
