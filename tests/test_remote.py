@@ -408,3 +408,23 @@ def test_calibrate_on_the_board_times_its_kernels_fits_its_profile_and_sends_no_
     measured = measure_board(remote, TINY[:1], threads=1, rounds=1, resolution=64, int8=False, **kernels)
     assert measured.transfer.files == 0  # every model and micro-graph is in the board's cache
     assert measured.kernels is not None and measured.kernels[1]["windows"]["model resnet18"]
+
+
+def test_the_board_cache_takes_shipped_models_from_another_file_system(tmp_path):
+    """On a board whose /tmp is a tmpfs, the job's folder and the model cache (~/.cache) are on different file
+    systems, where a rename fails (EXDEV): the shipped file is copied into the cache instead."""
+    reason = mount_namespace_reason(tmp_path)
+    if reason:
+        pytest.skip(reason)
+    job, cache = tmp_path / "job", tmp_path / "cache"
+    (job / "models").mkdir(parents=True)
+    cache.mkdir()
+    (job / "models" / "abc.onnx").write_bytes(b"model bytes")
+    script = ("from edgetl.board.runner import _cached; "
+              "print(_cached({'cache': 'edgetl/board-models', 'models': ['abc']})['abc'].read_text())")
+    shell = (f"mount -t tmpfs -o size=1m tmpfs {cache} && XDG_CACHE_HOME={cache} {sys.executable} -c \"{script}\" "
+             f"&& ls {cache}/edgetl/board-models")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", shell], cwd=job, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["model", "bytes", "abc.onnx"]  # read back from the cache; no partial file left
+    assert not (job / "models" / "abc.onnx").exists()

@@ -11,9 +11,11 @@ package is reported as an error that names it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -158,9 +160,24 @@ def _cached(job: dict[str, Any]) -> dict[str, Path]:
     for digest in job["models"]:
         shipped, kept = Path("models") / f"{digest}.onnx", cache / f"{digest}.onnx"
         if shipped.is_file():
-            os.replace(str(shipped), str(kept))
+            _keep(shipped, kept)
         found[digest] = kept
     return found
+
+
+def _keep(shipped: Path, kept: Path) -> None:
+    """Move a shipped file into the cache: renamed, or, where the cache is on another file system than the job's
+    folder (``/tmp`` a tmpfs), copied under a temporary name and then renamed, so that a copy cut short is never
+    taken for a cached file."""
+    try:
+        os.replace(str(shipped), str(kept))
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        partial = kept.with_name(f"{kept.name}.{os.getpid()}.partial")
+        shutil.copyfile(str(shipped), str(partial))
+        os.replace(str(partial), str(kept))
+        shipped.unlink()
 
 
 def _steady_times(files: dict[str, Path], job: dict[str, Any]) -> dict[str, list[float]]:
