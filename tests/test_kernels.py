@@ -205,3 +205,12 @@ def test_a_prediction_is_scaled_to_whole_runs_by_the_stored_run_scale():
     stored = {**fit_kernel_model(samples, threads=2, run_scale=1.07).to_dict(), "profiler_us": 3.0, "derived": "x"}
     scaled = KernelModel.from_dict(KernelTimings.model_validate(stored).model_dump()).predict_ms(trace)[0]
     assert scaled == pytest.approx(1.07 * plain, rel=1e-3)  # rows are rounded
+
+
+def test_one_slow_timing_moves_the_kernels_near_it_by_a_fraction_of_its_error():
+    clean = _samples("conv", 40e3)
+    noisy = [*clean[:5], KernelSample("conv", clean[5].features, 1.3 * clean[5].us), *clean[6:]]
+    feats = clean[5].features
+    moved = fit_kernel_model(noisy, threads=2).kernel_us("conv", feats) / fit_kernel_model(clean, threads=2).kernel_us(
+        "conv", feats)
+    assert 1.0 < moved < 1.15  # the kernel timed 30% slow once is predicted well within 30% of the trend of the rest

@@ -19,8 +19,9 @@ ShuffleNet's): ONNX Runtime inserts them where a tensor leaves or enters its blo
 
 **Fit.** Per kind, ``time = overhead + work / rate``, with the logarithm of the rate linear in the logarithms of the
 features (a convolution's efficiency grows with its channels and spatial size) and held within the rates the
-samples showed; then corrected by the residuals of the nearest measured kernels in that log space, so a kernel the
-device ran is predicted as it ran, and one it did not from its neighbours. A model whose weights exceed the
+samples showed; then corrected by the residuals of the nearest measured kernels in that log space, shrunk toward the
+trend: each residual is one noisy timing (two calibrations in a row put the same kernel's up to 12% apart), and
+taken whole it moved every kernel near it with it. A model whose weights exceed the
 last-level cache reads them from DRAM on every run, so its kernels are no faster than their weights' bytes at the
 measured streaming rate.
 
@@ -55,10 +56,13 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "bmm": ("flops", "batch", "m", "k", "n"),
     **{k: ("elements",) for k in ("softmax", "norm", "pool", "elementwise", "data_movement", "reorder")},
 }
-#: Nearest measured kernels whose residuals correct a prediction, and the log-space distance beyond which a
-#: neighbour no longer counts.
-NEIGHBOURS = 4
+#: Nearest measured kernels whose residuals correct a prediction, the log-space distance beyond which a neighbour
+#: no longer counts, and the weight of the trend against them (as many neighbours at distance 0 with no residual).
+#: Chosen on two calibrations in a row and one held-out run (``tools/bench/predictor_accuracy.py``): 4 neighbours
+#: taken whole agreed within ±5% for 75% of the catalog; 8 shrunk by 4 for 89%, and as close to the stopwatch.
+NEIGHBOURS = 8
 _REACH = 1.0
+_TREND_WEIGHT = 4.0
 
 CONV_OPS = frozenset({"Conv", "FusedConv", "NchwcConv"})
 _MATMUL_OPS = frozenset({"Gemm", "MatMul", "FusedMatMul", "FusedGemm"})
@@ -277,7 +281,8 @@ class KindFit:
 
     with ``work`` the first feature (FLOPs, or elements for the memory-bound kinds) and ``x`` the standardised
     logarithms of the features. The rate is held within the range the samples showed (no extrapolation to a speed
-    the device never reached), and the prediction is corrected by the residuals of the nearest samples.
+    the device never reached), and the prediction is corrected by the residuals of the nearest samples, shrunk
+    toward the trend.
     """
 
     overhead_us: float
@@ -303,7 +308,8 @@ class KindFit:
         return self.overhead_us + feats[:, 0] / np.clip(rate, *self.rate_range)
 
     def _correction(self, x: np.ndarray) -> np.ndarray:
-        """The weighted residuals of each row's nearest samples (rows of standardised log-features)."""
+        """The weighted residuals of each row's nearest samples (rows of standardised log-features), shrunk toward
+        the trend by :data:`_TREND_WEIGHT`."""
         if not self.samples:
             return np.zeros(len(x))
         if self._xs is None:
@@ -312,7 +318,7 @@ class KindFit:
         order = np.argsort(dist, axis=1)[:, :NEIGHBOURS]
         weights = np.maximum(0.0, 1.0 - np.take_along_axis(dist, order, axis=1) / _REACH) ** 2
         residuals = np.asarray(self.residuals)[order]
-        return (weights * residuals).sum(axis=1) / np.maximum(weights.sum(axis=1), 1.0)
+        return (weights * residuals).sum(axis=1) / (np.maximum(weights.sum(axis=1), 1.0) + _TREND_WEIGHT)
 
 
 def fit_kind(samples: Sequence[KernelSample], ridge: float = 1e-2) -> KindFit:
