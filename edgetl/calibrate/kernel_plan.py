@@ -14,7 +14,7 @@ package: every file is built here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -41,10 +41,10 @@ from edgetl.calibrate.kernel_timing import (
     stream_model,
     usable_cache_mb,
 )
-from edgetl.calibrate.measure import Measurement, architecture_onnx
+from edgetl.calibrate.measure import architecture_onnx
 from edgetl.calibrate.noise import LEVEL_SPAN, NoiseSummary, speed_factors
 from edgetl.calibrate.profiler import ProfiledRun, run_windows
-from edgetl.device.kernel_model import KernelModel, fit_kernel_model
+from edgetl.device.kernel_model import fit_kernel_model
 from edgetl.zoo.catalog import get_card, list_models
 from edgetl.zoo.cost import CostTrace, OpCost, TraceError
 from edgetl.zoo.model_cost import trace_model
@@ -178,9 +178,9 @@ def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, by: st
     if noise.noisy:
         log.warning(noise.warning())
     return {**model.to_dict(), "profiler_us": round(profiler_us, 2), "derived": (
-        f"measured by {by} with ONNX Runtime's profiler, {threads} threads: the {n_in_place} "
-        f"kernels of the {len(plan.models)} calibration models in place and {len(samples) - n_in_place} micro-graphs "
-        f"of the distinct convolutions and matrix products of {plan.sources} catalog models, each the fastest of its "
+        f"measured by {by} with ONNX Runtime's profiler, {threads} threads: the {n_in_place} kernels of the "
+        f"{len(plan.models)} calibration models in place and {len(samples) - n_in_place} micro-graphs of the distinct "
+        f"convolutions and matrix products of {plan.sources} catalog models, each as it ran in the fastest of its "
         f"runs after warm-up, less the profiler's own {profiler_us:.1f} us per kernel (measured with chains of "
         f"convolutions timed with and without it); one sample per distinct kernel (median); weights stream from DRAM "
         f"at {model.stream_gbs:.1f} GB/s (a matrix-vector product of 4x the {plan.cache_mb:.0f} MB last-level cache), "
@@ -199,20 +199,6 @@ def _streaming(plan: KernelPlan, done: dict[str, Any]) -> tuple[float, float, st
     probes = ", ".join(f"{mb:g} MB at {gbs:.1f} GB/s" for mb, gbs in rates.items())
     return dram_gbs, cache_mb, (f"and weights are read from the cache up to {cache_mb:g} MB (smaller matrix-vector "
                                 f"products, {CACHED_SPEEDUP:g}x faster than DRAM counts as cached: {probes})")
-
-
-def with_run_scale(kernels: dict[str, Any], measured: Mapping[str, Measurement]) -> dict[str, Any]:
-    """``kernels`` (a profile's entry) with its ``run_scale``: the median, over the calibration models timed whole
-    (``measured``), of the fastest whole run over the sum of the kernels' predicted times. Each kernel's time is its
-    fastest of several runs, and the fastest runs of a model's kernels do not fall in one run: their sum is a few
-    percent below the fastest whole run, more so on a noisy machine."""
-    model = KernelModel.from_dict(kernels)
-    ratios = {name: m.min_ms / model.predict_ms(trace_model(name, m.resolution))[0] for name, m in measured.items()}
-    scale = float(np.median(list(ratios.values())))
-    return {**kernels, "run_scale": round(scale, 4), "derived": (
-        f"{kernels['derived']}; a prediction is the sum of its kernels times {scale:.3f}, the median over the "
-        f"{len(ratios)} calibration models of their fastest whole run over the sum of their kernels "
-        f"({min(ratios.values()):.2f}-{max(ratios.values()):.2f})")}
 
 
 def measure_kernels(models: Sequence[str], resolution: int | None, sources: Sequence[str] | None, count: int,
