@@ -145,7 +145,7 @@ def test_weights_beyond_the_last_level_cache_stream_from_dram():
 
 def test_a_stored_kernel_model_predicts_as_the_one_it_was_built_from():
     model = fit_kernel_model(_samples("conv", 40e3) + _samples("conv", 60e3, overhead=3.0), threads=2,
-                             stream_gbs=30.0, cache_mb=32.0)
+                             stream_gbs=30.0, cache_mb=32.0, run_scale=1.07)
     stored = {**model.to_dict(), "profiler_us": 3.0, "derived": "test"}
     rebuilt = KernelModel.from_dict(KernelTimings.model_validate(stored).model_dump())
     trace = trace_model("resnet18", 64)
@@ -196,6 +196,15 @@ def test_the_cache_a_model_may_use_is_what_streamed_faster_than_dram_not_what_th
     assert usable_cache_mb({mb: 90.0 for mb in vm}, dram_gbs=32.0, cache_mb=480.0) == 480.0  # every probe cached
     assert usable_cache_mb({mb: 33.0 for mb in vm}, dram_gbs=32.0, cache_mb=480.0) == 8.0  # none: a small cache
     assert usable_cache_mb({16.0: 4.1, 32.0: 4.0}, dram_gbs=4.0, cache_mb=1.0) == 1.0  # a Pi: its 1 MB L2
+
+
+def test_a_prediction_is_scaled_to_whole_runs_by_the_stored_run_scale():
+    samples = _samples("conv", 40e3)
+    trace = trace_model("resnet18", 64)
+    plain = fit_kernel_model(samples, threads=2).predict_ms(trace)[0]
+    stored = {**fit_kernel_model(samples, threads=2, run_scale=1.07).to_dict(), "profiler_us": 3.0, "derived": "x"}
+    scaled = KernelModel.from_dict(KernelTimings.model_validate(stored).model_dump()).predict_ms(trace)[0]
+    assert scaled == pytest.approx(1.07 * plain, rel=1e-3)  # rows are rounded
 
 
 def test_one_slow_timing_moves_the_kernels_near_it_by_a_fraction_of_its_error():

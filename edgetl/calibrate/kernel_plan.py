@@ -14,7 +14,7 @@ package: every file is built here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -41,10 +41,10 @@ from edgetl.calibrate.kernel_timing import (
     stream_model,
     usable_cache_mb,
 )
-from edgetl.calibrate.measure import architecture_onnx
+from edgetl.calibrate.measure import Measurement, architecture_onnx
 from edgetl.calibrate.noise import LEVEL_SPAN, NoiseSummary, speed_factors
 from edgetl.calibrate.profiler import ProfiledRun, run_windows
-from edgetl.device.kernel_model import fit_kernel_model
+from edgetl.device.kernel_model import KernelModel, fit_kernel_model
 from edgetl.zoo.catalog import get_card, list_models
 from edgetl.zoo.cost import CostTrace, OpCost, TraceError
 from edgetl.zoo.model_cost import trace_model
@@ -179,16 +179,17 @@ def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, by: st
         log.warning(noise.warning())
     return {**model.to_dict(), "profiler_us": round(profiler_us, 2), "derived": (
         f"measured by {by} with ONNX Runtime's profiler, {threads} threads: the {n_in_place} kernels of the "
-        f"{len(plan.models)} calibration models in place and {len(samples) - n_in_place} micro-graphs of the distinct "
-        f"convolutions and matrix products of {plan.sources} catalog models, each as it ran in the fastest of its "
-        f"runs after warm-up, less the profiler's own {profiler_us:.1f} us per kernel (measured with chains of "
-        f"convolutions timed with and without it); one sample per distinct kernel (median); weights stream from DRAM "
-        f"at {model.stream_gbs:.1f} GB/s (a matrix-vector product of 4x the {plan.cache_mb:.0f} MB last-level cache), "
-        f"{cache_text}; blocked convolutions pad channels to multiples of {block} (read from the shapes the profiler "
-        f"reports); a run costs {model.run_us:.0f} us beyond its kernels (a one-ReLU model); every window's times "
-        f"scaled to the machine at its quiet level by the reference's quiet level over its level after the window "
-        f"(the median of {LEVEL_SPAN} probes; median factor {np.median(list(factors.values()) or [1.0]):.3f}); "
-        f"noise: {noise.text()}")}, noise
+        f"{len(plan.models)} calibration models in place and {len(samples) - n_in_place} kernels of "
+        f"{len(plan.micro)} micro-graphs of the distinct convolutions and matrix products of {plan.sources} catalog "
+        f"models, each as it ran in the fastest of its runs after warm-up, less the profiler's own "
+        f"{profiler_us:.1f} us per kernel (measured with chains of convolutions timed with and without it); one "
+        f"sample per distinct kernel (median); weights stream from DRAM at {model.stream_gbs:.1f} GB/s (a "
+        f"matrix-vector product of 4x the {plan.cache_mb:.0f} MB last-level cache), {cache_text}; blocked "
+        f"convolutions pad channels to multiples of {block} (read from the shapes the profiler reports); a run costs "
+        f"{model.run_us:.0f} us beyond its kernels (a one-ReLU model); every window's times scaled to the machine at "
+        f"its quiet level by the reference's quiet level over its level after the window (the median of "
+        f"{LEVEL_SPAN} probes; median factor {np.median(list(factors.values()) or [1.0]):.3f}); noise: "
+        f"{noise.text()}")}, noise
 
 
 def _streaming(plan: KernelPlan, done: dict[str, Any]) -> tuple[float, float, str]:
@@ -199,6 +200,21 @@ def _streaming(plan: KernelPlan, done: dict[str, Any]) -> tuple[float, float, st
     probes = ", ".join(f"{mb:g} MB at {gbs:.1f} GB/s" for mb, gbs in rates.items())
     return dram_gbs, cache_mb, (f"and weights are read from the cache up to {cache_mb:g} MB (smaller matrix-vector "
                                 f"products, {CACHED_SPEEDUP:g}x faster than DRAM counts as cached: {probes})")
+
+
+def with_run_scale(kernels: dict[str, Any], measured: Mapping[str, Measurement]) -> dict[str, Any]:
+    """``kernels`` (a profile's entry) with its ``run_scale``: the median, over the calibration models timed whole
+    (``measured``), of the fastest whole run over the sum of the kernels' predicted times. It anchors the kernel
+    sums to whole runs: what the profiler's kernels leave out, and the speed of the machine as the fastest of many
+    whole runs finds it, which two calibrations in a row agree on more closely than on the reference's quiet level
+    (quiet levels 9% apart, predictions within 1.4% at the median)."""
+    model = KernelModel.from_dict(kernels)
+    ratios = {name: m.min_ms / model.predict_ms(trace_model(name, m.resolution))[0] for name, m in measured.items()}
+    scale = float(np.median(list(ratios.values())))
+    return {**kernels, "run_scale": round(scale, 4), "derived": (
+        f"{kernels['derived']}; a prediction is the sum of its kernels times {scale:.3f}, the median over the "
+        f"{len(ratios)} calibration models of their fastest whole run over the sum of their kernels "
+        f"({min(ratios.values()):.2f}-{max(ratios.values()):.2f})")}
 
 
 def measure_kernels(models: Sequence[str], resolution: int | None, sources: Sequence[str] | None, count: int,

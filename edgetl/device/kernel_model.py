@@ -365,6 +365,8 @@ class KernelModel:
         block: the channel block of the runtime's blocked convolutions (:func:`blocked_channels`; 1: none).
         run_us: what a run costs beyond its kernels
             (:func:`edgetl.calibrate.kernel_timing.run_overhead_model`), once per prediction.
+        run_scale: a whole run's fastest time over the sum of its kernels', measured on the calibration models
+            (:func:`edgetl.calibrate.kernel_plan.with_run_scale`).
     """
 
     fits: dict[str, KindFit]
@@ -373,6 +375,7 @@ class KernelModel:
     cache_mb: float = 0.0
     block: int = 1
     run_us: float = 0.0
+    run_scale: float = 1.0
 
     def kernel_us(self, kind: str, feats: Sequence[float]) -> float:
         """One kernel's predicted time in microseconds."""
@@ -408,9 +411,10 @@ class KernelModel:
         reorders = [(2.0 * e * batch,) for e in layout_reorders(trace, self.block)]
         if reorders:
             rows["reorder"] = (reorders, [0.0] * len(reorders))
-        by_kind = {kind: float(np.maximum(self._kind_us(kind, np.asarray(feats, dtype=float)), dram).sum()) / 1e3
+        by_kind = {kind: self.run_scale * float(np.maximum(self._kind_us(kind, np.asarray(feats, dtype=float)),
+                                                             dram).sum()) / 1e3
                    for kind, (feats, dram) in rows.items()}
-        return sum(by_kind.values()) + self.run_us / 1e3, by_kind
+        return sum(by_kind.values()) + self.run_scale * self.run_us / 1e3, by_kind
 
     def coverage(self, trace: CostTrace, batch: int = 1) -> tuple[int, int]:
         """How many of the trace's compute kernels (:data:`COMPUTE_KINDS`) the model measured itself (a sample of
@@ -422,10 +426,10 @@ class KernelModel:
         return sum(kernel_key(*k) in seen for k in kernels), len(kernels)
 
     def to_dict(self) -> dict[str, Any]:
-        """``threads``, ``stream_gbs``, ``cache_mb``, ``block``, ``run_us`` and the sample rows, as a profile's
-        ``kernels`` stores them."""
+        """``threads``, ``stream_gbs``, ``cache_mb``, ``block``, ``run_us``, ``run_scale`` and the sample rows, as a
+        profile's ``kernels`` stores them."""
         return {"threads": self.threads, "stream_gbs": round(self.stream_gbs, 2), "cache_mb": round(self.cache_mb, 1),
-                "block": self.block, "run_us": round(self.run_us, 2),
+                "block": self.block, "run_us": round(self.run_us, 2), "run_scale": round(self.run_scale, 4),
                 "samples": [s.to_row() for f in self.fits.values() for s in f.samples]}
 
     @classmethod
@@ -433,17 +437,18 @@ class KernelModel:
         """Fit the model to a profile's ``kernels`` (the fit is deterministic, so only the samples are stored)."""
         return fit_kernel_model([KernelSample.from_row(r) for r in d["samples"]], int(d["threads"]),
                                 float(d.get("stream_gbs", 0.0)), float(d.get("cache_mb", 0.0)), int(d.get("block", 1)),
-                                float(d.get("run_us", 0.0)))
+                                float(d.get("run_us", 0.0)), float(d.get("run_scale", 1.0)))
 
 
 def fit_kernel_model(samples: Sequence[KernelSample], threads: int, stream_gbs: float = 0.0,
-                     cache_mb: float = 0.0, block: int = 1, run_us: float = 0.0) -> KernelModel:
+                     cache_mb: float = 0.0, block: int = 1, run_us: float = 0.0, run_scale: float = 1.0
+                     ) -> KernelModel:
     """Fit every kind with at least 3 samples (the same kernel timed more than once counts once, at its median)."""
     by_kind: dict[str, list[KernelSample]] = {}
     for s in dedupe(samples):
         by_kind.setdefault(s.kind, []).append(s)
     fits = {kind: fit_kind(items) for kind, items in by_kind.items() if len(items) >= 3}
-    return KernelModel(fits, threads, stream_gbs, cache_mb, block, run_us)
+    return KernelModel(fits, threads, stream_gbs, cache_mb, block, run_us, run_scale)
 
 
 def kernel_key(kind: str, features: Iterable[float]) -> tuple[str, tuple[float, ...]]:

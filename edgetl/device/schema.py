@@ -140,7 +140,7 @@ class KernelTimings(_Provenance):
     ``stream_gbs`` the rate at which a kernel streams weights from DRAM and ``cache_mb`` the last-level cache:
     a model whose weights exceed it reads them from DRAM on every run. ``block`` is the channel block of the
     runtime's blocked convolutions (:func:`edgetl.device.kernel_model.blocked_channels`), ``run_us`` what a
-    run costs beyond its kernels.
+    run costs beyond its kernels, and ``run_scale`` a whole run's fastest time over the sum of its kernels'.
     """
 
     threads: int = Field(ge=1)
@@ -149,6 +149,7 @@ class KernelTimings(_Provenance):
     cache_mb: float = Field(ge=0)
     block: int = Field(default=1, ge=1)
     run_us: float = Field(default=0.0, ge=0)
+    run_scale: float = Field(default=1.0, gt=0)
     samples: list[list[str | float]] = Field(min_length=3)
 
     @field_validator("samples")

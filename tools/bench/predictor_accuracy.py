@@ -204,6 +204,9 @@ def main() -> None:
     measured = {**measure_models(CALIBRATION_MODELS, resolution=args.resolution, threads=args.threads,
                                  rounds=args.rounds),
                 **_measure_entries(held, args.resolution, args.threads, args.rounds)}
+    # The stopwatch right after edgetl's own whole-model timings, so that a shared host's slower minutes later on
+    # (other tenants) are not taken for the predictor's error.
+    watch = stopwatch(held, args.resolution, args.threads, args.stopwatch_runs) if args.stopwatch_runs else {}
     memory = ({} if args.skip_memory else
               measure_memory(MEMORY_MODELS, resolution=args.resolution, threads=args.threads))
     held_names = {get_card(_entry(e, args.resolution)[0]).name for e in held}
@@ -226,7 +229,6 @@ def main() -> None:
     print("  " + ", ".join(f"{m} {r:.2f}" for m, r in cal.ratios.items()))
     if cal.noise is not None:
         print(f"noise during the kernel timings: {cal.noise.text()}")
-    watch = stopwatch(held, args.resolution, args.threads, args.stopwatch_runs) if args.stopwatch_runs else {}
     _print_latency(held, measured, watch, cal, profile, args)
     if not args.skip_memory:
         print("memory fit (MB measured, fitted/measured): " + ", ".join(
