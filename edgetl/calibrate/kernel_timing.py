@@ -245,7 +245,7 @@ def stream_gbs(run: ProfiledRun, weights_mb: float) -> float:
 def usable_cache_mb(rates: dict[float, float], dram_gbs: float, cache_mb: float) -> float:
     """How many MB of weights a model may have and still read them from the cache: the largest probe (weights MB ->
     GB/s) that streamed :data:`CACHED_SPEEDUP` times faster than DRAM (``dram_gbs``). A machine's reported
-    last-level cache can be far more than one tenant gets (a VM that reports 480 MB streams 128 MB from DRAM), or
+    last-level cache can be far more than one tenant gets (a VM that reports 480 MB streams 256 MB from DRAM), or
     its whole size where every probe is cached; where none is, half the smallest probe at most."""
     cached = [mb for mb, gbs in rates.items() if gbs >= CACHED_SPEEDUP * dram_gbs]
     if rates and len(cached) == len(rates):
