@@ -115,23 +115,23 @@ def _artifact(job: dict[str, Any]) -> tuple[Path, dict[str, Any], Any]:
 
 
 def _golden(folder: Path, manifest: dict[str, Any], runner: Any, job: dict[str, Any]) -> dict[str, Any]:
-    """The golden check on the runner's runtime, at the tolerance of the precision that runs."""
+    """The golden check on the (active) runner's runtime, at the tolerance of the precision that runs."""
     from edgetl.export import golden
 
     precision = golden.runtime_precision(manifest, runner.backend, job.get("precision"))
-    with runner:
-        return golden.check(folder, manifest, lambda x: runner.infer(x)["logits"], precision, runner.backend)
+    return golden.check(folder, manifest, lambda x: runner.infer(x)["logits"], precision, runner.backend)
 
 
 def task_validate(job: dict[str, Any]) -> dict[str, Any]:
-    """Golden check, timing, memory and the outputs on the scoring images, on the board."""
+    """Golden check, timing, memory and the outputs on the scoring images, on the board: one session (one engine)
+    for all three."""
     from edgetl.export import bundle
 
     folder, manifest, runner = _artifact(job)
-    out: dict[str, Any] = {"golden": _golden(folder, manifest, runner, job)}
-    out.update(_time(runner, folder / bundle.MODEL_FILE, job))
-    if job.get("images"):
-        with runner:
+    with runner:
+        out: dict[str, Any] = {"golden": _golden(folder, manifest, runner, job)}
+        out.update(_time(runner, folder / bundle.MODEL_FILE, job))
+        if job.get("images"):
             out["logits"] = _logits(folder, runner, job["images"], BATCH)
     return out
 
@@ -139,8 +139,8 @@ def task_validate(job: dict[str, Any]) -> dict[str, Any]:
 def task_predict(job: dict[str, Any]) -> dict[str, Any]:
     """The artifact's outputs on the images (after the golden check with ``check``)."""
     folder, manifest, runner = _artifact(job)
-    out: dict[str, Any] = {"golden": _golden(folder, manifest, runner, job) if job.get("check") else None}
     with runner:
+        out: dict[str, Any] = {"golden": _golden(folder, manifest, runner, job) if job.get("check") else None}
         out["logits"] = _logits(folder, runner, job["images"], BATCH)
     return out
 
@@ -148,7 +148,8 @@ def task_predict(job: dict[str, Any]) -> dict[str, Any]:
 def task_bench(job: dict[str, Any]) -> dict[str, Any]:
     """Time an ONNX file."""
     model = Path(job["model"])
-    return _time(_runner(model, job), model, job)
+    with _runner(model, job) as runner:
+        return _time(runner, model, job)
 
 
 def _cached(job: dict[str, Any]) -> dict[str, Path]:

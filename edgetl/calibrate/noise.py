@@ -182,7 +182,6 @@ class NoiseGuard:
         self.probes.append(us)
         return us
 
-
     def _attempt(self, window: Callable[[], T]) -> tuple[T, float, int]:
         """Run ``window`` between two probes; its result, the slower of the two probes (µs), and the index of the
         probe after it."""
