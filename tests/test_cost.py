@@ -98,3 +98,40 @@ def test_every_catalog_model_traces_at_its_own_resolution():
             assert trace.params == card.params, card.id
         assert trace.kernels > 0
     assert not failed, failed
+
+
+class _Copies(torch.nn.Module):
+    """A channels-last layer norm, a transpose a reshape makes contiguous, a matrix product reading a transposed
+    tensor, half a tensor sliced off and a broadcast: views in torch, copies in ONNX Runtime where they move data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = torch.nn.LayerNorm(16)
+        self.mix = torch.nn.Conv2d(16, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mix(self.norm(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        tokens = x.transpose(1, 3).reshape(1, -1, 16)
+        scores = tokens @ tokens.transpose(1, 2)
+        half = x[:, :8]
+        return scores.sum() + (half * x.mean((2, 3), keepdim=True)[:, :8].expand_as(half)).sum()
+
+
+def test_views_onnx_runs_as_copies_are_recorded_before_the_op_that_reads_them():
+    ops = cost.trace_module(_Copies(), 8).ops
+    copies = [(o.op, o.geom, o.fused) for o in ops if o.op in cost.COPYING_VIEWS]
+    assert copies[:2] == [("permute", (0, 2, 3, 1), True), ("permute", (0, 3, 1, 2), True)]
+    assert [o.op for o in ops[:4]] == ["convolution", "permute", "native_layer_norm", "permute"]
+    assert ("transpose", (0, 3, 2, 1), False) in copies  # the clone a reshape makes is the transpose's copy
+    assert not any(o.op == "clone" for o in ops)
+    assert [o.op for o in ops].count("transpose") == 1  # the one a matrix product reads is no copy
+    assert ("slice", (), True) in copies and ("expand", (), True) in copies
+
+
+def test_a_view_that_moves_no_data_is_no_copy():
+    class _Free(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.permute(1, 0, 2, 3)[:, :, :].flatten(1).unsqueeze(0).expand(1, -1, -1) * 2
+
+    assert not any(o.op in cost.COPYING_VIEWS for o in cost.trace_module(_Free(), 8).ops)

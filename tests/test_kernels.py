@@ -1,12 +1,14 @@
 """The kernel-level latency model: a cost trace and ONNX Runtime's profiler must describe the same kernels, a
 micro-graph must run the kernel it stands for, and the fit must not extrapolate past what was measured."""
 
+import math
 from collections import Counter
 
 import pytest
 import torch
 from torch import nn
 
+from edgetl.calibrate.kernel_plan import with_run_scale
 from edgetl.calibrate.kernel_timing import (
     distinct_kernels,
     measure_channel_block,
@@ -21,6 +23,7 @@ from edgetl.device.kernel_model import (
     KernelModel,
     KernelSample,
     fit_kernel_model,
+    layout_kernels,
     layout_reorders,
     node_kernel,
     op_kernel,
@@ -90,7 +93,7 @@ def test_unfused_batch_norm_gelu_and_attention_are_kernels_as_onnx_runtime_runs_
     kinds = Counter(kind for kind, _ in traced)
     assert kinds["grouped"] == 1 and kinds["depthwise"] == 2  # the 3x3 depthwise and the batch norm after the concat
     assert kinds["bmm"] == 2 and kinds["softmax"] == 1
-    assert any(op.op.startswith("gelu") for op in trace.ops if op_kernel(op) is not None)
+    assert kinds["activation"] == Counter(kind for kind, _ in ran)["activation"] == 1  # GELU, not an add's cost
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "regnet_x_400mf", "vit_b_32"])
@@ -114,6 +117,20 @@ def test_layout_reorders_are_found_in_a_trace_where_onnx_runtime_runs_them(name,
     ran = [s.features[0] for s in run.samples(block=block) if s.kind == "reorder"]
     found = [2 * e for e in layout_reorders(trace_model(name, 64), block)]
     assert sum(found) == pytest.approx(sum(ran), rel=0.25, abs=2e3)
+
+
+@pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "timm/efficientvit_b1", "timm/mobilevitv2_050"])
+def test_the_copies_a_trace_finds_are_those_onnx_runtime_runs(name, block):
+    """Transposes, slices, splits and broadcasts are views in torch and copies in ONNX Runtime (a quarter of
+    EfficientViT's time); a trace records them where ONNX Runtime runs them, except those a layout reorder does.
+    Before, EfficientViT's came to a third of what ONNX Runtime moved."""
+    run = profile_onnx(architecture_onnx(name, 64), (1, 3, 64, 64), threads=1, warmup=0, runs=1)
+    ran = sum(s.features[0] for s in run.samples(block=block) if s.kind in ("transpose", "data_movement"))
+    trace = trace_model(name, 64)
+    absorbed = layout_kernels(trace, block)[1]
+    found = sum(k[1][0] for i, op in enumerate(trace.ops) if i not in absorbed
+                and (k := op_kernel(op, block=block)) is not None and k[0] in ("transpose", "data_movement"))
+    assert found == pytest.approx(ran, rel=0.25)
 
 
 def _samples(kind: str, rate: float, overhead: float = 2.0) -> list[KernelSample]:
@@ -205,6 +222,30 @@ def test_a_prediction_is_scaled_to_whole_runs_by_the_stored_run_scale():
     stored = {**fit_kernel_model(samples, threads=2, run_scale=1.07).to_dict(), "profiler_us": 3.0, "derived": "x"}
     scaled = KernelModel.from_dict(KernelTimings.model_validate(stored).model_dump()).predict_ms(trace)[0]
     assert scaled == pytest.approx(1.07 * plain, rel=1e-3)  # rows are rounded
+
+
+_WHOLE = ("mobilenet_v3_small", "squeezenet1_1", "regnet_x_400mf", "densenet121", "resnet18", "resnet50", "vgg11")
+
+
+def test_the_run_scale_follows_the_mean_kernel_time_and_one_noisy_whole_run_does_not_move_it():
+    """Whole runs were 0.80 of the kernels' sum for models of short kernels and 1.15 for long ones: the trend in the
+    mean kernel time predicts a model none of the calibration models was, and an outlier barely moves it."""
+    memory = [KernelSample("elementwise", (n,), 1.0 + n / 500.0) for n in (1e3, 1e4, 1e5, 1e6)]
+    kernels = {**fit_kernel_model(_samples("conv", 40e3) + memory, threads=2).to_dict(), "profiler_us": 3.0,
+               "derived": "x"}
+    plain = KernelModel.from_dict(kernels)
+
+    def whole_ms(name: str, noisy: float = 1.0) -> tuple[float, int]:
+        by_kind, count = plain.kernel_sums(trace_model(name, 64))
+        return noisy * sum(by_kind.values()) * (0.9 + 0.05 * math.log(sum(by_kind.values()) * 1e3 / count)), 64
+
+    fitted = KernelModel.from_dict(with_run_scale(kernels, {n: whole_ms(n) for n in _WHOLE}))
+    upset = KernelModel.from_dict(with_run_scale(kernels, {n: whole_ms(n, 1.5 if n == "resnet18" else 1.0)
+                                                           for n in _WHOLE}))
+    held_out = trace_model("mobilenet_v2", 64)
+    assert fitted.predict_ms(held_out)[0] == pytest.approx(whole_ms("mobilenet_v2")[0], rel=0.02)
+    assert upset.predict_ms(held_out)[0] == pytest.approx(whole_ms("mobilenet_v2")[0], rel=0.05)
+    assert fitted.run_slope == pytest.approx(0.05, rel=0.05)
 
 
 def test_one_slow_timing_moves_the_kernels_near_it_by_a_fraction_of_its_error():

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import theilslopes
 
 from edgetl.calibrate.kernel_timing import (
     CACHED_SPEEDUP,
@@ -41,7 +42,7 @@ from edgetl.calibrate.kernel_timing import (
     stream_model,
     usable_cache_mb,
 )
-from edgetl.calibrate.measure import Measurement, architecture_onnx
+from edgetl.calibrate.measure import architecture_onnx
 from edgetl.calibrate.noise import LEVEL_SPAN, NoiseSummary, speed_factors
 from edgetl.calibrate.profiler import ProfiledRun, run_windows
 from edgetl.device.kernel_model import KernelModel, fit_kernel_model
@@ -134,6 +135,8 @@ def kernel_plan(models: Sequence[str], resolution: int | None, sources: Sequence
         plan.builders[f"model-{i}"] = partial(architecture_onnx, name, res)
         plan.windows[f"model {name}"] = {"kind": "profile", "model": f"model-{i}", "shape": [1, 3, res, res],
                                          "warmup": 5, "runs": 10}
+        plan.windows[f"whole {name}"] = {"kind": "plain", "model": f"model-{i}", "shape": [1, 3, res, res],
+                                         "warmup": 3, "runs": 20}
     for i, (label, op) in enumerate(zip(plan.micro, ops, strict=True)):
         plan.builders[f"micro-{i}"] = partial(_micro_bytes, op)
         plan.windows[label] = {"kind": "profile", "model": f"micro-{i}", "warmup": 3, "runs": 8}
@@ -177,7 +180,8 @@ def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, by: st
     noise = NoiseSummary.of(measured["guard"])
     if noise.noisy:
         log.warning(noise.warning())
-    return {**model.to_dict(), "profiler_us": round(profiler_us, 2), "derived": (
+    whole = {name: (done[f"whole {name}"] / 1e3, plan.windows[f"whole {name}"]["shape"][2]) for name in plan.models}
+    return with_run_scale({**model.to_dict(), "profiler_us": round(profiler_us, 2), "derived": (
         f"measured by {by} with ONNX Runtime's profiler, {threads} threads: the {n_in_place} kernels of the "
         f"{len(plan.models)} calibration models in place and {len(samples) - n_in_place} kernels of "
         f"{len(plan.micro)} micro-graphs of the distinct convolutions and matrix products of {plan.sources} catalog "
@@ -189,7 +193,7 @@ def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, by: st
         f"{model.run_us:.0f} us beyond its kernels (a one-ReLU model); every window's times scaled to the machine at "
         f"its quiet level by the reference's quiet level over its level after the window (the median of "
         f"{LEVEL_SPAN} probes; median factor {np.median(list(factors.values()) or [1.0]):.3f}); noise: "
-        f"{noise.text()}")}, noise
+        f"{noise.text()}")}, whole), noise
 
 
 def _streaming(plan: KernelPlan, done: dict[str, Any]) -> tuple[float, float, str]:
@@ -202,19 +206,32 @@ def _streaming(plan: KernelPlan, done: dict[str, Any]) -> tuple[float, float, st
                                 f"products, {CACHED_SPEEDUP:g}x faster than DRAM counts as cached: {probes})")
 
 
-def with_run_scale(kernels: dict[str, Any], measured: Mapping[str, Measurement]) -> dict[str, Any]:
-    """``kernels`` (a profile's entry) with its ``run_scale``: the median, over the calibration models timed whole
-    (``measured``), of the fastest whole run over the sum of the kernels' predicted times. It anchors the kernel
-    sums to whole runs: what the profiler's kernels leave out, and the speed of the machine as the fastest of many
-    whole runs finds it, which two calibrations in a row agree on more closely than on the reference's quiet level
-    (quiet levels 9% apart, predictions within 1.4% at the median)."""
-    model = KernelModel.from_dict(kernels)
-    ratios = {name: m.min_ms / model.predict_ms(trace_model(name, m.resolution))[0] for name, m in measured.items()}
-    scale = float(np.median(list(ratios.values())))
-    return {**kernels, "run_scale": round(scale, 4), "derived": (
-        f"{kernels['derived']}; a prediction is the sum of its kernels times {scale:.3f}, the median over the "
-        f"{len(ratios)} calibration models of their fastest whole run over the sum of their kernels "
-        f"({min(ratios.values()):.2f}-{max(ratios.values()):.2f})")}
+def with_run_scale(kernels: dict[str, Any], whole: Mapping[str, tuple[float, int]]) -> dict[str, Any]:
+    """``kernels`` (a profile's entry) with the trend of a whole run's fastest time over the sum of its kernels'
+    predicted times in the mean kernel time (``run_scale``, ``run_slope``, ``run_kernel_us``), fitted (Theil-Sen:
+    one noisy timing does not move it) to the calibration models' fastest whole runs (``whole``: name -> ms and
+    resolution), timed in windows of the noise guard as the kernels are.
+
+    It anchors the kernel sums to whole runs: what the profiler's kernels leave out, and the speed of the machine as
+    the fastest of many whole runs finds it, which two calibrations in a row agree on more closely than on the
+    reference's quiet level. The ratio follows the mean kernel time: on a 2-core Xeon it went from 0.80 for models
+    of 20-60 us kernels to 1.15 for 400-3,500 us ones, and one median ratio predicted the first 10-20% slow and the
+    second 10-15% fast."""
+    model = KernelModel.from_dict({**kernels, "run_scale": 1.0, "run_slope": 0.0})
+    means, ratios = [], []
+    for name, (ms, resolution) in whole.items():
+        by_kind, count = model.kernel_sums(trace_model(name, resolution))
+        means.append(sum(by_kind.values()) * 1e3 / max(1, count))
+        ratios.append(ms / (sum(by_kind.values()) + model.run_us / 1e3))
+    lo, hi = min(means), max(means)
+    slope, intercept = theilslopes(ratios, np.log(means))[:2] if len(ratios) >= 3 and hi > lo else (0.0, 0.0)
+    scale = float(intercept + slope * np.log(lo * hi) / 2) if slope else float(np.median(ratios))
+    return {**kernels, "run_scale": round(scale, 4), "run_slope": round(float(slope), 4),
+            "run_kernel_us": [round(lo, 1), round(hi, 1)], "derived": (
+        f"{kernels['derived']}; a prediction is the sum of its kernels times {scale:.3f} at a mean kernel time of "
+        f"{np.sqrt(lo * hi):.0f} us, {slope:+.3f} per e-fold of it between {lo:.0f} and {hi:.0f} us: the trend over "
+        f"the {len(ratios)} calibration models of their fastest whole run over the sum of their kernels "
+        f"({min(ratios):.2f}-{max(ratios):.2f})")}
 
 
 def measure_kernels(models: Sequence[str], resolution: int | None, sources: Sequence[str] | None, count: int,

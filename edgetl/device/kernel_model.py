@@ -32,19 +32,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from edgetl.zoo.cost import CostTrace, OpCost
+from edgetl.zoo.cost import COPYING_VIEWS, TRANSPOSES, CostTrace, OpCost
 
 #: The compute kinds: convolutions and matrix products, the kernels micro-graphs are made of and a model's
 #: coverage counts (:meth:`KernelModel.coverage`).
 COMPUTE_KINDS: tuple[str, ...] = ("conv", "depthwise", "grouped", "grouped_plain", "matmul", "bmm")
 KINDS: tuple[str, ...] = (
     "conv", "depthwise", "grouped", "grouped_plain", "matmul", "bmm", "softmax", "norm", "pool", "elementwise",
-    "data_movement", "reorder",
+    "activation", "data_movement", "transpose", "reorder",
 )
 #: The features of each kind, all positive; the fit works on their logarithms.
 FEATURES: dict[str, tuple[str, ...]] = {
@@ -54,7 +54,8 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "grouped_plain": ("flops", "cin", "cout", "kernel_area", "out_area", "in_area", "group_width"),
     "matmul": ("flops", "m", "k", "n"),
     "bmm": ("flops", "batch", "m", "k", "n"),
-    **{k: ("elements",) for k in ("softmax", "norm", "pool", "elementwise", "data_movement", "reorder")},
+    **{k: ("elements",) for k in ("softmax", "norm", "pool", "elementwise", "activation", "data_movement",
+                                  "transpose", "reorder")},
 }
 #: Nearest measured kernels whose residuals correct a prediction, the log-space distance beyond which a neighbour
 #: no longer counts, and the weight of the trend against them (as many neighbours at distance 0 with no residual).
@@ -82,6 +83,14 @@ UNFUSED_ACTIVATIONS = frozenset({"silu", "silu_", "gelu", "gelu_", "mish"})
 #: :func:`layout_reorders`).
 LAYOUT_OPS = frozenset({"ReorderInput", "ReorderOutput"})
 _PAD_OPS = frozenset({"constant_pad_nd", "pad"})
+#: The transposes a layout reorder does itself (it writes or reads channels-last), by their ``geom``.
+_TO_CHANNELS_LAST, _FROM_CHANNELS_LAST = (0, 2, 3, 1), (0, 3, 1, 2)
+#: Activations computed with a transcendental function (kind ``activation``), as a trace and as ONNX Runtime name
+#: them: per element several times an add's cost (ConvNeXt's GELU ran 2.3x the time the elementwise fit gave it).
+_TRANSCENDENTAL = frozenset({"gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "mish",
+                             "mish_", "elu", "elu_", "softplus", "exp", "erf"})
+_ORT_TRANSCENDENTAL = frozenset({"Gelu", "BiasGelu", "FastGelu", "QuickGelu", "Sigmoid", "Tanh", "Erf", "Exp",
+                                 "Softplus", "Mish", "Elu"})
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,7 @@ def op_kernel(op: OpCost, batch: int = 1, block: int = 1) -> tuple[str, tuple[fl
 
     ``block`` is the channel block of the runtime's blocked convolutions (:func:`blocked_channels`).
     """
-    if op.fused and op.op not in UNFUSED_ACTIVATIONS:
+    if not runs_alone(op):
         return None
     g = op.geom
     if len(g) == 3 and op.cls == "norm":  # a batch norm no conv absorbs: runtimes run it as a 1x1 depthwise conv
@@ -128,11 +137,21 @@ def op_kernel(op: OpCost, batch: int = 1, block: int = 1) -> tuple[str, tuple[fl
     return kind, (max(1.0, float((op.act_in + op.act_out) * batch)),)
 
 
+def runs_alone(op: OpCost) -> bool:
+    """Whether ONNX Runtime's CPU kernels run ``op`` as a kernel of its own: an unfused op, an activation it does not
+    fuse (:data:`UNFUSED_ACTIVATIONS`) or a view it copies (:data:`edgetl.zoo.cost.COPYING_VIEWS`)."""
+    return not op.fused or op.op in UNFUSED_ACTIVATIONS or op.op in COPYING_VIEWS
+
+
 def _memory_kind(op: OpCost) -> str:
     """The memory-bound kind of a trace op (a compute op without geometry is costed by its bytes, as elementwise)."""
     if op.cls == "attention":
         return "softmax"
-    return op.cls if op.cls in ("norm", "pool", "data_movement") else "elementwise"
+    if op.op in TRANSPOSES:
+        return "transpose"
+    if op.cls in ("norm", "pool", "data_movement"):
+        return op.cls
+    return "activation" if op.op in _TRANSCENDENTAL else "elementwise"
 
 
 def blocked_channels(cin: int, cout: int, groups: int, block: int) -> tuple[int, int, bool]:
@@ -173,8 +192,15 @@ def _conv_kernel(cin: int, cout: int, area: int, groups: int, in_area: int, out_
 
 
 def layout_reorders(trace: CostTrace, block: int) -> list[float]:
+    """The elements of each layout reorder ONNX Runtime runs for ``trace`` (:func:`layout_kernels`)."""
+    return layout_kernels(trace, block)[0]
+
+
+def layout_kernels(trace: CostTrace, block: int) -> tuple[list[float], set[int]]:
     """The elements of each layout reorder ONNX Runtime runs for ``trace`` with blocked convolutions of ``block``
-    channels (none where it does not block them), as its NCHWc rewrite places them, followed along the trace:
+    channels (none where it does not block them), and the indices of the transposes those reorders do (to or from
+    channels-last, right after or before a blocked convolution), as its NCHWc rewrite places them, followed along
+    the trace:
 
     - a blocked convolution whose input is not blocked reorders it in (unless it has fewer channels than a block);
     - the blocked layout carries on through pools, same-shape elementwise ops and concatenations while the channels
@@ -186,18 +212,20 @@ def layout_reorders(trace: CostTrace, block: int) -> list[float]:
     A trace has no data flow, so a branch is followed as if it were the main path. Checked against the reorders
     ONNX Runtime ran in 32 catalog models: the same elements within ±20% for 25 of them.
     """
-    if block <= 1:
-        return []
     out: list[float] = []
-    blocked, channels, spatial = False, 0, 0
-    for op in trace.ops:
-        if op.fused and op.op not in UNFUSED_ACTIVATIONS:
+    absorbed: set[int] = set()
+    if block <= 1:
+        return out, absorbed
+    blocked, channels, spatial, prev = False, 0, 0, -1
+    for i, op in enumerate(trace.ops):
+        if not runs_alone(op):
             continue
         g = op.geom
         if len(g) == 13 and op.cls in ("conv", "depthwise"):
             if blocked_channels(g[0], g[1], g[8], block)[2]:
                 if not blocked and g[0] >= block:
                     out.append(float(op.act_in))
+                    absorbed |= {prev} if prev >= 0 and trace.ops[prev].geom == _FROM_CHANNELS_LAST else set()
                 blocked, channels, spatial = True, g[1], g[11] * g[12]
             elif blocked:
                 out.append(float(op.act_in))
@@ -205,12 +233,14 @@ def layout_reorders(trace: CostTrace, block: int) -> list[float]:
         elif blocked and not _keeps_blocks(op, channels, spatial, block):
             same = op.act_in in (op.act_out, 2 * op.act_out)
             out.append(float(op.act_out if op.cls == "elementwise" and not same else op.act_in))
+            absorbed |= {i} if op.geom == _TO_CHANNELS_LAST else set()
             blocked = False
         elif blocked and op.op == "cat":
             channels = op.act_out // max(1, spatial)
         elif blocked and op.cls == "pool":
             spatial = max(1, op.act_out // max(1, channels))
-    return out
+        prev = i
+    return out, absorbed
 
 
 def _keeps_blocks(op: OpCost, channels: int, spatial: int, block: int) -> bool:
@@ -264,10 +294,17 @@ def _ort_memory_kind(op: str) -> str:
         return "norm"
     if op in _POOL_OPS:
         return "pool"
+    if op == "Transpose":
+        return "transpose"
     if op in _MOVE_OPS:
         return "data_movement"
-    return "elementwise"
+    return "activation" if op in _ORT_TRANSCENDENTAL else "elementwise"
 
+
+
+#: The kind whose fit predicts a kind without one.
+_NEAREST_KIND = {"grouped": "grouped_plain", "grouped_plain": "grouped", "activation": "elementwise",
+                 "transpose": "data_movement"}
 
 
 # --- the model ------------------------------------------------------------------------------------
@@ -365,8 +402,9 @@ class KernelModel:
         block: the channel block of the runtime's blocked convolutions (:func:`blocked_channels`; 1: none).
         run_us: what a run costs beyond its kernels
             (:func:`edgetl.calibrate.kernel_timing.run_overhead_model`), once per prediction.
-        run_scale: a whole run's fastest time over the sum of its kernels', measured on the calibration models
-            (:func:`edgetl.calibrate.kernel_plan.with_run_scale`).
+        run_scale, run_slope, run_kernel_us: a whole run's fastest time over the sum of its kernels', measured on
+            the calibration models (:func:`edgetl.calibrate.kernel_plan.with_run_scale`), as a trend in the model's
+            mean kernel time: :meth:`run_factor`.
     """
 
     fits: dict[str, KindFit]
@@ -376,20 +414,30 @@ class KernelModel:
     block: int = 1
     run_us: float = 0.0
     run_scale: float = 1.0
+    run_slope: float = 0.0
+    run_kernel_us: tuple[float, float] = (1.0, 1.0)
+
+    def run_factor(self, mean_kernel_us: float) -> float:
+        """A whole run's time over the sum of its kernels' for a model whose kernels take ``mean_kernel_us`` on
+        average: ``run_scale`` in the middle of ``run_kernel_us`` (on a log scale), ``run_slope`` more per e-fold,
+        held at the ends of the range."""
+        lo, hi = np.log(self.run_kernel_us)
+        x = float(np.clip(np.log(max(mean_kernel_us, 1e-9)), lo, hi))
+        return self.run_scale + self.run_slope * (x - (lo + hi) / 2)
 
     def kernel_us(self, kind: str, feats: Sequence[float]) -> float:
         """One kernel's predicted time in microseconds."""
         return float(self._kind_us(kind, np.asarray([feats], dtype=float))[0])
 
     def _kind_us(self, kind: str, feats: np.ndarray) -> np.ndarray:
-        """Predicted times of kernels of one kind. A kind too few kernels measured takes the fit of its nearest
-        kind: a batched matrix product the matmul fit, a grouped convolution the other grouped fit, anything else
-        the elementwise fit on its bytes."""
+        """Predicted times of kernels of one kind. A kind too few kernels measured (or a profile made before it
+        was a kind) takes the fit of its nearest kind: a batched matrix product the matmul fit, others
+        :data:`_NEAREST_KIND`, anything else the elementwise fit on its bytes."""
         fit = self.fits.get(kind)
         if fit is None and kind == "bmm" and "matmul" in self.fits:
             fit, feats = self.fits["matmul"], np.column_stack([feats[:, 0], feats[:, 1] * feats[:, 2], feats[:, 3:]])
-        elif fit is None and kind in ("grouped", "grouped_plain"):
-            fit = self.fits.get("grouped_plain" if kind == "grouped" else "grouped")
+        elif fit is None:
+            fit = self.fits.get(_NEAREST_KIND.get(kind, ""))
         if fit is None:
             fit = self.fits.get("elementwise")
             if fit is None:
@@ -400,21 +448,28 @@ class KernelModel:
     def predict_ms(self, trace: CostTrace, batch: int = 1, bytes_per_element: int = 4
                    ) -> tuple[float, dict[str, float]]:
         """The predicted latency of one batch (ms) and its split per kind (ms)."""
+        by_kind, count = self.kernel_sums(trace, batch, bytes_per_element)
+        factor = self.run_factor(sum(by_kind.values()) * 1e3 / max(1, count))
+        return factor * (sum(by_kind.values()) + self.run_us / 1e3), {k: factor * v for k, v in by_kind.items()}
+
+    def kernel_sums(self, trace: CostTrace, batch: int = 1, bytes_per_element: int = 4
+                    ) -> tuple[dict[str, float], int]:
+        """The sum of the predicted times of the trace's kernels per kind (ms, not scaled to whole runs), and how
+        many kernels it has."""
         from_dram = self.stream_gbs > 0 and trace.params * bytes_per_element > self.cache_mb * 1e6
         rows: dict[str, tuple[list[tuple[float, ...]], list[float]]] = {}
-        for op in trace.ops:
-            k = op_kernel(op, batch, self.block)
+        reorders, absorbed = layout_kernels(trace, self.block)
+        for i, op in enumerate(trace.ops):
+            k = op_kernel(op, batch, self.block) if i not in absorbed else None
             if k is not None:
                 feats, dram_us = rows.setdefault(k[0], ([], []))
                 feats.append(k[1])
                 dram_us.append(op.weight * bytes_per_element / (self.stream_gbs * 1e3) if from_dram else 0.0)
-        reorders = [(2.0 * e * batch,) for e in layout_reorders(trace, self.block)]
         if reorders:
-            rows["reorder"] = (reorders, [0.0] * len(reorders))
-        by_kind = {kind: self.run_scale * float(np.maximum(self._kind_us(kind, np.asarray(feats, dtype=float)),
-                                                             dram).sum()) / 1e3
+            rows["reorder"] = ([(2.0 * e * batch,) for e in reorders], [0.0] * len(reorders))
+        by_kind = {kind: float(np.maximum(self._kind_us(kind, np.asarray(feats, dtype=float)), dram).sum()) / 1e3
                    for kind, (feats, dram) in rows.items()}
-        return sum(by_kind.values()) + self.run_scale * self.run_us / 1e3, by_kind
+        return by_kind, sum(len(feats) for feats, _ in rows.values())
 
     def coverage(self, trace: CostTrace, batch: int = 1) -> tuple[int, int]:
         """How many of the trace's compute kernels (:data:`COMPUTE_KINDS`) the model measured itself (a sample of
@@ -426,18 +481,21 @@ class KernelModel:
         return sum(kernel_key(*k) in seen for k in kernels), len(kernels)
 
     def to_dict(self) -> dict[str, Any]:
-        """``threads``, ``stream_gbs``, ``cache_mb``, ``block``, ``run_us``, ``run_scale`` and the sample rows, as a
-        profile's ``kernels`` stores them."""
+        """``threads``, ``stream_gbs``, ``cache_mb``, ``block``, the run's (``run_us``, ``run_scale``,
+        ``run_slope``, ``run_kernel_us``) and the sample rows, as a profile's ``kernels`` stores them."""
         return {"threads": self.threads, "stream_gbs": round(self.stream_gbs, 2), "cache_mb": round(self.cache_mb, 1),
                 "block": self.block, "run_us": round(self.run_us, 2), "run_scale": round(self.run_scale, 4),
+                "run_slope": round(self.run_slope, 4), "run_kernel_us": [round(v, 1) for v in self.run_kernel_us],
                 "samples": [s.to_row() for f in self.fits.values() for s in f.samples]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> KernelModel:
         """Fit the model to a profile's ``kernels`` (the fit is deterministic, so only the samples are stored)."""
-        return fit_kernel_model([KernelSample.from_row(r) for r in d["samples"]], int(d["threads"]),
-                                float(d.get("stream_gbs", 0.0)), float(d.get("cache_mb", 0.0)), int(d.get("block", 1)),
-                                float(d.get("run_us", 0.0)), float(d.get("run_scale", 1.0)))
+        model = fit_kernel_model([KernelSample.from_row(r) for r in d["samples"]], int(d["threads"]),
+                                 float(d.get("stream_gbs", 0.0)), float(d.get("cache_mb", 0.0)),
+                                 int(d.get("block", 1)), float(d.get("run_us", 0.0)), float(d.get("run_scale", 1.0)))
+        lo, hi = d.get("run_kernel_us", (1.0, 1.0))
+        return replace(model, run_slope=float(d.get("run_slope", 0.0)), run_kernel_us=(float(lo), float(hi)))
 
 
 def fit_kernel_model(samples: Sequence[KernelSample], threads: int, stream_gbs: float = 0.0,

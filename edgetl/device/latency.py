@@ -201,7 +201,8 @@ def predict_latency(
 _KIND_CLASS = {"conv": "conv", "depthwise": "depthwise", "grouped": "depthwise", "grouped_plain": "depthwise",
                "matmul": "matmul",
                "bmm": "attention", "softmax": "attention", "norm": "norm", "pool": "pool",
-               "elementwise": "elementwise", "data_movement": "data_movement", "reorder": "data_movement"}
+               "elementwise": "elementwise", "activation": "elementwise", "data_movement": "data_movement",
+               "transpose": "data_movement", "reorder": "data_movement"}
 
 
 def _kernel_prediction(trace: CostTrace, profile: DeviceProfile, precision: str, batch: int) -> LatencyPrediction:

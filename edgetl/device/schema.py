@@ -140,7 +140,9 @@ class KernelTimings(_Provenance):
     ``stream_gbs`` the rate at which a kernel streams weights from DRAM and ``cache_mb`` the last-level cache:
     a model whose weights exceed it reads them from DRAM on every run. ``block`` is the channel block of the
     runtime's blocked convolutions (:func:`edgetl.device.kernel_model.blocked_channels`), ``run_us`` what a
-    run costs beyond its kernels, and ``run_scale`` a whole run's fastest time over the sum of its kernels'.
+    run costs beyond its kernels, and ``run_scale`` a whole run's fastest time over the sum of its kernels', at
+    a mean kernel time in the middle of ``run_kernel_us`` and moving by ``run_slope`` per e-fold of the mean kernel
+    time within that range (:meth:`edgetl.device.kernel_model.KernelModel.run_factor`).
     """
 
     threads: int = Field(ge=1)
@@ -150,6 +152,8 @@ class KernelTimings(_Provenance):
     block: int = Field(default=1, ge=1)
     run_us: float = Field(default=0.0, ge=0)
     run_scale: float = Field(default=1.0, gt=0)
+    run_slope: float = 0.0
+    run_kernel_us: tuple[float, float] = (1.0, 1.0)
     samples: list[list[str | float]] = Field(min_length=3)
 
     @field_validator("samples")

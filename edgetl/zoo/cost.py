@@ -14,7 +14,9 @@ seen with its shapes but nothing is computed or allocated. For each op that does
 Fusion follows what TensorRT and ONNX Runtime do at inference: BatchNorm after a convolution is folded
 into it; an activation (ReLU, SiLU, GELU, ...) or a same-shape residual add whose input comes from a
 conv/matmul chain is fused into that kernel. Broadcast multiplies (squeeze-excitation), LayerNorm and
-softmax stay separate kernels. View ops (reshape, transpose, expand, ...) cost nothing.
+softmax stay separate kernels. View ops (reshape, transpose, expand, ...) cost nothing, but those an ONNX graph
+runs as copies (Transpose, Slice, Gather, Split, Expand) are recorded, fused (TensorRT folds them; ONNX Runtime's
+CPU kernels copy), just before the op that reads them: see :data:`COPYING_VIEWS`.
 
 Peak live activation elements come from tracking when each output is freed during the pass.
 
@@ -40,7 +42,7 @@ from edgetl._io import atomic_write_json, cache_dir
 
 log = logging.getLogger(__name__)
 
-_TRACE_SCHEMA = 4
+_TRACE_SCHEMA = 5
 
 OP_CLASSES: tuple[str, ...] = (
     "conv",
@@ -64,6 +66,19 @@ _FREE_OPS = frozenset(
         "_local_scalar_dense", "is_same_size", "new_ones", "new_full", "fill_", "zero_",
     }
 )
+#: Views an ONNX export runs as a copy when they move data (a permutation of dimensions longer than 1, a slice,
+#: split or gather of part of a tensor, a broadcast to a larger one). A copy the trace already has (the clone a
+#: reshape of a transposed tensor makes) stands for the view's, and so does a matrix product that reads a tensor
+#: with its last two dimensions swapped (ONNX Runtime fuses that transpose).
+COPYING_VIEWS = frozenset({"permute", "transpose", "t", "slice", "narrow", "select", "split", "split_with_sizes",
+                           "unbind", "expand"})
+#: The views that permute dimensions (ONNX Transpose).
+TRANSPOSES = frozenset({"permute", "transpose", "t"})
+#: Ops that copy their input whole: a copy pending on it is theirs.
+_FULL_COPIES = frozenset({"clone", "contiguous", "_to_copy", "copy_"})
+#: Views that only relabel a tensor: a copy pending on their input is pending on their output.
+_RELABEL_VIEWS = frozenset({"view", "_unsafe_view", "reshape", "_reshape_alias", "unsqueeze", "squeeze", "flatten",
+                            "unflatten", "alias", "detach"})
 _CONV_OPS = frozenset({"convolution", "conv2d", "_convolution", "cudnn_convolution", "mkldnn_convolution"})
 _MATMUL_OPS = frozenset({"mm", "addmm", "linear", "matmul", "einsum", "baddbmm_linear"})
 _ATTENTION_OPS = frozenset(
@@ -125,7 +140,8 @@ def geometry(op: str, args: tuple[Any, ...], out: Any) -> tuple[int, ...]:
 
     - convolutions: ``(cin, cout, kh, kw, stride_h, stride_w, dilation_h, dilation_w, groups, hin, win, hout, wout)``;
     - matrix products: ``(batch, m, k, n)``;
-    - batch norms: the input's ``(channels, height, width)``.
+    - batch norms: the input's ``(channels, height, width)``;
+    - transposes (recorded by :func:`_view_copy`): the order of the input's dimensions in the output.
     """
     try:
         if op in _CONV_OPS and out is not None:
@@ -263,15 +279,19 @@ class _Recorder:
         cls = classify(name, args)
         if cls is None:
             self._propagate(flat_in, flat_out)
+            self._view(name, args, flat_in, flat_out)
             return
         acts = [a for a in flat_in if not self._is_weight(a)]
+        taken = self._emit_copies(acts, name in _FULL_COPIES, name in _MATMUL_OPS or name in ("bmm", "baddbmm"))
         weight = sum(_numel(a) for a in flat_in if self._is_weight(a))
         act_out = sum(_numel(o) for o in flat_out[:1])
         root, fused = self._fusion(name, acts)
         idx = len(self.ops)
         flops = self._flops(func, args, kwargs, out, act_out, cls)
-        self.ops.append(OpCost(name, cls, flops, weight, sum(_numel(a) for a in acts), act_out, fused,
-                               geometry(name, args, flat_out[0] if flat_out else None)))
+        geom = geometry(name, args, flat_out[0] if flat_out else None)
+        if taken is not None and taken.op.op in TRANSPOSES:  # the copy of a transposed tensor: ONNX's Transpose
+            name, geom = taken.op.op, taken.op.geom
+        self.ops.append(OpCost(name, cls, flops, weight, sum(_numel(a) for a in acts), act_out, fused, geom))
         # a batch norm no conv absorbs runs as a 1x1 depthwise conv (ONNX Runtime, TensorRT): what follows fuses into it
         new_root = root if fused else (idx if cls in COMPUTE_CLASSES or name in _FOLDED_NORMS else None)
         for o in flat_out[:1]:
@@ -287,6 +307,38 @@ class _Recorder:
                 o._et_w = True
             elif src is not None:
                 o._et_root = getattr(src, "_et_root", None)
+
+    def _view(self, name: str, args: Any, flat_in: list[Any], flat_out: list[Any]) -> None:
+        """Carry a pending copy through a view that moves no data, or make a view ONNX runs as a copy pending on its
+        outputs (the copy it reads first runs before it)."""
+        src = flat_in[0] if flat_in else None
+        if src is None or self._is_weight(src):
+            return
+        pending = getattr(src, "_et_copy", None)
+        copy = _view_copy(name, args, src, flat_out)
+        if copy is None and name not in _RELABEL_VIEWS and name not in COPYING_VIEWS:
+            return
+        if copy is not None:
+            self._emit_copies([src], False, False)
+            pending = copy
+        for o in flat_out:
+            o._et_copy = pending
+
+    def _emit_copies(self, acts: list[Any], copies: bool, matmul: bool) -> _PendingCopy | None:
+        """Record the pending copies ``acts`` carry, once each, before the op that reads them, unless that op
+        ``copies`` its input itself (then return the copy it takes over) or is a ``matmul`` reading a tensor with
+        its last two dimensions swapped."""
+        taken = None
+        for a in acts:
+            pending = getattr(a, "_et_copy", None)
+            if pending is None or pending.done:
+                continue
+            pending.done = True
+            if copies:
+                taken = pending
+            elif not (matmul and pending.last_two):
+                self.ops.append(pending.op)
+        return taken
 
     def _flops(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any, act_out: int, cls: str) -> float:
         packet = func.overloadpacket
@@ -308,6 +360,45 @@ class _Recorder:
         if name in _BINARY_FUSABLE and len(acts) <= 2:
             return root, len({tuple(a.shape) for a in acts}) == 1 or len(acts) == 1
         return root, False
+
+
+@dataclass
+class _PendingCopy:
+    """A view ONNX runs as a copy, recorded when an op first reads it."""
+
+    op: OpCost
+    last_two: bool = False
+    done: bool = False
+
+
+def _view_copy(name: str, args: Any, src: Any, outs: list[Any]) -> _PendingCopy | None:
+    """The copy an ONNX graph makes for the view ``name`` of ``src``, or None where it moves no data."""
+    if name not in COPYING_VIEWS:
+        return None
+    n_in, n_out = _numel(src), sum(_numel(o) for o in outs)
+    shape = tuple(src.shape)
+    if name in TRANSPOSES:
+        order = _permutation(name, args, len(shape))
+        moved = [d for d in order if shape[d] > 1]
+        if moved == sorted(moved):
+            return None
+        last_two = len(order) >= 2 and order[:-2] == list(range(len(order) - 2))
+        return _PendingCopy(OpCost(name, "data_movement", 0.0, 0, n_in, n_out, True, tuple(order)), last_two)
+    if (name == "expand" and n_out > n_in) or (name != "expand" and len(outs) >= 1 and _numel(outs[0]) < n_in):
+        return _PendingCopy(OpCost(name, "data_movement", 0.0, 0, n_in, n_out, True))
+    return None
+
+
+def _permutation(name: str, args: Any, ndim: int) -> list[int]:
+    """The order of ``src``'s dimensions after a permute, transpose or t."""
+    if name == "permute":
+        return [int(d) % ndim for d in args[1]]
+    order = list(range(ndim))
+    if name == "t":
+        return order[::-1]
+    a, b = int(args[1]) % ndim, int(args[2]) % ndim
+    order[a], order[b] = order[b], order[a]
+    return order
 
 
 def trace_module(model: Any, resolution: int | tuple[int, int], name: str = "model") -> CostTrace:
