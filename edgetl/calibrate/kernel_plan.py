@@ -3,12 +3,12 @@ windows to time and their ONNX files (:func:`kernel_plan`), and the kernel model
 (:func:`fit_kernels`).
 
 The windows, each between two probes of the noise guard's reference kernel: chains of convolutions timed with and
-without the profiler (what it adds to a kernel), every calibration model under the profiler, ``count`` micro-graphs
-of the catalog's distinct convolutions and matrix products, a matrix-vector product that streams its weights from
-DRAM, and a one-ReLU model (what a run costs beyond its kernels); before them, unguarded, a convolution whose shapes
-tell the runtime's channel block. They are run by :func:`edgetl.calibrate.profiler.run_windows`, here
-(:func:`measure_kernels`) or on a board (:func:`edgetl.board.calibrate.measure_board`), which needs no ``onnx``
-package: every file is built here.
+without the profiler (what it adds to a kernel), every calibration model under the profiler and plainly (its
+fastest whole run, :func:`with_run_scale`), ``count`` micro-graphs of the catalog's distinct convolutions and
+matrix products, a matrix-vector product that streams its weights from DRAM, and a one-ReLU model (what a run
+costs beyond its kernels); before them, unguarded, a convolution whose shapes tell the runtime's channel block.
+They are run by :func:`edgetl.calibrate.profiler.run_windows`, here (:func:`measure_kernels`) or on a board
+(:func:`edgetl.board.calibrate.measure_board`), which needs no ``onnx`` package: every file is built here.
 """
 
 from __future__ import annotations
@@ -217,6 +217,8 @@ def with_run_scale(kernels: dict[str, Any], whole: Mapping[str, tuple[float, int
     reference's quiet level. The ratio follows the mean kernel time: on a 2-core Xeon it went from 0.80 for models
     of 20-60 us kernels to 1.15 for 400-3,500 us ones, and one median ratio predicted the first 10-20% slow and the
     second 10-15% fast."""
+    if not whole:
+        return kernels
     model = KernelModel.from_dict({**kernels, "run_scale": 1.0, "run_slope": 0.0})
     means, ratios = [], []
     for name, (ms, resolution) in whole.items():

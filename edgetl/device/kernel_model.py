@@ -11,11 +11,12 @@ runtime's cost around it).
 **Kinds and features.** A kernel's kind and features (:data:`FEATURES`) are read the same way from a profiled
 node (:func:`node_kernel`) and from an op of a cost trace (:func:`op_kernel`): convolutions by their channels
 (padded to whole blocks where the runtime blocks them, :func:`blocked_channels`), kernel size, groups and spatial
-sizes; matrix products by their dimensions; the memory-bound kinds (elementwise, norms, pools, softmax, data
-movement) by the elements they read and write. Views have no counterpart in a trace; their small cost is left out
-on both sides. Layout reorders have none either, but they are not small (a quarter of GhostNet's time, a fifth of
-ShuffleNet's): ONNX Runtime inserts them where a tensor leaves or enters its blocked (NCHWc) layout, and
-:func:`layout_reorders` finds those places in a trace by following its rules.
+sizes; matrix products by their dimensions; the memory-bound kinds (elementwise, transcendental activations, norms,
+pools, softmax, copies, transposes) by the elements they read and write. Views that only relabel a tensor have no
+counterpart in a trace; their small cost is left out on both sides. Views ONNX Runtime runs as copies (a transpose,
+a slice) a trace records (:data:`edgetl.zoo.cost.COPYING_VIEWS`). Layout reorders are in no trace, but they are not
+small (a quarter of GhostNet's time, a fifth of ShuffleNet's): ONNX Runtime inserts them where a tensor leaves or
+enters its blocked (NCHWc) layout, and :func:`layout_kernels` finds those places in a trace by following its rules.
 
 **Fit.** Per kind, ``time = overhead + work / rate``, with the logarithm of the rate linear in the logarithms of the
 features (a convolution's efficiency grows with its channels and spatial size) and held within the rates the
@@ -225,7 +226,7 @@ def layout_kernels(trace: CostTrace, block: int) -> tuple[list[float], set[int]]
             if blocked_channels(g[0], g[1], g[8], block)[2]:
                 if not blocked and g[0] >= block:
                     out.append(float(op.act_in))
-                    absorbed |= {prev} if prev >= 0 and trace.ops[prev].geom == _FROM_CHANNELS_LAST else set()
+                    absorbed |= {prev} if prev >= 0 and _permutes(trace.ops[prev], _FROM_CHANNELS_LAST) else set()
                 blocked, channels, spatial = True, g[1], g[11] * g[12]
             elif blocked:
                 out.append(float(op.act_in))
@@ -233,7 +234,7 @@ def layout_kernels(trace: CostTrace, block: int) -> tuple[list[float], set[int]]
         elif blocked and not _keeps_blocks(op, channels, spatial, block):
             same = op.act_in in (op.act_out, 2 * op.act_out)
             out.append(float(op.act_out if op.cls == "elementwise" and not same else op.act_in))
-            absorbed |= {i} if op.geom == _TO_CHANNELS_LAST else set()
+            absorbed |= {i} if _permutes(op, _TO_CHANNELS_LAST) else set()
             blocked = False
         elif blocked and op.op == "cat":
             channels = op.act_out // max(1, spatial)
@@ -241,6 +242,10 @@ def layout_kernels(trace: CostTrace, block: int) -> tuple[list[float], set[int]]
             spatial = max(1, op.act_out // max(1, channels))
         prev = i
     return out, absorbed
+
+
+def _permutes(op: OpCost, order: tuple[int, ...]) -> bool:
+    return op.op in TRANSPOSES and op.geom == order
 
 
 def _keeps_blocks(op: OpCost, channels: int, spatial: int, block: int) -> bool:
@@ -299,7 +304,6 @@ def _ort_memory_kind(op: str) -> str:
     if op in _MOVE_OPS:
         return "data_movement"
     return "activation" if op in _ORT_TRANSCENDENTAL else "elementwise"
-
 
 
 #: The kind whose fit predicts a kind without one.

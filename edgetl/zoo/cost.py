@@ -390,7 +390,7 @@ def _view_copy(name: str, args: Any, src: Any, outs: list[Any]) -> _PendingCopy 
 
 
 def _permutation(name: str, args: Any, ndim: int) -> list[int]:
-    """The order of ``src``'s dimensions after a permute, transpose or t."""
+    """The order of the input's dimensions in the output of a permute, transpose or t of ``ndim`` dimensions."""
     if name == "permute":
         return [int(d) % ndim for d in args[1]]
     order = list(range(ndim))
