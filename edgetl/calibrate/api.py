@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.calibrate.kernel_plan import KernelPlan, fit_kernels, measure_kernels, with_run_scale
+from edgetl.calibrate.kernel_plan import KernelPlan, fit_kernels, measure_kernels
 from edgetl.calibrate.measure import Measurement, architecture_onnx, measure_memory, measure_models
 from edgetl.calibrate.noise import NoiseSummary
 from edgetl.device.latency import MemoryFit, RooflineFit, fit_memory, fit_roofline, int8_speedup_for_isa
@@ -252,15 +252,13 @@ def _fit_kernels(machine: _Machine, readings: Readings | None, measurements: dic
                  resolution: int | None, kernel_models: Sequence[str] | None, kernel_samples: int) -> None:
     """The kernel model, fitted to the board's kernel timings (``readings``) or to ``kernel_samples`` timed here,
     and scaled to the calibration models' whole runs."""
+    whole = {m: (t.min_ms, t.resolution) for m, t in measurements.items()}
     if readings and readings.kernels:
-        machine.kernels, machine.noise = fit_kernels(*readings.kernels, machine.threads,
+        machine.kernels, machine.noise = fit_kernels(*readings.kernels, machine.threads, whole,
                                                      "edgetl device calibrate --on")
     elif kernel_samples > 0 and not readings:
-        machine.kernels, machine.noise = measure_kernels(list(measurements), resolution, kernel_models,
-                                                         kernel_samples, machine.threads, last_level_cache_mb())
-    if machine.kernels is not None:
-        machine.kernels = with_run_scale(machine.kernels, {m: (t.min_ms, t.resolution)
-                                                           for m, t in measurements.items()})
+        machine.kernels, machine.noise = measure_kernels(whole, resolution, kernel_models, kernel_samples,
+                                                         machine.threads, last_level_cache_mb())
 
 
 #: The model timed at FP32 and INT8 to measure the INT8 speed-up: dense convolutions, as ISA INT8 paths favour.

@@ -3,17 +3,18 @@ windows to time and their ONNX files (:func:`kernel_plan`), and the kernel model
 (:func:`fit_kernels`).
 
 The windows, each between two probes of the noise guard's reference kernel: chains of convolutions timed with and
-without the profiler (what it adds to a kernel), every calibration model under the profiler, ``count`` micro-graphs
-of the catalog's distinct convolutions and matrix products, a matrix-vector product that streams its weights from
-DRAM, and a one-ReLU model (what a run costs beyond its kernels); before them, unguarded, a convolution whose shapes
-tell the runtime's channel block. They are run by :func:`edgetl.calibrate.profiler.run_windows`, here
-(:func:`measure_kernels`) or on a board (:func:`edgetl.board.calibrate.measure_board`), which needs no ``onnx``
-package: every file is built here.
+without the profiler (what it adds to a kernel), every calibration model under the profiler and plainly,
+``count`` micro-graphs of the catalog's distinct convolutions and matrix products, a matrix-vector product that
+streams its weights from DRAM, and a one-ReLU model (what a run costs beyond its kernels); before them, unguarded,
+a convolution whose shapes tell the runtime's channel block. They are run by
+:func:`edgetl.calibrate.profiler.run_windows`, here (:func:`measure_kernels`) or on a board
+(:func:`edgetl.board.calibrate.measure_board`), which needs no ``onnx`` package: every file is built here.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -135,6 +136,8 @@ def kernel_plan(models: Sequence[str], resolution: int | None, sources: Sequence
         plan.builders[f"model-{i}"] = partial(architecture_onnx, name, res)
         plan.windows[f"model {name}"] = {"kind": "profile", "model": f"model-{i}", "shape": [1, 3, res, res],
                                          "warmup": 5, "runs": 10}
+        plan.windows[f"whole {name}"] = {"kind": "plain", "model": f"model-{i}", "shape": [1, 3, res, res],
+                                         "warmup": 3, "runs": 20}
     for i, (label, op) in enumerate(zip(plan.micro, ops, strict=True)):
         plan.builders[f"micro-{i}"] = partial(_micro_bytes, op)
         plan.windows[label] = {"kind": "profile", "model": f"micro-{i}", "warmup": 3, "runs": 8}
@@ -160,11 +163,14 @@ def at_quiet(kind: str, result: Any, factor: float) -> Any:
             "kernels": kernels(result["kernels"])}
 
 
-def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, by: str = "edgetl device calibrate"
-                ) -> tuple[dict[str, Any], NoiseSummary]:
+def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, whole: Mapping[str, tuple[float, int]],
+                by: str = "edgetl device calibrate") -> tuple[dict[str, Any], NoiseSummary]:
     """The profile's ``kernels`` entry fitted to what ``plan``'s windows measured
-    (:func:`~edgetl.calibrate.profiler.run_windows`, here or on a board), and the noise guard's figures (logged as
-    a warning when the machine was too noisy). ``by``: what measured them, for the ``derived`` text."""
+    (:func:`~edgetl.calibrate.profiler.run_windows`, here or on a board) and scaled to whole runs
+    (:func:`with_run_scale`: the faster of ``whole``, the calibration models' fastest runs as
+    :func:`edgetl.calibrate.measure.measure_models` timed them, name -> ms and resolution, and their fastest run in
+    the kernel step, minutes later), and the noise guard's figures (logged as a warning when the machine was too
+    noisy). ``by``: what measured them, for the ``derived`` text."""
     factors = speed_factors(measured["guard"])
     done = {label: at_quiet(plan.windows[label]["kind"], result, factors.get(label, 1.0))
             for label, result in measured["windows"].items()}
@@ -178,7 +184,9 @@ def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, by: st
     noise = NoiseSummary.of(measured["guard"])
     if noise.noisy:
         log.warning(noise.warning())
-    return {**model.to_dict(), "profiler_us": round(profiler_us, 2), "derived": (
+    again = {name: measured["windows"].get(f"whole {name}", math.inf) / 1e3 for name in plan.models}
+    fastest = {name: (min(ms, again.get(name, math.inf)), res) for name, (ms, res) in whole.items()}
+    return with_run_scale({**model.to_dict(), "profiler_us": round(profiler_us, 2), "derived": (
         f"measured by {by} with ONNX Runtime's profiler, {threads} threads: the {n_in_place} kernels of the "
         f"{len(plan.models)} calibration models in place and {len(samples) - n_in_place} kernels of "
         f"{len(plan.micro)} micro-graphs of the distinct convolutions and matrix products of {plan.sources} catalog "
@@ -190,7 +198,7 @@ def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, by: st
         f"{model.run_us:.0f} us beyond its kernels (a one-ReLU model); every window's times scaled to the machine at "
         f"its quiet level by the reference's quiet level over its level after the window (the median of "
         f"{LEVEL_SPAN} probes; median factor {np.median(list(factors.values()) or [1.0]):.3f}); noise: "
-        f"{noise.text()}")}, noise
+        f"{noise.text()}")}, fastest), noise
 
 
 def _streaming(plan: KernelPlan, done: dict[str, Any]) -> tuple[float, float, str]:
@@ -234,8 +242,9 @@ def with_run_scale(kernels: dict[str, Any], whole: Mapping[str, tuple[float, int
         f"({min(ratios):.2f}-{max(ratios):.2f})")}
 
 
-def measure_kernels(models: Sequence[str], resolution: int | None, sources: Sequence[str] | None, count: int,
-                    threads: int, cache_mb: float) -> tuple[dict[str, Any], NoiseSummary]:
-    """Run :func:`kernel_plan`'s windows on this machine and fit them (:func:`fit_kernels`)."""
-    plan = kernel_plan(models, resolution, sources, count, cache_mb)
-    return fit_kernels(plan, run_windows(plan.job(), plan.load, threads), threads)
+def measure_kernels(whole: Mapping[str, tuple[float, int]], resolution: int | None, sources: Sequence[str] | None,
+                    count: int, threads: int, cache_mb: float) -> tuple[dict[str, Any], NoiseSummary]:
+    """Run :func:`kernel_plan`'s windows for the calibration models of ``whole`` on this machine and fit them
+    (:func:`fit_kernels`)."""
+    plan = kernel_plan(list(whole), resolution, sources, count, cache_mb)
+    return fit_kernels(plan, run_windows(plan.job(), plan.load, threads), threads, whole)

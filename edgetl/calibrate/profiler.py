@@ -86,13 +86,13 @@ def profile_onnx(model: str | os.PathLike[str] | bytes, feeds: Mapping[str, np.n
     return _summarise(events, skip_runs=warmup)
 
 
-def time_plain_us(model: str | os.PathLike[str] | bytes, feeds: Mapping[str, np.ndarray] | None,
+def time_plain_us(model: str | os.PathLike[str] | bytes, feeds: Mapping[str, np.ndarray] | Sequence[int] | None,
                   threads: int | None, warmup: int = 5, runs: int = 30) -> float:
     """The fastest of ``runs`` consecutive runs of ``model`` after ``warmup``, without the profiler (µs); ``feeds``
-    None: random inputs of the model's own shapes."""
+    as :func:`profile_onnx` takes them."""
     with OnnxRuntimeRunner(model, providers="cpu", threads=threads, name="kernels") as runner:
-        if feeds is None:
-            feeds = _feeds([(s.name, s.shape) for s in runner.input_specs()], None)
+        if not isinstance(feeds, Mapping):
+            feeds = _feeds([(s.name, s.shape) for s in runner.input_specs()], feeds)
         return benchmark(runner, feed=feeds, iterations=runs, warmup=warmup, cv_threshold=10.0).min * 1e3
 
 
@@ -138,7 +138,7 @@ def run_window(window: Mapping[str, Any], model: Callable[[str], Any], threads: 
     ``window["kind"]``:
 
     - ``profile``: the kernels of ``model`` run under the profiler (``warmup``, ``runs``, ``shape`` optional);
-    - ``plain``: the fastest plain run of ``model`` (µs; ``warmup``, ``runs``);
+    - ``plain``: the fastest plain run of ``model`` (µs; ``warmup``, ``runs``, ``shape`` optional);
     - ``chains``: plain runs of two chains of identical kernels, ``model`` (the longer) and ``short``, and the
       longer under the profiler: ``{"long_us", "short_us", "kernels"}``.
 
@@ -148,7 +148,7 @@ def run_window(window: Mapping[str, Any], model: Callable[[str], Any], threads: 
     if kind == "profile":
         return profile_onnx(model(window["model"]), window.get("shape"), threads, **counts).kernels
     if kind == "plain":
-        return time_plain_us(model(window["model"]), None, threads, **counts)
+        return time_plain_us(model(window["model"]), window.get("shape"), threads, **counts)
     if kind == "chains":
         return {"long_us": time_plain_us(model(window["model"]), None, threads),
                 "short_us": time_plain_us(model(window["short"]), None, threads),
