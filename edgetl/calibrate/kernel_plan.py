@@ -169,8 +169,10 @@ def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, whole:
     (:func:`~edgetl.calibrate.profiler.run_windows`, here or on a board) and scaled to whole runs
     (:func:`with_run_scale`: the faster of ``whole``, the calibration models' fastest runs as
     :func:`edgetl.calibrate.measure.measure_models` timed them, name -> ms and resolution, and their fastest run in
-    the kernel step, minutes later), and the noise guard's figures (logged as a warning when the machine was too
-    noisy). ``by``: what measured them, for the ``derived`` text."""
+    the kernel step, minutes later: either alone moved with the host, and in one pair of calibrations the first
+    came out 4.8% slower in the second; the faster of the two kept 91% of the catalog within ±5%, the first alone
+    63%), and the noise guard's figures (logged as a warning when the machine was too noisy). ``by``: what measured
+    them, for the ``derived`` text."""
     factors = speed_factors(measured["guard"])
     done = {label: at_quiet(plan.windows[label]["kind"], result, factors.get(label, 1.0))
             for label, result in measured["windows"].items()}
@@ -215,14 +217,12 @@ def with_run_scale(kernels: dict[str, Any], whole: Mapping[str, tuple[float, int
     """``kernels`` (a profile's entry) with the trend of a whole run's fastest time over the sum of its kernels'
     predicted times in the mean kernel time (``run_scale``, ``run_slope``, ``run_kernel_us``), fitted (Theil-Sen:
     one noisy timing does not move it) to the calibration models' fastest whole runs (``whole``: name -> ms and
-    resolution, timed as :func:`edgetl.calibrate.measure.measure_models` times them).
+    resolution; :func:`fit_kernels` gives the faster of two timings minutes apart).
 
     It anchors the kernel sums to whole runs: what the profiler's kernels leave out, and the speed of the machine as
-    the fastest of many whole runs finds it, which two calibrations in a row agree on more closely than on the
-    reference's quiet level (from whole runs timed in the noise guard's windows and scaled to that level, two pairs
-    of calibrations agreed within ±5% on 74% and 83% of the catalog; from these, on 93% and 79%). The ratio follows
-    the mean kernel time: on a 2-core Xeon it was about 0.8 for models of 15-60 us kernels and 1.0-1.15 for those
-    of 200-3,300 us, and one median ratio was up to 20% off at either end."""
+    the fastest of many whole runs finds it. The ratio follows the mean kernel time: on a 2-core Xeon it was about
+    0.8 for models of 15-60 us kernels and 1.0-1.15 for those of 200-3,300 us, and one median ratio was up to 20%
+    off at either end."""
     if not whole:
         return kernels
     model = KernelModel.from_dict({**kernels, "run_scale": 1.0, "run_slope": 0.0})
