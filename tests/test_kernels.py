@@ -20,6 +20,8 @@ from edgetl.calibrate.measure import architecture_onnx
 from edgetl.calibrate.profiler import profile_onnx
 from edgetl.device.kernel_model import (
     FEATURES,
+    KIND_CLASS,
+    KINDS,
     KernelModel,
     KernelSample,
     fit_kernel_model,
@@ -29,7 +31,7 @@ from edgetl.device.kernel_model import (
     op_kernel,
 )
 from edgetl.device.schema import KernelTimings
-from edgetl.zoo.cost import trace_module
+from edgetl.zoo.cost import OP_CLASSES, trace_module
 from edgetl.zoo.model_cost import trace_model
 from edgetl.zoo.onnx_io import export_onnx
 
@@ -175,6 +177,18 @@ def test_the_profile_schema_rejects_a_malformed_kernel_row(row):
     good = [["pool", 1000.0, 3.0]] * 3
     with pytest.raises(ValueError, match="samples"):
         KernelTimings(threads=1, profiler_us=1, stream_gbs=1, cache_mb=1, samples=[*good, row], derived="x")
+
+
+@pytest.mark.parametrize("span", [[0.0, 10.0], [50.0, 10.0]])
+def test_the_profile_schema_rejects_a_run_kernel_range_that_is_not_one(span):
+    good = [["pool", 1000.0, 3.0]] * 3
+    with pytest.raises(ValueError, match="run_kernel_us"):
+        KernelTimings(threads=1, profiler_us=1, stream_gbs=1, cache_mb=1, samples=good, derived="x",
+                      run_kernel_us=span)
+
+
+def test_every_kernel_kind_has_features_and_an_op_class():
+    assert set(FEATURES) == set(KINDS) and all(KIND_CLASS[k] in OP_CLASSES for k in KINDS)
 
 
 def test_every_kind_has_features():

@@ -43,10 +43,14 @@ from edgetl.zoo.cost import COPYING_VIEWS, TRANSPOSES, CostTrace, OpCost
 #: The compute kinds: convolutions and matrix products, the kernels micro-graphs are made of and a model's
 #: coverage counts (:meth:`KernelModel.coverage`).
 COMPUTE_KINDS: tuple[str, ...] = ("conv", "depthwise", "grouped", "grouped_plain", "matmul", "bmm")
-KINDS: tuple[str, ...] = (
-    "conv", "depthwise", "grouped", "grouped_plain", "matmul", "bmm", "softmax", "norm", "pool", "elementwise",
-    "activation", "data_movement", "transpose", "reorder",
-)
+#: Every kernel kind, and the trace's op class a prediction reports it under (``by_class_ms``).
+KIND_CLASS: dict[str, str] = {
+    "conv": "conv", "depthwise": "depthwise", "grouped": "depthwise", "grouped_plain": "depthwise",
+    "matmul": "matmul", "bmm": "attention", "softmax": "attention", "norm": "norm", "pool": "pool",
+    "elementwise": "elementwise", "activation": "elementwise", "data_movement": "data_movement",
+    "transpose": "data_movement", "reorder": "data_movement",
+}
+KINDS: tuple[str, ...] = tuple(KIND_CLASS)
 #: The features of each kind, all positive; the fit works on their logarithms.
 FEATURES: dict[str, tuple[str, ...]] = {
     "conv": ("flops", "cin", "cout", "kernel_area", "out_area", "in_area"),

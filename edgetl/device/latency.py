@@ -197,18 +197,10 @@ def predict_latency(
     )
 
 
-#: The op class each kernel kind belongs to (for the per-class breakdown).
-_KIND_CLASS = {"conv": "conv", "depthwise": "depthwise", "grouped": "depthwise", "grouped_plain": "depthwise",
-               "matmul": "matmul",
-               "bmm": "attention", "softmax": "attention", "norm": "norm", "pool": "pool",
-               "elementwise": "elementwise", "activation": "elementwise", "data_movement": "data_movement",
-               "transpose": "data_movement", "reorder": "data_movement"}
-
-
 def _kernel_prediction(trace: CostTrace, profile: DeviceProfile, precision: str, batch: int) -> LatencyPrediction:
     """The sum over the model's kernels of the kernel timings measured on the device (FP32); INT8 scales it by what
     the roofline predicts INT8 saves over FP32 on this device (its measured or ISA-implied INT8 speed-up)."""
-    from edgetl.device.kernel_model import op_kernel  # deferred: only calibrated profiles need it
+    from edgetl.device.kernel_model import KIND_CLASS, op_kernel  # deferred: only calibrated profiles need it
 
     total, by_kind = profile.kernel_model().predict_ms(trace, batch)
     scale = 1.0
@@ -218,7 +210,7 @@ def _kernel_prediction(trace: CostTrace, profile: DeviceProfile, precision: str,
                                                                                           batch).latency_ms
     by_class: dict[str, float] = {}
     for kind, ms in by_kind.items():
-        by_class[_KIND_CLASS[kind]] = by_class.get(_KIND_CLASS[kind], 0.0) + ms * scale
+        by_class[KIND_CLASS[kind]] = by_class.get(KIND_CLASS[kind], 0.0) + ms * scale
     compute = sum(by_class.get(c, 0.0) for c in ("conv", "depthwise", "matmul", "attention"))
     return LatencyPrediction(
         latency_ms=total * scale, batch=batch, precision=precision,

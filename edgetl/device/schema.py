@@ -156,6 +156,14 @@ class KernelTimings(_Provenance):
     run_kernel_us: tuple[float, float] = (1.0, 1.0)
     samples: list[list[str | float]] = Field(min_length=3)
 
+    @field_validator("run_kernel_us")
+    @classmethod
+    def _span(cls, span: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < span[0] <= span[1] < math.inf:
+            raise ValueError(f"run_kernel_us is [shortest, longest] mean kernel time, 0 < shortest <= longest; got "
+                             f"{list(span)}")
+        return span
+
     @field_validator("samples")
     @classmethod
     def _rows(cls, rows: list[list[str | float]]) -> list[list[str | float]]:
