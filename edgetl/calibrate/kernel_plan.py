@@ -186,8 +186,8 @@ def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, whole:
     noise = NoiseSummary.of(measured["guard"])
     if noise.noisy:
         log.warning(noise.warning())
-    again = {name: measured["windows"].get(f"whole {name}", math.inf) / 1e3 for name in plan.models}
-    fastest = {name: (min(ms, again.get(name, math.inf)), res) for name, (ms, res) in whole.items()}
+    fastest = {name: (min(ms, measured["windows"].get(f"whole {name}", math.inf) / 1e3), res)
+               for name, (ms, res) in whole.items()}
     return with_run_scale({**model.to_dict(), "profiler_us": round(profiler_us, 2), "derived": (
         f"measured by {by} with ONNX Runtime's profiler, {threads} threads: the {n_in_place} kernels of the "
         f"{len(plan.models)} calibration models in place and {len(samples) - n_in_place} kernels of "
