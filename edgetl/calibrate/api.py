@@ -252,12 +252,10 @@ def _fit_kernels(machine: _Machine, readings: Readings | None, measurements: dic
                  resolution: int | None, kernel_models: Sequence[str] | None, kernel_samples: int) -> None:
     """The kernel model, fitted to the board's kernel timings (``readings``) or to ``kernel_samples`` timed here,
     and scaled to the calibration models' whole runs."""
-    whole = {m: (t.min_ms, t.resolution) for m, t in measurements.items()}
     if readings and readings.kernels:
-        machine.kernels, machine.noise = fit_kernels(*readings.kernels, machine.threads, whole,
-                                                     "edgetl device calibrate --on")
+        machine.kernels, machine.noise = fit_kernels(*readings.kernels, machine.threads, "edgetl device calibrate --on")
     elif kernel_samples > 0 and not readings:
-        machine.kernels, machine.noise = measure_kernels(whole, resolution, kernel_models, kernel_samples,
+        machine.kernels, machine.noise = measure_kernels(list(measurements), resolution, kernel_models, kernel_samples,
                                                          machine.threads, last_level_cache_mb())
 
 

@@ -53,8 +53,8 @@ from edgetl.zoo.model_cost import trace_model
 log = logging.getLogger(__name__)
 
 #: How many times the kernel step times each calibration model whole: after its profiled window, then in passes
-#: spread through the micro-graphs and after them, a minute or more apart. The fastest of them and of the roofline
-#: step's timing anchors the run trend (:func:`fastest_whole`).
+#: spread through the micro-graphs and after them, a minute or more apart. Their median anchors the run trend
+#: (:func:`whole_runs`).
 WHOLE_PASSES = 4
 
 
@@ -184,14 +184,13 @@ def at_quiet(kind: str, result: Any, factor: float) -> Any:
             "kernels": kernels(result["kernels"])}
 
 
-def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, whole: Mapping[str, tuple[float, int]],
+def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int,
                 by: str = "edgetl device calibrate") -> tuple[dict[str, Any], NoiseSummary]:
     """The profile's ``kernels`` entry fitted to what ``plan``'s windows measured
     (:func:`~edgetl.calibrate.profiler.run_windows`, here or on a board) and scaled to whole runs
-    (:func:`with_run_scale`, :func:`fastest_whole`: ``whole``, the calibration models' fastest runs as
-    :func:`edgetl.calibrate.measure.measure_models` timed them, name -> ms and resolution, or their fastest in the
-    kernel step's passes, if faster), and the noise guard's figures (logged as a warning when the machine was too
-    noisy). ``by``: what measured them, for the ``derived`` text."""
+    (:func:`with_run_scale`, to the calibration models' whole runs in the kernel step: :func:`whole_runs`), and the
+    noise guard's figures (logged as a warning when the machine was too noisy). ``by``: what measured them, for the
+    ``derived`` text."""
     factors = speed_factors(measured["guard"])
     done = {label: at_quiet(plan.windows[label]["kind"], result, factors.get(label, 1.0))
             for label, result in measured["windows"].items()}
@@ -217,18 +216,20 @@ def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int, whole:
         f"{model.run_us:.0f} us beyond its kernels (a one-ReLU model); every window's times scaled to the machine at "
         f"its quiet level by the reference's quiet level over its level after the window (the median of "
         f"{LEVEL_SPAN} probes; median factor {np.median(list(factors.values()) or [1.0]):.3f}); noise: "
-        f"{noise.text()}")}, fastest_whole(measured["windows"], whole)), noise
+        f"{noise.text()}")}, whole_runs(plan, measured["windows"])), noise
 
 
-def fastest_whole(windows: Mapping[str, Any], whole: Mapping[str, tuple[float, int]]) -> dict[str, tuple[float, int]]:
-    """The fastest whole run of each calibration model (ms, and its resolution): of ``whole``, as the roofline step
-    timed it, and of the kernel step's :data:`WHOLE_PASSES` windows (``windows``: label -> µs).
+def whole_runs(plan: KernelPlan, windows: Mapping[str, Any]) -> dict[str, tuple[float, int]]:
+    """Each calibration model's whole run as the run trend takes it (:func:`with_run_scale`; ms, and its
+    resolution): the median of its :data:`WHOLE_PASSES` timings in the kernel step (``windows``: label -> µs).
 
-    Any one of these timings moved by 4-6% between two calibrations minutes apart on a shared host, and it moves
-    every prediction. On a busy 2-core Xeon, three pairs of calibrations agreed within ±5% on 77-86% of the
-    catalog with the fastest of two timings, and on 81-94% with the fastest of five."""
-    return {name: (min([ms] + [windows[whole_label(name, n)] / 1e3 for n in range(WHOLE_PASSES)]), res)
-            for name, (ms, res) in whole.items()}
+    Any one timing of a whole run moved by 4-6% between two calibrations minutes apart on a shared host, and it
+    moves every prediction. On a busy 2-core Xeon, six pairs of calibrations agreed within ±5% on 36-88% of the
+    catalog (70% on average) with the faster of the roofline step's timing and one in the kernel step, 55-94%
+    (83%) with the fastest of all (four or five timings), and 84-99.5% (90%) with the median of the kernel
+    step's (three or four): they fall in the minutes that time the kernels, and a median is not an extreme."""
+    return {name: (float(np.median([windows[whole_label(name, n)] for n in range(WHOLE_PASSES)])) / 1e3,
+                   int(plan.windows[whole_label(name, 0)]["shape"][-1])) for name in plan.models}
 
 
 def _streaming(plan: KernelPlan, done: dict[str, Any]) -> tuple[float, float, str]:
@@ -245,7 +246,7 @@ def with_run_scale(kernels: dict[str, Any], whole: Mapping[str, tuple[float, int
     """``kernels`` (a profile's entry) with the trend of a whole run's fastest time over the sum of its kernels'
     predicted times in the mean kernel time (``run_scale``, ``run_slope``, ``run_kernel_us``), fitted (Theil-Sen:
     one noisy timing does not move it) to the calibration models' fastest whole runs (``whole``: name -> ms and
-    resolution; :func:`fastest_whole` gives them).
+    resolution; :func:`whole_runs` gives them).
 
     It anchors the kernel sums to whole runs: what the profiler's kernels leave out, and the speed of the machine as
     the fastest of many whole runs finds it. The ratio follows the mean kernel time: on a 2-core Xeon it was about
@@ -270,9 +271,9 @@ def with_run_scale(kernels: dict[str, Any], whole: Mapping[str, tuple[float, int
         f"({min(ratios):.2f}-{max(ratios):.2f})")}
 
 
-def measure_kernels(whole: Mapping[str, tuple[float, int]], resolution: int | None, sources: Sequence[str] | None,
-                    count: int, threads: int, cache_mb: float) -> tuple[dict[str, Any], NoiseSummary]:
-    """Run :func:`kernel_plan`'s windows for the calibration models of ``whole`` on this machine and fit them
+def measure_kernels(models: Sequence[str], resolution: int | None, sources: Sequence[str] | None, count: int,
+                    threads: int, cache_mb: float) -> tuple[dict[str, Any], NoiseSummary]:
+    """Run :func:`kernel_plan`'s windows for the calibration ``models`` on this machine and fit them
     (:func:`fit_kernels`)."""
-    plan = kernel_plan(list(whole), resolution, sources, count, cache_mb)
-    return fit_kernels(plan, run_windows(plan.job(), plan.load, threads), threads, whole)
+    plan = kernel_plan(models, resolution, sources, count, cache_mb)
+    return fit_kernels(plan, run_windows(plan.job(), plan.load, threads), threads)
