@@ -245,13 +245,12 @@ def _streaming(plan: KernelPlan, done: dict[str, Any]) -> tuple[float, float, st
 def with_run_scale(kernels: dict[str, Any], whole: Mapping[str, tuple[float, int]]) -> dict[str, Any]:
     """``kernels`` (a profile's entry) with the trend of a whole run's fastest time over the sum of its kernels'
     predicted times in the mean kernel time (``run_scale``, ``run_slope``, ``run_kernel_us``), fitted (Theil-Sen:
-    one noisy timing does not move it) to the calibration models' fastest whole runs (``whole``: name -> ms and
+    one noisy timing does not move it) to the calibration models' whole runs (``whole``: name -> ms and
     resolution; :func:`whole_runs` gives them).
 
     It anchors the kernel sums to whole runs: what the profiler's kernels leave out, and the speed of the machine as
-    the fastest of many whole runs finds it. The ratio follows the mean kernel time: on a 2-core Xeon it was about
-    0.8 for models of 15-60 us kernels and 1.0-1.15 for those of 200-3,300 us, and one median ratio was up to 20%
-    off at either end."""
+    whole runs find it. The ratio follows the mean kernel time: on a 2-core Xeon it was about 0.8 for models of
+    15-60 us kernels and 1.0-1.15 for those of 200-3,300 us, and one median ratio was up to 20% off at either end."""
     if not whole:
         return kernels
     model = KernelModel.from_dict({**kernels, "run_scale": 1.0, "run_slope": 0.0})
@@ -267,8 +266,8 @@ def with_run_scale(kernels: dict[str, Any], whole: Mapping[str, tuple[float, int
             "run_kernel_us": [round(lo, 1), round(hi, 1)], "derived": (
         f"{kernels['derived']}; a prediction is the sum of its kernels times {scale:.3f} at a mean kernel time of "
         f"{np.sqrt(lo * hi):.0f} us, {slope:+.3f} per e-fold of it between {lo:.0f} and {hi:.0f} us: the trend over "
-        f"the {len(ratios)} calibration models of their fastest whole run over the sum of their kernels "
-        f"({min(ratios):.2f}-{max(ratios):.2f})")}
+        f"the {len(ratios)} calibration models of their whole run (the median of the kernel step's timings) over "
+        f"the sum of their kernels ({min(ratios):.2f}-{max(ratios):.2f})")}
 
 
 def measure_kernels(models: Sequence[str], resolution: int | None, sources: Sequence[str] | None, count: int,
