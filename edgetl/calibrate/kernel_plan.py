@@ -224,10 +224,11 @@ def whole_runs(plan: KernelPlan, windows: Mapping[str, Any]) -> dict[str, tuple[
     resolution): the median of its :data:`WHOLE_PASSES` timings in the kernel step (``windows``: label -> µs).
 
     Any one timing of a whole run moved by 4-6% between two calibrations minutes apart on a shared host, and it
-    moves every prediction. On a busy 2-core Xeon, six pairs of calibrations agreed within ±5% on 36-88% of the
-    catalog (70% on average) with the faster of the roofline step's timing and one in the kernel step, 55-94%
-    (83%) with the fastest of all (four or five timings), and 84-99.5% (90%) with the median of the kernel
-    step's (three or four): they fall in the minutes that time the kernels, and a median is not an extreme."""
+    moves every prediction. On a busy 2-core Xeon, in the median of nine pairs of calibrations in a row (every
+    anchor fitted again from the same windows), 87% of the catalog agreed within ±5% with this median, 81% with
+    the fastest of all the timings, the roofline step's too (which also came out 4% faster), and 77% with the
+    faster of the roofline step's and the kernel step's first: these fall in the minutes that time the kernels
+    whose sums they scale, and a median is not an extreme."""
     return {name: (float(np.median([windows[whole_label(name, n)] for n in range(WHOLE_PASSES)])) / 1e3,
                    int(plan.windows[whole_label(name, 0)]["shape"][-1])) for name in plan.models}
 
