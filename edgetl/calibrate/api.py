@@ -251,7 +251,7 @@ def calibrate(
 def _fit_kernels(machine: _Machine, readings: Readings | None, measurements: dict[str, Measurement],
                  resolution: int | None, kernel_models: Sequence[str] | None, kernel_samples: int) -> None:
     """The kernel model, fitted to the board's kernel timings (``readings``) or to ``kernel_samples`` timed here,
-    and scaled to the calibration models' whole runs."""
+    and scaled to the calibration models' whole runs as the kernel step timed them (``measurements``: their names)."""
     if readings and readings.kernels:
         machine.kernels, machine.noise = fit_kernels(*readings.kernels, machine.threads, "edgetl device calibrate --on")
     elif kernel_samples > 0 and not readings:

@@ -3,7 +3,8 @@ windows to time and their ONNX files (:func:`kernel_plan`), and the kernel model
 (:func:`fit_kernels`).
 
 The windows, each between two probes of the noise guard's reference kernel: chains of convolutions timed with and
-without the profiler (what it adds to a kernel), every calibration model under the profiler and plainly,
+without the profiler (what it adds to a kernel), every calibration model under the profiler and plainly (in
+:data:`WHOLE_PASSES` passes spread through the step, whose median anchors the run trend: :func:`whole_runs`),
 ``count`` micro-graphs of the catalog's distinct convolutions and matrix products, a matrix-vector product that
 streams its weights from DRAM, and a one-ReLU model (what a run costs beyond its kernels); before them, unguarded,
 a convolution whose shapes tell the runtime's channel block. They are run by
