@@ -404,7 +404,7 @@ def _export_out_read_only(w: World, d: Path) -> list[str]:
 
 def _cache_is_a_file(w: World, d: Path) -> list[str]:
     (d / "cache-file").write_text("not a folder")
-    return ["select", "--device", "x86", "--top", "2", "--json"]
+    return ["select", "--device", "x86", "--top", "2", "--json", "--models", "resnet1*"]
 
 
 def _cache_read_only(w: World, d: Path) -> list[str]:
@@ -412,7 +412,7 @@ def _cache_read_only(w: World, d: Path) -> list[str]:
         pytest.skip("root writes into a 0o555 folder")
     (d / "ro-cache").mkdir()
     (d / "ro-cache").chmod(0o555)
-    return ["select", "--device", "x86", "--top", "2", "--json"]
+    return ["select", "--device", "x86", "--top", "2", "--json", "--models", "resnet1*"]
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
