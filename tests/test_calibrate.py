@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -148,6 +149,40 @@ def test_a_window_that_drifted_is_timed_again_in_a_later_pass_and_counted_if_it_
     results = guard.run_all({k: (lambda k=k: ran.append(k) or k) for k in "abcd"})
     assert ran == ["a", "b", "c", "d"] and list(results.values()) == list("abcd")
     assert guard.summary().drifted == tuple("abcd") and guard.summary().noisy
+
+
+def test_a_steady_load_of_other_processes_is_read_from_the_cores_counters_and_named_in_the_warning():
+    """Busy loops on half the cores through the whole run: a steady load slows the reference as much at its quietest
+    as anywhere, so the probes (constant here) see nothing; the cores' counters do. The run's own work is not
+    counted as another process's."""
+    import time
+
+    from edgetl.calibrate.noise import CpuCounters, NoiseGuard, NoiseSummary
+
+    if CpuCounters.read() is None:
+        pytest.skip("no /proc/stat: not Linux")
+    cores = len(os.sched_getaffinity(0))
+
+    def spin() -> None:  # the run's own work: a core of this process, busy for half a second
+        end = time.perf_counter() + 0.5
+        while time.perf_counter() < end:
+            pass
+
+    def run(loops: int):
+        busy = _busy_loops(loops)
+        try:
+            guard = NoiseGuard(lambda: 1000.0, threads=cores).start()
+            guard.run_all({"a": spin, "b": spin, "c": spin})
+            return NoiseSummary.of(json.loads(json.dumps(guard.state())))  # as a board sends it back
+        finally:
+            for p in busy:
+                p.kill()
+                p.wait()
+
+    quiet, loaded = run(0), run(max(1, cores // 2))
+    assert quiet.cpu is not None and quiet.cpu.others < 0.5 and quiet.over == 0, quiet.text()
+    assert loaded.over == 0 and loaded.cpu.others > 0.5 * max(1, cores // 2), loaded.text()
+    assert loaded.noisy and "other processes kept" in loaded.warning(), loaded.warning()
 
 
 def test_windows_timed_under_lasting_load_are_scaled_to_the_quiet_machine_and_a_burst_is_not():

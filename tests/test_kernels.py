@@ -280,6 +280,29 @@ def test_the_calibration_models_are_timed_whole_in_passes_through_the_kernel_ste
     assert whole_runs(plan, timed) == {"resnet18": (2.0, 64), "mobilenet_v2": (0.9, 64)}
 
 
+def test_whole_runs_whose_passes_disagree_make_the_calibration_noisy_and_the_warning_names_them():
+    """On a shared host another tenant took a core for a while, and every run of a pass came out 1.6x slower while
+    the reference kernel's probes stayed quiet. One slow pass of four leaves the median, and the calibration, alone;
+    two make the median (the level of every prediction) uncertain, and the warning says so."""
+    from dataclasses import replace
+
+    from edgetl.calibrate.kernel_plan import pass_spread
+    from edgetl.calibrate.noise import NoiseSummary
+
+    plan = kernel_plan(["resnet18", "mobilenet_v2", "squeezenet1_1"], 64, ["resnet18"], 6, cache_mb=32.0)
+    quiet = NoiseSummary.of({"probes": [1000.0] * 20, "threshold": 0.1, "windows": 10, "repeated": 0, "drifted": []})
+
+    def noise(slow: int) -> NoiseSummary:  # the first `slow` passes of every model 1.6x slow, the rest 0-3% apart
+        timed = {whole_label(name, n): base * (1.6 if n < slow else 1.0 + 0.01 * n) for n in range(WHOLE_PASSES)
+                 for name, base in (("resnet18", 2000.0), ("mobilenet_v2", 900.0), ("squeezenet1_1", 400.0))}
+        return replace(quiet, passes=pass_spread(plan, timed))
+
+    assert not quiet.noisy and not noise(0).noisy and not noise(1).noisy
+    assert noise(2).noisy and noise(2).passes > 0.25
+    assert "whole runs, timed in passes through the run, came out a median +" in noise(2).warning()
+    assert "whole runs" not in noise(1).warning() and "whole runs" in noise(1).text()
+
+
 def test_one_slow_timing_moves_the_kernels_near_it_by_a_fraction_of_its_error():
     clean = _samples("conv", 40e3)
     noisy = [*clean[:5], KernelSample("conv", clean[5].features, 1.3 * clean[5].us), *clean[6:]]

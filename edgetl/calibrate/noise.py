@@ -13,7 +13,9 @@ load may have passed by then), up to :data:`RETRIES` more passes, keeping its le
 window's times are then scaled to the quiet level (:func:`speed_factors`). :meth:`NoiseGuard.summary` gives what the
 profile records: the coefficient of variation of the reference, its drift from the quiet level, and how many
 windows were repeated or drifted on every try; :attr:`NoiseSummary.noisy` says when the machine was too noisy to
-calibrate.
+calibrate. It also reads what other processes took of the cores the run needed (:func:`cpu_use`, from Linux's
+``/proc/stat``): a steady load, such as one busy core, slows the reference as much at its quietest as anywhere, so
+the probes alone would not see it.
 
 The guard needs numpy and ONNX Runtime only: it runs on a board too (``device calibrate --on``), with the reference
 model built here (:func:`edgetl.calibrate.kernel_timing.reference_model`) and shipped there.
@@ -25,6 +27,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -43,6 +46,14 @@ RETRY_MAX_SHARE = 0.5
 #: The share of windows that drifted on every try, or of reference probes beyond :data:`DRIFT_THRESHOLD`,
 #: above which the machine was too noisy to calibrate.
 NOISY_SHARE = 0.10
+#: The share of the cores the run's threads need that other processes (or the hypervisor, as steal) took on average,
+#: above which the machine was too noisy to calibrate (see :func:`cpu_use`): one busy core of two, with two threads,
+#: takes half.
+TAKEN_SHARE = 0.10
+#: How far the calibration models' whole runs, timed in passes through the run, may sit above the fastest of their
+#: passes (the median over the models of their median pass over their fastest, less 1) before the machine was too
+#: noisy to calibrate: that median sets the level of every prediction, so it is then uncertain by more than 5%.
+PASS_SPREAD = 0.05
 #: The reference kernel: a chain of ``length`` 3x3 convolutions of ``channels`` channels on a ``size`` x ``size``
 #: input (same padding): a few milliseconds a run, as long as the kernels and models it watches over. A shorter one
 #: (0.1-1 ms) ran unslowed while other processes slowed 10 ms kernels 2.5x: the scheduler favours short bursts.
@@ -98,6 +109,10 @@ class NoiseSummary:
         over: share of probes beyond :data:`DRIFT_THRESHOLD`.
         windows: windows timed; ``repeated``: those timed again; ``drifted``: the labels of those that drifted on
             every try (kept at their least drifted attempt, scaled; see :meth:`NoiseGuard.run_all`).
+        cpu: what other processes took of the cores while the run went on (:func:`cpu_use`); None where it cannot
+            be read (not Linux).
+        passes: how far the calibration models' whole runs sat above their fastest pass (see :data:`PASS_SPREAD`);
+            None when they were not timed in passes.
     """
 
     reference_us: float
@@ -108,11 +123,25 @@ class NoiseSummary:
     windows: int
     repeated: int
     drifted: tuple[str, ...]
+    cpu: CpuUse | None = None
+    passes: float | None = None
 
     @property
     def noisy(self) -> bool:
-        """Whether the machine was too noisy to calibrate (see :data:`NOISY_SHARE`)."""
-        return self.over > NOISY_SHARE or len(self.drifted) > NOISY_SHARE * max(1, self.windows)
+        """Whether the machine was too noisy to calibrate (see :data:`NOISY_SHARE`, :data:`TAKEN_SHARE` and
+        :data:`PASS_SPREAD`)."""
+        return bool(self.over > NOISY_SHARE or len(self.drifted) > NOISY_SHARE * max(1, self.windows)
+                    or self._loaded() or self._spread())
+
+    def _loaded(self) -> bool:
+        return self.cpu is not None and self.cpu.taken > TAKEN_SHARE
+
+    def _spread(self) -> bool:
+        return self.passes is not None and self.passes > PASS_SPREAD
+
+    def _passes_text(self) -> str:
+        return (f"the calibration models' whole runs, timed in passes through the run, came out a median "
+                f"{100 * (self.passes or 0):+.1f}% above their fastest pass")
 
     def text(self) -> str:
         """The figures as the profile's ``derived`` text records them."""
@@ -122,14 +151,19 @@ class NoiseSummary:
                 f"run: its coefficient of variation {self.cv:.3f}, drift from its quiet level "
                 f"{100 * self.drift_median:+.1f}% (median), at most {100 * self.drift_max:+.1f}%, "
                 f"{100 * self.over:.0f}% of probes beyond {100 * DRIFT_THRESHOLD:.0f}%; {self.repeated} windows "
-                f"timed again, {len(self.drifted)} drifted on every try")
+                f"timed again, {len(self.drifted)} drifted on every try" + (f"; {self.cpu.text()}" if self.cpu else "")
+                + (f"; {self._passes_text()}" if self.passes is not None else ""))
 
     def warning(self) -> str:
-        """One line that says the machine was too noisy, with the figures."""
-        return (f"the machine was too noisy to calibrate: a reference kernel ran up to {100 * self.drift_max:+.0f}% "
-                f"slower than its quiet level (CV {self.cv:.2f}, {100 * self.over:.0f}% of probes beyond "
-                f"{100 * DRIFT_THRESHOLD:.0f}%, {len(self.drifted)} of {self.windows} windows drifted on every try); "
-                "the profile may be shifted: calibrate again when the machine is quiet")
+        """One line that says the machine was too noisy, with the figures (first, what other processes took of the
+        cores, and how far the whole runs' passes disagreed, when those were over their limits)."""
+        named = [self.cpu.text()] if self.cpu is not None and self._loaded() else []
+        named += [self._passes_text()] if self._spread() else []
+        return (f"the machine was too noisy to calibrate: {''.join(f'{n}; ' for n in named)}a reference kernel ran "
+                f"up to "
+                f"{100 * self.drift_max:+.0f}% slower than its quiet level (CV {self.cv:.2f}, {100 * self.over:.0f}% "
+                f"of probes beyond {100 * DRIFT_THRESHOLD:.0f}%, {len(self.drifted)} of {self.windows} windows drifted "
+                "on every try); the profile may be shifted: calibrate again when the machine is quiet")
 
     @classmethod
     def of(cls, state: dict[str, Any]) -> NoiseSummary:
@@ -139,24 +173,29 @@ class NoiseSummary:
         drift = probes / base - 1
         return cls(base, float(probes.std() / probes.mean()), float(np.median(drift)), float(drift.max()),
                    float((drift > state["threshold"]).mean()), int(state["windows"]), int(state["repeated"]),
-                   tuple(state["drifted"]))
+                   tuple(state["drifted"]), CpuUse(**state["cpu"]) if state.get("cpu") else None)
 
     def to_dict(self) -> dict[str, Any]:
         """The figures, rounded, for JSON output."""
         return {"reference_us": round(self.reference_us, 1), "cv": round(self.cv, 4),
                 "drift_median": round(self.drift_median, 4), "drift_max": round(self.drift_max, 4),
                 "over_threshold": round(self.over, 4), "windows": self.windows, "repeated": self.repeated,
-                "drifted": len(self.drifted), "noisy": self.noisy}
+                "drifted": len(self.drifted), "noisy": self.noisy,
+                "cpu": self.cpu.to_dict() if self.cpu else None,
+                "passes": round(self.passes, 4) if self.passes is not None else None}
 
 
 @dataclass
 class NoiseGuard:
     """Times a reference kernel around every window of a run, and repeats or drops the windows where it drifted.
 
-    ``probe`` times the reference (µs); :meth:`start` takes a few probes before the first window.
+    ``probe`` times the reference (µs); :meth:`start` takes a few probes before the first window, and reads the
+    cores' counters that :func:`cpu_use` compares with at the end (``threads``: the run's intra-op threads, default
+    every core it may use).
     """
 
     probe: Callable[[], float]
+    threads: int | None = None
     threshold: float = DRIFT_THRESHOLD
     retries: int = RETRIES
     probes: list[float] = field(default_factory=list)
@@ -164,15 +203,18 @@ class NoiseGuard:
     repeated: int = 0
     drifted: list[str] = field(default_factory=list)
     at: dict[str, int] = field(default_factory=dict)
+    counters: CpuCounters | None = None
 
     @classmethod
     def for_reference(cls, model: str | os.PathLike[str] | bytes, threads: int | None) -> NoiseGuard:
         """A guard whose reference kernel is ``model`` (see :class:`ReferenceKernel`) run with ``threads`` intra-op
         threads, started."""
-        return cls(ReferenceKernel(model, threads).time_us).start()
+        return cls(ReferenceKernel(model, threads).time_us, threads).start()
 
     def start(self, probes: int = 5) -> NoiseGuard:
-        """Take ``probes`` probes of the reference, so the first window has a baseline."""
+        """Read the cores' counters, and take ``probes`` probes of the reference, so the first window has a
+        baseline."""
+        self.counters = CpuCounters.read()
         for _ in range(probes):
             self._probe()
         return self
@@ -222,9 +264,10 @@ class NoiseGuard:
 
     def state(self) -> dict[str, Any]:
         """The probes and counts so far, as plain JSON (what a board sends back; see :meth:`NoiseSummary.of`)."""
+        use = cpu_use(self.counters, CpuCounters.read(), self.threads)
         return {"probes": list(self.probes), "threshold": self.threshold, "windows": self.windows,
                 "repeated": self.repeated, "drifted": list(self.drifted),
-                "at": dict(self.at)}
+                "at": dict(self.at), "cpu": use.to_dict() if use else None}
 
     def summary(self) -> NoiseSummary:
         """The figures of the run so far (relative to the quiet level of the whole run)."""
@@ -257,3 +300,70 @@ def speed_factors(state: dict[str, Any]) -> dict[str, float]:
     level = levels(state["probes"])
     base = _quiet(level)
     return {label: base / float(level[i]) for label, i in state.get("at", {}).items()}
+
+
+@dataclass(frozen=True)
+class CpuCounters:
+    """Linux's counters, in seconds, of the cores this process may run on (``/proc/stat``): their busy time and the
+    time the hypervisor gave them to other guests (steal); this process's own CPU time; and the wall clock."""
+
+    busy: float
+    steal: float
+    own: float
+    wall: float
+    cores: int
+
+    @classmethod
+    def read(cls) -> CpuCounters | None:
+        """The counters now; None where ``/proc/stat`` cannot be read (not Linux)."""
+        try:
+            lines = Path("/proc/stat").read_text().splitlines()
+        except OSError:
+            return None
+        mine = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+        ticks = np.array([[int(v) for v in (line.split()[1:9] + ["0"] * 8)[:8]] for line in lines
+                          if line.split(maxsplit=1)[0] in mine], dtype=np.float64).reshape(-1, 8).sum(axis=0)
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (ticks / os.sysconf("SC_CLK_TCK")).tolist()
+        own = os.times()
+        return cls(user + nice + system + irq + softirq, steal, own.user + own.system, time.monotonic(), len(mine))
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """What other processes took of the cores during a run (from two :class:`CpuCounters`).
+
+    Attributes:
+        others: cores other processes kept busy, on average (their busy time over the wall time).
+        steal: cores the hypervisor gave to other guests, on average.
+        cores: the cores this process may run on; ``threads``: the run's intra-op threads.
+        taken: the share of the cores the threads need that the others and steal took: (others + steal + threads -
+            cores) / threads, at least 0 (one busy core of two, with two threads: 0.5).
+    """
+
+    others: float
+    steal: float
+    cores: int
+    threads: int
+    taken: float
+
+    def text(self) -> str:
+        """The figures in a few words."""
+        return (f"other processes kept {self.others:.2f} of the {self.cores} cores busy and the hypervisor took "
+                f"{self.steal:.2f} (on average), {100 * self.taken:.0f}% of what {self.threads} threads need")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The figures, rounded, as plain JSON (what a board sends back)."""
+        return {"others": round(self.others, 3), "steal": round(self.steal, 3), "cores": self.cores,
+                "threads": self.threads, "taken": round(self.taken, 3)}
+
+
+def cpu_use(start: CpuCounters | None, end: CpuCounters | None, threads: int | None) -> CpuUse | None:
+    """What other processes (``others``) and the hypervisor (``steal``) took of the cores between ``start`` and
+    ``end``, for a run of ``threads`` intra-op threads (default: every core); None without both counters."""
+    if start is None or end is None or end.wall <= start.wall:
+        return None
+    wall = end.wall - start.wall
+    others = max(0.0, (end.busy - start.busy) - (end.own - start.own)) / wall
+    steal = max(0.0, end.steal - start.steal) / wall
+    need = min(threads or end.cores, end.cores)
+    return CpuUse(others, steal, end.cores, need, max(0.0, others + steal + need - end.cores) / need)
