@@ -262,10 +262,11 @@ def test_the_run_scale_follows_the_mean_kernel_time_and_one_noisy_whole_run_does
     assert fitted.run_slope == pytest.approx(0.05, rel=0.05)
 
 
-def test_the_calibration_models_are_timed_whole_in_passes_through_the_kernel_step_and_their_median_anchors():
-    """One timing of a whole run moved 4-6% between two calibrations on a shared host: the kernel step times each
-    calibration model after its profiled window and again in passes spread through the micro-graphs and after them,
-    and the run trend is anchored to their median, which one slow pass does not move."""
+def test_the_calibration_models_are_timed_whole_in_passes_through_the_kernel_step_and_their_fastest_anchors():
+    """One timing of a whole run moved 4-6% between two calibrations on a shared host, when another tenant took a
+    core: the kernel step times each calibration model after its profiled window and again in passes spread through
+    the micro-graphs and after them, and the run trend is anchored to the fastest, which slow passes, even most of
+    them, do not move."""
     plan = kernel_plan(["resnet18", "mobilenet_v2"], 64, ["resnet18"], 6, cache_mb=32.0)
     order = {label: i for i, label in enumerate(plan.windows)}
     micro = [order[label] for label in plan.micro]
@@ -274,8 +275,8 @@ def test_the_calibration_models_are_timed_whole_in_passes_through_the_kernel_ste
         at = [order[whole_label(name, n)] for n in range(WHOLE_PASSES)]
         assert at[0] == order[f"model {name}"] + 1
         assert micro[0] < at[1] < at[-2] < micro[-1] < at[-1]
-    off = {0: 3.0, WHOLE_PASSES - 1: 0.97}  # a burst in the first pass, the last a little faster
-    timed = {whole_label(name, n): base * off.get(n, 1.0) for n in range(WHOLE_PASSES)
+    slow = {0: 3.0, 1: 1.6, WHOLE_PASSES - 1: 1.6}  # a burst in the first pass, a core taken in two more
+    timed = {whole_label(name, n): base * slow.get(n, 1.0) for n in range(WHOLE_PASSES)
              for name, base in (("resnet18", 2000.0), ("mobilenet_v2", 900.0))}
     assert whole_runs(plan, timed) == {"resnet18": (2.0, 64), "mobilenet_v2": (0.9, 64)}
 

@@ -52,7 +52,8 @@ NOISY_SHARE = 0.10
 TAKEN_SHARE = 0.10
 #: How far the calibration models' whole runs, timed in passes through the run, may sit above the fastest of their
 #: passes (the median over the models of their median pass over their fastest, less 1) before the machine was too
-#: noisy to calibrate: that median sets the level of every prediction, so it is then uncertain by more than 5%.
+#: noisy to calibrate: the machine was then slowed for much of the run, where the reference did not see it, and so
+#: were kernels timed once in it.
 PASS_SPREAD = 0.05
 #: The reference kernel: a chain of ``length`` 3x3 convolutions of ``channels`` channels on a ``size`` x ``size``
 #: input (same padding): a few milliseconds a run, as long as the kernels and models it watches over. A shorter one
