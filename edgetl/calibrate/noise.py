@@ -53,7 +53,7 @@ TAKEN_SHARE = 0.10
 #: How far the calibration models' whole runs, timed in passes through the run, may sit above the fastest of their
 #: passes (the median over the models of their median pass over their fastest, less 1) before the machine was too
 #: noisy to calibrate: the machine was then slowed for much of the run, where the reference did not see it, and so
-#: were kernels timed once in it.
+#: were micro-graphs timed once in it.
 PASS_SPREAD = 0.05
 #: The reference kernel: a chain of ``length`` 3x3 convolutions of ``channels`` channels on a ``size`` x ``size``
 #: input (same padding): a few milliseconds a run, as long as the kernels and models it watches over. A shorter one
@@ -161,10 +161,10 @@ class NoiseSummary:
         named = [self.cpu.text()] if self.cpu is not None and self._loaded() else []
         named += [self._passes_text()] if self._spread() else []
         return (f"the machine was too noisy to calibrate: {''.join(f'{n}; ' for n in named)}a reference kernel ran "
-                f"up to "
-                f"{100 * self.drift_max:+.0f}% slower than its quiet level (CV {self.cv:.2f}, {100 * self.over:.0f}% "
-                f"of probes beyond {100 * DRIFT_THRESHOLD:.0f}%, {len(self.drifted)} of {self.windows} windows drifted "
-                "on every try); the profile may be shifted: calibrate again when the machine is quiet")
+                f"up to {100 * self.drift_max:+.0f}% slower than its quiet level (CV {self.cv:.2f}, "
+                f"{100 * self.over:.0f}% of probes beyond {100 * DRIFT_THRESHOLD:.0f}%, {len(self.drifted)} of "
+                f"{self.windows} windows drifted on every try); the profile may be shifted: calibrate again when the "
+                "machine is quiet")
 
     @classmethod
     def of(cls, state: dict[str, Any]) -> NoiseSummary:
