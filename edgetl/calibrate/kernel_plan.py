@@ -3,8 +3,9 @@ windows to time and their ONNX files (:func:`kernel_plan`), and the kernel model
 (:func:`fit_kernels`).
 
 The windows, each between two probes of the noise guard's reference kernel: chains of convolutions timed with and
-without the profiler (what it adds to a kernel), every calibration model under the profiler and plainly (in
-:data:`WHOLE_PASSES` passes spread through the step, whose fastest anchors the run trend: :func:`whole_runs`),
+without the profiler (what it adds to a kernel), every calibration model under the profiler and plainly, in
+:data:`WHOLE_PASSES` passes spread through the step (the fastest profiled pass gives its kernels:
+:func:`profiled_runs`; the fastest plain one anchors the run trend: :func:`whole_runs`),
 ``count`` micro-graphs of the catalog's distinct convolutions and matrix products, a matrix-vector product that
 streams its weights from DRAM, and a one-ReLU model (what a run costs beyond its kernels); before them, unguarded,
 a convolution whose shapes tell the runtime's channel block. They are run by
@@ -53,9 +54,10 @@ from edgetl.zoo.model_cost import trace_model
 
 log = logging.getLogger(__name__)
 
-#: How many times the kernel step times each calibration model whole: after its profiled window, then in passes
-#: spread through the micro-graphs and after them, a minute or more apart. The fastest anchors the run trend
-#: (:func:`whole_runs`); how far their median sits above it says how noisy the run was (:func:`pass_spread`).
+#: How many times the kernel step profiles each calibration model and times it whole: first, then in passes spread
+#: through the micro-graphs and after them, a minute or more apart. The fastest whole run anchors the run trend
+#: (:func:`whole_runs`), the fastest profiled run gives the model's kernels (:func:`profiled_runs`), and how far the
+#: whole runs' median sits above their fastest says how noisy the run was (:func:`pass_spread`).
 WHOLE_PASSES = 4
 
 
@@ -64,7 +66,7 @@ class KernelPlan:
     """The windows of a calibration's kernel step and how to build their files.
 
     Attributes:
-        models: the calibration models profiled in place (window ``model NAME``).
+        models: the calibration models profiled in place (windows :func:`profile_label`).
         micro: the labels of the micro-graph windows.
         sources: how many catalog models the micro-graphs were sampled from.
         cache_mb: the timed machine's last-level cache (MB), which sizes the streaming probe.
@@ -136,20 +138,20 @@ def kernel_plan(models: Sequence[str], resolution: int | None, sources: Sequence
         plan.builders[long] = partial(profiler_chain, chain, CHAIN_LENGTHS[0])
         plan.builders[short] = partial(profiler_chain, chain, CHAIN_LENGTHS[1])
         plan.windows[f"profiler chain {chain}"] = {"kind": "chains", "model": long, "short": short}
-    whole = {}
+    passes: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     for i, name in enumerate(models):
         res = int(resolution or get_card(name).resolution)
         plan.builders[f"model-{i}"] = partial(architecture_onnx, name, res)
-        plan.windows[f"model {name}"] = {"kind": "profile", "model": f"model-{i}", "shape": [1, 3, res, res],
-                                         "warmup": 5, "runs": 10}
-        whole[name] = {"kind": "plain", "model": f"model-{i}", "shape": [1, 3, res, res], "warmup": 3, "runs": 20}
-        plan.windows[whole_label(name, 0)] = whole[name]
-    later = [len(ops) * n // (WHOLE_PASSES - 1) for n in range(1, WHOLE_PASSES)]
+        window = {"model": f"model-{i}", "shape": [1, 3, res, res]}
+        passes[name] = ({"kind": "profile", **window, "warmup": 5, "runs": 10},
+                        {"kind": "plain", **window, "warmup": 3, "runs": 20})
+    where = [-1, *(len(ops) * n // (WHOLE_PASSES - 1) for n in range(1, WHOLE_PASSES))]
+    _model_passes(plan, passes, where, -1)
     for i, (label, op) in enumerate(zip(plan.micro, ops, strict=True)):
-        _whole_passes(plan, whole, later, i)
+        _model_passes(plan, passes, where, i)
         plan.builders[f"micro-{i}"] = partial(_micro_bytes, op)
         plan.windows[label] = {"kind": "profile", "model": f"micro-{i}", "warmup": 3, "runs": 8}
-    _whole_passes(plan, whole, later, len(ops))
+    _model_passes(plan, passes, where, len(ops))
     plan.windows["stream"] = {"kind": "profile", "model": "stream", "warmup": 2, "runs": 5}
     for mb in cache_probes_mb(cache_mb):
         plan.builders[f"stream-{mb:g}"] = partial(stream_model, mb)
@@ -163,12 +165,21 @@ def whole_label(name: str, n: int) -> str:
     return f"whole {name}" if n == 0 else f"whole {name} ({n + 1})"
 
 
-def _whole_passes(plan: KernelPlan, whole: dict[str, dict[str, Any]], later: list[int], at: int) -> None:
-    """Add to ``plan`` the passes of whole runs (``whole``: name -> window) that run before micro-graph ``at``
-    (``later[n - 1]``: where pass ``n`` runs)."""
-    for n, where in enumerate(later, 1):
-        if where == at:
-            plan.windows.update({whole_label(name, n): window for name, window in whole.items()})
+def profile_label(name: str, n: int) -> str:
+    """The label of the ``n``-th (from 0) window that profiles calibration model ``name``."""
+    return f"model {name}" if n == 0 else f"model {name} ({n + 1})"
+
+
+def _model_passes(plan: KernelPlan, passes: dict[str, tuple[dict[str, Any], dict[str, Any]]], where: list[int],
+                  at: int) -> None:
+    """Add to ``plan`` the passes over the calibration models (``passes``: name -> its profiled and its whole
+    window) that run before micro-graph ``at`` (pass ``n`` runs before micro-graph ``where[n]``; -1: before them
+    all, as the first does)."""
+    for n, before in enumerate(where):
+        if before == at:
+            for name, (profiled, whole) in passes.items():
+                plan.windows[profile_label(name, n)] = profiled
+                plan.windows[whole_label(name, n)] = whole
 
 
 def at_quiet(kind: str, result: Any, factor: float) -> Any:
@@ -197,7 +208,7 @@ def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int,
             for label, result in measured["windows"].items()}
     block = channel_block(ProfiledRun(measured["before"]["block"]))
     profiler_us = max(0.0, float(np.median([profiler_excess_us(done[f"profiler chain {c}"]) for c in PROFILER_CHAINS])))
-    samples = [s for name in plan.models for s in ProfiledRun(done[f"model {name}"]).samples(profiler_us, block)]
+    samples = [s for rows in profiled_runs(plan, done).values() for s in ProfiledRun(rows).samples(profiler_us, block)]
     n_in_place = len(samples)
     samples += [s for label in plan.micro for s in ProfiledRun(done[label]).samples(profiler_us, block)]
     dram_gbs, cache_mb, cache_text = _streaming(plan, done)
@@ -207,17 +218,29 @@ def fit_kernels(plan: KernelPlan, measured: dict[str, Any], threads: int,
         log.warning(noise.warning())
     return with_run_scale({**model.to_dict(), "profiler_us": round(profiler_us, 2), "derived": (
         f"measured by {by} with ONNX Runtime's profiler, {threads} threads: the {n_in_place} kernels of the "
-        f"{len(plan.models)} calibration models in place and {len(samples) - n_in_place} kernels of "
-        f"{len(plan.micro)} micro-graphs of the distinct convolutions and matrix products of {plan.sources} catalog "
-        f"models, each as it ran in the fastest of its runs after warm-up, less the profiler's own "
-        f"{profiler_us:.1f} us per kernel (measured with chains of convolutions timed with and without it); one "
-        f"sample per distinct kernel (median); weights stream from DRAM at {model.stream_gbs:.1f} GB/s (a "
-        f"matrix-vector product of 4x the {plan.cache_mb:.0f} MB last-level cache), {cache_text}; blocked "
-        f"convolutions pad channels to multiples of {block} (read from the shapes the profiler reports); a run costs "
-        f"{model.run_us:.0f} us beyond its kernels (a one-ReLU model); every window's times scaled to the machine at "
-        f"its quiet level by the reference's quiet level over its level after the window (the median of "
-        f"{LEVEL_SPAN} probes; median factor {np.median(list(factors.values()) or [1.0]):.3f}); noise: "
-        f"{noise.text()}")}, whole_runs(plan, measured["windows"])), noise
+        f"{len(plan.models)} calibration models in place (the fastest of {WHOLE_PASSES} profiled passes) and "
+        f"{len(samples) - n_in_place} kernels of {len(plan.micro)} micro-graphs of the distinct convolutions "
+        f"and matrix products of {plan.sources} catalog models, each as it ran in the fastest of its runs after "
+        f"warm-up, less the profiler's own {profiler_us:.1f} us per kernel (measured with chains of "
+        f"convolutions timed with and without it); one sample per distinct kernel (median); weights stream from "
+        f"DRAM at {model.stream_gbs:.1f} GB/s (a matrix-vector product of 4x the {plan.cache_mb:.0f} MB "
+        f"last-level cache), {cache_text}; blocked convolutions pad channels to multiples of {block} (read from "
+        f"the shapes the profiler reports); a run costs {model.run_us:.0f} us beyond its kernels (a one-ReLU "
+        f"model); every window's times scaled to the machine at its quiet level by the reference's quiet level "
+        f"over its level after the window (the median of {LEVEL_SPAN} probes; median factor "
+        f"{np.median(list(factors.values()) or [1.0]):.3f}); noise: {noise.text()}")},
+        whole_runs(plan, measured["windows"])), noise
+
+
+def profiled_runs(plan: KernelPlan, windows: Mapping[str, Any]) -> dict[str, list[list[Any]]]:
+    """Each calibration model's kernels as the kernel model takes them: those of the profiled pass whose kernels sum
+    to the least (``windows``: label -> what the window measured, scaled to the quiet machine).
+
+    Profiled once, a model's kernels moved with the host: in one of two calibrations in a row on a shared 2-core
+    EPYC, densenet169's summed to 63.2 ms against 38.9 ms (another tenant had taken a core while it ran, unseen by
+    the reference), and every model that shares them was predicted 1.3x slower."""
+    return {name: min((windows[profile_label(name, n)] for n in range(WHOLE_PASSES)),
+                      key=lambda rows: sum(row[4] for row in rows)) for name in plan.models}
 
 
 def _passes(plan: KernelPlan, windows: Mapping[str, Any], name: str) -> list[float]:
@@ -226,13 +249,11 @@ def _passes(plan: KernelPlan, windows: Mapping[str, Any], name: str) -> list[flo
 
 def pass_spread(plan: KernelPlan, windows: Mapping[str, Any]) -> float:
     """How far the calibration models' whole runs sat above their fastest pass (``windows``: label -> µs): the median
-    over the models of their median pass over their fastest, less 1 (see
-    :data:`~edgetl.calibrate.noise.PASS_SPREAD`).
+    over the models of their median pass over their fastest, less 1 (the profile records it:
+    :attr:`~edgetl.calibrate.noise.NoiseSummary.passes`).
 
     On a shared 2-core EPYC the passes were bimodal: another tenant took a core for a while, and every run of a
-    pass came out 1.5-1.7x slower. The reference kernel did not always see it (a calibration whose probes were 6%
-    beyond 10% had whole runs a median 6.7% above their fastest pass, and its profile predicted the catalog 3.5-6.3%
-    slower than the next calibration's, whichever whole runs anchored it); the passes themselves do."""
+    pass came out 1.5-1.7x slower, where the reference kernel did not always see it; the passes themselves do."""
     return float(np.median([np.median(t) / min(t) - 1 for t in (_passes(plan, windows, m) for m in plan.models)]))
 
 

@@ -50,11 +50,6 @@ NOISY_SHARE = 0.10
 #: above which the machine was too noisy to calibrate (see :func:`cpu_use`): one busy core of two, with two threads,
 #: takes half.
 TAKEN_SHARE = 0.10
-#: How far the calibration models' whole runs, timed in passes through the run, may sit above the fastest of their
-#: passes (the median over the models of their median pass over their fastest, less 1) before the machine was too
-#: noisy to calibrate: the machine was then slowed for much of the run, where the reference did not see it, and so
-#: were micro-graphs timed once in it.
-PASS_SPREAD = 0.05
 #: The reference kernel: a chain of ``length`` 3x3 convolutions of ``channels`` channels on a ``size`` x ``size``
 #: input (same padding): a few milliseconds a run, as long as the kernels and models it watches over. A shorter one
 #: (0.1-1 ms) ran unslowed while other processes slowed 10 ms kernels 2.5x: the scheduler favours short bursts.
@@ -112,8 +107,11 @@ class NoiseSummary:
             every try (kept at their least drifted attempt, scaled; see :meth:`NoiseGuard.run_all`).
         cpu: what other processes took of the cores while the run went on (:func:`cpu_use`); None where it cannot
             be read (not Linux).
-        passes: how far the calibration models' whole runs sat above their fastest pass (see :data:`PASS_SPREAD`);
-            None when they were not timed in passes.
+        passes: how far the calibration models' whole runs sat above their fastest pass (the median over the
+            models of their median pass over their fastest, less 1): how often another tenant slowed the machine
+            where the reference may not have seen it. Recorded, not warned about: the fastest pass is kept, and two
+            calibrations whose passes sat 6.1% and 14.6% above it agreed within 5% for 92% of the catalog. None
+            when they were not timed in passes.
     """
 
     reference_us: float
@@ -129,20 +127,12 @@ class NoiseSummary:
 
     @property
     def noisy(self) -> bool:
-        """Whether the machine was too noisy to calibrate (see :data:`NOISY_SHARE`, :data:`TAKEN_SHARE` and
-        :data:`PASS_SPREAD`)."""
+        """Whether the machine was too noisy to calibrate (see :data:`NOISY_SHARE` and :data:`TAKEN_SHARE`)."""
         return bool(self.over > NOISY_SHARE or len(self.drifted) > NOISY_SHARE * max(1, self.windows)
-                    or self._loaded() or self._spread())
+                    or self._loaded())
 
     def _loaded(self) -> bool:
         return self.cpu is not None and self.cpu.taken > TAKEN_SHARE
-
-    def _spread(self) -> bool:
-        return self.passes is not None and self.passes > PASS_SPREAD
-
-    def _passes_text(self) -> str:
-        return (f"the calibration models' whole runs, timed in passes through the run, came out a median "
-                f"{100 * (self.passes or 0):+.1f}% above their fastest pass")
 
     def text(self) -> str:
         """The figures as the profile's ``derived`` text records them."""
@@ -153,14 +143,14 @@ class NoiseSummary:
                 f"{100 * self.drift_median:+.1f}% (median), at most {100 * self.drift_max:+.1f}%, "
                 f"{100 * self.over:.0f}% of probes beyond {100 * DRIFT_THRESHOLD:.0f}%; {self.repeated} windows "
                 f"timed again, {len(self.drifted)} drifted on every try" + (f"; {self.cpu.text()}" if self.cpu else "")
-                + (f"; {self._passes_text()}" if self.passes is not None else ""))
+                + (f"; the calibration models' whole runs, timed in passes through the run, came out a median "
+                   f"{100 * self.passes:+.1f}% above their fastest pass" if self.passes is not None else ""))
 
     def warning(self) -> str:
         """One line that says the machine was too noisy, with the figures (first, what other processes took of the
-        cores, and how far the whole runs' passes disagreed, when those were over their limits)."""
-        named = [self.cpu.text()] if self.cpu is not None and self._loaded() else []
-        named += [self._passes_text()] if self._spread() else []
-        return (f"the machine was too noisy to calibrate: {''.join(f'{n}; ' for n in named)}a reference kernel ran "
+        cores, when that was over :data:`TAKEN_SHARE`)."""
+        named = f"{self.cpu.text()}; " if self.cpu is not None and self._loaded() else ""
+        return (f"the machine was too noisy to calibrate: {named}a reference kernel ran "
                 f"up to {100 * self.drift_max:+.0f}% slower than its quiet level (CV {self.cv:.2f}, "
                 f"{100 * self.over:.0f}% of probes beyond {100 * DRIFT_THRESHOLD:.0f}%, {len(self.drifted)} of "
                 f"{self.windows} windows drifted on every try); the profile may be shifted: calibrate again when the "
